@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create (or reuse) the virtualenv in .venv and install what they need.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEV_STAMP := $(VENV)/.mlpool-dev-installed
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## The main job: the seed's models scored through the pool, compared with in-process scoring.
+demo: $(DEV_STAMP)
+	$(BIN)/python examples/quickstart.py
+
+## The whole test suite (real worker processes).
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest
+
+## Per-job overhead against the raw pipe and ProcessPoolExecutor.
+bench: $(DEV_STAMP)
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache examples/models

@@ -1,0 +1,98 @@
+"""The pool's settings: validated once, frozen, defaults resolved at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mlpool._resources import usable_cpu_count
+
+DEFAULT_MAX_QUEUE_SIZE = 10_000
+START_METHODS = ("spawn", "forkserver")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Every knob of a pool, as the constructor documents them.
+
+    Build it with :meth:`resolve`, which fills in the machine-dependent
+    defaults and rejects nonsense with a ``ValueError`` naming the field.
+    """
+
+    nb_workers: int
+    threads_per_worker: int
+    result_ttl: float
+    max_queue_size: int
+    job_timeout: float | None
+    max_retries: int
+    max_jobs_per_worker: int | None
+    max_memory_per_worker: int | None
+    start_method: str
+    start_timeout: float
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        nb_workers: int | None,
+        threads_per_worker: int | None,
+        result_ttl: float,
+        max_queue_size: int | None,
+        job_timeout: float | None,
+        max_retries: int,
+        max_jobs_per_worker: int | None,
+        max_memory_per_worker: int | None,
+        start_method: str | None,
+        start_timeout: float,
+    ) -> PoolConfig:
+        cores = usable_cpu_count()
+        if nb_workers is None:
+            nb_workers = max(1, cores - 1)  # leave one core to the API process
+        _check_int("nb_workers", nb_workers, minimum=0)
+        if threads_per_worker is None:
+            threads_per_worker = max(1, cores // max(1, nb_workers))
+        _check_int("threads_per_worker", threads_per_worker, minimum=1)
+        _check_positive("result_ttl", result_ttl)
+        if max_queue_size is None:
+            max_queue_size = DEFAULT_MAX_QUEUE_SIZE
+        _check_int("max_queue_size", max_queue_size, minimum=1)
+        if job_timeout is not None:
+            _check_positive("job_timeout", job_timeout)
+        _check_int("max_retries", max_retries, minimum=0)
+        if max_jobs_per_worker is not None:
+            _check_int("max_jobs_per_worker", max_jobs_per_worker, minimum=1)
+        if max_memory_per_worker is not None:
+            _check_int("max_memory_per_worker", max_memory_per_worker, minimum=1)
+        start_method = start_method or "spawn"
+        if start_method not in START_METHODS:
+            raise ValueError(
+                f"start_method must be one of {START_METHODS}, not {start_method!r}: a plain fork "
+                "copies the parent's threads and locks into the workers"
+            )
+        _check_positive("start_timeout", start_timeout)
+        return cls(
+            nb_workers=nb_workers,
+            threads_per_worker=threads_per_worker,
+            result_ttl=float(result_ttl),
+            max_queue_size=max_queue_size,
+            job_timeout=None if job_timeout is None else float(job_timeout),
+            max_retries=max_retries,
+            max_jobs_per_worker=max_jobs_per_worker,
+            max_memory_per_worker=max_memory_per_worker,
+            start_method=start_method,
+            start_timeout=float(start_timeout),
+        )
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value}")

@@ -1,0 +1,138 @@
+"""The parent-side job record and how its caller is told the outcome.
+
+A :class:`Job` lives in the parent only (the wire carries ``Run``: ids and
+bytes). Its caller waits on one of two handles:
+
+- a :class:`concurrent.futures.Future` (``submit``, ``create_job``), or
+- an :class:`asyncio.Future` on the caller's loop (``score_async``), so the
+  manager can settle every result of one wake-up that belongs to a loop with
+  a single ``call_soon_threadsafe`` instead of one per job.
+
+The manager decides outcomes under its lock and settles handles after
+releasing it (:func:`settle`): user callbacks never run under our lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlpool._workers import WorkerHandle
+
+logger = logging.getLogger(__name__)
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"  # in the parent's queue; cancelling it means it never runs
+    RUNNING = "running"  # sent to a worker
+    FINISHED = "finished"  # outcome decided (result, error, cancelled, timed out)
+
+
+class Job:
+    """One scoring call, from submission to outcome."""
+
+    __slots__ = (
+        "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
+        "deadline", "retries_left", "state", "worker", "future_running", "estimate",
+        "submitted_at", "fn_name",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        job_id: int,
+        model: str,
+        fn_id: int,
+        fn_pickle: bytes,
+        payload: bytes,
+        fn_name: str,
+        *,
+        deadline: float | None,
+        retries: int,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.id = job_id
+        self.key: str | None = None  # the string id of the job-id API
+        self.model = model
+        self.fn_id = fn_id
+        self.fn_pickle = fn_pickle
+        self.payload = payload
+        self.fn_name = fn_name
+        self.deadline = deadline
+        self.retries_left = retries
+        self.state = JobState.QUEUED
+        self.worker: WorkerHandle | None = None
+        self.future_running = False
+        self.estimate = 0.0
+        self.submitted_at = time.monotonic()
+        self.loop = loop
+        if loop is None:
+            self.future: Future | None = Future()
+            self.afut: asyncio.Future | None = None
+        else:
+            self.future = None
+            self.afut = loop.create_future()
+
+    def __repr__(self) -> str:
+        return f"<job {self.id} {self.fn_name} on {self.model!r} {self.state.value}>"
+
+    def mark_running(self) -> bool:
+        """Move the caller's handle to running; False if the caller cancelled it."""
+        if self.future is not None and not self.future_running:
+            if not self.future.set_running_or_notify_cancel():
+                return False
+            self.future_running = True
+        elif self.afut is not None and self.afut.done():  # cancelled by its task
+            return False
+        return True
+
+
+# What settle() does with each outcome.
+CANCELLED: Any = object()
+
+
+def settle(outcomes: list[tuple[Job, bool, Any]]) -> None:
+    """Give each caller its outcome: ``(job, ok, value)``; value may be CANCELLED.
+
+    Call without holding any lock. Results for asyncio callers are grouped
+    per loop into one ``call_soon_threadsafe``.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
+    for job, ok, value in outcomes:
+        if job.afut is not None:
+            by_loop.setdefault(job.loop, []).append((job.afut, ok, value))  # type: ignore[arg-type]
+            continue
+        future = job.future
+        assert future is not None
+        try:
+            if value is CANCELLED:
+                if not future.cancel():  # already running: tell waiters all the same
+                    future.set_exception(CancelledError())
+            elif ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        except InvalidStateError:  # the caller cancelled it meanwhile
+            pass
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_async, items)
+        except RuntimeError:  # the loop is closed; nobody is waiting any more
+            logger.debug("dropped %d results for a closed event loop", len(items))
+
+
+def _settle_async(items: list[tuple[asyncio.Future, bool, Any]]) -> None:
+    """Runs in the caller's event loop."""
+    for afut, ok, value in items:
+        if afut.done():
+            continue
+        if value is CANCELLED:
+            afut.cancel()
+        elif ok:
+            afut.set_result(value)
+        else:
+            afut.set_exception(value)

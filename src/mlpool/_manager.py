@@ -1,0 +1,861 @@
+"""The pool's engine: one lock over all mutable state, one thread that waits.
+
+::
+
+    caller threads / event loops                         worker processes
+      │ make_job: pickle args, look up fn (no lock)        ▲        │
+      │ enqueue: under the lock, append to the queue ──────┘ Run    │ Ready, Done,
+      │   and dispatch at once if a worker can take it              │ Failed, ...
+      ▼                                                             ▼
+    Manager ── lock ──┬─ queue of Jobs (FIFO)          manager thread: one select() on
+                      ├─ workers: jobs each holds,      every worker pipe, every process
+                      │  in the order it runs them      sentinel and a wake-up pipe, with
+                      ├─ deadline heap, result expiry   the next deadline as its timeout
+                      └─ job-id registry               → handle messages and deaths,
+                                                         expire, dispatch, settle futures
+
+Callers dispatch themselves when a worker is free (one thread hop fewer on
+the idle path); the manager dispatches whenever capacity frees up, which
+only ever happens on its own thread (a result, a Ready, a death). So a job
+left in the queue by a caller never needs a wake-up. Callers wake the
+manager only when they move a deadline earlier or ask for shutdown.
+
+A worker may hold several short jobs at once (it runs them in order and
+answers each at once), so it never idles while its next job crosses the
+pipe. How many depends on measured job length: only jobs expected to take
+under ``PIPELINE_BUDGET`` seconds queue behind others in a worker, so a
+hungry job never waits on a busy worker while another is idle. When a worker
+dies, its first unanswered job is the one it was running; the others never
+started and go back to the front of the queue.
+
+Outcomes are decided under the lock and handed to callers after it is
+released (``_release``): user callbacks never run under our lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import selectors
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mlpool._config import PoolConfig
+from mlpool._errors import (
+    JobTimeoutError,
+    MLPoolError,
+    ModelLoadError,
+    PoolBrokenError,
+    PoolClosedError,
+    PoolFullError,
+    SerializationError,
+    UnknownModelError,
+    WorkerCrashedError,
+)
+from mlpool._jobs import CANCELLED, Job, JobState, settle
+from mlpool._protocol import Done, Exiting, Failed, LoadFailed, Ready, Stop, encode, encode_run, write_all
+from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
+from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
+
+logger = logging.getLogger(__name__)
+
+# A job expected to run shorter than this may wait behind others in a worker.
+PIPELINE_BUDGET = 0.001
+# At most this many jobs held by one worker at once.
+MAX_INFLIGHT = 8
+# Only jobs this small are sent to a worker that is busy: the bytes must fit
+# in the pipe's buffer, or the sender would block until the worker reads.
+PIPELINE_MAX_BYTES = 16 * 1024
+# Smoothing of each function's measured duration.
+ESTIMATE_WEIGHT = 0.2
+
+# Consecutive worker failures (a failed start, a death while idle) before the
+# pool gives up, and the back-off between the restarts that lead there.
+MAX_CONSECUTIVE_FAILURES = 5
+RESTART_BACKOFF_FIRST = 0.05
+RESTART_BACKOFF_MAX = 2.0
+# After SIGTERM at the end of a shutdown, how long before SIGKILL.
+TERMINATE_GRACE = 1.0
+
+
+class PoolState(enum.Enum):
+    STARTING = "starting"  # workers are loading models; jobs queue up
+    RUNNING = "running"  # serving
+    CLOSING = "closing"  # shutdown asked: no new jobs, draining, then stopping workers
+    CLOSED = "closed"  # every worker reaped, manager thread gone
+    BROKEN = "broken"  # workers cannot be kept alive; every job is refused
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of the pool, from :meth:`mlpool.MLPool.stats`."""
+
+    state: str
+    workers_alive: int
+    workers_busy: int
+    queue_depth: int
+    jobs_running: int
+    jobs_completed: int
+    jobs_failed: int
+    jobs_crashed: int
+    jobs_timed_out: int
+    jobs_cancelled: int
+    jobs_retried: int
+    worker_restarts: int
+
+
+class Manager:
+    """Owns the workers, the queue, the deadlines and the job-id registry."""
+
+    def __init__(self, config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> None:
+        self.config = config
+        self.models = frozenset(loaders)
+        self._loaders_pickle = dumps(loaders, "models_to_load")
+        self._context = multiprocessing.get_context(config.start_method)
+        self._functions = FunctionTable()
+        self._job_ids = itertools.count(1)
+
+        self._lock = threading.Lock()
+        # --- under the lock ---
+        self._state = PoolState.STARTING
+        self._pending: deque[Job] = deque()
+        self._queued = 0  # jobs in _pending still QUEUED (cancelled ones are skipped lazily)
+        self._workers: dict[int, WorkerHandle] = {}
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._registry: dict[str, Job] = {}
+        self._expiring: OrderedDict[str, float] = OrderedDict()  # key -> expiry, in finishing order
+        self._estimates: dict[int, float] = {}
+        self._space_waiters: list[Future] = []
+        self._outcomes: list[tuple[Job, bool, Any]] = []  # settled by _release
+        self._wake_at: float | None = None  # when the manager's select() returns at the latest
+        self._need_wake = False
+        self._failures = 0
+        self._broken_reason = ""
+        self._stop_deadline: float | None = None
+        self._escalated = 0  # 1: workers terminated, 2: killed
+        self._counts = dict.fromkeys(
+            ("completed", "failed", "crashed", "timed_out", "cancelled", "retried", "restarts"), 0
+        )
+        # --- manager thread only ---
+        self._selector = selectors.DefaultSelector()
+        self._spawn_at: list[float] = []
+        self._start_deadline = time.monotonic() + config.start_timeout
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+        self.started: Future[None] = Future()  # result: ready; exception: start failed
+        self.finished: Future[None] = Future()  # the manager thread is done, every worker reaped
+        self._thread = threading.Thread(target=self._run, name="mlpool-manager", daemon=True)
+
+    # ------------------------------------------------------------------ callers
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def state(self) -> PoolState:
+        return self._state
+
+    @property
+    def broken_reason(self) -> str:
+        return self._broken_reason
+
+    def make_job(
+        self,
+        model: str,
+        fn: Callable,
+        args: tuple,
+        kwargs: dict,
+        *,
+        timeout: float | None,
+        retries: int | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Job:
+        """A new job, its arguments pickled here, in the caller's thread, so bad
+        input fails in the caller's stack and costs the pool nothing."""
+        if not callable(fn):
+            raise TypeError(f"the scoring function must be callable, got {type(fn).__name__}")
+        if model not in self.models:
+            known = ", ".join(repr(m) for m in sorted(self.models))
+            raise UnknownModelError(f"unknown model {model!r}; this pool serves {known}")
+        if timeout is None:
+            timeout = self.config.job_timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if retries is None:
+            retries = self.config.max_retries
+        elif isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {retries!r}")
+        fn_id, fn_pickle = self._functions.lookup(fn)
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        payload = dumps((args, kwargs), f"the arguments of {name}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return Job(next(self._job_ids), model, fn_id, fn_pickle, payload, name, deadline=deadline, retries=retries, loop=loop)
+
+    def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
+        """Accept ``job``: None, or a future that resolves when the full queue
+        has room (call again then). Without ``wait`` a full queue raises
+        PoolFullError. ``register`` gives the job a string id (``job.key``)."""
+        self._lock.acquire()
+        try:
+            self._check_accepting()
+            if self._queued >= self.config.max_queue_size:
+                if not wait:
+                    raise PoolFullError(
+                        f"the queue is full ({self._queued} jobs waiting, max_queue_size="
+                        f"{self.config.max_queue_size}); retry later or create the job with "
+                        "block_until_scheduled=True"
+                    )
+                waiter: Future = Future()
+                self._space_waiters.append(waiter)
+                return waiter
+            if register:
+                job.key = uuid.uuid4().hex
+                self._registry[job.key] = job
+            self._pending.append(job)
+            self._queued += 1
+            if job.deadline is not None:
+                heapq.heappush(self._deadlines, (job.deadline, job.id, job))
+                if self._wake_at is None or job.deadline < self._wake_at:
+                    self._need_wake = True
+            self._dispatch()
+            return None
+        finally:
+            self._release()
+
+    def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
+        """Cancel ``job``: True if it will never report an outcome.
+
+        A queued job never runs. A running job's result is discarded; with
+        ``interrupt`` its worker is killed now (and replaced).
+        """
+        self._lock.acquire()
+        try:
+            if job.state is JobState.QUEUED:
+                self._queued -= 1
+                self._finish(job, False, CANCELLED)
+                self._counts["cancelled"] += 1
+                return True
+            if job.state is JobState.RUNNING:
+                self._finish(job, False, CANCELLED)
+                self._counts["cancelled"] += 1
+                worker = job.worker
+                if interrupt and worker is not None and worker.inflight and worker.inflight[0] is job:
+                    worker.kill(f"job {job.id} was cancelled with interrupt=True")
+                return True
+            return False
+        finally:
+            self._release()
+
+    def lookup(self, key: str) -> Job | None:
+        with self._lock:
+            return self._registry.get(key)
+
+    def forget(self, key: str, job: Job) -> bool:
+        """Drop a fetched or cancelled job from the registry; False if already gone."""
+        with self._lock:
+            if self._registry.get(key) is not job:
+                return False
+            del self._registry[key]
+            self._expiring.pop(key, None)
+            return True
+
+    def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
+        """Stop taking jobs and start the shutdown sequence; returns at once."""
+        self._lock.acquire()
+        try:
+            if self._state in (PoolState.CLOSED, PoolState.BROKEN):
+                return
+            if self._state is not PoolState.CLOSING:
+                self._state = PoolState.CLOSING
+                self._stop_deadline = time.monotonic() + timeout
+            if cancel_pending:
+                self._cancel_queued()
+            self._need_wake = True
+        finally:
+            self._release()
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for the manager thread to finish; False on timeout."""
+        if threading.current_thread() is self._thread:
+            return False
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            alive = [w for w in self._workers.values() if w.state is not WorkerState.EXITED]
+            return PoolStats(
+                state=self._state.value,
+                workers_alive=sum(1 for w in alive if w.state is not WorkerState.STARTING),
+                workers_busy=sum(1 for w in alive if w.inflight),
+                queue_depth=self._queued,
+                jobs_running=sum(len(w.inflight) for w in alive),
+                jobs_completed=self._counts["completed"],
+                jobs_failed=self._counts["failed"],
+                jobs_crashed=self._counts["crashed"],
+                jobs_timed_out=self._counts["timed_out"],
+                jobs_cancelled=self._counts["cancelled"],
+                jobs_retried=self._counts["retried"],
+                worker_restarts=self._counts["restarts"],
+            )
+
+    # ------------------------------------------------------------ lock helpers
+
+    def _release(self) -> None:
+        """Release the lock, then settle the outcomes decided under it."""
+        outcomes = self._outcomes
+        waiters = self._space_waiters if self._space_waiters and self._has_space() else None
+        if outcomes:
+            self._outcomes = []
+        if waiters:
+            self._space_waiters = []
+        wake = self._need_wake and threading.current_thread() is not self._thread
+        self._need_wake = False
+        self._lock.release()
+        if wake:
+            self._wake()
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        if outcomes:
+            settle([_decoded(outcome) for outcome in outcomes])
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: a wake-up is already pending; closed: done
+            pass
+
+    def _has_space(self) -> bool:
+        """Whether callers waiting for room should try again (room, or a refusal to hear)."""
+        accepting = self._state in (PoolState.RUNNING, PoolState.STARTING)
+        return not accepting or self._queued < self.config.max_queue_size
+
+    def _check_accepting(self) -> None:
+        if self._state is PoolState.RUNNING or self._state is PoolState.STARTING:
+            return
+        if self._state is PoolState.BROKEN:
+            raise PoolBrokenError(f"the pool is broken and takes no jobs: {self._broken_reason}")
+        raise PoolClosedError("the pool is shut down (or shutting down) and takes no new jobs")
+
+    def _finish(self, job: Job, ok: bool, value: Any) -> None:
+        """Decide ``job``'s outcome (settled by _release)."""
+        job.state = JobState.FINISHED
+        self._outcomes.append((job, ok, value))
+        if job.key is not None and value is not CANCELLED:
+            expiry = time.monotonic() + self.config.result_ttl
+            self._expiring[job.key] = expiry
+            if self._wake_at is None or expiry < self._wake_at:
+                self._need_wake = True
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _dispatch(self) -> None:
+        """Hand queued jobs to workers that can take them (under the lock)."""
+        pending = self._pending
+        if not pending:
+            return
+        workers = [w for w in self._workers.values() if w.state is WorkerState.IDLE]
+        if not workers:
+            return
+        frames: dict[WorkerHandle, list[bytes]] = {}
+        estimates = self._estimates
+        while pending:
+            job = pending[0]
+            if job.state is not JobState.QUEUED:
+                pending.popleft()
+                continue
+            estimate = estimates.get(job.fn_id)
+            worker = _pick_worker(workers, estimate, len(job.payload))
+            if worker is None:
+                break
+            pending.popleft()
+            self._queued -= 1
+            if not job.mark_running():  # its caller cancelled the future
+                job.state = JobState.FINISHED
+                self._counts["cancelled"] += 1
+                continue
+            job.state = JobState.RUNNING
+            job.worker = worker
+            job.estimate = estimate if estimate is not None else PIPELINE_BUDGET
+            worker.inflight.append(job)
+            worker.backlog += job.estimate
+            frames.setdefault(worker, []).append(self._run_frame(worker, job))
+        for worker, batch in frames.items():
+            self._send(worker, batch)
+
+    def _run_frame(self, worker: WorkerHandle, job: Job) -> bytes:
+        fn = b""
+        known = worker.known_functions
+        if job.fn_id not in known:
+            if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
+                known.clear()
+            known.add(job.fn_id)
+            fn = job.fn_pickle
+        return encode_run(job.id, job.fn_id, job.model, fn, job.payload)
+
+    def _send(self, worker: WorkerHandle, frames: list[bytes]) -> None:
+        try:
+            write_all(worker.fd, frames[0] if len(frames) == 1 else b"".join(frames))
+        except OSError as exc:
+            # The worker is dead (its sentinel will tell us how). These jobs
+            # never reached it: back to the front of the queue.
+            logger.debug("worker %d: pipe closed while sending %d jobs: %s", worker.id, len(frames), exc)
+            worker.state = WorkerState.KILLED
+            worker.kill_reason = worker.kill_reason or "its pipe closed"
+            unsent = [worker.inflight.pop() for _ in frames]
+            for job in unsent:
+                worker.backlog -= job.estimate
+                self._requeue(job)
+
+    def _requeue(self, job: Job) -> None:
+        """Put a job that never started back at the front of the queue."""
+        job.state = JobState.QUEUED
+        job.worker = None
+        self._pending.appendleft(job)
+        self._queued += 1
+
+    # ----------------------------------------------------------- manager loop
+
+    def _run(self) -> None:
+        """The manager thread: start workers, then serve until every worker is gone."""
+        try:
+            for _ in range(self.config.nb_workers):
+                self._spawn_at.append(time.monotonic())
+            while not self._serve_once():
+                pass
+        except BaseException as exc:  # a bug in mlpool: fail every job rather than hang them
+            logger.exception("mlpool manager thread failed; the pool is broken")
+            self._lock.acquire()
+            try:
+                self._break(f"internal error in the manager thread: {exc!r}")
+            finally:
+                self._release()
+            for worker in list(self._workers.values()):
+                worker.reap()
+                worker.close()
+        finally:
+            self._close_resources()
+
+    def _serve_once(self) -> bool:
+        """One wake-up of the manager; True when it is time to exit."""
+        self._spawn_due_workers()
+        self._lock.acquire()
+        try:
+            timeout = self._plan_wait()
+        finally:
+            self._release()
+        events = self._selector.select(timeout)
+        arrivals: list[tuple[WorkerHandle, list]] = []
+        exits: list[tuple[WorkerHandle, int | None]] = []
+        for key, _ in events:
+            kind, worker = key.data
+            if kind == "read":
+                arrivals.append((worker, self._read(worker)))
+            elif kind == "exit":
+                arrivals.append((worker, self._read_remaining(worker)))
+                self._selector.unregister(worker.sentinel)
+                exits.append((worker, worker.reap()))
+            else:
+                self._drain_wakeups()
+        self._lock.acquire()
+        try:
+            for worker, messages in arrivals:
+                for msg in messages:
+                    self._on_message(worker, msg)
+            for worker, exitcode in exits:
+                self._on_exit(worker, exitcode)
+            now = time.monotonic()
+            self._expire_jobs(now)
+            self._expire_results(now)
+            self._check_start(now)
+            self._advance_shutdown(now)
+            self._dispatch()
+            done = self._state in (PoolState.CLOSED, PoolState.BROKEN) and not self._workers
+        finally:
+            self._release()
+        for worker, _ in exits:
+            worker.close()
+        return done
+
+    def _plan_wait(self) -> float | None:
+        """Seconds until the next deadline (None: none); noted in _wake_at."""
+        candidates = []
+        if self._deadlines:
+            candidates.append(self._deadlines[0][0])
+        if self._expiring:
+            candidates.append(next(iter(self._expiring.values())))
+        if self._spawn_at:
+            candidates.append(self._spawn_at[0])
+        if self._state is PoolState.STARTING:
+            candidates.append(self._start_deadline)
+        if self._stop_deadline is not None and self._state is PoolState.CLOSING:
+            candidates.append(self._stop_deadline)
+        if not candidates:
+            self._wake_at = None
+            return None
+        self._wake_at = min(candidates)
+        return max(0.0, self._wake_at - time.monotonic())
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read(self, worker: WorkerHandle) -> list:
+        try:
+            alive = worker.reader.read_from(worker.fd)
+        except OSError:
+            alive = False
+        if not alive and not worker.eof:
+            worker.eof = True
+            self._selector.unregister(worker.fd)
+        return worker.reader.messages()
+
+    def _read_remaining(self, worker: WorkerHandle) -> list:
+        """What a dead worker wrote before dying (its pipe may still hold results)."""
+        if not worker.eof:
+            os.set_blocking(worker.fd, False)
+            try:
+                while worker.reader.read_from(worker.fd):
+                    pass
+            except OSError:  # BlockingIOError: a grandchild still holds the pipe open
+                pass
+            worker.eof = True
+            self._selector.unregister(worker.fd)
+        return worker.reader.messages()
+
+    # ----------------------------------------------- manager: under the lock
+
+    def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
+        match msg:
+            case Done() | Failed():
+                if not worker.inflight or worker.inflight[0].id != msg.job_id:
+                    worker.kill(f"protocol error: answered job {msg.job_id} out of order")
+                    return
+                job = worker.inflight.popleft()
+                worker.backlog -= job.estimate
+                worker.jobs_done += 1
+                self._failures = 0
+                previous = self._estimates.get(job.fn_id)
+                self._estimates[job.fn_id] = (
+                    msg.seconds if previous is None else previous + ESTIMATE_WEIGHT * (msg.seconds - previous)
+                )
+                if job.state is JobState.RUNNING:
+                    self._counts["completed" if type(msg) is Done else "failed"] += 1
+                    self._finish(job, type(msg) is Done, msg)
+                self._maybe_retire(worker)
+            case Ready():
+                if worker.state is WorkerState.STARTING:
+                    worker.state = WorkerState.IDLE
+                    worker.pid = msg.pid
+                    logger.debug("worker %d (pid %d) ready in %.3fs", worker.id, msg.pid, msg.load_seconds)
+                    if self._state is PoolState.STARTING and all(
+                        w.state is not WorkerState.STARTING for w in self._workers.values()
+                    ):
+                        self._state = PoolState.RUNNING
+                        self._set_started(None)
+            case LoadFailed():
+                worker.load_failure = msg
+            case Exiting():
+                pass
+
+    def _on_exit(self, worker: WorkerHandle, exitcode: int | None) -> None:
+        """A worker's process is gone: settle the jobs it held, maybe replace it."""
+        del self._workers[worker.id]
+        how = describe_exit(exitcode)
+        was = worker.state
+        worker.state = WorkerState.EXITED
+        intended = worker.kill_reason is not None or was is WorkerState.STOPPING
+        jobs = list(worker.inflight)
+        worker.inflight.clear()
+        for job in reversed(jobs[1:]):  # never started: it runs jobs in order
+            if job.state is JobState.RUNNING:
+                self._requeue(job)
+        if jobs and jobs[0].state is JobState.RUNNING:
+            self._settle_crashed(worker, jobs[0], how, exitcode)
+        # Died holding no job and not by our hand: a failed start (a loader
+        # raised) or a death while idle. Only these count toward giving up.
+        unexplained = not intended and not jobs
+        if self._state is PoolState.STARTING:
+            self._fail_start(worker, how)
+            return
+        if was is WorkerState.STOPPING or self._state is PoolState.BROKEN:
+            return
+        if self._state is PoolState.CLOSING and not self._queued:
+            return
+        if unexplained:
+            self._failures += 1
+            if self._failures >= MAX_CONSECUTIVE_FAILURES:
+                self._break(self._failure_reason(worker, how))
+                return
+            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (self._failures - 1))
+            logger.warning(
+                "worker %d %s (%d failures in a row); restarting in %.2fs", worker.id, how, self._failures, delay
+            )
+        else:
+            delay = 0.0
+        self._counts["restarts"] += 1
+        heapq.heappush(self._spawn_at, time.monotonic() + delay)
+
+    def _settle_crashed(self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None) -> None:
+        if self._state in (PoolState.CLOSING, PoolState.BROKEN) and worker.kill_reason is not None:
+            self._finish(job, False, PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished"))
+            return
+        if job.retries_left > 0 and self._state is not PoolState.BROKEN:
+            job.retries_left -= 1
+            self._counts["retried"] += 1
+            logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)
+            self._requeue(job)
+            return
+        self._counts["crashed"] += 1
+        self._finish(
+            job,
+            False,
+            WorkerCrashedError(
+                f"worker {worker.id} (pid {worker.pid}) {how} while running job {job.id} "
+                f"({job.fn_name} on model {job.model!r})",
+                worker_id=worker.id,
+                pid=worker.pid,
+                exitcode=exitcode,
+            ),
+        )
+
+    def _failure_reason(self, worker: WorkerHandle, how: str) -> str:
+        failure = worker.load_failure
+        if failure is not None:
+            return (
+                f"a replacement worker failed to load model {failure.model!r} "
+                f"{self._failures} times in a row: {failure.error}\n{failure.traceback}"
+            )
+        return f"workers died {self._failures} times in a row without finishing a job; the last {how}"
+
+    def _fail_start(self, worker: WorkerHandle, how: str) -> None:
+        failure = worker.load_failure
+        if failure is not None:
+            error: MLPoolError = ModelLoadError(
+                f"worker {worker.id} failed to load model {failure.model!r}: {failure.error}\n"
+                f"Worker traceback:\n{failure.traceback}",
+                model_name=failure.model,
+                remote_traceback=failure.traceback,
+            )
+        else:
+            error = ModelLoadError(f"worker {worker.id} (pid {worker.pid}) {how} while loading models")
+        self._break(str(error), start_error=error)
+
+    def _check_start(self, now: float) -> None:
+        if self._state is PoolState.STARTING and now >= self._start_deadline:
+            error = ModelLoadError(
+                f"workers did not load their models within start_timeout={self.config.start_timeout}s"
+            )
+            self._break(str(error), start_error=error)
+
+    def _set_started(self, error: BaseException | None) -> None:
+        if self.started.done():
+            return
+        if error is None:
+            self.started.set_result(None)
+        else:
+            self.started.set_exception(error)
+
+    def _break(self, reason: str, start_error: BaseException | None = None) -> None:
+        """Give up: fail every job, kill every worker, refuse new jobs."""
+        if self._state is PoolState.BROKEN:
+            return
+        logger.error("mlpool is broken: %s", reason)
+        self._state = PoolState.BROKEN
+        self._broken_reason = reason
+        self._set_started(start_error or PoolBrokenError(reason))
+        error = PoolBrokenError(f"the pool broke: {reason}")
+        self._fail_queued(error)
+        for worker in self._workers.values():
+            for job in worker.inflight:
+                if job.state is JobState.RUNNING:
+                    self._finish(job, False, error)
+            worker.kill("the pool is broken")
+        self._spawn_at.clear()
+
+    def _fail_queued(self, error: BaseException) -> None:
+        while self._pending:
+            job = self._pending.popleft()
+            if job.state is JobState.QUEUED:
+                self._finish(job, False, error)
+        self._queued = 0
+
+    def _cancel_queued(self) -> None:
+        while self._pending:
+            job = self._pending.popleft()
+            if job.state is JobState.QUEUED:
+                self._finish(job, False, CANCELLED)
+                self._counts["cancelled"] += 1
+        self._queued = 0
+
+    def _maybe_retire(self, worker: WorkerHandle) -> None:
+        limit = self.config.max_jobs_per_worker
+        if limit is not None and worker.state is WorkerState.IDLE and worker.jobs_done >= limit:
+            logger.debug("worker %d did %d jobs; recycling it", worker.id, worker.jobs_done)
+            worker.state = WorkerState.RETIRING
+            heapq.heappush(self._spawn_at, time.monotonic())
+        if worker.state is WorkerState.RETIRING and not worker.inflight:
+            self._stop_worker(worker)
+
+    def _stop_worker(self, worker: WorkerHandle) -> None:
+        worker.state = WorkerState.STOPPING
+        try:
+            write_all(worker.fd, encode(Stop()))
+        except OSError:
+            pass
+
+    def _expire_jobs(self, now: float) -> None:
+        """Fail jobs whose deadline passed; kill a worker running one."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, job = heapq.heappop(heap)
+            if job.state is JobState.QUEUED:
+                self._queued -= 1
+                self._counts["timed_out"] += 1
+                self._finish(job, False, JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran"))
+            elif job.state is JobState.RUNNING:
+                self._counts["timed_out"] += 1
+                worker = job.worker
+                assert worker is not None
+                running = worker.inflight[0] is job
+                if running:
+                    message = f"job {job.id} ({job.fn_name}) timed out while running; worker {worker.id} was replaced"
+                else:
+                    message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
+                self._finish(job, False, JobTimeoutError(message, while_running=running))
+                if running:
+                    worker.kill(f"job {job.id} passed its timeout")
+
+    def _expire_results(self, now: float) -> None:
+        """Forget results nobody fetched within result_ttl (oldest first, no scan)."""
+        expiring = self._expiring
+        while expiring:
+            key, expiry = next(iter(expiring.items()))
+            if expiry > now:
+                break
+            del expiring[key]
+            job = self._registry.pop(key, None)
+            if job is not None:
+                logger.debug("job %s: result expired unfetched", key)
+
+    def _advance_shutdown(self, now: float) -> None:
+        if self._state is not PoolState.CLOSING:
+            return
+        busy = self._queued or any(w.inflight for w in self._workers.values())
+        if not busy:
+            for worker in self._workers.values():
+                if worker.state in (WorkerState.IDLE, WorkerState.RETIRING):
+                    self._stop_worker(worker)
+                elif worker.state is WorkerState.STARTING:
+                    worker.kill("the pool is shutting down")
+            self._spawn_at.clear()
+        if not self._workers and not self._spawn_at:
+            self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
+            self._state = PoolState.CLOSED
+            return
+        if self._stop_deadline is None or now < self._stop_deadline:
+            return
+        # Past the deadline: whatever still runs is forced to stop. Force is
+        # safe here: each worker has its own pipe, so a killed worker cannot
+        # leave a shared queue or lock broken for the others.
+        self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
+        self._spawn_at.clear()
+        if self._escalated == 0:
+            logger.warning("shutdown timed out; terminating %d workers", len(self._workers))
+            for worker in self._workers.values():
+                worker.kill_reason = worker.kill_reason or "shutdown timed out"
+                worker.terminate()
+            self._escalated = 1
+            self._stop_deadline = now + TERMINATE_GRACE
+        else:
+            logger.warning("workers ignored SIGTERM; killing %d", len(self._workers))
+            for worker in self._workers.values():
+                worker.kill("shutdown timed out")
+            self._stop_deadline = None
+
+    # ------------------------------------------------ manager: outside the lock
+
+    def _spawn_due_workers(self) -> None:
+        now = time.monotonic()
+        while self._spawn_at and self._spawn_at[0] <= now:
+            heapq.heappop(self._spawn_at)
+            if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+                continue
+            try:
+                worker = spawn_worker(self._context, self._loaders_pickle, self.config.threads_per_worker)
+            except Exception as exc:  # out of processes, memory or file descriptors
+                logger.exception("could not start a worker process")
+                self._lock.acquire()
+                try:
+                    self._failures += 1
+                    if self._state is PoolState.STARTING or self._failures >= MAX_CONSECUTIVE_FAILURES:
+                        self._break(f"could not start a worker process: {exc!r}", start_error=ModelLoadError(
+                            f"could not start a worker process: {exc!r}"))
+                    else:
+                        heapq.heappush(self._spawn_at, now + RESTART_BACKOFF_MAX)
+                finally:
+                    self._release()
+                continue
+            self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
+            self._selector.register(worker.sentinel, selectors.EVENT_READ, ("exit", worker))
+            with self._lock:
+                self._workers[worker.id] = worker
+
+    def _close_resources(self) -> None:
+        self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+def _pick_worker(workers: list[WorkerHandle], estimate: float | None, size: int) -> WorkerHandle | None:
+    """An idle worker, else (for a short, small job) the least loaded one with room."""
+    for worker in workers:
+        if not worker.inflight:
+            return worker
+    if estimate is None or estimate >= PIPELINE_BUDGET or size > PIPELINE_MAX_BYTES:
+        return None
+    best = None
+    for worker in workers:
+        if len(worker.inflight) < MAX_INFLIGHT and worker.backlog + estimate <= PIPELINE_BUDGET:
+            if best is None or worker.backlog < best.backlog:
+                best = worker
+    return best
+
+
+def _decoded(outcome: tuple[Job, bool, Any]) -> tuple[Job, bool, Any]:
+    """Turn a raw Done/Failed message into the result or the exception."""
+    job, ok, value = outcome
+    kind = type(value)
+    if kind is Done:
+        try:
+            return job, True, pickle.loads(value.result)
+        except Exception as exc:
+            error = SerializationError(f"the result of job {job.id} ({job.fn_name}) cannot be unpickled in the caller: {exc!r}")
+            return job, False, error
+    if kind is Failed:
+        return job, False, unpack_exception(value.error, value.traceback)
+    return outcome

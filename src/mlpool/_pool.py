@@ -1,0 +1,437 @@
+"""MLPool: the public facade. Validates input, delegates to the Manager, owns no loop."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from concurrent.futures import CancelledError, Future
+from typing import Any, Callable
+
+from mlpool._config import PoolConfig
+from mlpool._errors import JobTimeoutError, ResultNotReadyError, UnknownJobError
+from mlpool._jobs import Job
+from mlpool._manager import TERMINATE_GRACE, Manager, PoolState, PoolStats
+
+_JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
+
+
+class MLPool:
+    """A pool of worker processes that each load every model once and score jobs.
+
+    Args:
+        models_to_load: ``{model name: loader}``. Each worker calls every loader
+            once, with no arguments, and keeps what it returns (it must not be
+            None). Use :func:`functools.partial` to bind a path.
+        nb_workers: worker processes. None: one per usable core (CPU affinity
+            and cgroup quota, not the host's count), less one for the API
+            process, at least one.
+        result_ttl: seconds a finished job's result is kept for
+            :meth:`get_result` before it is dropped.
+        max_queue_size: jobs that may wait for a worker (default 10,000).
+            When full, submitting waits, or raises :class:`PoolFullError`
+            with ``create_job(..., block_until_scheduled=False)``.
+        job_timeout: default deadline of every job in seconds, counted from
+            submission (None: no deadline). See :meth:`create_job`.
+        max_retries: default number of times a job whose worker crashed is
+            run again (user exceptions and timeouts are never retried).
+        max_jobs_per_worker: replace a worker after this many jobs (None: never).
+        threads_per_worker: cap on BLAS/OpenMP/PyTorch threads in each worker.
+            None: usable cores // nb_workers, at least 1.
+        start_method: ``"spawn"`` (default) or ``"forkserver"``.
+        start_timeout: seconds the workers have to load their models.
+
+    The constructor returns when every worker has loaded every model. A loader
+    that raises (or returns None) makes it raise :class:`ModelLoadError` with
+    the worker's traceback, after stopping every process it started. Called
+    inside a running event loop, it returns at once instead: use
+    ``async with MLPool(...)`` (or ``await pool.wait_ready()``), which waits
+    without blocking the loop; jobs submitted before then wait in the queue.
+
+    Every method is safe to call from any thread. Create the pool under
+    ``if __name__ == "__main__":`` (workers are spawned and import the main
+    module).
+    """
+
+    def __init__(
+        self,
+        models_to_load: Mapping[str, Callable[[], Any]],
+        nb_workers: int | None = None,
+        *,
+        result_ttl: float = 300.0,
+        max_queue_size: int | None = None,
+        job_timeout: float | None = None,
+        max_retries: int = 0,
+        max_jobs_per_worker: int | None = None,
+        threads_per_worker: int | None = None,
+        start_method: str | None = None,
+        start_timeout: float = 600.0,
+    ) -> None:
+        loaders = _check_loaders(models_to_load)
+        self._config = PoolConfig.resolve(
+            nb_workers=nb_workers,
+            threads_per_worker=threads_per_worker,
+            result_ttl=result_ttl,
+            max_queue_size=max_queue_size,
+            job_timeout=job_timeout,
+            max_retries=max_retries,
+            max_jobs_per_worker=max_jobs_per_worker,
+            max_memory_per_worker=None,
+            start_method=start_method,
+            start_timeout=start_timeout,
+        )
+        if self._config.nb_workers < 1:
+            raise ValueError("nb_workers must be >= 1")
+        self._manager = Manager(self._config, loaders)
+        self._manager.start()
+        _track(self._manager)
+        weakref.finalize(self, self._manager.shutdown, cancel_pending=False, timeout=30.0)
+        if not _in_event_loop():
+            self._wait_started()
+
+    def __repr__(self) -> str:
+        return f"<MLPool {self._manager.state.value} nb_workers={self._config.nb_workers}>"
+
+    # ----------------------------------------------------------- lifecycle
+
+    @property
+    def nb_workers(self) -> int:
+        """How many worker processes the pool keeps."""
+        return self._config.nb_workers
+
+    @property
+    def healthy(self) -> bool:
+        """False once the pool is broken (see :class:`PoolBrokenError`) or shut down."""
+        return self._manager.state in (PoolState.STARTING, PoolState.RUNNING)
+
+    @property
+    def ready(self) -> bool:
+        """True while every worker has loaded its models and the pool serves jobs."""
+        return self._manager.state is PoolState.RUNNING
+
+    def stats(self) -> PoolStats:
+        """A consistent snapshot of workers, queue and job counters."""
+        return self._manager.stats()
+
+    def _wait_started(self) -> None:
+        try:
+            self._manager.started.result(timeout=self._config.start_timeout + _JOIN_MARGIN)
+        except BaseException:
+            self.shutdown(wait=True, cancel_pending=True, timeout=5.0)
+            raise
+
+    async def wait_ready(self) -> None:
+        """Wait, without blocking the event loop, until every worker is ready.
+
+        Raises :class:`ModelLoadError` (after stopping the workers) if a loader fails.
+        """
+        try:
+            await asyncio.wrap_future(self._manager.started)
+        except BaseException:
+            await self.shutdown_async(cancel_pending=True, timeout=5.0)
+            raise
+
+    def shutdown(self, wait: bool = True, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
+        """Stop the pool. Idempotent; safe from any thread.
+
+        New jobs are refused at once (:class:`PoolClosedError`). Queued and
+        running jobs finish, or with ``cancel_pending`` queued ones are
+        cancelled. Then each worker is asked to stop. After ``timeout``
+        seconds, what still runs is terminated, then killed, and its jobs fail
+        with :class:`PoolClosedError`. With ``wait``, returns once every worker
+        process is reaped.
+        """
+        self._manager.shutdown(cancel_pending=cancel_pending, timeout=timeout)
+        if wait:
+            self._manager.join(timeout + TERMINATE_GRACE + _JOIN_MARGIN)
+
+    async def shutdown_async(self, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
+        """:meth:`shutdown` with ``wait=True``, awaited without blocking the loop."""
+        self._manager.shutdown(cancel_pending=cancel_pending, timeout=timeout)
+        await asyncio.wait_for(
+            asyncio.shield(asyncio.wrap_future(self._manager.finished)), timeout + TERMINATE_GRACE + _JOIN_MARGIN
+        )
+
+    def __enter__(self) -> MLPool:
+        self._wait_started()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    async def __aenter__(self) -> MLPool:
+        await self.wait_ready()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown_async()
+
+    # -------------------------------------------------------------- job ids
+
+    def create_job(
+        self,
+        score_model_function: Callable[..., Any],
+        model_name: str,
+        args: tuple | list | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        block_until_scheduled: bool = True,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> str:
+        """Queue ``score_model_function(model, *args, **kwargs)``; return its job id.
+
+        Arguments are pickled here, so unpicklable ones raise
+        :class:`SerializationError` at once. An unknown ``model_name`` raises
+        :class:`UnknownModelError`. When the queue is full, waits for room
+        (bounded by the job's deadline), or with
+        ``block_until_scheduled=False`` raises :class:`PoolFullError`.
+
+        ``timeout`` is the job's deadline in seconds from now (default: the
+        pool's ``job_timeout``): expired in the queue, it never runs; expired
+        while running, its worker is killed and replaced; either way the job
+        fails with :class:`JobTimeoutError`. ``max_retries`` overrides the
+        pool's for this job.
+        """
+        job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
+        self._admit(job, wait=block_until_scheduled, register=True)
+        assert job.key is not None
+        return job.key
+
+    async def create_job_async(
+        self,
+        score_model_function: Callable[..., Any],
+        model_name: str,
+        args: tuple | list | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        block_until_scheduled: bool = True,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> str:
+        """:meth:`create_job` for coroutines: waits for room without blocking the loop."""
+        job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
+        await self._admit_async(job, wait=block_until_scheduled, register=True)
+        assert job.key is not None
+        return job.key
+
+    def get_result(self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None) -> Any:
+        """Return the job's result and forget the job.
+
+        A job that failed raises its error: the scoring function's own
+        exception (worker traceback as ``__cause__``), or
+        :class:`WorkerCrashedError`, :class:`JobTimeoutError`...
+
+        Raises:
+            UnknownJobError: the id never existed, was already fetched, was
+                cancelled, or its result expired (``result_ttl``).
+            ResultNotReadyError: unfinished and ``wait_if_unavailable=False``.
+            TimeoutError: still unfinished after ``timeout`` seconds of
+                waiting; the job goes on and can be fetched later.
+        """
+        job = self._lookup(job_id)
+        future = job.future
+        assert future is not None
+        if not future.done():
+            if not wait_if_unavailable:
+                raise ResultNotReadyError(f"job {job_id} has not finished yet")
+            done, _ = concurrent.futures.wait([future], timeout)
+            if not done:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later")
+        return self._take(job_id, job, future)
+
+    async def get_result_async(
+        self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None
+    ) -> Any:
+        """:meth:`get_result` for coroutines. Cancelling the awaiting task does
+        not cancel the job (use :meth:`cancel_job`)."""
+        job = self._lookup(job_id)
+        future = job.future
+        assert future is not None
+        if not future.done():
+            if not wait_if_unavailable:
+                raise ResultNotReadyError(f"job {job_id} has not finished yet")
+            try:
+                await asyncio.wait_for(_when_done(future), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(
+                    f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later"
+                ) from None
+        return self._take(job_id, job, future)
+
+    def cancel_job(self, job_id: str, *, interrupt: bool = False) -> bool:
+        """Cancel a job; True if it was queued or running, False if already finished.
+
+        A queued job never runs. A running job's result is discarded; with
+        ``interrupt=True`` its worker is killed at once and replaced, so the
+        CPU it was burning is freed. A cancelled id is forgotten (a later
+        :meth:`get_result` raises :class:`UnknownJobError`); a finished job
+        keeps its result. Raises :class:`UnknownJobError` for an unknown id.
+        """
+        job = self._lookup(job_id)
+        cancelled = self._manager.cancel(job, interrupt=interrupt)
+        if cancelled:
+            self._manager.forget(job_id, job)
+        return cancelled
+
+    # -------------------------------------------------- futures, one call
+
+    def submit(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Queue ``fn(model, *args, **kwargs)``; a :class:`concurrent.futures.Future` of its result.
+
+        Waits for room when the queue is full. Cancelling the future before
+        the job starts means it never runs.
+        """
+        job = self._make_job(fn, model_name, args, kwargs, None, None)
+        self._admit(job, wait=True)
+        assert job.future is not None
+        return job.future
+
+    def score(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(model, *args, **kwargs)`` in a worker and return its result (blocks)."""
+        return self.submit(model_name, fn, *args, **kwargs).result()
+
+    async def score_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(model, *args, **kwargs)`` in a worker; the event loop stays free.
+
+        Cancelling the awaiting task cancels the job (as :meth:`cancel_job`).
+        """
+        loop = asyncio.get_running_loop()
+        job = self._manager.make_job(model_name, fn, args, kwargs, timeout=None, retries=None, loop=loop)
+        await self._admit_async(job, wait=True)
+        assert job.afut is not None
+        try:
+            return await job.afut
+        except asyncio.CancelledError:
+            self._manager.cancel(job)
+            raise
+
+    # ------------------------------------------------------------- helpers
+
+    def _make_job(
+        self,
+        fn: Callable[..., Any],
+        model_name: str,
+        args: Any,
+        kwargs: Any,
+        timeout: float | None,
+        max_retries: int | None,
+    ) -> Job:
+        if args is None:
+            args = ()
+        elif not isinstance(args, (tuple, list)):
+            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+        if kwargs is None:
+            kwargs = {}
+        elif not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
+        return self._manager.make_job(model_name, fn, tuple(args), dict(kwargs), timeout=timeout, retries=max_retries)
+
+    def _admit(self, job: Job, *, wait: bool, register: bool = False) -> None:
+        while (room := self._manager.enqueue(job, wait=wait, register=register)) is not None:
+            try:
+                room.result(timeout=_remaining(job))
+            except concurrent.futures.TimeoutError:
+                raise JobTimeoutError(f"job {job.id} timed out waiting for room in the queue") from None
+
+    async def _admit_async(self, job: Job, *, wait: bool, register: bool = False) -> None:
+        while (room := self._manager.enqueue(job, wait=wait, register=register)) is not None:
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(room), _remaining(job))
+            except asyncio.TimeoutError:
+                raise JobTimeoutError(f"job {job.id} timed out waiting for room in the queue") from None
+
+    def _lookup(self, job_id: str) -> Job:
+        if not isinstance(job_id, str):
+            raise TypeError(f"job_id must be a str, not {type(job_id).__name__}")
+        job = self._manager.lookup(job_id)
+        if job is None:
+            raise UnknownJobError(f"unknown job {job_id!r}: never created, already fetched, cancelled or expired")
+        return job
+
+    def _take(self, job_id: str, job: Job, future: Future) -> Any:
+        if future.cancelled() or isinstance(future.exception(), CancelledError):
+            self._manager.forget(job_id, job)
+            raise UnknownJobError(f"job {job_id!r} was cancelled")
+        if not self._manager.forget(job_id, job):
+            raise UnknownJobError(f"job {job_id!r} was already fetched")
+        return future.result()
+
+
+def _remaining(job: Job) -> float | None:
+    if job.deadline is None:
+        return None
+    return max(0.0, job.deadline - time.monotonic())
+
+
+def _when_done(future: Future) -> asyncio.Future:
+    """An asyncio future that resolves (to None) when ``future`` is done.
+
+    Unlike :func:`asyncio.wrap_future`, cancelling it does not cancel
+    ``future``, and it never holds an exception nobody retrieves.
+    """
+    loop = asyncio.get_running_loop()
+    signal: asyncio.Future = loop.create_future()
+
+    def mark(_: Future) -> None:
+        if not signal.done():
+            signal.set_result(None)
+
+    def notify(_: Future) -> None:
+        try:
+            loop.call_soon_threadsafe(mark, None)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    future.add_done_callback(notify)
+    return signal
+
+
+def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
+    if not isinstance(models_to_load, Mapping):
+        raise TypeError(f"models_to_load must be a mapping of model name to loader, not {type(models_to_load).__name__}")
+    if not models_to_load:
+        raise ValueError("models_to_load is empty: give at least one {name: loader}")
+    for name, loader in models_to_load.items():
+        if not isinstance(name, str):
+            raise TypeError(f"model names must be str, got {name!r}")
+        if not callable(loader):
+            raise TypeError(f"the loader of model {name!r} must be callable, got {type(loader).__name__}")
+    return dict(models_to_load)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+_live: weakref.WeakSet[Manager] = weakref.WeakSet()
+_atexit_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _track(manager: Manager) -> None:
+    """Shut the pool down at interpreter exit if its owner did not."""
+    global _atexit_registered
+    with _atexit_lock:
+        _live.add(manager)
+        if not _atexit_registered:
+            # Registered after multiprocessing's own exit hook, so it runs
+            # before it: workers are stopped before multiprocessing joins them.
+            atexit.register(_shutdown_all)
+            _atexit_registered = True
+
+
+def _shutdown_all() -> None:
+    managers = list(_live)
+    for manager in managers:
+        manager.shutdown(cancel_pending=True, timeout=5.0)
+    for manager in managers:
+        manager.join(5.0 + TERMINATE_GRACE + _JOIN_MARGIN)

@@ -1,0 +1,179 @@
+"""The code that runs *in* a worker process.
+
+::
+
+    start ─► watch the parent ─► cap threads ─► load every model ─► Ready ─┐
+                                           (a loader fails ─► LoadFailed, exit)
+    ┌──────────────────────────────────────────────────────────────────────┘
+    └► read frames ─► Run: call fn(model, *args, **kwargs) ─► Done | Failed ─┐
+         ▲                                                                    │
+         └────────────────────────────────────────────────────────────────────┘
+       Stop ─► Exiting, exit          end of file (parent gone) ─► exit
+
+Jobs run one at a time, in the order they arrived, and each result is written
+as soon as it exists: the parent relies on that order to know which job a
+dead worker was running. A scoring function's exception goes back as a value;
+the worker lives on.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from mlpool._errors import SerializationError, UnknownModelError
+from mlpool._protocol import Done, Exiting, Failed, FrameReader, LoadFailed, Ready, Run, Stop, encode, write_all
+from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps, loads, pack_exception
+
+# Read by OpenMP, OpenBLAS, MKL, Accelerate, NumExpr and BLIS when they load.
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
+
+
+def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, threads: int, parent_pid: int) -> None:
+    """Entry point of a worker process (runs in the child).
+
+    ``conn`` is the child's end of the duplex pipe (kept referenced so its fd
+    stays open); ``loaders_pickle`` is the cloudpickled ``{name: loader}``.
+    """
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides
+    # when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    _cap_threads_before_loading(threads)
+    fd = conn.fileno()
+    models = _load_models(fd, loaders_pickle)
+    if models is None:
+        return
+    _cap_threads_after_loading(threads)
+    _serve(fd, models)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL us when the parent dies, even mid-job.
+
+    Elsewhere a worker notices on its next read (end of file on the pipe).
+    The parent spawns workers from its long-lived manager thread: Linux sends
+    the signal when the *thread* that forked the child exits.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _cap_threads_before_loading(threads: int) -> None:
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = str(threads)
+
+
+def _cap_threads_after_loading(threads: int) -> None:
+    """Cap thread pools of libraries already loaded (by loaders or ``__main__``)."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)
+    except Exception:  # threadpoolctl is best effort on exotic builds
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def _load_models(fd: int, loaders_pickle: bytes) -> dict[str, Any] | None:
+    """Run every loader once; send Ready, or LoadFailed and return None."""
+    started = time.perf_counter()
+    name = "<all models>"
+    try:
+        loaders: dict[str, Callable[[], Any]] = pickle.loads(loaders_pickle)
+        models = {}
+        for name, loader in loaders.items():
+            model = loader()
+            if model is None:
+                raise ValueError(f"the loader of model {name!r} returned None; it must return the model")
+            models[name] = model
+    except BaseException as exc:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        write_all(fd, encode(LoadFailed(name, f"{type(exc).__name__}: {exc}", tb)))
+        return None
+    write_all(fd, encode(Ready(os.getpid(), time.perf_counter() - started)))
+    return models
+
+
+def _serve(fd: int, models: dict[str, Any]) -> None:
+    reader = FrameReader()
+    functions: dict[int, Callable] = {}
+    while True:
+        try:
+            if not reader.read_from(fd):
+                return  # the parent is gone
+        except OSError:
+            return
+        for msg in reader.messages():
+            match msg:
+                case Run():
+                    reply = _run(msg, models, functions)
+                    del msg
+                    write_all(fd, reply)
+                case Stop():
+                    write_all(fd, encode(Exiting()))
+                    return
+
+
+def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable]) -> bytes:
+    """Run one job; the encoded Done or Failed."""
+    if msg.fn:
+        if len(functions) >= FUNCTION_CACHE_SIZE:  # mirrored by the parent
+            functions.clear()
+        functions[msg.fn_id] = _load_function(msg.fn)
+    started = time.perf_counter()
+    try:
+        fn = functions[msg.fn_id]
+        try:
+            model = models[msg.model]
+        except KeyError:
+            raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker") from None
+        args, kwargs = loads(msg.payload, "the job's arguments")
+        result = fn(model, *args, **kwargs)
+        del args, kwargs
+        seconds = time.perf_counter() - started
+        return encode(Done(msg.job_id, seconds, dumps(result, f"the result of {_name(fn)}")))
+    except BaseException as exc:
+        seconds = time.perf_counter() - started
+        error, tb = pack_exception(exc)
+        return encode(Failed(msg.job_id, seconds, error, tb))
+
+
+def _load_function(data: bytes) -> Callable:
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        message = f"the scoring function cannot be unpickled in the worker: {type(exc).__name__}: {exc}"
+
+        def unloadable(*args: Any, **kwargs: Any) -> Any:
+            raise SerializationError(message)
+
+        return unloadable
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

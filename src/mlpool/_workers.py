@@ -1,0 +1,139 @@
+"""Worker processes as the parent sees them: spawn, state, the jobs each holds, death.
+
+A :class:`WorkerHandle` is owned by the manager (see ``_manager``): its
+state and ``inflight`` jobs change only under the manager's lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from mlpool._protocol import FrameReader
+from mlpool._worker_main import worker_main
+
+if TYPE_CHECKING:
+    from mlpool._jobs import Job
+
+logger = logging.getLogger(__name__)
+
+_worker_ids = itertools.count(1)
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # spawned; loading models, no Ready yet
+    IDLE = "idle"  # ready; takes jobs (it may hold some: see WorkerHandle.inflight)
+    RETIRING = "retiring"  # takes no more jobs; gets Stop once its jobs are done
+    STOPPING = "stopping"  # sent Stop; waiting for it to exit
+    KILLED = "killed"  # we sent SIGKILL (timeout, interrupt, shutdown); waiting for its sentinel
+    EXITED = "exited"  # reaped
+
+
+class WorkerHandle:
+    """One worker process, its pipe, and the jobs it holds in the order it runs them."""
+
+    __slots__ = (
+        "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
+        "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason",
+        "load_failure", "eof",
+    )  # fmt: skip
+
+    def __init__(self, process: Any, conn: Any) -> None:
+        self.id = int(process.name.rsplit("-", 1)[1])
+        self.process = process
+        self.conn = conn
+        self.fd: int = conn.fileno()
+        self.sentinel: int = process.sentinel
+        self.reader = FrameReader()
+        self.state = WorkerState.STARTING
+        self.inflight: deque[Job] = deque()
+        self.backlog = 0.0  # estimated seconds of work in ``inflight``
+        self.known_functions: set[int] = set()
+        self.jobs_done = 0
+        self.started_at = time.monotonic()
+        self.pid: int = process.pid
+        self.kill_reason: str | None = None
+        self.load_failure: Any = None  # the LoadFailed message, if it sent one
+        self.eof = False
+
+    def __repr__(self) -> str:
+        return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
+
+    @property
+    def takes_jobs(self) -> bool:
+        return self.state is WorkerState.IDLE
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker (it may be running user code that never returns)."""
+        if self.state in (WorkerState.KILLED, WorkerState.EXITED):
+            return
+        logger.info("killing worker %d (pid %d): %s", self.id, self.pid, reason)
+        self.kill_reason = reason
+        self.state = WorkerState.KILLED
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> int | None:
+        """The exit code, once the sentinel has fired. Negative: killed by that signal."""
+        # The sentinel fires when the child's fds close, a moment before it is
+        # a zombie; join() waits on the sentinel, then does a blocking waitpid.
+        self.process.join(timeout=5.0)
+        return self.process.exitcode
+
+    def close(self) -> None:
+        self.conn.close()
+        try:
+            self.process.close()
+        except ValueError:  # still running (join timed out): leave it to the OS
+            logger.warning("worker %d (pid %d) could not be reaped", self.id, self.pid)
+
+
+def spawn_worker(context: multiprocessing.context.BaseContext, loaders_pickle: bytes, threads: int) -> WorkerHandle:
+    """Start one worker process. Call from the manager thread (see ``_die_with_parent``)."""
+    worker_id = next(_worker_ids)
+    parent_conn, child_conn = context.Pipe(duplex=True)
+    process = context.Process(
+        target=worker_main,
+        args=(child_conn, worker_id, loaders_pickle, threads, os.getpid()),
+        name=f"mlpool-worker-{worker_id}",
+        daemon=False,
+    )
+    try:
+        process.start()
+    finally:
+        child_conn.close()
+    return WorkerHandle(process, parent_conn)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'killed by SIGKILL (-9)', 'exited with code 3'..."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = {
+            "SIGKILL": " (killed, possibly by the out-of-memory killer)",
+            "SIGSEGV": " (segmentation fault)",
+            "SIGBUS": " (bus error)",
+            "SIGABRT": " (aborted)",
+        }.get(name, "")
+        return f"killed by {name} ({exitcode}){hint}"
+    return f"exited with code {exitcode}"

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def worker_children() -> list[psutil.Process]:
+    """Live child processes of this test process that are mlpool workers."""
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture
+def no_leaked_workers():
+    """Fails the test if it leaves a child process behind."""
+    before = {p.pid for p in worker_children()}
+    yield
+    gone, alive = psutil.wait_procs([p for p in worker_children() if p.pid not in before], timeout=10)
+    assert not alive, f"processes left behind: {alive}"
+
+
+class Fifo:
+    """A named pipe a job blocks on until the test releases it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.mkfifo(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def release(self, timeout: float = 30.0) -> None:
+        """Wait until a job holds the FIFO open (it is running), then let it go."""
+        done = threading.Event()
+        error: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                with open(self.path, "w") as f:  # blocks until the job opens it
+                    f.write("go")
+            except BaseException as exc:  # pragma: no cover - reported below
+                error.append(exc)
+            done.set()
+
+        threading.Thread(target=write, daemon=True).start()
+        assert done.wait(timeout), f"no job opened {self.path} within {timeout}s"
+        assert not error, error
+
+    def wait_running(self, timeout: float = 30.0) -> "Fifo":
+        """Return once a job has opened the FIFO (without releasing it yet)."""
+        fd_holder: list[int] = []
+        done = threading.Event()
+
+        def open_writer() -> None:
+            fd_holder.append(os.open(self.path, os.O_WRONLY))
+            done.set()
+
+        threading.Thread(target=open_writer, daemon=True).start()
+        assert done.wait(timeout), f"no job opened {self.path} within {timeout}s"
+        self._fd = fd_holder[0]
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The pid of the worker running the job (after wait_running)."""
+        return int(Path(str(self.path) + ".pid").read_text())
+
+    def release_opened(self) -> None:
+        os.write(self._fd, b"go")
+        os.close(self._fd)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    counter = iter(range(1000))
+
+    def make() -> Fifo:
+        return Fifo(tmp_path / f"fifo-{next(counter)}")
+
+    return make

@@ -1,0 +1,178 @@
+"""Start, shutdown and what is left behind; an idle pool costs nothing; the loop stays free."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import workloads
+from conftest import worker_children
+from workloads import add, load_constant, wait_for_release
+
+from mlpool import MLPool, PoolClosedError
+
+pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+
+
+def test_shutdown_leaves_no_process_and_refuses_new_jobs():
+    pool = MLPool({"m": load_constant}, nb_workers=2)
+    pids = {p.pid for p in worker_children()}
+    assert len(pids) >= 2
+    pool.shutdown()
+    assert not ({p.pid for p in worker_children()} & pids)
+    for call in (
+        lambda: pool.score("m", add, 1),
+        lambda: pool.create_job(add, "m", args=(1,)),
+        lambda: pool.submit("m", add, 1),
+        lambda: asyncio.run(pool.score_async("m", add, 1)),
+    ):
+        with pytest.raises(PoolClosedError):
+            call()
+    pool.shutdown()  # idempotent
+    assert not pool.healthy
+
+
+def test_shutdown_lets_queued_and_running_jobs_finish(fifo):
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    gate = fifo()
+    running = pool.submit("m", wait_for_release, str(gate))
+    gate.wait_running()
+    queued = [pool.submit("m", add, i) for i in range(5)]
+    pool.shutdown(wait=False)
+    with pytest.raises(PoolClosedError):
+        pool.submit("m", add, 1)
+    gate.release_opened()
+    assert running.result(timeout=30) > 0
+    assert [f.result(timeout=30) for f in queued] == [10 + i for i in range(5)]
+    pool.shutdown()
+
+
+def test_shutdown_cancel_pending(fifo, tmp_path):
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    gate = fifo()
+    running = pool.submit("m", wait_for_release, str(gate))
+    gate.wait_running()
+    marker = tmp_path / "ran"
+    queued = pool.submit("m", workloads.touch, str(marker))
+    pool.shutdown(wait=False, cancel_pending=True)
+    assert queued.cancelled()
+    gate.release_opened()
+    assert running.result(timeout=30) > 0
+    pool.shutdown()
+    assert not marker.exists()
+
+
+def test_shutdown_timeout_kills_stuck_workers():
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    stuck = pool.submit("m", workloads.spin, 600.0)
+    started = time.monotonic()
+    pool.shutdown(timeout=0.3)
+    assert time.monotonic() - started < 10
+    with pytest.raises(PoolClosedError, match="shut down before"):
+        stuck.result(timeout=5)
+
+
+def test_async_with_does_not_block_the_loop():
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        async with MLPool({"m": load_constant}, nb_workers=2) as pool:
+            assert pool.ready
+            result = await pool.score_async("m", add, 1)
+        ticker.cancel()
+        return result, ticks
+
+    result, ticks = asyncio.run(main())
+    assert result == 11
+    assert ticks > 0  # the loop ran while workers started
+
+
+def test_idle_pool_uses_no_cpu():
+    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+        pool.score("m", add, 1)
+        procs = [psutil.Process()] + worker_children()
+        before = [sum(p.cpu_times()[:2]) for p in procs]
+        time.sleep(1.0)  # a measurement window, not synchronisation
+        after = [sum(p.cpu_times()[:2]) for p in procs]
+    used = sum(after) - sum(before)
+    assert used < 0.05, f"an idle pool used {used:.3f}s of CPU in 1s"
+
+
+def test_event_loop_stays_responsive_while_hungry_jobs_run():
+    async def main(pool):
+        gaps = []
+        stop = False
+
+        async def tick():
+            last = time.perf_counter()
+            while not stop:
+                await asyncio.sleep(0.01)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.gather(*(pool.score_async("m", workloads.spin, 0.2) for _ in range(6)))
+        stop = True
+        await ticker
+        return gaps
+
+    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+        gaps = asyncio.run(main(pool))
+    # Scoring in the loop's own thread would stall it for 0.2 s per job.
+    assert len(gaps) > 20
+    assert max(gaps) < 0.15, f"the loop stalled for {max(gaps):.3f}s"
+
+
+def test_forgotten_pool_is_shut_down_when_collected():
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    pids = [p.pid for p in worker_children()]
+    del pool
+    gc.collect()
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
+    assert not alive
+
+
+def test_workers_exit_when_the_api_process_is_killed(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, psutil
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from workloads import load_constant, spin
+            from mlpool import MLPool
+            if __name__ == "__main__":
+                pool = MLPool({{"m": load_constant}}, nb_workers=2)
+                busy = pool.submit("m", spin, 600.0)
+                print(" ".join(str(p.pid) for p in psutil.Process().children()), flush=True)
+                sys.stdin.read()
+            """
+        )
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = owner.stdout.readline()
+        workers = [psutil.Process(int(p)) for p in line.split()]
+        assert len(workers) >= 2
+        owner.kill()
+        owner.wait(30)
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, f"orphaned workers: {alive}"
+    finally:
+        owner.kill()
+        owner.wait(30)

@@ -1,0 +1,146 @@
+"""Loaders and scoring functions the tests run in real worker processes.
+
+Module-level, so they pickle by reference. Jobs that must stay running until
+a test lets them go block on a FIFO: opening it for writing returns only
+once the job has opened it for reading, i.e. once it is running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+
+class TextClassifier:
+    """Stands in for the seed README's text classifier: a real object, loaded once per worker."""
+
+    loads = 0
+
+    def __init__(self, vocabulary_path: str) -> None:
+        self.positive = set(Path(vocabulary_path).read_text().split())
+        self.pid = os.getpid()
+
+    def classify_text(self, text: str) -> str:
+        words = text.lower().split()
+        score = sum(word.strip(".,") in self.positive for word in words)
+        return "positive" if score > 0 else "negative"
+
+
+def load_text_classifier(weights_path: str) -> TextClassifier:
+    return TextClassifier(weights_path)
+
+
+def score_text_classifier(model: TextClassifier, text: str) -> str:
+    return model.classify_text(text)
+
+
+def load_constant() -> dict:
+    return {"bias": 10, "pid": os.getpid()}
+
+
+def load_none():
+    return None
+
+
+def load_raises():
+    raise RuntimeError("weights file is corrupt")
+
+
+def add(model: dict, x: int, y: int = 0) -> int:
+    return model["bias"] + x + y
+
+
+def pid(model: dict) -> int:
+    return os.getpid()
+
+
+def echo(model: dict, value):
+    return value
+
+
+def raise_value_error(model: dict, message: str) -> None:
+    raise ValueError(message)
+
+
+class NeedsTwoArgs(Exception):
+    """Unpicklable the usual way: its __init__ takes two arguments."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a} and {b}")
+
+
+def raise_odd_exception(model: dict) -> None:
+    raise NeedsTwoArgs(1, 2)
+
+
+def return_unpicklable(model: dict):
+    return threading.Lock()
+
+
+def wait_for_release(model: dict, fifo: str) -> int:
+    """Run until the test writes to ``fifo``; return this worker's pid.
+
+    The pid is also written to ``fifo + ".pid"`` before the job blocks.
+    """
+    Path(fifo + ".pid").write_text(str(os.getpid()))
+    with open(fifo) as f:
+        f.read()
+    return os.getpid()
+
+
+def touch(model: dict, path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+def sigkill_self(model: dict) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault(model: dict) -> None:
+    ctypes.string_at(0)
+
+
+def exit_now(model: dict, code: int) -> None:
+    os._exit(code)
+
+
+def spin(model: dict, seconds: float) -> int:
+    """Burn CPU (holding the GIL) for ``seconds``."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+def thread_settings(model: dict) -> dict:
+    from threadpoolctl import threadpool_info
+
+    return {
+        "env": os.environ.get("OMP_NUM_THREADS"),
+        "pools": [(info["internal_api"], info["num_threads"]) for info in threadpool_info()],
+    }
+
+
+def load_numpy_model() -> dict:
+    import numpy as np
+
+    return {"weights": np.arange(4.0)}
+
+
+class CountingFunction:
+    """A scoring function that counts how often the parent pickles it."""
+
+    pickled = 0
+
+    def __call__(self, model: dict, x: int) -> int:
+        return x * 2
+
+    def __reduce__(self):
+        CountingFunction.pickled += 1
+        return (CountingFunction, ())
