@@ -160,43 +160,75 @@ def hungry_loops(target: float) -> int:
 
 
 def hungry_throughput(submit_many, loops: int, jobs: int) -> float:
+    """Jobs per second for ``jobs`` hungry jobs submitted at once."""
     start = time.perf_counter()
     submit_many(loops, jobs)
     return jobs / (time.perf_counter() - start)
 
 
+def _echo_objects(conn) -> None:
+    while True:
+        try:
+            conn.send(conn.recv())
+        except EOFError:
+            return
+
+
+def raw_object_round_trip(n: int) -> list[float]:
+    """multiprocessing.Connection send/recv of a small pickled tuple."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_echo_objects, args=(theirs,))
+    proc.start()
+    theirs.close()
+    message = (1, "tiny", (1,), {})
+
+    def once() -> None:
+        ours.send(message)
+        ours.recv()
+
+    try:
+        return time_calls(once, n)
+    finally:
+        ours.close()
+        proc.join(5)
+
+
+def timed_hungry(model: dict, loops: int) -> float:
+    start = time.perf_counter()
+    hungry(model, loops)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
     opts = parser.parse_args()
-    n = 2000 if opts.quick else 10000
-    duration = 2.0 if opts.quick else 5.0
-    hungry_jobs = 20 if opts.quick else 60
-    rows: list[tuple[str, str, str]] = []
-
-    def row(name: str, mlpool_value: str, ppe_value: str) -> None:
-        rows.append((name, mlpool_value, ppe_value))
-        print(f"  {name:<44} {mlpool_value:>16} {ppe_value:>16}", flush=True)
+    rounds = opts.rounds or (2 if opts.quick else 5)
+    n = 1000 if opts.quick else 2000
+    duration = 1.5 if opts.quick else 3.0
+    hungry_jobs = 20 if opts.quick else 40
 
     us = lambda s: f"{s * 1e6:,.0f} µs"  # noqa: E731
     ms = lambda s: f"{s * 1e3:,.2f} ms"  # noqa: E731
+    med = statistics.median
 
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {NB_WORKERS} workers, {CONCURRENCY} async callers")
-    raw50, raw99 = percentiles(raw_round_trip(n))
-    print(f"raw pipe round trip: p50 {us(raw50)}, p99 {us(raw99)}")
-    print(f"  {'':<44} {'mlpool':>16} {'ProcessPool':>16}")
-
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cores, {NB_WORKERS} workers, "
+        f"{CONCURRENCY} async callers, {rounds} interleaved rounds (medians of per-round figures)",
+        flush=True,
+    )
     loops = hungry_loops(0.020)
-    single = min(time_calls(lambda: hungry({"bias": 0}, loops), 5))
+    samples: dict[str, list] = {}
+
+    def keep(name: str, value) -> None:
+        samples.setdefault(name, []).append(value)
 
     with MLPool({"m": load_model}, nb_workers=NB_WORKERS) as pool, concurrent.futures.ProcessPoolExecutor(
         NB_WORKERS, mp_context=multiprocessing.get_context("spawn"), initializer=_ppe_init
     ) as ppe:
-        m_sync = percentiles(time_calls(lambda: pool.score("m", tiny, 1), n))
-        p_sync = percentiles(time_calls(lambda: ppe.submit(ppe_tiny, 1).result(), n))
-        row("sync tiny job p50", us(m_sync[0]), us(p_sync[0]))
-        row("sync tiny job p99", us(m_sync[1]), us(p_sync[1]))
-        row("sync p50 / raw round trip", f"{m_sync[0] / raw50:.2f}x", f"{p_sync[0] / raw50:.2f}x")
+        single = min(pool.score("m", timed_hungry, loops) for _ in range(5))
 
         async def sequential() -> tuple:
             loop = asyncio.get_running_loop()
@@ -204,26 +236,11 @@ def main() -> None:
             p = percentiles(await time_calls_async(lambda: loop.run_in_executor(ppe, ppe_tiny, 1), n))
             return m, p
 
-        m_async, p_async = asyncio.run(sequential())
-        row("async tiny job p50", us(m_async[0]), us(p_async[0]))
-        row("async tiny job p99", us(m_async[1]), us(p_async[1]))
-        row("async p50 / raw round trip", f"{m_async[0] / raw50:.2f}x", f"{p_async[0] / raw50:.2f}x")
-
         async def concurrent_load() -> tuple:
             loop = asyncio.get_running_loop()
             m = await load_test(lambda i: pool.score_async("m", tiny, i), duration)
             p = await load_test(lambda i: loop.run_in_executor(ppe, ppe_tiny, i), duration)
             return m, p
-
-        m_load, p_load = asyncio.run(concurrent_load())
-        row(f"throughput, {CONCURRENCY} async callers", f"{m_load[0]:,.0f}/s", f"{p_load[0]:,.0f}/s")
-        row("  ratio mlpool / ProcessPool", f"{m_load[0] / p_load[0]:.2f}x", "1.00x")
-        m_lat, p_lat = percentiles(m_load[1]), percentiles(p_load[1])
-        row("  job latency p50 under load", ms(m_lat[0]), ms(p_lat[0]))
-        row("  job latency p99 under load", ms(m_lat[1]), ms(p_lat[1]))
-        m_lag, p_lag = percentiles(m_load[2]), percentiles(p_load[2])
-        row("  event-loop lag p50", ms(m_lag[0]), ms(p_lag[0]))
-        row("  event-loop lag p99", ms(m_lag[1]), ms(p_lag[1]))
 
         def mlpool_hungry(loops: int, jobs: int) -> None:
             for f in [pool.submit("m", hungry, loops) for _ in range(jobs)]:
@@ -233,11 +250,63 @@ def main() -> None:
             for f in [ppe.submit(ppe_hungry, loops) for _ in range(jobs)]:
                 f.result()
 
-        ideal = NB_WORKERS / single
-        m_h = hungry_throughput(mlpool_hungry, loops, hungry_jobs)
-        p_h = hungry_throughput(ppe_hungry_many, loops, hungry_jobs)
-        row(f"hungry job ({single * 1e3:.0f} ms) jobs/s", f"{m_h:.1f}/s", f"{p_h:.1f}/s")
-        row("  fraction of ideal (workers / call time)", f"{m_h / ideal:.0%}", f"{p_h / ideal:.0%}")
+        for r in range(rounds):
+            print(f"round {r + 1}/{rounds}", flush=True)
+            keep("raw", percentiles(raw_round_trip(n)))
+            keep("raw_obj", percentiles(raw_object_round_trip(n)))
+            keep("m_sync", percentiles(time_calls(lambda: pool.score("m", tiny, 1), n)))
+            keep("p_sync", percentiles(time_calls(lambda: ppe.submit(ppe_tiny, 1).result(), n)))
+            m_async, p_async = asyncio.run(sequential())
+            keep("m_async", m_async)
+            keep("p_async", p_async)
+            m_load, p_load = asyncio.run(concurrent_load())
+            for key, (rate, lat, lags) in (("m_load", m_load), ("p_load", p_load)):
+                keep(key + "_rate", rate)
+                keep(key + "_lat", percentiles(lat))
+                keep(key + "_lag", percentiles(lags))
+            keep("m_hungry", hungry_throughput(mlpool_hungry, loops, hungry_jobs))
+            keep("p_hungry", hungry_throughput(ppe_hungry_many, loops, hungry_jobs))
+
+    def p50(name: str) -> float:
+        return med(x[0] for x in samples[name])
+
+    def p99(name: str) -> float:
+        return med(x[1] for x in samples[name])
+
+    raw = p50("raw")
+    raw_obj = p50("raw_obj")
+    print(f"\nraw pipe round trip, bytes (os.write/os.read):         p50 {us(raw)}, p99 {us(p99('raw'))}")
+    print(f"raw pipe round trip, objects (Connection.send/recv): p50 {us(raw_obj)}, p99 {us(p99('raw_obj'))}")
+    rows = [
+        ("sync tiny job p50", us(p50("m_sync")), us(p50("p_sync"))),
+        ("sync tiny job p99", us(p99("m_sync")), us(p99("p_sync"))),
+        ("  sync p50 / raw bytes round trip", f"{p50('m_sync') / raw:.2f}x", f"{p50('p_sync') / raw:.2f}x"),
+        ("  sync p50 / raw objects round trip", f"{p50('m_sync') / raw_obj:.2f}x", f"{p50('p_sync') / raw_obj:.2f}x"),
+        ("async tiny job p50", us(p50("m_async")), us(p50("p_async"))),
+        ("async tiny job p99", us(p99("m_async")), us(p99("p_async"))),
+        ("  async p50 / raw bytes round trip", f"{p50('m_async') / raw:.2f}x", f"{p50('p_async') / raw:.2f}x"),
+        ("  async p50 / raw objects round trip", f"{p50('m_async') / raw_obj:.2f}x", f"{p50('p_async') / raw_obj:.2f}x"),
+        (f"throughput, {CONCURRENCY} async callers", f"{med(samples['m_load_rate']):,.0f}/s", f"{med(samples['p_load_rate']):,.0f}/s"),
+        (
+            "  ratio to ProcessPool (median of rounds)",
+            f"{med(m / p for m, p in zip(samples['m_load_rate'], samples['p_load_rate'])):.2f}x",
+            "1.00x",
+        ),
+        ("  job latency p50 under load", ms(p50("m_load_lat")), ms(p50("p_load_lat"))),
+        ("  job latency p99 under load", ms(p99("m_load_lat")), ms(p99("p_load_lat"))),
+        ("  event-loop lag p50 (1 ms timer)", ms(p50("m_load_lag")), ms(p50("p_load_lag"))),
+        ("  event-loop lag p99 (1 ms timer)", ms(p99("m_load_lag")), ms(p99("p_load_lag"))),
+        (f"hungry job ({single * 1e3:.0f} ms in a worker)", f"{med(samples['m_hungry']):.1f}/s", f"{med(samples['p_hungry']):.1f}/s"),
+        (
+            "  fraction of ideal (workers / job time)",
+            f"{med(samples['m_hungry']) * single / NB_WORKERS:.0%}",
+            f"{med(samples['p_hungry']) * single / NB_WORKERS:.0%}",
+        ),
+    ]
+    print(f"\n| {'':<42} | {'mlpool':>14} | {'ProcessPool':>14} |")
+    print(f"|{'-' * 44}|{'-' * 16}:|{'-' * 16}:|".replace("-:|", ":|"))
+    for name, a, b in rows:
+        print(f"| {name:<42} | {a:>14} | {b:>14} |")
 
 
 if __name__ == "__main__":

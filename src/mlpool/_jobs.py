@@ -118,7 +118,11 @@ def settle(outcomes: list[tuple[Job, bool, Any]]) -> None:
                 future.set_exception(value)
         except InvalidStateError:  # the caller cancelled it meanwhile
             pass
+    here = asyncio.events._get_running_loop()
     for loop, items in by_loop.items():
+        if loop is here:  # settled by the loop's own reader: no thread hop
+            _settle_async(items)
+            continue
         try:
             loop.call_soon_threadsafe(_settle_async, items)
         except RuntimeError:  # the loop is closed; nobody is waiting any more

@@ -42,7 +42,9 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
 import selectors
+import socket
 import threading
 import time
 import uuid
@@ -149,6 +151,7 @@ class Manager:
         )
         # --- manager thread only ---
         self._selector = selectors.DefaultSelector()
+        self._selector_lock = threading.Lock()  # loans (un)register pipes from callers' threads
         self._spawn_at: list[float] = []
         self._start_deadline = time.monotonic() + config.start_timeout
         self._wake_r, self._wake_w = os.pipe()
@@ -227,14 +230,17 @@ class Manager:
                 self._registry[job.key] = job
             self._pending.append(job)
             self._queued += 1
-            if job.deadline is not None:
-                heapq.heappush(self._deadlines, (job.deadline, job.id, job))
-                if self._wake_at is None or job.deadline < self._wake_at:
-                    self._need_wake = True
+            self._watch_deadline(job)
             self._dispatch()
             return None
         finally:
             self._release()
+
+    def _watch_deadline(self, job: Job) -> None:
+        if job.deadline is not None:
+            heapq.heappush(self._deadlines, (job.deadline, job.id, job))
+            if self._wake_at is None or job.deadline < self._wake_at:
+                self._need_wake = True
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
         """Cancel ``job``: True if it will never report an outcome.
@@ -253,7 +259,8 @@ class Manager:
                 self._finish(job, False, CANCELLED)
                 self._counts["cancelled"] += 1
                 worker = job.worker
-                if interrupt and worker is not None and worker.inflight and worker.inflight[0] is job:
+                assert worker is not None
+                if interrupt and worker.inflight and worker.inflight[0] is job:
                     worker.kill(f"job {job.id} was cancelled with interrupt=True")
                 return True
             return False
@@ -374,6 +381,7 @@ class Manager:
         workers = [w for w in self._workers.values() if w.state is WorkerState.IDLE]
         if not workers:
             return
+        here = _running_loop()
         frames: dict[WorkerHandle, list[bytes]] = {}
         estimates = self._estimates
         while pending:
@@ -382,9 +390,16 @@ class Manager:
                 pending.popleft()
                 continue
             estimate = estimates.get(job.fn_id)
-            worker = _pick_worker(workers, estimate, len(job.payload))
+            worker = _pick_worker(workers, job.loop, estimate, len(job.payload))
             if worker is None:
+                if self._reclaim_stopped_loans():
+                    continue
                 break
+            if worker.borrower is not job.loop:
+                if worker.borrower is not None:  # an idle loan to another reader: take it back
+                    self._take_back(worker, here)
+                if here is not None and job.loop is here and not worker.inflight:
+                    self._lend_to_loop(worker, here)
             pending.popleft()
             self._queued -= 1
             if not job.mark_running():  # its caller cancelled the future
@@ -396,6 +411,9 @@ class Manager:
             job.estimate = estimate if estimate is not None else PIPELINE_BUDGET
             worker.inflight.append(job)
             worker.backlog += job.estimate
+            if not worker.registered and worker.borrower is None:
+                with worker.read_lock:
+                    self._watch(worker)
             frames.setdefault(worker, []).append(self._run_frame(worker, job))
         for worker, batch in frames.items():
             self._send(worker, batch)
@@ -430,6 +448,164 @@ class Manager:
         job.worker = None
         self._pending.appendleft(job)
         self._queued += 1
+
+    # ------------------------------------------------------------------ loans
+    # A worker's pipe is read by the manager thread unless it is lent:
+    # - to a caller thread, for one job, when the pool is idle (run_lent):
+    #   the caller waits on the pipe itself, one thread hop fewer;
+    # - to an event loop (loop.add_reader) while that loop's jobs keep the
+    #   worker busy: results reach coroutines with no thread hop, and the
+    #   manager thread, idle, does not compete with the loop for the GIL.
+    # A borrower reads under worker.read_lock after checking it still is the
+    # borrower. A loan ends when the worker holds no more of the borrower's
+    # jobs, or when the pipe is taken back (a dead worker, a stopped loop).
+
+    def run_lent(self, job: Job) -> bool:
+        """Run ``job`` on an idle worker, reading its pipe in this thread.
+
+        False, with nothing done, when no worker is free or jobs are queued
+        (then enqueue it). True when the job's future is settled, or the
+        manager took the pipe back (a crash, a timeout) and will settle it.
+        """
+        token = object()
+        self._lock.acquire()
+        try:
+            self._check_accepting()
+            if self._pending:
+                return False
+            for worker in self._workers.values():
+                if worker.state is WorkerState.IDLE and not worker.inflight:
+                    break
+            else:
+                return False
+            self._take_back(worker, None)
+            with worker.read_lock:
+                worker.borrower = token
+                self._watch(worker)
+            self._watch_deadline(job)
+            job.mark_running()
+            job.state = JobState.RUNNING
+            job.worker = worker
+            job.estimate = self._estimates.get(job.fn_id, PIPELINE_BUDGET)
+            worker.inflight.append(job)
+            worker.backlog += job.estimate
+            self._send(worker, [self._run_frame(worker, job)])
+            if job.state is not JobState.RUNNING:  # the pipe was closed: requeued
+                self._end_loan(worker, token)
+                return True
+        finally:
+            self._release()
+        self._wait_lent(worker, job, token)
+        return True
+
+    def _wait_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
+        poller = select.poll()
+        poller.register(worker.fd, select.POLLIN)
+        poller.register(worker.sentinel, select.POLLIN)
+        while True:
+            # No timeout: a job deadline kills the worker, which wakes this.
+            events = poller.poll()
+            with worker.read_lock:
+                if worker.borrower is not token:
+                    return  # the manager took the pipe back
+                messages = self._read_locked(worker)
+            died = worker.eof or any(fd == worker.sentinel for fd, _ in events)
+            self._lock.acquire()
+            try:
+                for msg in messages:
+                    self._on_message(worker, msg)
+                if died or job not in worker.inflight:
+                    self._end_loan(worker, token)
+                    return
+            finally:
+                self._release()
+
+    def _end_loan(self, worker: WorkerHandle, token: object) -> None:
+        """Give the pipe back to the manager (under the lock)."""
+        with worker.read_lock:
+            if worker.borrower is token:
+                worker.borrower = None
+                self._watch(worker)
+        if self._state is not PoolState.RUNNING:
+            self._need_wake = True  # shutdown may wait for this worker
+        self._dispatch()
+
+    def _lend_to_loop(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``loop`` (running in this thread) read the worker's pipe (under the lock)."""
+        with worker.read_lock:
+            worker.borrower = loop
+            self._watch(worker)
+            if loop not in worker.loop_readers:
+                loop.add_reader(worker.fd, self._on_loop_readable, worker, loop)
+                worker.loop_readers.add(loop)
+
+    def _on_loop_readable(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in ``loop``: read results, settle them here, keep the worker busy."""
+        with worker.read_lock:
+            if worker.borrower is not loop:
+                self._remove_loop_reader(worker, loop)
+                return
+            messages = self._read_locked(worker)
+            if worker.eof:  # it died: the manager settles its jobs (sentinel)
+                self._remove_loop_reader(worker, loop)
+        self._lock.acquire()
+        try:
+            for msg in messages:
+                self._on_message(worker, msg)
+            self._dispatch()
+            if not worker.inflight and self._state is not PoolState.RUNNING:
+                self._take_back(worker, loop)  # shutdown waits for this worker
+        finally:
+            self._release()
+
+    def _take_back(self, worker: WorkerHandle, here: asyncio.AbstractEventLoop | None) -> None:
+        """End an idle loan: the manager reads the pipe again (under the lock).
+
+        A loop keeps its loan while idle, so its next job needs no system
+        call; anyone else who needs the worker takes it back first. A loop's
+        reader is removed now if that loop runs in this thread, else by the
+        loop itself on its next wake-up (it sees it is no longer the borrower).
+        """
+        with worker.read_lock:
+            loop = worker.borrower
+            if loop is None:
+                return
+            worker.borrower = None
+            if loop is here:
+                self._remove_loop_reader(worker, loop)
+            self._watch(worker)
+        if self._state is not PoolState.RUNNING:
+            self._need_wake = True
+
+    def _remove_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """In ``loop``, holding worker.read_lock."""
+        if loop in worker.loop_readers:
+            loop.remove_reader(worker.fd)
+            worker.loop_readers.discard(loop)
+            if not worker.loop_readers and worker.state is WorkerState.EXITED:
+                worker.close()
+
+    def _drop_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """Scheduled in ``loop`` by _dispose."""
+        with worker.read_lock:
+            self._remove_loop_reader(worker, loop)
+
+    def _reclaim_stopped_loans(self) -> bool:
+        """Take pipes back from event loops that stopped running (under the lock).
+
+        A stopped loop still has its reader registered; when it runs again,
+        the reader sees it is no longer the borrower and removes itself.
+        """
+        reclaimed = False
+        for worker in self._workers.values():
+            loop = worker.borrower
+            if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
+                with worker.read_lock:
+                    if worker.borrower is loop:
+                        worker.borrower = None
+                        self._watch(worker)
+                        reclaimed = True
+        return reclaimed
 
     # ----------------------------------------------------------- manager loop
 
@@ -470,7 +646,8 @@ class Manager:
                 arrivals.append((worker, self._read(worker)))
             elif kind == "exit":
                 arrivals.append((worker, self._read_remaining(worker)))
-                self._selector.unregister(worker.sentinel)
+                with self._selector_lock:
+                    self._selector.unregister(worker.sentinel)
                 exits.append((worker, worker.reap()))
             else:
                 self._drain_wakeups()
@@ -491,7 +668,7 @@ class Manager:
         finally:
             self._release()
         for worker, _ in exits:
-            worker.close()
+            self._dispose(worker)
         return done
 
     def _plan_wait(self) -> float | None:
@@ -521,27 +698,63 @@ class Manager:
             pass
 
     def _read(self, worker: WorkerHandle) -> list:
-        try:
-            alive = worker.reader.read_from(worker.fd)
-        except OSError:
-            alive = False
-        if not alive and not worker.eof:
-            worker.eof = True
-            self._selector.unregister(worker.fd)
+        """The manager's read of a worker pipe select() reported readable."""
+        with worker.read_lock:
+            if worker.borrower is not None:  # lent since select() returned
+                self._watch(worker)
+                return []
+            return self._read_locked(worker)
+
+    def _read_locked(self, worker: WorkerHandle) -> list:
+        """Read what the pipe holds, without blocking (hold worker.read_lock)."""
+        self._recv(worker)
         return worker.reader.messages()
 
+    def _recv(self, worker: WorkerHandle) -> bool:
+        """One non-blocking read into the worker's buffer; False if it got nothing."""
+        if worker.eof:
+            return False
+        try:
+            if worker.reader.recv_from(worker.sock):
+                return True
+        except BlockingIOError:  # another reader took it, or a spurious wake-up
+            return False
+        except OSError:
+            pass
+        worker.eof = True
+        self._watch(worker)
+        return False
+
     def _read_remaining(self, worker: WorkerHandle) -> list:
-        """What a dead worker wrote before dying (its pipe may still hold results)."""
-        if not worker.eof:
-            os.set_blocking(worker.fd, False)
-            try:
-                while worker.reader.read_from(worker.fd):
-                    pass
-            except OSError:  # BlockingIOError: a grandchild still holds the pipe open
+        """Take the pipe of a dead worker back and read what it wrote before dying."""
+        with worker.read_lock:
+            worker.borrower = None
+            while self._recv(worker):  # stops at end of file, or when a grandchild holds it open
                 pass
             worker.eof = True
-            self._selector.unregister(worker.fd)
-        return worker.reader.messages()
+            self._watch(worker)
+            return worker.reader.messages()
+
+    def _watch(self, worker: WorkerHandle) -> None:
+        """Have the manager's select() watch the pipe exactly when it expects a
+        message there and nobody else reads it (hold worker.read_lock).
+
+        An idle worker's pipe is not watched: lending it costs no system call,
+        and its death is seen on the process sentinel.
+        """
+        wanted = (
+            not worker.eof
+            and worker.borrower is None
+            and (worker.state is WorkerState.STARTING or bool(worker.inflight))
+        )
+        if worker.registered is wanted:
+            return
+        with self._selector_lock:
+            if wanted:
+                self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
+            else:
+                self._selector.unregister(worker.fd)
+        worker.registered = wanted
 
     # ----------------------------------------------- manager: under the lock
 
@@ -554,6 +767,9 @@ class Manager:
                 job = worker.inflight.popleft()
                 worker.backlog -= job.estimate
                 worker.jobs_done += 1
+                if not worker.inflight and worker.registered:
+                    with worker.read_lock:
+                        self._watch(worker)
                 self._failures = 0
                 previous = self._estimates.get(job.fn_id)
                 self._estimates[job.fn_id] = (
@@ -566,6 +782,8 @@ class Manager:
             case Ready():
                 if worker.state is WorkerState.STARTING:
                     worker.state = WorkerState.IDLE
+                    with worker.read_lock:
+                        self._watch(worker)
                     worker.pid = msg.pid
                     logger.debug("worker %d (pid %d) ready in %.3fs", worker.id, msg.pid, msg.load_seconds)
                     if self._state is PoolState.STARTING and all(
@@ -816,10 +1034,27 @@ class Manager:
                 finally:
                     self._release()
                 continue
-            self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
-            self._selector.register(worker.sentinel, selectors.EVENT_READ, ("exit", worker))
+            with self._selector_lock:
+                self._selector.register(worker.sentinel, selectors.EVENT_READ, ("exit", worker))
+            with worker.read_lock:
+                self._watch(worker)
             with self._lock:
                 self._workers[worker.id] = worker
+
+    def _dispose(self, worker: WorkerHandle) -> None:
+        """Close a reaped worker's pipe, once no event loop watches it any more."""
+        with worker.read_lock:
+            loops = list(worker.loop_readers)
+        for loop in loops:
+            try:
+                loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
+            except RuntimeError:  # the loop is closed: its selector is gone
+                with worker.read_lock:
+                    worker.loop_readers.discard(loop)
+        with worker.read_lock:
+            if worker.loop_readers:
+                return  # the last loop to drop its reader closes it
+        worker.close()
 
     def _close_resources(self) -> None:
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
@@ -831,19 +1066,42 @@ class Manager:
             self.finished.set_result(None)
 
 
-def _pick_worker(workers: list[WorkerHandle], estimate: float | None, size: int) -> WorkerHandle | None:
-    """An idle worker, else (for a short, small job) the least loaded one with room."""
+def _pick_worker(
+    workers: list[WorkerHandle], loop: asyncio.AbstractEventLoop | None, estimate: float | None, size: int
+) -> WorkerHandle | None:
+    """An idle worker, else (for a short, small job) the least loaded one with room.
+
+    A worker lent to an event loop takes only that loop's jobs while it holds
+    any; an idle one can be taken back by anyone.
+    """
+    spare = None  # an idle worker lent to another reader: taken back if nothing better
     for worker in workers:
         if not worker.inflight:
-            return worker
+            if worker.borrower is loop:
+                return worker
+            if worker.borrower is None:
+                if loop is None:
+                    return worker
+                spare = worker if spare is None or spare.borrower is not None else spare
+            elif spare is None:
+                spare = worker
+    if spare is not None:
+        return spare
     if estimate is None or estimate >= PIPELINE_BUDGET or size > PIPELINE_MAX_BYTES:
         return None
     best = None
     for worker in workers:
-        if len(worker.inflight) < MAX_INFLIGHT and worker.backlog + estimate <= PIPELINE_BUDGET:
-            if best is None or worker.backlog < best.backlog:
-                best = worker
+        if (
+            (worker.borrower is None or worker.borrower is loop)
+            and len(worker.inflight) < MAX_INFLIGHT
+            and worker.backlog + estimate <= PIPELINE_BUDGET
+            and (best is None or worker.backlog < best.backlog)
+        ):
+            best = worker
     return best
+
+
+_running_loop = asyncio.events._get_running_loop
 
 
 def _decoded(outcome: tuple[Job, bool, Any]) -> tuple[Job, bool, Any]:

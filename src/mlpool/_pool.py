@@ -293,7 +293,11 @@ class MLPool:
 
     def score(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(model, *args, **kwargs)`` in a worker and return its result (blocks)."""
-        return self.submit(model_name, fn, *args, **kwargs).result()
+        job = self._make_job(fn, model_name, args, kwargs, None, None)
+        if not self._manager.run_lent(job):  # no idle worker: through the queue
+            self._admit(job, wait=True)
+        assert job.future is not None
+        return job.future.result()
 
     async def score_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(model, *args, **kwargs)`` in a worker; the event loop stays free.

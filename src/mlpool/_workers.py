@@ -1,7 +1,9 @@
 """Worker processes as the parent sees them: spawn, state, the jobs each holds, death.
 
 A :class:`WorkerHandle` is owned by the manager (see ``_manager``): its
-state and ``inflight`` jobs change only under the manager's lock.
+state and ``inflight`` jobs change only under the manager's lock. Who reads
+its pipe (``borrower``) and the pipe's buffer change only under its own
+``read_lock``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
+import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -42,7 +46,7 @@ class WorkerHandle:
     __slots__ = (
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason",
-        "load_failure", "eof",
+        "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "loop_readers", "closed",
     )  # fmt: skip
 
     def __init__(self, process: Any, conn: Any) -> None:
@@ -62,6 +66,17 @@ class WorkerHandle:
         self.kill_reason: str | None = None
         self.load_failure: Any = None  # the LoadFailed message, if it sent one
         self.eof = False
+        # Reads use recv(MSG_DONTWAIT) on a second handle of the same socket,
+        # so a reader woken for data another reader took never blocks, while
+        # writes on ``fd`` stay blocking.
+        self.sock = socket.socket(fileno=os.dup(self.fd))
+        self.read_lock = threading.Lock()
+        # Who reads the pipe: None (the manager thread), a caller thread's
+        # token, or an event loop (see Manager: "loans").
+        self.borrower: Any = None
+        self.registered = False  # in the manager's selector
+        self.loop_readers: set[Any] = set()  # loops with an add_reader on fd
+        self.closed = False
 
     def __repr__(self) -> str:
         return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
@@ -96,6 +111,11 @@ class WorkerHandle:
         return self.process.exitcode
 
     def close(self) -> None:
+        """Close the pipe and release the process (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()
         self.conn.close()
         try:
             self.process.close()
