@@ -144,3 +144,40 @@ class CountingFunction:
     def __reduce__(self):
         CountingFunction.pickled += 1
         return (CountingFunction, ())
+
+
+def crash_first_time(model: dict, marker: str) -> str:
+    """Crash the worker on the first attempt (no marker yet), succeed after."""
+    path = Path(marker)
+    if not path.exists():
+        path.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "second try"
+
+
+def count_attempt_then(model: dict, log: str, action: str):
+    """Append a line to ``log``, then do ``action``: crash, raise, spin or return."""
+    with open(log, "a") as f:
+        f.write("attempt\n")
+    if action == "crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "raise":
+        raise RuntimeError("user error")
+    if action == "spin":
+        spin(model, 600.0)
+    return "ok"
+
+
+def load_unless_flagged(flag: str, how: str = "raise") -> dict:
+    """Load normally until ``flag`` exists; then raise, or die during loading."""
+    if Path(flag).exists():
+        if how == "raise":
+            raise RuntimeError("model storage is gone")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return load_constant()
+
+
+def hold_memory(model: dict, megabytes: int) -> int:
+    """Grow the worker's resident memory and keep it (on the model)."""
+    model.setdefault("ballast", []).append(bytearray(os.urandom(16)) * (megabytes * 2**16))
+    return os.getpid()

@@ -66,7 +66,7 @@ from mlpool._errors import (
     WorkerCrashedError,
 )
 from mlpool._jobs import CANCELLED, Job, JobState, settle
-from mlpool._protocol import Done, Exiting, Failed, LoadFailed, Ready, Stop, encode, encode_run, write_all
+from mlpool._protocol import Done, Exiting, Failed, LoadFailed, OverMemory, Ready, Stop, encode, encode_run, write_all
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
 
@@ -114,7 +114,9 @@ class PoolStats:
     jobs_timed_out: int
     jobs_cancelled: int
     jobs_retried: int
-    worker_restarts: int
+    worker_restarts: int  # replacements after a crash, a timeout or an interrupt
+    workers_recycled: int  # graceful replacements (max_jobs_per_worker, max_memory_per_worker)
+    results_unfetched: int  # finished job-id results waiting for get_result
 
 
 class Manager:
@@ -147,7 +149,7 @@ class Manager:
         self._stop_deadline: float | None = None
         self._escalated = 0  # 1: workers terminated, 2: killed
         self._counts = dict.fromkeys(
-            ("completed", "failed", "crashed", "timed_out", "cancelled", "retried", "restarts"), 0
+            ("completed", "failed", "crashed", "timed_out", "cancelled", "retried", "restarts", "recycled"), 0
         )
         # --- manager thread only ---
         self._selector = selectors.DefaultSelector()
@@ -319,6 +321,8 @@ class Manager:
                 jobs_cancelled=self._counts["cancelled"],
                 jobs_retried=self._counts["retried"],
                 worker_restarts=self._counts["restarts"],
+                workers_recycled=self._counts["recycled"],
+                results_unfetched=len(self._expiring),
             )
 
     # ------------------------------------------------------------ lock helpers
@@ -378,7 +382,12 @@ class Manager:
         pending = self._pending
         if not pending:
             return
-        workers = [w for w in self._workers.values() if w.state is WorkerState.IDLE]
+        limit = self.config.max_jobs_per_worker
+        workers = [
+            w
+            for w in self._workers.values()
+            if w.state is WorkerState.IDLE and (limit is None or w.jobs_done + len(w.inflight) < limit)
+        ]
         if not workers:
             return
         here = _running_loop()
@@ -395,6 +404,8 @@ class Manager:
                 if self._reclaim_stopped_loans():
                     continue
                 break
+            if limit is not None and worker.jobs_done + len(worker.inflight) + 1 >= limit:
+                workers.remove(worker)  # its last job before it is recycled
             if worker.borrower is not job.loop:
                 if worker.borrower is not None:  # an idle loan to another reader: take it back
                     self._take_back(worker, here)
@@ -793,6 +804,8 @@ class Manager:
                         self._set_started(None)
             case LoadFailed():
                 worker.load_failure = msg
+            case OverMemory(rss):
+                self._retire(worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker")
             case Exiting():
                 pass
 
@@ -816,8 +829,8 @@ class Manager:
         if self._state is PoolState.STARTING:
             self._fail_start(worker, how)
             return
-        if was is WorkerState.STOPPING or self._state is PoolState.BROKEN:
-            return
+        if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self._state is PoolState.BROKEN:
+            return  # a retiring worker's replacement is already on its way
         if self._state is PoolState.CLOSING and not self._queued:
             return
         if unexplained:
@@ -928,11 +941,23 @@ class Manager:
 
     def _maybe_retire(self, worker: WorkerHandle) -> None:
         limit = self.config.max_jobs_per_worker
-        if limit is not None and worker.state is WorkerState.IDLE and worker.jobs_done >= limit:
-            logger.debug("worker %d did %d jobs; recycling it", worker.id, worker.jobs_done)
-            worker.state = WorkerState.RETIRING
+        if limit is not None and worker.jobs_done >= limit:
+            self._retire(worker, f"it ran max_jobs_per_worker={limit} jobs")
+        elif worker.state is WorkerState.RETIRING and not worker.inflight:
+            self._stop_worker(worker)
+
+    def _retire(self, worker: WorkerHandle, reason: str) -> None:
+        """Replace ``worker`` gracefully: a replacement starts now; the worker
+        takes no more jobs and is stopped once it has answered those it holds."""
+        if worker.state is not WorkerState.IDLE:
+            return
+        logger.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
+        worker.state = WorkerState.RETIRING
+        self._counts["recycled"] += 1
+        if self._state is PoolState.RUNNING:
             heapq.heappush(self._spawn_at, time.monotonic())
-        if worker.state is WorkerState.RETIRING and not worker.inflight:
+            self._need_wake = True
+        if not worker.inflight:
             self._stop_worker(worker)
 
     def _stop_worker(self, worker: WorkerHandle) -> None:
@@ -1020,7 +1045,9 @@ class Manager:
             if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
                 continue
             try:
-                worker = spawn_worker(self._context, self._loaders_pickle, self.config.threads_per_worker)
+                worker = spawn_worker(
+                    self._context, self._loaders_pickle, self.config.threads_per_worker, self.config.max_memory_per_worker
+                )
             except Exception as exc:  # out of processes, memory or file descriptors
                 logger.exception("could not start a worker process")
                 self._lock.acquire()

@@ -40,6 +40,10 @@ class MLPool:
         max_retries: default number of times a job whose worker crashed is
             run again (user exceptions and timeouts are never retried).
         max_jobs_per_worker: replace a worker after this many jobs (None: never).
+        max_memory_per_worker: replace a worker whose resident memory, checked
+            after each job, passes this many bytes (None: never). Recycling is
+            graceful: the replacement starts at once, the old worker finishes
+            the jobs it holds, then stops; no job is lost.
         threads_per_worker: cap on BLAS/OpenMP/PyTorch threads in each worker.
             None: usable cores // nb_workers, at least 1.
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
@@ -67,6 +71,7 @@ class MLPool:
         job_timeout: float | None = None,
         max_retries: int = 0,
         max_jobs_per_worker: int | None = None,
+        max_memory_per_worker: int | None = None,
         threads_per_worker: int | None = None,
         start_method: str | None = None,
         start_timeout: float = 600.0,
@@ -80,7 +85,7 @@ class MLPool:
             job_timeout=job_timeout,
             max_retries=max_retries,
             max_jobs_per_worker=max_jobs_per_worker,
-            max_memory_per_worker=None,
+            max_memory_per_worker=max_memory_per_worker,
             start_method=start_method,
             start_timeout=start_timeout,
         )

@@ -6,7 +6,7 @@ Each worker has one duplex pipe. Every message is one frame::
 
 Parent -> worker (``ToWorker``): ``Run`` (one job), ``Stop``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
-``Failed``, ``Exiting``.
+``Failed``, ``OverMemory``, ``Exiting``.
 
 The hot messages (``Run``, ``Done``, ``Failed``) are packed with :mod:`struct`
 around opaque pickled payloads: pickling a dataclass costs about 10 µs a round
@@ -29,7 +29,8 @@ _DONE = struct.Struct("<Qd")  # job id, seconds the call took
 _FAILED = struct.Struct("<QdI")  # job id, seconds, length of the pickled exception
 
 _RUN_KIND, _STOP_KIND = 1, 2
-_READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND = 10, 11, 12, 13, 14
+_READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
+_OVER_MEMORY = struct.Struct("<Q")  # resident bytes
 
 MAX_FRAME = 2**32 - 1
 
@@ -89,12 +90,19 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True)
+class OverMemory:
+    """After a job, the worker's resident memory passed max_memory_per_worker."""
+
+    rss: int
+
+
+@dataclass(frozen=True, slots=True)
 class Exiting:
     """The worker obeys ``Stop`` and is about to exit."""
 
 
 ToWorker = Run | Stop
-FromWorker = Ready | LoadFailed | Done | Failed | Exiting
+FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting
 
 
 def _frame(kind: int, *parts: bytes) -> bytes:
@@ -117,6 +125,8 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
             return _frame(_STOP_KIND)
         case Exiting():
             return _frame(_EXITING_KIND)
+        case OverMemory(rss):
+            return _frame(_OVER_MEMORY_KIND, _OVER_MEMORY.pack(rss))
         case Ready():
             return _frame(_READY_KIND, pickle.dumps(msg))
         case LoadFailed():
@@ -149,6 +159,8 @@ def decode(kind: int, body: bytes) -> ToWorker | FromWorker:
         return Stop()
     if kind == _EXITING_KIND:
         return Exiting()
+    if kind == _OVER_MEMORY_KIND:
+        return OverMemory(*_OVER_MEMORY.unpack(body))
     if kind in (_READY_KIND, _LOAD_FAILED_KIND):
         return pickle.loads(body)
     raise ValueError(f"unknown message kind {kind}")

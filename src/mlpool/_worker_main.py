@@ -6,6 +6,7 @@
                                            (a loader fails ─► LoadFailed, exit)
     ┌──────────────────────────────────────────────────────────────────────┘
     └► read frames ─► Run: call fn(model, *args, **kwargs) ─► Done | Failed ─┐
+         ▲                                     (over max_memory_per_worker: OverMemory)
          ▲                                                                    │
          └────────────────────────────────────────────────────────────────────┘
        Stop ─► Exiting, exit          end of file (parent gone) ─► exit
@@ -27,7 +28,19 @@ import traceback
 from typing import Any, Callable
 
 from mlpool._errors import SerializationError, UnknownModelError
-from mlpool._protocol import Done, Exiting, Failed, FrameReader, LoadFailed, Ready, Run, Stop, encode, write_all
+from mlpool._protocol import (
+    Done,
+    Exiting,
+    Failed,
+    FrameReader,
+    LoadFailed,
+    OverMemory,
+    Ready,
+    Run,
+    Stop,
+    encode,
+    write_all,
+)
 from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps, loads, pack_exception
 
 # Read by OpenMP, OpenBLAS, MKL, Accelerate, NumExpr and BLIS when they load.
@@ -41,11 +54,14 @@ THREAD_ENV_VARS = (
 )
 
 
-def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, threads: int, parent_pid: int) -> None:
+def worker_main(
+    conn: Any, worker_id: int, loaders_pickle: bytes, threads: int, parent_pid: int, memory_limit: int | None
+) -> None:
     """Entry point of a worker process (runs in the child).
 
     ``conn`` is the child's end of the duplex pipe (kept referenced so its fd
-    stays open); ``loaders_pickle`` is the cloudpickled ``{name: loader}``.
+    stays open); ``loaders_pickle`` is the cloudpickled ``{name: loader}``;
+    ``memory_limit`` is max_memory_per_worker in bytes (None: no check).
     """
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # when workers stop.
@@ -57,7 +73,7 @@ def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, threads: int, 
     if models is None:
         return
     _cap_threads_after_loading(threads)
-    _serve(fd, models)
+    _serve(fd, models, memory_limit)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -119,9 +135,11 @@ def _load_models(fd: int, loaders_pickle: bytes) -> dict[str, Any] | None:
     return models
 
 
-def _serve(fd: int, models: dict[str, Any]) -> None:
+def _serve(fd: int, models: dict[str, Any], memory_limit: int | None) -> None:
     reader = FrameReader()
     functions: dict[int, Callable] = {}
+    resident = _resident_bytes_reader() if memory_limit is not None else None
+    over_memory = False
     while True:
         try:
             if not reader.read_from(fd):
@@ -133,6 +151,11 @@ def _serve(fd: int, models: dict[str, Any]) -> None:
                 case Run():
                     reply = _run(msg, models, functions)
                     del msg
+                    if resident is not None and not over_memory:
+                        rss = resident()
+                        if rss > memory_limit:  # the parent replaces us once our jobs are done
+                            over_memory = True
+                            reply += encode(OverMemory(rss))
                     write_all(fd, reply)
                 case Stop():
                     write_all(fd, encode(Exiting()))
@@ -161,6 +184,24 @@ def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable]) -> by
         seconds = time.perf_counter() - started
         error, tb = pack_exception(exc)
         return encode(Failed(msg.job_id, seconds, error, tb))
+
+
+def _resident_bytes_reader() -> Callable[[], int]:
+    """A cheap reader of this process's resident memory (Linux: /proc/self/statm)."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    try:
+        statm = open("/proc/self/statm", "rb", buffering=0)
+    except OSError:
+        import psutil
+
+        process = psutil.Process()
+        return lambda: process.memory_info().rss
+
+    def from_statm() -> int:
+        statm.seek(0)
+        return int(statm.read().split()[1]) * page
+
+    return from_statm
 
 
 def _load_function(data: bytes) -> Callable:

@@ -123,13 +123,15 @@ class WorkerHandle:
             logger.warning("worker %d (pid %d) could not be reaped", self.id, self.pid)
 
 
-def spawn_worker(context: multiprocessing.context.BaseContext, loaders_pickle: bytes, threads: int) -> WorkerHandle:
+def spawn_worker(
+    context: multiprocessing.context.BaseContext, loaders_pickle: bytes, threads: int, memory_limit: int | None
+) -> WorkerHandle:
     """Start one worker process. Call from the manager thread (see ``_die_with_parent``)."""
     worker_id = next(_worker_ids)
     parent_conn, child_conn = context.Pipe(duplex=True)
     process = context.Process(
         target=worker_main,
-        args=(child_conn, worker_id, loaders_pickle, threads, os.getpid()),
+        args=(child_conn, worker_id, loaders_pickle, threads, os.getpid(), memory_limit),
         name=f"mlpool-worker-{worker_id}",
         daemon=False,
     )

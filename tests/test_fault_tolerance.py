@@ -1,0 +1,144 @@
+"""Retries, crash loops, recycling and resource bounds, with real faults."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import psutil
+import pytest
+import workloads
+from workloads import add, count_attempt_then, load_constant
+
+from mlpool import JobTimeoutError, MLPool, PoolBrokenError, WorkerCrashedError
+
+pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+
+
+def attempts(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_crashed_job_is_retried_and_succeeds(tmp_path):
+    with MLPool({"m": load_constant}, nb_workers=2, max_retries=1) as pool:
+        job_id = pool.create_job(workloads.crash_first_time, "m", args=(str(tmp_path / "marker"),))
+        assert pool.get_result(job_id, timeout=60) == "second try"
+        stats = pool.stats()
+        assert stats.jobs_retried == 1 and stats.jobs_crashed == 0 and stats.worker_restarts == 1
+
+
+def test_poison_pill_fails_after_its_retries_and_the_pool_lives_on(tmp_path):
+    log = tmp_path / "log"
+    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+        job_id = pool.create_job(count_attempt_then, "m", args=(str(log), "crash"), max_retries=2)
+        with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+            pool.get_result(job_id, timeout=60)
+        assert attempts(log) == 3
+        assert pool.healthy
+        assert [pool.score("m", add, i) for i in range(10)] == [10 + i for i in range(10)]
+
+
+def test_user_exceptions_and_timeouts_are_never_retried(tmp_path):
+    raised, timed_out = tmp_path / "raised", tmp_path / "timed_out"
+    with MLPool({"m": load_constant}, nb_workers=1, max_retries=3) as pool:
+        with pytest.raises(RuntimeError, match="user error"):
+            pool.score("m", count_attempt_then, str(raised), "raise")
+        job_id = pool.create_job(count_attempt_then, "m", args=(str(timed_out), "spin"), timeout=0.3)
+        with pytest.raises(JobTimeoutError):
+            pool.get_result(job_id, timeout=60)
+        assert pool.score("m", add, 1) == 11
+    assert attempts(raised) == 1
+    assert attempts(timed_out) == 1
+
+
+def test_per_job_override_of_max_retries(tmp_path):
+    log = tmp_path / "log"
+    with MLPool({"m": load_constant}, nb_workers=1, max_retries=5) as pool:
+        job_id = pool.create_job(count_attempt_then, "m", args=(str(log), "crash"), max_retries=0)
+        with pytest.raises(WorkerCrashedError):
+            pool.get_result(job_id, timeout=60)
+    assert attempts(log) == 1
+
+
+@pytest.mark.parametrize("how", ["raise", "die"])
+def test_replacements_that_keep_failing_break_the_pool(tmp_path, fifo, how):
+    flag = tmp_path / "flag"
+    pool = MLPool({"m": partial(workloads.load_unless_flagged, str(flag), how)}, nb_workers=1)
+    try:
+        gate = fifo()
+        running = pool.submit("m", workloads.wait_for_release, str(gate))
+        gate.wait_running()
+        flag.touch()
+        queued = pool.submit("m", add, 1)
+        os.kill(gate.pid, 9)
+        with pytest.raises(WorkerCrashedError):
+            running.result(timeout=60)
+        # Every replacement fails to start; after a bounded number of tries
+        # with back-off, the pool gives up and fails what it holds.
+        with pytest.raises(PoolBrokenError, match="storage is gone" if how == "raise" else "died 5 times"):
+            queued.result(timeout=60)
+        assert not pool.healthy
+        with pytest.raises(PoolBrokenError, match="broken"):
+            pool.create_job(add, "m", args=(1,))
+        assert pool.stats().state == "broken"
+    finally:
+        pool.shutdown()
+
+
+def test_recycling_after_max_jobs_loses_nothing():
+    with MLPool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=3) as pool:
+        futures = [pool.submit("m", workloads.pid) for _ in range(30)]
+        pids = [f.result(timeout=60) for f in futures]
+        assert len(set(pids)) >= 10  # at most 3 jobs per worker process
+        assert max(pids.count(p) for p in set(pids)) <= 3
+        assert pool.stats().workers_recycled >= 8
+        assert pool.score("m", add, 1) == 11
+
+
+def test_recycling_over_max_memory():
+    limit = 150 * 2**20
+    with MLPool({"m": load_constant}, nb_workers=1, max_memory_per_worker=limit) as pool:
+        first = pool.score("m", workloads.hold_memory, 10)
+        assert pool.score("m", workloads.pid) == first  # well under the limit
+        over = pool.score("m", workloads.hold_memory, 200)  # pushes it past the limit
+        assert over == first
+        assert pool.score("m", workloads.pid) != first
+        assert pool.stats().workers_recycled == 1
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
+def test_two_hundred_restarts_leak_no_fds_or_threads():
+    with MLPool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=1) as pool:
+        pool.score("m", add, 0)
+        fds, threads = _open_fds(), threading.active_count()
+        futures = [pool.submit("m", add, i) for i in range(200)]
+        assert [f.result(timeout=300) for f in futures] == [10 + i for i in range(200)]
+        assert pool.stats().workers_recycled >= 200
+        assert pool.score("m", add, 0) == 10
+        assert _open_fds() <= fds + 2
+        assert threading.active_count() <= threads
+
+
+def test_unfetched_results_are_bounded_by_result_ttl():
+    ttl = 1.0
+    process = psutil.Process()
+    with MLPool({"m": load_constant}, nb_workers=2, result_ttl=ttl) as pool:
+        rss_before = process.memory_info().rss
+        ids = [pool.create_job(add, "m", args=(i,)) for i in range(100_000)]
+        last = ids[-1]
+        del ids
+        assert pool.get_result(last, timeout=120) == 10 + 99_999
+        assert pool.stats().results_unfetched > 0
+        # The behaviour under test is time itself: wait past the TTL.
+        time.sleep(ttl + 0.5)
+        stats = pool.stats()
+        assert stats.results_unfetched == 0 and stats.queue_depth == 0
+        grown = process.memory_info().rss - rss_before
+        assert grown < 80 * 2**20, f"parent memory grew by {grown / 2**20:.0f} MiB"
