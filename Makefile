@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.mlpool-dev-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(DEV_STAMP)
 ## Per-job overhead against the raw pipe and ProcessPoolExecutor.
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/overhead.py
+
+## Sustained load while workers are SIGKILLed at random (20 s).
+chaos: $(DEV_STAMP)
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache examples/models
