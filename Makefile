@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.mlpool-dev-installed
 
-.PHONY: demo test bench chaos clean
+.PHONY: demo test bench bench-batching chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(DEV_STAMP)
 ## Per-job overhead against the raw pipe and ProcessPoolExecutor.
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/overhead.py
+
+## Batched against unbatched scoring of a scikit-learn RandomForest.
+bench-batching: $(DEV_STAMP)
+	$(BIN)/python bench/batching.py
 
 ## Sustained load while workers are SIGKILLed at random (20 s).
 chaos: $(DEV_STAMP)

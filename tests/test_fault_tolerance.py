@@ -115,15 +115,23 @@ def _open_fds() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
 def test_two_hundred_restarts_leak_no_fds_or_threads():
+    # The first spawn in a process starts multiprocessing's resource tracker
+    # and keeps a pipe to it for good: not ours to count.
+    MLPool({"m": load_constant}, nb_workers=1).shutdown()
+    fds_before, threads_before = _open_fds(), threading.active_count()
     with MLPool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=1) as pool:
-        pool.score("m", add, 0)
-        fds, threads = _open_fds(), threading.active_count()
-        futures = [pool.submit("m", add, i) for i in range(200)]
-        assert [f.result(timeout=300) for f in futures] == [10 + i for i in range(200)]
-        assert pool.stats().workers_recycled >= 200
+        # Every job recycles its worker. Workers come and go, so compare like
+        # moments: right after a job, early and late in the run.
+        assert [pool.score("m", add, i) for i in range(20)] == [10 + i for i in range(20)]
+        fds_early = _open_fds()
+        futures = [pool.submit("m", add, i) for i in range(180)]
+        assert [f.result(timeout=300) for f in futures] == [10 + i for i in range(180)]
         assert pool.score("m", add, 0) == 10
-        assert _open_fds() <= fds + 2
-        assert threading.active_count() <= threads
+        assert pool.stats().workers_recycled >= 200
+        fds_late = _open_fds()
+        assert fds_late - fds_early < 15, "a restart leaks file descriptors"  # 3 per worker in flux
+    assert _open_fds() == fds_before
+    assert threading.active_count() == threads_before
 
 
 def test_unfetched_results_are_bounded_by_result_ttl():

@@ -181,3 +181,45 @@ def hold_memory(model: dict, megabytes: int) -> int:
     """Grow the worker's resident memory and keep it (on the model)."""
     model.setdefault("ballast", []).append(bytearray(os.urandom(16)) * (megabytes * 2**16))
     return os.getpid()
+
+
+import mlpool  # noqa: E402
+
+
+@mlpool.batched(max_batch_size=8, max_wait_ms=5.0)
+def double_all(model: dict, items: list) -> list:
+    """Each item doubled, with the size of the batch it came in."""
+    return [(item * 2, len(items)) for item in items]
+
+
+@mlpool.batched(max_batch_size=16, max_wait_ms=2000.0)
+def slow_to_fill(model: dict, items: list) -> list:
+    return [(item, len(items)) for item in items]
+
+
+@mlpool.batched
+def batch_raises(model: dict, items: list) -> list:
+    raise ValueError(f"bad batch of {len(items)}")
+
+
+@mlpool.batched
+def batch_wrong_length(model: dict, items: list) -> list:
+    return items[:-1]
+
+
+@mlpool.batched(max_batch_size=4)
+def batch_echo(model: dict, items: list) -> list:
+    return [(item, len(items)) for item in items]
+
+
+@mlpool.batched(max_batch_size=4)
+def batch_crash_on(model: dict, items: list) -> list:
+    if "crash" in items:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [(item, len(items)) for item in items]
+
+
+@mlpool.batched(max_batch_size=4)
+def batch_spin(model: dict, items: list) -> list:
+    spin(model, 600.0)
+    return items

@@ -5,6 +5,7 @@ its arguments) and get results back through job ids, futures or coroutines.
 See :class:`MLPool`.
 """
 
+from mlpool._batching import batched
 from mlpool._errors import (
     JobTimeoutError,
     MLPoolError,
@@ -42,6 +43,7 @@ __all__ = [
     "UnknownJobError",
     "UnknownModelError",
     "WorkerCrashedError",
+    "batched",
     "usable_cpu_count",
 ]
 

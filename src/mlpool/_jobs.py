@@ -22,6 +22,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mlpool._batching import BatchPolicy
     from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Job:
     __slots__ = (
         "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
         "deadline", "retries_left", "state", "worker", "future_running", "estimate",
-        "submitted_at", "fn_name",
+        "submitted_at", "fn_name", "batch_policy", "batch_id",
     )  # fmt: skip
 
     def __init__(
@@ -54,6 +55,7 @@ class Job:
         deadline: float | None,
         retries: int,
         loop: asyncio.AbstractEventLoop | None = None,
+        batch_policy: BatchPolicy | None = None,
     ) -> None:
         self.id = job_id
         self.key: str | None = None  # the string id of the job-id API
@@ -69,6 +71,8 @@ class Job:
         self.future_running = False
         self.estimate = 0.0
         self.submitted_at = time.monotonic()
+        self.batch_policy = batch_policy  # set for a batched function's job
+        self.batch_id: int | None = None  # while running: the id shared by its batch
         self.loop = loop
         if loop is None:
             self.future: Future | None = Future()

@@ -53,6 +53,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from mlpool._batching import BatchQueue, batch_policy
 from mlpool._config import PoolConfig
 from mlpool._errors import (
     JobTimeoutError,
@@ -66,7 +67,19 @@ from mlpool._errors import (
     WorkerCrashedError,
 )
 from mlpool._jobs import CANCELLED, Job, JobState, settle
-from mlpool._protocol import Done, Exiting, Failed, LoadFailed, OverMemory, Ready, Stop, encode, encode_run, write_all
+from mlpool._protocol import (
+    Done,
+    Exiting,
+    Failed,
+    LoadFailed,
+    OverMemory,
+    Ready,
+    Stop,
+    encode,
+    encode_run,
+    encode_run_batch,
+    write_all,
+)
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
 
@@ -133,7 +146,9 @@ class Manager:
         self._lock = threading.Lock()
         # --- under the lock ---
         self._state = PoolState.STARTING
-        self._pending: deque[Job] = deque()
+        self._pending: deque[Job | BatchQueue] = deque()
+        self._batch_queues: dict[tuple[str, int], BatchQueue] = {}
+        self._hold_until: float | None = None  # a batch waits for more items until then
         self._queued = 0  # jobs in _pending still QUEUED (cancelled ones are skipped lazily)
         self._workers: dict[int, WorkerHandle] = {}
         self._deadlines: list[tuple[float, int, Job]] = []
@@ -204,11 +219,20 @@ class Manager:
             retries = self.config.max_retries
         elif isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {retries!r}")
-        fn_id, fn_pickle = self._functions.lookup(fn)
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        policy = batch_policy(fn)
+        if policy is not None and (len(args) != 1 or kwargs):
+            raise TypeError(
+                f"{name} is batched: each job takes exactly one item (one positional argument, no keyword "
+                f"arguments), got {len(args)} positional and {len(kwargs)} keyword arguments"
+            )
+        fn_id, fn_pickle = self._functions.lookup(fn)
         payload = dumps((args, kwargs), f"the arguments of {name}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        return Job(next(self._job_ids), model, fn_id, fn_pickle, payload, name, deadline=deadline, retries=retries, loop=loop)
+        return Job(
+            next(self._job_ids), model, fn_id, fn_pickle, payload, name,
+            deadline=deadline, retries=retries, loop=loop, batch_policy=policy,
+        )  # fmt: skip
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
         """Accept ``job``: None, or a future that resolves when the full queue
@@ -230,13 +254,49 @@ class Manager:
             if register:
                 job.key = uuid.uuid4().hex
                 self._registry[job.key] = job
-            self._pending.append(job)
+            self._queue(job)
             self._queued += 1
             self._watch_deadline(job)
             self._dispatch()
             return None
         finally:
             self._release()
+
+    def _queue(self, job: Job, *, front: bool = False) -> None:
+        """Put a job in the queue (a batched one in its batch, which holds one place)."""
+        if job.batch_policy is None:
+            if front:
+                self._pending.appendleft(job)
+            else:
+                self._pending.append(job)
+            return
+        key = (job.model, job.fn_id)
+        batch = self._batch_queues.get(key)
+        if batch is None:
+            batch = self._batch_queues[key] = BatchQueue(job.batch_policy)
+        if front:
+            batch.jobs.appendleft(job)
+        else:
+            batch.jobs.append(job)
+        if not batch.in_queue:
+            batch.in_queue = True
+            if front:
+                self._pending.appendleft(batch)
+            else:
+                self._pending.append(batch)
+
+    def _queued_jobs(self):
+        """Every job waiting in the queue, emptying it (under the lock)."""
+        while self._pending:
+            entry = self._pending.popleft()
+            if type(entry) is BatchQueue:
+                entry.in_queue = False
+                while entry.jobs:
+                    yield entry.jobs.popleft()
+            else:
+                yield entry
+        self._batch_queues.clear()
+        self._queued = 0
 
     def _watch_deadline(self, job: Job) -> None:
         if job.deadline is not None:
@@ -262,7 +322,7 @@ class Manager:
                 self._counts["cancelled"] += 1
                 worker = job.worker
                 assert worker is not None
-                if interrupt and worker.inflight and worker.inflight[0] is job:
+                if interrupt and job in _running_unit(worker.inflight):
                     worker.kill(f"job {job.id} was cancelled with interrupt=True")
                 return True
             return False
@@ -391,65 +451,120 @@ class Manager:
         if not workers:
             return
         here = _running_loop()
-        frames: dict[WorkerHandle, list[bytes]] = {}
+        frames: dict[WorkerHandle, list[tuple[bytes, int]]] = {}
         estimates = self._estimates
+        held: list[BatchQueue] = []
+        others_busy: bool | None = None
+        self._hold_until = None
         while pending:
-            job = pending[0]
-            if job.state is not JobState.QUEUED:
-                pending.popleft()
-                continue
-            estimate = estimates.get(job.fn_id)
-            worker = _pick_worker(workers, job.loop, estimate, len(job.payload))
+            entry = pending[0]
+            if type(entry) is BatchQueue:
+                while entry.jobs and entry.jobs[0].state is not JobState.QUEUED:
+                    entry.jobs.popleft()
+                if not entry.jobs:
+                    pending.popleft()
+                    entry.in_queue = False
+                    continue
+                head, estimate, size = entry.jobs[0], None, 0  # a batch goes only to a worker holding nothing
+            else:
+                head = entry
+                if head.state is not JobState.QUEUED:
+                    pending.popleft()
+                    continue
+                estimate, size = estimates.get(head.fn_id), len(head.payload)
+            worker = _pick_worker(workers, head.loop, estimate, size)
             if worker is None:
                 if self._reclaim_stopped_loans():
                     continue
                 break
-            if limit is not None and worker.jobs_done + len(worker.inflight) + 1 >= limit:
-                workers.remove(worker)  # its last job before it is recycled
-            if worker.borrower is not job.loop:
-                if worker.borrower is not None:  # an idle loan to another reader: take it back
-                    self._take_back(worker, here)
-                if here is not None and job.loop is here and not worker.inflight:
-                    self._lend_to_loop(worker, here)
+            if type(entry) is BatchQueue:
+                if others_busy is None:
+                    others_busy = any(w.inflight for w in self._workers.values())
+                now = time.monotonic()
+                if entry.policy.should_hold(len(entry.jobs), head.submitted_at, now, others_busy):
+                    held.append(pending.popleft())
+                    until = entry.policy.hold_until(head.submitted_at)
+                    self._hold_until = until if self._hold_until is None else min(self._hold_until, until)
+                    continue
             pending.popleft()
-            self._queued -= 1
-            if not job.mark_running():  # its caller cancelled the future
-                job.state = JobState.FINISHED
-                self._counts["cancelled"] += 1
+            jobs = self._take_batch(entry) if type(entry) is BatchQueue else self._take_job(entry)
+            if not jobs:
                 continue
-            job.state = JobState.RUNNING
-            job.worker = worker
-            job.estimate = estimate if estimate is not None else PIPELINE_BUDGET
-            worker.inflight.append(job)
-            worker.backlog += job.estimate
+            if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
+                workers.remove(worker)  # its last jobs before it is recycled
+            loop = jobs[0].loop if all(job.loop is jobs[0].loop for job in jobs) else None
+            if worker.borrower is not None and (worker.borrower is not loop or loop is None):
+                self._take_back(worker, here)  # an idle loan to another reader
+            if worker.borrower is None and loop is not None and loop is here and not worker.inflight:
+                self._lend_to_loop(worker, here)
+            for job in jobs:
+                job.state = JobState.RUNNING
+                job.worker = worker
+                job.estimate = estimate if estimate is not None else PIPELINE_BUDGET
+                worker.inflight.append(job)
+                worker.backlog += job.estimate
             if not worker.registered and worker.borrower is None:
                 with worker.read_lock:
                     self._watch(worker)
-            frames.setdefault(worker, []).append(self._run_frame(worker, job))
+            frames.setdefault(worker, []).append((self._run_frame(worker, jobs), len(jobs)))
+        if held:
+            pending.extendleft(reversed(held))
+            if self._wake_at is None or (self._hold_until is not None and self._hold_until < self._wake_at):
+                self._need_wake = True
         for worker, batch in frames.items():
             self._send(worker, batch)
 
-    def _run_frame(self, worker: WorkerHandle, job: Job) -> bytes:
+    def _take_job(self, job: Job) -> list[Job]:
+        self._queued -= 1
+        if not job.mark_running():  # its caller cancelled the future
+            job.state = JobState.FINISHED
+            self._counts["cancelled"] += 1
+            return []
+        return [job]
+
+    def _take_batch(self, batch: BatchQueue) -> list[Job]:
+        """Up to max_batch_size live jobs from ``batch``; it keeps its place
+        at the back of the queue if jobs remain."""
+        jobs: list[Job] = []
+        while batch.jobs and len(jobs) < batch.policy.max_batch_size:
+            job = batch.jobs.popleft()
+            if job.state is JobState.QUEUED:
+                jobs += self._take_job(job)
+        if batch.jobs:
+            self._pending.append(batch)
+        else:
+            batch.in_queue = False
+        for job in jobs:
+            job.batch_id = jobs[0].id
+        return jobs
+
+    def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> bytes:
+        """One Run (or RunBatch) frame for ``jobs``, all of one function."""
+        first = jobs[0]
         fn = b""
         known = worker.known_functions
-        if job.fn_id not in known:
+        if first.fn_id not in known:
             if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
                 known.clear()
-            known.add(job.fn_id)
-            fn = job.fn_pickle
-        return encode_run(job.id, job.fn_id, job.model, fn, job.payload)
+            known.add(first.fn_id)
+            fn = first.fn_pickle
+        if first.batch_policy is None:
+            return encode_run(first.id, first.fn_id, first.model, fn, first.payload)
+        ids = tuple(job.id for job in jobs)
+        return encode_run_batch(ids, first.fn_id, first.model, fn, tuple(job.payload for job in jobs))
 
-    def _send(self, worker: WorkerHandle, frames: list[bytes]) -> None:
+    def _send(self, worker: WorkerHandle, frames: list[tuple[bytes, int]]) -> None:
+        """Write frames (each with how many jobs it carries) to ``worker``."""
         try:
-            write_all(worker.fd, frames[0] if len(frames) == 1 else b"".join(frames))
+            write_all(worker.fd, frames[0][0] if len(frames) == 1 else b"".join(frame for frame, _ in frames))
         except OSError as exc:
             # The worker is dead (its sentinel will tell us how). These jobs
             # never reached it: back to the front of the queue.
-            logger.debug("worker %d: pipe closed while sending %d jobs: %s", worker.id, len(frames), exc)
+            unsent = sum(count for _, count in frames)
+            logger.debug("worker %d: pipe closed while sending %d jobs: %s", worker.id, unsent, exc)
             worker.state = WorkerState.KILLED
-            worker.kill_reason = worker.kill_reason or "its pipe closed"
-            unsent = [worker.inflight.pop() for _ in frames]
-            for job in unsent:
+            for _ in range(unsent):
+                job = worker.inflight.pop()
                 worker.backlog -= job.estimate
                 self._requeue(job)
 
@@ -457,7 +572,8 @@ class Manager:
         """Put a job that never started back at the front of the queue."""
         job.state = JobState.QUEUED
         job.worker = None
-        self._pending.appendleft(job)
+        job.batch_id = None
+        self._queue(job, front=True)
         self._queued += 1
 
     # ------------------------------------------------------------------ loans
@@ -478,6 +594,8 @@ class Manager:
         (then enqueue it). True when the job's future is settled, or the
         manager took the pipe back (a crash, a timeout) and will settle it.
         """
+        if job.batch_policy is not None:
+            return False
         token = object()
         self._lock.acquire()
         try:
@@ -500,7 +618,7 @@ class Manager:
             job.estimate = self._estimates.get(job.fn_id, PIPELINE_BUDGET)
             worker.inflight.append(job)
             worker.backlog += job.estimate
-            self._send(worker, [self._run_frame(worker, job)])
+            self._send(worker, [(self._run_frame(worker, [job]), 1)])
             if job.state is not JobState.RUNNING:  # the pipe was closed: requeued
                 self._end_loan(worker, token)
                 return True
@@ -691,6 +809,8 @@ class Manager:
             candidates.append(next(iter(self._expiring.values())))
         if self._spawn_at:
             candidates.append(self._spawn_at[0])
+        if self._hold_until is not None:
+            candidates.append(self._hold_until)
         if self._state is PoolState.STARTING:
             candidates.append(self._start_deadline)
         if self._stop_deadline is not None and self._state is PoolState.CLOSING:
@@ -818,11 +938,13 @@ class Manager:
         intended = worker.kill_reason is not None or was is WorkerState.STOPPING
         jobs = list(worker.inflight)
         worker.inflight.clear()
-        for job in reversed(jobs[1:]):  # never started: it runs jobs in order
+        running = _running_unit(jobs)  # the job (or batch) it was running
+        for job in reversed(jobs[len(running) :]):  # never started: it runs jobs in order
             if job.state is JobState.RUNNING:
                 self._requeue(job)
-        if jobs and jobs[0].state is JobState.RUNNING:
-            self._settle_crashed(worker, jobs[0], how, exitcode)
+        for job in reversed(running):
+            if job.state is JobState.RUNNING:
+                self._settle_crashed(worker, job, how, exitcode, intended)
         # Died holding no job and not by our hand: a failed start (a loader
         # raised) or a death while idle. Only these count toward giving up.
         unexplained = not intended and not jobs
@@ -847,9 +969,16 @@ class Manager:
         self._counts["restarts"] += 1
         heapq.heappush(self._spawn_at, time.monotonic() + delay)
 
-    def _settle_crashed(self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None) -> None:
+    def _settle_crashed(
+        self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None, intended: bool
+    ) -> None:
         if self._state in (PoolState.CLOSING, PoolState.BROKEN) and worker.kill_reason is not None:
             self._finish(job, False, PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished"))
+            return
+        if intended:
+            # We killed the worker for another job of its batch (a timeout,
+            # an interrupt): this one is innocent; run it again.
+            self._requeue(job)
             return
         if job.retries_left > 0 and self._state is not PoolState.BROKEN:
             job.retries_left -= 1
@@ -925,19 +1054,15 @@ class Manager:
         self._spawn_at.clear()
 
     def _fail_queued(self, error: BaseException) -> None:
-        while self._pending:
-            job = self._pending.popleft()
+        for job in self._queued_jobs():
             if job.state is JobState.QUEUED:
                 self._finish(job, False, error)
-        self._queued = 0
 
     def _cancel_queued(self) -> None:
-        while self._pending:
-            job = self._pending.popleft()
+        for job in self._queued_jobs():
             if job.state is JobState.QUEUED:
                 self._finish(job, False, CANCELLED)
                 self._counts["cancelled"] += 1
-        self._queued = 0
 
     def _maybe_retire(self, worker: WorkerHandle) -> None:
         limit = self.config.max_jobs_per_worker
@@ -980,7 +1105,7 @@ class Manager:
                 self._counts["timed_out"] += 1
                 worker = job.worker
                 assert worker is not None
-                running = worker.inflight[0] is job
+                running = job in _running_unit(worker.inflight)
                 if running:
                     message = f"job {job.id} ({job.fn_name}) timed out while running; worker {worker.id} was replaced"
                 else:
@@ -1129,6 +1254,21 @@ def _pick_worker(
 
 
 _running_loop = asyncio.events._get_running_loop
+
+
+def _running_unit(inflight: deque[Job] | list[Job]) -> list[Job]:
+    """The jobs a worker is running now: its first job, with its batch mates."""
+    if not inflight:
+        return []
+    head = inflight[0]
+    if head.batch_id is None:
+        return [head]
+    unit = []
+    for job in inflight:
+        if job.batch_id != head.batch_id:
+            break
+        unit.append(job)
+    return unit
 
 
 def _decoded(outcome: tuple[Job, bool, Any]) -> tuple[Job, bool, Any]:

@@ -4,7 +4,8 @@ Each worker has one duplex pipe. Every message is one frame::
 
     [body length: u32][kind: u8][body]
 
-Parent -> worker (``ToWorker``): ``Run`` (one job), ``Stop``.
+Parent -> worker (``ToWorker``): ``Run`` (one job), ``RunBatch`` (jobs of a
+batched function, one call), ``Stop``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
 ``Failed``, ``OverMemory``, ``Exiting``.
 
@@ -28,7 +29,8 @@ _RUN = struct.Struct("<QIHI")  # job id, function id, model name length, functio
 _DONE = struct.Struct("<Qd")  # job id, seconds the call took
 _FAILED = struct.Struct("<QdI")  # job id, seconds, length of the pickled exception
 
-_RUN_KIND, _STOP_KIND = 1, 2
+_RUN_KIND, _STOP_KIND, _RUN_BATCH_KIND = 1, 2, 3
+_RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length, function pickle length
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
 
@@ -45,6 +47,18 @@ class Run:
     model: str
     fn: bytes
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    """Run a batched function once over the items of several jobs; answer
+    each job with its own Done or Failed, in order."""
+
+    job_ids: tuple[int, ...]
+    fn_id: int
+    model: str
+    fn: bytes
+    payloads: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +115,7 @@ class Exiting:
     """The worker obeys ``Stop`` and is about to exit."""
 
 
-ToWorker = Run | Stop
+ToWorker = Run | RunBatch | Stop
 FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting
 
 
@@ -117,6 +131,8 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
     match msg:
         case Run(job_id, fn_id, model, fn, payload):
             return encode_run(job_id, fn_id, model, fn, payload)
+        case RunBatch(job_ids, fn_id, model, fn, payloads):
+            return encode_run_batch(job_ids, fn_id, model, fn, payloads)
         case Done(job_id, seconds, result):
             return _frame(_DONE_KIND, _DONE.pack(job_id, seconds), result)
         case Failed(job_id, seconds, error, tb):
@@ -140,6 +156,15 @@ def encode_run(job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes) -
     return _frame(_RUN_KIND, _RUN.pack(job_id, fn_id, len(name), len(fn)), name, fn, payload)
 
 
+def encode_run_batch(job_ids: tuple[int, ...], fn_id: int, model: str, fn: bytes, payloads: tuple[bytes, ...]) -> bytes:
+    name = model.encode()
+    count = len(job_ids)
+    head = _RUN_BATCH.pack(count, fn_id, len(name), len(fn))
+    ids = struct.pack(f"<{count}Q", *job_ids)
+    sizes = struct.pack(f"<{count}I", *(len(p) for p in payloads))
+    return _frame(_RUN_BATCH_KIND, head, ids, sizes, name, fn, *payloads)
+
+
 def decode(kind: int, body: bytes) -> ToWorker | FromWorker:
     """The message in one frame's body."""
     if kind == _DONE_KIND:
@@ -155,6 +180,22 @@ def decode(kind: int, body: bytes) -> ToWorker | FromWorker:
         job_id, seconds, err_len = _FAILED.unpack_from(body)
         start = _FAILED.size
         return Failed(job_id, seconds, body[start : start + err_len], body[start + err_len :].decode())
+    if kind == _RUN_BATCH_KIND:
+        count, fn_id, name_len, fn_len = _RUN_BATCH.unpack_from(body)
+        start = _RUN_BATCH.size
+        job_ids = struct.unpack_from(f"<{count}Q", body, start)
+        start += 8 * count
+        sizes = struct.unpack_from(f"<{count}I", body, start)
+        start += 4 * count
+        model = body[start : start + name_len].decode()
+        start += name_len
+        fn = body[start : start + fn_len]
+        start += fn_len
+        payloads = []
+        for size in sizes:
+            payloads.append(body[start : start + size])
+            start += size
+        return RunBatch(job_ids, fn_id, model, fn, tuple(payloads))
     if kind == _STOP_KIND:
         return Stop()
     if kind == _EXITING_KIND:

@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from mlpool._errors import SerializationError, UnknownModelError
+from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
 from mlpool._protocol import (
     Done,
     Exiting,
@@ -37,6 +37,7 @@ from mlpool._protocol import (
     OverMemory,
     Ready,
     Run,
+    RunBatch,
     Stop,
     encode,
     write_all,
@@ -148,8 +149,8 @@ def _serve(fd: int, models: dict[str, Any], memory_limit: int | None) -> None:
             return
         for msg in reader.messages():
             match msg:
-                case Run():
-                    reply = _run(msg, models, functions)
+                case Run() | RunBatch():
+                    reply = _run(msg, models, functions) if type(msg) is Run else _run_batch(msg, models, functions)
                     del msg
                     if resident is not None and not over_memory:
                         rss = resident()
@@ -162,19 +163,23 @@ def _serve(fd: int, models: dict[str, Any], memory_limit: int | None) -> None:
                     return
 
 
-def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable]) -> bytes:
-    """Run one job; the encoded Done or Failed."""
+def _function_and_model(msg: Run | RunBatch, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:
     if msg.fn:
         if len(functions) >= FUNCTION_CACHE_SIZE:  # mirrored by the parent
             functions.clear()
         functions[msg.fn_id] = _load_function(msg.fn)
+    fn = functions[msg.fn_id]
+    try:
+        return fn, models[msg.model]
+    except KeyError:
+        raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker") from None
+
+
+def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable]) -> bytes:
+    """Run one job; the encoded Done or Failed."""
     started = time.perf_counter()
     try:
-        fn = functions[msg.fn_id]
-        try:
-            model = models[msg.model]
-        except KeyError:
-            raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker") from None
+        fn, model = _function_and_model(msg, models, functions)
         args, kwargs = loads(msg.payload, "the job's arguments")
         result = fn(model, *args, **kwargs)
         del args, kwargs
@@ -184,6 +189,34 @@ def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable]) -> by
         seconds = time.perf_counter() - started
         error, tb = pack_exception(exc)
         return encode(Failed(msg.job_id, seconds, error, tb))
+
+
+def _run_batch(msg: RunBatch, models: dict[str, Any], functions: dict[int, Callable]) -> bytes:
+    """Call a batched function once over every job's item; a Done or Failed per job, in order."""
+    started = time.perf_counter()
+    try:
+        fn, model = _function_and_model(msg, models, functions)
+        items = [loads(payload, "a batch item")[0][0] for payload in msg.payloads]
+        results = list(fn(model, items))
+        del items
+        if len(results) != len(msg.job_ids):
+            raise MLPoolError(
+                f"batched function {_name(fn)} returned {len(results)} results for {len(msg.job_ids)} items; "
+                "it must return exactly one result per item, in order"
+            )
+    except BaseException as exc:
+        seconds = time.perf_counter() - started
+        error, tb = pack_exception(exc)
+        return b"".join(encode(Failed(job_id, seconds, error, tb)) for job_id in msg.job_ids)
+    seconds = time.perf_counter() - started
+    replies = []
+    for job_id, result in zip(msg.job_ids, results):
+        try:
+            replies.append(encode(Done(job_id, seconds, dumps(result, f"a result of {_name(fn)}"))))
+        except SerializationError as exc:
+            error, tb = pack_exception(exc)
+            replies.append(encode(Failed(job_id, seconds, error, tb)))
+    return b"".join(replies)
 
 
 def _resident_bytes_reader() -> Callable[[], int]:
