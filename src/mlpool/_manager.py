@@ -395,7 +395,7 @@ class Manager:
             self._outcomes = []
         if waiters:
             self._space_waiters = []
-        wake = self._need_wake and threading.current_thread() is not self._thread
+        wake = self._need_wake and threading.get_ident() != self._thread.ident
         self._need_wake = False
         self._lock.release()
         if wake:
@@ -607,7 +607,8 @@ class Manager:
                     break
             else:
                 return False
-            self._take_back(worker, None)
+            if worker.borrower is not None:
+                self._take_back(worker, None)
             with worker.read_lock:
                 worker.borrower = token
                 self._watch(worker)
