@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.mlpool-dev-installed
 
-.PHONY: demo test bench bench-batching chaos clean
+.PHONY: demo quickstart test bench bench-batching chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-## The main job: the seed's models scored through the pool, compared with in-process scoring.
+## The main job: the demo API under load, scoring in-process and then on mlpool.
 demo: $(DEV_STAMP)
+	$(BIN)/python examples/demo.py
+
+## Every API family on the seed's models, in one script (ten seconds).
+quickstart: $(DEV_STAMP)
 	$(BIN)/python examples/quickstart.py
 
 ## The whole test suite (real worker processes).

@@ -17,8 +17,8 @@ import statistics
 import time
 from functools import partial
 
-import seed_models
-from seed_models import IRIS_EXAMPLE, load_diabetes, load_iris, score_diabetes, score_iris
+from app import models as seed_models
+from app.models import IRIS_EXAMPLE, load_diabetes, load_iris, score_diabetes, score_iris
 
 from mlpool import MLPool
 

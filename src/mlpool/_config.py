@@ -29,6 +29,7 @@ class PoolConfig:
     max_memory_per_worker: int | None
     start_method: str
     start_timeout: float
+    worker_nice: int
 
     @classmethod
     def resolve(
@@ -44,6 +45,7 @@ class PoolConfig:
         max_memory_per_worker: int | None,
         start_method: str | None,
         start_timeout: float,
+        worker_nice: int = 0,
     ) -> PoolConfig:
         cores = usable_cpu_count()
         if nb_workers is None:
@@ -70,6 +72,9 @@ class PoolConfig:
                 "copies the parent's threads and locks into the workers"
             )
         _check_positive("start_timeout", start_timeout)
+        _check_int("worker_nice", worker_nice, minimum=0)
+        if worker_nice > 19:
+            raise ValueError(f"worker_nice must be between 0 and 19, got {worker_nice}")
         return cls(
             nb_workers=nb_workers,
             threads_per_worker=threads_per_worker,
@@ -81,6 +86,7 @@ class PoolConfig:
             max_memory_per_worker=max_memory_per_worker,
             start_method=start_method,
             start_timeout=float(start_timeout),
+            worker_nice=worker_nice,
         )
 
 

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class JobState(enum.Enum):
+    NEW = "new"  # created, not admitted yet (it may wait for room in a full queue)
     QUEUED = "queued"  # in the parent's queue; cancelling it means it never runs
     RUNNING = "running"  # sent to a worker
     FINISHED = "finished"  # outcome decided (result, error, cancelled, timed out)
@@ -66,7 +67,7 @@ class Job:
         self.fn_name = fn_name
         self.deadline = deadline
         self.retries_left = retries
-        self.state = JobState.QUEUED
+        self.state = JobState.NEW
         self.worker: WorkerHandle | None = None
         self.future_running = False
         self.estimate = 0.0

@@ -67,6 +67,7 @@ from mlpool._errors import (
     WorkerCrashedError,
 )
 from mlpool._jobs import CANCELLED, Job, JobState, settle
+from mlpool._metrics import LatencyRecorder
 from mlpool._protocol import (
     Done,
     Exiting,
@@ -81,6 +82,7 @@ from mlpool._protocol import (
     write_all,
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
+from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
 
 logger = logging.getLogger(__name__)
@@ -130,6 +132,21 @@ class PoolStats:
     worker_restarts: int  # replacements after a crash, a timeout or an interrupt
     workers_recycled: int  # graceful replacements (max_jobs_per_worker, max_memory_per_worker)
     results_unfetched: int  # finished job-id results waiting for get_result
+    latency_p50: float | None  # seconds from submission to outcome, over the last 2048 jobs
+    latency_p95: float | None
+    latency_p99: float | None
+    run_seconds_mean: float | None  # mean time in the scoring function, same window
+    latency_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound, count) since start
+    latency_sum: float  # seconds, since start
+    latency_count: int
+
+    @property
+    def estimated_wait(self) -> float:
+        """Seconds a new job would wait for a worker, from the queue depth and
+        recent run times (0 when unknown): an honest ``Retry-After``."""
+        if not self.run_seconds_mean or not self.queue_depth:
+            return 0.0
+        return self.queue_depth * self.run_seconds_mean / max(1, self.workers_alive)
 
 
 class Manager:
@@ -140,6 +157,12 @@ class Manager:
         self.models = frozenset(loaders)
         self._loaders_pickle = dumps(loaders, "models_to_load")
         self._context = multiprocessing.get_context(config.start_method)
+        self._worker_settings = WorkerSettings(
+            parent_pid=os.getpid(),
+            threads=config.threads_per_worker,
+            memory_limit=config.max_memory_per_worker,
+            nice=config.worker_nice,
+        )
         self._functions = FunctionTable()
         self._job_ids = itertools.count(1)
 
@@ -163,6 +186,7 @@ class Manager:
         self._broken_reason = ""
         self._stop_deadline: float | None = None
         self._escalated = 0  # 1: workers terminated, 2: killed
+        self._latency = LatencyRecorder()
         self._counts = dict.fromkeys(
             ("completed", "failed", "crashed", "timed_out", "cancelled", "retried", "restarts", "recycled"), 0
         )
@@ -240,6 +264,8 @@ class Manager:
         PoolFullError. ``register`` gives the job a string id (``job.key``)."""
         self._lock.acquire()
         try:
+            if job.state is not JobState.NEW:  # cancelled while it waited for room
+                return None
             self._check_accepting()
             if self._queued >= self.config.max_queue_size:
                 if not wait:
@@ -264,6 +290,7 @@ class Manager:
 
     def _queue(self, job: Job, *, front: bool = False) -> None:
         """Put a job in the queue (a batched one in its batch, which holds one place)."""
+        job.state = JobState.QUEUED
         if job.batch_policy is None:
             if front:
                 self._pending.appendleft(job)
@@ -312,6 +339,10 @@ class Manager:
         """
         self._lock.acquire()
         try:
+            if job.state is JobState.NEW:  # not admitted yet (waiting for room): it never will be
+                self._finish(job, False, CANCELLED)
+                self._counts["cancelled"] += 1
+                return True
             if job.state is JobState.QUEUED:
                 self._queued -= 1
                 self._finish(job, False, CANCELLED)
@@ -367,6 +398,7 @@ class Manager:
 
     def stats(self) -> PoolStats:
         with self._lock:
+            p50, p95, p99 = self._latency.percentiles()
             alive = [w for w in self._workers.values() if w.state is not WorkerState.EXITED]
             return PoolStats(
                 state=self._state.value,
@@ -383,6 +415,13 @@ class Manager:
                 worker_restarts=self._counts["restarts"],
                 workers_recycled=self._counts["recycled"],
                 results_unfetched=len(self._expiring),
+                latency_p50=p50,
+                latency_p95=p95,
+                latency_p99=p99,
+                run_seconds_mean=self._latency.mean_run(),
+                latency_buckets=self._latency.cumulative_buckets(),
+                latency_sum=self._latency.total,
+                latency_count=self._latency.count,
             )
 
     # ------------------------------------------------------------ lock helpers
@@ -429,6 +468,9 @@ class Manager:
         """Decide ``job``'s outcome (settled by _release)."""
         job.state = JobState.FINISHED
         self._outcomes.append((job, ok, value))
+        if value is not CANCELLED:
+            run = value.seconds if type(value) is Done or type(value) is Failed else None
+            self._latency.observe(time.monotonic() - job.submitted_at, run)
         if job.key is not None and value is not CANCELLED:
             expiry = time.monotonic() + self.config.result_ttl
             self._expiring[job.key] = expiry
@@ -570,7 +612,6 @@ class Manager:
 
     def _requeue(self, job: Job) -> None:
         """Put a job that never started back at the front of the queue."""
-        job.state = JobState.QUEUED
         job.worker = None
         job.batch_id = None
         self._queue(job, front=True)
@@ -600,7 +641,7 @@ class Manager:
         self._lock.acquire()
         try:
             self._check_accepting()
-            if self._pending:
+            if self._pending or job.state is not JobState.NEW:
                 return False
             for worker in self._workers.values():
                 if worker.state is WorkerState.IDLE and not worker.inflight:
@@ -611,6 +652,7 @@ class Manager:
                 self._take_back(worker, None)
             with worker.read_lock:
                 worker.borrower = token
+                worker.watchers.add(token)  # until it stops polling: no one closes the fds
                 self._watch(worker)
             self._watch_deadline(job)
             job.mark_running()
@@ -622,6 +664,7 @@ class Manager:
             self._send(worker, [(self._run_frame(worker, [job]), 1)])
             if job.state is not JobState.RUNNING:  # the pipe was closed: requeued
                 self._end_loan(worker, token)
+                worker.watchers.discard(token)
                 return True
         finally:
             self._release()
@@ -629,6 +672,15 @@ class Manager:
         return True
 
     def _wait_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
+        try:
+            self._poll_lent(worker, job, token)
+        finally:
+            with worker.read_lock:
+                worker.watchers.discard(token)
+                if not worker.watchers and worker.state is WorkerState.EXITED:
+                    worker.close()  # the manager reaped it while we polled
+
+    def _poll_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
         poller = select.poll()
         poller.register(worker.fd, select.POLLIN)
         poller.register(worker.sentinel, select.POLLIN)
@@ -665,9 +717,9 @@ class Manager:
         with worker.read_lock:
             worker.borrower = loop
             self._watch(worker)
-            if loop not in worker.loop_readers:
+            if loop not in worker.watchers:
                 loop.add_reader(worker.fd, self._on_loop_readable, worker, loop)
-                worker.loop_readers.add(loop)
+                worker.watchers.add(loop)
 
     def _on_loop_readable(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in ``loop``: read results, settle them here, keep the worker busy."""
@@ -709,10 +761,10 @@ class Manager:
 
     def _remove_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """In ``loop``, holding worker.read_lock."""
-        if loop in worker.loop_readers:
+        if loop in worker.watchers:
             loop.remove_reader(worker.fd)
-            worker.loop_readers.discard(loop)
-            if not worker.loop_readers and worker.state is WorkerState.EXITED:
+            worker.watchers.discard(loop)
+            if not worker.watchers and worker.state is WorkerState.EXITED:
                 worker.close()
 
     def _drop_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
@@ -1171,9 +1223,7 @@ class Manager:
             if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
                 continue
             try:
-                worker = spawn_worker(
-                    self._context, self._loaders_pickle, self.config.threads_per_worker, self.config.max_memory_per_worker
-                )
+                worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
             except Exception as exc:  # out of processes, memory or file descriptors
                 logger.exception("could not start a worker process")
                 self._lock.acquire()
@@ -1195,19 +1245,19 @@ class Manager:
                 self._workers[worker.id] = worker
 
     def _dispose(self, worker: WorkerHandle) -> None:
-        """Close a reaped worker's pipe, once no event loop watches it any more."""
+        """Close a reaped worker's pipe and sentinel, once nobody waits on them:
+        closing an fd another thread polls lets the number be reused under it."""
         with worker.read_lock:
-            loops = list(worker.loop_readers)
+            loops = [w for w in worker.watchers if isinstance(w, asyncio.AbstractEventLoop)]
         for loop in loops:
             try:
                 loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
             except RuntimeError:  # the loop is closed: its selector is gone
                 with worker.read_lock:
-                    worker.loop_readers.discard(loop)
+                    worker.watchers.discard(loop)
         with worker.read_lock:
-            if worker.loop_readers:
-                return  # the last loop to drop its reader closes it
-        worker.close()
+            if not worker.watchers:  # else the last watcher to leave closes it
+                worker.close()
 
     def _close_resources(self) -> None:
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))

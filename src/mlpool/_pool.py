@@ -15,7 +15,9 @@ from typing import Any, Callable
 from mlpool._config import PoolConfig
 from mlpool._errors import JobTimeoutError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job
+from mlpool._inline import InlineManager
 from mlpool._manager import TERMINATE_GRACE, Manager, PoolState, PoolStats
+from mlpool._session import Session
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 
@@ -29,7 +31,9 @@ class MLPool:
             None). Use :func:`functools.partial` to bind a path.
         nb_workers: worker processes. None: one per usable core (CPU affinity
             and cgroup quota, not the host's count), less one for the API
-            process, at least one.
+            process, at least one. 0: no processes; jobs run in the calling
+            thread, at submission, with the same API and errors (for an
+            app's unit tests and debugger sessions; see ``_inline``).
         result_ttl: seconds a finished job's result is kept for
             :meth:`get_result` before it is dropped.
         max_queue_size: jobs that may wait for a worker (default 10,000).
@@ -48,6 +52,11 @@ class MLPool:
             None: usable cores // nb_workers, at least 1.
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
         start_timeout: seconds the workers have to load their models.
+        worker_nice: added to each worker's niceness (POSIX, 0-19). When the
+            cores are saturated, the API process, which only needs a little
+            CPU now and then, gets it at once instead of waiting for a
+            worker's time slice: its event loop stays responsive. The workers
+            still get every cycle the API process leaves. 0 disables.
 
     The constructor returns when every worker has loaded every model. A loader
     that raises (or returns None) makes it raise :class:`ModelLoadError` with
@@ -75,6 +84,7 @@ class MLPool:
         threads_per_worker: int | None = None,
         start_method: str | None = None,
         start_timeout: float = 600.0,
+        worker_nice: int = 5,
     ) -> None:
         loaders = _check_loaders(models_to_load)
         self._config = PoolConfig.resolve(
@@ -88,10 +98,10 @@ class MLPool:
             max_memory_per_worker=max_memory_per_worker,
             start_method=start_method,
             start_timeout=start_timeout,
+            worker_nice=worker_nice,
         )
-        if self._config.nb_workers < 1:
-            raise ValueError("nb_workers must be >= 1")
-        self._manager = Manager(self._config, loaders)
+        engine = InlineManager if self._config.nb_workers == 0 else Manager
+        self._manager = engine(self._config, loaders)
         self._manager.start()
         _track(self._manager)
         weakref.finalize(self, self._manager.shutdown, cancel_pending=False, timeout=30.0)
@@ -187,6 +197,7 @@ class MLPool:
         block_until_scheduled: bool = True,
         timeout: float | None = None,
         max_retries: int | None = None,
+        _session: Session | None = None,
     ) -> str:
         """Queue ``score_model_function(model, *args, **kwargs)``; return its job id.
 
@@ -203,6 +214,8 @@ class MLPool:
         pool's for this job.
         """
         job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
+        if _session is not None:
+            _session._track(job)
         self._admit(job, wait=block_until_scheduled, register=True)
         assert job.key is not None
         return job.key
@@ -217,9 +230,12 @@ class MLPool:
         block_until_scheduled: bool = True,
         timeout: float | None = None,
         max_retries: int | None = None,
+        _session: Session | None = None,
     ) -> str:
         """:meth:`create_job` for coroutines: waits for room without blocking the loop."""
         job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
+        if _session is not None:
+            _session._track(job)
         await self._admit_async(job, wait=block_until_scheduled, register=True)
         assert job.key is not None
         return job.key
@@ -309,8 +325,23 @@ class MLPool:
 
         Cancelling the awaiting task cancels the job (as :meth:`cancel_job`).
         """
+        return await self._run_async_job(self._make_async_job(model_name, fn, args, kwargs))
+
+    def session(self, *, interrupt: bool = False) -> Session:
+        """A :class:`Session`: jobs submitted through it are cancelled together
+        when it closes (``with`` / ``async with`` block, or ``close()``).
+
+        For a WebSocket client: its unfinished jobs are cancelled when it goes
+        away. With ``interrupt=True`` running ones also have their worker
+        killed and replaced, which frees the CPU at once.
+        """
+        return Session(self, interrupt=interrupt)
+
+    def _make_async_job(self, model_name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Job:
         loop = asyncio.get_running_loop()
-        job = self._manager.make_job(model_name, fn, args, kwargs, timeout=None, retries=None, loop=loop)
+        return self._manager.make_job(model_name, fn, args, kwargs, timeout=None, retries=None, loop=loop)
+
+    async def _run_async_job(self, job: Job) -> Any:
         await self._admit_async(job, wait=True)
         assert job.afut is not None
         try:

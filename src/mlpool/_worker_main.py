@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
@@ -55,26 +56,35 @@ THREAD_ENV_VARS = (
 )
 
 
-def worker_main(
-    conn: Any, worker_id: int, loaders_pickle: bytes, threads: int, parent_pid: int, memory_limit: int | None
-) -> None:
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """What a worker needs to know besides its models."""
+
+    parent_pid: int
+    threads: int  # cap on BLAS/OpenMP/PyTorch threads
+    memory_limit: int | None  # max_memory_per_worker, bytes
+    nice: int  # added to the worker's niceness: the API process wins the CPU when it wants it
+
+
+def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: WorkerSettings) -> None:
     """Entry point of a worker process (runs in the child).
 
     ``conn`` is the child's end of the duplex pipe (kept referenced so its fd
-    stays open); ``loaders_pickle`` is the cloudpickled ``{name: loader}``;
-    ``memory_limit`` is max_memory_per_worker in bytes (None: no check).
+    stays open); ``loaders_pickle`` is the cloudpickled ``{name: loader}``.
     """
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent_pid)
-    _cap_threads_before_loading(threads)
+    _die_with_parent(settings.parent_pid)
+    if settings.nice and hasattr(os, "nice"):
+        os.nice(settings.nice)
+    _cap_threads_before_loading(settings.threads)
     fd = conn.fileno()
     models = _load_models(fd, loaders_pickle)
     if models is None:
         return
-    _cap_threads_after_loading(threads)
-    _serve(fd, models, memory_limit)
+    _cap_threads_after_loading(settings.threads)
+    _serve(fd, models, settings.memory_limit)
 
 
 def _die_with_parent(parent_pid: int) -> None:

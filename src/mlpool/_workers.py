@@ -21,7 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from mlpool._protocol import FrameReader
-from mlpool._worker_main import worker_main
+from mlpool._worker_main import WorkerSettings, worker_main
 
 if TYPE_CHECKING:
     from mlpool._jobs import Job
@@ -46,7 +46,7 @@ class WorkerHandle:
     __slots__ = (
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason",
-        "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "loop_readers", "closed",
+        "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed",
     )  # fmt: skip
 
     def __init__(self, process: Any, conn: Any) -> None:
@@ -75,7 +75,9 @@ class WorkerHandle:
         # token, or an event loop (see Manager: "loans").
         self.borrower: Any = None
         self.registered = False  # in the manager's selector
-        self.loop_readers: set[Any] = set()  # loops with an add_reader on fd
+        # Who may still wait on fd or the sentinel: loops with an add_reader,
+        # caller threads polling. The last to leave closes a reaped worker.
+        self.watchers: set[Any] = set()
         self.closed = False
 
     def __repr__(self) -> str:
@@ -124,14 +126,14 @@ class WorkerHandle:
 
 
 def spawn_worker(
-    context: multiprocessing.context.BaseContext, loaders_pickle: bytes, threads: int, memory_limit: int | None
+    context: multiprocessing.context.BaseContext, loaders_pickle: bytes, settings: WorkerSettings
 ) -> WorkerHandle:
     """Start one worker process. Call from the manager thread (see ``_die_with_parent``)."""
     worker_id = next(_worker_ids)
     parent_conn, child_conn = context.Pipe(duplex=True)
     process = context.Process(
         target=worker_main,
-        args=(child_conn, worker_id, loaders_pickle, threads, os.getpid(), memory_limit),
+        args=(child_conn, worker_id, loaders_pickle, settings),
         name=f"mlpool-worker-{worker_id}",
         daemon=False,
     )

@@ -1,0 +1,175 @@
+"""The main job: the same FastAPI app served twice under the same load.
+
+    python examples/demo.py [--clients 16] [--seconds 10]
+
+1. trains the demo's models on first run (XGBoost iris and diabetes, a CNN);
+2. starts the app under uvicorn on loopback, scoring in the API process;
+   drives it from a separate load-generator process (keep-alive connections
+   alternating /iris and /diabetes, plus a /healthz probe every 20 ms);
+   stops it. The load generator runs at a lower CPU priority (nice 5): it
+   stands in for clients on other machines, and on a small machine it would
+   otherwise take CPU from the server it measures;
+3. does the same with scoring on an mlpool of 2 workers;
+4. prints throughput, latency percentiles, errors and /healthz p99 for both,
+   and writes a PNG chart of the latency distributions.
+
+Nothing is left running: each server is stopped (SIGINT, then SIGKILL after
+a deadline) and its process tree checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+MODES = {"in the API process": "inprocess", "mlpool, 2 workers": "pool"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """uvicorn serving app.main in one mode, in its own process."""
+
+    def __init__(self, mode: str) -> None:
+        self.port = free_port()
+        env = dict(os.environ, MLPOOL_DEMO_MODE=mode, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--app-dir", str(HERE), "--port", str(self.port),
+             "--host", "127.0.0.1", "--log-level", "info", "--no-access-log"],
+            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        self.ready = threading.Event()
+        self.log: list[str] = []
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            if "Application startup complete" in line:
+                self.ready.set()
+        self.ready.set()  # the server exited: wait_ready() will say so
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        if not self.ready.wait(timeout) or self.process.poll() is not None:
+            raise RuntimeError(f"the server did not start:\n{''.join(self.log[-30:])}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGINT (uvicorn shuts the app and its pool down), then SIGKILL; check no process is left."""
+        try:
+            tree = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print("  the server ignored SIGINT; killing it", file=sys.stderr)
+            self.process.kill()
+            self.process.wait(timeout)
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for proc in alive:
+            proc.kill()
+        if alive:
+            raise RuntimeError(f"processes outlived the server: {alive}")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def chart(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, figures in results.items():
+        for axis, key in ((left, "latencies"), (right, "healthz")):
+            ordered = sorted(v * 1e3 for v in figures[key])
+            if ordered:
+                axis.plot(ordered, [i / len(ordered) for i in range(len(ordered))], label=name)
+    left.set(title="Scoring requests", xlabel="latency (ms)", ylabel="share of requests at or under", xscale="log")
+    right.set(title="/healthz during the load", xlabel="latency (ms)", xscale="log")
+    for axis in (left, right):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.legend()
+    fig.suptitle("Same FastAPI app, same load: scoring in the API process vs on mlpool")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    opts = parser.parse_args()
+    started = time.perf_counter()
+
+    sys.path.insert(0, str(HERE))
+    from app import models
+
+    print("training the models on first run (XGBoost iris and diabetes, a CNN)...", flush=True)
+    models.train_if_missing(with_cnn=True)
+
+    results: dict[str, dict] = {}
+    for name, mode in MODES.items():
+        print(f"{name}: starting uvicorn...", flush=True)
+        server = Server(mode)
+        try:
+            server.wait_ready()
+            load = subprocess.run(
+                ["nice", "-n", "5", sys.executable, str(HERE / "loadtest.py"), "--port", str(server.port), "--clients", str(opts.clients),
+                 "--seconds", str(opts.seconds), "--label", name],
+                stdout=subprocess.PIPE, text=True, check=True, timeout=opts.seconds + 120,
+            )  # fmt: skip
+            results[name] = json.loads(load.stdout)
+        finally:
+            server.stop()
+
+    print(f"\n{opts.clients} concurrent clients for {opts.seconds:.0f} s each; /healthz probed every 20 ms meanwhile\n")
+    print("| scoring | requests/s | p50 | p95 | p99 | errors | /healthz p99 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, figures in results.items():
+        lat = figures["latencies"]
+        print(
+            f"| {name} | {figures['requests'] / figures['seconds']:.1f} | {percentile(lat, 0.5) * 1e3:.0f} ms | "
+            f"{percentile(lat, 0.95) * 1e3:.0f} ms | {percentile(lat, 0.99) * 1e3:.0f} ms | {figures['errors']} | "
+            f"{percentile(figures['healthz'], 0.99) * 1e3:.1f} ms |"
+        )
+    base, pooled = (results[name] for name in MODES)
+    ratio = (pooled["requests"] / pooled["seconds"]) / (base["requests"] / base["seconds"])
+    print(
+        f"\nmlpool served {ratio:.2f}x the requests; /healthz p99 went from "
+        f"{percentile(base['healthz'], 0.99) * 1e3:.0f} ms to {percentile(pooled['healthz'], 0.99) * 1e3:.1f} ms."
+    )
+    OUT.mkdir(exist_ok=True)
+    path = OUT / "demo_latency.png"
+    chart(results, path)
+    print(f"chart of the latency distributions: {path}")
+    print(f"done in {time.perf_counter() - started:.0f} s; both servers stopped, no process left behind.")
+
+
+if __name__ == "__main__":
+    main()

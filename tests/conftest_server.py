@@ -1,0 +1,76 @@
+"""Real uvicorn servers on loopback for the serving tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+
+TESTS = Path(__file__).resolve().parent
+EXAMPLES = TESTS.parent / "examples"
+
+
+class UvicornServer:
+    """``uvicorn module:app`` in its own process; ready when it says so on stderr."""
+
+    def __init__(self, app: str, app_dir: Path, env: dict[str, str] | None = None) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "info", "--no-access-log"],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(app_dir)]), **(env or {})},
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        self.log: list[str] = []
+        self._logged = threading.Condition()
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(180) or self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError("uvicorn did not start:\n" + "".join(self.log[-40:]))
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._logged:
+                self.log.append(line)
+                self._logged.notify_all()
+            if "Application startup complete" in line:
+                self._ready.set()
+        self._ready.set()
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        """Return once the server has written a line containing ``text``."""
+        with self._logged:
+            if not self._logged.wait_for(lambda: any(text in line for line in self.log), timeout):
+                raise AssertionError(f"the server never logged {text!r}")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> list[psutil.Process]:
+        """Stop as a user would (Ctrl-C); the processes still alive after, if any."""
+        tree = self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for proc in alive:
+            proc.kill()
+        return alive
