@@ -197,7 +197,6 @@ class MLPool:
         block_until_scheduled: bool = True,
         timeout: float | None = None,
         max_retries: int | None = None,
-        _session: Session | None = None,
     ) -> str:
         """Queue ``score_model_function(model, *args, **kwargs)``; return its job id.
 
@@ -214,8 +213,6 @@ class MLPool:
         pool's for this job.
         """
         job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
-        if _session is not None:
-            _session._track(job)
         self._admit(job, wait=block_until_scheduled, register=True)
         assert job.key is not None
         return job.key
@@ -230,12 +227,9 @@ class MLPool:
         block_until_scheduled: bool = True,
         timeout: float | None = None,
         max_retries: int | None = None,
-        _session: Session | None = None,
     ) -> str:
         """:meth:`create_job` for coroutines: waits for room without blocking the loop."""
         job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
-        if _session is not None:
-            _session._track(job)
         await self._admit_async(job, wait=block_until_scheduled, register=True)
         assert job.key is not None
         return job.key

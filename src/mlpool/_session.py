@@ -67,15 +67,39 @@ class Session:
         assert job.future is not None
         return job.future
 
-    def create_job(self, score_model_function: Callable[..., Any], model_name: str, args: Any = None,
-                   kwargs: Any = None, **options: Any) -> str:  # fmt: skip
+    def create_job(
+        self,
+        score_model_function: Callable[..., Any],
+        model_name: str,
+        args: Any = None,
+        kwargs: Any = None,
+        *,
+        block_until_scheduled: bool = True,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> str:
         """:meth:`MLPool.create_job`, cancelled with the session."""
-        return self._pool.create_job(score_model_function, model_name, args, kwargs, _session=self, **options)
+        job = self._track(self._pool._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries))
+        self._pool._admit(job, wait=block_until_scheduled, register=True)
+        assert job.key is not None
+        return job.key
 
-    async def create_job_async(self, score_model_function: Callable[..., Any], model_name: str, args: Any = None,
-                               kwargs: Any = None, **options: Any) -> str:  # fmt: skip
+    async def create_job_async(
+        self,
+        score_model_function: Callable[..., Any],
+        model_name: str,
+        args: Any = None,
+        kwargs: Any = None,
+        *,
+        block_until_scheduled: bool = True,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> str:
         """:meth:`MLPool.create_job_async`, cancelled with the session."""
-        return await self._pool.create_job_async(score_model_function, model_name, args, kwargs, _session=self, **options)
+        job = self._track(self._pool._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries))
+        await self._pool._admit_async(job, wait=block_until_scheduled, register=True)
+        assert job.key is not None
+        return job.key
 
     def close(self) -> int:
         """Cancel every unfinished job of the session; how many were cancelled. Idempotent."""
