@@ -223,3 +223,53 @@ def batch_crash_on(model: dict, items: list) -> list:
 def batch_spin(model: dict, items: list) -> list:
     spin(model, 600.0)
     return items
+
+
+def array_summary(model: dict, array) -> tuple:
+    """What the worker received: checksum, shape, dtype, and whether it is a read-only view."""
+    import numpy as np
+
+    return (byte_sum(array), array.shape, str(array.dtype), bool(array.flags.writeable), bool(array.flags.owndata))
+
+
+def byte_sum(array) -> int:
+    """A checksum of an array's bytes, whatever its dtype and memory order."""
+    import numpy as np
+
+    return int(np.ascontiguousarray(array).reshape(-1).view(np.uint8).sum(dtype=np.uint64))
+
+
+def make_array(model: dict, n: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 255, size=n, dtype=np.uint8)
+
+
+def echo_plus_one(model: dict, array):
+    return array + 1
+
+
+def try_to_write(model: dict, array) -> None:
+    array[0] = 0
+
+
+def frame_summary(model: dict, frame) -> tuple:
+    return float(frame["x"].sum()), int(frame["y"].sum()), list(frame.columns)
+
+
+def table_summary(model: dict, table) -> tuple:
+    return float(table.column("x").to_numpy().sum()), table.num_rows
+
+
+def bytes_digest(model: dict, data) -> tuple:
+    import hashlib
+
+    return type(data).__name__, hashlib.sha256(bytes(data)).hexdigest()
+
+
+def hold_array_then_die(model: dict, array, fifo: str) -> None:
+    wait_for_release(model, fifo)
+
+
+def copy_of(model: dict, array):
+    return array.copy()

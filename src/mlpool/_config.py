@@ -30,6 +30,8 @@ class PoolConfig:
     start_method: str
     start_timeout: float
     worker_nice: int
+    shared_memory_threshold: int | None
+    shared_memory_limit: int | None
 
     @classmethod
     def resolve(
@@ -46,6 +48,8 @@ class PoolConfig:
         start_method: str | None,
         start_timeout: float,
         worker_nice: int = 0,
+        shared_memory_threshold: int | None = 65536,
+        shared_memory_limit: int | None = None,
     ) -> PoolConfig:
         cores = usable_cpu_count()
         if nb_workers is None:
@@ -75,6 +79,10 @@ class PoolConfig:
         _check_int("worker_nice", worker_nice, minimum=0)
         if worker_nice > 19:
             raise ValueError(f"worker_nice must be between 0 and 19, got {worker_nice}")
+        if shared_memory_threshold is not None:
+            _check_int("shared_memory_threshold", shared_memory_threshold, minimum=1)
+        if shared_memory_limit is not None:
+            _check_int("shared_memory_limit", shared_memory_limit, minimum=0)
         return cls(
             nb_workers=nb_workers,
             threads_per_worker=threads_per_worker,
@@ -87,6 +95,8 @@ class PoolConfig:
             start_method=start_method,
             start_timeout=float(start_timeout),
             worker_nice=worker_nice,
+            shared_memory_threshold=shared_memory_threshold,
+            shared_memory_limit=shared_memory_limit,
         )
 
 

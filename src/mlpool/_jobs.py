@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlpool._batching import BatchPolicy
+    from mlpool._shm import Payload
     from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Job:
         model: str,
         fn_id: int,
         fn_pickle: bytes,
-        payload: bytes,
+        payload: Payload,
         fn_name: str,
         *,
         deadline: float | None,

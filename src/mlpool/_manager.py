@@ -79,9 +79,11 @@ from mlpool._protocol import (
     encode,
     encode_run,
     encode_run_batch,
+    send_frames,
     write_all,
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
+from mlpool._shm import pack, unpack
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
 
@@ -162,6 +164,8 @@ class Manager:
             threads=config.threads_per_worker,
             memory_limit=config.max_memory_per_worker,
             nice=config.worker_nice,
+            shm_threshold=config.shared_memory_threshold,
+            shm_limit=config.shared_memory_limit,
         )
         self._functions = FunctionTable()
         self._job_ids = itertools.count(1)
@@ -251,7 +255,8 @@ class Manager:
                 f"arguments), got {len(args)} positional and {len(kwargs)} keyword arguments"
             )
         fn_id, fn_pickle = self._functions.lookup(fn)
-        payload = dumps((args, kwargs), f"the arguments of {name}")
+        payload = pack((args, kwargs), f"the arguments of {name}", self.config.shared_memory_threshold,
+                       self.config.shared_memory_limit)  # fmt: skip
         deadline = None if timeout is None else time.monotonic() + timeout
         return Job(
             next(self._job_ids), model, fn_id, fn_pickle, payload, name,
@@ -467,6 +472,7 @@ class Manager:
     def _finish(self, job: Job, ok: bool, value: Any) -> None:
         """Decide ``job``'s outcome (settled by _release)."""
         job.state = JobState.FINISHED
+        job.payload.close()  # no message will carry its shared memory again
         self._outcomes.append((job, ok, value))
         if value is not CANCELLED:
             run = value.seconds if type(value) is Done or type(value) is Failed else None
@@ -513,7 +519,7 @@ class Manager:
                 if head.state is not JobState.QUEUED:
                     pending.popleft()
                     continue
-                estimate, size = estimates.get(head.fn_id), len(head.payload)
+                estimate, size = estimates.get(head.fn_id), head.payload.size
             worker = _pick_worker(workers, head.loop, estimate, size)
             if worker is None:
                 if self._reclaim_stopped_loans():
@@ -548,7 +554,7 @@ class Manager:
             if not worker.registered and worker.borrower is None:
                 with worker.read_lock:
                     self._watch(worker)
-            frames.setdefault(worker, []).append((self._run_frame(worker, jobs), len(jobs)))
+            frames.setdefault(worker, []).append((*self._run_frame(worker, jobs), len(jobs)))
         if held:
             pending.extendleft(reversed(held))
             if self._wake_at is None or (self._hold_until is not None and self._hold_until < self._wake_at):
@@ -580,8 +586,9 @@ class Manager:
             job.batch_id = jobs[0].id
         return jobs
 
-    def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> bytes:
-        """One Run (or RunBatch) frame for ``jobs``, all of one function."""
+    def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]:
+        """One Run (or RunBatch) frame for ``jobs``, all of one function, and
+        the descriptors of their shared memory to send with it."""
         first = jobs[0]
         fn = b""
         known = worker.known_functions
@@ -590,19 +597,23 @@ class Manager:
                 known.clear()
             known.add(first.fn_id)
             fn = first.fn_pickle
+        fds = [job.payload.fd for job in jobs if job.payload.fd >= 0]
         if first.batch_policy is None:
-            return encode_run(first.id, first.fn_id, first.model, fn, first.payload)
+            p = first.payload
+            return encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans), fds
         ids = tuple(job.id for job in jobs)
-        return encode_run_batch(ids, first.fn_id, first.model, fn, tuple(job.payload for job in jobs))
+        payloads = tuple(job.payload.data for job in jobs)
+        spans = tuple(job.payload.spans for job in jobs) if fds else ()
+        return encode_run_batch(ids, first.fn_id, first.model, fn, payloads, spans), fds
 
-    def _send(self, worker: WorkerHandle, frames: list[tuple[bytes, int]]) -> None:
-        """Write frames (each with how many jobs it carries) to ``worker``."""
+    def _send(self, worker: WorkerHandle, frames: list[tuple[bytes, list[int], int]]) -> None:
+        """Write frames (each with its descriptors and how many jobs it carries) to ``worker``."""
         try:
-            write_all(worker.fd, frames[0][0] if len(frames) == 1 else b"".join(frame for frame, _ in frames))
+            send_frames(worker.sock, [(frame, fds) for frame, fds, _ in frames])
         except OSError as exc:
             # The worker is dead (its sentinel will tell us how). These jobs
             # never reached it: back to the front of the queue.
-            unsent = sum(count for _, count in frames)
+            unsent = sum(count for _, _, count in frames)
             logger.debug("worker %d: pipe closed while sending %d jobs: %s", worker.id, unsent, exc)
             worker.state = WorkerState.KILLED
             for _ in range(unsent):
@@ -661,7 +672,7 @@ class Manager:
             job.estimate = self._estimates.get(job.fn_id, PIPELINE_BUDGET)
             worker.inflight.append(job)
             worker.backlog += job.estimate
-            self._send(worker, [(self._run_frame(worker, [job]), 1)])
+            self._send(worker, [(*self._run_frame(worker, [job]), 1)])
             if job.state is not JobState.RUNNING:  # the pipe was closed: requeued
                 self._end_loan(worker, token)
                 worker.watchers.discard(token)
@@ -962,6 +973,8 @@ class Manager:
                 if job.state is JobState.RUNNING:
                     self._counts["completed" if type(msg) is Done else "failed"] += 1
                     self._finish(job, type(msg) is Done, msg)
+                elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
+                    os.close(msg.fd)
                 self._maybe_retire(worker)
             case Ready():
                 if worker.state is WorkerState.STARTING:
@@ -1328,10 +1341,10 @@ def _decoded(outcome: tuple[Job, bool, Any]) -> tuple[Job, bool, Any]:
     kind = type(value)
     if kind is Done:
         try:
-            return job, True, pickle.loads(value.result)
+            return job, True, unpack(value.result, value.fd, value.spans, f"the result of job {job.id} ({job.fn_name})",
+                                     writable=True)  # fmt: skip
         except Exception as exc:
-            error = SerializationError(f"the result of job {job.id} ({job.fn_name}) cannot be unpickled in the caller: {exc!r}")
-            return job, False, error
+            return job, False, exc
     if kind is Failed:
         return job, False, unpack_exception(value.error, value.traceback)
     return outcome

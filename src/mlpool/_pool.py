@@ -57,6 +57,11 @@ class MLPool:
             CPU now and then, gets it at once instead of waiting for a
             worker's time slice: its event loop stays responsive. The workers
             still get every cycle the API process leaves. 0 disables.
+        shared_memory_threshold: buffers of arguments and results this large or
+            larger (NumPy arrays, pandas and PyArrow data, bytes-likes) cross in
+            shared memory instead of the pipe (Linux; see ``_shm``). None: never.
+        shared_memory_limit: bytes of shared memory one message may use; a
+            larger one goes through the pipe, with one log line. None: no limit.
 
     The constructor returns when every worker has loaded every model. A loader
     that raises (or returns None) makes it raise :class:`ModelLoadError` with
@@ -85,6 +90,8 @@ class MLPool:
         start_method: str | None = None,
         start_timeout: float = 600.0,
         worker_nice: int = 5,
+        shared_memory_threshold: int | None = 65536,
+        shared_memory_limit: int | None = None,
     ) -> None:
         loaders = _check_loaders(models_to_load)
         self._config = PoolConfig.resolve(
@@ -99,6 +106,8 @@ class MLPool:
             start_method=start_method,
             start_timeout=start_timeout,
             worker_nice=worker_nice,
+            shared_memory_threshold=shared_memory_threshold,
+            shared_memory_limit=shared_memory_limit,
         )
         engine = InlineManager if self._config.nb_workers == 0 else Manager
         self._manager = engine(self._config, loaders)

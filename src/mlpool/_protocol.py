@@ -14,23 +14,33 @@ around opaque pickled payloads: pickling a dataclass costs about 10 µs a round
 trip, struct about 1 µs, and a job crosses the pipe twice. The rare control
 messages are pickled whole. This module imports nothing from mlpool, so the
 worker's side can import it cheaply.
+
+A payload's large buffers travel in a shared-memory file (see ``_shm``):
+the frame lists their ``spans`` (offset, length) and the file's descriptor
+rides along as ``SCM_RIGHTS`` ancillary data, sent with the frame's first
+byte, one descriptor per payload that has spans, in frame order. The reader
+collects descriptors as they arrive and hands each frame its own (``fd``).
 """
 
 from __future__ import annotations
 
+import array
 import os
 import pickle
 import socket
 import struct
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 _HEADER = struct.Struct("<IB")
-_RUN = struct.Struct("<QIHI")  # job id, function id, model name length, function pickle length
-_DONE = struct.Struct("<Qd")  # job id, seconds the call took
+_RUN = struct.Struct("<QIHII")  # job id, function id, model name length, function pickle length, spans
+_DONE = struct.Struct("<QdI")  # job id, seconds the call took, spans
+_SPAN = struct.Struct("<QQ")  # offset, length in the payload's shared-memory file
 _FAILED = struct.Struct("<QdI")  # job id, seconds, length of the pickled exception
 
 _RUN_KIND, _STOP_KIND, _RUN_BATCH_KIND = 1, 2, 3
 _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length, function pickle length
+Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
 
@@ -47,6 +57,8 @@ class Run:
     model: str
     fn: bytes
     payload: bytes
+    spans: Spans = ()
+    fd: int = field(default=-1, compare=False)  # the spans' shared-memory file, when received
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,8 @@ class RunBatch:
     model: str
     fn: bytes
     payloads: tuple[bytes, ...]
+    spans: tuple[Spans, ...] = ()  # per job (empty: no job has any)
+    fds: tuple[int, ...] = field(default=(), compare=False)  # per job, -1 where it has no spans
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +104,8 @@ class Done:
     job_id: int
     seconds: float
     result: bytes
+    spans: Spans = ()
+    fd: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +142,23 @@ def _frame(kind: int, *parts: bytes) -> bytes:
     return b"".join((_HEADER.pack(length, kind), *parts))
 
 
+def _spans(spans: Spans) -> bytes:
+    return b"".join(_SPAN.pack(offset, length) for offset, length in spans)
+
+
+def _read_spans(body: bytes, start: int, count: int) -> Spans:
+    return tuple(_SPAN.unpack_from(body, start + i * _SPAN.size) for i in range(count))
+
+
 def encode(msg: ToWorker | FromWorker) -> bytes:
-    """One frame holding ``msg``."""
+    """One frame holding ``msg`` (its descriptors are sent alongside, not in it)."""
     match msg:
-        case Run(job_id, fn_id, model, fn, payload):
-            return encode_run(job_id, fn_id, model, fn, payload)
-        case RunBatch(job_ids, fn_id, model, fn, payloads):
-            return encode_run_batch(job_ids, fn_id, model, fn, payloads)
-        case Done(job_id, seconds, result):
-            return _frame(_DONE_KIND, _DONE.pack(job_id, seconds), result)
+        case Run(job_id, fn_id, model, fn, payload, spans):
+            return encode_run(job_id, fn_id, model, fn, payload, spans)
+        case RunBatch(job_ids, fn_id, model, fn, payloads, spans):
+            return encode_run_batch(job_ids, fn_id, model, fn, payloads, spans)
+        case Done(job_id, seconds, result, spans):
+            return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, len(spans)), _spans(spans), result)
         case Failed(job_id, seconds, error, tb):
             return _frame(_FAILED_KIND, _FAILED.pack(job_id, seconds, len(error)), error, tb.encode())
         case Stop():
@@ -150,32 +174,42 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
     raise TypeError(f"not a wire message: {msg!r}")
 
 
-def encode_run(job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes) -> bytes:
+def encode_run(job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes, spans: Spans = ()) -> bytes:
     """``encode(Run(...))`` without building the message first (the dispatch hot path)."""
     name = model.encode()
-    return _frame(_RUN_KIND, _RUN.pack(job_id, fn_id, len(name), len(fn)), name, fn, payload)
+    head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans))
+    return _frame(_RUN_KIND, head, _spans(spans), name, fn, payload)
 
 
-def encode_run_batch(job_ids: tuple[int, ...], fn_id: int, model: str, fn: bytes, payloads: tuple[bytes, ...]) -> bytes:
+def encode_run_batch(
+    job_ids: tuple[int, ...], fn_id: int, model: str, fn: bytes, payloads: tuple[bytes, ...], spans: tuple[Spans, ...] = ()
+) -> bytes:
     name = model.encode()
     count = len(job_ids)
+    spans = spans or ((),) * count
     head = _RUN_BATCH.pack(count, fn_id, len(name), len(fn))
     ids = struct.pack(f"<{count}Q", *job_ids)
     sizes = struct.pack(f"<{count}I", *(len(p) for p in payloads))
-    return _frame(_RUN_BATCH_KIND, head, ids, sizes, name, fn, *payloads)
+    span_counts = struct.pack(f"<{count}I", *(len(s) for s in spans))
+    all_spans = b"".join(_spans(s) for s in spans)
+    return _frame(_RUN_BATCH_KIND, head, ids, sizes, span_counts, all_spans, name, fn, *payloads)
 
 
-def decode(kind: int, body: bytes) -> ToWorker | FromWorker:
-    """The message in one frame's body."""
+def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | FromWorker:
+    """The message in one frame's body; it takes its descriptors from ``fds``."""
     if kind == _DONE_KIND:
-        job_id, seconds = _DONE.unpack_from(body)
-        return Done(job_id, seconds, body[_DONE.size :])
+        job_id, seconds, count = _DONE.unpack_from(body)
+        start = _DONE.size + count * _SPAN.size
+        spans = _read_spans(body, _DONE.size, count)
+        return Done(job_id, seconds, body[start:], spans, _take_fd(fds) if spans else -1)
     if kind == _RUN_KIND:
-        job_id, fn_id, name_len, fn_len = _RUN.unpack_from(body)
-        start = _RUN.size
+        job_id, fn_id, name_len, fn_len, count = _RUN.unpack_from(body)
+        spans = _read_spans(body, _RUN.size, count)
+        start = _RUN.size + count * _SPAN.size
         model = body[start : start + name_len].decode()
         start += name_len
-        return Run(job_id, fn_id, model, body[start : start + fn_len], body[start + fn_len :])
+        fd = _take_fd(fds) if spans else -1
+        return Run(job_id, fn_id, model, body[start : start + fn_len], body[start + fn_len :], spans, fd)
     if kind == _FAILED_KIND:
         job_id, seconds, err_len = _FAILED.unpack_from(body)
         start = _FAILED.size
@@ -187,6 +221,13 @@ def decode(kind: int, body: bytes) -> ToWorker | FromWorker:
         start += 8 * count
         sizes = struct.unpack_from(f"<{count}I", body, start)
         start += 4 * count
+        span_counts = struct.unpack_from(f"<{count}I", body, start)
+        start += 4 * count
+        all_spans = []
+        for span_count in span_counts:
+            all_spans.append(_read_spans(body, start, span_count))
+            start += span_count * _SPAN.size
+        job_fds = tuple(_take_fd(fds) if s else -1 for s in all_spans)
         model = body[start : start + name_len].decode()
         start += name_len
         fn = body[start : start + fn_len]
@@ -195,7 +236,7 @@ def decode(kind: int, body: bytes) -> ToWorker | FromWorker:
         for size in sizes:
             payloads.append(body[start : start + size])
             start += size
-        return RunBatch(job_ids, fn_id, model, fn, tuple(payloads))
+        return RunBatch(job_ids, fn_id, model, fn, tuple(payloads), tuple(all_spans), job_fds)
     if kind == _STOP_KIND:
         return Stop()
     if kind == _EXITING_KIND:
@@ -207,19 +248,29 @@ def decode(kind: int, body: bytes) -> ToWorker | FromWorker:
     raise ValueError(f"unknown message kind {kind}")
 
 
+def _take_fd(fds: deque[int] | None) -> int:
+    if not fds:
+        raise ValueError("a frame refers to shared memory but no descriptor came with it")
+    return fds.popleft()
+
+
+_ANCILLARY = socket.CMSG_SPACE(64 * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
+
+
 class FrameReader:
-    """Reassembles frames from the bytes of one pipe; one read may bring many
-    frames or part of one.
+    """Reassembles frames from the bytes of one socket; one read may bring many
+    frames or part of one. Descriptors sent alongside are queued in order.
 
     Reads go through one reusable buffer: allocating a fresh 256 KiB bytes
     object per read costs a page-faulting mmap each time (tens of µs).
     """
 
-    __slots__ = ("_buf", "_scratch")
+    __slots__ = ("_buf", "_scratch", "fds")
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._scratch = bytearray(1 << 16)
+        self.fds: deque[int] = deque()
 
     def _room(self) -> memoryview:
         wanted = max(1 << 16, self.missing())
@@ -227,21 +278,21 @@ class FrameReader:
             self._scratch = bytearray(wanted)
         return memoryview(self._scratch)
 
-    def read_from(self, fd: int) -> bool:
-        """Read what ``fd`` has (blocking if it has nothing); False at end of file."""
-        with self._room() as room:
-            n = os.readv(fd, [room])
-            self._buf += room[:n]
-        return n > 0
-
-    def recv_from(self, sock: socket.socket) -> bool:
-        """Read what ``sock`` has without blocking; False at end of file.
+    def recv_from(self, sock: socket.socket, flags: int = socket.MSG_DONTWAIT) -> bool:
+        """Read what ``sock`` has (by default without blocking); False at end of file.
 
         Raises BlockingIOError when there is nothing to read.
         """
         with self._room() as room:
-            n = sock.recv_into(room, len(room), socket.MSG_DONTWAIT)
+            n, ancillary, msg_flags, _ = sock.recvmsg_into([room], _ANCILLARY, flags)
             self._buf += room[:n]
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                self.fds.extend(fds)
+        if msg_flags & getattr(socket, "MSG_CTRUNC", 0):
+            raise OSError("descriptors sent with a message were lost (MSG_CTRUNC)")
         return n > 0
 
     def missing(self) -> int:
@@ -262,11 +313,33 @@ class FrameReader:
                 stop = pos + _HEADER.size + length
                 if stop > end:
                     break
-                out.append(decode(kind, bytes(view[pos + _HEADER.size : stop])))
+                out.append(decode(kind, bytes(view[pos + _HEADER.size : stop]), self.fds))
                 pos = stop
         if pos:
             del buf[:pos]
         return out
+
+    def close(self) -> None:
+        """Close descriptors received but never claimed (a frame cut by a death)."""
+        while self.fds:
+            os.close(self.fds.popleft())
+
+
+def send_frames(sock: socket.socket, frames: list[tuple[bytes, list[int]]]) -> None:
+    """Send frames in order; each frame's descriptors go with its first byte."""
+    pending: list[bytes] = []
+    for frame, fds in frames:
+        if not fds:
+            pending.append(frame)
+            continue
+        if pending:
+            sock.sendall(b"".join(pending))
+            pending = []
+        sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        if sent < len(frame):
+            sock.sendall(memoryview(frame)[sent:])
+    if pending:
+        sock.sendall(pending[0] if len(pending) == 1 else b"".join(pending))
 
 
 def write_all(fd: int, data: bytes) -> None:

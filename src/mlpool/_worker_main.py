@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -41,9 +42,11 @@ from mlpool._protocol import (
     RunBatch,
     Stop,
     encode,
+    send_frames,
     write_all,
 )
-from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps, loads, pack_exception
+from mlpool._serialization import FUNCTION_CACHE_SIZE, pack_exception
+from mlpool._shm import pack, unpack
 
 # Read by OpenMP, OpenBLAS, MKL, Accelerate, NumExpr and BLIS when they load.
 THREAD_ENV_VARS = (
@@ -64,6 +67,8 @@ class WorkerSettings:
     threads: int  # cap on BLAS/OpenMP/PyTorch threads
     memory_limit: int | None  # max_memory_per_worker, bytes
     nice: int  # added to the worker's niceness: the API process wins the CPU when it wants it
+    shm_threshold: int | None  # results' buffers of this size or more go in shared memory
+    shm_limit: int | None
 
 
 def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: WorkerSettings) -> None:
@@ -84,7 +89,7 @@ def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: Work
     if models is None:
         return
     _cap_threads_after_loading(settings.threads)
-    _serve(fd, models, settings.memory_limit)
+    _serve(fd, models, settings)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -146,31 +151,44 @@ def _load_models(fd: int, loaders_pickle: bytes) -> dict[str, Any] | None:
     return models
 
 
-def _serve(fd: int, models: dict[str, Any], memory_limit: int | None) -> None:
+def _serve(fd: int, models: dict[str, Any], settings: WorkerSettings) -> None:
+    sock = socket.socket(fileno=os.dup(fd))  # recvmsg/sendmsg: descriptors ride along
     reader = FrameReader()
     functions: dict[int, Callable] = {}
+    memory_limit = settings.memory_limit
     resident = _resident_bytes_reader() if memory_limit is not None else None
     over_memory = False
-    while True:
-        try:
-            if not reader.read_from(fd):
-                return  # the parent is gone
-        except OSError:
-            return
-        for msg in reader.messages():
-            match msg:
-                case Run() | RunBatch():
-                    reply = _run(msg, models, functions) if type(msg) is Run else _run_batch(msg, models, functions)
-                    del msg
-                    if resident is not None and not over_memory:
-                        rss = resident()
-                        if rss > memory_limit:  # the parent replaces us once our jobs are done
-                            over_memory = True
-                            reply += encode(OverMemory(rss))
-                    write_all(fd, reply)
-                case Stop():
-                    write_all(fd, encode(Exiting()))
-                    return
+    try:
+        while True:
+            try:
+                if not reader.recv_from(sock, 0):
+                    return  # the parent is gone
+            except OSError:
+                return
+            for msg in reader.messages():
+                match msg:
+                    case Run() | RunBatch():
+                        if type(msg) is Run:
+                            replies = _run(msg, models, functions, settings)
+                        else:
+                            replies = _run_batch(msg, models, functions, settings)
+                        del msg
+                        if resident is not None and not over_memory:
+                            rss = resident()
+                            if rss > memory_limit:  # the parent replaces us once our jobs are done
+                                over_memory = True
+                                replies.append((encode(OverMemory(rss)), []))
+                        try:
+                            send_frames(sock, replies)
+                        finally:
+                            for _, fds in replies:
+                                for result_fd in fds:
+                                    os.close(result_fd)
+                    case Stop():
+                        write_all(fd, encode(Exiting()))
+                        return
+    finally:
+        reader.close()
 
 
 def _function_and_model(msg: Run | RunBatch, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:
@@ -185,28 +203,52 @@ def _function_and_model(msg: Run | RunBatch, models: dict[str, Any], functions: 
         raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker") from None
 
 
-def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable]) -> bytes:
-    """Run one job; the encoded Done or Failed."""
+Reply = tuple[bytes, list[int]]  # an encoded frame and the descriptors to send with it
+
+
+def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerSettings) -> Reply:
+    try:
+        payload = pack(result, what, settings.shm_threshold, settings.shm_limit)
+    except SerializationError as exc:
+        error, tb = pack_exception(exc)
+        return encode(Failed(job_id, seconds, error, tb)), []
+    fds = [payload.fd] if payload.fd >= 0 else []
+    return encode(Done(job_id, seconds, payload.data, payload.spans)), fds
+
+
+def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable], settings: WorkerSettings) -> list[Reply]:
+    """Run one job; its encoded Done or Failed."""
     started = time.perf_counter()
     try:
         fn, model = _function_and_model(msg, models, functions)
-        args, kwargs = loads(msg.payload, "the job's arguments")
+        args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments", writable=False)
         result = fn(model, *args, **kwargs)
-        del args, kwargs
-        seconds = time.perf_counter() - started
-        return encode(Done(msg.job_id, seconds, dumps(result, f"the result of {_name(fn)}")))
+        del args, kwargs  # lets the arguments' shared memory go
     except BaseException as exc:
         seconds = time.perf_counter() - started
         error, tb = pack_exception(exc)
-        return encode(Failed(msg.job_id, seconds, error, tb))
+        return [(encode(Failed(msg.job_id, seconds, error, tb)), [])]
+    return [_done(msg.job_id, time.perf_counter() - started, result, f"the result of {_name(fn)}", settings)]
 
 
-def _run_batch(msg: RunBatch, models: dict[str, Any], functions: dict[int, Callable]) -> bytes:
+def _run_batch(
+    msg: RunBatch, models: dict[str, Any], functions: dict[int, Callable], settings: WorkerSettings
+) -> list[Reply]:
     """Call a batched function once over every job's item; a Done or Failed per job, in order."""
     started = time.perf_counter()
+    spans = msg.spans or ((),) * len(msg.job_ids)
+    fds = msg.fds or (-1,) * len(msg.job_ids)
     try:
         fn, model = _function_and_model(msg, models, functions)
-        items = [loads(payload, "a batch item")[0][0] for payload in msg.payloads]
+        items = []
+        for i, (payload, fd, job_spans) in enumerate(zip(msg.payloads, fds, spans)):
+            try:
+                items.append(unpack(payload, fd, job_spans, "a batch item", writable=False)[0][0])
+            except BaseException:
+                for unused in fds[i + 1 :]:  # unpack closed the ones it took
+                    if unused >= 0:
+                        os.close(unused)
+                raise
         results = list(fn(model, items))
         del items
         if len(results) != len(msg.job_ids):
@@ -217,16 +259,12 @@ def _run_batch(msg: RunBatch, models: dict[str, Any], functions: dict[int, Calla
     except BaseException as exc:
         seconds = time.perf_counter() - started
         error, tb = pack_exception(exc)
-        return b"".join(encode(Failed(job_id, seconds, error, tb)) for job_id in msg.job_ids)
+        return [(encode(Failed(job_id, seconds, error, tb)), []) for job_id in msg.job_ids]
     seconds = time.perf_counter() - started
-    replies = []
-    for job_id, result in zip(msg.job_ids, results):
-        try:
-            replies.append(encode(Done(job_id, seconds, dumps(result, f"a result of {_name(fn)}"))))
-        except SerializationError as exc:
-            error, tb = pack_exception(exc)
-            replies.append(encode(Failed(job_id, seconds, error, tb)))
-    return b"".join(replies)
+    return [
+        _done(job_id, seconds, result, f"a result of {_name(fn)}", settings)
+        for job_id, result in zip(msg.job_ids, results)
+    ]
 
 
 def _resident_bytes_reader() -> Callable[[], int]:

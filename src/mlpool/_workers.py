@@ -117,6 +117,7 @@ class WorkerHandle:
         if self.closed:
             return
         self.closed = True
+        self.reader.close()
         self.sock.close()
         self.conn.close()
         try:
