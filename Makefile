@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.mlpool-dev-installed
 
-.PHONY: demo quickstart test bench bench-batching chaos clean
+.PHONY: demo quickstart test bench bench-batching bench-payload chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(DEV_STAMP)
 ## Batched against unbatched scoring of a scikit-learn RandomForest.
 bench-batching: $(DEV_STAMP)
 	$(BIN)/python bench/batching.py
+
+## Large arrays in and out: shared memory against the pipe.
+bench-payload: $(DEV_STAMP)
+	$(BIN)/python bench/payload.py
 
 ## Sustained load while workers are SIGKILLed at random (20 s).
 chaos: $(DEV_STAMP)

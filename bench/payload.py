@@ -88,13 +88,18 @@ def main() -> None:
             rows.append(row)
             print(f"  {mb} MB done", flush=True)
     columns = list(rows[0])[1:]
-    print("\n| size | " + " | ".join(columns) + " | in: vs ProcessPool | in: vs in-process |")
-    print("|---|" + "---:|" * (len(columns) + 2))
+    print("\n| size | " + " | ".join(columns) + " | in: ProcessPool / mlpool | in: mlpool / in-process "
+          "| out: ProcessPool / mlpool | out: mlpool / in-process |")  # fmt: skip
+    print("|---|" + "---:|" * (len(columns) + 4))
     for row in rows:
         cells = " | ".join(f"{row[c] * 1e3:.2f} ms" for c in columns)
-        vs_ppe = row["in: ProcessPool"] / row["in: mlpool"]
-        vs_local = row["in: mlpool"] / row["in: in-process copy + sum"]
-        print(f"| {row['size']} | {cells} | {vs_ppe:.0f}x faster | {vs_local:.2f}x |")
+        ratios = (
+            row["in: ProcessPool"] / row["in: mlpool"],
+            row["in: mlpool"] / row["in: in-process copy + sum"],
+            row["out: ProcessPool"] / row["out: mlpool"],
+            row["out: mlpool"] / row["out: in-process copy"],
+        )
+        print(f"| {row['size']} | {cells} | " + " | ".join(f"{r:.1f}x" for r in ratios) + " |")
 
 
 if __name__ == "__main__":

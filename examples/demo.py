@@ -62,7 +62,7 @@ class Server:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log.append(line)
-            if "Application startup complete" in line:
+            if "Uvicorn running on" in line:  # after the lifespan started, once the socket listens
                 self.ready.set()
         self.ready.set()  # the server exited: wait_ready() will say so
 

@@ -44,7 +44,7 @@ class UvicornServer:
             with self._logged:
                 self.log.append(line)
                 self._logged.notify_all()
-            if "Application startup complete" in line:
+            if "Uvicorn running on" in line:  # after the lifespan started, once the socket listens
                 self._ready.set()
         self._ready.set()
 

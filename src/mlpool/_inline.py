@@ -13,7 +13,6 @@ job runs.
 
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 import traceback
@@ -24,7 +23,7 @@ from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, RemoteTraceback
 from mlpool._jobs import Job, JobState
 from mlpool._manager import Manager, PoolState
-from mlpool._shm import pack, unpack
+from mlpool._serialization import dumps
 
 
 class InlineManager(Manager):
@@ -89,9 +88,7 @@ class InlineManager(Manager):
                 if fn is None:
                     fn = self._loaded_functions[job.fn_id] = pickle.loads(job.fn_pickle)
                 model = self._models[job.model]
-                payload = job.payload
-                fd = os.dup(payload.fd) if payload.fd >= 0 else -1  # the job keeps its own
-                args, kwargs = unpack(payload.data, fd, payload.spans, "the job's arguments", writable=False)
+                args, kwargs = job.payload.loads("the job's arguments")
                 if job.batch_policy is not None:
                     results = list(fn(model, [args[0]]))
                     if len(results) != 1:
@@ -102,10 +99,7 @@ class InlineManager(Manager):
                     result = results[0]
                 else:
                     result = fn(model, *args, **kwargs)
-                config = self.config
-                out = pack(result, f"the result of {job.fn_name}", config.shared_memory_threshold,
-                           config.shared_memory_limit)  # fmt: skip
-                return True, unpack(out.data, out.fd, out.spans, f"the result of {job.fn_name}", writable=True)
+                return True, pickle.loads(dumps(result, f"the result of {job.fn_name}"))
             except Exception as exc:
                 tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')

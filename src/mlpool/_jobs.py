@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mlpool._batching import BatchPolicy
-    from mlpool._shm import Payload
+    from mlpool._shm import Payload, Region
     from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Job:
     __slots__ = (
         "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
         "deadline", "retries_left", "state", "worker", "future_running", "estimate",
-        "submitted_at", "fn_name", "batch_policy", "batch_id",
+        "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer",
     )  # fmt: skip
 
     def __init__(
@@ -75,6 +75,7 @@ class Job:
         self.submitted_at = time.monotonic()
         self.batch_policy = batch_policy  # set for a batched function's job
         self.batch_id: int | None = None  # while running: the id shared by its batch
+        self.result_offer: Region | None = None  # shared memory offered for its result
         self.loop = loop
         if loop is None:
             self.future: Future | None = Future()

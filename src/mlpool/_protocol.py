@@ -33,8 +33,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 _HEADER = struct.Struct("<IB")
-_RUN = struct.Struct("<QIHII")  # job id, function id, model name length, function pickle length, spans
-_DONE = struct.Struct("<QdI")  # job id, seconds the call took, spans
+_RUN = struct.Struct("<QIHIIB")  # job id, function id, name length, function pickle length, spans, offer
+_DONE = struct.Struct("<QdIB")  # job id, seconds the call took, spans, where they are (see _shm)
 _SPAN = struct.Struct("<QQ")  # offset, length in the payload's shared-memory file
 _FAILED = struct.Struct("<QdI")  # job id, seconds, length of the pickled exception
 
@@ -43,6 +43,7 @@ _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
+_NEW_FILE = 2  # Done.where: the result's buffers are in a file sent along (_shm.NEW_FILE)
 
 MAX_FRAME = 2**32 - 1
 
@@ -59,6 +60,8 @@ class Run:
     payload: bytes
     spans: Spans = ()
     fd: int = field(default=-1, compare=False)  # the spans' shared-memory file, when received
+    offer: bool = False  # a shared-memory file comes along for the result
+    offer_fd: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,7 @@ class Done:
     seconds: float
     result: bytes
     spans: Spans = ()
+    where: int = 0  # the spans: nowhere, in the offered file, in a new file (sent along)
     fd: int = field(default=-1, compare=False)
 
 
@@ -153,12 +157,12 @@ def _read_spans(body: bytes, start: int, count: int) -> Spans:
 def encode(msg: ToWorker | FromWorker) -> bytes:
     """One frame holding ``msg`` (its descriptors are sent alongside, not in it)."""
     match msg:
-        case Run(job_id, fn_id, model, fn, payload, spans):
-            return encode_run(job_id, fn_id, model, fn, payload, spans)
+        case Run(job_id, fn_id, model, fn, payload, spans, _, offer):
+            return encode_run(job_id, fn_id, model, fn, payload, spans, offer)
         case RunBatch(job_ids, fn_id, model, fn, payloads, spans):
             return encode_run_batch(job_ids, fn_id, model, fn, payloads, spans)
-        case Done(job_id, seconds, result, spans):
-            return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, len(spans)), _spans(spans), result)
+        case Done(job_id, seconds, result, spans, where):
+            return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, len(spans), where), _spans(spans), result)
         case Failed(job_id, seconds, error, tb):
             return _frame(_FAILED_KIND, _FAILED.pack(job_id, seconds, len(error)), error, tb.encode())
         case Stop():
@@ -174,10 +178,12 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
     raise TypeError(f"not a wire message: {msg!r}")
 
 
-def encode_run(job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes, spans: Spans = ()) -> bytes:
+def encode_run(
+    job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes, spans: Spans = (), offer: bool = False
+) -> bytes:
     """``encode(Run(...))`` without building the message first (the dispatch hot path)."""
     name = model.encode()
-    head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans))
+    head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans), offer)
     return _frame(_RUN_KIND, head, _spans(spans), name, fn, payload)
 
 
@@ -198,18 +204,20 @@ def encode_run_batch(
 def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | FromWorker:
     """The message in one frame's body; it takes its descriptors from ``fds``."""
     if kind == _DONE_KIND:
-        job_id, seconds, count = _DONE.unpack_from(body)
+        job_id, seconds, count, where = _DONE.unpack_from(body)
         start = _DONE.size + count * _SPAN.size
         spans = _read_spans(body, _DONE.size, count)
-        return Done(job_id, seconds, body[start:], spans, _take_fd(fds) if spans else -1)
+        return Done(job_id, seconds, body[start:], spans, where, _take_fd(fds) if where == _NEW_FILE else -1)
     if kind == _RUN_KIND:
-        job_id, fn_id, name_len, fn_len, count = _RUN.unpack_from(body)
+        job_id, fn_id, name_len, fn_len, count, offer = _RUN.unpack_from(body)
         spans = _read_spans(body, _RUN.size, count)
         start = _RUN.size + count * _SPAN.size
         model = body[start : start + name_len].decode()
         start += name_len
         fd = _take_fd(fds) if spans else -1
-        return Run(job_id, fn_id, model, body[start : start + fn_len], body[start + fn_len :], spans, fd)
+        offer_fd = _take_fd(fds) if offer else -1
+        return Run(job_id, fn_id, model, body[start : start + fn_len], body[start + fn_len :], spans, fd, bool(offer),
+                   offer_fd)  # fmt: skip
     if kind == _FAILED_KIND:
         job_id, seconds, err_len = _FAILED.unpack_from(body)
         start = _FAILED.size

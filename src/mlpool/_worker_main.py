@@ -46,7 +46,7 @@ from mlpool._protocol import (
     write_all,
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, pack_exception
-from mlpool._shm import pack, unpack
+from mlpool._shm import unpack, write_result
 
 # Read by OpenMP, OpenBLAS, MKL, Accelerate, NumExpr and BLIS when they load.
 THREAD_ENV_VARS = (
@@ -206,29 +206,33 @@ def _function_and_model(msg: Run | RunBatch, models: dict[str, Any], functions: 
 Reply = tuple[bytes, list[int]]  # an encoded frame and the descriptors to send with it
 
 
-def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerSettings) -> Reply:
+def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerSettings, offer: int = -1) -> Reply:
     try:
-        payload = pack(result, what, settings.shm_threshold, settings.shm_limit)
+        data, spans, where, fd = write_result(result, what, settings.shm_threshold, settings.shm_limit, offer)
     except SerializationError as exc:
         error, tb = pack_exception(exc)
         return encode(Failed(job_id, seconds, error, tb)), []
-    fds = [payload.fd] if payload.fd >= 0 else []
-    return encode(Done(job_id, seconds, payload.data, payload.spans)), fds
+    return encode(Done(job_id, seconds, data, spans, where)), [fd] if fd >= 0 else []
 
 
 def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable], settings: WorkerSettings) -> list[Reply]:
     """Run one job; its encoded Done or Failed."""
     started = time.perf_counter()
     try:
-        fn, model = _function_and_model(msg, models, functions)
-        args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments", writable=False)
-        result = fn(model, *args, **kwargs)
-        del args, kwargs  # lets the arguments' shared memory go
-    except BaseException as exc:
+        try:
+            fn, model = _function_and_model(msg, models, functions)
+            args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments", writable=False)
+            result = fn(model, *args, **kwargs)
+            del args, kwargs  # lets the arguments' shared memory go
+        except BaseException as exc:
+            seconds = time.perf_counter() - started
+            error, tb = pack_exception(exc)
+            return [(encode(Failed(msg.job_id, seconds, error, tb)), [])]
         seconds = time.perf_counter() - started
-        error, tb = pack_exception(exc)
-        return [(encode(Failed(msg.job_id, seconds, error, tb)), [])]
-    return [_done(msg.job_id, time.perf_counter() - started, result, f"the result of {_name(fn)}", settings)]
+        return [_done(msg.job_id, seconds, result, f"the result of {_name(fn)}", settings, msg.offer_fd)]
+    finally:
+        if msg.offer_fd >= 0:
+            os.close(msg.offer_fd)
 
 
 def _run_batch(
