@@ -221,7 +221,7 @@ def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable], setti
     try:
         try:
             fn, model = _function_and_model(msg, models, functions)
-            args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments", writable=False)
+            args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments")
             result = fn(model, *args, **kwargs)
             del args, kwargs  # lets the arguments' shared memory go
         except BaseException as exc:
@@ -247,7 +247,7 @@ def _run_batch(
         items = []
         for i, (payload, fd, job_spans) in enumerate(zip(msg.payloads, fds, spans)):
             try:
-                items.append(unpack(payload, fd, job_spans, "a batch item", writable=False)[0][0])
+                items.append(unpack(payload, fd, job_spans, "a batch item")[0][0])
             except BaseException:
                 for unused in fds[i + 1 :]:  # unpack closed the ones it took
                     if unused >= 0:
