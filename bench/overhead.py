@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import time
-from functools import partial
 
 from mlpool import MLPool
 

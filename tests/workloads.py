@@ -227,7 +227,6 @@ def batch_spin(model: dict, items: list) -> list:
 
 def array_summary(model: dict, array) -> tuple:
     """What the worker received: checksum, shape, dtype, and whether it is a read-only view."""
-    import numpy as np
 
     return (byte_sum(array), array.shape, str(array.dtype), bool(array.flags.writeable), bool(array.flags.owndata))
 

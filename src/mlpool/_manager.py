@@ -41,10 +41,8 @@ import itertools
 import logging
 import multiprocessing
 import os
-import pickle
 import select
 import selectors
-import socket
 import threading
 import time
 import uuid
@@ -62,7 +60,6 @@ from mlpool._errors import (
     PoolBrokenError,
     PoolClosedError,
     PoolFullError,
-    SerializationError,
     UnknownModelError,
     WorkerCrashedError,
 )
