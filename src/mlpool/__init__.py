@@ -21,7 +21,7 @@ from mlpool._errors import (
     UnknownModelError,
     WorkerCrashedError,
 )
-from mlpool._manager import PoolStats
+from mlpool._state import PoolStats
 from mlpool._pool import MLPool
 from mlpool._resources import usable_cpu_count
 

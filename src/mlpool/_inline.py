@@ -22,7 +22,8 @@ from typing import Any, Callable
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, RemoteTraceback
 from mlpool._jobs import Job, JobState
-from mlpool._manager import Manager, PoolState
+from mlpool._manager import Manager
+from mlpool._state import PoolState
 from mlpool._serialization import dumps
 
 

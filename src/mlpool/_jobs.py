@@ -18,6 +18,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
+
+# A job expected to run shorter than this may wait behind others in a worker.
+PIPELINE_BUDGET = 0.001
 
 
 class JobState(enum.Enum):
@@ -125,7 +129,7 @@ def settle(outcomes: list[tuple[Job, bool, Any]]) -> None:
                 future.set_exception(value)
         except InvalidStateError:  # the caller cancelled it meanwhile
             pass
-    here = asyncio.events._get_running_loop()
+    here = running_loop()
     for loop, items in by_loop.items():
         if loop is here:  # settled by the loop's own reader: no thread hop
             _settle_async(items)
@@ -147,3 +151,23 @@ def _settle_async(items: list[tuple[asyncio.Future, bool, Any]]) -> None:
             afut.set_result(value)
         else:
             afut.set_exception(value)
+
+
+def running_unit(inflight: deque[Job] | list[Job]) -> list[Job]:
+    """The jobs a worker is running now: its first job, with its batch mates."""
+    if not inflight:
+        return []
+    head = inflight[0]
+    if head.batch_id is None:
+        return [head]
+    unit = []
+    for job in inflight:
+        if job.batch_id != head.batch_id:
+            break
+        unit.append(job)
+    return unit
+
+
+# The event loop running in this thread, or None (the C fast path of
+# asyncio.get_running_loop, without the exception).
+running_loop = asyncio.events._get_running_loop

@@ -30,40 +30,40 @@ started and go back to the front of the queue.
 
 Outcomes are decided under the lock and handed to callers after it is
 released (``_release``): user callbacks never run under our lock.
+
+The class is split by topic: who reads the pipes is in ``_pipes``, deaths,
+restarts, deadlines and shutdown in ``_lifecycle``; all share this state
+and these rules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import heapq
 import itertools
 import logging
 import multiprocessing
 import os
-import select
 import selectors
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from mlpool._batching import BatchQueue, batch_policy
 from mlpool._config import PoolConfig
 from mlpool._errors import (
-    JobTimeoutError,
-    MLPoolError,
-    ModelLoadError,
     PoolBrokenError,
     PoolClosedError,
     PoolFullError,
     UnknownModelError,
-    WorkerCrashedError,
 )
-from mlpool._jobs import CANCELLED, Job, JobState, settle
+from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, Job, JobState, running_loop, running_unit, settle
+from mlpool._lifecycle import WorkerLifecycle
+from mlpool._pipes import PipeReaders
+from mlpool._state import PoolState, PoolStats
 from mlpool._metrics import LatencyRecorder
 from mlpool._protocol import (
     Done,
@@ -72,22 +72,17 @@ from mlpool._protocol import (
     LoadFailed,
     OverMemory,
     Ready,
-    Stop,
-    encode,
     encode_run,
     encode_run_batch,
     send_frames,
-    write_all,
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
 from mlpool._worker_main import WorkerSettings
-from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
+from mlpool._workers import WorkerHandle, WorkerState
 
 logger = logging.getLogger(__name__)
 
-# A job expected to run shorter than this may wait behind others in a worker.
-PIPELINE_BUDGET = 0.001
 # At most this many jobs held by one worker at once.
 MAX_INFLIGHT = 8
 # Only jobs this small are sent to a worker that is busy: the bytes must fit
@@ -96,59 +91,9 @@ PIPELINE_MAX_BYTES = 16 * 1024
 # Smoothing of each function's measured duration.
 ESTIMATE_WEIGHT = 0.2
 
-# Consecutive worker failures (a failed start, a death while idle) before the
-# pool gives up, and the back-off between the restarts that lead there.
-MAX_CONSECUTIVE_FAILURES = 5
-RESTART_BACKOFF_FIRST = 0.05
-RESTART_BACKOFF_MAX = 2.0
-# After SIGTERM at the end of a shutdown, how long before SIGKILL.
-TERMINATE_GRACE = 1.0
 
 
-class PoolState(enum.Enum):
-    STARTING = "starting"  # workers are loading models; jobs queue up
-    RUNNING = "running"  # serving
-    CLOSING = "closing"  # shutdown asked: no new jobs, draining, then stopping workers
-    CLOSED = "closed"  # every worker reaped, manager thread gone
-    BROKEN = "broken"  # workers cannot be kept alive; every job is refused
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """A snapshot of the pool, from :meth:`mlpool.MLPool.stats`."""
-
-    state: str
-    workers_alive: int
-    workers_busy: int
-    queue_depth: int
-    jobs_running: int
-    jobs_completed: int
-    jobs_failed: int
-    jobs_crashed: int
-    jobs_timed_out: int
-    jobs_cancelled: int
-    jobs_retried: int
-    worker_restarts: int  # replacements after a crash, a timeout or an interrupt
-    workers_recycled: int  # graceful replacements (max_jobs_per_worker, max_memory_per_worker)
-    results_unfetched: int  # finished job-id results waiting for get_result
-    latency_p50: float | None  # seconds from submission to outcome, over the last 2048 jobs
-    latency_p95: float | None
-    latency_p99: float | None
-    run_seconds_mean: float | None  # mean time in the scoring function, same window
-    latency_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound, count) since start
-    latency_sum: float  # seconds, since start
-    latency_count: int
-
-    @property
-    def estimated_wait(self) -> float:
-        """Seconds a new job would wait for a worker, from the queue depth and
-        recent run times (0 when unknown): an honest ``Retry-After``."""
-        if not self.run_seconds_mean or not self.queue_depth:
-            return 0.0
-        return self.queue_depth * self.run_seconds_mean / max(1, self.workers_alive)
-
-
-class Manager:
+class Manager(PipeReaders, WorkerLifecycle):
     """Owns the workers, the queue, the deadlines and the job-id registry."""
 
     def __init__(self, config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> None:
@@ -365,7 +310,7 @@ class Manager:
                 self._counts["cancelled"] += 1
                 worker = job.worker
                 assert worker is not None
-                if interrupt and job in _running_unit(worker.inflight):
+                if interrupt and job in running_unit(worker.inflight):
                     worker.kill(f"job {job.id} was cancelled with interrupt=True")
                 return True
             return False
@@ -521,7 +466,7 @@ class Manager:
         ]
         if not workers:
             return
-        here = _running_loop()
+        here = running_loop()
         frames: dict[WorkerHandle, list[tuple[bytes, int]]] = {}
         estimates = self._estimates
         held: list[BatchQueue] = []
@@ -660,178 +605,6 @@ class Manager:
         self._queue(job, front=True)
         self._queued += 1
 
-    # ------------------------------------------------------------------ loans
-    # A worker's pipe is read by the manager thread unless it is lent:
-    # - to a caller thread, for one job, when the pool is idle (run_lent):
-    #   the caller waits on the pipe itself, one thread hop fewer;
-    # - to an event loop (loop.add_reader) while that loop's jobs keep the
-    #   worker busy: results reach coroutines with no thread hop, and the
-    #   manager thread, idle, does not compete with the loop for the GIL.
-    # A borrower reads under worker.read_lock after checking it still is the
-    # borrower. A loan ends when the worker holds no more of the borrower's
-    # jobs, or when the pipe is taken back (a dead worker, a stopped loop).
-
-    def run_lent(self, job: Job) -> bool:
-        """Run ``job`` on an idle worker, reading its pipe in this thread.
-
-        False, with nothing done, when no worker is free or jobs are queued
-        (then enqueue it). True when the job's future is settled, or the
-        manager took the pipe back (a crash, a timeout) and will settle it.
-        """
-        if job.batch_policy is not None:
-            return False
-        token = object()
-        self._lock.acquire()
-        try:
-            self._check_accepting()
-            if self._pending or job.state is not JobState.NEW:
-                return False
-            for worker in self._workers.values():
-                if worker.state is WorkerState.IDLE and not worker.inflight:
-                    break
-            else:
-                return False
-            if worker.borrower is not None:
-                self._take_back(worker, None)
-            with worker.read_lock:
-                worker.borrower = token
-                worker.watchers.add(token)  # until it stops polling: no one closes the fds
-                self._watch(worker)
-            self._watch_deadline(job)
-            job.mark_running()
-            job.state = JobState.RUNNING
-            job.worker = worker
-            job.estimate = self._estimates.get(job.fn_id, PIPELINE_BUDGET)
-            worker.inflight.append(job)
-            worker.backlog += job.estimate
-            self._send(worker, [(*self._run_frame(worker, [job]), 1)])
-            if job.state is not JobState.RUNNING:  # the pipe was closed: requeued
-                self._end_loan(worker, token)
-                worker.watchers.discard(token)
-                return True
-        finally:
-            self._release()
-        self._wait_lent(worker, job, token)
-        return True
-
-    def _wait_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
-        try:
-            self._poll_lent(worker, job, token)
-        finally:
-            with worker.read_lock:
-                worker.watchers.discard(token)
-                if not worker.watchers and worker.state is WorkerState.EXITED:
-                    worker.close()  # the manager reaped it while we polled
-
-    def _poll_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
-        poller = select.poll()
-        poller.register(worker.fd, select.POLLIN)
-        poller.register(worker.sentinel, select.POLLIN)
-        while True:
-            # No timeout: a job deadline kills the worker, which wakes this.
-            events = poller.poll()
-            with worker.read_lock:
-                if worker.borrower is not token:
-                    return  # the manager took the pipe back
-                messages = self._read_locked(worker)
-            died = worker.eof or any(fd == worker.sentinel for fd, _ in events)
-            self._lock.acquire()
-            try:
-                for msg in messages:
-                    self._on_message(worker, msg)
-                if died or job not in worker.inflight:
-                    self._end_loan(worker, token)
-                    return
-            finally:
-                self._release()
-
-    def _end_loan(self, worker: WorkerHandle, token: object) -> None:
-        """Give the pipe back to the manager (under the lock)."""
-        with worker.read_lock:
-            if worker.borrower is token:
-                worker.borrower = None
-                self._watch(worker)
-        if self._state is not PoolState.RUNNING:
-            self._need_wake = True  # shutdown may wait for this worker
-        self._dispatch()
-
-    def _lend_to_loop(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
-        """Let ``loop`` (running in this thread) read the worker's pipe (under the lock)."""
-        with worker.read_lock:
-            worker.borrower = loop
-            self._watch(worker)
-            if loop not in worker.watchers:
-                loop.add_reader(worker.fd, self._on_loop_readable, worker, loop)
-                worker.watchers.add(loop)
-
-    def _on_loop_readable(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
-        """Runs in ``loop``: read results, settle them here, keep the worker busy."""
-        with worker.read_lock:
-            if worker.borrower is not loop:
-                self._remove_loop_reader(worker, loop)
-                return
-            messages = self._read_locked(worker)
-            if worker.eof:  # it died: the manager settles its jobs (sentinel)
-                self._remove_loop_reader(worker, loop)
-        self._lock.acquire()
-        try:
-            for msg in messages:
-                self._on_message(worker, msg)
-            self._dispatch()
-            if not worker.inflight and self._state is not PoolState.RUNNING:
-                self._take_back(worker, loop)  # shutdown waits for this worker
-        finally:
-            self._release()
-
-    def _take_back(self, worker: WorkerHandle, here: asyncio.AbstractEventLoop | None) -> None:
-        """End an idle loan: the manager reads the pipe again (under the lock).
-
-        A loop keeps its loan while idle, so its next job needs no system
-        call; anyone else who needs the worker takes it back first. A loop's
-        reader is removed now if that loop runs in this thread, else by the
-        loop itself on its next wake-up (it sees it is no longer the borrower).
-        """
-        with worker.read_lock:
-            loop = worker.borrower
-            if loop is None:
-                return
-            worker.borrower = None
-            if loop is here:
-                self._remove_loop_reader(worker, loop)
-            self._watch(worker)
-        if self._state is not PoolState.RUNNING:
-            self._need_wake = True
-
-    def _remove_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
-        """In ``loop``, holding worker.read_lock."""
-        if loop in worker.watchers:
-            loop.remove_reader(worker.fd)
-            worker.watchers.discard(loop)
-            if not worker.watchers and worker.state is WorkerState.EXITED:
-                worker.close()
-
-    def _drop_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
-        """Scheduled in ``loop`` by _dispose."""
-        with worker.read_lock:
-            self._remove_loop_reader(worker, loop)
-
-    def _reclaim_stopped_loans(self) -> bool:
-        """Take pipes back from event loops that stopped running (under the lock).
-
-        A stopped loop still has its reader registered; when it runs again,
-        the reader sees it is no longer the borrower and removes itself.
-        """
-        reclaimed = False
-        for worker in self._workers.values():
-            loop = worker.borrower
-            if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
-                with worker.read_lock:
-                    if worker.borrower is loop:
-                        worker.borrower = None
-                        self._watch(worker)
-                        reclaimed = True
-        return reclaimed
-
     # ----------------------------------------------------------- manager loop
 
     def _run(self) -> None:
@@ -924,65 +697,6 @@ class Manager:
         except BlockingIOError:
             pass
 
-    def _read(self, worker: WorkerHandle) -> list:
-        """The manager's read of a worker pipe select() reported readable."""
-        with worker.read_lock:
-            if worker.borrower is not None:  # lent since select() returned
-                self._watch(worker)
-                return []
-            return self._read_locked(worker)
-
-    def _read_locked(self, worker: WorkerHandle) -> list:
-        """Read what the pipe holds, without blocking (hold worker.read_lock)."""
-        self._recv(worker)
-        return worker.reader.messages()
-
-    def _recv(self, worker: WorkerHandle) -> bool:
-        """One non-blocking read into the worker's buffer; False if it got nothing."""
-        if worker.eof:
-            return False
-        try:
-            if worker.reader.recv_from(worker.sock):
-                return True
-        except BlockingIOError:  # another reader took it, or a spurious wake-up
-            return False
-        except OSError:
-            pass
-        worker.eof = True
-        self._watch(worker)
-        return False
-
-    def _read_remaining(self, worker: WorkerHandle) -> list:
-        """Take the pipe of a dead worker back and read what it wrote before dying."""
-        with worker.read_lock:
-            worker.borrower = None
-            while self._recv(worker):  # stops at end of file, or when a grandchild holds it open
-                pass
-            worker.eof = True
-            self._watch(worker)
-            return worker.reader.messages()
-
-    def _watch(self, worker: WorkerHandle) -> None:
-        """Have the manager's select() watch the pipe exactly when it expects a
-        message there and nobody else reads it (hold worker.read_lock).
-
-        An idle worker's pipe is not watched: lending it costs no system call,
-        and its death is seen on the process sentinel.
-        """
-        wanted = (
-            not worker.eof
-            and worker.borrower is None
-            and (worker.state is WorkerState.STARTING or bool(worker.inflight))
-        )
-        if worker.registered is wanted:
-            return
-        with self._selector_lock:
-            if wanted:
-                self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
-            else:
-                self._selector.unregister(worker.fd)
-        worker.registered = wanted
-
     # ----------------------------------------------- manager: under the lock
 
     def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
@@ -1034,302 +748,6 @@ class Manager:
             case Exiting():
                 pass
 
-    def _on_exit(self, worker: WorkerHandle, exitcode: int | None) -> None:
-        """A worker's process is gone: settle the jobs it held, maybe replace it."""
-        del self._workers[worker.id]
-        how = describe_exit(exitcode)
-        was = worker.state
-        worker.state = WorkerState.EXITED
-        intended = worker.kill_reason is not None or was is WorkerState.STOPPING
-        jobs = list(worker.inflight)
-        worker.inflight.clear()
-        running = _running_unit(jobs)  # the job (or batch) it was running
-        for job in jobs:
-            job.worker = None
-            if job.result_offer is not None:  # it may have half-written it: just take it back
-                self._regions.give(job.result_offer)
-                job.result_offer = None
-        for job in reversed(jobs[len(running) :]):  # never started: it runs jobs in order
-            if job.state is JobState.RUNNING:
-                self._requeue(job)
-        for job in reversed(running):
-            if job.state is JobState.RUNNING:
-                self._settle_crashed(worker, job, how, exitcode, intended)
-        for job in jobs:
-            if job.state is JobState.FINISHED:
-                self._release_memory(job)
-        # Died holding no job and not by our hand: a failed start (a loader
-        # raised) or a death while idle. Only these count toward giving up.
-        unexplained = not intended and not jobs
-        if self._state is PoolState.STARTING:
-            self._fail_start(worker, how)
-            return
-        if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self._state is PoolState.BROKEN:
-            return  # a retiring worker's replacement is already on its way
-        if self._state is PoolState.CLOSING and not self._queued:
-            return
-        if unexplained:
-            self._failures += 1
-            if self._failures >= MAX_CONSECUTIVE_FAILURES:
-                self._break(self._failure_reason(worker, how))
-                return
-            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (self._failures - 1))
-            logger.warning(
-                "worker %d %s (%d failures in a row); restarting in %.2fs", worker.id, how, self._failures, delay
-            )
-        else:
-            delay = 0.0
-        self._counts["restarts"] += 1
-        heapq.heappush(self._spawn_at, time.monotonic() + delay)
-
-    def _settle_crashed(
-        self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None, intended: bool
-    ) -> None:
-        if self._state in (PoolState.CLOSING, PoolState.BROKEN) and worker.kill_reason is not None:
-            self._finish(job, False, PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished"))
-            return
-        if intended:
-            # We killed the worker for another job of its batch (a timeout,
-            # an interrupt): this one is innocent; run it again.
-            self._requeue(job)
-            return
-        if job.retries_left > 0 and self._state is not PoolState.BROKEN:
-            job.retries_left -= 1
-            self._counts["retried"] += 1
-            logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)
-            self._requeue(job)
-            return
-        self._counts["crashed"] += 1
-        self._finish(
-            job,
-            False,
-            WorkerCrashedError(
-                f"worker {worker.id} (pid {worker.pid}) {how} while running job {job.id} "
-                f"({job.fn_name} on model {job.model!r})",
-                worker_id=worker.id,
-                pid=worker.pid,
-                exitcode=exitcode,
-            ),
-        )
-
-    def _failure_reason(self, worker: WorkerHandle, how: str) -> str:
-        failure = worker.load_failure
-        if failure is not None:
-            return (
-                f"a replacement worker failed to load model {failure.model!r} "
-                f"{self._failures} times in a row: {failure.error}\n{failure.traceback}"
-            )
-        return f"workers died {self._failures} times in a row without finishing a job; the last {how}"
-
-    def _fail_start(self, worker: WorkerHandle, how: str) -> None:
-        failure = worker.load_failure
-        if failure is not None:
-            error: MLPoolError = ModelLoadError(
-                f"worker {worker.id} failed to load model {failure.model!r}: {failure.error}\n"
-                f"Worker traceback:\n{failure.traceback}",
-                model_name=failure.model,
-                remote_traceback=failure.traceback,
-            )
-        else:
-            error = ModelLoadError(f"worker {worker.id} (pid {worker.pid}) {how} while loading models")
-        self._break(str(error), start_error=error)
-
-    def _check_start(self, now: float) -> None:
-        if self._state is PoolState.STARTING and now >= self._start_deadline:
-            error = ModelLoadError(
-                f"workers did not load their models within start_timeout={self.config.start_timeout}s"
-            )
-            self._break(str(error), start_error=error)
-
-    def _set_started(self, error: BaseException | None) -> None:
-        if self.started.done():
-            return
-        if error is None:
-            self.started.set_result(None)
-        else:
-            self.started.set_exception(error)
-
-    def _break(self, reason: str, start_error: BaseException | None = None) -> None:
-        """Give up: fail every job, kill every worker, refuse new jobs."""
-        if self._state is PoolState.BROKEN:
-            return
-        logger.error("mlpool is broken: %s", reason)
-        self._state = PoolState.BROKEN
-        self._broken_reason = reason
-        self._set_started(start_error or PoolBrokenError(reason))
-        error = PoolBrokenError(f"the pool broke: {reason}")
-        self._fail_queued(error)
-        for worker in self._workers.values():
-            for job in worker.inflight:
-                if job.state is JobState.RUNNING:
-                    self._finish(job, False, error)
-            worker.kill("the pool is broken")
-        self._spawn_at.clear()
-
-    def _fail_queued(self, error: BaseException) -> None:
-        for job in self._queued_jobs():
-            if job.state is JobState.QUEUED:
-                self._finish(job, False, error)
-
-    def _cancel_queued(self) -> None:
-        for job in self._queued_jobs():
-            if job.state is JobState.QUEUED:
-                self._finish(job, False, CANCELLED)
-                self._counts["cancelled"] += 1
-
-    def _maybe_retire(self, worker: WorkerHandle) -> None:
-        limit = self.config.max_jobs_per_worker
-        if limit is not None and worker.jobs_done >= limit:
-            self._retire(worker, f"it ran max_jobs_per_worker={limit} jobs")
-        elif worker.state is WorkerState.RETIRING and not worker.inflight:
-            self._stop_worker(worker)
-
-    def _retire(self, worker: WorkerHandle, reason: str) -> None:
-        """Replace ``worker`` gracefully: a replacement starts now; the worker
-        takes no more jobs and is stopped once it has answered those it holds."""
-        if worker.state is not WorkerState.IDLE:
-            return
-        logger.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
-        worker.state = WorkerState.RETIRING
-        self._counts["recycled"] += 1
-        if self._state is PoolState.RUNNING:
-            heapq.heappush(self._spawn_at, time.monotonic())
-            self._need_wake = True
-        if not worker.inflight:
-            self._stop_worker(worker)
-
-    def _stop_worker(self, worker: WorkerHandle) -> None:
-        worker.state = WorkerState.STOPPING
-        try:
-            write_all(worker.fd, encode(Stop()))
-        except OSError:
-            pass
-
-    def _expire_jobs(self, now: float) -> None:
-        """Fail jobs whose deadline passed; kill a worker running one."""
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, job = heapq.heappop(heap)
-            if job.state is JobState.QUEUED:
-                self._queued -= 1
-                self._counts["timed_out"] += 1
-                self._finish(job, False, JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran"))
-            elif job.state is JobState.RUNNING:
-                self._counts["timed_out"] += 1
-                worker = job.worker
-                assert worker is not None
-                running = job in _running_unit(worker.inflight)
-                if running:
-                    message = f"job {job.id} ({job.fn_name}) timed out while running; worker {worker.id} was replaced"
-                else:
-                    message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
-                self._finish(job, False, JobTimeoutError(message, while_running=running))
-                if running:
-                    worker.kill(f"job {job.id} passed its timeout")
-
-    def _expire_results(self, now: float) -> None:
-        """Forget results nobody fetched within result_ttl (oldest first, no scan)."""
-        expiring = self._expiring
-        while expiring:
-            key, expiry = next(iter(expiring.items()))
-            if expiry > now:
-                break
-            del expiring[key]
-            job = self._registry.pop(key, None)
-            if job is not None:
-                logger.debug("job %s: result expired unfetched", key)
-
-    def _advance_shutdown(self, now: float) -> None:
-        if self._state is not PoolState.CLOSING:
-            return
-        busy = self._queued or any(w.inflight for w in self._workers.values())
-        if not busy:
-            for worker in self._workers.values():
-                if worker.state in (WorkerState.IDLE, WorkerState.RETIRING):
-                    self._stop_worker(worker)
-                elif worker.state is WorkerState.STARTING:
-                    worker.kill("the pool is shutting down")
-            self._spawn_at.clear()
-        if not self._workers and not self._spawn_at:
-            self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
-            self._state = PoolState.CLOSED
-            return
-        if self._stop_deadline is None or now < self._stop_deadline:
-            return
-        # Past the deadline: whatever still runs is forced to stop. Force is
-        # safe here: each worker has its own pipe, so a killed worker cannot
-        # leave a shared queue or lock broken for the others.
-        self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
-        self._spawn_at.clear()
-        if self._escalated == 0:
-            logger.warning("shutdown timed out; terminating %d workers", len(self._workers))
-            for worker in self._workers.values():
-                worker.kill_reason = worker.kill_reason or "shutdown timed out"
-                worker.terminate()
-            self._escalated = 1
-            self._stop_deadline = now + TERMINATE_GRACE
-        else:
-            logger.warning("workers ignored SIGTERM; killing %d", len(self._workers))
-            for worker in self._workers.values():
-                worker.kill("shutdown timed out")
-            self._stop_deadline = None
-
-    # ------------------------------------------------ manager: outside the lock
-
-    def _spawn_due_workers(self) -> None:
-        now = time.monotonic()
-        while self._spawn_at and self._spawn_at[0] <= now:
-            heapq.heappop(self._spawn_at)
-            if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
-                continue
-            try:
-                worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
-            except Exception as exc:  # out of processes, memory or file descriptors
-                logger.exception("could not start a worker process")
-                self._lock.acquire()
-                try:
-                    self._failures += 1
-                    if self._state is PoolState.STARTING or self._failures >= MAX_CONSECUTIVE_FAILURES:
-                        self._break(f"could not start a worker process: {exc!r}", start_error=ModelLoadError(
-                            f"could not start a worker process: {exc!r}"))
-                    else:
-                        heapq.heappush(self._spawn_at, now + RESTART_BACKOFF_MAX)
-                finally:
-                    self._release()
-                continue
-            with self._selector_lock:
-                self._selector.register(worker.sentinel, selectors.EVENT_READ, ("exit", worker))
-            with worker.read_lock:
-                self._watch(worker)
-            with self._lock:
-                self._workers[worker.id] = worker
-
-    def _dispose(self, worker: WorkerHandle) -> None:
-        """Close a reaped worker's pipe and sentinel, once nobody waits on them:
-        closing an fd another thread polls lets the number be reused under it."""
-        with worker.read_lock:
-            loops = [w for w in worker.watchers if isinstance(w, asyncio.AbstractEventLoop)]
-        for loop in loops:
-            try:
-                loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
-            except RuntimeError:  # the loop is closed: its selector is gone
-                with worker.read_lock:
-                    worker.watchers.discard(loop)
-        with worker.read_lock:
-            if not worker.watchers:  # else the last watcher to leave closes it
-                worker.close()
-
-    def _close_resources(self) -> None:
-        self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
-        self._regions.close()
-        self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-        self._wake_r = self._wake_w = -1
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-
 def _pick_worker(
     workers: list[WorkerHandle], loop: asyncio.AbstractEventLoop | None, estimate: float | None, size: int
 ) -> WorkerHandle | None:
@@ -1365,21 +783,6 @@ def _pick_worker(
     return best
 
 
-_running_loop = asyncio.events._get_running_loop
 
-
-def _running_unit(inflight: deque[Job] | list[Job]) -> list[Job]:
-    """The jobs a worker is running now: its first job, with its batch mates."""
-    if not inflight:
-        return []
-    head = inflight[0]
-    if head.batch_id is None:
-        return [head]
-    unit = []
-    for job in inflight:
-        if job.batch_id != head.batch_id:
-            break
-        unit.append(job)
-    return unit
 
 

@@ -16,7 +16,9 @@ from mlpool._config import PoolConfig
 from mlpool._errors import JobTimeoutError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job
 from mlpool._inline import InlineManager
-from mlpool._manager import TERMINATE_GRACE, Manager, PoolState, PoolStats
+from mlpool._lifecycle import TERMINATE_GRACE
+from mlpool._manager import Manager
+from mlpool._state import PoolState, PoolStats
 from mlpool._session import Session
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping

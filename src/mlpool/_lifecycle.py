@@ -1,0 +1,316 @@
+"""Worker deaths, restarts, recycling, deadlines and shutdown (part of the Manager).
+
+A death settles exactly the jobs the worker held: the one it was running
+fails with WorkerCrashedError (or is retried), those behind it never
+started and go back to the front of the queue. Deaths by our hand (a
+timeout, an interrupt, a shutdown) are not failures; a failed start or a
+death while idle is, and too many in a row break the pool. Shutdown is a
+ladder: drain, Stop, wait, SIGTERM, SIGKILL.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import selectors
+import time
+
+from mlpool._errors import JobTimeoutError, MLPoolError, ModelLoadError, PoolBrokenError, PoolClosedError, WorkerCrashedError
+from mlpool._jobs import CANCELLED, Job, JobState, running_unit
+from mlpool._protocol import Stop, encode, write_all
+from mlpool._state import PoolState
+from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
+
+logger = logging.getLogger("mlpool._manager")
+
+# Consecutive worker failures (a failed start, a death while idle) before the
+# pool gives up, and the back-off between the restarts that lead there.
+MAX_CONSECUTIVE_FAILURES = 5
+RESTART_BACKOFF_FIRST = 0.05
+RESTART_BACKOFF_MAX = 2.0
+# After SIGTERM at the end of a shutdown, how long before SIGKILL.
+TERMINATE_GRACE = 1.0
+
+
+class WorkerLifecycle:
+    """The Manager's methods about the life and death of workers and jobs;
+    they use its state and run under the rules written in ``_manager``."""
+
+    def _on_exit(self, worker: WorkerHandle, exitcode: int | None) -> None:
+        """A worker's process is gone: settle the jobs it held, maybe replace it."""
+        del self._workers[worker.id]
+        how = describe_exit(exitcode)
+        was = worker.state
+        worker.state = WorkerState.EXITED
+        intended = worker.kill_reason is not None or was is WorkerState.STOPPING
+        jobs = list(worker.inflight)
+        worker.inflight.clear()
+        running = running_unit(jobs)  # the job (or batch) it was running
+        for job in jobs:
+            job.worker = None
+            if job.result_offer is not None:  # it may have half-written it: just take it back
+                self._regions.give(job.result_offer)
+                job.result_offer = None
+        for job in reversed(jobs[len(running) :]):  # never started: it runs jobs in order
+            if job.state is JobState.RUNNING:
+                self._requeue(job)
+        for job in reversed(running):
+            if job.state is JobState.RUNNING:
+                self._settle_crashed(worker, job, how, exitcode, intended)
+        for job in jobs:
+            if job.state is JobState.FINISHED:
+                self._release_memory(job)
+        # Died holding no job and not by our hand: a failed start (a loader
+        # raised) or a death while idle. Only these count toward giving up.
+        unexplained = not intended and not jobs
+        if self._state is PoolState.STARTING:
+            self._fail_start(worker, how)
+            return
+        if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self._state is PoolState.BROKEN:
+            return  # a retiring worker's replacement is already on its way
+        if self._state is PoolState.CLOSING and not self._queued:
+            return
+        if unexplained:
+            self._failures += 1
+            if self._failures >= MAX_CONSECUTIVE_FAILURES:
+                self._break(self._failure_reason(worker, how))
+                return
+            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (self._failures - 1))
+            logger.warning(
+                "worker %d %s (%d failures in a row); restarting in %.2fs", worker.id, how, self._failures, delay
+            )
+        else:
+            delay = 0.0
+        self._counts["restarts"] += 1
+        heapq.heappush(self._spawn_at, time.monotonic() + delay)
+
+    def _settle_crashed(
+        self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None, intended: bool
+    ) -> None:
+        if self._state in (PoolState.CLOSING, PoolState.BROKEN) and worker.kill_reason is not None:
+            self._finish(job, False, PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished"))
+            return
+        if intended:
+            # We killed the worker for another job of its batch (a timeout,
+            # an interrupt): this one is innocent; run it again.
+            self._requeue(job)
+            return
+        if job.retries_left > 0 and self._state is not PoolState.BROKEN:
+            job.retries_left -= 1
+            self._counts["retried"] += 1
+            logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)
+            self._requeue(job)
+            return
+        self._counts["crashed"] += 1
+        self._finish(
+            job,
+            False,
+            WorkerCrashedError(
+                f"worker {worker.id} (pid {worker.pid}) {how} while running job {job.id} "
+                f"({job.fn_name} on model {job.model!r})",
+                worker_id=worker.id,
+                pid=worker.pid,
+                exitcode=exitcode,
+            ),
+        )
+
+    def _failure_reason(self, worker: WorkerHandle, how: str) -> str:
+        failure = worker.load_failure
+        if failure is not None:
+            return (
+                f"a replacement worker failed to load model {failure.model!r} "
+                f"{self._failures} times in a row: {failure.error}\n{failure.traceback}"
+            )
+        return f"workers died {self._failures} times in a row without finishing a job; the last {how}"
+
+    def _fail_start(self, worker: WorkerHandle, how: str) -> None:
+        failure = worker.load_failure
+        if failure is not None:
+            error: MLPoolError = ModelLoadError(
+                f"worker {worker.id} failed to load model {failure.model!r}: {failure.error}\n"
+                f"Worker traceback:\n{failure.traceback}",
+                model_name=failure.model,
+                remote_traceback=failure.traceback,
+            )
+        else:
+            error = ModelLoadError(f"worker {worker.id} (pid {worker.pid}) {how} while loading models")
+        self._break(str(error), start_error=error)
+
+    def _check_start(self, now: float) -> None:
+        if self._state is PoolState.STARTING and now >= self._start_deadline:
+            error = ModelLoadError(
+                f"workers did not load their models within start_timeout={self.config.start_timeout}s"
+            )
+            self._break(str(error), start_error=error)
+
+    def _set_started(self, error: BaseException | None) -> None:
+        if self.started.done():
+            return
+        if error is None:
+            self.started.set_result(None)
+        else:
+            self.started.set_exception(error)
+
+    def _break(self, reason: str, start_error: BaseException | None = None) -> None:
+        """Give up: fail every job, kill every worker, refuse new jobs."""
+        if self._state is PoolState.BROKEN:
+            return
+        logger.error("mlpool is broken: %s", reason)
+        self._state = PoolState.BROKEN
+        self._broken_reason = reason
+        self._set_started(start_error or PoolBrokenError(reason))
+        error = PoolBrokenError(f"the pool broke: {reason}")
+        self._fail_queued(error)
+        for worker in self._workers.values():
+            for job in worker.inflight:
+                if job.state is JobState.RUNNING:
+                    self._finish(job, False, error)
+            worker.kill("the pool is broken")
+        self._spawn_at.clear()
+
+    def _fail_queued(self, error: BaseException) -> None:
+        for job in self._queued_jobs():
+            if job.state is JobState.QUEUED:
+                self._finish(job, False, error)
+
+    def _cancel_queued(self) -> None:
+        for job in self._queued_jobs():
+            if job.state is JobState.QUEUED:
+                self._finish(job, False, CANCELLED)
+                self._counts["cancelled"] += 1
+
+    def _maybe_retire(self, worker: WorkerHandle) -> None:
+        limit = self.config.max_jobs_per_worker
+        if limit is not None and worker.jobs_done >= limit:
+            self._retire(worker, f"it ran max_jobs_per_worker={limit} jobs")
+        elif worker.state is WorkerState.RETIRING and not worker.inflight:
+            self._stop_worker(worker)
+
+    def _retire(self, worker: WorkerHandle, reason: str) -> None:
+        """Replace ``worker`` gracefully: a replacement starts now; the worker
+        takes no more jobs and is stopped once it has answered those it holds."""
+        if worker.state is not WorkerState.IDLE:
+            return
+        logger.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
+        worker.state = WorkerState.RETIRING
+        self._counts["recycled"] += 1
+        if self._state is PoolState.RUNNING:
+            heapq.heappush(self._spawn_at, time.monotonic())
+            self._need_wake = True
+        if not worker.inflight:
+            self._stop_worker(worker)
+
+    def _stop_worker(self, worker: WorkerHandle) -> None:
+        worker.state = WorkerState.STOPPING
+        try:
+            write_all(worker.fd, encode(Stop()))
+        except OSError:
+            pass
+
+    def _expire_jobs(self, now: float) -> None:
+        """Fail jobs whose deadline passed; kill a worker running one."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, job = heapq.heappop(heap)
+            if job.state is JobState.QUEUED:
+                self._queued -= 1
+                self._counts["timed_out"] += 1
+                self._finish(job, False, JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran"))
+            elif job.state is JobState.RUNNING:
+                self._counts["timed_out"] += 1
+                worker = job.worker
+                assert worker is not None
+                running = job in running_unit(worker.inflight)
+                if running:
+                    message = f"job {job.id} ({job.fn_name}) timed out while running; worker {worker.id} was replaced"
+                else:
+                    message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
+                self._finish(job, False, JobTimeoutError(message, while_running=running))
+                if running:
+                    worker.kill(f"job {job.id} passed its timeout")
+
+    def _expire_results(self, now: float) -> None:
+        """Forget results nobody fetched within result_ttl (oldest first, no scan)."""
+        expiring = self._expiring
+        while expiring:
+            key, expiry = next(iter(expiring.items()))
+            if expiry > now:
+                break
+            del expiring[key]
+            job = self._registry.pop(key, None)
+            if job is not None:
+                logger.debug("job %s: result expired unfetched", key)
+
+    def _advance_shutdown(self, now: float) -> None:
+        if self._state is not PoolState.CLOSING:
+            return
+        busy = self._queued or any(w.inflight for w in self._workers.values())
+        if not busy:
+            for worker in self._workers.values():
+                if worker.state in (WorkerState.IDLE, WorkerState.RETIRING):
+                    self._stop_worker(worker)
+                elif worker.state is WorkerState.STARTING:
+                    worker.kill("the pool is shutting down")
+            self._spawn_at.clear()
+        if not self._workers and not self._spawn_at:
+            self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
+            self._state = PoolState.CLOSED
+            return
+        if self._stop_deadline is None or now < self._stop_deadline:
+            return
+        # Past the deadline: whatever still runs is forced to stop. Force is
+        # safe here: each worker has its own pipe, so a killed worker cannot
+        # leave a shared queue or lock broken for the others.
+        self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
+        self._spawn_at.clear()
+        if self._escalated == 0:
+            logger.warning("shutdown timed out; terminating %d workers", len(self._workers))
+            for worker in self._workers.values():
+                worker.kill_reason = worker.kill_reason or "shutdown timed out"
+                worker.terminate()
+            self._escalated = 1
+            self._stop_deadline = now + TERMINATE_GRACE
+        else:
+            logger.warning("workers ignored SIGTERM; killing %d", len(self._workers))
+            for worker in self._workers.values():
+                worker.kill("shutdown timed out")
+            self._stop_deadline = None
+
+    def _spawn_due_workers(self) -> None:
+        now = time.monotonic()
+        while self._spawn_at and self._spawn_at[0] <= now:
+            heapq.heappop(self._spawn_at)
+            if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+                continue
+            try:
+                worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
+            except Exception as exc:  # out of processes, memory or file descriptors
+                logger.exception("could not start a worker process")
+                self._lock.acquire()
+                try:
+                    self._failures += 1
+                    if self._state is PoolState.STARTING or self._failures >= MAX_CONSECUTIVE_FAILURES:
+                        self._break(f"could not start a worker process: {exc!r}", start_error=ModelLoadError(
+                            f"could not start a worker process: {exc!r}"))
+                    else:
+                        heapq.heappush(self._spawn_at, now + RESTART_BACKOFF_MAX)
+                finally:
+                    self._release()
+                continue
+            with self._selector_lock:
+                self._selector.register(worker.sentinel, selectors.EVENT_READ, ("exit", worker))
+            with worker.read_lock:
+                self._watch(worker)
+            with self._lock:
+                self._workers[worker.id] = worker
+
+    def _close_resources(self) -> None:
+        self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
+        self._regions.close()
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
+        if not self.finished.done():
+            self.finished.set_result(None)

@@ -1,0 +1,270 @@
+"""Who reads a worker's pipe, and how (part of the Manager).
+
+A worker's pipe is read by the manager thread unless it is lent:
+- to a caller thread, for one job, when the pool is idle (run_lent):
+  the caller waits on the pipe itself, one thread hop fewer;
+- to an event loop (loop.add_reader) while that loop's jobs keep the
+  worker busy: results reach coroutines with no thread hop, and the
+  manager thread, idle, does not compete with the loop for the GIL.
+A borrower reads under worker.read_lock after checking it still is the
+borrower. A caller thread's loan ends with its job. A loop keeps its loan
+while the worker idles, so its next job costs no system call; anyone else
+who needs the worker takes the pipe back, and so does the manager from a
+dead worker or a loop that stopped running.
+
+Pipes of idle workers are watched by nobody: a loan then costs no system
+call, and a death is seen on the process sentinel. Reads never block
+(``recv`` with ``MSG_DONTWAIT``): a reader woken for data another took just
+finds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import selectors
+
+from mlpool._jobs import PIPELINE_BUDGET, Job, JobState
+from mlpool._state import PoolState
+from mlpool._workers import WorkerHandle, WorkerState
+
+
+class PipeReaders:
+    """The Manager's methods about reading worker pipes; they use its state
+    (``_lock``, ``_workers``, ``_selector``...) and run under the rules
+    written in ``_manager``."""
+
+    def run_lent(self, job: Job) -> bool:
+        """Run ``job`` on an idle worker, reading its pipe in this thread.
+
+        False, with nothing done, when no worker is free or jobs are queued
+        (then enqueue it). True when the job's future is settled, or the
+        manager took the pipe back (a crash, a timeout) and will settle it.
+        """
+        if job.batch_policy is not None:
+            return False
+        token = object()
+        self._lock.acquire()
+        try:
+            self._check_accepting()
+            if self._pending or job.state is not JobState.NEW:
+                return False
+            for worker in self._workers.values():
+                if worker.state is WorkerState.IDLE and not worker.inflight:
+                    break
+            else:
+                return False
+            if worker.borrower is not None:
+                self._take_back(worker, None)
+            with worker.read_lock:
+                worker.borrower = token
+                worker.watchers.add(token)  # until it stops polling: no one closes the fds
+                self._watch(worker)
+            self._watch_deadline(job)
+            job.mark_running()
+            job.state = JobState.RUNNING
+            job.worker = worker
+            job.estimate = self._estimates.get(job.fn_id, PIPELINE_BUDGET)
+            worker.inflight.append(job)
+            worker.backlog += job.estimate
+            self._send(worker, [(*self._run_frame(worker, [job]), 1)])
+            if job.state is not JobState.RUNNING:  # the pipe was closed: requeued
+                self._end_loan(worker, token)
+                worker.watchers.discard(token)
+                return True
+        finally:
+            self._release()
+        self._wait_lent(worker, job, token)
+        return True
+
+    def _wait_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
+        try:
+            self._poll_lent(worker, job, token)
+        finally:
+            with worker.read_lock:
+                worker.watchers.discard(token)
+                if not worker.watchers and worker.state is WorkerState.EXITED:
+                    worker.close()  # the manager reaped it while we polled
+
+    def _poll_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
+        poller = select.poll()
+        poller.register(worker.fd, select.POLLIN)
+        poller.register(worker.sentinel, select.POLLIN)
+        while True:
+            # No timeout: a job deadline kills the worker, which wakes this.
+            events = poller.poll()
+            with worker.read_lock:
+                if worker.borrower is not token:
+                    return  # the manager took the pipe back
+                messages = self._read_locked(worker)
+            died = worker.eof or any(fd == worker.sentinel for fd, _ in events)
+            self._lock.acquire()
+            try:
+                for msg in messages:
+                    self._on_message(worker, msg)
+                if died or job not in worker.inflight:
+                    self._end_loan(worker, token)
+                    return
+            finally:
+                self._release()
+
+    def _end_loan(self, worker: WorkerHandle, token: object) -> None:
+        """Give the pipe back to the manager (under the lock)."""
+        with worker.read_lock:
+            if worker.borrower is token:
+                worker.borrower = None
+                self._watch(worker)
+        if self._state is not PoolState.RUNNING:
+            self._need_wake = True  # shutdown may wait for this worker
+        self._dispatch()
+
+    def _lend_to_loop(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``loop`` (running in this thread) read the worker's pipe (under the lock)."""
+        with worker.read_lock:
+            worker.borrower = loop
+            self._watch(worker)
+            if loop not in worker.watchers:
+                loop.add_reader(worker.fd, self._on_loop_readable, worker, loop)
+                worker.watchers.add(loop)
+
+    def _on_loop_readable(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs in ``loop``: read results, settle them here, keep the worker busy."""
+        with worker.read_lock:
+            if worker.borrower is not loop:
+                self._remove_loop_reader(worker, loop)
+                return
+            messages = self._read_locked(worker)
+            if worker.eof:  # it died: the manager settles its jobs (sentinel)
+                self._remove_loop_reader(worker, loop)
+        self._lock.acquire()
+        try:
+            for msg in messages:
+                self._on_message(worker, msg)
+            self._dispatch()
+            if not worker.inflight and self._state is not PoolState.RUNNING:
+                self._take_back(worker, loop)  # shutdown waits for this worker
+        finally:
+            self._release()
+
+    def _take_back(self, worker: WorkerHandle, here: asyncio.AbstractEventLoop | None) -> None:
+        """End an idle loan: the manager reads the pipe again (under the lock).
+
+        A loop keeps its loan while idle, so its next job needs no system
+        call; anyone else who needs the worker takes it back first. A loop's
+        reader is removed now if that loop runs in this thread, else by the
+        loop itself on its next wake-up (it sees it is no longer the borrower).
+        """
+        with worker.read_lock:
+            loop = worker.borrower
+            if loop is None:
+                return
+            worker.borrower = None
+            if loop is here:
+                self._remove_loop_reader(worker, loop)
+            self._watch(worker)
+        if self._state is not PoolState.RUNNING:
+            self._need_wake = True
+
+    def _remove_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """In ``loop``, holding worker.read_lock."""
+        if loop in worker.watchers:
+            loop.remove_reader(worker.fd)
+            worker.watchers.discard(loop)
+            if not worker.watchers and worker.state is WorkerState.EXITED:
+                worker.close()
+
+    def _drop_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        """Scheduled in ``loop`` by _dispose."""
+        with worker.read_lock:
+            self._remove_loop_reader(worker, loop)
+
+    def _reclaim_stopped_loans(self) -> bool:
+        """Take pipes back from event loops that stopped running (under the lock).
+
+        A stopped loop still has its reader registered; when it runs again,
+        the reader sees it is no longer the borrower and removes itself.
+        """
+        reclaimed = False
+        for worker in self._workers.values():
+            loop = worker.borrower
+            if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
+                with worker.read_lock:
+                    if worker.borrower is loop:
+                        worker.borrower = None
+                        self._watch(worker)
+                        reclaimed = True
+        return reclaimed
+
+    def _read(self, worker: WorkerHandle) -> list:
+        """The manager's read of a worker pipe select() reported readable."""
+        with worker.read_lock:
+            if worker.borrower is not None:  # lent since select() returned
+                self._watch(worker)
+                return []
+            return self._read_locked(worker)
+
+    def _read_locked(self, worker: WorkerHandle) -> list:
+        """Read what the pipe holds, without blocking (hold worker.read_lock)."""
+        self._recv(worker)
+        return worker.reader.messages()
+
+    def _recv(self, worker: WorkerHandle) -> bool:
+        """One non-blocking read into the worker's buffer; False if it got nothing."""
+        if worker.eof:
+            return False
+        try:
+            if worker.reader.recv_from(worker.sock):
+                return True
+        except BlockingIOError:  # another reader took it, or a spurious wake-up
+            return False
+        except OSError:
+            pass
+        worker.eof = True
+        self._watch(worker)
+        return False
+
+    def _read_remaining(self, worker: WorkerHandle) -> list:
+        """Take the pipe of a dead worker back and read what it wrote before dying."""
+        with worker.read_lock:
+            worker.borrower = None
+            while self._recv(worker):  # stops at end of file, or when a grandchild holds it open
+                pass
+            worker.eof = True
+            self._watch(worker)
+            return worker.reader.messages()
+
+    def _watch(self, worker: WorkerHandle) -> None:
+        """Have the manager's select() watch the pipe exactly when it expects a
+        message there and nobody else reads it (hold worker.read_lock).
+
+        An idle worker's pipe is not watched: lending it costs no system call,
+        and its death is seen on the process sentinel.
+        """
+        wanted = (
+            not worker.eof
+            and worker.borrower is None
+            and (worker.state is WorkerState.STARTING or bool(worker.inflight))
+        )
+        if worker.registered is wanted:
+            return
+        with self._selector_lock:
+            if wanted:
+                self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
+            else:
+                self._selector.unregister(worker.fd)
+        worker.registered = wanted
+
+    def _dispose(self, worker: WorkerHandle) -> None:
+        """Close a reaped worker's pipe and sentinel, once nobody waits on them:
+        closing an fd another thread polls lets the number be reused under it."""
+        with worker.read_lock:
+            loops = [w for w in worker.watchers if isinstance(w, asyncio.AbstractEventLoop)]
+        for loop in loops:
+            try:
+                loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
+            except RuntimeError:  # the loop is closed: its selector is gone
+                with worker.read_lock:
+                    worker.watchers.discard(loop)
+        with worker.read_lock:
+            if not worker.watchers:  # else the last watcher to leave closes it
+                worker.close()

@@ -1,0 +1,49 @@
+"""The pool's lifecycle states and the snapshot ``pool.stats()`` returns."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class PoolState(enum.Enum):
+    STARTING = "starting"  # workers are loading models; jobs queue up
+    RUNNING = "running"  # serving
+    CLOSING = "closing"  # shutdown asked: no new jobs, draining, then stopping workers
+    CLOSED = "closed"  # every worker reaped, manager thread gone
+    BROKEN = "broken"  # workers cannot be kept alive; every job is refused
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of the pool, from :meth:`mlpool.MLPool.stats`."""
+
+    state: str
+    workers_alive: int
+    workers_busy: int
+    queue_depth: int
+    jobs_running: int
+    jobs_completed: int
+    jobs_failed: int
+    jobs_crashed: int
+    jobs_timed_out: int
+    jobs_cancelled: int
+    jobs_retried: int
+    worker_restarts: int  # replacements after a crash, a timeout or an interrupt
+    workers_recycled: int  # graceful replacements (max_jobs_per_worker, max_memory_per_worker)
+    results_unfetched: int  # finished job-id results waiting for get_result
+    latency_p50: float | None  # seconds from submission to outcome, over the last 2048 jobs
+    latency_p95: float | None
+    latency_p99: float | None
+    run_seconds_mean: float | None  # mean time in the scoring function, same window
+    latency_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound, count) since start
+    latency_sum: float  # seconds, since start
+    latency_count: int
+
+    @property
+    def estimated_wait(self) -> float:
+        """Seconds a new job would wait for a worker, from the queue depth and
+        recent run times (0 when unknown): an honest ``Retry-After``."""
+        if not self.run_seconds_mean or not self.queue_depth:
+            return 0.0
+        return self.queue_depth * self.run_seconds_mean / max(1, self.workers_alive)
