@@ -94,7 +94,8 @@ class Region:
         region goes back to ``pool`` when the last view (and whatever was
         built on it) is garbage, so a result costs no copy and its memory is
         never reused under it."""
-        mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED | _POPULATE)
+        # No MAP_POPULATE: the caller may never read all of it; pages come in as touched.
+        mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
         weakref.finalize(mapping, pool.give, self)
         view = memoryview(mapping)
         return [view[offset : offset + length] for offset, length in spans]
@@ -240,7 +241,9 @@ def write_result(obj: Any, what: str, threshold: int | None, limit: int | None, 
         return payload.data, (), NOWHERE, -1
     needed = sum(-(-_nbytes(b) // ALIGN) * ALIGN for b in payload.buffers)
     if offer >= 0 and os.fstat(offer).st_size >= needed:
-        _write_into(offer, payload.buffers)
+        view = _MAPPINGS.view(offer, writable=True)
+        for buffer, (start, length) in zip(payload.buffers, _layout(payload.buffers)):
+            view[start : start + length] = buffer.raw()
         return payload.data, _layout(payload.buffers), OFFERED, -1
     try:
         fd, spans = _to_memfd(payload.buffers)
@@ -302,30 +305,35 @@ def unpack(data: bytes, fd: int, spans: tuple[tuple[int, int], ...], what: str) 
 
 
 class _WorkerMappings:
-    """The worker's read-only mappings of the parent's regions, kept for the
-    next job in the same region: mapping 8 MB again costs about 0.7 ms.
+    """The worker's mappings of the parent's regions (read-only for
+    arguments, writable for offered result space), kept for the next job in
+    the same region: mapping 8 MB again costs about 0.7 ms.
 
-    At most ``KEEP`` are kept, so a region the parent dropped stays alive
-    only until two newer ones were used.
+    At most ``KEEP`` of each kind are kept, so a region the parent dropped
+    stays alive only until two newer ones were used.
     """
 
     KEEP = 2
 
     def __init__(self) -> None:
-        self._maps: dict[tuple[int, int], memoryview] = {}
+        self._maps: dict[tuple[int, int, bool], memoryview] = {}
+
+    def view(self, fd: int, *, writable: bool) -> memoryview:
+        info = os.fstat(fd)
+        key = (info.st_dev, info.st_ino, writable)
+        view = self._maps.pop(key, None)
+        if view is None or len(view) < info.st_size:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            view = memoryview(mmap.mmap(fd, max(info.st_size, 1), flags=mmap.MAP_SHARED | _POPULATE, prot=prot))
+        self._maps[key] = view  # most recent last
+        same_kind = [k for k in self._maps if k[2] is writable]
+        for old in same_kind[: -self.KEEP]:
+            del self._maps[old]
+        return view
 
     def views(self, fd: int, spans: tuple[tuple[int, int], ...]) -> list[memoryview]:
-        info = os.fstat(fd)
-        key = (info.st_dev, info.st_ino)
-        view = self._maps.pop(key, None)
-        needed = max(offset + length for offset, length in spans)
-        if view is None or len(view) < needed:
-            region = mmap.mmap(fd, max(info.st_size, 1), flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-            view = memoryview(region)  # slices keep the mapping alive
-        self._maps[key] = view  # most recent last
-        while len(self._maps) > self.KEEP:
-            del self._maps[next(iter(self._maps))]
-        return [view[offset : offset + length] for offset, length in spans]
+        view = self.view(fd, writable=False)
+        return [view[offset : offset + length] for offset, length in spans]  # slices keep the mapping alive
 
 
 _MAPPINGS = _WorkerMappings()
