@@ -109,7 +109,7 @@ def test_idle_pool_uses_no_cpu():
         time.sleep(1.0)  # a measurement window, not synchronisation
         after = [sum(p.cpu_times()[:2]) for p in procs]
     used = sum(after) - sum(before)
-    assert used < 0.05, f"an idle pool used {used:.3f}s of CPU in 1s"
+    assert used < 0.1, f"an idle pool used {used:.3f}s of CPU in 1s"
 
 
 def test_event_loop_stays_responsive_while_hungry_jobs_run():
