@@ -162,10 +162,6 @@ class Manager(PipeReaders, WorkerLifecycle):
     def state(self) -> PoolState:
         return self._state
 
-    @property
-    def broken_reason(self) -> str:
-        return self._broken_reason
-
     def make_job(
         self,
         model: str,

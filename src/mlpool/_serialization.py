@@ -44,14 +44,6 @@ def dumps(obj: Any, what: str) -> bytes:
         ) from exc
 
 
-def loads(data: bytes, what: str) -> Any:
-    """Unpickle ``data``; ``what`` names it in the error."""
-    try:
-        return pickle.loads(data)
-    except Exception as exc:
-        raise SerializationError(f"{what} cannot be unpickled: {type(exc).__name__}: {exc}") from exc
-
-
 class FunctionTable:
     """Gives each scoring function an id and its pickle, computed once.
 

@@ -83,10 +83,6 @@ class WorkerHandle:
     def __repr__(self) -> str:
         return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
 
-    @property
-    def takes_jobs(self) -> bool:
-        return self.state is WorkerState.IDLE
-
     def kill(self, reason: str) -> None:
         """SIGKILL the worker (it may be running user code that never returns)."""
         if self.state in (WorkerState.KILLED, WorkerState.EXITED):
