@@ -463,7 +463,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         if not workers:
             return
         here = running_loop()
-        frames: dict[WorkerHandle, list[tuple[bytes, int]]] = {}
+        frames: dict[WorkerHandle, list[tuple[bytes, list[int], int]]] = {}  # frame, its fds, its jobs
         estimates = self._estimates
         held: list[BatchQueue] = []
         others_busy: bool | None = None
