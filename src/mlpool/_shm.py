@@ -383,17 +383,30 @@ def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memory
 
 
 def _wrap_large_bytes(obj: Any, threshold: int, depth: int = 2) -> Any:
+    """``obj`` with its large bytes-likes wrapped in _LargeBytes (the same
+    object when there are none: this runs for every job, so it allocates
+    nothing then)."""
     kind = type(obj)
-    if kind in (bytes, bytearray):
+    if kind is bytes or kind is bytearray:
         return _LargeBytes(obj) if len(obj) >= threshold else obj
     if kind is memoryview:
         return _LargeBytes(obj) if obj.nbytes >= threshold and obj.contiguous else obj
-    if depth and kind in (tuple, list):
-        items = [_wrap_large_bytes(item, threshold, depth - 1) for item in obj]
-        return kind(items) if any(a is not b for a, b in zip(items, obj)) else obj
-    if depth and kind is dict:
-        values = {key: _wrap_large_bytes(value, threshold, depth - 1) for key, value in obj.items()}
-        return values if any(values[key] is not obj[key] for key in obj) else obj
+    if not depth:
+        return obj
+    if kind is tuple or kind is list:
+        for i, item in enumerate(obj):
+            wrapped = _wrap_large_bytes(item, threshold, depth - 1)
+            if wrapped is not item:
+                items = list(obj)
+                items[i] = wrapped
+                items[i + 1 :] = [_wrap_large_bytes(x, threshold, depth - 1) for x in items[i + 1 :]]
+                return kind(items)
+        return obj
+    if kind is dict:
+        for key, value in obj.items():
+            if _wrap_large_bytes(value, threshold, depth - 1) is not value:
+                return {k: _wrap_large_bytes(v, threshold, depth - 1) for k, v in obj.items()}
+        return obj
     return obj
 
 
