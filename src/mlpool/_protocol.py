@@ -263,6 +263,9 @@ def _take_fd(fds: deque[int] | None) -> int:
 
 
 _ANCILLARY = socket.CMSG_SPACE(64 * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
+# Plain ints: flags are IntFlag members, and & on those runs Python code.
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
 
 
 class FrameReader:
@@ -286,7 +289,7 @@ class FrameReader:
             self._scratch = bytearray(wanted)
         return memoryview(self._scratch)
 
-    def recv_from(self, sock: socket.socket, flags: int = socket.MSG_DONTWAIT) -> bool:
+    def recv_from(self, sock: socket.socket, flags: int = _DONTWAIT) -> bool:
         """Read what ``sock`` has (by default without blocking); False at end of file.
 
         Raises BlockingIOError when there is nothing to read.
@@ -294,13 +297,14 @@ class FrameReader:
         with self._room() as room:
             n, ancillary, msg_flags, _ = sock.recvmsg_into([room], _ANCILLARY, flags)
             self._buf += room[:n]
-        for level, kind, data in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                self.fds.extend(fds)
-        if msg_flags & getattr(socket, "MSG_CTRUNC", 0):
-            raise OSError("descriptors sent with a message were lost (MSG_CTRUNC)")
+        if ancillary:
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                    self.fds.extend(fds)
+            if msg_flags & _CTRUNC:
+                raise OSError("descriptors sent with a message were lost (MSG_CTRUNC)")
         return n > 0
 
     def missing(self) -> int:
@@ -335,6 +339,9 @@ class FrameReader:
 
 def send_frames(sock: socket.socket, frames: list[tuple[bytes, list[int]]]) -> None:
     """Send frames in order; each frame's descriptors go with its first byte."""
+    if len(frames) == 1 and not frames[0][1]:
+        sock.sendall(frames[0][0])
+        return
     pending: list[bytes] = []
     for frame, fds in frames:
         if not fds:

@@ -196,7 +196,9 @@ def pickle_payload(obj: Any, what: str, threshold: int | None, limit: int | None
     if threshold is None or not AVAILABLE:
         return Payload(_dumps(obj, what, None))
     big: list[pickle.PickleBuffer] = []
-    data = _dumps(_wrap_large_bytes(obj, threshold), what, _out_of_band(big, threshold))
+    if type(obj) in _MAY_HOLD_BYTES:
+        obj = _wrap_large_bytes(obj, threshold)
+    data = _dumps(obj, what, _out_of_band(big, threshold))
     if big and limit is not None and sum(_nbytes(b) for b in big) > limit:
         _warn_once("limit", "mlpool: %d bytes of buffers pass shared_memory_limit=%d; sending them through the "
                    "pipe (slower)", sum(_nbytes(b) for b in big), limit)  # fmt: skip
@@ -380,6 +382,9 @@ def _rebuild_bytes(kind: type, buffer: Any) -> Any:
 
 def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
     return memoryview(buffer).cast("B").cast(fmt, shape)  # a view: no copy
+
+
+_MAY_HOLD_BYTES = frozenset((bytes, bytearray, memoryview, tuple, list, dict))
 
 
 def _wrap_large_bytes(obj: Any, threshold: int, depth: int = 2) -> Any:
