@@ -273,7 +273,8 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def _release_memory(self, job: Job, *, keep_offer: bool = False) -> None:
         """Give the job's shared memory back to the pool; no process reads it now."""
-        job.payload.release(self._regions)
+        if job.payload.buffers:
+            job.payload.release(self._regions)
         if job.result_offer is not None and not keep_offer:
             self._regions.give(job.result_offer)
             job.result_offer = None

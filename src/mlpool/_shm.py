@@ -33,7 +33,6 @@ import logging
 import mmap
 import os
 import pickle
-import struct
 import threading
 import weakref
 from typing import Any
@@ -46,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 AVAILABLE = hasattr(os, "memfd_create")
 ALIGN = 64  # each buffer starts on a cache line (and a SIMD-friendly boundary)
-_SPAN = struct.Struct("<QQ")  # offset, length
 # Fault every page in with one call rather than one page at a time (Linux).
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -161,7 +159,7 @@ class Payload:
         self.buffers = buffers or []
         self.region: Region | None = None
         self.spans: tuple[tuple[int, int], ...] = ()
-        self.nbytes = sum(_nbytes(b) for b in self.buffers)
+        self.nbytes = sum(_nbytes(b) for b in self.buffers) if self.buffers else 0
 
     @property
     def size(self) -> int:
