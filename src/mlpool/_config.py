@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 from mlpool._resources import usable_cpu_count
@@ -27,6 +29,7 @@ class PoolConfig:
     max_retries: int
     max_jobs_per_worker: int | None
     max_memory_per_worker: int | None
+    share_models: bool
     start_method: str
     start_timeout: float
     worker_nice: int
@@ -46,6 +49,7 @@ class PoolConfig:
         max_jobs_per_worker: int | None,
         max_memory_per_worker: int | None,
         start_method: str | None,
+        share_models: bool = False,
         start_timeout: float,
         worker_nice: int = 0,
         shared_memory_threshold: int | None = 65536,
@@ -69,6 +73,10 @@ class PoolConfig:
             _check_int("max_jobs_per_worker", max_jobs_per_worker, minimum=1)
         if max_memory_per_worker is not None:
             _check_int("max_memory_per_worker", max_memory_per_worker, minimum=1)
+        if not isinstance(share_models, bool):
+            raise TypeError(f"share_models must be a bool, not {type(share_models).__name__}")
+        if share_models and not hasattr(os, "fork"):
+            raise ValueError(f"share_models=True forks workers from a template process; {sys.platform} cannot fork")
         start_method = start_method or "spawn"
         if start_method not in START_METHODS:
             raise ValueError(
@@ -92,6 +100,7 @@ class PoolConfig:
             max_retries=max_retries,
             max_jobs_per_worker=max_jobs_per_worker,
             max_memory_per_worker=max_memory_per_worker,
+            share_models=share_models,
             start_method=start_method,
             start_timeout=float(start_timeout),
             worker_nice=worker_nice,

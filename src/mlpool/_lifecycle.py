@@ -18,9 +18,10 @@ import time
 
 from mlpool._errors import JobTimeoutError, MLPoolError, ModelLoadError, PoolBrokenError, PoolClosedError, WorkerCrashedError
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
-from mlpool._protocol import Stop, encode, write_all
+from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
-from mlpool._workers import WorkerHandle, WorkerState, describe_exit, spawn_worker
+from mlpool._template import Template, TemplateGone
+from mlpool._workers import WorkerHandle, WorkerState, describe_exit, fork_worker, spawn_worker
 
 logger = logging.getLogger("mlpool._manager")
 
@@ -65,7 +66,7 @@ class WorkerLifecycle:
         # raised) or a death while idle. Only these count toward giving up.
         unexplained = not intended and not jobs
         if self._state is PoolState.STARTING:
-            self._fail_start(worker, how)
+            self._fail_start(f"worker {worker.id} (pid {worker.pid})", worker.load_failure, how)
             return
         if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self._state is PoolState.BROKEN:
             return  # a retiring worker's replacement is already on its way
@@ -124,17 +125,18 @@ class WorkerLifecycle:
             )
         return f"workers died {self._failures} times in a row without finishing a job; the last {how}"
 
-    def _fail_start(self, worker: WorkerHandle, how: str) -> None:
-        failure = worker.load_failure
+    def _fail_start(self, who: str, failure: LoadFailed | None, how: str) -> None:
+        """``who`` ("worker 3 (pid 123)", "the model template (pid 120)") died
+        while the pool was starting: the pool cannot start."""
         if failure is not None:
             error: MLPoolError = ModelLoadError(
-                f"worker {worker.id} failed to load model {failure.model!r}: {failure.error}\n"
+                f"{who} failed to load model {failure.model!r}: {failure.error}\n"
                 f"Worker traceback:\n{failure.traceback}",
                 model_name=failure.model,
                 remote_traceback=failure.traceback,
             )
         else:
-            error = ModelLoadError(f"worker {worker.id} (pid {worker.pid}) {how} while loading models")
+            error = ModelLoadError(f"{who} {how} while loading models")
         self._break(str(error), start_error=error)
 
     def _check_start(self, now: float) -> None:
@@ -283,8 +285,23 @@ class WorkerLifecycle:
             heapq.heappop(self._spawn_at)
             if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
                 continue
+            template = self._template
+            if self.config.share_models and (template is None or template.ready is None or template.gone):
+                self._awaiting_template += 1  # spawned when a template is ready
+                continue
             try:
-                worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
+                if template is not None:
+                    worker = fork_worker(template)
+                    _warn_threads(template)
+                else:
+                    worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
+            except TemplateGone as exc:
+                # Its sentinel brings the restart; a template that hangs is made to die.
+                logger.warning("could not fork a worker: %s", exc)
+                assert template is not None
+                template.process.kill()
+                self._awaiting_template += 1
+                continue
             except Exception as exc:  # out of processes, memory or file descriptors
                 logger.exception("could not start a worker process")
                 self._lock.acquire()
@@ -305,8 +322,76 @@ class WorkerLifecycle:
             with self._lock:
                 self._workers[worker.id] = worker
 
+    # ---------------------------------------------------- the model template
+
+    def _start_template_if_due(self) -> None:
+        """Start the template (share_models) when none runs and one is due. Manager thread."""
+        due = self._template_start_at
+        if due is None or due > time.monotonic():
+            return
+        self._template_start_at = None
+        if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+            return
+        try:
+            template = Template(self._context, self._loaders_pickle, self._worker_settings)
+        except Exception as exc:
+            logger.exception("could not start the model template process")
+            self._lock.acquire()
+            try:
+                self._on_template_failure(f"could not start the model template process: {exc!r}")
+            finally:
+                self._release()
+            return
+        self._template = template
+        with self._selector_lock:
+            self._selector.register(template.fd, selectors.EVENT_READ, ("template", template))
+            self._selector.register(template.sentinel, selectors.EVENT_READ, ("template-exit", template))
+
+    def _on_template_ready(self) -> None:
+        """Under the lock, after the template said it is ready: fork what waits for it."""
+        template = self._template
+        assert template is not None and template.ready is not None
+        self._template_announced = True
+        self._template_failures = 0
+        logger.debug("model template (pid %d) ready in %.3fs", template.pid, template.ready.load_seconds)
+        now = time.monotonic()
+        for _ in range(self._awaiting_template):
+            heapq.heappush(self._spawn_at, now)
+        self._awaiting_template = 0
+
+    def _on_template_exit(self, template: Template, exitcode: int | None) -> None:
+        """Under the lock: the template died. Workers it forked keep serving."""
+        self._template = None
+        self._template_announced = False
+        how = describe_exit(exitcode)
+        who = f"the model template (pid {template.pid})"
+        if self._state is PoolState.STARTING and template.ready is None:
+            self._fail_start(who, template.load_failure, how)
+            return
+        if template.load_failure is not None:
+            failure = template.load_failure
+            reason = f"{who} failed to load model {failure.model!r}: {failure.error}\n{failure.traceback}"
+        else:
+            reason = f"{who} {how}"
+        self._on_template_failure(reason)
+
+    def _on_template_failure(self, reason: str) -> None:
+        if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+            return
+        self._template_failures += 1
+        if self._template_failures >= MAX_CONSECUTIVE_FAILURES:
+            self._break(f"{reason} ({self._template_failures} times in a row)")
+            return
+        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (self._template_failures - 1))
+        logger.warning("%s; loading the models in a new template in %.2fs", reason, delay)
+        self._counts["restarts"] += 1
+        self._template_start_at = time.monotonic() + delay
+
     def _close_resources(self) -> None:
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
+        if self._template is not None:
+            self._template.stop()
+            self._template = None
         self._regions.close()
         self._selector.close()
         for fd in (self._wake_r, self._wake_w):
@@ -314,3 +399,15 @@ class WorkerLifecycle:
         self._wake_r = self._wake_w = -1
         if not self.finished.done():
             self.finished.set_result(None)
+
+
+def _warn_threads(template: Template) -> None:
+    if template.threads_at_fork and not template.warned:
+        template.warned = True
+        logger.warning(
+            "the model template ran other threads when it forked a worker (%s); a fork copies only "
+            "the calling thread, and a library whose threads hold a lock or must exist can hang in "
+            "the workers. Loaders should not start threads, nor run parallel work with their own "
+            "thread settings (XGBoost n_jobs, joblib n_jobs): see 'Sharing models' in the README",
+            ", ".join(template.threads_at_fork),
+        )

@@ -78,6 +78,7 @@ from mlpool._protocol import (
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
+from mlpool._template import Template
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
 
@@ -108,6 +109,7 @@ class Manager(PipeReaders, WorkerLifecycle):
             nice=config.worker_nice,
             shm_threshold=config.shared_memory_threshold,
             shm_limit=config.shared_memory_limit,
+            private_memory=config.share_models,
         )
         self._functions = FunctionTable()
         self._job_ids = itertools.count(1)
@@ -143,6 +145,12 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._selector = selectors.DefaultSelector()
         self._selector_lock = threading.Lock()  # loans (un)register pipes from callers' threads
         self._spawn_at: list[float] = []
+        # share_models: the process workers are forked from (see _template).
+        self._template: Template | None = None
+        self._template_start_at: float | None = time.monotonic() if config.share_models else None
+        self._template_announced = False  # its readiness was acted on
+        self._template_failures = 0
+        self._awaiting_template = 0  # workers due, waiting for a template to fork them
         self._start_deadline = time.monotonic() + config.start_timeout
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -626,6 +634,7 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def _serve_once(self) -> bool:
         """One wake-up of the manager; True when it is time to exit."""
+        self._start_template_if_due()
         self._spawn_due_workers()
         self._lock.acquire()
         try:
@@ -635,9 +644,14 @@ class Manager(PipeReaders, WorkerLifecycle):
         events = self._selector.select(timeout)
         arrivals: list[tuple[WorkerHandle, list]] = []
         exits: list[tuple[WorkerHandle, int | None]] = []
+        template_exit: tuple[Template, int | None] | None = None
         for key, _ in events:
             kind, worker = key.data
-            if kind == "read":
+            if kind == "template":
+                worker.receive()
+            elif kind == "template-exit":
+                template_exit = (worker, self._reap_template(worker))
+            elif kind == "read":
                 arrivals.append((worker, self._read(worker)))
             elif kind == "exit":
                 arrivals.append((worker, self._read_remaining(worker)))
@@ -653,6 +667,10 @@ class Manager(PipeReaders, WorkerLifecycle):
                     self._on_message(worker, msg)
             for worker, exitcode in exits:
                 self._on_exit(worker, exitcode)
+            if template_exit is not None:
+                self._on_template_exit(*template_exit)
+            elif self._template is not None and self._template.ready and not self._template_announced:
+                self._on_template_ready()
             now = time.monotonic()
             self._expire_jobs(now)
             self._expire_results(now)
@@ -675,6 +693,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             candidates.append(next(iter(self._expiring.values())))
         if self._spawn_at:
             candidates.append(self._spawn_at[0])
+        if self._template_start_at is not None:
+            candidates.append(self._template_start_at)
         if self._hold_until is not None:
             candidates.append(self._hold_until)
         if self._state is PoolState.STARTING:
@@ -686,6 +706,17 @@ class Manager(PipeReaders, WorkerLifecycle):
             return None
         self._wake_at = min(candidates)
         return max(0.0, self._wake_at - time.monotonic())
+
+    def _reap_template(self, template: Template) -> int | None:
+        """The template died: stop watching it, take what it sent last, reap it."""
+        template.receive()
+        with self._selector_lock:
+            self._selector.unregister(template.fd)
+            self._selector.unregister(template.sentinel)
+        template.process.join(5.0)
+        exitcode = template.process.exitcode
+        template.stop()
+        return exitcode
 
     def _drain_wakeups(self) -> None:
         try:

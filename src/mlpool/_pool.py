@@ -49,10 +49,21 @@ class MLPool:
         max_memory_per_worker: replace a worker whose resident memory, checked
             after each job, passes this many bytes (None: never). Recycling is
             graceful: the replacement starts at once, the old worker finishes
-            the jobs it holds, then stops; no job is lost.
+            the jobs it holds, then stops; no job is lost. With
+            ``share_models``, only the worker's private memory counts (the
+            pages it does not share with the model template).
         threads_per_worker: cap on BLAS/OpenMP/PyTorch threads in each worker.
             None: usable cores // nb_workers, at least 1.
-        start_method: ``"spawn"`` (default) or ``"forkserver"``.
+        share_models: load the models once, in a *template* process, and fork
+            every worker from it (Linux and macOS): workers share the models'
+            memory copy-on-write (N workers cost about one copy), and a
+            worker that crashes, times out or is recycled is replaced in
+            milliseconds, without loading anything. If the template dies the
+            workers keep serving and a new template loads the models once.
+            See "Sharing models" in the README for the libraries that need
+            care with fork (OpenMP, PyTorch threads).
+        start_method: how the workers (the template with ``share_models``)
+            are started: ``"spawn"`` (default) or ``"forkserver"``.
         start_timeout: seconds the workers have to load their models.
         worker_nice: added to each worker's niceness (POSIX, 0-19). When the
             cores are saturated, the API process, which only needs a little
@@ -89,6 +100,7 @@ class MLPool:
         max_jobs_per_worker: int | None = None,
         max_memory_per_worker: int | None = None,
         threads_per_worker: int | None = None,
+        share_models: bool = False,
         start_method: str | None = None,
         start_timeout: float = 600.0,
         worker_nice: int = 5,
@@ -99,6 +111,7 @@ class MLPool:
         self._config = PoolConfig.resolve(
             nb_workers=nb_workers,
             threads_per_worker=threads_per_worker,
+            share_models=share_models,
             result_ttl=result_ttl,
             max_queue_size=max_queue_size,
             job_timeout=job_timeout,

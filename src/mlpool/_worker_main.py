@@ -48,6 +48,8 @@ from mlpool._protocol import (
 from mlpool._serialization import FUNCTION_CACHE_SIZE, pack_exception
 from mlpool._shm import unpack, write_result
 
+MAX_TRACEBACK = 32 * 1024  # characters of a loader's traceback sent back
+
 # Read by OpenMP, OpenBLAS, MKL, Accelerate, NumExpr and BLIS when they load.
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -69,6 +71,9 @@ class WorkerSettings:
     nice: int  # added to the worker's niceness: the API process wins the CPU when it wants it
     shm_threshold: int | None  # results' buffers of this size or more go in shared memory
     shm_limit: int | None
+    # Forked from a template (share_models): max_memory_per_worker counts the
+    # worker's private pages only, not the models it shares.
+    private_memory: bool = False
 
 
 def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: WorkerSettings) -> None:
@@ -77,19 +82,28 @@ def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: Work
     ``conn`` is the child's end of the duplex pipe (kept referenced so its fd
     stays open); ``loaders_pickle`` is the cloudpickled ``{name: loader}``.
     """
+    prepare_process(settings, settings.threads)
+    fd = conn.fileno()
+    started = time.perf_counter()
+    models = load_models(loaders_pickle)
+    if isinstance(models, LoadFailed):
+        write_all(fd, encode(models))
+        return
+    cap_threads_after_loading(settings.threads)
+    write_all(fd, encode(Ready(os.getpid(), time.perf_counter() - started)))
+    serve(fd, models, settings)
+
+
+def prepare_process(settings: WorkerSettings, threads: int) -> None:
+    """What a freshly spawned worker (or template) does before loading models;
+    ``threads`` caps BLAS/OpenMP/PyTorch thread pools."""
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(settings.parent_pid)
     if settings.nice and hasattr(os, "nice"):
         os.nice(settings.nice)
-    _cap_threads_before_loading(settings.threads)
-    fd = conn.fileno()
-    models = _load_models(fd, loaders_pickle)
-    if models is None:
-        return
-    _cap_threads_after_loading(settings.threads)
-    _serve(fd, models, settings)
+    cap_threads_before_loading(threads)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -113,12 +127,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _cap_threads_before_loading(threads: int) -> None:
+def cap_threads_before_loading(threads: int) -> None:
     for name in THREAD_ENV_VARS:
         os.environ[name] = str(threads)
 
 
-def _cap_threads_after_loading(threads: int) -> None:
+def cap_threads_after_loading(threads: int) -> None:
     """Cap thread pools of libraries already loaded (by loaders or ``__main__``)."""
     try:
         from threadpoolctl import threadpool_limits
@@ -131,9 +145,8 @@ def _cap_threads_after_loading(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _load_models(fd: int, loaders_pickle: bytes) -> dict[str, Any] | None:
-    """Run every loader once; send Ready, or LoadFailed and return None."""
-    started = time.perf_counter()
+def load_models(loaders_pickle: bytes) -> dict[str, Any] | LoadFailed:
+    """Run every loader once: the models by name, or what went wrong."""
     name = "<all models>"
     try:
         loaders: dict[str, Callable[[], Any]] = pickle.loads(loaders_pickle)
@@ -145,18 +158,18 @@ def _load_models(fd: int, loaders_pickle: bytes) -> dict[str, Any] | None:
             models[name] = model
     except BaseException as exc:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        write_all(fd, encode(LoadFailed(name, f"{type(exc).__name__}: {exc}", tb)))
-        return None
-    write_all(fd, encode(Ready(os.getpid(), time.perf_counter() - started)))
+        error = f"{type(exc).__name__}: {exc}"
+        return LoadFailed(name, error[:MAX_TRACEBACK], tb[-MAX_TRACEBACK:])
     return models
 
 
-def _serve(fd: int, models: dict[str, Any], settings: WorkerSettings) -> None:
+def serve(fd: int, models: dict[str, Any], settings: WorkerSettings) -> None:
+    """Answer jobs read from ``fd`` until Stop or end of file."""
     sock = socket.socket(fileno=os.dup(fd))  # recvmsg/sendmsg: descriptors ride along
     reader = FrameReader()
     functions: dict[int, Callable] = {}
     memory_limit = settings.memory_limit
-    resident = _resident_bytes_reader() if memory_limit is not None else None
+    resident = _memory_reader(settings.private_memory) if memory_limit is not None else None
     over_memory = False
     try:
         while True:
@@ -271,8 +284,29 @@ def _run_batch(
     ]
 
 
-def _resident_bytes_reader() -> Callable[[], int]:
-    """A cheap reader of this process's resident memory (Linux: /proc/self/statm)."""
+def _memory_reader(private: bool) -> Callable[[], int]:
+    """A cheap reader of this process's memory: resident bytes, or with
+    ``private`` the bytes no other process shares (what a forked worker adds
+    to the template's models)."""
+    if private:
+        try:
+            rollup = open("/proc/self/smaps_rollup", "rb", buffering=0)
+        except OSError:
+            import psutil
+
+            process = psutil.Process()
+            return lambda: process.memory_full_info().uss
+
+        def from_rollup() -> int:
+            rollup.seek(0)
+            kib = 0
+            for line in rollup.read().splitlines():
+                if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
+                    kib += int(line.split()[1])
+            return kib * 1024
+
+        return from_rollup
+
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
     try:
         statm = open("/proc/self/statm", "rb", buffering=0)

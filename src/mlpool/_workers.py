@@ -25,6 +25,7 @@ from mlpool._worker_main import WorkerSettings, worker_main
 
 if TYPE_CHECKING:
     from mlpool._jobs import Job
+    from mlpool._template import Template
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,20 @@ def spawn_worker(
     finally:
         child_conn.close()
     return WorkerHandle(process, parent_conn)
+
+
+def fork_worker(template: Template) -> WorkerHandle:
+    """Have ``template`` fork one worker (share_models). Raises TemplateGone."""
+    worker_id = next(_worker_ids)
+    parent_sock, child_sock = socket.socketpair()
+    try:
+        process = template.fork_worker(worker_id, child_sock)
+    except BaseException:
+        parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    return WorkerHandle(process, parent_sock)
 
 
 def describe_exit(exitcode: int | None) -> str:
