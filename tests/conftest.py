@@ -88,3 +88,16 @@ def fifo(tmp_path):
         return Fifo(tmp_path / f"fifo-{next(counter)}")
 
     return make
+
+
+@pytest.fixture(scope="module", params=["spawned", "forked"])
+def worker_mode(request):
+    """Runs a module's tests twice: workers spawned (the default), then forked
+    from a model template (``share_models=True`` becomes MLPool's default).
+    Module-scoped pools must ask for it, so they are built in each mode."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "forked":
+            from mlpool import MLPool
+
+            patch.setitem(MLPool.__init__.__kwdefaults__, "share_models", True)
+        yield request.param

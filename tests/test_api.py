@@ -16,8 +16,11 @@ import mlpool
 from mlpool import MLPool, ResultNotReadyError, UnknownJobError, UnknownModelError
 
 
+pytestmark = pytest.mark.usefixtures("worker_mode")
+
+
 @pytest.fixture(scope="module")
-def pool():
+def pool(worker_mode):
     with MLPool({"m": load_constant, "n": load_constant}, nb_workers=2) as p:
         yield p
 
@@ -76,12 +79,15 @@ def test_concurrent_threads_each_get_their_own_results(pool):
     assert results == [("value", i) for i in range(400)]
 
 
-def test_each_worker_loads_each_model_once(pool):
+def test_each_worker_loads_each_model_once(pool, worker_mode):
     pids = {pool.score("m", pid) for _ in range(50)}
     assert len(pids) <= 2
-    # The model object is the one the worker loaded at start, in that worker.
     model_pids = {pool.score("m", lambda model: (os.getpid(), model["pid"])) for _ in range(20)}
-    assert all(worker == loaded for worker, loaded in model_pids)
+    if worker_mode == "spawned":  # the model object is the one the worker loaded at start
+        assert all(worker == loaded for worker, loaded in model_pids)
+    else:  # loaded once, in the template, for every worker
+        assert len({loaded for _, loaded in model_pids}) == 1
+        assert all(worker != loaded for worker, loaded in model_pids)
 
 
 def test_lambdas_closures_and_partials_of_local_functions(pool):

@@ -11,7 +11,7 @@ from workloads import add, load_constant, touch, wait_for_release
 
 from mlpool import JobTimeoutError, MLPool, PoolFullError, UnknownJobError
 
-pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+pytestmark = pytest.mark.usefixtures("worker_mode", "no_leaked_workers")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from workloads import add, load_constant, wait_for_release
 
 from mlpool import MLPool, WorkerCrashedError
 
-pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+pytestmark = pytest.mark.usefixtures("worker_mode", "no_leaked_workers")
 
 
 def assert_full_strength(pool: MLPool, fifo) -> set[int]:

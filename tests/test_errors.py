@@ -12,8 +12,11 @@ from workloads import add, load_constant, pid, raise_value_error
 from mlpool import MLPool, ModelLoadError, RemoteError, RemoteTraceback, SerializationError
 
 
+pytestmark = pytest.mark.usefixtures("worker_mode")
+
+
 @pytest.fixture(scope="module")
-def pool():
+def pool(worker_mode):
     with MLPool({"m": load_constant}, nb_workers=1) as p:
         yield p
 

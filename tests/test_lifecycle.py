@@ -18,7 +18,7 @@ from workloads import add, load_constant, wait_for_release
 
 from mlpool import MLPool, PoolClosedError
 
-pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+pytestmark = pytest.mark.usefixtures("worker_mode", "no_leaked_workers")
 
 
 def test_shutdown_leaves_no_process_and_refuses_new_jobs():

@@ -272,3 +272,21 @@ def hold_array_then_die(model: dict, array, fifo: str) -> None:
 
 def copy_of(model: dict, array):
     return array.copy()
+
+
+def load_logged(log: str) -> dict:
+    """load_constant, appending this process's pid to ``log`` at each load."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return load_constant()
+
+
+def load_weights(megabytes: int) -> dict:
+    """A model holding ``megabytes`` of NumPy weights (written, so resident)."""
+    import numpy as np
+
+    return {"weights": np.full(megabytes * 2**17, 0.5), "pid": os.getpid()}
+
+
+def weights_mean(model: dict) -> float:
+    return float(model["weights"].mean())

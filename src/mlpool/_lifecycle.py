@@ -20,7 +20,7 @@ from mlpool._errors import JobTimeoutError, MLPoolError, ModelLoadError, PoolBro
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
-from mlpool._template import Template, TemplateGone
+from mlpool._template import Template, TemplateGone, release_orphans
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, fork_worker, spawn_worker
 
 logger = logging.getLogger("mlpool._manager")
@@ -380,10 +380,10 @@ class WorkerLifecycle:
             return
         self._template_failures += 1
         if self._template_failures >= MAX_CONSECUTIVE_FAILURES:
-            self._break(f"{reason} ({self._template_failures} times in a row)")
+            self._break(f"the model template failed {self._template_failures} times in a row; the last time: {reason}")
             return
         delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (self._template_failures - 1))
-        logger.warning("%s; loading the models in a new template in %.2fs", reason, delay)
+        logger.warning("loading the models in a new template in %.2fs: %s", delay, reason)
         self._counts["restarts"] += 1
         self._template_start_at = time.monotonic() + delay
 
@@ -392,6 +392,8 @@ class WorkerLifecycle:
         if self._template is not None:
             self._template.stop()
             self._template = None
+        if self.config.share_models:
+            release_orphans()
         self._regions.close()
         self._selector.close()
         for fd in (self._wake_r, self._wake_w):

@@ -78,7 +78,7 @@ from mlpool._protocol import (
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
-from mlpool._template import Template
+from mlpool._template import Template, adopt_orphans
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
 
@@ -164,6 +164,8 @@ class Manager(PipeReaders, WorkerLifecycle):
     # ------------------------------------------------------------------ callers
 
     def start(self) -> None:
+        if self.config.share_models:
+            adopt_orphans()  # undone in _close_resources
         self._thread.start()
 
     @property

@@ -26,6 +26,7 @@ parent), so it watches the pool's process itself (see ``watch_parent``).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import itertools
 import logging
@@ -35,6 +36,7 @@ import pickle
 import select
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -51,6 +53,7 @@ from mlpool._worker_main import (
     load_models,
     prepare_process,
     serve,
+    watch_parent,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,15 @@ class TemplateReady:
 
     pid: int
     load_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnSentinel:
+    """The inode of the pipe whose write end the template holds so that the
+    parent sees it exit (multiprocessing's sentinel): forked workers must not
+    keep it open, or the template's death would go unseen."""
+
+    inode: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,7 @@ def _fork_on_request(
     sock: socket.socket, models: dict[str, Any], settings: WorkerSettings, old_threads: set[int]
 ) -> None:
     """Fork a worker per Fork message and report the children it reaps, until end of file."""
+    inherited: tuple[int, ...] = ()  # fds the workers must not keep (see SpawnSentinel)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -148,6 +161,9 @@ def _fork_on_request(
             msg, fds = _recv(sock)
             if msg is None:
                 return  # the pool is gone or done with us; workers stop on their own
+            if type(msg) is SpawnSentinel:
+                inherited = _pipe_ends(msg.inode)
+                continue
             assert isinstance(msg, Fork)
             worker_sock_fd = fds[0]
             threads = _new_threads(old_threads)
@@ -155,7 +171,7 @@ def _fork_on_request(
             pid = os.fork()
             if pid == 0:
                 sock.close()
-                _become_worker(worker_sock_fd, models, settings, close=(wake_r, wake_w, sentinel_r))
+                _become_worker(worker_sock_fd, models, settings, close=(wake_r, wake_w, sentinel_r, *inherited))
             os.close(worker_sock_fd)  # siblings forked later must not hold it
             os.close(sentinel_w)
             try:
@@ -202,37 +218,6 @@ def _reap_children(sock: socket.socket) -> None:
         _send(sock, Reaped(pid, os.waitstatus_to_exitcode(status)))
 
 
-def watch_parent(parent_pid: int) -> None:
-    """Exit at once when the pool's process dies, even mid-job (a thread
-    waits on it). Linux: a pidfd; macOS: kqueue; elsewhere a worker notices
-    on its next read (end of file on its pipe)."""
-    if hasattr(os, "pidfd_open"):
-        try:
-            handle = os.pidfd_open(parent_pid)
-        except ProcessLookupError:
-            os._exit(1)
-
-        def wait() -> None:
-            select.select([handle], [], [])
-            os._exit(1)
-
-    elif hasattr(select, "kqueue"):
-        queue = select.kqueue()
-        event = select.kevent(parent_pid, select.KQ_FILTER_PROC, select.KQ_EV_ADD, select.KQ_NOTE_EXIT)
-        try:
-            queue.control([event], 0)
-        except ProcessLookupError:
-            os._exit(1)
-
-        def wait() -> None:
-            queue.control(None, 1)
-            os._exit(1)
-
-    else:
-        return
-    threading.Thread(target=wait, name="mlpool-parent-watch", daemon=True).start()
-
-
 # Threads known to survive a fork: jemalloc (in PyArrow) restarts its
 # background threads in the child.
 FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
@@ -260,6 +245,19 @@ def _new_threads(old: set[int]) -> tuple[str, ...]:
         if name not in FORK_SAFE_THREADS:
             names.append(name)
     return tuple(sorted(names))
+
+
+def _pipe_ends(inode: int) -> tuple[int, ...]:
+    """This process's descriptors on the pipe with this inode."""
+    found = []
+    for name in os.listdir("/dev/fd"):
+        try:
+            info = os.fstat(int(name))
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if stat.S_ISFIFO(info.st_mode) and info.st_ino == inode:
+            found.append(int(name))
+    return tuple(found)
 
 
 def _drain(fd: int) -> None:
@@ -315,12 +313,14 @@ class Template:
             child_sock.close()
         self.fd = self.sock.fileno()
         self.sentinel: int = self.process.sentinel
+        _send(self.sock, SpawnSentinel(os.fstat(self.sentinel).st_ino))
         self.pid: int = self.process.pid
         self.ready: TemplateReady | None = None
         self.threads_at_fork: tuple[str, ...] = ()  # unsafe threads it had at its last fork
         self.warned = False
         self.load_failure: LoadFailed | None = None
-        self.gone = False
+        self.gone = False  # it stopped answering (end of file); see also _stopped
+        self._stopped = False  # stop() reaped it
         self._exits: dict[int, int] = {}  # pid -> exit code, reaped by the template
         self._forked: list[tuple[Forked, list[int]]] = []
 
@@ -362,28 +362,40 @@ class Template:
             self._wait_message(deadline)
 
     def wait_exit(self, pid: int, timeout: float) -> int | None:
-        """The exit code of a worker it forked, once it has reaped it (None: unknown)."""
+        """The exit code of a worker it forked, once reaped (None: unknown).
+        Call once the worker's sentinel fired."""
         deadline = time.monotonic() + timeout
         while pid not in self._exits:
-            if self.gone:
-                return None
-            try:
-                self._wait_message(deadline)
-            except TemplateGone:
-                return None
+            if not self.gone:
+                try:
+                    self._wait_message(deadline)
+                    continue
+                except TemplateGone:
+                    pass
+            # The template died: its children went to the nearest subreaper,
+            # this process (see adopt_orphans) once the template is reaped.
+            if not self._stopped:
+                self.process.join(max(0.0, deadline - time.monotonic()))
+            return _reap_orphan(pid)
         return self._exits.pop(pid)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the channel (the template exits at end of file) and reap it."""
         self.gone = True
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self.sock.close()
         finally:
             self.process.join(timeout)
             if self.process.exitcode is None:
                 self.process.kill()
-                self.process.join()
-            self.process.close()
+                self.process.join(timeout)
+            try:
+                self.process.close()
+            except ValueError:  # someone else reaped it (a waitpid(-1) in the app)
+                logger.warning("the model template (pid %d) could not be reaped", self.pid)
         for _, fds in self._forked:
             for fd in fds:
                 os.close(fd)
@@ -429,6 +441,53 @@ class Template:
             self.ready = msg
         elif type(msg) is LoadFailed:
             self.load_failure = msg
+
+
+def _reap_orphan(pid: int) -> int | None:
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # not ours: we could not be a subreaper
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
+_adopters = 0
+_adopters_lock = threading.Lock()
+_was_subreaper = False
+
+
+def adopt_orphans() -> None:
+    """Make this process the reaper of its orphaned descendants (Linux), while
+    any pool shares models: the workers of a template that dies are handed
+    to us, not to PID 1, which in a container is often an application that
+    never reaps them (each would stay a zombie). The manager reaps exactly
+    the workers it knows; undone by the last :func:`release_orphans`."""
+    global _adopters, _was_subreaper
+    if not sys.platform.startswith("linux"):
+        return
+    with _adopters_lock:
+        if _adopters == 0:
+            flag = ctypes.c_int(0)
+            _libc().prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+            _was_subreaper = bool(flag.value)
+            if not _was_subreaper:
+                _libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        _adopters += 1
+
+
+def release_orphans() -> None:
+    global _adopters
+    if not sys.platform.startswith("linux"):
+        return
+    with _adopters_lock:
+        _adopters -= 1
+        if _adopters == 0 and not _was_subreaper:
+            _libc().prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class ForkedProcess:

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -107,13 +109,18 @@ def prepare_process(settings: WorkerSettings, threads: int) -> None:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL us when the parent dies, even mid-job.
+    """Exit when the pool's process dies, even mid-job.
 
-    Elsewhere a worker notices on its next read (end of file on the pipe).
-    The parent spawns workers from its long-lived manager thread: Linux sends
-    the signal when the *thread* that forked the child exits.
+    Spawned by the pool: Linux SIGKILLs us when the parent dies (the pool
+    spawns from its long-lived manager thread: the signal comes when the
+    *thread* that forked the child exits). Started by a forkserver, or forked
+    by a template: a thread waits on the pool's process (``watch_parent``).
     """
+    if os.getppid() != parent_pid:  # a forkserver's child (or the pool already died)
+        watch_parent(parent_pid)
+        return
     if not sys.platform.startswith("linux"):
+        watch_parent(parent_pid)
         return
     try:
         import ctypes
@@ -122,9 +129,41 @@ def _die_with_parent(parent_pid: int) -> None:
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
+        watch_parent(parent_pid)
         return
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def watch_parent(parent_pid: int) -> None:
+    """Exit at once when process ``parent_pid`` dies (a thread waits on it).
+    Linux: a pidfd; macOS: kqueue; elsewhere a worker notices on its next
+    read (end of file on its pipe)."""
+    if hasattr(os, "pidfd_open"):
+        try:
+            handle = os.pidfd_open(parent_pid)
+        except ProcessLookupError:
+            os._exit(1)
+
+        def wait() -> None:
+            select.select([handle], [], [])
+            os._exit(1)
+
+    elif hasattr(select, "kqueue"):
+        queue = select.kqueue()
+        event = select.kevent(parent_pid, select.KQ_FILTER_PROC, select.KQ_EV_ADD, select.KQ_NOTE_EXIT)
+        try:
+            queue.control([event], 0)
+        except ProcessLookupError:
+            os._exit(1)
+
+        def wait() -> None:
+            queue.control(None, 1)
+            os._exit(1)
+
+    else:
+        return
+    threading.Thread(target=wait, name="mlpool-parent-watch", daemon=True).start()
 
 
 def cap_threads_before_loading(threads: int) -> None:
