@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.mlpool-dev-installed
 
-.PHONY: demo quickstart test bench bench-batching bench-payload chaos clean
+.PHONY: demo quickstart test bench bench-batching bench-payload bench-memory chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-batching: $(DEV_STAMP)
 ## Large arrays in and out: shared memory against the pipe.
 bench-payload: $(DEV_STAMP)
 	$(BIN)/python bench/payload.py
+
+## Memory and restart time of share_models against spawned workers.
+bench-memory: $(DEV_STAMP)
+	$(BIN)/python bench/memory.py
 
 ## Sustained load while workers are SIGKILLed at random (20 s).
 chaos: $(DEV_STAMP)

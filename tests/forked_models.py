@@ -61,3 +61,12 @@ def load_booster_own_threads():
     model = xgboost.XGBClassifier(n_estimators=20, max_depth=3, n_jobs=2, random_state=0).fit(x, y)
     model.predict(x)
     return model
+
+
+def load_cnn_and_draw():
+    """load_cnn, having drawn from NumPy's and PyTorch's global generators."""
+    import torch
+
+    np.random.random()
+    torch.rand(1)
+    return load_cnn()

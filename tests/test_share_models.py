@@ -208,3 +208,26 @@ def test_forkserver_template():
 def test_share_models_must_be_a_bool():
     with pytest.raises(TypeError, match="share_models must be a bool"):
         MLPool({"m": load_constant}, nb_workers=1, share_models="yes")
+
+
+def draw(model: dict) -> tuple[int, float, float]:
+    import random
+
+    import numpy as np
+    import torch
+
+    return os.getpid(), np.random.random(), torch.rand(1).item() + random.random()
+
+
+def test_each_forked_worker_has_its_own_random_streams():
+    with MLPool({"m": forked_models.load_cnn_and_draw}, nb_workers=2, share_models=True) as pool:
+        template = psutil.Process(pool.score("m", lambda model: os.getppid()))
+        workers = template.children()
+        draws = {}
+        while len(draws) < 2:  # the lent path favours one idle worker: ask both
+            futures = [pool.submit("m", draw) for _ in range(8)]
+            for pid, *values in (f.result(timeout=30) for f in futures):
+                draws.setdefault(pid, values)
+        assert set(draws) <= {w.pid for w in workers}
+        first, second = draws.values()
+        assert first[0] != second[0] and first[1] != second[1]

@@ -189,6 +189,7 @@ def _become_worker(fd: int, models: dict[str, Any], settings: WorkerSettings, cl
         for unused in close:
             os.close(unused)
         watch_parent(settings.parent_pid)
+        _reseed()
         if settings.threads > 1:
             cap_threads_before_loading(settings.threads)
             cap_threads_after_loading(settings.threads)
@@ -205,6 +206,18 @@ def _become_worker(fd: int, models: dict[str, Any], settings: WorkerSettings, cl
             except Exception:
                 pass
         os._exit(code)
+
+
+def _reseed() -> None:
+    """Give each worker its own random stream, as a spawned worker has.
+    Python's ``random`` reseeds itself after a fork; NumPy's and PyTorch's
+    global generators would repeat the template's sequence in every worker."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.seed()
 
 
 def _reap_children(sock: socket.socket) -> None:
