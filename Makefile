@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.mlpool-dev-installed
+BENCH_STAMP := $(VENV)/.mlpool-bench-installed
+PEERS := bench/.peers
 
-.PHONY: demo quickstart test bench bench-batching bench-payload bench-memory chaos clean
+.PHONY: demo quickstart test bench bench-overhead bench-batching bench-payload bench-memory chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +30,18 @@ quickstart: $(DEV_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
+$(BENCH_STAMP): pyproject.toml $(DEV_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target $(PEERS)/mlpool-0.1.0 mlpool==0.1.0
+	touch $@
+
+## mlpool against in-process, ProcessPoolExecutor, loky, mpire, Ray actors and
+## mlpool 0.1.0 on five workloads (about 6 minutes); installs the peers first.
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/suite.py
+
 ## Per-job overhead against the raw pipe and ProcessPoolExecutor.
-bench: $(DEV_STAMP)
+bench-overhead: $(DEV_STAMP)
 	$(BIN)/python bench/overhead.py
 
 ## Batched against unbatched scoring of a scikit-learn RandomForest.
@@ -49,4 +61,4 @@ chaos: $(DEV_STAMP)
 	$(BIN)/python bench/chaos.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache examples/models
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache examples/models $(PEERS)

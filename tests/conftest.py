@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -9,15 +11,23 @@ import pytest
 
 
 def worker_children() -> list[psutil.Process]:
-    """Live child processes of this test process that are mlpool workers."""
+    """Live descendants of this test process that are mlpool workers: not
+    multiprocessing's resource tracker, nor the processes of the Ray
+    instance the ray_cluster fixture started (test_ray checks actors)."""
     out = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
-                out.append(child)
+            command = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE or "resource_tracker" in command or _is_ray(child, command):
+                continue
+            out.append(child)
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def _is_ray(process: psutil.Process, command: str) -> bool:
+    return command.startswith("ray::") or "/ray/" in command or process.name() in ("raylet", "gcs_server")
 
 
 @pytest.fixture
@@ -90,14 +100,40 @@ def fifo(tmp_path):
     return make
 
 
+@contextmanager
+def pool_defaults(mode: str):
+    """Make MLPool's defaults those of a worker mode, for the duration."""
+    from mlpool import MLPool
+
+    with pytest.MonkeyPatch.context() as patch:
+        defaults = MLPool.__init__.__kwdefaults__
+        if mode == "forked":
+            patch.setitem(defaults, "share_models", True)
+        elif mode == "ray":
+            patch.setitem(defaults, "backend", "ray")
+            # Several pools at once fit on the 2-CPU Ray instance.
+            patch.setitem(defaults, "ray_options", {"num_cpus": 0.1})
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray instance with 2 CPUs for the whole session; its workers
+    import the tests' modules (loaders and scoring functions live there)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}},
+    )
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module", params=["spawned", "forked"])
 def worker_mode(request):
     """Runs a module's tests twice: workers spawned (the default), then forked
     from a model template (``share_models=True`` becomes MLPool's default).
-    Module-scoped pools must ask for it, so they are built in each mode."""
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "forked":
-            from mlpool import MLPool
-
-            patch.setitem(MLPool.__init__.__kwdefaults__, "share_models", True)
+    Module-scoped pools must ask for it, so they are built in each mode.
+    test_api and test_errors add a third mode: workers as Ray actors."""
+    with pool_defaults(request.param):
         yield request.param

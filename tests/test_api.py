@@ -10,6 +10,7 @@ from functools import partial
 
 import pytest
 import workloads
+from conftest import pool_defaults
 from workloads import add, echo, load_constant, pid, wait_for_release
 
 import mlpool
@@ -17,6 +18,15 @@ from mlpool import MLPool, ResultNotReadyError, UnknownJobError, UnknownModelErr
 
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
+
+
+@pytest.fixture(scope="module", params=["spawned", "forked", "ray"])
+def worker_mode(request):
+    """Every mode of conftest's worker_mode, and workers as Ray actors."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    with pool_defaults(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,7 @@ def test_each_worker_loads_each_model_once(pool, worker_mode):
     pids = {pool.score("m", pid) for _ in range(50)}
     assert len(pids) <= 2
     model_pids = {pool.score("m", lambda model: (os.getpid(), model["pid"])) for _ in range(20)}
-    if worker_mode == "spawned":  # the model object is the one the worker loaded at start
+    if worker_mode != "forked":  # the model object is the one the worker (or actor) loaded at start
         assert all(worker == loaded for worker, loaded in model_pids)
     else:  # loaded once, in the template, for every worker
         assert len({loaded for _, loaded in model_pids}) == 1

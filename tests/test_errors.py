@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import workloads
+from conftest import pool_defaults
 from conftest import worker_children
 from workloads import add, load_constant, pid, raise_value_error
 
@@ -13,6 +14,15 @@ from mlpool import MLPool, ModelLoadError, RemoteError, RemoteTraceback, Seriali
 
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
+
+
+@pytest.fixture(scope="module", params=["spawned", "forked", "ray"])
+def worker_mode(request):
+    """Every mode of conftest's worker_mode, and workers as Ray actors."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    with pool_defaults(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="module")

@@ -290,3 +290,10 @@ def load_weights(megabytes: int) -> dict:
 
 def weights_mean(model: dict) -> float:
     return float(model["weights"].mean())
+
+
+def own_actor(model: dict):
+    """The handle of the Ray actor running this job (backend="ray")."""
+    import ray
+
+    return ray.get_runtime_context().current_actor

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
@@ -29,6 +30,10 @@ from prometheus_client import CollectorRegistry
 
 MODE = os.environ.get("MLPOOL_DEMO_MODE", "pool")  # "pool" or "inprocess"
 NB_WORKERS = int(os.environ.get("MLPOOL_DEMO_WORKERS", "2"))
+# "local" (worker processes) or "ray" (actors on the Ray instance RAY_ADDRESS
+# names, or a new local one): see the README's "More than one machine".
+BACKEND = os.environ.get("MLPOOL_BACKEND", "local")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_IMAGE_BYTES = 2 * 2**20
 
 SCORERS = {"iris": models.score_iris, "diabetes": models.score_diabetes}
@@ -59,7 +64,11 @@ async def lifespan(app: FastAPI):
         app.state.inprocess = {name: load() for name, load in loaders.items()}
         yield
         return
-    async with MLPool(loaders, nb_workers=NB_WORKERS, max_retries=1) as pool:
+    backend: dict = {}
+    if BACKEND == "ray":  # the actors import examples.app.models from this checkout
+        runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}}
+        backend = {"backend": "ray", "ray_options": {"runtime_env": runtime_env}}
+    async with MLPool(loaders, nb_workers=NB_WORKERS, max_retries=1, **backend) as pool:
         app.state.mlpool = pool
         collector = PoolCollector(pool).register(registry)
         yield

@@ -11,6 +11,7 @@ from mlpool._resources import usable_cpu_count
 
 DEFAULT_MAX_QUEUE_SIZE = 10_000
 START_METHODS = ("spawn", "forkserver")
+BACKENDS = ("local", "ray")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,9 @@ class PoolConfig:
     worker_nice: int
     shared_memory_threshold: int | None
     shared_memory_limit: int | None
+    backend: str = "local"
+    ray_address: str | None = None
+    ray_options: tuple[tuple[str, object], ...] = ()  # extra actor options, as items
 
     @classmethod
     def resolve(
@@ -54,6 +58,9 @@ class PoolConfig:
         worker_nice: int = 0,
         shared_memory_threshold: int | None = 65536,
         shared_memory_limit: int | None = None,
+        backend: str = "local",
+        ray_address: str | None = None,
+        ray_options: dict | None = None,
     ) -> PoolConfig:
         cores = usable_cpu_count()
         if nb_workers is None:
@@ -91,6 +98,20 @@ class PoolConfig:
             _check_int("shared_memory_threshold", shared_memory_threshold, minimum=1)
         if shared_memory_limit is not None:
             _check_int("shared_memory_limit", shared_memory_limit, minimum=0)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if backend == "local" and (ray_address is not None or ray_options):
+            raise ValueError('ray_address and ray_options need backend="ray"')
+        if backend == "ray":
+            if share_models:
+                raise ValueError('share_models forks local processes; it does not apply to backend="ray"')
+            if ray_address is not None and not isinstance(ray_address, str):
+                raise TypeError(f"ray_address must be a str, not {type(ray_address).__name__}")
+            if ray_options is not None and not isinstance(ray_options, dict):
+                raise TypeError(f"ray_options must be a dict of actor options, not {type(ray_options).__name__}")
+            # Actors may run on other machines: no shared memory; Ray's object
+            # store carries large frames.
+            shared_memory_threshold = None
         return cls(
             nb_workers=nb_workers,
             threads_per_worker=threads_per_worker,
@@ -106,6 +127,9 @@ class PoolConfig:
             worker_nice=worker_nice,
             shared_memory_threshold=shared_memory_threshold,
             shared_memory_limit=shared_memory_limit,
+            backend=backend,
+            ray_address=ray_address,
+            ray_options=tuple((ray_options or {}).items()),
         )
 
 

@@ -21,7 +21,7 @@ from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
 from mlpool._template import Template, TemplateGone, release_orphans
-from mlpool._workers import WorkerHandle, WorkerState, describe_exit, fork_worker, spawn_worker
+from mlpool._workers import WorkerHandle, WorkerState, describe_exit, fork_worker, ray_worker, spawn_worker
 
 logger = logging.getLogger("mlpool._manager")
 
@@ -41,7 +41,7 @@ class WorkerLifecycle:
     def _on_exit(self, worker: WorkerHandle, exitcode: int | None) -> None:
         """A worker's process is gone: settle the jobs it held, maybe replace it."""
         del self._workers[worker.id]
-        how = describe_exit(exitcode)
+        how = getattr(worker.process, "death", None) or describe_exit(exitcode)
         was = worker.state
         worker.state = WorkerState.EXITED
         intended = worker.kill_reason is not None or was is WorkerState.STOPPING
@@ -293,6 +293,9 @@ class WorkerLifecycle:
                 if template is not None:
                     worker = fork_worker(template)
                     _warn_threads(template)
+                elif self._ray is not None:
+                    options = {"num_cpus": self.config.threads_per_worker, **dict(self.config.ray_options)}
+                    worker = ray_worker(self._loaders_pickle, self._worker_settings, options)
                 else:
                     worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
             except TemplateGone as exc:
@@ -394,6 +397,8 @@ class WorkerLifecycle:
             self._template = None
         if self.config.share_models:
             release_orphans()
+        if self._ray is not None:
+            self._ray.close()
         self._regions.close()
         self._selector.close()
         for fd in (self._wake_r, self._wake_w):

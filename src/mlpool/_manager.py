@@ -55,6 +55,7 @@ from typing import Any, Callable
 from mlpool._batching import BatchQueue, batch_policy
 from mlpool._config import PoolConfig
 from mlpool._errors import (
+    ModelLoadError,
     PoolBrokenError,
     PoolClosedError,
     PoolFullError,
@@ -78,6 +79,7 @@ from mlpool._protocol import (
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
+from mlpool._ray import RaySession
 from mlpool._template import Template, adopt_orphans
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
@@ -151,6 +153,8 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._template_announced = False  # its readiness was acted on
         self._template_failures = 0
         self._awaiting_template = 0  # workers due, waiting for a template to fork them
+        # backend="ray": the Ray instance the actors live in (see _ray).
+        self._ray = RaySession(config.ray_address) if config.backend == "ray" else None
         self._start_deadline = time.monotonic() + config.start_timeout
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -617,6 +621,8 @@ class Manager(PipeReaders, WorkerLifecycle):
     def _run(self) -> None:
         """The manager thread: start workers, then serve until every worker is gone."""
         try:
+            if self._ray is not None and not self._connect_ray():
+                return
             for _ in range(self.config.nb_workers):
                 self._spawn_at.append(time.monotonic())
             while not self._serve_once():
@@ -708,6 +714,21 @@ class Manager(PipeReaders, WorkerLifecycle):
             return None
         self._wake_at = min(candidates)
         return max(0.0, self._wake_at - time.monotonic())
+
+    def _connect_ray(self) -> bool:
+        assert self._ray is not None
+        try:
+            self._ray.connect()
+        except Exception as exc:
+            error = ModelLoadError(f"could not connect to Ray (ray_address={self.config.ray_address!r}): {exc!r}")
+            self._lock.acquire()
+            try:
+                self._break(str(error), start_error=error)
+                self._state = PoolState.CLOSED
+            finally:
+                self._release()
+            return False
+        return True
 
     def _reap_template(self, template: Template) -> int | None:
         """The template died: stop watching it, take what it sent last, reap it."""

@@ -75,6 +75,15 @@ class MLPool:
             shared memory instead of the pipe (Linux; see ``_shm``). None: never.
         shared_memory_limit: bytes of shared memory one message may use; a
             larger one goes through the pipe, with one log line. None: no limit.
+        backend: ``"local"`` (worker processes on this machine) or ``"ray"``:
+            each worker is a Ray actor (``pip install "mlpool[ray]"``), on
+            this machine or a cluster, behind the same scheduler and API.
+            Each actor asks for ``threads_per_worker`` CPUs.
+        ray_address: with ``backend="ray"``: None joins the Ray instance this
+            process is connected to, or starts a local one (stopped at
+            shutdown); ``"auto"`` or ``"ray://host:10001"`` joins a cluster.
+        ray_options: extra ``actor.options(...)`` for each worker actor, such
+            as ``{"resources": {"model-host": 1}}`` or ``{"memory": 2**30}``.
 
     The constructor returns when every worker has loaded every model. A loader
     that raises (or returns None) makes it raise :class:`ModelLoadError` with
@@ -106,6 +115,9 @@ class MLPool:
         worker_nice: int = 5,
         shared_memory_threshold: int | None = 65536,
         shared_memory_limit: int | None = None,
+        backend: str = "local",
+        ray_address: str | None = None,
+        ray_options: dict[str, Any] | None = None,
     ) -> None:
         loaders = _check_loaders(models_to_load)
         self._config = PoolConfig.resolve(
@@ -123,6 +135,9 @@ class MLPool:
             worker_nice=worker_nice,
             shared_memory_threshold=shared_memory_threshold,
             shared_memory_limit=shared_memory_limit,
+            backend=backend,
+            ray_address=ray_address,
+            ray_options=ray_options,
         )
         engine = InlineManager if self._config.nb_workers == 0 else Manager
         self._manager = engine(self._config, loaders)

@@ -520,6 +520,20 @@ class ForkedProcess:
             self.exitcode = self._template.wait_exit(self.pid, 5.0 if timeout is None else timeout)
             self._reaped = True
 
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, signum: int) -> None:
+        if self._reaped:
+            return
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
     def close(self) -> None:
         if self.sentinel >= 0:
             os.close(self.sentinel)

@@ -91,16 +91,10 @@ class WorkerHandle:
         logger.info("killing worker %d (pid %d): %s", self.id, self.pid, reason)
         self.kill_reason = reason
         self.state = WorkerState.KILLED
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.process.kill()
 
     def terminate(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        self.process.terminate()
 
     def reap(self) -> int | None:
         """The exit code, once the sentinel has fired. Negative: killed by that signal."""
@@ -154,6 +148,14 @@ def fork_worker(template: Template) -> WorkerHandle:
     finally:
         child_sock.close()
     return WorkerHandle(process, parent_sock)
+
+
+def ray_worker(loaders_pickle: bytes, settings: WorkerSettings, options: dict) -> WorkerHandle:
+    """Start one worker as a Ray actor (backend="ray"); see ``_ray``."""
+    from mlpool._ray import spawn_ray_worker
+
+    process, sock = spawn_ray_worker(next(_worker_ids), loaders_pickle, settings, options)
+    return WorkerHandle(process, sock)
 
 
 def describe_exit(exitcode: int | None) -> str:

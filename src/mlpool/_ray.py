@@ -1,0 +1,253 @@
+"""Workers as Ray actors (``backend="ray"``): the same scheduler, another transport.
+
+The manager talks to every worker through a local socket and the frames of
+``_protocol``; it does not know where the worker runs. For a Ray worker, the
+other end of that socket is a *bridge* in this process:
+
+::
+
+    manager ◄─socket─► bridge: reader thread ──run.remote(frame)──► actor (any node):
+                               writer thread ◄──reply frames──────   loaders ran once,
+                                                                     _run / _run_batch
+
+The reader submits each Run frame to the actor as it arrives (an actor runs
+its calls one at a time, in the order one caller made them: the order the
+manager relies on); the writer waits for the replies in that order and
+writes them back. Ready comes from the actor's ``ready()``. When the actor
+dies (killed, its node lost, ``ray.kill`` for a timeout), the pending call
+raises, and the bridge closes the socket and the worker's *sentinel* (a
+pipe only it holds), which is how the manager sees any worker die: the jobs
+it held fail or retry as after a crash.
+
+Arguments cross in-band (no shared memory between machines); Ray moves
+frames larger than 100 KiB through its object store. Ray is imported only
+here, and only when a pool uses this backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+from mlpool._protocol import STOP_KIND, Exiting, FrameReader, LoadFailed, OverMemory, Ready, Run, RunBatch, encode
+from mlpool._worker_main import (
+    WorkerSettings,
+    _memory_reader,
+    _run,
+    _run_batch,
+    cap_threads_after_loading,
+    cap_threads_before_loading,
+    load_models,
+)
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError('backend="ray" needs Ray: pip install "mlpool[ray]"') from None
+    return ray
+
+
+class RaySession:
+    """Joins (or starts) the Ray instance a pool uses; leaves it as it found it."""
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+        self.started_here = False
+
+    def connect(self) -> None:
+        ray = require_ray()
+        if ray.is_initialized():
+            return
+        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+        self.started_here = True
+
+    def close(self) -> None:
+        if self.started_here:
+            require_ray().shutdown()
+            self.started_here = False
+
+
+class _Actor:
+    """The body of a Ray worker (made a Ray actor class by :func:`actor_class`)."""
+
+    def __init__(self, loaders_pickle: bytes, settings: WorkerSettings) -> None:
+        started = time.perf_counter()
+        cap_threads_before_loading(settings.threads)
+        if settings.nice and hasattr(os, "nice"):
+            os.nice(settings.nice)
+        self.settings = settings
+        self.functions: dict = {}
+        self.models = load_models(loaders_pickle)
+        if not isinstance(self.models, LoadFailed):
+            cap_threads_after_loading(settings.threads)
+        self.load_seconds = time.perf_counter() - started
+        self.resident = _memory_reader(False) if settings.memory_limit is not None else None
+        self.over_memory = False
+
+    def ready(self) -> bytes:
+        if isinstance(self.models, LoadFailed):
+            return encode(self.models)
+        return encode(Ready(os.getpid(), self.load_seconds))
+
+    def run(self, frame: bytes) -> bytes:
+        """Run the jobs of one Run or RunBatch frame; their reply frames, joined."""
+        reader = FrameReader()
+        reader.feed(frame)  # one whole frame, no descriptors (no shared memory here)
+        (msg,) = reader.messages()
+        if type(msg) is Run:
+            replies = _run(msg, self.models, self.functions, self.settings)
+        else:
+            assert type(msg) is RunBatch
+            replies = _run_batch(msg, self.models, self.functions, self.settings)
+        if self.resident is not None and not self.over_memory:
+            rss = self.resident()
+            if rss > self.settings.memory_limit:
+                self.over_memory = True
+                replies.append((encode(OverMemory(rss)), []))
+        return b"".join(data for data, _ in replies)
+
+
+_actor_classes: dict[int, Any] = {}
+
+
+def actor_class() -> Any:
+    ray = require_ray()
+    if not _actor_classes:
+        _actor_classes[0] = ray.remote(max_restarts=0, max_task_retries=0)(_Actor)
+    return _actor_classes[0]
+
+
+class RayProcess:
+    """A Ray worker as :class:`~mlpool._workers.WorkerHandle` sees a process:
+    ``pid`` (its actor's, once Ready), ``sentinel``, ``join``, ``kill``."""
+
+    def __init__(self, worker_id: int, actor: Any, sock: socket.socket) -> None:
+        self.name = f"mlpool-worker-{worker_id}"
+        self.pid = 0
+        self.exitcode: int | None = None
+        self.death: str | None = None  # how it died, in words (WorkerHandle reads it)
+        self.actor = actor
+        self._sock = sock  # the bridge's end
+        self.sentinel, self._sentinel_w = os.pipe()
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()  # object refs in submission order, then _STOP
+        self._killed = False
+        self._threads = [
+            threading.Thread(target=self._read, name=f"mlpool-ray-{worker_id}-in", daemon=True),
+            threading.Thread(target=self._write, name=f"mlpool-ray-{worker_id}-out", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- the bridge
+
+    def _read(self) -> None:
+        """Frames from the manager: Run and RunBatch go to the actor; Stop ends."""
+        reader = FrameReader()
+        try:
+            while True:
+                chunk = reader.recv_from(self._sock, 0)
+                if not chunk:
+                    break
+                for kind, frame in reader.frames():
+                    if kind == STOP_KIND:
+                        self._calls.put(_STOP)
+                        return
+                    self._calls.put(self.actor.run.remote(frame))
+        except OSError:
+            pass
+        finally:
+            reader.close()
+        self._calls.put(_STOP)
+
+    def _write(self) -> None:
+        """Replies to the manager, in order; the end of the worker on Stop or death."""
+        ray = require_ray()
+        try:
+            hello = ray.get(self.actor.ready.remote())
+            self._sock.sendall(hello)
+            if _is_load_failure(hello):  # like a spawned worker, it exits after saying so
+                self.death = "failed to load its models"
+                self.exitcode = 1
+                return
+            while True:
+                ref = self._calls.get()
+                if ref is _STOP:
+                    self._sock.sendall(encode(Exiting()))
+                    self.exitcode = 0
+                    break
+                self._sock.sendall(ray.get(ref))
+        except ray.exceptions.RayActorError as exc:
+            self.death = "was killed" if self._killed else f"died: {_first_line(exc)}"
+            self.exitcode = -9 if self._killed else None
+        except OSError:  # the manager closed its end
+            pass
+        except Exception as exc:  # a Ray error we do not know: the worker is lost all the same
+            logger.warning("Ray worker %s lost: %r", self.name, exc)
+            self.death = f"was lost: {_first_line(exc)}"
+        finally:
+            self.kill()
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+            os.close(self._sentinel_w)
+
+    # -- what WorkerHandle calls
+
+    def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
+        try:
+            require_ray().kill(self.actor, no_restart=True)
+        except Exception as exc:  # already gone
+            logger.debug("ray.kill(%s): %r", self.name, exc)
+
+    terminate = kill
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
+
+
+def _is_load_failure(frame: bytes) -> bool:
+    reader = FrameReader()
+    reader.feed(frame)
+    return any(type(msg) is LoadFailed for msg in reader.messages())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def spawn_ray_worker(
+    worker_id: int, loaders_pickle: bytes, settings: WorkerSettings, options: dict
+) -> tuple[RayProcess, socket.socket]:
+    """Create one actor and its bridge; the manager's end of the socket."""
+    manager_end, bridge_end = socket.socketpair()
+    try:
+        actor = actor_class().options(**options).remote(loaders_pickle, settings)
+        return RayProcess(worker_id, actor, bridge_end), manager_end
+    except BaseException:
+        manager_end.close()
+        bridge_end.close()
+        raise
