@@ -36,7 +36,7 @@ $(BENCH_STAMP): pyproject.toml $(DEV_STAMP)
 	touch $@
 
 ## mlpool against in-process, ProcessPoolExecutor, loky, mpire, Ray actors and
-## mlpool 0.1.0 on five workloads (about 6 minutes); installs the peers first.
+## mlpool 0.1.0 on five workloads (about 3 minutes); installs the peers first.
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/suite.py
 

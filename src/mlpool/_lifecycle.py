@@ -66,7 +66,8 @@ class WorkerLifecycle:
         # raised) or a death while idle. Only these count toward giving up.
         unexplained = not intended and not jobs
         if self._state is PoolState.STARTING:
-            self._fail_start(f"worker {worker.id} (pid {worker.pid})", worker.load_failure, how)
+            who = f"worker {worker.id} (pid {worker.pid})" if worker.pid else f"worker {worker.id}"
+            self._fail_start(who, worker.load_failure, how)
             return
         if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self._state is PoolState.BROKEN:
             return  # a retiring worker's replacement is already on its way
