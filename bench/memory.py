@@ -170,7 +170,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            fX | {r['ready_s']:.2f} s | {r['pss_start_mib']:.0f} MiB "
+            f"| {r['mode']} ({r['processes']} processes) | {r['ready_s']:.2f} s | {r['pss_start_mib']:.0f} MiB "
             f"| {r['pss_after_mib']:.0f} MiB | {r['pss_after_mib'] / model_mib:.2f}x "
             f"| {r['private_max_mib']:.0f} MiB | {r['parent_pss_mib']:.0f} MiB "
             f"| {r['replacement_s'] * 1000:.1f} ms |"

@@ -8,8 +8,6 @@ own lifecycle.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import textwrap
