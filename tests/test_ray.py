@@ -67,8 +67,16 @@ def test_batching_async_and_large_arrays_through_actors():
         results = asyncio.run(many())
         assert [doubled for doubled, _ in results] == [2 * i for i in range(40)]
         assert max(size for _, size in results) > 1  # some calls carried several items
-        array = np.arange(2**20, dtype=np.float64)  # 8 MB: through Ray's object store
+        # 8 MB arguments: shared memory to the bridge, then Ray's object store.
+        array = np.arange(2**20, dtype=np.float64)
         assert pool.score("m", workloads.copy_of, array).sum() == array.sum()
+
+        async def batched_arrays() -> list:
+            arrays = [np.full(2**17, float(i)) for i in range(12)]  # 1 MB each
+            return await asyncio.gather(*(pool.score_async("m", workloads.array_sums, a) for a in arrays))
+
+        sums = asyncio.run(batched_arrays())
+        assert [total for total, _ in sums] == [float(i * 2**17) for i in range(12)]
 
 
 def test_shutdown_kills_the_actors_it_made():

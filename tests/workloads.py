@@ -187,6 +187,12 @@ import mlpool  # noqa: E402
 
 
 @mlpool.batched(max_batch_size=8, max_wait_ms=5.0)
+def array_sums(model: dict, arrays: list) -> list:
+    """Each array's sum, with the size of the batch it came in."""
+    return [(float(a.sum()), len(arrays)) for a in arrays]
+
+
+@mlpool.batched(max_batch_size=8, max_wait_ms=5.0)
 def double_all(model: dict, items: list) -> list:
     """Each item doubled, with the size of the batch it came in."""
     return [(item * 2, len(items)) for item in items]

@@ -109,9 +109,6 @@ class PoolConfig:
                 raise TypeError(f"ray_address must be a str, not {type(ray_address).__name__}")
             if ray_options is not None and not isinstance(ray_options, dict):
                 raise TypeError(f"ray_options must be a dict of actor options, not {type(ray_options).__name__}")
-            # Actors may run on other machines: no shared memory; Ray's object
-            # store carries large frames.
-            shared_memory_threshold = None
         return cls(
             nb_workers=nb_workers,
             threads_per_worker=threads_per_worker,

@@ -39,7 +39,6 @@ _SPAN = struct.Struct("<QQ")  # offset, length in the payload's shared-memory fi
 _FAILED = struct.Struct("<QdI")  # job id, seconds, length of the pickled exception
 
 _RUN_KIND, _STOP_KIND, _RUN_BATCH_KIND = 1, 2, 3
-STOP_KIND = _STOP_KIND
 _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length, function pickle length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
@@ -318,23 +317,6 @@ class FrameReader:
     def feed(self, data: bytes) -> None:
         """Add bytes received some other way (a Ray actor's call argument)."""
         self._buf += data
-
-    def frames(self) -> list[tuple[int, bytes]]:
-        """Every complete frame read so far, undecoded: ``(kind, whole frame)``.
-        Only for frames without descriptors (see ``_ray``)."""
-        buf = self._buf
-        out = []
-        pos, end = 0, len(buf)
-        while end - pos >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(buf, pos)
-            stop = pos + _HEADER.size + length
-            if stop > end:
-                break
-            out.append((kind, bytes(buf[pos:stop])))
-            pos = stop
-        if pos:
-            del buf[:pos]
-        return out
 
     def messages(self) -> list[ToWorker | FromWorker]:
         """Every complete message read so far, in order."""

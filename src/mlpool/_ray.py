@@ -19,13 +19,17 @@ raises, and the bridge closes the socket and the worker's *sentinel* (a
 pipe only it holds), which is how the manager sees any worker die: the jobs
 it held fail or retry as after a crash.
 
-Arguments cross in-band (no shared memory between machines); Ray moves
-frames larger than 100 KiB through its object store. Ray is imported only
-here, and only when a pool uses this backend.
+Arguments' large buffers reach the bridge in shared memory, as for a local
+worker; the bridge puts each into Ray's object store (one copy) and passes
+the references with the call, so an actor reads them in place on its node
+and Ray ships them to another. Results come back in-band (Ray carries
+those above 100 KiB in its object store too). Ray is imported only here,
+and only when a pool uses this backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -34,7 +38,20 @@ import threading
 import time
 from typing import Any
 
-from mlpool._protocol import STOP_KIND, Exiting, FrameReader, LoadFailed, OverMemory, Ready, Run, RunBatch, encode
+from mlpool._protocol import (
+    Exiting,
+    FrameReader,
+    LoadFailed,
+    OverMemory,
+    Ready,
+    Run,
+    RunBatch,
+    Stop,
+    encode,
+    encode_run,
+    encode_run_batch,
+)
+from mlpool._shm import region_views
 from mlpool._worker_main import (
     WorkerSettings,
     _memory_reader,
@@ -100,16 +117,23 @@ class _Actor:
             return encode(self.models)
         return encode(Ready(os.getpid(), self.load_seconds))
 
-    def run(self, frame: bytes) -> bytes:
-        """Run the jobs of one Run or RunBatch frame; their reply frames, joined."""
+    def run(self, frame: bytes, counts: tuple[int, ...], *arrays: Any) -> bytes:
+        """Run the jobs of one Run or RunBatch frame; their reply frames, joined.
+        ``arrays``: the jobs' out-of-band argument buffers (Ray hands them
+        over from its object store), ``counts[i]`` of them for job ``i``."""
         reader = FrameReader()
-        reader.feed(frame)  # one whole frame, no descriptors (no shared memory here)
+        reader.feed(frame)  # one whole frame, without descriptors
         (msg,) = reader.messages()
+        per_job: list[Any] = []
+        start = 0
+        for count in counts:
+            per_job.append(list(arrays[start : start + count]) if count else None)
+            start += count
         if type(msg) is Run:
-            replies = _run(msg, self.models, self.functions, self.settings)
+            replies = _run(msg, self.models, self.functions, self.settings, per_job[0] if per_job else None)
         else:
             assert type(msg) is RunBatch
-            replies = _run_batch(msg, self.models, self.functions, self.settings)
+            replies = _run_batch(msg, self.models, self.functions, self.settings, per_job or None)
         if self.resident is not None and not self.over_memory:
             rss = self.resident()
             if rss > self.settings.memory_limit:
@@ -153,17 +177,18 @@ class RayProcess:
 
     def _read(self) -> None:
         """Frames from the manager: Run and RunBatch go to the actor; Stop ends."""
+        ray = require_ray()
         reader = FrameReader()
         try:
             while True:
-                chunk = reader.recv_from(self._sock, 0)
-                if not chunk:
+                if not reader.recv_from(self._sock, 0):
                     break
-                for kind, frame in reader.frames():
-                    if kind == STOP_KIND:
+                for msg in reader.messages():
+                    if type(msg) is Stop:
                         self._calls.put(_STOP)
                         return
-                    self._calls.put(self.actor.run.remote(frame))
+                    frame, counts, refs = _to_object_store(ray, msg)
+                    self._calls.put(self.actor.run.remote(frame, counts, *refs))
         except OSError:
             pass
         finally:
@@ -228,6 +253,41 @@ class RayProcess:
             self.sentinel = -1
 
 
+def _to_object_store(ray: Any, msg: Run | RunBatch) -> tuple[bytes, tuple[int, ...], list[Any]]:
+    """The frame to send the actor, and the jobs' large argument buffers moved
+    from the manager's shared memory into Ray's object store (one copy; an
+    actor on this node reads them in place)."""
+    if type(msg) is Run:
+        jobs = [(msg.fd, msg.spans, msg.offer_fd)]
+        frame = encode_run(msg.job_id, msg.fn_id, msg.model, msg.fn, msg.payload)
+    else:
+        fds = msg.fds or (-1,) * len(msg.job_ids)
+        spans = msg.spans or ((),) * len(msg.job_ids)
+        jobs = [(fd, job_spans, -1) for fd, job_spans in zip(fds, spans)]
+        frame = encode_run_batch(msg.job_ids, msg.fn_id, msg.model, msg.fn, msg.payloads)
+    counts = []
+    refs: list[Any] = []
+    for fd, job_spans, offer_fd in jobs:
+        try:
+            for view in region_views(fd, job_spans) if job_spans else ():
+                refs.append(ray.put(_as_array(view)))
+        finally:
+            for unused in (fd, offer_fd):
+                if unused >= 0:
+                    os.close(unused)
+        counts.append(len(job_spans))
+    return frame, tuple(counts) if refs else (), refs
+
+
+def _as_array(view: memoryview) -> Any:
+    """Something Ray stores without pickling a copy: a NumPy array when NumPy is there."""
+    try:
+        import numpy
+    except ImportError:
+        return bytes(view)
+    return numpy.frombuffer(view, dtype=numpy.uint8)
+
+
 def _is_load_failure(frame: bytes) -> bool:
     reader = FrameReader()
     reader.feed(frame)
@@ -245,7 +305,9 @@ def spawn_ray_worker(
     """Create one actor and its bridge; the manager's end of the socket."""
     manager_end, bridge_end = socket.socketpair()
     try:
-        actor = actor_class().options(**options).remote(loaders_pickle, settings)
+        # Results come back in-band: the actor may be on another machine.
+        actor_settings = dataclasses.replace(settings, shm_threshold=None)
+        actor = actor_class().options(**options).remote(loaders_pickle, actor_settings)
         return RayProcess(worker_id, actor, bridge_end), manager_end
     except BaseException:
         manager_end.close()

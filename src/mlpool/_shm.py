@@ -289,12 +289,19 @@ def read_result(
         raise SerializationError(f"{what} cannot be unpickled: {type(exc).__name__}: {exc}") from exc
 
 
-def unpack(data: bytes, fd: int, spans: tuple[tuple[int, int], ...], what: str) -> Any:
+def region_views(fd: int, spans: tuple[tuple[int, int], ...]) -> list[memoryview]:
+    """Read-only views on the spans of region ``fd`` (not closed here)."""
+    return _MAPPINGS.views(fd, spans)
+
+
+def unpack(data: bytes, fd: int, spans: tuple[tuple[int, int], ...], what: str, buffers: Any = None) -> Any:
     """Worker side: unpickle arguments whose buffers are read-only views on the
     region ``fd`` (which it closes). They are valid for the duration of the
-    call: the parent reuses the region for a later job."""
+    call: the parent reuses the region for a later job. ``buffers``: the
+    out-of-band buffers, when they came another way (a Ray actor's arguments)."""
     try:
-        buffers = _MAPPINGS.views(fd, spans) if spans else None
+        if spans:
+            buffers = _MAPPINGS.views(fd, spans)
     finally:
         if fd >= 0:
             os.close(fd)

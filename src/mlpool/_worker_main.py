@@ -267,13 +267,16 @@ def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerS
     return encode(Done(job_id, seconds, data, spans, where)), [fd] if fd >= 0 else []
 
 
-def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable], settings: WorkerSettings) -> list[Reply]:
-    """Run one job; its encoded Done or Failed."""
+def _run(
+    msg: Run, models: dict[str, Any], functions: dict[int, Callable], settings: WorkerSettings, buffers: Any = None
+) -> list[Reply]:
+    """Run one job; its encoded Done or Failed. ``buffers``: its arguments'
+    out-of-band buffers when they did not come in shared memory (Ray)."""
     started = time.perf_counter()
     try:
         try:
             fn, model = _function_and_model(msg, models, functions)
-            args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments")
+            args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments", buffers)
             result = fn(model, *args, **kwargs)
             del args, kwargs  # lets the arguments' shared memory go
         except BaseException as exc:
@@ -288,18 +291,24 @@ def _run(msg: Run, models: dict[str, Any], functions: dict[int, Callable], setti
 
 
 def _run_batch(
-    msg: RunBatch, models: dict[str, Any], functions: dict[int, Callable], settings: WorkerSettings
+    msg: RunBatch,
+    models: dict[str, Any],
+    functions: dict[int, Callable],
+    settings: WorkerSettings,
+    buffers: list | None = None,
 ) -> list[Reply]:
-    """Call a batched function once over every job's item; a Done or Failed per job, in order."""
+    """Call a batched function once over every job's item; a Done or Failed per
+    job, in order. ``buffers``: per job, as for :func:`_run`."""
     started = time.perf_counter()
     spans = msg.spans or ((),) * len(msg.job_ids)
     fds = msg.fds or (-1,) * len(msg.job_ids)
+    job_buffers = buffers or [None] * len(msg.job_ids)
     try:
         fn, model = _function_and_model(msg, models, functions)
         items = []
         for i, (payload, fd, job_spans) in enumerate(zip(msg.payloads, fds, spans)):
             try:
-                items.append(unpack(payload, fd, job_spans, "a batch item")[0][0])
+                items.append(unpack(payload, fd, job_spans, "a batch item", job_buffers[i])[0][0])
             except BaseException:
                 for unused in fds[i + 1 :]:  # unpack closed the ones it took
                     if unused >= 0:
