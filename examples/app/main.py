@@ -33,7 +33,7 @@ NB_WORKERS = int(os.environ.get("MLPOOL_DEMO_WORKERS", "2"))
 # "local" (worker processes) or "ray" (actors on the Ray instance RAY_ADDRESS
 # names, or a new local one): see the README's "More than one machine".
 BACKEND = os.environ.get("MLPOOL_BACKEND", "local")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+APP_PARENT = Path(__file__).resolve().parents[1]  # where the package "app" is
 MAX_IMAGE_BYTES = 2 * 2**20
 
 SCORERS = {"iris": models.score_iris, "diabetes": models.score_diabetes}
@@ -65,8 +65,8 @@ async def lifespan(app: FastAPI):
         yield
         return
     backend: dict = {}
-    if BACKEND == "ray":  # the actors import examples.app.models from this checkout
-        runtime_env = {"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}}
+    if BACKEND == "ray":  # the actors import app.models from this checkout
+        runtime_env = {"env_vars": {"PYTHONPATH": str(APP_PARENT)}}
         backend = {"backend": "ray", "ray_options": {"runtime_env": runtime_env}}
     async with MLPool(loaders, nb_workers=NB_WORKERS, max_retries=1, **backend) as pool:
         app.state.mlpool = pool
