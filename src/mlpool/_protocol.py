@@ -151,6 +151,8 @@ def _spans(spans: Spans) -> bytes:
 
 
 def _read_spans(body: bytes, start: int, count: int) -> Spans:
+    if not count:  # most frames: no shared memory
+        return ()
     return tuple(_SPAN.unpack_from(body, start + i * _SPAN.size) for i in range(count))
 
 
@@ -162,7 +164,7 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
         case RunBatch(job_ids, fn_id, model, fn, payloads, spans):
             return encode_run_batch(job_ids, fn_id, model, fn, payloads, spans)
         case Done(job_id, seconds, result, spans, where):
-            return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, len(spans), where), _spans(spans), result)
+            return encode_done(job_id, seconds, result, spans, where)
         case Failed(job_id, seconds, error, tb):
             return _frame(_FAILED_KIND, _FAILED.pack(job_id, seconds, len(error)), error, tb.encode())
         case Stop():
@@ -176,6 +178,13 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
         case LoadFailed():
             return _frame(_LOAD_FAILED_KIND, pickle.dumps(msg))
     raise TypeError(f"not a wire message: {msg!r}")
+
+
+def encode_done(job_id: int, seconds: float, result: bytes, spans: Spans = (), where: int = 0) -> bytes:
+    """``encode(Done(...))`` without building the message first (the worker's hot path)."""
+    if not spans:
+        return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, 0, where), result)
+    return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, len(spans), where), _spans(spans), result)
 
 
 def encode_run(

@@ -236,6 +236,8 @@ def write_result(obj: Any, what: str, threshold: int | None, limit: int | None, 
     """Worker side: pickle a result, its large buffers into the offered file
     if they fit, else into a new one. ``(data, spans, where, fd_to_send)``
     with ``where`` one of NOWHERE, OFFERED, NEW_FILE."""
+    if threshold is None or not AVAILABLE or type(obj) in _SCALARS:  # the common small result
+        return _dumps(obj, what, None), (), NOWHERE, -1
     payload = pickle_payload(obj, what, threshold, limit)
     if not payload.buffers:
         return payload.data, (), NOWHERE, -1
@@ -390,6 +392,7 @@ def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memory
 
 
 _MAY_HOLD_BYTES = frozenset((bytes, bytearray, memoryview, tuple, list, dict))
+_SCALARS = frozenset((int, float, bool, str, type(None), complex))  # never hold a large buffer
 
 
 def _wrap_large_bytes(obj: Any, threshold: int, depth: int = 2) -> Any:

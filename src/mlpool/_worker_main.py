@@ -33,7 +33,6 @@ from typing import Any, Callable
 
 from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
 from mlpool._protocol import (
-    Done,
     Exiting,
     Failed,
     FrameReader,
@@ -44,6 +43,7 @@ from mlpool._protocol import (
     RunBatch,
     Stop,
     encode,
+    encode_done,
     send_frames,
     write_all,
 )
@@ -264,7 +264,7 @@ def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerS
     except SerializationError as exc:
         error, tb = pack_exception(exc)
         return encode(Failed(job_id, seconds, error, tb)), []
-    return encode(Done(job_id, seconds, data, spans, where)), [fd] if fd >= 0 else []
+    return encode_done(job_id, seconds, data, spans, where), [fd] if fd >= 0 else []
 
 
 def _run(
