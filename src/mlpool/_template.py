@@ -152,12 +152,14 @@ def _fork_on_request(
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select() through wake_w
-    while True:
-        readable, _, _ = select.select([sock, wake_r], [], [])
-        if wake_r in readable:
-            _drain(wake_r)
-            _reap_children(sock)
-        if sock in readable:
+    try:
+        while True:
+            readable, _, _ = select.select([sock, wake_r], [], [])
+            if wake_r in readable:
+                _drain(wake_r)
+                _reap_children(sock)
+            if sock not in readable:
+                continue
             msg, fds = _recv(sock)
             if msg is None:
                 return  # the pool is gone or done with us; workers stop on their own
@@ -178,6 +180,8 @@ def _fork_on_request(
                 _send(sock, Forked(msg.worker_id, pid, threads), [sentinel_r])
             finally:
                 os.close(sentinel_r)
+    except OSError:  # the pool closed the channel as we wrote to it: it is done with us
+        return
 
 
 def _become_worker(fd: int, models: dict[str, Any], settings: WorkerSettings, close: tuple[int, ...]) -> None:
