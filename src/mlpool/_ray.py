@@ -191,9 +191,12 @@ class RayProcess:
                     self._calls.put(self.actor.run.remote(frame, counts, *refs))
         except OSError:
             pass
+        except Exception:  # the jobs in flight end as after a crash; nobody waits forever
+            logger.exception("Ray worker %s: could not hand a job to its actor", self.name)
+            self.kill()
         finally:
             reader.close()
-        self._calls.put(_STOP)
+            self._calls.put(_STOP)
 
     def _write(self) -> None:
         """Replies to the manager, in order; the end of the worker on Stop or death."""
