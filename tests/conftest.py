@@ -129,11 +129,21 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module", params=["spawned", "forked"])
+def pytest_generate_tests(metafunc):
+    """Parametrize ``worker_mode`` (module-scoped) with the module's
+    ``WORKER_MODES``: spawned and forked workers unless it says otherwise."""
+    if "worker_mode" in metafunc.fixturenames:
+        modes = getattr(metafunc.module, "WORKER_MODES", ("spawned", "forked"))
+        metafunc.parametrize("worker_mode", modes, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def worker_mode(request):
-    """Runs a module's tests twice: workers spawned (the default), then forked
-    from a model template (``share_models=True`` becomes MLPool's default).
-    Module-scoped pools must ask for it, so they are built in each mode.
-    test_api and test_errors add a third mode: workers as Ray actors."""
+    """Runs a module's tests once per worker mode: spawned (the default),
+    forked from a model template (``share_models=True`` becomes MLPool's
+    default), and in modules whose WORKER_MODES say so, Ray actors.
+    Module-scoped pools must ask for it, so they are built in each mode."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
     with pool_defaults(request.param):
         yield request.param

@@ -10,7 +10,6 @@ from functools import partial
 
 import pytest
 import workloads
-from conftest import pool_defaults
 from workloads import add, echo, load_constant, pid, wait_for_release
 
 import mlpool
@@ -18,15 +17,7 @@ from mlpool import MLPool, ResultNotReadyError, UnknownJobError, UnknownModelErr
 
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
-
-
-@pytest.fixture(scope="module", params=["spawned", "forked", "ray"])
-def worker_mode(request):
-    """Every mode of conftest's worker_mode, and workers as Ray actors."""
-    if request.param == "ray":
-        request.getfixturevalue("ray_cluster")
-    with pool_defaults(request.param):
-        yield request.param
+WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
 
 
 @pytest.fixture(scope="module")

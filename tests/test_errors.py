@@ -6,7 +6,6 @@ import threading
 
 import pytest
 import workloads
-from conftest import pool_defaults
 from conftest import worker_children
 from workloads import add, load_constant, pid, raise_value_error
 
@@ -14,15 +13,7 @@ from mlpool import MLPool, ModelLoadError, RemoteError, RemoteTraceback, Seriali
 
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
-
-
-@pytest.fixture(scope="module", params=["spawned", "forked", "ray"])
-def worker_mode(request):
-    """Every mode of conftest's worker_mode, and workers as Ray actors."""
-    if request.param == "ray":
-        request.getfixturevalue("ray_cluster")
-    with pool_defaults(request.param):
-        yield request.param
+WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
 
 
 @pytest.fixture(scope="module")

@@ -655,7 +655,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         template_exit: tuple[Template, int | None] | None = None
         for key, _ in events:
             kind, worker = key.data
-            if kind == "template":
+            if kind == "template":  # here "worker" is the Template
                 worker.receive()
             elif kind == "template-exit":
                 template_exit = (worker, self._reap_template(worker))
