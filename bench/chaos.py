@@ -53,7 +53,7 @@ def wait_for_release(model: dict, fifo: str) -> int:
 
 def workers_of(parent: psutil.Process) -> list[psutil.Process]:
     out = []
-    for child in parent.children():
+    for child in parent.children(recursive=True):  # forked workers are the template's children
         try:
             if "resource_tracker" not in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
                 out.append(child)
@@ -176,13 +176,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument("--share-models", action="store_true", help="workers forked from a model template")
     opts = parser.parse_args()
 
     parent = psutil.Process()
     rss_before = parent.memory_info().rss
     tally = Tally()
     kills: list[int] = []
-    pool = MLPool({"m": load_model}, nb_workers=opts.workers, max_retries=opts.retries)
+    pool = MLPool({"m": load_model}, nb_workers=opts.workers, max_retries=opts.retries, share_models=opts.share_models)
     rss_started = parent.memory_info().rss
     stop = time.monotonic() + opts.seconds
     threads = [threading.Thread(target=thread_caller, args=(pool, f"thread-{i}", stop, tally)) for i in range(THREAD_CALLERS)]
