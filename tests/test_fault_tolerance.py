@@ -90,6 +90,28 @@ def test_replacements_that_keep_failing_break_the_pool(tmp_path, fifo, how, work
         pool.shutdown()
 
 
+def test_a_replacement_that_hangs_while_loading_is_bounded_by_start_timeout(tmp_path, fifo, worker_mode):
+    if worker_mode == "forked":
+        pytest.skip("forked replacements load nothing")
+    flag = tmp_path / "flag"
+    pool = MLPool({"m": partial(workloads.load_unless_flagged, str(flag), "hang")}, nb_workers=1, start_timeout=1.0)
+    try:
+        gate = fifo()
+        running = pool.submit("m", workloads.wait_for_release, str(gate))
+        gate.wait_running()
+        flag.touch()
+        queued = pool.submit("m", add, 1)
+        os.kill(gate.pid, 9)
+        with pytest.raises(WorkerCrashedError):
+            running.result(timeout=60)
+        # Each replacement hangs in its loader; each is killed after start_timeout
+        # and counts as a failure, until the pool gives up instead of waiting forever.
+        with pytest.raises(PoolBrokenError, match="within start_timeout=1s"):
+            queued.result(timeout=60)
+    finally:
+        pool.shutdown()
+
+
 def test_recycling_after_max_jobs_loses_nothing():
     with MLPool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=3) as pool:
         futures = [pool.submit("m", workloads.pid) for _ in range(30)]

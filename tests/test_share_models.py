@@ -81,10 +81,11 @@ def test_a_dead_template_leaves_workers_serving_and_is_reloaded_once(tmp_path):
         assert loads(log) == [template, loaded_by]  # loaded exactly once more
 
 
-@pytest.mark.parametrize("how", ["raise", "die"])
+@pytest.mark.parametrize("how", ["raise", "die", "hang"])
 def test_a_template_that_keeps_failing_breaks_the_pool(tmp_path, fifo, how):
     flag = tmp_path / "flag"
-    pool = MLPool({"m": partial(workloads.load_unless_flagged, str(flag), how)}, nb_workers=1, share_models=True)
+    loader = partial(workloads.load_unless_flagged, str(flag), how)
+    pool = MLPool({"m": loader}, nb_workers=1, share_models=True, start_timeout=1.0)
     try:
         template = pool.score("m", lambda model: model["pid"])
         gate = fifo()
@@ -94,7 +95,11 @@ def test_a_template_that_keeps_failing_breaks_the_pool(tmp_path, fifo, how):
         os.kill(template, signal.SIGKILL)
         # The worker keeps running its job while every new template fails;
         # after a bounded number of tries with back-off the pool gives up.
-        expected = "storage is gone" if how == "raise" else "model template .* killed by SIGKILL"
+        expected = {
+            "raise": "storage is gone",
+            "die": "model template .* killed by SIGKILL",
+            "hang": "model template .* did not load the models within start_timeout=1s",
+        }[how]
         with pytest.raises(PoolBrokenError, match=expected):
             running.result(timeout=60)
         assert not pool.healthy

@@ -169,10 +169,12 @@ def count_attempt_then(model: dict, log: str, action: str):
 
 
 def load_unless_flagged(flag: str, how: str = "raise") -> dict:
-    """Load normally until ``flag`` exists; then raise, or die during loading."""
+    """Load normally until ``flag`` exists; then raise, hang, or die during loading."""
     if Path(flag).exists():
         if how == "raise":
             raise RuntimeError("model storage is gone")
+        if how == "hang":
+            threading.Event().wait()  # a stuck mount: never returns
         os.kill(os.getpid(), signal.SIGKILL)
     return load_constant()
 

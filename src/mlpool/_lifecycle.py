@@ -42,9 +42,12 @@ class WorkerLifecycle:
         """A worker's process is gone: settle the jobs it held, maybe replace it."""
         del self._workers[worker.id]
         how = getattr(worker.process, "death", None) or describe_exit(exitcode)
+        if worker.start_timed_out:
+            how = f"did not load its models within start_timeout={self.config.start_timeout:g}s"
         was = worker.state
         worker.state = WorkerState.EXITED
-        intended = worker.kill_reason is not None or was is WorkerState.STOPPING
+        # A start that timed out is a failure, though we killed it.
+        intended = (worker.kill_reason is not None and not worker.start_timed_out) or was is WorkerState.STOPPING
         jobs = list(worker.inflight)
         worker.inflight.clear()
         running = running_unit(jobs)  # the job (or batch) it was running
@@ -141,11 +144,33 @@ class WorkerLifecycle:
         self._break(str(error), start_error=error)
 
     def _check_start(self, now: float) -> None:
-        if self._state is PoolState.STARTING and now >= self._start_deadline:
-            error = ModelLoadError(
-                f"workers did not load their models within start_timeout={self.config.start_timeout}s"
-            )
-            self._break(str(error), start_error=error)
+        if self._state is PoolState.STARTING:
+            if now >= self._start_deadline:
+                error = ModelLoadError(
+                    f"workers did not load their models within start_timeout={self.config.start_timeout}s"
+                )
+                self._break(str(error), start_error=error)
+            return
+        # Replacements get start_timeout too: a loader that hangs (a stuck
+        # mount, an actor Ray cannot place) must not leave the pool waiting.
+        limit = self.config.start_timeout
+        for worker in self._workers.values():
+            if worker.state is WorkerState.STARTING and now - worker.started_at >= limit:
+                worker.start_timed_out = True
+                worker.kill(f"it did not load its models within start_timeout={limit:g}s")
+        template = self._template
+        if template is not None and template.ready is None and now - template.started_at >= limit:
+            template.start_timed_out = True
+            template.process.kill()  # its exit counts as a failure (_on_template_exit)
+
+    def _next_start_deadline(self) -> float | None:
+        """When a starting worker (or template) passes start_timeout, if any does."""
+        if self._state is PoolState.STARTING:
+            return self._start_deadline
+        starts = [w.started_at for w in self._workers.values() if w.state is WorkerState.STARTING]
+        if self._template is not None and self._template.ready is None:
+            starts.append(self._template.started_at)
+        return min(starts) + self.config.start_timeout if starts else None
 
     def _set_started(self, error: BaseException | None) -> None:
         if self.started.done():
@@ -368,6 +393,8 @@ class WorkerLifecycle:
         self._template = None
         self._template_announced = False
         how = describe_exit(exitcode)
+        if template.start_timed_out:
+            how = f"did not load the models within start_timeout={self.config.start_timeout:g}s"
         who = f"the model template (pid {template.pid})"
         if self._state is PoolState.STARTING and template.ready is None:
             self._fail_start(who, template.load_failure, how)

@@ -705,8 +705,9 @@ class Manager(PipeReaders, WorkerLifecycle):
             candidates.append(self._template_start_at)
         if self._hold_until is not None:
             candidates.append(self._hold_until)
-        if self._state is PoolState.STARTING:
-            candidates.append(self._start_deadline)
+        start_deadline = self._next_start_deadline()
+        if start_deadline is not None:
+            candidates.append(start_deadline)
         if self._stop_deadline is not None and self._state is PoolState.CLOSING:
             candidates.append(self._stop_deadline)
         if not candidates:

@@ -64,7 +64,10 @@ class MLPool:
             care with fork (OpenMP, PyTorch threads).
         start_method: how the workers (the template with ``share_models``)
             are started: ``"spawn"`` (default) or ``"forkserver"``.
-        start_timeout: seconds the workers have to load their models.
+        start_timeout: seconds a worker (or the model template) has to load
+            the models, at start and when it is replaced. A replacement that
+            takes longer is killed and counts as a failed start; 5 failed
+            starts in a row break the pool (:class:`PoolBrokenError`).
         worker_nice: added to each worker's niceness (POSIX, 0-19). When the
             cores are saturated, the API process, which only needs a little
             CPU now and then, gets it at once instead of waiting for a

@@ -328,6 +328,8 @@ class Template:
             raise
         finally:
             child_sock.close()
+        self.started_at = time.monotonic()
+        self.start_timed_out = False  # killed for not loading within start_timeout
         self.fd = self.sock.fileno()
         self.sentinel: int = self.process.sentinel
         _send(self.sock, SpawnSentinel(os.fstat(self.sentinel).st_ino))

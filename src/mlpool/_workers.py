@@ -46,7 +46,7 @@ class WorkerHandle:
 
     __slots__ = (
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
-        "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason",
+        "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed",
     )  # fmt: skip
 
@@ -65,6 +65,7 @@ class WorkerHandle:
         self.started_at = time.monotonic()
         self.pid: int = process.pid
         self.kill_reason: str | None = None
+        self.start_timed_out = False  # killed for not loading its models within start_timeout
         self.load_failure: Any = None  # the LoadFailed message, if it sent one
         self.eof = False
         # Reads use recv(MSG_DONTWAIT) on a second handle of the same socket,
