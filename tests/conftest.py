@@ -11,18 +11,25 @@ import pytest
 
 
 def worker_children() -> list[psutil.Process]:
-    """Live descendants of this test process that are mlpool workers: not
-    multiprocessing's resource tracker, nor the processes of the Ray
-    instance the ray_cluster fixture started (test_ray checks actors)."""
+    """Live descendants of this test process that are mlpool workers (or
+    templates): not multiprocessing's resource tracker, nor the processes of
+    the Ray instance the ray_cluster fixture started, with everything under
+    them (Ray starts its worker processes at any time; test_ray checks actors)."""
     out = []
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children():
         try:
             command = " ".join(child.cmdline())
-            if child.status() == psutil.STATUS_ZOMBIE or "resource_tracker" in command or _is_ray(child, command):
+            if "resource_tracker" in command or _is_ray(child, command):
                 continue
-            out.append(child)
+            family = [child, *child.children(recursive=True)]
         except psutil.NoSuchProcess:
-            pass
+            continue
+        for process in family:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    out.append(process)
+            except psutil.NoSuchProcess:
+                pass
     return out
 
 

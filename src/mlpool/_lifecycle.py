@@ -159,7 +159,8 @@ class WorkerLifecycle:
                 worker.start_timed_out = True
                 worker.kill(f"it did not load its models within start_timeout={limit:g}s")
         template = self._template
-        if template is not None and template.ready is None and now - template.started_at >= limit:
+        if template is not None and template.ready is None and not template.start_timed_out \
+                and now - template.started_at >= limit:
             template.start_timed_out = True
             template.process.kill()  # its exit counts as a failure (_on_template_exit)
 
@@ -168,8 +169,9 @@ class WorkerLifecycle:
         if self._state is PoolState.STARTING:
             return self._start_deadline
         starts = [w.started_at for w in self._workers.values() if w.state is WorkerState.STARTING]
-        if self._template is not None and self._template.ready is None:
-            starts.append(self._template.started_at)
+        template = self._template
+        if template is not None and template.ready is None and not template.start_timed_out:
+            starts.append(template.started_at)
         return min(starts) + self.config.start_timeout if starts else None
 
     def _set_started(self, error: BaseException | None) -> None:
