@@ -64,6 +64,11 @@ class InProcess(System):
 class _Executor(System):
     executor: Any
 
+    def _warm_up(self) -> None:
+        """Every worker started and loaded (they start lazily)."""
+        for f in [self.executor.submit(w.call, "tiny", 0) for _ in range(self.workers * 4)]:
+            f.result()
+
     def call(self, workload: str, arg: Any) -> Any:
         return self.executor.submit(w.call, workload, arg).result()
 
@@ -81,8 +86,7 @@ class ProcessPool(_Executor):
         from concurrent.futures import ProcessPoolExecutor
 
         self.executor = ProcessPoolExecutor(self.workers, initializer=w.init_worker, initargs=(self.forest_path,))
-        for f in [self.executor.submit(w.call, "tiny", 0) for _ in range(self.workers * 4)]:
-            f.result()
+        self._warm_up()
 
 
 class Loky(_Executor):
@@ -96,8 +100,7 @@ class Loky(_Executor):
         self.executor = get_reusable_executor(
             max_workers=self.workers, initializer=w.init_worker, initargs=(self.forest_path,), reuse=False
         )
-        for f in [self.executor.submit(w.call, "tiny", 0) for _ in range(self.workers * 4)]:
-            f.result()
+        self._warm_up()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, kill_workers=True)

@@ -140,10 +140,10 @@ def test_event_loop_stays_responsive_while_hungry_jobs_run():
 
 def test_forgotten_pool_is_shut_down_when_collected():
     pool = MLPool({"m": load_constant}, nb_workers=1)
-    pids = [p.pid for p in worker_children()]
+    workers = worker_children()  # psutil handles: no pid looked up again after it may have exited
     del pool
     gc.collect()
-    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
 
 

@@ -8,7 +8,7 @@ other end of that socket is a *bridge* in this process:
 
     manager ◄─socket─► bridge: reader thread ──run.remote(frame)──► actor (any node):
                                writer thread ◄──reply frames──────   loaders ran once,
-                                                                     _run / _run_batch
+                                                                     run_message
 
 The reader submits each Run frame to the actor as it arrives (an actor runs
 its calls one at a time, in the order one caller made them: the order the
@@ -42,7 +42,6 @@ from mlpool._protocol import (
     Exiting,
     FrameReader,
     LoadFailed,
-    OverMemory,
     Ready,
     Run,
     RunBatch,
@@ -53,13 +52,12 @@ from mlpool._protocol import (
 )
 from mlpool._shm import region_views
 from mlpool._worker_main import (
+    MemoryWatch,
     WorkerSettings,
-    _memory_reader,
-    _run,
-    _run_batch,
     cap_threads_after_loading,
     cap_threads_before_loading,
     load_models,
+    run_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,8 +107,7 @@ class _Actor:
         if not isinstance(self.models, LoadFailed):
             cap_threads_after_loading(settings.threads)
         self.load_seconds = time.perf_counter() - started
-        self.resident = _memory_reader(False) if settings.memory_limit is not None else None
-        self.over_memory = False
+        self.memory = MemoryWatch(settings)
 
     def ready(self) -> bytes:
         if isinstance(self.models, LoadFailed):
@@ -129,16 +126,9 @@ class _Actor:
         for count in counts:
             per_job.append(list(arrays[start : start + count]) if count else None)
             start += count
-        if type(msg) is Run:
-            replies = _run(msg, self.models, self.functions, self.settings, per_job[0] if per_job else None)
-        else:
-            assert type(msg) is RunBatch
-            replies = _run_batch(msg, self.models, self.functions, self.settings, per_job or None)
-        if self.resident is not None and not self.over_memory:
-            rss = self.resident()
-            if rss > self.settings.memory_limit:
-                self.over_memory = True
-                replies.append((encode(OverMemory(rss)), []))
+        buffers = (per_job[0] if per_job else None) if type(msg) is Run else (per_job or None)
+        replies = run_message(msg, self.models, self.functions, self.settings, buffers)
+        replies += self.memory.check()
         return b"".join(data for data, _ in replies)
 
 

@@ -207,9 +207,7 @@ def serve(fd: int, models: dict[str, Any], settings: WorkerSettings) -> None:
     sock = socket.socket(fileno=os.dup(fd))  # recvmsg/sendmsg: descriptors ride along
     reader = FrameReader()
     functions: dict[int, Callable] = {}
-    memory_limit = settings.memory_limit
-    resident = _memory_reader(settings.private_memory) if memory_limit is not None else None
-    over_memory = False
+    memory = MemoryWatch(settings)
     try:
         while True:
             try:
@@ -220,16 +218,9 @@ def serve(fd: int, models: dict[str, Any], settings: WorkerSettings) -> None:
             for msg in reader.messages():
                 match msg:
                     case Run() | RunBatch():
-                        if type(msg) is Run:
-                            replies = _run(msg, models, functions, settings)
-                        else:
-                            replies = _run_batch(msg, models, functions, settings)
+                        replies = run_message(msg, models, functions, settings)
                         del msg
-                        if resident is not None and not over_memory:
-                            rss = resident()
-                            if rss > memory_limit:  # the parent replaces us once our jobs are done
-                                over_memory = True
-                                replies.append((encode(OverMemory(rss)), []))
+                        replies += memory.check()
                         try:
                             send_frames(sock, replies)
                         finally:
@@ -265,6 +256,40 @@ def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerS
         error, tb = pack_exception(exc)
         return encode(Failed(job_id, seconds, error, tb)), []
     return encode_done(job_id, seconds, data, spans, where), [fd] if fd >= 0 else []
+
+
+def run_message(
+    msg: Run | RunBatch,
+    models: dict[str, Any],
+    functions: dict[int, Callable],
+    settings: WorkerSettings,
+    buffers: Any = None,
+) -> list[Reply]:
+    """Run the job of a Run, or the jobs of a RunBatch; their encoded replies.
+    ``buffers``: out-of-band argument buffers that did not come in shared
+    memory (a Ray actor's), as :func:`_run` and :func:`_run_batch` take them."""
+    if type(msg) is Run:
+        return _run(msg, models, functions, settings, buffers)
+    return _run_batch(msg, models, functions, settings, buffers)
+
+
+class MemoryWatch:
+    """Reports, once, that this worker passed max_memory_per_worker (the
+    parent then replaces it, once its jobs are done)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.limit = settings.memory_limit
+        self._read = _memory_reader(settings.private_memory) if self.limit is not None else None
+
+    def check(self) -> list[Reply]:
+        """An OverMemory reply the first time the limit is passed, else nothing."""
+        if self._read is None:
+            return []
+        rss = self._read()
+        if self.limit is None or rss <= self.limit:
+            return []
+        self._read = None
+        return [(encode(OverMemory(rss)), [])]
 
 
 def _run(
