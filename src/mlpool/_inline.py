@@ -16,7 +16,6 @@ from __future__ import annotations
 import pickle
 import threading
 import traceback
-import uuid
 from typing import Any, Callable
 
 from mlpool._config import PoolConfig
@@ -66,8 +65,7 @@ class InlineManager(Manager):
                 return None
             self._check_accepting()
             if register:
-                job.key = uuid.uuid4().hex
-                self._registry[job.key] = job
+                self._registry.add(job)
             job.mark_running()
             job.state = JobState.RUNNING
         finally:

@@ -240,9 +240,7 @@ class WorkerLifecycle:
 
     def _expire_jobs(self, now: float) -> None:
         """Fail jobs whose deadline passed; kill a worker running one."""
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, job = heapq.heappop(heap)
+        for job in self._registry.due(now):
             if job.state is JobState.QUEUED:
                 self._queued -= 1
                 self._counts["timed_out"] += 1
@@ -262,15 +260,7 @@ class WorkerLifecycle:
 
     def _expire_results(self, now: float) -> None:
         """Forget results nobody fetched within result_ttl (oldest first, no scan)."""
-        expiring = self._expiring
-        while expiring:
-            key, expiry = next(iter(expiring.items()))
-            if expiry > now:
-                break
-            del expiring[key]
-            job = self._registry.pop(key, None)
-            if job is not None:
-                logger.debug("job %s: result expired unfetched", key)
+        self._registry.expire(now)
 
     def _advance_shutdown(self, now: float) -> None:
         if self._state is not PoolState.CLOSING:

@@ -47,8 +47,7 @@ import os
 import selectors
 import threading
 import time
-import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -66,6 +65,7 @@ from mlpool._lifecycle import WorkerLifecycle
 from mlpool._pipes import PipeReaders
 from mlpool._state import PoolState, PoolStats
 from mlpool._metrics import LatencyRecorder
+from mlpool._registry import Registry
 from mlpool._protocol import (
     Done,
     Exiting,
@@ -126,9 +126,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._hold_until: float | None = None  # a batch waits for more items until then
         self._queued = 0  # jobs in _pending still QUEUED (cancelled ones are skipped lazily)
         self._workers: dict[int, WorkerHandle] = {}
-        self._deadlines: list[tuple[float, int, Job]] = []
-        self._registry: dict[str, Job] = {}
-        self._expiring: OrderedDict[str, float] = OrderedDict()  # key -> expiry, in finishing order
+        self._registry: Registry[Job] = Registry(config.result_ttl)
         self._estimates: dict[int, float] = {}
         self._result_sizes: dict[int, int] = {}  # fn_id -> bytes of shared memory its last result used
         self._space_waiters: list[Future] = []
@@ -238,8 +236,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._space_waiters.append(waiter)
                 return waiter
             if register:
-                job.key = uuid.uuid4().hex
-                self._registry[job.key] = job
+                self._registry.add(job)
             self._queue(job)
             self._queued += 1
             self._watch_deadline(job)
@@ -294,10 +291,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             job.result_offer = None
 
     def _watch_deadline(self, job: Job) -> None:
-        if job.deadline is not None:
-            heapq.heappush(self._deadlines, (job.deadline, job.id, job))
-            if self._wake_at is None or job.deadline < self._wake_at:
-                self._need_wake = True
+        if self._registry.watch(job) and (self._wake_at is None or job.deadline < self._wake_at):  # type: ignore[operator]
+            self._need_wake = True
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
         """Cancel ``job``: True if it will never report an outcome.
@@ -330,16 +325,12 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def lookup(self, key: str) -> Job | None:
         with self._lock:
-            return self._registry.get(key)
+            return self._registry.lookup(key)
 
     def forget(self, key: str, job: Job) -> bool:
         """Drop a fetched or cancelled job from the registry; False if already gone."""
         with self._lock:
-            if self._registry.get(key) is not job:
-                return False
-            del self._registry[key]
-            self._expiring.pop(key, None)
-            return True
+            return self._registry.forget(key, job)
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
         """Stop taking jobs and start the shutdown sequence; returns at once."""
@@ -382,7 +373,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 jobs_retried=self._counts["retried"],
                 worker_restarts=self._counts["restarts"],
                 workers_recycled=self._counts["recycled"],
-                results_unfetched=len(self._expiring),
+                results_unfetched=self._registry.unfetched,
                 latency_p50=p50,
                 latency_p95=p95,
                 latency_p99=p99,
@@ -453,14 +444,13 @@ class Manager(PipeReaders, WorkerLifecycle):
         if job.worker is None:  # never sent, or back in the queue: nobody reads its memory
             self._release_memory(job)
         self._outcomes.append((job, ok, value))
+        now = time.monotonic()
         if value is not CANCELLED:
             run = value.seconds if type(value) is Done or type(value) is Failed else None
-            self._latency.observe(time.monotonic() - job.submitted_at, run)
-        if job.key is not None and value is not CANCELLED:
-            expiry = time.monotonic() + self.config.result_ttl
-            self._expiring[job.key] = expiry
-            if self._wake_at is None or expiry < self._wake_at:
-                self._need_wake = True
+            self._latency.observe(now - job.submitted_at, run)
+        expiry = self._registry.finished(job, now, keep_result=value is not CANCELLED)
+        if expiry is not None and (self._wake_at is None or expiry < self._wake_at):
+            self._need_wake = True
 
     # ---------------------------------------------------------------- dispatch
 
@@ -695,10 +685,9 @@ class Manager(PipeReaders, WorkerLifecycle):
     def _plan_wait(self) -> float | None:
         """Seconds until the next deadline (None: none); noted in _wake_at."""
         candidates = []
-        if self._deadlines:
-            candidates.append(self._deadlines[0][0])
-        if self._expiring:
-            candidates.append(next(iter(self._expiring.values())))
+        registry_due = self._registry.next_deadline()
+        if registry_due is not None:
+            candidates.append(registry_due)
         if self._spawn_at:
             candidates.append(self._spawn_at[0])
         if self._template_start_at is not None:

@@ -1,0 +1,139 @@
+"""Job ids, result expiry and job deadlines: what the engine must find by key or by time.
+
+::
+
+    create_job ─► add(job) ─► "9f2c..." ──────────────► lookup / forget (get_result)
+    a deadline ─► watch(job): (deadline, id) on a heap ─► due(now): jobs past it
+    an outcome ─► finished(job): its deadline entry is dead, its result starts to expire
+                                                      ─► expire(now): drop unfetched results
+
+The heap holds ``(deadline, job id)``, never the job: a finished job is
+released at once, whatever its deadline; its stale heap entry is skipped when
+it comes up, and the heap is rebuilt when stale entries outnumber live ones.
+Unfetched results expire in finishing order (an ``OrderedDict``): no scan.
+
+Pure bookkeeping under the engine's lock, with the time passed in: unit-tested
+without processes (``tests/test_registry.py``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import uuid
+from collections import OrderedDict
+from typing import Generic, Protocol, TypeVar
+
+logger = logging.getLogger("mlpool")
+
+# Below this many heap entries, stale ones are not worth a rebuild.
+_COMPACT_MIN = 64
+
+
+class _Timed(Protocol):
+    id: int
+    key: str | None
+    deadline: float | None
+
+
+J = TypeVar("J", bound=_Timed)
+
+
+class Registry(Generic[J]):
+    """The job-id registry, result expiry and the deadline heap (under the engine lock)."""
+
+    def __init__(self, result_ttl: float) -> None:
+        self.result_ttl = result_ttl
+        self._by_key: dict[str, J] = {}  # created with an id, not fetched yet
+        self._expiring: OrderedDict[str, float] = OrderedDict()  # finished: key -> expiry
+        self._heap: list[tuple[float, int]] = []
+        self._timed: dict[int, J] = {}  # jobs with a deadline that have not finished
+
+    # ------------------------------------------------------------- job ids
+
+    def add(self, job: J) -> str:
+        """Give ``job`` a string id and keep it until fetched, forgotten or expired."""
+        key = job.key = uuid.uuid4().hex
+        self._by_key[key] = job
+        return key
+
+    def lookup(self, key: str) -> J | None:
+        return self._by_key.get(key)
+
+    def forget(self, key: str, job: J) -> bool:
+        """Drop a fetched or cancelled job; False if it was already gone."""
+        if self._by_key.get(key) is not job:
+            return False
+        del self._by_key[key]
+        self._expiring.pop(key, None)
+        return True
+
+    @property
+    def unfetched(self) -> int:
+        """Finished results waiting for ``get_result``."""
+        return len(self._expiring)
+
+    # ----------------------------------------------------------- deadlines
+
+    def watch(self, job: J) -> bool:
+        """Enforce ``job.deadline``; True if it is now the earliest one."""
+        deadline = job.deadline
+        if deadline is None or job.id in self._timed:
+            return False
+        self._timed[job.id] = job
+        heapq.heappush(self._heap, (deadline, job.id))
+        return self._heap[0][1] == job.id
+
+    def due(self, now: float) -> list[J]:
+        """Jobs whose deadline has passed, each once; they are no longer watched."""
+        heap, timed = self._heap, self._timed
+        jobs = []
+        while heap and heap[0][0] <= now:
+            _, job_id = heapq.heappop(heap)
+            job = timed.pop(job_id, None)
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
+    def finished(self, job: J, now: float, *, keep_result: bool) -> float | None:
+        """``job`` has its outcome: stop watching its deadline and, if it has a
+        string id and ``keep_result``, start its result's expiry (returned)."""
+        if job.deadline is not None and self._timed.pop(job.id, None) is not None:
+            if len(self._heap) > _COMPACT_MIN and len(self._heap) > 2 * len(self._timed):
+                self._heap = [entry for entry in self._heap if entry[1] in self._timed]
+                heapq.heapify(self._heap)
+        key = job.key
+        if key is None or not keep_result or key not in self._by_key:
+            return None
+        expiry = self._expiring[key] = now + self.result_ttl
+        return expiry
+
+    def expire(self, now: float) -> int:
+        """Drop results nobody fetched within ``result_ttl`` (oldest first); how many."""
+        expiring, dropped = self._expiring, 0
+        while expiring:
+            key, expiry = next(iter(expiring.items()))
+            if expiry > now:
+                break
+            del expiring[key]
+            self._by_key.pop(key, None)
+            dropped += 1
+        if dropped:
+            logger.debug("%d results expired unfetched", dropped)
+        return dropped
+
+    def next_deadline(self) -> float | None:
+        """The earliest time something here falls due, or None."""
+        heap, timed = self._heap, self._timed
+        while heap and heap[0][1] not in timed:  # finished since: skip it now
+            heapq.heappop(heap)
+        candidates = []
+        if heap:
+            candidates.append(heap[0][0])
+        if self._expiring:
+            candidates.append(next(iter(self._expiring.values())))
+        return min(candidates) if candidates else None
+
+    def clear_deadlines(self) -> None:
+        self._heap.clear()
+        self._timed.clear()
