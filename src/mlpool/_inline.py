@@ -74,7 +74,6 @@ class InlineManager(Manager):
         self._lock.acquire()
         try:
             if job.state is JobState.RUNNING:  # not cancelled meanwhile
-                self._counts["completed" if ok else "failed"] += 1
                 self._finish(job, ok, value)
         finally:
             self._release()

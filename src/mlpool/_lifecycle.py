@@ -107,7 +107,6 @@ class WorkerLifecycle:
             logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)
             self._requeue(job)
             return
-        self._counts["crashed"] += 1
         self._finish(
             job,
             False,
@@ -208,13 +207,12 @@ class WorkerLifecycle:
         for job in self._queued_jobs():
             if job.state is JobState.QUEUED:
                 self._finish(job, False, CANCELLED)
-                self._counts["cancelled"] += 1
 
     def _maybe_retire(self, worker: WorkerHandle) -> None:
         limit = self.config.max_jobs_per_worker
-        if limit is not None and worker.jobs_done >= limit:
+        if limit is not None and worker.jobs_done >= limit and worker.state is WorkerState.IDLE:
             self._retire(worker, f"it ran max_jobs_per_worker={limit} jobs")
-        elif worker.state is WorkerState.RETIRING and not worker.inflight:
+        if worker.state is WorkerState.RETIRING and not worker.inflight:
             self._stop_worker(worker)
 
     def _retire(self, worker: WorkerHandle, reason: str) -> None:
@@ -243,10 +241,8 @@ class WorkerLifecycle:
         for job in self._registry.due(now):
             if job.state is JobState.QUEUED:
                 self._queued -= 1
-                self._counts["timed_out"] += 1
                 self._finish(job, False, JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran"))
             elif job.state is JobState.RUNNING:
-                self._counts["timed_out"] += 1
                 worker = job.worker
                 assert worker is not None
                 running = job in running_unit(worker.inflight)

@@ -54,11 +54,14 @@ from typing import Any, Callable
 from mlpool._batching import BatchQueue, batch_policy
 from mlpool._config import PoolConfig
 from mlpool._errors import (
+    JobTimeoutError,
+    MLPoolError,
     ModelLoadError,
     PoolBrokenError,
     PoolClosedError,
     PoolFullError,
     UnknownModelError,
+    WorkerCrashedError,
 )
 from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, Job, JobState, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle
@@ -91,6 +94,8 @@ MAX_INFLIGHT = 8
 # Only jobs this small are sent to a worker that is busy: the bytes must fit
 # in the pipe's buffer, or the sender would block until the worker reads.
 PIPELINE_MAX_BYTES = 16 * 1024
+# The manager's longest wait: deadlines may be further, the OS's timeouts may not.
+MAX_WAIT = 3600.0
 # Smoothing of each function's measured duration.
 ESTIMATE_WEIGHT = 0.2
 
@@ -304,16 +309,13 @@ class Manager(PipeReaders, WorkerLifecycle):
         try:
             if job.state is JobState.NEW:  # not admitted yet (waiting for room): it never will be
                 self._finish(job, False, CANCELLED)
-                self._counts["cancelled"] += 1
                 return True
             if job.state is JobState.QUEUED:
                 self._queued -= 1
                 self._finish(job, False, CANCELLED)
-                self._counts["cancelled"] += 1
                 return True
             if job.state is JobState.RUNNING:
                 self._finish(job, False, CANCELLED)
-                self._counts["cancelled"] += 1
                 worker = job.worker
                 assert worker is not None
                 if interrupt and job in running_unit(worker.inflight):
@@ -445,6 +447,7 @@ class Manager(PipeReaders, WorkerLifecycle):
             self._release_memory(job)
         self._outcomes.append((job, ok, value))
         now = time.monotonic()
+        self._counts[_outcome_kind(ok, value)] += 1
         if value is not CANCELLED:
             run = value.seconds if type(value) is Done or type(value) is Failed else None
             self._latency.observe(now - job.submitted_at, run)
@@ -456,6 +459,7 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def _dispatch(self) -> None:
         """Hand queued jobs to workers that can take them (under the lock)."""
+        self._hold_until = None  # set again below if a batch still waits for more items
         pending = self._pending
         if not pending:
             return
@@ -472,7 +476,6 @@ class Manager(PipeReaders, WorkerLifecycle):
         estimates = self._estimates
         held: list[BatchQueue] = []
         others_busy: bool | None = None
-        self._hold_until = None
         while pending:
             entry = pending[0]
             if type(entry) is BatchQueue:
@@ -534,8 +537,7 @@ class Manager(PipeReaders, WorkerLifecycle):
     def _take_job(self, job: Job) -> list[Job]:
         self._queued -= 1
         if not job.mark_running():  # its caller cancelled the future
-            job.state = JobState.FINISHED
-            self._counts["cancelled"] += 1
+            self._finish(job, False, CANCELLED)
             return []
         return [job]
 
@@ -703,7 +705,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             self._wake_at = None
             return None
         self._wake_at = min(candidates)
-        return max(0.0, self._wake_at - time.monotonic())
+        # select() refuses timeouts past about 24.8 days; an early wake-up is harmless.
+        return min(MAX_WAIT, max(0.0, self._wake_at - time.monotonic()))
 
     def _connect_ray(self) -> bool:
         assert self._ray is not None
@@ -764,7 +767,6 @@ class Manager(PipeReaders, WorkerLifecycle):
                     msg.seconds if previous is None else previous + ESTIMATE_WEIGHT * (msg.seconds - previous)
                 )
                 if job.state is JobState.RUNNING:
-                    self._counts["completed" if type(msg) is Done else "failed"] += 1
                     self._finish(job, type(msg) is Done, msg)
                 elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
                     os.close(msg.fd)
@@ -788,6 +790,19 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._retire(worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker")
             case Exiting():
                 pass
+
+def _outcome_kind(ok: bool, value: Any) -> str:
+    """Which ``stats()`` count an outcome adds to: every finished job counts once."""
+    if ok:
+        return "completed"
+    if value is CANCELLED:
+        return "cancelled"
+    if isinstance(value, WorkerCrashedError):
+        return "crashed"
+    if isinstance(value, JobTimeoutError):
+        return "timed_out"
+    return "failed"  # the function raised, or the pool broke or shut down under it
+
 
 def _pick_worker(
     workers: list[WorkerHandle], loop: asyncio.AbstractEventLoop | None, estimate: float | None, size: int
