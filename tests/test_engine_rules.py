@@ -20,7 +20,7 @@ def batch_pids(model: dict, items: list) -> list:
     return [os.getpid()] * len(items)
 
 
-@mlpool.batched(max_batch_size=8, max_wait_ms=100)
+@mlpool.batched(max_batch_size=8, max_wait_ms=300)
 def batch_plus_one(model: dict, items: list) -> list:
     return [item + 1 for item in items]
 
