@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from typing import TYPE_CHECKING, Any
+from queue import SimpleQueue
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
     from mlpool._batching import BatchPolicy
@@ -31,6 +33,78 @@ logger = logging.getLogger(__name__)
 
 # A job expected to run shorter than this may wait behind others in a worker.
 PIPELINE_BUDGET = 0.001
+
+
+class JobOwner(Protocol):
+    """What a job's future calls back into (the engine)."""
+
+    def cancel(self, job: Job, *, interrupt: bool = False) -> bool: ...
+
+    def before_blocking(self) -> None: ...
+
+
+class JobFuture(Future):
+    """The caller's :class:`concurrent.futures.Future` of one job.
+
+    Cancelling it frees the job's place in the queue at once (the engine
+    hears of it). A thread that blocks on it first gives back any worker
+    pipe its own event loop was reading: that loop cannot read while it
+    waits. Done-callbacks settled by the manager thread run on the engine's
+    callback thread (see :class:`CallbackRunner`), never on the thread that
+    alone reads the pipes.
+    """
+
+    def __init__(self, job: Job, owner: JobOwner) -> None:
+        super().__init__()
+        self._job: Job | None = job  # cleared when settled: no cycle outlives the job
+        self._owner = owner
+        self._callbacks: list[Callable[[Future], object]] | None = []  # None once run
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        job, self._job = self._job, None
+        if job is not None:
+            self._owner.cancel(job)
+        self.run_callbacks(None)
+        return True
+
+    def add_done_callback(self, fn: Callable[[Future], object]) -> None:
+        with self._condition:
+            callbacks = self._callbacks
+            if callbacks is not None:
+                callbacks.append(fn)
+                return
+        _call(fn, self)  # done already: now, in this thread, as Future does
+
+    def run_callbacks(self, runner: CallbackRunner | None) -> None:
+        """Once the future is done: run its callbacks here, or on ``runner``."""
+        with self._condition:
+            callbacks, self._callbacks = self._callbacks, None
+        if not callbacks:
+            return
+        if runner is not None:
+            runner.run(self, callbacks)
+        else:
+            for fn in callbacks:
+                _call(fn, self)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self._owner.before_blocking()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            self._owner.before_blocking()
+        return super().exception(timeout)
+
+
+def _call(fn: Callable[[Future], object], future: Future) -> None:
+    try:
+        fn(future)
+    except Exception:
+        logger.exception("exception calling callback for %r", future)
 
 
 class JobState(enum.Enum):
@@ -62,6 +136,7 @@ class Job:
         retries: int,
         loop: asyncio.AbstractEventLoop | None = None,
         batch_policy: BatchPolicy | None = None,
+        owner: JobOwner | None = None,
     ) -> None:
         self.id = job_id
         self.key: str | None = None  # the string id of the job-id API
@@ -82,7 +157,7 @@ class Job:
         self.result_offer: Region | None = None  # shared memory offered for its result
         self.loop = loop
         if loop is None:
-            self.future: Future | None = Future()
+            self.future: Future | None = Future() if owner is None else JobFuture(self, owner)
             self.afut: asyncio.Future | None = None
         else:
             self.future = None
@@ -106,11 +181,13 @@ class Job:
 CANCELLED: Any = object()
 
 
-def settle(outcomes: list[tuple[Job, bool, Any]]) -> None:
+def settle(outcomes: list[tuple[Job, bool, Any]], callbacks: CallbackRunner | None = None) -> None:
     """Give each caller its outcome: ``(job, ok, value)``; value may be CANCELLED.
 
     Call without holding any lock. Results for asyncio callers are grouped
-    per loop into one ``call_soon_threadsafe``.
+    per loop into one ``call_soon_threadsafe``. With ``callbacks`` (on the
+    thread that reads the pipes), done-callbacks run on the runner's thread
+    instead of this one: a callback may wait on the pool.
     """
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
     for job, ok, value in outcomes:
@@ -119,16 +196,10 @@ def settle(outcomes: list[tuple[Job, bool, Any]]) -> None:
             continue
         future = job.future
         assert future is not None
-        try:
-            if value is CANCELLED:
-                if not future.cancel():  # already running: tell waiters all the same
-                    future.set_exception(CancelledError())
-            elif ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        except InvalidStateError:  # the caller cancelled it meanwhile
-            pass
+        _settle_future(future, ok, value)
+        if type(future) is JobFuture:
+            future._job = None
+            future.run_callbacks(callbacks)
     here = running_loop()
     for loop, items in by_loop.items():
         if loop is here:  # settled by the loop's own reader: no thread hop
@@ -138,6 +209,51 @@ def settle(outcomes: list[tuple[Job, bool, Any]]) -> None:
             loop.call_soon_threadsafe(_settle_async, items)
         except RuntimeError:  # the loop is closed; nobody is waiting any more
             logger.debug("dropped %d results for a closed event loop", len(items))
+
+
+def _settle_future(future: Future, ok: bool, value: Any) -> None:
+    try:
+        if value is CANCELLED:
+            if not Future.cancel(future):  # already running: tell waiters all the same
+                future.set_exception(CancelledError())
+        elif ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except InvalidStateError:  # the caller cancelled it meanwhile
+        pass
+
+
+class CallbackRunner:
+    """A thread that runs the done-callbacks of futures the manager thread settled.
+
+    A callback runs in the thread that settles its future; one that calls
+    the pool from there (``f.add_done_callback(lambda f: pool.score(...))``)
+    would wait forever on the thread that alone reads the pipes. The future
+    itself is settled at once (its waiters wake); only its callbacks wait
+    their turn here. Started at the first such future; ends when the engine
+    stops it, after the callbacks queued before.
+    """
+
+    def __init__(self) -> None:
+        self._queue: SimpleQueue[tuple[Future, list[Callable[[Future], object]]] | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, future: Future, callbacks: list[Callable[[Future], object]]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="mlpool-callbacks", daemon=True)
+            self._thread.start()
+        self._queue.put((future, callbacks))
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, callbacks = item
+            for fn in callbacks:
+                _call(fn, future)
 
 
 def _settle_async(items: list[tuple[asyncio.Future, bool, Any]]) -> None:

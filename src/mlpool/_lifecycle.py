@@ -407,6 +407,7 @@ class WorkerLifecycle:
         self._template_start_at = time.monotonic() + delay
 
     def _close_resources(self) -> None:
+        self._callbacks.stop()
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
         if self._template is not None:
             self._template.stop()

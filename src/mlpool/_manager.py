@@ -63,7 +63,7 @@ from mlpool._errors import (
     UnknownModelError,
     WorkerCrashedError,
 )
-from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, Job, JobState, running_loop, running_unit, settle
+from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, CallbackRunner, Job, JobState, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle
 from mlpool._pipes import PipeReaders
 from mlpool._state import PoolState, PoolStats
@@ -119,6 +119,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             private_memory=config.share_models,
         )
         self._functions = FunctionTable()
+        self._pid = os.getpid()  # the process this pool belongs to (see _forked)
+        self._callbacks = CallbackRunner()
         self._job_ids = itertools.count(1)
         # Shared memory kept for reuse (see _shm): at most this much idle.
         self._regions = RegionPool(keep=min(config.shared_memory_limit or 2**30, 2**30))
@@ -170,6 +172,30 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     # ------------------------------------------------------------------ callers
 
+    def _check_process(self) -> None:
+        """Refuse use from a process forked from the pool's own: the workers,
+        their pipes and the manager thread belong to the parent."""
+        if os.getpid() != self._pid:
+            raise PoolClosedError(
+                f"this pool belongs to process {self._pid}, and this process ({os.getpid()}) was forked "
+                "from it; create a pool in this process (for gunicorn --preload: in a post_fork hook "
+                "or the app's lifespan, not at import)"
+            )
+
+    def before_blocking(self) -> None:
+        """The calling thread is about to block: take back the worker pipes its
+        own event loop reads, which that loop cannot read while it waits."""
+        loop = running_loop()
+        if loop is None or os.getpid() != self._pid:
+            return
+        self._lock.acquire()
+        try:
+            for worker in self._workers.values():
+                if worker.borrower is loop:
+                    self._take_back(worker, loop)
+        finally:
+            self._release()
+
     def start(self) -> None:
         if self.config.share_models:
             adopt_orphans()  # undone in _close_resources
@@ -192,6 +218,7 @@ class Manager(PipeReaders, WorkerLifecycle):
     ) -> Job:
         """A new job, its arguments pickled here, in the caller's thread, so bad
         input fails in the caller's stack and costs the pool nothing."""
+        self._check_process()
         if not callable(fn):
             raise TypeError(f"the scoring function must be callable, got {type(fn).__name__}")
         if model not in self.models:
@@ -218,7 +245,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         deadline = None if timeout is None else time.monotonic() + timeout
         return Job(
             next(self._job_ids), model, fn_id, fn_pickle, payload, name,
-            deadline=deadline, retries=retries, loop=loop, batch_policy=policy,
+            deadline=deadline, retries=retries, loop=loop, batch_policy=policy, owner=self,
         )  # fmt: skip
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
@@ -305,6 +332,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         A queued job never runs. A running job's result is discarded; with
         ``interrupt`` its worker is killed now (and replaced).
         """
+        self._check_process()
         self._lock.acquire()
         try:
             if job.state is JobState.NEW:  # not admitted yet (waiting for room): it never will be
@@ -326,6 +354,7 @@ class Manager(PipeReaders, WorkerLifecycle):
             self._release()
 
     def lookup(self, key: str) -> Job | None:
+        self._check_process()
         with self._lock:
             return self._registry.lookup(key)
 
@@ -335,9 +364,19 @@ class Manager(PipeReaders, WorkerLifecycle):
             return self._registry.forget(key, job)
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
-        """Stop taking jobs and start the shutdown sequence; returns at once."""
+        """Stop taking jobs and start the shutdown sequence; returns at once.
+
+        In a process forked from the pool's own it does nothing: the workers
+        belong to the parent, which shuts them down."""
+        if os.getpid() != self._pid:
+            return
         self._lock.acquire()
         try:
+            # Event loops cannot read while they wait for this shutdown, nor
+            # once they have stopped: the manager reads every pipe from now on.
+            for worker in self._workers.values():
+                if isinstance(worker.borrower, asyncio.AbstractEventLoop):
+                    self._take_back(worker, running_loop())
             if self._state in (PoolState.CLOSED, PoolState.BROKEN):
                 return
             if self._state is not PoolState.CLOSING:
@@ -405,7 +444,8 @@ class Manager(PipeReaders, WorkerLifecycle):
                 if not waiter.done():
                     waiter.set_result(None)
         if outcomes:
-            settle([self._decode(outcome) for outcome in outcomes])
+            callbacks = self._callbacks if threading.get_ident() == self._thread.ident else None
+            settle([self._decode(outcome) for outcome in outcomes], callbacks)
 
     def _decode(self, outcome: tuple[Job, bool, Any]) -> tuple[Job, bool, Any]:
         """Turn a raw Done/Failed message into the result or the exception (outside the lock)."""
@@ -515,7 +555,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             loop = jobs[0].loop if all(job.loop is jobs[0].loop for job in jobs) else None
             if worker.borrower is not None and (worker.borrower is not loop or loop is None):
                 self._take_back(worker, here)  # an idle loan to another reader
-            if worker.borrower is None and loop is not None and loop is here and not worker.inflight:
+            if (worker.borrower is None and loop is not None and loop is here and not worker.inflight
+                    and self._state is PoolState.RUNNING):
                 self._lend_to_loop(worker, here)
             for job in jobs:
                 job.state = JobState.RUNNING

@@ -43,6 +43,7 @@ class PipeReaders:
         """
         if job.batch_policy is not None:
             return False
+        self.before_blocking()
         token = object()
         self._lock.acquire()
         try:
@@ -81,6 +82,13 @@ class PipeReaders:
         try:
             self._poll_lent(worker, job, token)
         finally:
+            # Every loan ends, also when the wait is interrupted (Ctrl-C, any
+            # exception): the manager reads the pipe from now on.
+            self._lock.acquire()
+            try:
+                self._end_loan(worker, token)
+            finally:
+                self._release()
             with worker.read_lock:
                 worker.watchers.discard(token)
                 if not worker.watchers and worker.state is WorkerState.EXITED:

@@ -1,0 +1,175 @@
+"""Every wait ends: interrupted callers, blocked event loops, callbacks that
+call back in, forked processes, cancelled jobs that held a place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from mlpool import MLPool, PoolClosedError, PoolFullError
+from workloads import add, load_constant, wait_for_release
+
+
+class Interrupted(Exception):
+    """Raised by the test's signal handler in the main thread (a stand-in for Ctrl-C)."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_lent_wait_gives_the_pipe_back(fifo, caplog):
+    caplog.set_level(logging.WARNING, logger="mlpool")
+    previous = signal.signal(signal.SIGUSR1, _raise_interrupted)
+    try:
+        with MLPool({"m": load_constant}, nb_workers=1) as pool:
+            gate = fifo()
+
+            def interrupt_once_running() -> None:
+                gate.wait_running()
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+            interrupter = threading.Thread(target=interrupt_once_running)
+            interrupter.start()
+            with pytest.raises(Interrupted):
+                pool.score("m", wait_for_release, str(gate))  # an idle pool: this thread reads the pipe
+            interrupter.join(30)
+            gate.release_opened()
+            assert pool.submit("m", add, 1).result(timeout=30) == 11
+            pool.shutdown(timeout=10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert "shutdown timed out" not in caplog.text
+
+
+def _run_in_thread(fn, timeout: float = 30.0):
+    """Run ``fn`` in a daemon thread; its result, or fail if it hangs."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{fn.__name__} hung"
+    return out[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_call_on_a_loop_that_reads_a_busy_pipe_completes(fifo):
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        gate = fifo()
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            task = asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))
+            await loop.run_in_executor(None, gate.wait_running)
+            threading.Thread(target=gate.release_opened).start()
+            result = pool.score("m", add, 1)  # blocks this loop, which was reading the busy worker's pipe
+            return result, await task
+
+        result, first = _run_in_thread(lambda: asyncio.run(main()))
+        assert result == 11 and first is not None
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_is_prompt_after_a_loop_ended_with_a_job_in_flight(fifo, caplog):
+    caplog.set_level(logging.WARNING, logger="mlpool")
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    gate = fifo()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))
+        await loop.run_in_executor(None, gate.wait_running)
+        # asyncio.run cancels the task and closes the loop with the job in flight.
+
+    asyncio.run(main())
+    gate.release_opened()
+    pool.shutdown(timeout=10)
+    assert "shutdown timed out" not in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_a_sync_shutdown_on_a_loop_that_reads_a_busy_pipe_is_prompt(fifo, caplog):
+    caplog.set_level(logging.WARNING, logger="mlpool")
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    gate = fifo()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))
+        await loop.run_in_executor(None, gate.wait_running)
+        threading.Thread(target=gate.release_opened).start()
+        pool.shutdown(timeout=10)  # blocks the loop that reads the pipe
+        return await task
+
+    assert _run_in_thread(lambda: asyncio.run(main())) is not None
+    assert "shutdown timed out" not in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_a_done_callback_that_uses_the_pool_does_not_block_it(fifo):
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        first, second = fifo(), fifo()
+        blocker = pool.submit("m", wait_for_release, str(first))
+        first.wait_running()
+        results: list = []
+        called = threading.Event()
+
+        def callback(future) -> None:
+            results.append(pool.score("m", add, future.result()))  # queued behind the second FIFO job
+            called.set()
+
+        one = pool.submit("m", add, 1)
+        one.add_done_callback(callback)
+        behind = pool.submit("m", wait_for_release, str(second))
+        first.release_opened()
+        second.release()
+        assert called.wait(30), "the callback's own job never finished"
+        assert results == [21]
+        assert blocker.result(timeout=30) is not None and behind.result(timeout=30) is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_gets_a_clear_error_and_the_parent_pool_is_unaffected():
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        assert pool.score("m", add, 1) == 11
+        pid = os.fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 3
+            try:
+                pool.score("m", add, 1)
+                code = 1
+            except PoolClosedError as exc:
+                code = 0 if "forked" in str(exc) else 2
+            except BaseException:
+                code = 4
+            finally:
+                os._exit(code)
+        assert psutil.Process(pid).wait(timeout=30) == 0
+        for i in range(3):
+            assert pool.score("m", add, i) == 10 + i
+            assert pool.submit("m", add, i).result(timeout=30) == 10 + i
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_queued_jobs_free_their_place_at_once(fifo):
+    with MLPool({"m": load_constant}, nb_workers=1, max_queue_size=5) as pool:
+        gate = fifo()
+        blocker = pool.submit("m", wait_for_release, str(gate))
+        gate.wait_running()
+        queued = [pool.submit("m", add, i) for i in range(5)]
+        with pytest.raises(PoolFullError):
+            pool.create_job(add, "m", args=(1,), block_until_scheduled=False)
+        assert all(future.cancel() for future in queued)
+        assert pool.stats().queue_depth == 0
+        job_id = pool.create_job(add, "m", args=(1,), block_until_scheduled=False)
+        gate.release_opened()
+        assert pool.get_result(job_id, timeout=30) == 11
+        assert blocker.result(timeout=30) is not None
+        assert pool.stats().jobs_cancelled == 5
