@@ -4,16 +4,18 @@ call back in, forked processes, cancelled jobs that held a place."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
 import threading
 
 import psutil
 import pytest
 
-from mlpool import MLPool, PoolClosedError, PoolFullError
-from workloads import add, load_constant, wait_for_release
+from mlpool import MLPool, MLPoolError, PoolClosedError, PoolFullError
+from workloads import add, bytes_digest, load_constant, wait_for_release
 
 
 class Interrupted(Exception):
@@ -173,3 +175,47 @@ def test_cancelled_queued_jobs_free_their_place_at_once(fifo):
         assert pool.get_result(job_id, timeout=30) == 11
         assert blocker.result(timeout=30) is not None
         assert pool.stats().jobs_cancelled == 5
+
+
+@contextlib.contextmanager
+def out_of_descriptors():
+    """Every descriptor number this process may use is taken, for the duration."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+    fillers = []
+    try:
+        while True:
+            fillers.append(os.dup(0))
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["score", "submit"])
+def test_a_job_whose_message_cannot_be_built_fails_and_the_worker_serves_on(call):
+    data = b"x" * 200_000  # crosses in shared memory: placing it needs a new descriptor
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        assert pool.score("m", add, 1) == 11
+        with out_of_descriptors():
+            with pytest.raises(MLPoolError, match="could not be sent to a worker"):
+                if call == "score":
+                    pool.score("m", bytes_digest, data)
+                else:
+                    pool.submit("m", bytes_digest, data).result(timeout=30)
+        assert pool.submit("m", add, 2).result(timeout=30) == 12
+        assert pool.score("m", bytes_digest, data)[0] == "bytes"
+        stats = pool.stats()
+        assert stats.workers_alive == 1 and stats.worker_restarts == 0
+
+
+@pytest.mark.parametrize("name", ["bad\udc80name", "x" * 70_000])
+def test_a_model_name_no_message_can_carry_is_refused_at_construction(name, no_leaked_workers):
+    with pytest.raises(ValueError, match="model name"):
+        MLPool({name: load_constant}, nb_workers=1)

@@ -106,6 +106,8 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def __init__(self, config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> None:
         self.config = config
+        for name in loaders:
+            _check_model_name(name)
         self.models = frozenset(loaders)
         self._loaders_pickle = dumps(loaders, "models_to_load")
         self._context = multiprocessing.get_context(config.start_method)
@@ -550,6 +552,12 @@ class Manager(PipeReaders, WorkerLifecycle):
             jobs = self._take_batch(entry) if type(entry) is BatchQueue else self._take_job(entry)
             if not jobs:
                 continue
+            # The message first: if it cannot be built, nothing was recorded.
+            try:
+                frame, fds = self._run_frame(worker, jobs)
+            except Exception as exc:
+                self._refuse(jobs, exc)
+                continue
             if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
                 workers.remove(worker)  # its last jobs before it is recycled
             loop = jobs[0].loop if all(job.loop is jobs[0].loop for job in jobs) else None
@@ -567,7 +575,7 @@ class Manager(PipeReaders, WorkerLifecycle):
             if not worker.registered and worker.borrower is None:
                 with worker.read_lock:
                     self._watch(worker)
-            frames.setdefault(worker, []).append((*self._run_frame(worker, jobs), len(jobs)))
+            frames.setdefault(worker, []).append((frame, fds, len(jobs)))
         if held:
             pending.extendleft(reversed(held))
             if self._wake_at is None or (self._hold_until is not None and self._hold_until < self._wake_at):
@@ -602,13 +610,8 @@ class Manager(PipeReaders, WorkerLifecycle):
         """One Run (or RunBatch) frame for ``jobs``, all of one function, and
         the descriptors of their shared memory to send with it."""
         first = jobs[0]
-        fn = b""
         known = worker.known_functions
-        if first.fn_id not in known:
-            if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
-                known.clear()
-            known.add(first.fn_id)
-            fn = first.fn_pickle
+        fn = b"" if first.fn_id in known else first.fn_pickle
         # Copied into shared memory at its first dispatch (under the lock: a
         # memcpy, about 0.3 ms for 8 MB); a retry sends the same region.
         fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
@@ -618,29 +621,50 @@ class Manager(PipeReaders, WorkerLifecycle):
             if offer is not None:  # its results came in shared memory: offer room for the next
                 first.result_offer = self._regions.take(offer)
                 fds.append(first.result_offer.fd)
-            return encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans, offer is not None), fds
-        ids = tuple(job.id for job in jobs)
-        payloads = tuple(job.payload.data for job in jobs)
-        spans = tuple(job.payload.spans for job in jobs) if fds else ()
-        return encode_run_batch(ids, first.fn_id, first.model, fn, payloads, spans), fds
+            frame = encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans, offer is not None)
+        else:
+            ids = tuple(job.id for job in jobs)
+            payloads = tuple(job.payload.data for job in jobs)
+            spans = tuple(job.payload.spans for job in jobs) if fds else ()
+            frame = encode_run_batch(ids, first.fn_id, first.model, fn, payloads, spans)
+        if fn:
+            if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
+                known.clear()
+            known.add(first.fn_id)
+        return frame, fds
+
+    def _refuse(self, jobs: list[Job], exc: Exception) -> None:
+        """Fail jobs whose message could not be built (out of descriptors or
+        memory for shared memory, ...); the worker never saw them."""
+        for job in jobs:
+            error = MLPoolError(f"job {job.id} ({job.fn_name}) could not be sent to a worker: {exc!r}")
+            error.__cause__ = exc
+            job.worker = None
+            self._finish(job, False, error)
 
     def _send(self, worker: WorkerHandle, frames: list[tuple[bytes, list[int], int]]) -> None:
         """Write frames (each with its descriptors and how many jobs it carries) to ``worker``."""
         try:
             send_frames(worker.sock, [(frame, fds) for frame, fds, _ in frames])
         except OSError as exc:
-            # The worker is dead (its sentinel will tell us how). These jobs
-            # never reached it: back to the front of the queue.
+            # A dead worker (its sentinel will tell us how): these jobs never
+            # reached it, back to the front of the queue. Any other error may
+            # have left half a message in the pipe: the worker is killed, and
+            # these jobs fail (sending them again would fail again).
+            dead = isinstance(exc, (BrokenPipeError, ConnectionResetError))
             unsent = sum(count for _, _, count in frames)
-            logger.debug("worker %d: pipe closed while sending %d jobs: %s", worker.id, unsent, exc)
-            worker.state = WorkerState.KILLED
+            logger.debug("worker %d: could not send %d jobs: %r", worker.id, unsent, exc)
+            worker.kill(f"its pipe failed: {exc!r}")
             for _ in range(unsent):
                 job = worker.inflight.pop()
                 worker.backlog -= job.estimate
                 if job.result_offer is not None:
                     self._regions.give(job.result_offer)
                     job.result_offer = None
-                self._requeue(job)
+                if dead:
+                    self._requeue(job)
+                else:
+                    self._refuse([job], exc)
 
     def _requeue(self, job: Job) -> None:
         """Put a job that never started back at the front of the queue."""
@@ -831,6 +855,20 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._retire(worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker")
             case Exiting():
                 pass
+
+# Bytes of a model name in a Run message (its length field is 16 bits).
+MAX_MODEL_NAME = 4096
+
+
+def _check_model_name(name: str) -> None:
+    """A name every message can carry: refused at construction, not at each job."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"model name {name!r} cannot be encoded as UTF-8: {exc.reason}") from None
+    if size > MAX_MODEL_NAME:
+        raise ValueError(f"model name {name[:40]!r}... is {size} bytes long; at most {MAX_MODEL_NAME}")
+
 
 def _outcome_kind(ok: bool, value: Any) -> str:
     """Which ``stats()`` count an outcome adds to: every finished job counts once."""

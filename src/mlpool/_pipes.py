@@ -55,6 +55,13 @@ class PipeReaders:
                     break
             else:
                 return False
+            # The message first: if it cannot be built, nothing was recorded.
+            try:
+                frame, fds = self._run_frame(worker, [job])
+            except Exception as exc:
+                job.mark_running()
+                self._refuse([job], exc)
+                return True
             if worker.borrower is not None:
                 self._take_back(worker, None)
             with worker.read_lock:
@@ -68,8 +75,8 @@ class PipeReaders:
             job.estimate = self._estimates.get(job.fn_id, PIPELINE_BUDGET)
             worker.inflight.append(job)
             worker.backlog += job.estimate
-            self._send(worker, [(*self._run_frame(worker, [job]), 1)])
-            if job.state is not JobState.RUNNING:  # the pipe was closed: requeued
+            self._send(worker, [(frame, fds, 1)])
+            if job.state is not JobState.RUNNING:  # the pipe failed: requeued or refused
                 self._end_loan(worker, token)
                 worker.watchers.discard(token)
                 return True
