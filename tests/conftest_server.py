@@ -56,11 +56,23 @@ class UvicornServer:
                 self._ready.set()
         self._ready.set()  # the server exited
 
-    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
-        """Return once the server has written a line containing ``text``."""
+    def log_mark(self) -> int:
+        """A position in the log, for :meth:`wait_for_log` to look only after it."""
         with self._logged:
-            if not self._logged.wait_for(lambda: any(text in line for line in self.log), timeout):
+            return len(self.log)
+
+    def wait_for_log(self, text: str, timeout: float = 30.0, *, since: int = 0) -> str:
+        """Return the first line (after line ``since``) containing ``text``, once the server wrote it."""
+        found: list[str] = []
+
+        def seen() -> bool:
+            found[:] = [line for line in self.log[since:] if text in line][:1]
+            return bool(found)
+
+        with self._logged:
+            if not self._logged.wait_for(seen, timeout):
                 raise AssertionError(f"the server never logged {text!r}")
+        return found[0]
 
     def children(self) -> list[psutil.Process]:
         try:

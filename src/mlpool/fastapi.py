@@ -57,6 +57,7 @@ __all__ = [
     "RETRY_AFTER_STARTING",
     "ClientDisconnected",
     "cancel_on_disconnect",
+    "error_body",
     "error_status",
     "get_pool",
     "install_error_handlers",
@@ -236,6 +237,13 @@ def retry_after(pool: MLPool | None) -> int:
     return min(RETRY_AFTER_MAX, max(1, math.ceil(wait)))
 
 
+def error_body(exc: BaseException, *, expose_details: bool = False) -> dict[str, str]:
+    """The JSON body :func:`install_error_handlers` answers for ``exc``:
+    ``{"error": <class name>, "detail": <sentence>}``; for WebSocket handlers
+    that answer a failed message and keep the connection."""
+    return {"error": type(exc).__name__, "detail": _public_detail(exc, expose_details)}
+
+
 def _public_detail(exc: BaseException, expose: bool) -> str:
     if expose:
         lines = str(exc).strip().splitlines()
@@ -281,7 +289,7 @@ def install_error_handlers(app: Any, *, pool: MLPool | None = None, expose_detai
         if status == 503 and (isinstance(exc, PoolFullError) or getattr(exc, "waiting_for_room", False)):
             found = pool or getattr(connection.state, "mlpool", None) or getattr(connection.app.state, "mlpool", None)
             headers["Retry-After"] = str(retry_after(found))
-        return JSONResponse({"error": type(exc).__name__, "detail": detail}, status, headers=headers)
+        return JSONResponse(error_body(exc, expose_details=expose_details), status, headers=headers)
 
     async def client_left(request: Request, exc: Exception) -> Response:
         # Nobody reads this answer; 499 is nginx's "client closed request".

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Callable
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
@@ -193,7 +193,20 @@ def metrics_app(registry: CollectorRegistry = REGISTRY) -> Any:
     OpenMetrics, if the scraper asks). Route it at an exact path,
     ``app.add_route("/metrics", metrics_app())``: ``app.mount`` answers
     ``/metrics`` with a redirect to ``/metrics/``."""
-    return make_asgi_app(registry)
+    return _AsgiApp(make_asgi_app(registry))
+
+
+class _AsgiApp:
+    """An ASGI callable that is not a function: Starlette's ``Route`` calls a
+    plain function as a request handler, an object as an ASGI app."""
+
+    __slots__ = ("_app",)
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self._app(scope, receive, send)
 
 
 def _bound(bound: float) -> str:
