@@ -55,7 +55,7 @@ def slow_demo(tmp_path_factory):
 def metric(client: httpx.Client, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    for family in text_string_to_metric_families(client.get("/metrics").text):
+    for family in text_string_to_metric_families(client.get("/metrics", follow_redirects=True).text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
@@ -192,7 +192,7 @@ def test_websocket_flood_is_held_to_the_connection_limit_and_others_are_served(d
                 response = await client.post("/iris", json={"features": IRIS})
                 latencies.append(time.monotonic() - started)
                 assert response.status_code == 200
-                text = (await client.get("/metrics")).text
+                text = (await client.get("/metrics", follow_redirects=True)).text
                 depths.append(float(next(line.split()[-1] for line in text.splitlines()
                                          if line.startswith("mlpool_queue_depth{"))))  # fmt: skip
             await asyncio.gather(sender, reader)
