@@ -33,7 +33,8 @@ class UvicornServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "info", "--no-access-log"],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(app_dir), *_python_path()]), **(env or {})},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(app_dir), *_python_path()]),
+                 **(env or {})},
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         self.log: list[str] = []

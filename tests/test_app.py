@@ -43,7 +43,11 @@ def slow_demo(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("models")
     for path in (models.IRIS_PATH, models.DIABETES_PATH, models.CNN_PATH):
         shutil.copy(path, model_dir / path.name)
-    env = {"MLPOOL_DEMO_MODEL_DIR": str(model_dir), "MLPOOL_DEMO_FEATURE_WORK": "20000000", "MLPOOL_DEMO_JOB_TIMEOUT": "1"}
+    env = {
+        "MLPOOL_DEMO_MODEL_DIR": str(model_dir),
+        "MLPOOL_DEMO_FEATURE_WORK": "20000000",
+        "MLPOOL_DEMO_JOB_TIMEOUT": "1",
+    }
     server = UvicornServer("app.main:app", EXAMPLES, env=env)
     server.model_dir = model_dir
     try:

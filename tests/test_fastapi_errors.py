@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import psutil
@@ -162,8 +163,10 @@ def test_sigint_while_a_loader_hangs_stops_the_server_and_its_workers_at_once(fi
         gate.wait_running()  # a worker is inside its loader, which blocks until the FIFO is written
         workers = server.children()
         assert workers
+        started = time.monotonic()
         server.process.send_signal(2)
         server.process.wait(10)  # not the 600 s start timeout
+        assert time.monotonic() - started < 4
         gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, f"workers left behind: {alive}"
         server.wait_for_log("SIGINT while the pool's workers loaded their models")

@@ -7,7 +7,7 @@ HTTP errors, and cancelling work for clients that went away.
     from mlpool import MLPool
     from mlpool.fastapi import cancel_on_disconnect, get_pool, install_error_handlers, pool_lifespan
 
-    app = FastAPI(lifespan=pool_lifespan({"iris": load_iris}, nb_workers=2))
+    app = FastAPI(lifespan=pool_lifespan({"iris": load_iris}, nb_workers=2, start_timeout=120))
     install_error_handlers(app)
 
     @app.post("/iris")
@@ -27,6 +27,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from types import FrameType
 from typing import Any, Callable, TypeVar
 
@@ -134,7 +135,9 @@ def pool_lifespan(
         pool = MLPool(models_to_load, nb_workers, **pool_options)  # in a loop: returns while workers load
         task = asyncio.current_task()
         assert task is not None
-        with _cancel_on_exit_signals(task) as received:
+        # Loading workers hold no job: on a signal they are stopped at once, not after a grace period.
+        stop_now = partial(pool.shutdown, wait=False, cancel_pending=True, timeout=0.0)
+        with _cancel_on_exit_signals(task, stop_now) as received:
             try:
                 await pool.wait_ready()  # on any failure, cancellation included, it stops the workers
             except asyncio.CancelledError:
@@ -153,8 +156,9 @@ def pool_lifespan(
 
 
 @contextmanager
-def _cancel_on_exit_signals(task: asyncio.Task[Any]) -> Iterator[list[int]]:
-    """Cancel ``task`` on SIGINT or SIGTERM, then call the handler that was there.
+def _cancel_on_exit_signals(task: asyncio.Task[Any], first: Callable[[], None]) -> Iterator[list[int]]:
+    """On SIGINT or SIGTERM while in the block: call ``first`` and cancel
+    ``task`` (both on the loop's thread), and call the handler that was there before.
 
     Yields the signals received. Only the main thread can set handlers;
     elsewhere this does nothing.
@@ -165,10 +169,16 @@ def _cancel_on_exit_signals(task: asyncio.Task[Any]) -> Iterator[list[int]]:
         return
     loop = asyncio.get_running_loop()
     previous: dict[int, Any] = {}
+    inside = True
+
+    def cancel_if_inside() -> None:  # on the loop: a signal just after the block must not cancel what follows
+        if inside:
+            first()
+            task.cancel()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        loop.call_soon_threadsafe(task.cancel)
+        loop.call_soon_threadsafe(cancel_if_inside)
         chained = previous.get(signum)
         if callable(chained):  # the server's own handler (uvicorn: note it, exit after start-up)
             chained(signum, frame)
@@ -178,6 +188,7 @@ def _cancel_on_exit_signals(task: asyncio.Task[Any]) -> Iterator[list[int]]:
     try:
         yield received
     finally:
+        inside = False
         for signum, old in previous.items():
             if signal.getsignal(signum) is handler:
                 signal.signal(signum, old if old is not None else signal.SIG_DFL)
@@ -188,7 +199,9 @@ def get_pool(connection: HTTPConnection) -> MLPool:
     and WebSocket endpoints: the pool started by :func:`pool_lifespan`."""
     pool = getattr(connection.state, "mlpool", None) or getattr(connection.app.state, "mlpool", None)
     if pool is None:
-        raise RuntimeError("no mlpool on this app: pass lifespan=pool_lifespan(...) to FastAPI(), or set app.state.mlpool")
+        raise RuntimeError(
+            "no mlpool on this app: pass lifespan=pool_lifespan(...) to FastAPI(), or set app.state.mlpool"
+        )
     return pool
 
 

@@ -182,9 +182,8 @@ def _families(p: str, pools: list[tuple[str, MLPool]]) -> Iterator[Any]:
         f"{p}_job_latency_seconds", "Seconds from a job's submission to its outcome.", labels=["pool"]
     )
     for name, stats, _ in snapshots:
-        histogram.add_metric(
-            [name], buckets=[(_bound(bound), count) for bound, count in stats.latency_buckets], sum_value=stats.latency_sum
-        )
+        buckets = [(_bound(bound), count) for bound, count in stats.latency_buckets]
+        histogram.add_metric([name], buckets=buckets, sum_value=stats.latency_sum)
     yield histogram
 
 
