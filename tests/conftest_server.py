@@ -16,10 +16,16 @@ TESTS = Path(__file__).resolve().parent
 EXAMPLES = TESTS.parent / "examples"
 
 
-class UvicornServer:
-    """``uvicorn module:app`` in its own process; ready when it says so on stderr."""
+def _python_path() -> list[str]:
+    """This process's PYTHONPATH (the checkout's ``src`` under test), kept for the server."""
+    return [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
 
-    def __init__(self, app: str, app_dir: Path, env: dict[str, str] | None = None) -> None:
+
+class UvicornServer:
+    """``uvicorn module:app`` in its own process; ready when it says so on stderr
+    (the constructor waits for that unless ``wait_ready=False``)."""
+
+    def __init__(self, app: str, app_dir: Path, env: dict[str, str] | None = None, *, wait_ready: bool = True) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -27,14 +33,16 @@ class UvicornServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "info", "--no-access-log"],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(app_dir)]), **(env or {})},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(app_dir), *_python_path()]),
+                 **(env or {})},
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         self.log: list[str] = []
         self._logged = threading.Condition()
         self._ready = threading.Event()
+        self._running = False
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(180) or self.process.poll() is not None:
+        if wait_ready and not (self._ready.wait(180) and self._running):
             self.stop()
             raise RuntimeError("uvicorn did not start:\n" + "".join(self.log[-40:]))
 
@@ -45,14 +53,27 @@ class UvicornServer:
                 self.log.append(line)
                 self._logged.notify_all()
             if "Uvicorn running on" in line:  # after the lifespan started, once the socket listens
+                self._running = True
                 self._ready.set()
-        self._ready.set()
+        self._ready.set()  # the server exited
 
-    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
-        """Return once the server has written a line containing ``text``."""
+    def log_mark(self) -> int:
+        """A position in the log, for :meth:`wait_for_log` to look only after it."""
         with self._logged:
-            if not self._logged.wait_for(lambda: any(text in line for line in self.log), timeout):
+            return len(self.log)
+
+    def wait_for_log(self, text: str, timeout: float = 30.0, *, since: int = 0) -> str:
+        """Return the first line (after line ``since``) containing ``text``, once the server wrote it."""
+        found: list[str] = []
+
+        def seen() -> bool:
+            found[:] = [line for line in self.log[since:] if text in line][:1]
+            return bool(found)
+
+        with self._logged:
+            if not self._logged.wait_for(seen, timeout):
                 raise AssertionError(f"the server never logged {text!r}")
+        return found[0]
 
     def children(self) -> list[psutil.Process]:
         try:

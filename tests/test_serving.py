@@ -108,10 +108,10 @@ def test_bad_inputs_get_4xx_and_the_pool_keeps_serving(demo):
 
 def test_metrics_are_exposed_and_count(demo):
     with httpx.Client(base_url=demo.url, timeout=30) as client:
-        before = metric(client.get("/metrics/").text, "mlpool_jobs_total", outcome="completed")
+        before = metric(client.get("/metrics").text, "mlpool_jobs_total", outcome="completed")
         for _ in range(3):
             assert client.post("/iris", json={"features": IRIS}).status_code == 200
-        text = client.get("/metrics/").text
+        text = client.get("/metrics").text
         assert metric(text, "mlpool_jobs_total", outcome="completed") == before + 3
         assert metric(text, "mlpool_workers_alive") == 2
         assert metric(text, "mlpool_job_latency_seconds_count") >= before + 3
@@ -154,7 +154,8 @@ def test_websocket_client_leaving_cancels_its_jobs(small, fifo, tmp_path):
 
 def test_demo_websocket_client_leaving_cancels_jobs(demo):
     with httpx.Client(base_url=demo.url, timeout=30) as client:
-        before = metric(client.get("/metrics/").text, "mlpool_jobs_total", outcome="cancelled")
+        before = metric(client.get("/metrics").text, "mlpool_jobs_total", outcome="cancelled")
+    mark = demo.log_mark()
 
     async def send_and_leave():
         async with websockets.connect(demo.url.replace("http", "ws") + "/ws") as ws:
@@ -162,9 +163,12 @@ def test_demo_websocket_client_leaving_cancels_jobs(demo):
                 await ws.send(json.dumps({"id": i, "model": "iris", "features": IRIS}))
 
     asyncio.run(send_and_leave())
+    # Messages are read in order, at most 8 jobs in flight: the server sees the
+    # close after the last message and cancels what is still in flight.
+    demo.wait_for_log("WebSocket client left", since=mark)
     with httpx.Client(base_url=demo.url, timeout=30) as client:
         assert client.post("/iris", json={"features": IRIS}).status_code == 200
-        after = metric(client.get("/metrics/").text, "mlpool_jobs_total", outcome="cancelled")
+        after = metric(client.get("/metrics").text, "mlpool_jobs_total", outcome="cancelled")
     assert after > before
 
 

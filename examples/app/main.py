@@ -6,27 +6,43 @@
 Endpoints: ``POST /iris``, ``POST /diabetes`` (JSON features), ``POST /image``
 (an uploaded PNG or JPEG), the job API ``POST /jobs``, ``GET /jobs/{id}``,
 ``DELETE /jobs/{id}``, a WebSocket ``/ws`` that scores each message and
-streams results back, ``/healthz``, ``/readyz`` and ``/metrics``.
+streams results back, ``/healthz`` (liveness: 503 once the pool is broken
+for good), ``/readyz`` and ``/metrics``.
+
+What one client cannot do to the others: send a body larger than the
+endpoint takes (413 before it is read), an image with more pixels than
+``models.MAX_PIXELS`` (422 from its header, before decoding), more than
+``WS_MAX_IN_FLIGHT`` WebSocket jobs at once (the socket is not read
+meanwhile), or make workers restart in a loop (``INTERRUPT_INTERVAL``).
+Error bodies carry fixed sentences; the log has the details.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
-from pathlib import Path
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, ValidationError
+from starlette.websockets import WebSocketDisconnect
 
 from app import models
-from mlpool import JobTimeoutError, MLPool, PoolStats, ResultNotReadyError
-from mlpool.fastapi import cancel_on_disconnect, get_pool, install_error_handlers
+from app.guards import BodyLimit, InterruptBudget
+from mlpool import JobTimeoutError, MLPool, MLPoolError, PoolStats, ResultNotReadyError
+from mlpool.fastapi import cancel_on_disconnect, error_body, get_pool, install_error_handlers
 from mlpool.prometheus import PoolCollector, metrics_app
-from prometheus_client import CollectorRegistry
+
+logger = logging.getLogger("app")
+if not logging.getLogger().handlers:  # the app's log, and mlpool's, next to uvicorn's
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
 
 MODE = os.environ.get("MLPOOL_DEMO_MODE", "pool")  # "pool" or "inprocess"
 NB_WORKERS = int(os.environ.get("MLPOOL_DEMO_WORKERS", "2"))
@@ -34,7 +50,13 @@ NB_WORKERS = int(os.environ.get("MLPOOL_DEMO_WORKERS", "2"))
 # names, or a new local one): see the README's "More than one machine".
 BACKEND = os.environ.get("MLPOOL_BACKEND", "local")
 APP_PARENT = Path(__file__).resolve().parents[1]  # where the package "app" is
+JOB_TIMEOUT = float(os.environ.get("MLPOOL_DEMO_JOB_TIMEOUT", "30"))  # seconds; longer is a bug here
+MAX_WORKER_MEMORY = int(os.environ.get("MLPOOL_DEMO_MAX_WORKER_MEMORY", str(2**30)))  # then recycled
+MAX_JSON_BYTES = 64 * 2**10  # a request of 64 features is about 1 KiB
 MAX_IMAGE_BYTES = 2 * 2**20
+MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES + 64 * 2**10  # the multipart envelope around the image
+WS_MAX_IN_FLIGHT = 8  # jobs one WebSocket may have queued or running
+INTERRUPT_INTERVAL = 10.0  # seconds between two worker restarts that DELETE /jobs may cause
 
 SCORERS = {"iris": models.score_iris, "diabetes": models.score_diabetes}
 FEATURE_COUNTS = {"iris": 4, "diabetes": 10}
@@ -54,6 +76,7 @@ def check_count(model: str, features: list[float]) -> None:
 
 
 registry = CollectorRegistry()
+interrupts = InterruptBudget(INTERRUPT_INTERVAL)
 
 
 @asynccontextmanager
@@ -68,23 +91,39 @@ async def lifespan(app: FastAPI):
     if BACKEND == "ray":  # the actors import app.models from this checkout
         runtime_env = {"env_vars": {"PYTHONPATH": str(APP_PARENT)}}
         backend = {"backend": "ray", "ray_options": {"runtime_env": runtime_env}}
-    async with MLPool(loaders, nb_workers=NB_WORKERS, max_retries=1, **backend) as pool:
+    async with MLPool(
+        loaders, nb_workers=NB_WORKERS, max_retries=1, job_timeout=JOB_TIMEOUT,
+        max_memory_per_worker=MAX_WORKER_MEMORY, start_timeout=120.0, **backend,
+    ) as pool:  # fmt: skip
         app.state.mlpool = pool
-        collector = PoolCollector(pool).register(registry)
-        yield
-        registry.unregister(collector)
+        collector = PoolCollector(pool, pool_name="demo").register(registry)
+        try:
+            yield
+        finally:
+            collector.unregister()
 
 
 app = FastAPI(title="mlpool demo", lifespan=lifespan)
 install_error_handlers(app)
+app.add_middleware(BodyLimit, default=MAX_JSON_BYTES, limits={"/image": MAX_UPLOAD_BYTES})
+app.add_route("/metrics", metrics_app(registry))  # an exact route: a mount would redirect /metrics
+
+
+def validation_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where and what, never the client's own input (pydantic's errors carry it)."""
+    return [{"loc": [part for part in e["loc"] if part != "body"], "msg": e["msg"], "type": e["type"]} for e in errors]
 
 
 @app.exception_handler(RequestValidationError)
 async def invalid_input(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's own handler echoes the input, and a NaN in it cannot be JSON: a 500.
-    errors = [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    return JSONResponse({"error": "invalid input", "detail": errors}, 422)
-app.mount("/metrics", metrics_app(registry))
+    return JSONResponse({"error": "invalid input", "detail": validation_errors(list(exc.errors()))}, 422)
+
+
+@app.exception_handler(models.InvalidImage)
+async def invalid_image(request: Request, exc: models.InvalidImage) -> JSONResponse:
+    logger.info("invalid image on %s: %s (%r)", request.url.path, exc, exc.__cause__)
+    return JSONResponse({"error": "invalid image", "detail": str(exc)}, 422)
 
 
 async def score(request: Request, model: str, features: list) -> int:
@@ -111,8 +150,7 @@ async def image(file: UploadFile, request: Request) -> dict:
     data = await file.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES:
         raise HTTPException(413, f"images are limited to {MAX_IMAGE_BYTES} bytes")
-    if not data.startswith((b"\x89PNG", b"\xff\xd8")):
-        raise HTTPException(422, "send a PNG or a JPEG")
+    models.image_size(data)  # the header only: refuses other formats and decompression bombs
     if MODE == "inprocess":
         return models.score_image(request.app.state.inprocess["image"], data)
     pool: MLPool = get_pool(request)
@@ -143,36 +181,41 @@ async def get_job(job_id: str, pool: Annotated[MLPool, Depends(get_pool)], wait:
 
 @app.delete("/jobs/{job_id}")
 async def cancel_job(job_id: str, pool: Annotated[MLPool, Depends(get_pool)]) -> dict:
-    return {"cancelled": pool.cancel_job(job_id, interrupt=True)}
+    """Cancel a job: queued, it never runs; running, its result is dropped, and
+    its worker is killed (freeing the CPU) only if no DELETE did so in the
+    last ``INTERRUPT_INTERVAL`` seconds: restarting a worker reloads every
+    model, far dearer than letting a job of milliseconds finish."""
+    return {"cancelled": pool.cancel_job(job_id, interrupt=interrupts.take())}
 
 
 @app.websocket("/ws")
 async def scores_stream(websocket: WebSocket) -> None:
-    """Each message ``{"id": ..., "model": "iris", "features": [...]}`` is scored
-    concurrently; results stream back as they finish. When the client goes
-    away, every job of its session still queued or running is cancelled."""
+    """Each text message ``{"id": ..., "model": "iris", "features": [...]}`` is
+    scored; every message gets one answer, ``{"id", "class"}`` or ``{"id",
+    "error", "detail"}``, as jobs finish. At most ``WS_MAX_IN_FLIGHT`` jobs per
+    connection: past that, the socket is not read until one finishes
+    (backpressure). When the client goes away, its jobs are cancelled; running
+    ones finish (they take milliseconds, a restart costs a model reload)."""
     await websocket.accept()
     pool: MLPool = get_pool(websocket)
+    slots = asyncio.Semaphore(WS_MAX_IN_FLIGHT)
     tasks: set[asyncio.Task] = set()
 
-    async def answer(message: dict) -> None:
-        try:
-            request = JobRequest.model_validate(message)
-            check_count(request.model, request.features)
-            result = await session.score_async(request.model, SCORERS[request.model], request.features)
-            await websocket.send_json({"id": message.get("id"), "class": result})
-        except (ValidationError, HTTPException) as exc:
-            await websocket.send_json({"id": message.get("id"), "error": str(getattr(exc, "detail", exc))})
-        except WebSocketDisconnect:
-            pass
+    def finished(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        slots.release()
 
-    async with pool.session(interrupt=True) as session:
+    async with pool.session() as session:
         try:
             while True:
-                message = await websocket.receive_json()
-                task = asyncio.ensure_future(answer(message if isinstance(message, dict) else {}))
+                await slots.acquire()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    logger.info("WebSocket client left with %d jobs unfinished: cancelled", len(tasks))
+                    break
+                task = asyncio.create_task(answer_message(websocket, session, message))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(finished)
         except WebSocketDisconnect:
             pass
         finally:
@@ -180,10 +223,50 @@ async def scores_stream(websocket: WebSocket) -> None:
                 task.cancel()
 
 
+async def answer_message(websocket: WebSocket, session: Any, message: dict[str, Any]) -> None:
+    """Score one WebSocket message and send its answer; never raises."""
+    request_id = None
+    try:
+        text = message.get("text")
+        if text is None:
+            reply = {"error": "invalid message", "detail": "send JSON text frames, not binary ones"}
+        else:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            request_id = data.get("id")
+            if not isinstance(request_id, (int, str)) or len(str(request_id)) > 64:
+                request_id = None  # only a short id goes back, and nothing else the client sent
+            request = JobRequest.model_validate(data)
+            check_count(request.model, request.features)
+            result = await session.score_async(request.model, SCORERS[request.model], request.features)
+            reply = {"class": result}
+    except ValidationError as exc:
+        reply = {"error": "invalid input", "detail": validation_errors(list(exc.errors()))}
+    except ValueError:  # json.loads, or not an object
+        reply = {"error": "invalid message", "detail": "send a JSON object: {\"id\", \"model\", \"features\"}"}
+    except HTTPException as exc:
+        reply = {"error": "invalid input", "detail": exc.detail}
+    except MLPoolError as exc:
+        logger.warning("WebSocket job failed: %s: %s", type(exc).__name__, exc)
+        reply = error_body(exc)
+    except Exception:
+        logger.exception("WebSocket job failed")
+        reply = {"error": "internal error", "detail": "the server could not score this message"}
+    try:
+        await websocket.send_json({"id": request_id, **reply})
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the client left; its session cancels the rest
+
+
 @app.get("/healthz")
-async def healthz() -> dict:
-    """Liveness: answers as long as the event loop is free to."""
-    return {"status": "ok"}
+async def healthz(request: Request) -> JSONResponse:
+    """Liveness: answers while the event loop is free to; 503 once the pool is
+    broken for good (workers cannot be kept alive), so that the orchestrator
+    restarts the container."""
+    if MODE == "inprocess" or get_pool(request).healthy:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "broken", "detail": "the scoring pool cannot serve; restart this process"}, 503)
 
 
 @app.get("/readyz")

@@ -9,22 +9,34 @@
 - image: a small CNN (PyTorch, CPU), initialised deterministically on first
   use, saved with ``torch.save`` and loaded with ``torch.load`` in each
   worker; it classifies an uploaded PNG or JPEG (decoded with Pillow in the
-  worker, so the API process never spends CPU on pixels).
+  worker, so the API process never spends CPU on pixels; it reads only the
+  header, to refuse images of more than ``MAX_PIXELS`` before any decoding).
+
+Environment (for experiments and the tests): ``MLPOOL_DEMO_MODEL_DIR`` (where
+the model files are), ``MLPOOL_DEMO_FEATURE_WORK`` (rounds per request).
 """
 
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
 import xgboost
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
+MODEL_DIR = Path(os.environ.get("MLPOOL_DEMO_MODEL_DIR") or Path(__file__).resolve().parent.parent / "models")
 IRIS_PATH = MODEL_DIR / "iris_xgb.json"
 DIABETES_PATH = MODEL_DIR / "diabetes_xgb.json"
 CNN_PATH = MODEL_DIR / "tiny_cnn.pt"
-FEATURE_WORK = 150_000  # rounds of pure-Python feature engineering per request
+FEATURE_WORK = int(os.environ.get("MLPOOL_DEMO_FEATURE_WORK", 150_000))  # rounds of feature engineering per request
 IMAGE_SIZE = 64
+MAX_PIXELS = 4096 * 4096  # 48 MiB decoded as RGB; a 13,000 x 13,000 PNG of 164 KB would be 480 MiB
+
+
+class InvalidImage(ValueError):
+    """The upload is not a PNG or JPEG we can decode, or has too many pixels.
+    The message is meant for the client; the cause (Pillow's error) is for the log."""
 
 IRIS_EXAMPLE = [6.2, 2.2, 4.5, 1.5]
 
@@ -110,14 +122,41 @@ def load_cnn(path: str = str(CNN_PATH)):
     return model.eval()
 
 
-def score_image(model, image: bytes) -> dict:
-    """Decode a PNG or JPEG and classify it: the class and its probability."""
-    import io
+def image_size(image: bytes) -> tuple[int, int]:
+    """Width and height from the image's header, without decoding its pixels.
 
+    Raises :class:`InvalidImage` for anything but a PNG or JPEG, and for an
+    image of more than ``MAX_PIXELS`` pixels (a decompression bomb is small
+    on the wire and huge once decoded).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as picture:  # parses the header only
+            kind, (width, height) = picture.format, picture.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImage("not a PNG or JPEG image") from exc
+    if kind not in ("PNG", "JPEG"):
+        raise InvalidImage("send a PNG or a JPEG")
+    if width * height > MAX_PIXELS:
+        raise InvalidImage(f"images are limited to {MAX_PIXELS} pixels, this one has {width} x {height}")
+    return width, height
+
+
+def score_image(model, image: bytes) -> dict:
+    """Decode a PNG or JPEG and classify it: the class and its probability.
+
+    Raises :class:`InvalidImage` for an image that is too large or cannot be decoded.
+    """
     import torch
     from PIL import Image
 
-    pixels = Image.open(io.BytesIO(image)).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+    image_size(image)  # the worker checks too: it is the one that decodes
+    try:
+        with Image.open(io.BytesIO(image)) as picture:
+            pixels = picture.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidImage("the image could not be decoded") from exc
     tensor = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
     with torch.inference_mode():
         probabilities = torch.softmax(model(tensor), dim=1)[0]

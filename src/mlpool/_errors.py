@@ -110,11 +110,14 @@ class WorkerCrashedError(MLPoolError):
 
 class JobTimeoutError(MLPoolError, TimeoutError):
     """Raised for a job that passed its deadline, queued (it never ran) or running
-    (its worker was killed and replaced). ``while_running`` says which."""
+    (its worker was killed and replaced). ``while_running`` says which;
+    ``waiting_for_room`` says the deadline passed while the caller waited for
+    room in a full queue (the job was never queued: the pool is overloaded)."""
 
-    def __init__(self, message: str, *, while_running: bool = False) -> None:
+    def __init__(self, message: str, *, while_running: bool = False, waiting_for_room: bool = False) -> None:
         super().__init__(message)
         self.while_running = while_running
+        self.waiting_for_room = waiting_for_room
 
     def __reduce__(self):
         return (_rebuild, (type(self), self.args, self.__dict__))

@@ -412,14 +412,18 @@ class MLPool:
             try:
                 room.result(timeout=_remaining(job))
             except concurrent.futures.TimeoutError:
-                raise JobTimeoutError(f"job {job.id} timed out waiting for room in the queue") from None
+                raise JobTimeoutError(
+                    f"job {job.id} timed out waiting for room in the queue", waiting_for_room=True
+                ) from None
 
     async def _admit_async(self, job: Job, *, wait: bool, register: bool = False) -> None:
         while (room := self._manager.enqueue(job, wait=wait, register=register)) is not None:
             try:
                 await asyncio.wait_for(asyncio.wrap_future(room), _remaining(job))
             except asyncio.TimeoutError:
-                raise JobTimeoutError(f"job {job.id} timed out waiting for room in the queue") from None
+                raise JobTimeoutError(
+                    f"job {job.id} timed out waiting for room in the queue", waiting_for_room=True
+                ) from None
 
     def _lookup(self, job_id: str) -> Job:
         if not isinstance(job_id, str):

@@ -7,7 +7,7 @@ HTTP errors, and cancelling work for clients that went away.
     from mlpool import MLPool
     from mlpool.fastapi import cancel_on_disconnect, get_pool, install_error_handlers, pool_lifespan
 
-    app = FastAPI(lifespan=pool_lifespan({"iris": load_iris}, nb_workers=2))
+    app = FastAPI(lifespan=pool_lifespan({"iris": load_iris}, nb_workers=2, start_timeout=120))
     install_error_handlers(app)
 
     @app.post("/iris")
@@ -21,14 +21,20 @@ Starlette is imported, so plain Starlette apps can use it too.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from contextlib import asynccontextmanager
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from types import FrameType
 from typing import Any, Callable, TypeVar
 
 try:
     from starlette.requests import HTTPConnection, Request
     from starlette.responses import JSONResponse, Response
+    from starlette.websockets import WebSocket, WebSocketState
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("mlpool.fastapi needs FastAPI or Starlette: pip install 'mlpool[fastapi]'") from exc
 
@@ -47,11 +53,28 @@ from mlpool._errors import (
 )
 from mlpool._pool import MLPool
 
-__all__ = ["ClientDisconnected", "cancel_on_disconnect", "error_status", "get_pool", "install_error_handlers", "pool_lifespan"]
+__all__ = [
+    "RETRY_AFTER_MAX",
+    "RETRY_AFTER_STARTING",
+    "ClientDisconnected",
+    "cancel_on_disconnect",
+    "error_body",
+    "error_status",
+    "get_pool",
+    "install_error_handlers",
+    "pool_lifespan",
+    "retry_after",
+    "websocket_close_code",
+]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
-# The HTTP status for each pool error; the first matching class wins.
+RETRY_AFTER_MAX = 60  # seconds: past a minute an estimate says nothing; clients should look again
+RETRY_AFTER_STARTING = 5  # seconds, while the workers load their models (how long is unknowable)
+
+# The HTTP status for each error; the first matching class wins. A plain
+# TimeoutError is a caller's own wait (get_result(timeout=...)) running out.
 _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (PoolFullError, 503),
     (WorkerCrashedError, 503),
@@ -64,6 +87,23 @@ _STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (SerializationError, 500),
     (ModelLoadError, 500),
     (MLPoolError, 500),
+    (TimeoutError, 504),
+)
+
+# What a client is told: a fixed sentence per class. The exception's own
+# message names pids, functions and OS errors: it goes to the log only.
+_PUBLIC_DETAIL: tuple[tuple[type[BaseException], str], ...] = (
+    (PoolFullError, "the server is busy: try again later"),
+    (WorkerCrashedError, "the worker running this job stopped: try again"),
+    (PoolBrokenError, "the server cannot score right now"),
+    (PoolClosedError, "the server is shutting down"),
+    (JobTimeoutError, "the job took too long"),
+    (UnknownJobError, "no such job: never created, already fetched, cancelled or expired"),
+    (UnknownModelError, "no such model"),
+    (ResultNotReadyError, "the job has not finished yet"),
+    (SerializationError, "the job's data could not be sent to a worker"),
+    (MLPoolError, "the server could not score this request"),
+    (TimeoutError, "the result was not ready in time"),
 )
 
 
@@ -79,17 +119,79 @@ def pool_lifespan(
 
     The pool is on ``app.state.mlpool`` and in the lifespan state
     (``request.state.mlpool``); :func:`get_pool` finds it. Arguments are
-    those of :class:`MLPool`. To combine with your own lifespan, enter
-    ``MLPool`` yourself in it: ``async with MLPool(...) as pool``.
+    those of :class:`MLPool`; give web apps a ``start_timeout`` (a loader
+    that hangs otherwise holds the start for its default of 600 s).
+
+    The wait for the workers is cancellable: SIGINT or SIGTERM (Ctrl-C, a
+    container stop) while they load ends it at once, stops the workers and
+    fails the start with a ``RuntimeError`` saying so; the server's own
+    handler still sees the signal and exits. (uvicorn only notes a signal
+    during start-up, it does not cancel the lifespan.) To combine with your
+    own lifespan, enter ``MLPool`` yourself in it: ``async with MLPool(...) as pool``.
     """
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, MLPool]]:
-        async with MLPool(models_to_load, nb_workers, **pool_options) as pool:
+        pool = MLPool(models_to_load, nb_workers, **pool_options)  # in a loop: returns while workers load
+        task = asyncio.current_task()
+        assert task is not None
+        # Loading workers hold no job: on a signal they are stopped at once, not after a grace period.
+        stop_now = partial(pool.shutdown, wait=False, cancel_pending=True, timeout=0.0)
+        with _cancel_on_exit_signals(task, stop_now) as received:
+            try:
+                await pool.wait_ready()  # on any failure, cancellation included, it stops the workers
+            except asyncio.CancelledError:
+                if not received:
+                    raise
+                task.uncancel()
+                names = ", ".join(signal.Signals(s).name for s in received)
+                raise RuntimeError(f"{names} while the pool's workers loaded their models: start abandoned") from None
+        try:
             app.state.mlpool = pool
             yield {"mlpool": pool}
+        finally:
+            await pool.shutdown_async()
 
     return lifespan
+
+
+@contextmanager
+def _cancel_on_exit_signals(task: asyncio.Task[Any], first: Callable[[], None]) -> Iterator[list[int]]:
+    """On SIGINT or SIGTERM while in the block: call ``first`` and cancel
+    ``task`` (both on the loop's thread), and call the handler that was there before.
+
+    Yields the signals received. Only the main thread can set handlers;
+    elsewhere this does nothing.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+    inside = True
+
+    def cancel_if_inside() -> None:  # on the loop: a signal just after the block must not cancel what follows
+        if inside:
+            first()
+            task.cancel()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        loop.call_soon_threadsafe(cancel_if_inside)
+        chained = previous.get(signum)
+        if callable(chained):  # the server's own handler (uvicorn: note it, exit after start-up)
+            chained(signum, frame)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield received
+    finally:
+        inside = False
+        for signum, old in previous.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, old if old is not None else signal.SIG_DFL)
 
 
 def get_pool(connection: HTTPConnection) -> MLPool:
@@ -97,45 +199,128 @@ def get_pool(connection: HTTPConnection) -> MLPool:
     and WebSocket endpoints: the pool started by :func:`pool_lifespan`."""
     pool = getattr(connection.state, "mlpool", None) or getattr(connection.app.state, "mlpool", None)
     if pool is None:
-        raise RuntimeError("no mlpool on this app: pass lifespan=pool_lifespan(...) to FastAPI(), or set app.state.mlpool")
+        raise RuntimeError(
+            "no mlpool on this app: pass lifespan=pool_lifespan(...) to FastAPI(), or set app.state.mlpool"
+        )
     return pool
 
 
 def error_status(exc: BaseException) -> int:
-    """The HTTP status code for a pool error."""
+    """The HTTP status code for a pool error (or a caller's ``TimeoutError``).
+
+    A :class:`JobTimeoutError` whose deadline passed while it waited for room
+    in a full queue (``waiting_for_room``) is a 503 like :class:`PoolFullError`:
+    the server is busy, nothing ran.
+    """
+    if getattr(exc, "waiting_for_room", False):
+        return 503
     for cls, status in _STATUS:
         if isinstance(exc, cls):
             return status
     return 500
 
 
-def install_error_handlers(app: Any, *, pool: MLPool | None = None) -> None:
+def websocket_close_code(exc: BaseException) -> int:
+    """The WebSocket close code for a pool error: 1013 (try again later) when
+    the pool is busy or closing, 1008 for a request naming an unknown model
+    or job, 1011 (internal error) for the rest: broken pool, crashed worker,
+    timed-out job."""
+    if isinstance(exc, (PoolFullError, PoolClosedError)) or getattr(exc, "waiting_for_room", False):
+        return 1013
+    if isinstance(exc, (UnknownModelError, UnknownJobError, ResultNotReadyError)):
+        return 1008
+    if isinstance(exc, TimeoutError) and not isinstance(exc, MLPoolError):
+        return 1013
+    return 1011
+
+
+def retry_after(pool: MLPool | None) -> int:
+    """Seconds for a ``Retry-After`` header, from 1 to :data:`RETRY_AFTER_MAX`.
+
+    The time the queue needs to drain at the recent pace; while the pool
+    starts (no pace known yet, models loading) at least
+    :data:`RETRY_AFTER_STARTING`.
+    """
+    if pool is None:
+        return 1
+    stats = pool.stats()
+    wait = stats.estimated_wait
+    if stats.state == "starting":
+        wait = max(wait, RETRY_AFTER_STARTING)
+    return min(RETRY_AFTER_MAX, max(1, math.ceil(wait)))
+
+
+def error_body(exc: BaseException, *, expose_details: bool = False) -> dict[str, str]:
+    """The JSON body :func:`install_error_handlers` answers for ``exc``:
+    ``{"error": <class name>, "detail": <sentence>}``; for WebSocket handlers
+    that answer a failed message and keep the connection."""
+    return {"error": type(exc).__name__, "detail": _public_detail(exc, expose_details)}
+
+
+def _public_detail(exc: BaseException, expose: bool) -> str:
+    if expose:
+        lines = str(exc).strip().splitlines()
+        if lines:
+            return lines[0]
+    for cls, text in _PUBLIC_DETAIL:
+        if isinstance(exc, cls):
+            return text
+    return "the server could not score this request"
+
+
+def install_error_handlers(app: Any, *, pool: MLPool | None = None, expose_details: bool = False) -> None:
     """Answer pool errors with their HTTP status and a JSON body naming the error.
 
-    ``PoolFullError`` (503) carries ``Retry-After``: the seconds the queue
-    needs to drain at the recent pace (at least 1), not a constant.
-    ``WorkerCrashedError``, ``PoolBrokenError`` and ``PoolClosedError`` are
-    503, ``JobTimeoutError`` 504, ``UnknownJobError`` and
+    The body is ``{"error": <class name>, "detail": <sentence>}``. The detail
+    is a fixed sentence per class unless ``expose_details`` (then the first
+    line of the message, which can name pids, functions and OS errors); the
+    log (``mlpool.fastapi``) always has the whole message.
+
+    ``PoolFullError``, and a ``JobTimeoutError`` that ran out waiting for
+    room in a full queue, are 503 with ``Retry-After`` (:func:`retry_after`:
+    the queue's drain time at the recent pace, capped at 60 s; at least 5 s
+    while the pool starts). ``WorkerCrashedError``, ``PoolBrokenError`` and
+    ``PoolClosedError`` are 503, ``JobTimeoutError`` and a plain
+    ``TimeoutError`` (a caller's own wait) 504, ``UnknownJobError`` and
     ``UnknownModelError`` 404; :class:`ClientDisconnected` gets a quiet 499.
-    Your own exceptions raised by scoring functions are not touched: handle
-    them as you would in-process.
+
+    In a WebSocket endpoint the same errors close the socket (an HTTP
+    response cannot be sent there) with :func:`websocket_close_code` and a
+    short reason. Your own exceptions raised by scoring functions are not
+    touched: handle them as you would in-process.
     """
 
-    async def handle(request: Request, exc: Exception) -> JSONResponse:
+    async def handle(connection: HTTPConnection, exc: Exception) -> Response | None:
         status = error_status(exc)
+        log = logger.warning if status >= 500 else logger.info
+        log("%s on %s: %s: %s", status, connection.url.path, type(exc).__name__, exc)
+        detail = _public_detail(exc, expose_details)
+        if isinstance(connection, WebSocket):
+            await _close_websocket(connection, websocket_close_code(exc), f"{type(exc).__name__}: {detail}")
+            return None
         headers = {}
-        if isinstance(exc, PoolFullError):
-            found = pool or getattr(request.state, "mlpool", None) or getattr(request.app.state, "mlpool", None)
-            wait = found.stats().estimated_wait if found is not None else 0.0
-            headers["Retry-After"] = str(max(1, math.ceil(wait)))
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc).splitlines()[0]}, status, headers=headers)
+        if status == 503 and (isinstance(exc, PoolFullError) or getattr(exc, "waiting_for_room", False)):
+            found = pool or getattr(connection.state, "mlpool", None) or getattr(connection.app.state, "mlpool", None)
+            headers["Retry-After"] = str(retry_after(found))
+        return JSONResponse(error_body(exc, expose_details=expose_details), status, headers=headers)
 
     async def client_left(request: Request, exc: Exception) -> Response:
         # Nobody reads this answer; 499 is nginx's "client closed request".
         return Response(status_code=499)
 
     app.add_exception_handler(MLPoolError, handle)
+    app.add_exception_handler(TimeoutError, handle)
     app.add_exception_handler(ClientDisconnected, client_left)
+
+
+async def _close_websocket(websocket: WebSocket, code: int, reason: str) -> None:
+    if WebSocketState.DISCONNECTED in (websocket.application_state, websocket.client_state):
+        return
+    reason = reason.encode()[:123].decode(errors="ignore")  # a close frame's reason is at most 123 bytes
+    try:
+        await websocket.close(code, reason)
+    except (RuntimeError, OSError) as exc:  # the client went away meanwhile
+        logger.debug("could not close the WebSocket on %s: %s", websocket.url.path, exc)
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -1,0 +1,274 @@
+"""The example app's guards, over real HTTP and WebSockets against the real app
+under uvicorn (issue #13 and #19, "The example app")."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import shutil
+import signal
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+import websockets
+from conftest_server import EXAMPLES, UvicornServer
+
+sys.path.insert(0, str(EXAMPLES))
+from app import main, models  # noqa: E402
+
+IRIS = [6.2, 2.2, 4.5, 1.5]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The example app as `make demo` runs it: 2 workers, 15 ms per request."""
+    models.train_if_missing(with_cnn=True)
+    server = UvicornServer("app.main:app", EXAMPLES)
+    try:
+        yield server
+    finally:
+        assert not server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_demo(tmp_path_factory):
+    """The example app with about 2 s of work per request, a 1 s default job
+    timeout, and its own copy of the model files (a test deletes them)."""
+    models.train_if_missing(with_cnn=True)
+    model_dir = tmp_path_factory.mktemp("models")
+    for path in (models.IRIS_PATH, models.DIABETES_PATH, models.CNN_PATH):
+        shutil.copy(path, model_dir / path.name)
+    env = {
+        "MLPOOL_DEMO_MODEL_DIR": str(model_dir),
+        "MLPOOL_DEMO_FEATURE_WORK": "20000000",
+        "MLPOOL_DEMO_JOB_TIMEOUT": "1",
+    }
+    server = UvicornServer("app.main:app", EXAMPLES, env=env)
+    server.model_dir = model_dir
+    try:
+        yield server
+    finally:
+        assert not server.stop()
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics", follow_redirects=True).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+def png(width: int, height: int, mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new(mode, (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def ws_url(server: UvicornServer) -> str:
+    return server.url.replace("http", "ws") + "/ws"
+
+
+# ------------------------------------------------------------------ bodies
+
+
+def test_oversized_json_body_is_refused_with_413_before_it_is_read(demo):
+    rss_before = psutil.Process(demo.process.pid).memory_info().rss
+    body = b'{"features": [' + b"1.0, " * (8 * 2**20) + b"1.0]}"  # 40 MiB
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        started = time.monotonic()
+        response = client.post("/iris", content=body, headers={"content-type": "application/json"})
+        elapsed = time.monotonic() - started
+        assert response.status_code == 413
+        assert response.json()["error"] == "request body too large"
+        assert str(main.MAX_JSON_BYTES) in response.json()["detail"]
+        assert client.post("/iris", json={"features": IRIS}).status_code == 200
+    assert elapsed < 5
+    assert psutil.Process(demo.process.pid).memory_info().rss - rss_before < 30 * 2**20
+
+
+def test_chunked_body_over_the_limit_is_refused_with_413(demo):
+    def chunks():
+        yield b'{"features": ['
+        for _ in range(64):
+            yield b"1.0, " * 4096
+
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        response = client.post("/iris", content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"] == "request body too large"
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        assert client.post("/iris", json={"features": IRIS}).status_code == 200
+
+
+def test_image_upload_over_the_limit_is_refused_before_it_is_spooled(demo):
+    big = b"\x89PNG" + b"\0" * (30 * 2**20)
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        response = client.post("/image", files={"file": ("big.png", big, "image/png")})
+        assert response.status_code == 413
+        assert response.json()["error"] == "request body too large"  # from the header, not after reading
+
+
+# ------------------------------------------------------------------ images
+
+
+def test_decompression_bomb_is_refused_with_422_from_its_header(demo):
+    bomb = png(13_000, 13_000, mode="1")  # tiny on the wire, 480 MiB decoded as RGB
+    assert len(bomb) < 2**20
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        started = time.monotonic()
+        response = client.post("/image", files={"file": ("bomb.png", bomb, "image/png")})
+        elapsed = time.monotonic() - started
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid image" and "pixels" in response.json()["detail"]
+    assert elapsed < 1.0
+
+
+def test_undecodable_image_is_422_and_the_cause_is_only_in_the_log(demo):
+    from PIL import Image
+
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (300, 200), random.Random(0).randbytes(300 * 200 * 3)).save(noise, format="PNG")
+    broken = noise.getvalue()[: len(noise.getvalue()) // 2] + b"\0" * 100  # a valid header, then garbage
+    mark = demo.log_mark()
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        response = client.post("/image", files={"file": ("broken.png", broken, "image/png")})
+        assert response.status_code == 422
+        assert response.json() == {"error": "invalid image", "detail": "the image could not be decoded"}
+        not_an_image = client.post("/image", files={"file": ("x.txt", b"hello", "text/plain")})
+        assert not_an_image.status_code == 422 and not_an_image.json()["error"] == "invalid image"
+    assert "could not be decoded" in demo.wait_for_log("invalid image on /image", since=mark)
+
+
+# ------------------------------------------------------------------ /ws
+
+
+def test_every_websocket_message_gets_an_answer_and_the_connection_stays(demo):
+    async def main_():
+        async with websockets.connect(ws_url(demo)) as ws:
+            await ws.send(b"\x00\x01binary")
+            await ws.send("{not json")
+            await ws.send("[1, 2]")
+            await ws.send(json.dumps({"id": 4, "model": "iris", "features": ["SECRET-INPUT-4", 1, 2, 3]}))
+            await ws.send(json.dumps({"id": 5, "model": "iris", "features": [1.0]}))
+            await ws.send(json.dumps({"id": 6, "model": "iris", "features": IRIS}))
+            return [await asyncio.wait_for(ws.recv(), 30) for _ in range(6)]
+
+    raw = asyncio.run(main_())
+    answers = [json.loads(text) for text in raw]
+    assert [a["error"] for a in answers[:3]] == ["invalid message"] * 3
+    by_id = {a["id"]: a for a in answers[3:]}
+    assert by_id[4]["error"] == "invalid input" and "SECRET-INPUT" not in raw[3] + raw[4] + raw[5]
+    assert by_id[5]["error"] == "invalid input"
+    assert isinstance(by_id[6]["class"], int)
+
+
+def test_websocket_flood_is_held_to_the_connection_limit_and_others_are_served(demo):
+    n = 1000
+
+    async def flood_and_probe():
+        answers: dict = {}
+        async with websockets.connect(ws_url(demo)) as ws, httpx.AsyncClient(base_url=demo.url, timeout=30) as client:
+
+            async def send_all():
+                for i in range(n):
+                    await ws.send(json.dumps({"id": i, "model": "iris", "features": IRIS}))
+
+            async def read_all():
+                while len(answers) < n:
+                    answer = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                    answers[answer["id"]] = answer
+
+            sender, reader = asyncio.create_task(send_all()), asyncio.create_task(read_all())
+            while not answers:  # the flood has reached the pool
+                await asyncio.wait({reader}, timeout=0.05)
+            depths, latencies = [], []
+            for _ in range(5):
+                started = time.monotonic()
+                response = await client.post("/iris", json={"features": IRIS})
+                latencies.append(time.monotonic() - started)
+                assert response.status_code == 200
+                text = (await client.get("/metrics", follow_redirects=True)).text
+                depths.append(float(next(line.split()[-1] for line in text.splitlines()
+                                         if line.startswith("mlpool_queue_depth{"))))  # fmt: skip
+            await asyncio.gather(sender, reader)
+        return answers, depths, latencies
+
+    answers, depths, latencies = asyncio.run(flood_and_probe())
+    assert set(answers) == set(range(n)) and all("class" in a for a in answers.values())
+    assert max(depths) <= main.WS_MAX_IN_FLIGHT
+    assert max(latencies) < 1.0, latencies
+
+
+# ------------------------------------------------------------------ errors, metrics
+
+
+def test_error_bodies_do_not_echo_input_or_name_internals(demo):
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        invalid = client.post("/iris", json={"features": ["SECRET-INPUT-1", 2, 3, 4]})
+        assert invalid.status_code == 422 and "SECRET-INPUT" not in invalid.text
+        unknown = client.get("/jobs/SECRET-JOB-ID")
+        assert unknown.status_code == 404 and unknown.json()["error"] == "UnknownJobError"
+        assert "SECRET-JOB-ID" not in unknown.text
+
+
+def test_metrics_are_served_without_a_redirect(demo):
+    with httpx.Client(base_url=demo.url, timeout=30, follow_redirects=False) as client:
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        assert 'mlpool_workers_alive{pool="demo"} 2.0' in response.text
+
+
+# ------------------------------------------------------------------ restarts, health (slow app)
+
+
+def test_deleting_running_jobs_restarts_at_most_one_worker(slow_demo):
+    with httpx.Client(base_url=slow_demo.url, timeout=60) as client:
+        restarts = metric(client, "mlpool_worker_restarts_total")
+        for _ in range(3):  # 6 deletes; the first two jobs run on the two idle workers
+            ids = [client.post("/jobs", json={"model": "iris", "features": IRIS}).json()["job_id"] for _ in range(2)]
+            for job_id in ids:
+                assert client.delete(f"/jobs/{job_id}").json() == {"cancelled": True}
+                assert client.get(f"/jobs/{job_id}").status_code == 404
+        # a job served from start to end: whatever the deletes killed has been replaced by now
+        job_id = client.post("/jobs", json={"model": "iris", "features": IRIS}).json()["job_id"]
+        assert client.get(f"/jobs/{job_id}", params={"wait": 30}).json()["status"] == "done"
+        assert metric(client, "mlpool_worker_restarts_total") - restarts <= 1
+
+
+def test_a_failing_websocket_job_is_answered_with_an_error(slow_demo):
+    async def main_():
+        async with websockets.connect(ws_url(slow_demo)) as ws:
+            await ws.send(json.dumps({"id": "slow", "model": "iris", "features": IRIS}))  # 2 s of work, 1 s timeout
+            return json.loads(await asyncio.wait_for(ws.recv(), 30))
+
+    answer = asyncio.run(main_())
+    assert answer == {"id": "slow", "error": "JobTimeoutError", "detail": "the job took too long"}
+
+
+def test_healthz_is_503_once_the_pool_is_broken_for_good(slow_demo):
+    with httpx.Client(base_url=slow_demo.url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200
+        mark = slow_demo.log_mark()
+        for path in slow_demo.model_dir.iterdir():  # replacements cannot load the models any more
+            path.unlink()
+        workers = [p for p in slow_demo.children() if "spawn_main" in " ".join(p.cmdline())]
+        assert workers
+        for worker in workers:
+            worker.send_signal(signal.SIGKILL)
+        slow_demo.wait_for_log("mlpool is broken", timeout=120, since=mark)
+        # the engine logs just before it records the state: ask again for a moment if need be
+        deadline = time.monotonic() + 10
+        while (health := client.get("/healthz")).status_code == 200 and time.monotonic() < deadline:
+            pass
+        assert health.status_code == 503 and health.json()["status"] == "broken"
+        assert client.get("/readyz").status_code == 503
