@@ -14,8 +14,8 @@ import threading
 import psutil
 import pytest
 
-from mlpool import MLPool, MLPoolError, PoolClosedError, PoolFullError
-from workloads import add, bytes_digest, load_constant, wait_for_release
+from mlpool import MLPool, MLPoolError, PoolClosedError, PoolFullError, WorkerCrashedError
+from workloads import add, bytes_digest, exit_now, load_constant, wait_for_release
 
 
 class Interrupted(Exception):
@@ -219,3 +219,24 @@ def test_a_job_whose_message_cannot_be_built_fails_and_the_worker_serves_on(call
 def test_a_model_name_no_message_can_carry_is_refused_at_construction(name, no_leaked_workers):
     with pytest.raises(ValueError, match="model name"):
         MLPool({name: load_constant}, nb_workers=1)
+
+
+def fork_helper(model: dict) -> int:
+    """Fork a helper process that outlives this job, holding every descriptor the worker has."""
+    pid = os.fork()
+    if pid == 0:
+        signal.pause()  # until the test kills it
+        os._exit(0)
+    return pid
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_death_is_seen_while_a_process_it_forked_lives():
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        helper = pool.score("m", fork_helper)
+        try:
+            with pytest.raises(WorkerCrashedError, match="exited with code 3"):
+                pool.submit("m", exit_now, 3).result(timeout=20)
+            assert pool.score("m", add, 1) == 11
+        finally:
+            os.kill(helper, signal.SIGKILL)

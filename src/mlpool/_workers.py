@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _worker_ids = itertools.count(1)
+# How long reap() waits, without a pidfd, for an exit its sentinel announced.
+_REAP_PATIENCE = 1.0
 
 
 class WorkerState(enum.Enum):
@@ -47,15 +49,18 @@ class WorkerHandle:
     __slots__ = (
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
-        "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed",
+        "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
     )  # fmt: skip
 
-    def __init__(self, process: Any, conn: Any) -> None:
+    def __init__(self, process: Any, conn: Any, pidfd: int = -1) -> None:
         self.id = int(process.name.rsplit("-", 1)[1])
         self.process = process
         self.conn = conn
         self.fd: int = conn.fileno()
-        self.sentinel: int = process.sentinel
+        # A pidfd when we have one: readable once the process has exited,
+        # whoever else holds its pipes (a child it forked inherits those).
+        self.pidfd = pidfd
+        self.sentinel: int = pidfd if pidfd >= 0 else process.sentinel
         self.reader = FrameReader()
         self.state = WorkerState.STARTING
         self.inflight: deque[Job] = deque()
@@ -98,11 +103,18 @@ class WorkerHandle:
         self.process.terminate()
 
     def reap(self) -> int | None:
-        """The exit code, once the sentinel has fired. Negative: killed by that signal."""
-        # The sentinel fires when the child's fds close, a moment before it is
-        # a zombie; join() waits on the sentinel, then does a blocking waitpid.
-        self.process.join(timeout=5.0)
-        return self.process.exitcode
+        """The exit code, once the sentinel has fired. Negative: killed by that signal.
+
+        Never blocks: a pidfd fires once the process is a zombie, so its exit
+        code is there (``exitcode`` is a ``waitpid(WNOHANG)``). Without one
+        (other platforms, Ray actors, forked workers) the sentinel fires when
+        its descriptors close, at most a moment before: then this waits for that
+        moment, briefly."""
+        code = self.process.exitcode
+        if code is None and self.pidfd < 0:
+            self.process.join(timeout=_REAP_PATIENCE)
+            code = self.process.exitcode
+        return code
 
     def close(self) -> None:
         """Close the pipe and release the process (idempotent)."""
@@ -112,6 +124,9 @@ class WorkerHandle:
         self.reader.close()
         self.sock.close()
         self.conn.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         try:
             self.process.close()
         except ValueError:  # still running (join timed out): leave it to the OS
@@ -134,7 +149,20 @@ def spawn_worker(
         process.start()
     finally:
         child_conn.close()
-    return WorkerHandle(process, parent_conn)
+    return WorkerHandle(process, parent_conn, open_pidfd(process.pid))
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd of our child ``pid`` (Linux 5.3+), or -1 where there is none.
+
+    Opened right after the child started: it is not reaped (so its pid not
+    reused) before we wait for it."""
+    if not hasattr(os, "pidfd_open"):
+        return -1
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # an old kernel or seccomp (ENOSYS), or a pid already reaped
+        return -1
 
 
 def fork_worker(template: Template) -> WorkerHandle:
