@@ -27,9 +27,14 @@ logger = logging.getLogger("mlpool._manager")
 
 # Consecutive worker failures (a failed start, a death while idle) before the
 # pool gives up, and the back-off between the restarts that lead there.
+# The pool breaks only when, past that many, no worker can serve: while some
+# serve, a failing restart (a loader's storage gone, out of descriptors for a
+# while) only delays the replacement, and retries slow down to
+# DEGRADED_BACKOFF_MAX.
 MAX_CONSECUTIVE_FAILURES = 5
 RESTART_BACKOFF_FIRST = 0.05
 RESTART_BACKOFF_MAX = 2.0
+DEGRADED_BACKOFF_MAX = 30.0
 # After SIGTERM at the end of a shutdown, how long before SIGKILL.
 TERMINATE_GRACE = 1.0
 
@@ -78,10 +83,10 @@ class WorkerLifecycle:
             return
         if unexplained:
             self._failures += 1
-            if self._failures >= MAX_CONSECUTIVE_FAILURES:
+            if self._failures >= MAX_CONSECUTIVE_FAILURES and not self._can_serve():
                 self._break(self._failure_reason(worker, how))
                 return
-            delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (self._failures - 1))
+            delay = _backoff(self._failures)
             logger.warning(
                 "worker %d %s (%d failures in a row); restarting in %.2fs", worker.id, how, self._failures, delay
             )
@@ -89,6 +94,10 @@ class WorkerLifecycle:
             delay = 0.0
         self._counts["restarts"] += 1
         heapq.heappush(self._spawn_at, time.monotonic() + delay)
+
+    def _can_serve(self) -> bool:
+        """Whether some worker is ready to take jobs (under the lock)."""
+        return any(w.state is WorkerState.IDLE for w in self._workers.values())
 
     def _settle_crashed(
         self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None, intended: bool
@@ -185,9 +194,9 @@ class WorkerLifecycle:
         """Give up: fail every job, kill every worker, refuse new jobs."""
         if self._state is PoolState.BROKEN:
             return
-        logger.error("mlpool is broken: %s", reason)
         self._state = PoolState.BROKEN
         self._broken_reason = reason
+        logger.error("mlpool is broken: %s", reason)
         self._set_started(start_error or PoolBrokenError(reason))
         error = PoolBrokenError(f"the pool broke: {reason}")
         self._fail_queued(error)
@@ -324,11 +333,13 @@ class WorkerLifecycle:
                 self._lock.acquire()
                 try:
                     self._failures += 1
-                    if self._state is PoolState.STARTING or self._failures >= MAX_CONSECUTIVE_FAILURES:
+                    if self._state is PoolState.STARTING or (
+                        self._failures >= MAX_CONSECUTIVE_FAILURES and not self._can_serve()
+                    ):
                         self._break(f"could not start a worker process: {exc!r}", start_error=ModelLoadError(
                             f"could not start a worker process: {exc!r}"))
                     else:
-                        heapq.heappush(self._spawn_at, now + RESTART_BACKOFF_MAX)
+                        heapq.heappush(self._spawn_at, now + _backoff(self._failures))
                 finally:
                     self._release()
                 continue
@@ -398,10 +409,12 @@ class WorkerLifecycle:
         if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
             return
         self._template_failures += 1
-        if self._template_failures >= MAX_CONSECUTIVE_FAILURES:
+        # Workers it forked keep serving: without a template only their
+        # replacements wait. The pool breaks when none is left to serve.
+        if self._template_failures >= MAX_CONSECUTIVE_FAILURES and not self._can_serve():
             self._break(f"the model template failed {self._template_failures} times in a row; the last time: {reason}")
             return
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_FIRST * 2 ** (self._template_failures - 1))
+        delay = _backoff(self._template_failures)
         logger.warning("loading the models in a new template in %.2fs: %s", delay, reason)
         self._counts["restarts"] += 1
         self._template_start_at = time.monotonic() + delay
@@ -423,6 +436,12 @@ class WorkerLifecycle:
         self._wake_r = self._wake_w = -1
         if not self.finished.done():
             self.finished.set_result(None)
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before the next try after ``failures`` failures in a row."""
+    ceiling = RESTART_BACKOFF_MAX if failures < MAX_CONSECUTIVE_FAILURES else DEGRADED_BACKOFF_MAX
+    return min(ceiling, RESTART_BACKOFF_FIRST * 2 ** min(failures - 1, 30))
 
 
 def _warn_threads(template: Template) -> None:
