@@ -192,15 +192,14 @@ def pickle_payload(obj: Any, what: str, threshold: int | None, limit: int | None
     """Pickle ``obj`` keeping its buffers of ``threshold`` bytes or more aside
     (parent side: they are placed in shared memory at dispatch)."""
     if threshold is None or not AVAILABLE:
-        return Payload(_dumps(obj, what, None))
-    big: list[pickle.PickleBuffer] = []
+        return Payload(_dumps(obj, what, None)[0])
     if type(obj) in _MAY_HOLD_BYTES:
         obj = _wrap_large_bytes(obj, threshold)
-    data = _dumps(obj, what, _out_of_band(big, threshold))
+    data, big = _dumps(obj, what, threshold)
     if big and limit is not None and sum(_nbytes(b) for b in big) > limit:
         _warn_once("limit", "mlpool: %d bytes of buffers pass shared_memory_limit=%d; sending them through the "
                    "pipe (slower)", sum(_nbytes(b) for b in big), limit)  # fmt: skip
-        return Payload(_dumps(obj, what, None))
+        return Payload(_dumps(obj, what, None)[0])
     return Payload(data, big)
 
 
@@ -237,7 +236,7 @@ def write_result(obj: Any, what: str, threshold: int | None, limit: int | None, 
     if they fit, else into a new one. ``(data, spans, where, fd_to_send)``
     with ``where`` one of NOWHERE, OFFERED, NEW_FILE."""
     if threshold is None or not AVAILABLE or type(obj) in _SCALARS:  # the common small result
-        return _dumps(obj, what, None), (), NOWHERE, -1
+        return _dumps(obj, what, None)[0], (), NOWHERE, -1
     payload = pickle_payload(obj, what, threshold, limit)
     if not payload.buffers:
         return payload.data, (), NOWHERE, -1
@@ -251,7 +250,7 @@ def write_result(obj: Any, what: str, threshold: int | None, limit: int | None, 
         fd, spans = _to_memfd(payload.buffers)
     except OSError as exc:
         _warn_once("memfd", "mlpool: shared memory unavailable (%s); large buffers go through the pipe", exc)
-        return _dumps(obj, what, None), (), NOWHERE, -1
+        return _dumps(obj, what, None)[0], (), NOWHERE, -1
     return payload.data, spans, NEW_FILE, fd
 
 
@@ -348,18 +347,25 @@ class _WorkerMappings:
 _MAPPINGS = _WorkerMappings()
 
 
-def _dumps(obj: Any, what: str, callback: Any) -> bytes:
-    try:
-        return pickle.dumps(obj, 5, buffer_callback=callback)
-    except Exception:
-        pass
-    try:
-        return cloudpickle.dumps(obj, 5, buffer_callback=callback)
-    except Exception as exc:
-        raise SerializationError(
-            f"{what} cannot be pickled: {type(exc).__name__}: {exc}. Everything sent to or from a worker "
-            "must be picklable (no open files, sockets, locks or generators)."
-        ) from exc
+def _dumps(obj: Any, what: str, threshold: int | None) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """The pickle of ``obj`` and its out-of-band buffers (those of ``threshold``
+    bytes or more; None: all in-band). Plain pickle first, cloudpickle for
+    what it cannot do. Each attempt collects its buffers in a list of its own:
+    a failed attempt may have handed out some already (#13.1), and the pickle
+    that is kept refers to its buffers by their order in that list."""
+    error: Exception | None = None
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        big: list[pickle.PickleBuffer] = []
+        callback = None if threshold is None else _out_of_band(big, threshold)
+        try:
+            return dumps(obj, 5, buffer_callback=callback), big
+        except Exception as exc:
+            error = exc
+    assert error is not None
+    raise SerializationError(
+        f"{what} cannot be pickled: {type(error).__name__}: {error}. Everything sent to or from a worker "
+        "must be picklable (no open files, sockets, locks or generators)."
+    ) from error
 
 
 class _LargeBytes:
