@@ -88,3 +88,56 @@ def test_a_payload_keeps_only_the_buffers_of_the_pickle_it_kept(kind):
     finally:
         payload.release(regions)
         regions.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss() -> int:
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def hold(pool: MLPool, count: int, size: int, first_seed: int) -> list:
+    """``count`` results of ``size`` bytes, each checked."""
+    results = [pool.score("m", make_array, size, first_seed + i) for i in range(count)]
+    for i, result in enumerate(results):
+        assert result.nbytes == size and np.array_equal(result[:64], make_array(None, size, first_seed + i)[:64])
+    return results
+
+
+def make_array(model: dict | None, n: int, seed: int) -> np.ndarray:
+    return np.full(n, seed % 251, dtype=np.uint8)
+
+
+def test_held_small_results_cost_their_size_and_no_descriptor(pool):
+    """100 results of 80 KB (shared memory: over the 64 KiB threshold) cost
+    7.6 MiB of data; before #13.15 they held +298 descriptors and +99 MiB."""
+    hold(pool, 10, 80_000, 0)  # warm: the pool's regions exist, the worker mapped them
+    fds, memory = open_fds(), rss()
+    first = hold(pool, 100, 80_000, 0)
+    assert open_fds() - fds <= 2
+    assert rss() - memory < 3 * 100 * 80_000
+    fds, memory = open_fds(), rss()
+    second = hold(pool, 100, 80_000, 100)  # growth, not a leak: the same cost again
+    assert open_fds() - fds <= 1
+    assert rss() - memory < 3 * 100 * 80_000
+    assert all(np.array_equal(a, make_array(None, 80_000, i)) for i, a in enumerate(first + second))
+    del first, second
+    assert open_fds() - fds <= 1
+
+
+def test_held_large_results_are_views_holding_one_descriptor_each(pool):
+    size = 5 << 20  # over COPY_BELOW: not copied
+    hold(pool, 2, size, 0)
+    fds, memory = open_fds(), rss()
+    held = hold(pool, 20, size, 0)
+    assert open_fds() - fds <= 20 + 1  # one region each (and the room offered for the next result)
+    assert rss() - memory < 20 * size * 1.4  # a region of about the result's size
+    held[3][0] = 7  # the caller's to change
+    assert held[3][0] == 7 and held[4][0] == 4
+    del held
+    # Dropped: the regions went back to the pool, which keeps little of them idle.
+    assert open_fds() - fds <= 16
+    assert rss() - memory < (64 << 20) + (16 << 20)

@@ -115,8 +115,8 @@ class Manager(PipeReaders, WorkerLifecycle):
         )
         self._functions = FunctionTable()
         self._job_ids = itertools.count(1)
-        # Shared memory kept for reuse (see _shm): at most this much idle.
-        self._regions = RegionPool(keep=min(config.shared_memory_limit or 2**30, 2**30))
+        # Shared memory kept for reuse (see _shm.RegionPool for its idle bound).
+        self._regions = RegionPool()
 
         self._lock = threading.Lock()
         # --- under the lock ---
