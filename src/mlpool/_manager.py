@@ -80,7 +80,7 @@ from mlpool._protocol import (
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
 from mlpool._ray import RaySession
-from mlpool._template import Template, adopt_orphans
+from mlpool._template import Template
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
 
@@ -168,8 +168,6 @@ class Manager(PipeReaders, WorkerLifecycle):
     # ------------------------------------------------------------------ callers
 
     def start(self) -> None:
-        if self.config.share_models:
-            adopt_orphans()  # undone in _close_resources
         self._thread.start()
 
     @property

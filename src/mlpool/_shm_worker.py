@@ -82,7 +82,9 @@ def layout(buffers: list[pickle.PickleBuffer]) -> Spans:
     return tuple(spans)
 
 
-def write_result(obj: Any, what: str, threshold: int | None, limit: int | None, offer: int) -> tuple[bytes, Spans, int, int]:
+def write_result(
+    obj: Any, what: str, threshold: int | None, limit: int | None, offer: int
+) -> tuple[bytes, Spans, int, int]:
     """Worker side: pickle a result, its large buffers into the offered file
     if they fit, else into a new one. ``(data, spans, where, fd_to_send)``
     with ``where`` one of NOWHERE, OFFERED, NEW_FILE."""
