@@ -26,7 +26,6 @@ import signal
 import socket
 import stat
 import sys
-import sysconfig
 import threading
 import time
 import traceback
@@ -82,7 +81,7 @@ def template_main(
     # (OpenBLAS starts its pool on import, and is fork-safe); the checks are
     # about those the loaders start.
     native_before = _native_thread_ids()
-    python_before = {thread.ident for thread in threading.enumerate()}
+    python_before = set(threading.enumerate())
     if settings.threads == 1:
         # The hard limit even code that asks for more threads (XGBoost's
         # n_jobs) obeys; only settable before OpenMP starts, and inherited.
@@ -123,9 +122,6 @@ class ThreadStart:
     stack: str
 
 
-_STDLIB = sysconfig.get_paths()["stdlib"]
-
-
 @contextmanager
 def _recording_thread_starts(starts: dict[threading.Thread, ThreadStart]) -> Iterator[None]:
     """Record where each Python thread started in the block was started from
@@ -148,8 +144,11 @@ def _recording_thread_starts(starts: dict[threading.Thread, ThreadStart]) -> Ite
 def _user_caller(frames: traceback.StackSummary) -> str:
     """The innermost frame outside the standard library (the user's line that
     made the thread, e.g. an executor's ``submit``), as ``file:line in function``."""
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
     for frame in reversed(frames):
-        in_stdlib = frame.filename.startswith(_STDLIB) and "site-packages" not in frame.filename
+        in_stdlib = frame.filename.startswith(stdlib) and "site-packages" not in frame.filename
         if not in_stdlib:
             return f"{frame.filename}:{frame.lineno} in {frame.name}"
     return "an unknown place"
@@ -164,11 +163,13 @@ def _loading_model(frame: Any) -> str:
     return "<all models>"
 
 
-def refuse_python_threads(before: set[int | None], starts: dict[threading.Thread, ThreadStart]) -> LoadFailed | None:
+def refuse_python_threads(
+    before: set[threading.Thread], starts: dict[threading.Thread, ThreadStart]
+) -> LoadFailed | None:
     """A LoadFailed naming every Python thread started since ``before`` that
     still runs (a fork copies only the calling thread: a worker would wait
     forever on what such a thread was to do), or None if there is none."""
-    threads = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    threads = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     if not threads:
         return None
     described = []
