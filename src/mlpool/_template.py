@@ -40,7 +40,6 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Union
 
 from mlpool._protocol import (
     Fork,
@@ -84,7 +83,7 @@ class TemplateClosed:
     No answer comes for requests still pending."""
 
 
-TemplateEvent = Union[TemplateReady, LoadFailed, WorkerForked, ForkFailed, Reaped, TemplateClosed]
+TemplateEvent = TemplateReady | LoadFailed | WorkerForked | ForkFailed | Reaped | TemplateClosed
 
 
 class Template:
