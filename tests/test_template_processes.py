@@ -79,15 +79,22 @@ def test_a_forked_worker_death_is_seen_while_a_process_it_started_lives(how):
             kill_helper(helper)
 
 
-def zombie_children() -> list[psutil.Process]:
-    zombies = []
+def zombie_children() -> set[int]:
+    zombies = set()
     for child in psutil.Process().children():
         try:
             if child.status() == psutil.STATUS_ZOMBIE:
-                zombies.append(child)
+                zombies.add(child.pid)
         except psutil.NoSuchProcess:
             pass
     return zombies
+
+
+@pytest.fixture
+def no_new_zombies():
+    """Zombie children of this process that the test made (others' are not its business)."""
+    before = zombie_children()
+    return lambda: zombie_children() - before
 
 
 def background_sleeps(count: int) -> None:
@@ -107,21 +114,21 @@ def subreaper_flag() -> int:
 
 
 @pytest.mark.parametrize("nb_workers", [1, 0])
-def test_the_apps_orphans_never_become_the_pools_zombies(nb_workers):
+def test_the_apps_orphans_never_become_the_pools_zombies(nb_workers, no_new_zombies):
     """Inline pools (nb_workers=0) with share_models too (they used to undo an
     adoption they never made)."""
     assert subreaper_flag() == 0
     with MLPool({"m": load_constant}, nb_workers=nb_workers, share_models=True) as pool:
         assert pool.score("m", lambda model: 1) == 1
         background_sleeps(3)
-        assert zombie_children() == []
+        assert no_new_zombies() == set()
         assert subreaper_flag() == 0  # nothing is adopted, so nothing needs reaping
     assert subreaper_flag() == 0
     background_sleeps(2)
-    assert zombie_children() == []
+    assert no_new_zombies() == set()
 
 
-def test_a_dead_templates_workers_serve_on_and_their_deaths_are_seen():
+def test_a_dead_templates_workers_serve_on_and_their_deaths_are_seen(no_new_zombies):
     """Without adoption, workers of a killed template are nobody's children
     here: their deaths are still seen (pidfd), the pool replaces them."""
     with MLPool({"m": load_constant}, nb_workers=1, share_models=True, max_retries=1) as pool:
@@ -131,7 +138,7 @@ def test_a_dead_templates_workers_serve_on_and_their_deaths_are_seen():
         with pytest.raises(WorkerCrashedError):
             pool.submit("m", exit_now, 3).result(timeout=30)
         assert pool.score("m", lambda model: os.getpid()) != worker
-        assert zombie_children() == []
+        assert no_new_zombies() == set()
 
 
 def load_with_thread_pool() -> dict:
