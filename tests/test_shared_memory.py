@@ -163,11 +163,11 @@ def test_nothing_is_left_when_the_api_process_is_killed(tmp_path):
 
 
 def test_over_the_limit_goes_through_the_pipe_with_one_log_line(caplog):
-    from mlpool import _shm
+    from mlpool import _shm_worker
 
-    _shm._warned.discard("limit")
+    _shm_worker._warned.discard("limit")
     with MLPool({"m": load_constant}, nb_workers=1, shared_memory_limit=1_000_000) as pool:
-        with caplog.at_level(logging.WARNING, logger="mlpool._shm"):
+        with caplog.at_level(logging.WARNING, logger="mlpool._shm_worker"):
             for _ in range(3):
                 assert pool.score("m", array_summary, np.ones(2_000_000, dtype=np.uint8))[0] == 2_000_000
         assert pool.score("m", array_summary, np.ones(100_000))[3:] == (False, False)  # under the limit: shared

@@ -20,7 +20,7 @@ from mlpool._errors import JobTimeoutError, MLPoolError, ModelLoadError, PoolBro
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
-from mlpool._template import Template, TemplateGone, release_orphans
+from mlpool._template import Template, TemplateGone
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, fork_worker, ray_worker, spawn_worker
 
 logger = logging.getLogger("mlpool._manager")
@@ -425,8 +425,6 @@ class WorkerLifecycle:
         if self._template is not None:
             self._template.stop()
             self._template = None
-        if self.config.share_models:
-            release_orphans()
         if self._ray is not None:
             self._ray.close()
         self._regions.close()

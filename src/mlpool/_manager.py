@@ -83,7 +83,7 @@ from mlpool._protocol import (
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
 from mlpool._ray import RaySession
-from mlpool._template import Template, adopt_orphans
+from mlpool._template import Template
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
 
@@ -124,8 +124,8 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._pid = os.getpid()  # the process this pool belongs to (see _forked)
         self._callbacks = CallbackRunner()
         self._job_ids = itertools.count(1)
-        # Shared memory kept for reuse (see _shm): at most this much idle.
-        self._regions = RegionPool(keep=min(config.shared_memory_limit or 2**30, 2**30))
+        # Shared memory kept for reuse (see _shm.RegionPool for its idle bound).
+        self._regions = RegionPool()
 
         self._lock = threading.Lock()
         # --- under the lock ---
@@ -199,8 +199,6 @@ class Manager(PipeReaders, WorkerLifecycle):
             self._release()
 
     def start(self) -> None:
-        if self.config.share_models:
-            adopt_orphans()  # undone in _close_resources
         self._thread.start()
 
     @property

@@ -376,3 +376,94 @@ def write_all(fd: int, data: bytes) -> None:
         while view:
             written = os.write(fd, view)
             view = view[written:]
+
+
+# ----------------------------------------------------------------------------
+# The model template's channel (share_models): see _template and _template_main.
+# A SOCK_SEQPACKET socket: one pickled message per packet (they are rare: one
+# per fork and per worker exit), descriptors attached with SCM_RIGHTS.
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateReady:
+    """Template -> parent: every model is loaded; it forks from now on."""
+
+    pid: int
+    load_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnSentinel:
+    """Parent -> template: the inode of the pipe whose write end the template
+    holds so that the parent sees it exit (multiprocessing's sentinel): forked
+    workers close it, or the template's death would go unseen."""
+
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """Parent -> template: fork a worker; its end of the worker's socket comes along."""
+
+    worker_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """Template -> parent: the worker's pid; its death handle comes along (a
+    pidfd, which no descendant of the worker can hold open; a pipe only the
+    worker holds where pidfds are missing). ``threads``: native threads the
+    template ran at the fork (libraries' pools), for a warning."""
+
+    worker_id: int
+    pid: int
+    threads: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForkFailed:
+    """Template -> parent: the fork (or its death handle) failed, e.g. out of processes."""
+
+    worker_id: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    """Template -> parent: a worker it forked exited; ``exitcode`` as
+    multiprocessing gives it (negative: killed by that signal)."""
+
+    pid: int
+    exitcode: int
+
+
+ToTemplate = Fork | SpawnSentinel
+FromTemplate = TemplateReady | LoadFailed | Forked | ForkFailed | Reaped
+
+# A LoadFailed carries up to 2 x 32 KiB of text; the default socket buffer
+# (about 208 KiB) bounds a packet.
+MAX_PACKET = 256 * 1024
+_FD_ITEM = array.array("i").itemsize
+
+
+def send_packet(
+    sock: socket.socket, msg: ToTemplate | FromTemplate, fds: list[int] | tuple[int, ...] = (), flags: int = 0
+) -> None:
+    """Send one message (and descriptors) on the template's channel."""
+    socket.send_fds(sock, [pickle.dumps(msg)], list(fds), flags)
+
+
+def recv_packet(sock: socket.socket, flags: int = 0) -> tuple[ToTemplate | FromTemplate | None, list[int]]:
+    """One message from the template's channel and its descriptors; (None, [])
+    at end of file. Raises BlockingIOError with MSG_DONTWAIT and nothing to read."""
+    # Not socket.recv_fds: before Python 3.12 it ignores ``flags``.
+    data, ancillary, _, _ = sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(4 * _FD_ITEM), flags)
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % _FD_ITEM])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return pickle.loads(data), list(fds)

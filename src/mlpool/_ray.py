@@ -50,7 +50,7 @@ from mlpool._protocol import (
     encode_run,
     encode_run_batch,
 )
-from mlpool._shm import region_views
+from mlpool._shm_worker import region_views
 from mlpool._worker_main import (
     MemoryWatch,
     WorkerSettings,

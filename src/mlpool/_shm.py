@@ -1,4 +1,4 @@
-"""Large buffers cross in shared memory, not through the pipe.
+"""Large buffers cross in shared memory, not through the pipe (parent side).
 
 Arguments and results are pickled with protocol 5. Every out-of-band buffer
 of at least ``threshold`` bytes (NumPy arrays, pandas and PyArrow data, and
@@ -6,7 +6,7 @@ large ``bytes``/``bytearray``/``memoryview`` objects) is copied once into an
 anonymous shared-memory file (``memfd_create``, Linux), whose descriptor goes
 to the other process with the message (``SCM_RIGHTS`` on the worker's Unix
 socket). The receiver maps it and unpickles with the buffers pointing into
-that mapping: no copy.
+that mapping. The half a worker runs is ``_shm_worker``.
 
 Why memfd rather than ``/dev/shm`` segments: it has no name, so nothing can
 be left behind (a killed process's descriptors and mappings go with it), it
@@ -18,9 +18,17 @@ Fresh shared pages are expensive (allocating and zeroing 8 MB of them took
 made in a :class:`RegionPool` and reuses them: for a job's arguments (from
 its first dispatch until its worker has answered it or died, so no region
 is rewritten while a worker can read it), and as an offer of room for a
-result (the worker writes its result there if it fits; the parent copies it
-out and takes the region back). A result that did not fit comes in a file
-the worker made, which the parent then adopts into the pool.
+result (the worker writes its result there if it fits). A result that did
+not fit comes in a file the worker made, which the parent adopts.
+
+What a held result costs (#13.15): a result under ``COPY_BELOW`` bytes is
+copied out of its region, which goes back to the pool at once: it holds no
+descriptor and costs its own size. A larger one is a view on its region
+(no copy), which goes back to the pool when the result is garbage: one
+descriptor, and a region at most a quarter (plus 1 MiB) larger than the
+result. Each region is one descriptor: the parent maps it with ``mmap(2)``
+through ctypes, since Python's ``mmap`` keeps a duplicate descriptor
+(before 3.13).
 
 Where memfd is missing (macOS, Windows) or fails (out of memory, out of
 descriptors), or the buffers pass ``limit``, everything goes in-band through
@@ -29,98 +37,141 @@ the pipe, with one log line saying so.
 
 from __future__ import annotations
 
-import logging
+import ctypes
 import mmap
 import os
 import pickle
 import threading
 import weakref
+from collections import deque
 from typing import Any
 
-import cloudpickle
-
 from mlpool._errors import SerializationError
+from mlpool._shm_worker import (
+    ALIGN,
+    AVAILABLE,
+    NEW_FILE,
+    NOWHERE,
+    OFFERED,
+    POPULATE,
+    Spans,
+    layout,
+    nbytes,
+    pickle_out_of_band,
+)
 
-logger = logging.getLogger(__name__)
+__all__ = ["AVAILABLE", "NEW_FILE", "NOWHERE", "OFFERED", "Payload", "Region", "RegionPool", "pickle_payload",
+           "read_result"]  # fmt: skip
 
-AVAILABLE = hasattr(os, "memfd_create")
-ALIGN = 64  # each buffer starts on a cache line (and a SIMD-friendly boundary)
-# Fault every page in with one call rather than one page at a time (Linux).
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str, *args: Any) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message, *args)
+# Results smaller than this are copied out of shared memory (about 0.2 ms
+# for 4 MiB), so that holding one pins no region and no descriptor.
+COPY_BELOW = 4 << 20
+# What the pool keeps idle (see RegionPool).
+IDLE_BYTES = 64 << 20
+IDLE_REGIONS = 16
+_GRANULE = 1 << 20  # regions grow by whole MiB, so nearby sizes share them
 
 
 class Region:
-    """A shared-memory file and the parent's mapping of it."""
+    """A shared-memory file (one descriptor) and the parent's mapping of it."""
 
-    __slots__ = ("fd", "size", "_map", "view")
+    __slots__ = ("fd", "size", "view", "_address")
 
     def __init__(self, size: int, fd: int = -1) -> None:
-        if fd < 0:
-            fd = os.memfd_create("mlpool", os.MFD_CLOEXEC)
-            try:
+        """A new file of ``size`` bytes, or (``fd``) one the worker made, which
+        this region then owns (closes) whatever happens."""
+        try:
+            if fd < 0:
+                fd = os.memfd_create("mlpool", os.MFD_CLOEXEC)
                 os.ftruncate(fd, size)
-            except BaseException:
+            self._address = _mmap(fd, size)
+        except BaseException:
+            if fd >= 0:
                 os.close(fd)
-                raise
+            raise
         self.fd = fd
         self.size = size
-        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
-        self.view = memoryview(self._map)
+        self.view = memoryview((ctypes.c_char * size).from_address(self._address)).cast("B")
 
     def close(self) -> None:
+        """Unmap and close. Only once nothing reads the region any more."""
         self.view.release()
-        self._map.close()
+        _munmap(self._address, self.size)
         os.close(self.fd)
 
-    def place(self, buffers: list[pickle.PickleBuffer]) -> tuple[tuple[int, int], ...]:
+    def place(self, buffers: list[pickle.PickleBuffer]) -> Spans:
         """Copy ``buffers`` in; their (offset, length) spans."""
-        spans = _layout(buffers)
+        spans = layout(buffers)
         for buffer, (start, size) in zip(buffers, spans):
             self.view[start : start + size] = buffer.raw()
         return spans
 
-    def lend(self, spans: tuple[tuple[int, int], ...], pool: RegionPool) -> list[memoryview]:
-        """Writable views on the spans, through a mapping of their own: the
-        region goes back to ``pool`` when the last view (and whatever was
-        built on it) is garbage, so a result costs no copy and its memory is
-        never reused under it."""
-        # No MAP_POPULATE: the caller may never read all of it; pages come in as touched.
-        mapping = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED)
-        weakref.finalize(mapping, pool.give, self)
-        view = memoryview(mapping)
+    def lend(self, spans: Spans, pool: RegionPool) -> list[memoryview]:
+        """Writable views on the spans: the region goes back to ``pool`` when
+        the last view (and whatever was built on it) is garbage, so a result
+        costs no copy and its memory is never reused under it."""
+        lent = (ctypes.c_char * self.size).from_address(self._address)
+        weakref.finalize(lent, pool.give_later, self)
+        view = memoryview(lent).cast("B")
         return [view[offset : offset + length] for offset, length in spans]
 
 
 class RegionPool:
-    """The parent's free regions, kept for reuse up to ``keep`` bytes. Thread-safe."""
+    """The parent's idle regions, kept for reuse. Thread-safe.
 
-    def __init__(self, keep: int) -> None:
+    At most ``keep`` bytes and ``max_regions`` regions stay idle (by default
+    64 MiB and 16). Reuse matters in the steady state, where each busy worker
+    holds about two regions (its job's arguments and the room offered for its
+    result) and gives them back within a job: only a few are idle at any time.
+    What a burst leaves beyond that would cost the API process memory and
+    descriptors for nothing until the next burst.
+    """
+
+    def __init__(self, keep: int = IDLE_BYTES, max_regions: int = IDLE_REGIONS) -> None:
         self._keep = keep
+        self._max_regions = max_regions
         self._free: list[Region] = []
+        self._returned: deque[Region] = deque()  # by give_later, not yet in _free
         self._lock = threading.Lock()
         self._closed = False
 
     def take(self, size: int) -> Region:
-        """A free region of at least ``size`` bytes (the smallest that fits), or a new one."""
+        """An idle region that fits ``size`` bytes without wasting more than a
+        quarter (plus the 1 MiB granule), the smallest such; else a new one."""
+        self._reclaim()
         size = max(size, 1)
+        largest = size + size // 4 + _GRANULE
+        region = None
         with self._lock:
-            fits = [r for r in self._free if r.size >= size]
+            fits = [r for r in self._free if size <= r.size <= largest]
             if fits:
                 region = min(fits, key=lambda r: r.size)
                 self._free.remove(region)
-                return region
-        return Region(-(-size // _GRANULE) * _GRANULE)
+        self._reclaim()
+        return region or Region(-(-size // _GRANULE) * _GRANULE)
+
+    def give_later(self, region: Region) -> None:
+        """:meth:`give`, from a finalizer: it may run in any thread, in a
+        garbage collection started while this thread holds our lock."""
+        self._returned.append(region)  # atomic
+        if self._lock.acquire(blocking=False):  # else a holder takes it back as it leaves
+            self._lock.release()
+            self._reclaim()
 
     def give(self, region: Region) -> None:
         """Take back a region nobody reads or writes any more."""
+        self._give(region)
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        while self._returned:
+            try:
+                region = self._returned.popleft()
+            except IndexError:  # another thread took it
+                return
+            self._give(region)
+
+    def _give(self, region: Region) -> None:
         excess: list[Region] = []
         with self._lock:
             if self._closed:  # a result outlived its pool
@@ -131,21 +182,20 @@ class RegionPool:
                 kept = 0
                 for i, r in enumerate(self._free):
                     kept += r.size
-                    if kept > self._keep:  # keep the largest, up to the budget
+                    if kept > self._keep or i >= self._max_regions:  # keep the largest, within the bounds
                         excess, self._free = self._free[i:], self._free[:i]
                         break
         for r in excess:
             r.close()
 
     def close(self) -> None:
+        """Close the idle regions; regions given back later are closed at once."""
         with self._lock:
             self._closed = True
             free, self._free = self._free, []
         for region in free:
             region.close()
-
-
-_GRANULE = 1 << 20  # regions grow by whole MiB, so nearby sizes share them
+        self._reclaim()
 
 
 class Payload:
@@ -158,8 +208,8 @@ class Payload:
         self.data = data
         self.buffers = buffers or []
         self.region: Region | None = None
-        self.spans: tuple[tuple[int, int], ...] = ()
-        self.nbytes = sum(_nbytes(b) for b in self.buffers) if self.buffers else 0
+        self.spans: Spans = ()
+        self.nbytes = sum(nbytes(b) for b in self.buffers) if self.buffers else 0
 
     @property
     def size(self) -> int:
@@ -191,246 +241,63 @@ class Payload:
 def pickle_payload(obj: Any, what: str, threshold: int | None, limit: int | None) -> Payload:
     """Pickle ``obj`` keeping its buffers of ``threshold`` bytes or more aside
     (parent side: they are placed in shared memory at dispatch)."""
-    if threshold is None or not AVAILABLE:
-        return Payload(_dumps(obj, what, None))
-    big: list[pickle.PickleBuffer] = []
-    if type(obj) in _MAY_HOLD_BYTES:
-        obj = _wrap_large_bytes(obj, threshold)
-    data = _dumps(obj, what, _out_of_band(big, threshold))
-    if big and limit is not None and sum(_nbytes(b) for b in big) > limit:
-        _warn_once("limit", "mlpool: %d bytes of buffers pass shared_memory_limit=%d; sending them through the "
-                   "pipe (slower)", sum(_nbytes(b) for b in big), limit)  # fmt: skip
-        return Payload(_dumps(obj, what, None))
-    return Payload(data, big)
-
-
-def _nbytes(buffer: pickle.PickleBuffer) -> int:
-    return buffer.raw().nbytes
-
-
-def _out_of_band(big: list[pickle.PickleBuffer], threshold: int) -> Any:
-    def callback(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            size = buffer.raw().nbytes
-        except BufferError:  # not contiguous: stays in-band
-            return True
-        if size < threshold:
-            return True
-        big.append(buffer)
-        return False
-
-    return callback
-
-
-def _layout(buffers: list[pickle.PickleBuffer]) -> tuple[tuple[int, int], ...]:
-    spans = []
-    offset = 0
-    for buffer in buffers:
-        size = _nbytes(buffer)
-        spans.append((offset, size))
-        offset += -(-size // ALIGN) * ALIGN
-    return tuple(spans)
-
-
-def write_result(obj: Any, what: str, threshold: int | None, limit: int | None, offer: int) -> tuple[bytes, tuple, int, int]:
-    """Worker side: pickle a result, its large buffers into the offered file
-    if they fit, else into a new one. ``(data, spans, where, fd_to_send)``
-    with ``where`` one of NOWHERE, OFFERED, NEW_FILE."""
-    if threshold is None or not AVAILABLE or type(obj) in _SCALARS:  # the common small result
-        return _dumps(obj, what, None), (), NOWHERE, -1
-    payload = pickle_payload(obj, what, threshold, limit)
-    if not payload.buffers:
-        return payload.data, (), NOWHERE, -1
-    needed = sum(-(-_nbytes(b) // ALIGN) * ALIGN for b in payload.buffers)
-    if offer >= 0 and os.fstat(offer).st_size >= needed:
-        view = _MAPPINGS.view(offer, writable=True)
-        for buffer, (start, length) in zip(payload.buffers, _layout(payload.buffers)):
-            view[start : start + length] = buffer.raw()
-        return payload.data, _layout(payload.buffers), OFFERED, -1
-    try:
-        fd, spans = _to_memfd(payload.buffers)
-    except OSError as exc:
-        _warn_once("memfd", "mlpool: shared memory unavailable (%s); large buffers go through the pipe", exc)
-        return _dumps(obj, what, None), (), NOWHERE, -1
-    return payload.data, spans, NEW_FILE, fd
-
-
-NOWHERE, OFFERED, NEW_FILE = 0, 1, 2
-
-
-def _write_into(fd: int, buffers: list[pickle.PickleBuffer]) -> None:
-    size = os.fstat(fd).st_size
-    with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE) as region:
-        view = memoryview(region)
-        for buffer, (start, length) in zip(buffers, _layout(buffers)):
-            view[start : start + length] = buffer.raw()
-        view.release()
+    return Payload(*pickle_out_of_band(obj, what, threshold, limit))
 
 
 def read_result(
-    data: bytes, spans: tuple, where: int, fd: int, offered: Region | None, pool: RegionPool, what: str
+    data: bytes, spans: Spans, where: int, fd: int, offered: Region | None, pool: RegionPool, what: str
 ) -> Any:
-    """Parent side: unpickle a result whose buffers are views on shared memory
-    (no copy). The region returns to ``pool`` once the result is garbage; a
-    file the worker made is adopted into the pool then (its pages are
-    allocated: reusing them is cheap)."""
-    if where == OFFERED:
-        assert offered is not None
-        buffers = offered.lend(spans, pool)
-    elif where == NEW_FILE:
-        buffers = Region(os.fstat(fd).st_size, fd).lend(spans, pool)
-        if offered is not None:  # it did not fit there
-            pool.give(offered)
-    else:
-        buffers = None
-        if offered is not None:
-            pool.give(offered)
+    """Parent side: unpickle a result. ``offered`` (the room offered for it,
+    if any) and ``fd`` (the file the worker made, for NEW_FILE) are this
+    function's to release, whatever happens. Buffers under COPY_BELOW bytes
+    in all are copied out and their region goes back to ``pool`` at once;
+    larger ones are views on their region (no copy), which goes back when
+    the result is garbage."""
+    region: Region | None = None
+    if where == NEW_FILE:
+        try:
+            region = Region(os.fstat(fd).st_size, fd)  # adopted: its pages exist, reusing them is cheap
+        finally:
+            if offered is not None:  # the result did not fit there
+                pool.give(offered)
+    elif where == OFFERED:
+        region = offered
+    elif offered is not None:
+        pool.give(offered)
+    buffers: list[memoryview] | None = None
+    if region is not None:
+        extent = spans[-1][0] + spans[-1][1] if spans else 0
+        if extent >= COPY_BELOW:
+            buffers = region.lend(spans, pool)
+        else:
+            copy = memoryview(bytearray(region.view[:extent]))
+            pool.give(region)
+            buffers = [copy[offset : offset + length] for offset, length in spans]
     try:
         return pickle.loads(data, buffers=buffers)
-    except Exception as exc:
+    except Exception as exc:  # its buffers are garbage now: a lent region went back
         raise SerializationError(f"{what} cannot be unpickled: {type(exc).__name__}: {exc}") from exc
 
 
-def region_views(fd: int, spans: tuple[tuple[int, int], ...]) -> list[memoryview]:
-    """Read-only views on the spans of region ``fd`` (not closed here)."""
-    return _MAPPINGS.views(fd, spans)
+_PROT = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_libc: Any = None
 
 
-def unpack(data: bytes, fd: int, spans: tuple[tuple[int, int], ...], what: str, buffers: Any = None) -> Any:
-    """Worker side: unpickle arguments whose buffers are read-only views on the
-    region ``fd`` (which it closes). They are valid for the duration of the
-    call: the parent reuses the region for a later job. ``buffers``: the
-    out-of-band buffers, when they came another way (a Ray actor's arguments)."""
-    try:
-        if spans:
-            buffers = _MAPPINGS.views(fd, spans)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    try:
-        return pickle.loads(data, buffers=buffers)
-    except Exception as exc:
-        raise SerializationError(f"{what} cannot be unpickled: {type(exc).__name__}: {exc}") from exc
+def _mmap(fd: int, size: int) -> int:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        _libc = libc
+    address = _libc.mmap(None, size, _PROT, mmap.MAP_SHARED | POPULATE, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mmap of {size} bytes of shared memory failed: {os.strerror(errno)}")
+    return address
 
 
-class _WorkerMappings:
-    """The worker's mappings of the parent's regions (read-only for
-    arguments, writable for offered result space), kept for the next job in
-    the same region: mapping 8 MB again costs about 0.7 ms.
-
-    At most ``KEEP`` of each kind are kept, so a region the parent dropped
-    stays alive only until two newer ones were used.
-    """
-
-    KEEP = 2
-
-    def __init__(self) -> None:
-        self._maps: dict[tuple[int, int, bool], memoryview] = {}
-
-    def view(self, fd: int, *, writable: bool) -> memoryview:
-        info = os.fstat(fd)
-        key = (info.st_dev, info.st_ino, writable)
-        view = self._maps.pop(key, None)
-        if view is None or len(view) < info.st_size:
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            view = memoryview(mmap.mmap(fd, max(info.st_size, 1), flags=mmap.MAP_SHARED | _POPULATE, prot=prot))
-        self._maps[key] = view  # most recent last
-        same_kind = [k for k in self._maps if k[2] is writable]
-        for old in same_kind[: -self.KEEP]:
-            del self._maps[old]
-        return view
-
-    def views(self, fd: int, spans: tuple[tuple[int, int], ...]) -> list[memoryview]:
-        view = self.view(fd, writable=False)
-        return [view[offset : offset + length] for offset, length in spans]  # slices keep the mapping alive
-
-
-_MAPPINGS = _WorkerMappings()
-
-
-def _dumps(obj: Any, what: str, callback: Any) -> bytes:
-    try:
-        return pickle.dumps(obj, 5, buffer_callback=callback)
-    except Exception:
-        pass
-    try:
-        return cloudpickle.dumps(obj, 5, buffer_callback=callback)
-    except Exception as exc:
-        raise SerializationError(
-            f"{what} cannot be pickled: {type(exc).__name__}: {exc}. Everything sent to or from a worker "
-            "must be picklable (no open files, sockets, locks or generators)."
-        ) from exc
-
-
-class _LargeBytes:
-    """Pickles a large bytes, bytearray or memoryview out-of-band.
-
-    The pickler never asks bytes-like objects for a reduction (they have a
-    fast path), so large ones among the arguments or in a result are wrapped
-    in this first (to one level of nesting: the arguments tuple, the keyword
-    dict, a returned tuple, list or dict).
-    """
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: bytes | bytearray | memoryview) -> None:
-        self.obj = obj
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        obj = self.obj
-        if type(obj) is memoryview:
-            return _rebuild_memoryview, (pickle.PickleBuffer(obj.cast("B")), obj.format, obj.shape)
-        return _rebuild_bytes, (type(obj), pickle.PickleBuffer(obj))
-
-
-def _rebuild_bytes(kind: type, buffer: Any) -> Any:
-    return kind(buffer)  # bytes own their memory: one copy here
-
-
-def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    return memoryview(buffer).cast("B").cast(fmt, shape)  # a view: no copy
-
-
-_MAY_HOLD_BYTES = frozenset((bytes, bytearray, memoryview, tuple, list, dict))
-_SCALARS = frozenset((int, float, bool, str, type(None), complex))  # never hold a large buffer
-
-
-def _wrap_large_bytes(obj: Any, threshold: int, depth: int = 2) -> Any:
-    """``obj`` with its large bytes-likes wrapped in _LargeBytes (the same
-    object when there are none: this runs for every job, so it allocates
-    nothing then)."""
-    kind = type(obj)
-    if kind is bytes or kind is bytearray:
-        return _LargeBytes(obj) if len(obj) >= threshold else obj
-    if kind is memoryview:
-        return _LargeBytes(obj) if obj.nbytes >= threshold and obj.contiguous else obj
-    if not depth:
-        return obj
-    if kind is tuple or kind is list:
-        for i, item in enumerate(obj):
-            wrapped = _wrap_large_bytes(item, threshold, depth - 1)
-            if wrapped is not item:
-                items = list(obj)
-                items[i] = wrapped
-                items[i + 1 :] = [_wrap_large_bytes(x, threshold, depth - 1) for x in items[i + 1 :]]
-                return kind(items)
-        return obj
-    if kind is dict:
-        for key, value in obj.items():
-            if _wrap_large_bytes(value, threshold, depth - 1) is not value:
-                return {k: _wrap_large_bytes(v, threshold, depth - 1) for k, v in obj.items()}
-        return obj
-    return obj
-
-
-def _to_memfd(buffers: list[pickle.PickleBuffer]) -> tuple[int, tuple[tuple[int, int], ...]]:
-    spans = _layout(buffers)
-    size = max(spans[-1][0] + spans[-1][1], 1)
-    fd = os.memfd_create("mlpool", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, size)
-        _write_into(fd, buffers)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, spans
+def _munmap(address: int, size: int) -> None:
+    _libc.munmap(address, size)

@@ -48,7 +48,7 @@ from mlpool._protocol import (
     write_all,
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, pack_exception
-from mlpool._shm import unpack, write_result
+from mlpool._shm_worker import unpack, write_result
 
 MAX_TRACEBACK = 32 * 1024  # characters of a loader's traceback sent back
 
