@@ -23,7 +23,7 @@ import pytest
 import workloads
 from workloads import add, load_constant
 
-from mlpool import MLPool, PoolBrokenError
+from mlpool import MLPool, PoolBrokenError, WorkerCrashedError
 
 pytestmark = pytest.mark.usefixtures("forkserver_running", "no_leaked_workers")
 
@@ -82,7 +82,7 @@ def test_a_dead_template_leaves_workers_serving_and_is_reloaded_once(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["raise", "die", "hang"])
-def test_a_template_that_keeps_failing_breaks_the_pool(tmp_path, fifo, how):
+def test_failing_templates_delay_replacements_and_break_the_pool_only_when_nothing_serves(tmp_path, fifo, how):
     flag = tmp_path / "flag"
     loader = partial(workloads.load_unless_flagged, str(flag), how)
     pool = MLPool({"m": loader}, nb_workers=1, share_models=True, start_timeout=1.0)
@@ -93,15 +93,22 @@ def test_a_template_that_keeps_failing_breaks_the_pool(tmp_path, fifo, how):
         gate.wait_running()
         flag.touch()
         os.kill(template, signal.SIGKILL)
-        # The worker keeps running its job while every new template fails;
-        # after a bounded number of tries with back-off the pool gives up.
+        # Every new template fails; the worker serves on all the same.
+        gate.release_opened()
+        assert running.result(timeout=60) is not None
+        assert pool.score("m", add, 1) == 11
+        assert pool.healthy
+        # Once the worker is gone nothing can serve, and no template loads:
+        # after a bounded number of tries the pool gives up.
+        with pytest.raises(WorkerCrashedError):
+            pool.submit("m", workloads.sigkill_self).result(timeout=60)
         expected = {
             "raise": "storage is gone",
-            "die": "model template .* killed by SIGKILL",
+            "die": "model template .* (killed by SIGKILL|did not load the models)",  # a loaded machine: the timeout
             "hang": "model template .* did not load the models within start_timeout=1s",
         }[how]
         with pytest.raises(PoolBrokenError, match=expected):
-            running.result(timeout=60)
+            pool.submit("m", add, 1).result(timeout=60)
         assert not pool.healthy
     finally:
         pool.shutdown()

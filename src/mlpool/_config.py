@@ -39,6 +39,7 @@ class PoolConfig:
     backend: str = "local"
     ray_address: str | None = None
     ray_options: tuple[tuple[str, object], ...] = ()  # extra actor options, as items
+    fork_with_threads: bool = False  # share_models: fork although loaders left threads running
 
     @classmethod
     def resolve(
@@ -54,6 +55,7 @@ class PoolConfig:
         max_memory_per_worker: int | None,
         start_method: str | None,
         share_models: bool = False,
+        fork_with_threads: bool = False,
         start_timeout: float,
         worker_nice: int = 0,
         shared_memory_threshold: int | None = 65536,
@@ -82,6 +84,8 @@ class PoolConfig:
             _check_int("max_memory_per_worker", max_memory_per_worker, minimum=1)
         if not isinstance(share_models, bool):
             raise TypeError(f"share_models must be a bool, not {type(share_models).__name__}")
+        if not isinstance(fork_with_threads, bool):
+            raise TypeError(f"fork_with_threads must be a bool, not {type(fork_with_threads).__name__}")
         if share_models and not hasattr(os, "fork"):
             raise ValueError(f"share_models=True forks workers from a template process; {sys.platform} cannot fork")
         start_method = start_method or "spawn"
@@ -127,6 +131,7 @@ class PoolConfig:
             backend=backend,
             ray_address=ray_address,
             ray_options=tuple((ray_options or {}).items()),
+            fork_with_threads=fork_with_threads,
         )
 
 

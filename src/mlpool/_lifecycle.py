@@ -20,8 +20,9 @@ from mlpool._errors import JobTimeoutError, MLPoolError, ModelLoadError, PoolBro
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
-from mlpool._template import Template, TemplateGone
-from mlpool._workers import WorkerHandle, WorkerState, describe_exit, fork_worker, ray_worker, spawn_worker
+from mlpool._forking import ForkOutcome
+from mlpool._template import Template
+from mlpool._workers import WorkerHandle, WorkerState, describe_exit, ray_worker, spawn_worker
 
 logger = logging.getLogger("mlpool._manager")
 
@@ -166,18 +167,24 @@ class WorkerLifecycle:
             if worker.state is WorkerState.STARTING and now - worker.started_at >= limit:
                 worker.start_timed_out = True
                 worker.kill(f"it did not load its models within start_timeout={limit:g}s")
-        template = self._template
+        forks = self._forks
+        template = None if forks is None else forks.template
         if template is not None and template.ready is None and not template.start_timed_out \
                 and now - template.started_at >= limit:
             template.start_timed_out = True
-            template.process.kill()  # its exit counts as a failure (_on_template_exit)
+            template.kill()  # its exit counts as a failure (_on_template_exit)
+        elif forks is not None and forks.hung(now):
+            assert template is not None
+            logger.warning("the model template (pid %d) answered no fork request within start_timeout=%gs; "
+                           "killing it", template.pid, limit)
+            template.kill()
 
     def _next_start_deadline(self) -> float | None:
         """When a starting worker (or template) passes start_timeout, if any does."""
         if self._state is PoolState.STARTING:
             return self._start_deadline
         starts = [w.started_at for w in self._workers.values() if w.state is WorkerState.STARTING]
-        template = self._template
+        template = None if self._forks is None else self._forks.template
         if template is not None and template.ready is None and not template.start_timed_out:
             starts.append(template.started_at)
         return min(starts) + self.config.start_timeout if starts else None
@@ -303,65 +310,68 @@ class WorkerLifecycle:
             self._stop_deadline = None
 
     def _spawn_due_workers(self) -> None:
+        """Start the workers that are due (manager thread, outside the lock).
+        With a template, a worker is a fork request: it arrives as an event."""
         now = time.monotonic()
         while self._spawn_at and self._spawn_at[0] <= now:
             heapq.heappop(self._spawn_at)
             if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
                 continue
-            template = self._template
-            if self.config.share_models and (template is None or template.ready is None or template.gone):
-                self._awaiting_template += 1  # spawned when a template is ready
+            if self._forks is not None:
+                if not self._forks.request():
+                    with self._lock:
+                        idle = not self._can_serve()
+                    if idle:  # nothing serves: the next template need not wait out its back-off
+                        self._forks.hurry()
                 continue
             try:
-                if template is not None:
-                    worker = fork_worker(template)
-                    _warn_threads(template)
-                elif self._ray is not None:
+                if self._ray is not None:
                     options = {"num_cpus": self.config.threads_per_worker, **dict(self.config.ray_options)}
                     worker = ray_worker(self._loaders_pickle, self._worker_settings, options)
                 else:
                     worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
-            except TemplateGone as exc:
-                # Its sentinel brings the restart; a template that hangs is made to die.
-                logger.warning("could not fork a worker: %s", exc)
-                assert template is not None
-                template.process.kill()
-                self._awaiting_template += 1
-                continue
             except Exception as exc:  # out of processes, memory or file descriptors
                 logger.exception("could not start a worker process")
                 self._lock.acquire()
                 try:
-                    self._failures += 1
-                    if self._state is PoolState.STARTING or (
-                        self._failures >= MAX_CONSECUTIVE_FAILURES and not self._can_serve()
-                    ):
-                        self._break(f"could not start a worker process: {exc!r}", start_error=ModelLoadError(
-                            f"could not start a worker process: {exc!r}"))
-                    else:
-                        heapq.heappush(self._spawn_at, now + _backoff(self._failures))
+                    self._start_failed(f"could not start a worker process: {exc!r}")
                 finally:
                     self._release()
                 continue
-            with self._selector_lock:
-                self._selector.register(worker.sentinel, selectors.EVENT_READ, ("exit", worker))
-            with worker.read_lock:
-                self._watch(worker)
-            with self._lock:
-                self._workers[worker.id] = worker
+            self._lock.acquire()
+            try:
+                self._add_worker(worker)
+            finally:
+                self._release()
+
+    def _add_worker(self, worker: WorkerHandle) -> None:
+        """A new worker process: watch its death and its pipe (under the lock)."""
+        with self._selector_lock:
+            self._selector.register(worker.sentinel, selectors.EVENT_READ, ("exit", worker))
+        with worker.read_lock:
+            self._watch(worker)
+        self._workers[worker.id] = worker
+
+    def _start_failed(self, reason: str) -> None:
+        """A worker could not be started (under the lock): try again after a
+        back-off, or give up if nothing can serve."""
+        self._failures += 1
+        if self._state is PoolState.STARTING or (
+            self._failures >= MAX_CONSECUTIVE_FAILURES and not self._can_serve()
+        ):
+            self._break(reason, start_error=ModelLoadError(reason))
+        else:
+            heapq.heappush(self._spawn_at, time.monotonic() + _backoff(self._failures))
 
     # ---------------------------------------------------- the model template
 
     def _start_template_if_due(self) -> None:
         """Start the template (share_models) when none runs and one is due. Manager thread."""
-        due = self._template_start_at
-        if due is None or due > time.monotonic():
-            return
-        self._template_start_at = None
-        if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+        forks = self._forks
+        if forks is None or self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
             return
         try:
-            template = Template(self._context, self._loaders_pickle, self._worker_settings)
+            template = forks.start_if_due(time.monotonic())
         except Exception as exc:
             logger.exception("could not start the model template process")
             self._lock.acquire()
@@ -370,61 +380,73 @@ class WorkerLifecycle:
             finally:
                 self._release()
             return
-        self._template = template
-        with self._selector_lock:
-            self._selector.register(template.fd, selectors.EVENT_READ, ("template", template))
-            self._selector.register(template.sentinel, selectors.EVENT_READ, ("template-exit", template))
+        if template is not None:
+            with self._selector_lock:
+                self._selector.register(template.fd, selectors.EVENT_READ, ("template", template))
+                self._selector.register(template.sentinel, selectors.EVENT_READ, ("template-exit", template))
+
+    def _on_fork_outcome(self, outcome: ForkOutcome) -> list[tuple[WorkerHandle, int | None]]:
+        """Under the lock: add forked workers, count failed forks; the deaths to settle."""
+        for worker in outcome.started:
+            self._add_worker(worker)
+        template = None if self._forks is None else self._forks.template
+        if outcome.started and template is not None:
+            _warn_threads(template)
+        for reason in outcome.failed:
+            logger.warning("%s", reason)
+            self._start_failed(reason)
+        return outcome.exits
 
     def _on_template_ready(self) -> None:
         """Under the lock, after the template said it is ready: fork what waits for it."""
-        template = self._template
-        assert template is not None and template.ready is not None
-        self._template_announced = True
-        self._template_failures = 0
+        forks = self._forks
+        assert forks is not None and forks.template is not None and forks.template.ready is not None
+        template = forks.template
         logger.debug("model template (pid %d) ready in %.3fs", template.pid, template.ready.load_seconds)
         now = time.monotonic()
-        for _ in range(self._awaiting_template):
+        for _ in range(forks.take_awaiting()):
             heapq.heappush(self._spawn_at, now)
-        self._awaiting_template = 0
 
-    def _on_template_exit(self, template: Template, exitcode: int | None) -> None:
-        """Under the lock: the template died. Workers it forked keep serving."""
-        self._template = None
-        self._template_announced = False
+    def _on_template_exit(self, template: Template, exitcode: int | None) -> list[tuple[WorkerHandle, int | None]]:
+        """Under the lock: the template died. Workers it forked keep serving;
+        the deaths it never reported are settled now (returned)."""
+        assert self._forks is not None
+        exits = self._forks.died().exits
         how = describe_exit(exitcode)
         if template.start_timed_out:
             how = f"did not load the models within start_timeout={self.config.start_timeout:g}s"
         who = f"the model template (pid {template.pid})"
         if self._state is PoolState.STARTING and template.ready is None:
             self._fail_start(who, template.load_failure, how)
-            return
+            return exits
         if template.load_failure is not None:
             failure = template.load_failure
             reason = f"{who} failed to load model {failure.model!r}: {failure.error}\n{failure.traceback}"
         else:
             reason = f"{who} {how}"
         self._on_template_failure(reason)
+        return exits
 
     def _on_template_failure(self, reason: str) -> None:
-        if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+        forks = self._forks
+        if forks is None or self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
             return
-        self._template_failures += 1
+        forks.failures += 1
         # Workers it forked keep serving: without a template only their
         # replacements wait. The pool breaks when none is left to serve.
-        if self._template_failures >= MAX_CONSECUTIVE_FAILURES and not self._can_serve():
-            self._break(f"the model template failed {self._template_failures} times in a row; the last time: {reason}")
+        if forks.failures >= MAX_CONSECUTIVE_FAILURES and not self._can_serve():
+            self._break(f"the model template failed {forks.failures} times in a row; the last time: {reason}")
             return
-        delay = _backoff(self._template_failures)
+        delay = _backoff(forks.failures)
         logger.warning("loading the models in a new template in %.2fs: %s", delay, reason)
         self._counts["restarts"] += 1
-        self._template_start_at = time.monotonic() + delay
+        forks.schedule_restart(delay)
 
     def _close_resources(self) -> None:
         self._callbacks.stop()
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
-        if self._template is not None:
-            self._template.stop()
-            self._template = None
+        if self._forks is not None:
+            self._forks.close()
         if self._ray is not None:
             self._ray.close()
         self._regions.close()

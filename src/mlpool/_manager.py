@@ -83,6 +83,7 @@ from mlpool._protocol import (
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
 from mlpool._ray import RaySession
+from mlpool._forking import ForkLauncher
 from mlpool._template import Template
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
@@ -154,12 +155,11 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._selector = selectors.DefaultSelector()
         self._selector_lock = threading.Lock()  # loans (un)register pipes from callers' threads
         self._spawn_at: list[float] = []
-        # share_models: the process workers are forked from (see _template).
-        self._template: Template | None = None
-        self._template_start_at: float | None = time.monotonic() if config.share_models else None
-        self._template_announced = False  # its readiness was acted on
-        self._template_failures = 0
-        self._awaiting_template = 0  # workers due, waiting for a template to fork them
+        # share_models: the template workers are forked from (see _forking).
+        self._forks = ForkLauncher(
+            self._context, self._loaders_pickle, self._worker_settings,
+            start_timeout=config.start_timeout, fork_with_threads=config.fork_with_threads,
+        ) if config.share_models else None  # fmt: skip
         # backend="ray": the Ray instance the actors live in (see _ray).
         self._ray = RaySession(config.ray_address) if config.backend == "ray" else None
         self._start_deadline = time.monotonic() + config.start_timeout
@@ -707,12 +707,15 @@ class Manager(PipeReaders, WorkerLifecycle):
         events = self._selector.select(timeout)
         arrivals: list[tuple[WorkerHandle, list]] = []
         exits: list[tuple[WorkerHandle, int | None]] = []
+        template_events: list = []
         template_exit: tuple[Template, int | None] | None = None
+        now = time.monotonic()
         for key, _ in events:
             kind, worker = key.data
             if kind == "template":  # here "worker" is the Template
-                worker.receive()
+                template_events += worker.receive()
             elif kind == "template-exit":
+                template_events += worker.receive()
                 template_exit = (worker, self._reap_template(worker))
             elif kind == "read":
                 arrivals.append((worker, self._read(worker)))
@@ -720,7 +723,11 @@ class Manager(PipeReaders, WorkerLifecycle):
                 arrivals.append((worker, self._read_remaining(worker)))
                 with self._selector_lock:
                     self._selector.unregister(worker.sentinel)
-                exits.append((worker, worker.reap()))
+                exitcode = worker.reap()
+                if exitcode is None and worker.forked and self._forks is not None and self._forks.template:
+                    self._forks.await_exit_code(worker, now)  # its template reports it (Reaped)
+                else:
+                    exits.append((worker, exitcode))
             else:
                 self._drain_wakeups()
         self._lock.acquire()
@@ -728,12 +735,16 @@ class Manager(PipeReaders, WorkerLifecycle):
             for worker, messages in arrivals:
                 for msg in messages:
                     self._on_message(worker, msg)
+            forks = self._forks
+            if forks is not None:
+                exits += self._on_fork_outcome(forks.events(template_events))
+                if template_exit is not None:
+                    exits += self._on_template_exit(*template_exit)
+                elif forks.ready and not forks.announced:
+                    self._on_template_ready()
+                exits += forks.overdue_exits(time.monotonic())
             for worker, exitcode in exits:
                 self._on_exit(worker, exitcode)
-            if template_exit is not None:
-                self._on_template_exit(*template_exit)
-            elif self._template is not None and self._template.ready and not self._template_announced:
-                self._on_template_ready()
             now = time.monotonic()
             self._expire_jobs(now)
             self._expire_results(now)
@@ -755,8 +766,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             candidates.append(registry_due)
         if self._spawn_at:
             candidates.append(self._spawn_at[0])
-        if self._template_start_at is not None:
-            candidates.append(self._template_start_at)
+        if self._forks is not None and (forks_due := self._forks.next_deadline()) is not None:
+            candidates.append(forks_due)
         if self._hold_until is not None:
             candidates.append(self._hold_until)
         start_deadline = self._next_start_deadline()
@@ -788,14 +799,10 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def _reap_template(self, template: Template) -> int | None:
         """The template died: stop watching it, take what it sent last, reap it."""
-        template.receive()
         with self._selector_lock:
             self._selector.unregister(template.fd)
             self._selector.unregister(template.sentinel)
-        template.process.join(5.0)
-        exitcode = template.process.exitcode
-        template.stop()
-        return exitcode
+        return template.reap()
 
     def _drain_wakeups(self) -> None:
         try:

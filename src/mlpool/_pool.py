@@ -62,6 +62,12 @@ class MLPool:
             workers keep serving and a new template loads the models once.
             See "Sharing models" in the README for the libraries that need
             care with fork (OpenMP, PyTorch threads).
+        fork_with_threads: with ``share_models``, a loader that leaves Python
+            threads running makes the pool refuse to start
+            (:class:`ModelLoadError` naming each thread and where it was
+            started): a fork copies only the forking thread, and a worker
+            that needs the others hangs. True says those threads are not
+            needed in the workers (fork anyway).
         start_method: how the workers (the template with ``share_models``)
             are started: ``"spawn"`` (default) or ``"forkserver"``.
         start_timeout: seconds a worker (or the model template) has to load
@@ -113,6 +119,7 @@ class MLPool:
         max_memory_per_worker: int | None = None,
         threads_per_worker: int | None = None,
         share_models: bool = False,
+        fork_with_threads: bool = False,
         start_method: str | None = None,
         start_timeout: float = 600.0,
         worker_nice: int = 5,
@@ -127,6 +134,7 @@ class MLPool:
             nb_workers=nb_workers,
             threads_per_worker=threads_per_worker,
             share_models=share_models,
+            fork_with_threads=fork_with_threads,
             result_ttl=result_ttl,
             max_queue_size=max_queue_size,
             job_timeout=job_timeout,

@@ -34,11 +34,9 @@ import itertools
 import logging
 import multiprocessing
 import os
-import select
 import signal
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from mlpool._protocol import (
@@ -61,7 +59,7 @@ __all__ = ["ForkFailed", "ForkedProcess", "LoadFailed", "Reaped", "Template", "T
 logger = logging.getLogger(__name__)
 
 _template_ids = itertools.count(1)
-FORK_TIMEOUT = 30.0  # seconds the transitional blocking calls wait for an answer
+_REAP_WAIT = 5.0  # seconds reap() waits for an exit that its sentinel (or a SIGKILL) announced
 
 
 class TemplateGone(Exception):
@@ -89,10 +87,9 @@ TemplateEvent = TemplateReady | LoadFailed | WorkerForked | ForkFailed | Reaped 
 class Template:
     """The parent's handle on a template process. One thread only (the manager's).
 
-    Non-blocking calls: :meth:`request_fork`, :meth:`receive`,
+    Every call returns at once: :meth:`request_fork`, :meth:`receive`,
     :meth:`pending_since`, :meth:`close`, :meth:`kill`, and :meth:`reap` once
-    :attr:`sentinel` is readable. The blocking ones (:meth:`fork_worker`,
-    :meth:`wait_exit`, :meth:`stop`) are transitional.
+    :attr:`sentinel` is readable.
     """
 
     def __init__(
@@ -135,7 +132,6 @@ class Template:
         self._reaped = False
         self._pending: dict[int, float] = {}  # worker id -> when its fork was requested
         self._children: dict[int, ForkedProcess] = {}  # pid -> forked, exit not reported yet
-        self._backlog: deque[TemplateEvent] = deque()  # read by a blocking call, not returned yet
 
     def __repr__(self) -> str:
         return f"<template {self.id} pid={self.pid} {'ready' if self.ready else 'loading'}>"
@@ -164,9 +160,7 @@ class Template:
         WorkerForked, ForkFailed, Reaped (the exit code is also set on the
         worker's ForkedProcess), and last TemplateClosed at end of file.
         Also updates ``ready``, ``load_failure``, ``threads_at_fork`` and ``gone``."""
-        events = list(self._backlog)
-        self._backlog.clear()
-        return events + self._read_events()
+        return self._read_events()
 
     def _read_events(self) -> list[TemplateEvent]:
         events: list[TemplateEvent] = []
@@ -212,17 +206,14 @@ class Template:
             self._reaped = True
             self.close()
             # The sentinel fired: the process has exited (no descendant holds
-            # its pipe, see SpawnSentinel), so this returns at once.
-            self.process.join(FORK_TIMEOUT)
+            # its pipe, see SpawnSentinel), so this returns at once; right
+            # after kill(), as soon as the signal is delivered.
+            self.process.join(_REAP_WAIT)
             self.exitcode = self.process.exitcode
             try:
                 self.process.close()
             except ValueError:  # someone else reaped it (a waitpid(-1) in the app)
                 logger.warning("the model template (pid %d) could not be reaped", self.pid)
-            for event in self._backlog:
-                if type(event) is WorkerForked:
-                    event.process.close()
-            self._backlog.clear()
         return self.exitcode
 
     def _event(self, msg: object, fds: list[int]) -> TemplateEvent | None:
@@ -251,63 +242,6 @@ class Template:
         logger.warning("template %d sent an unexpected message: %r", self.id, msg)
         return None
 
-    # -------------------------------------------- transitional: these block
-
-    def fork_worker(self, worker_id: int, worker_sock: socket.socket) -> ForkedProcess:
-        """TRANSITIONAL (blocks up to FORK_TIMEOUT): :meth:`request_fork`, then
-        wait for its answer. Other events read meanwhile wait for the next
-        :meth:`receive`. Raises TemplateGone, or OSError if the fork failed."""
-        self.request_fork(worker_id, worker_sock)
-        deadline = time.monotonic() + FORK_TIMEOUT
-        while True:
-            for event in self._wait_events(deadline):
-                if type(event) is WorkerForked and event.worker_id == worker_id:
-                    return event.process
-                if type(event) is ForkFailed and event.worker_id == worker_id:
-                    raise OSError(f"template {self.id} could not fork a worker: {event.error}")
-                self._backlog.append(event)
-                if type(event) is TemplateClosed:
-                    raise TemplateGone(f"template {self.id} is gone")
-
-    def wait_exit(self, pid: int, timeout: float) -> int | None:
-        """TRANSITIONAL (blocks up to ``timeout``): the exit code of a worker
-        it forked, once reported (None: unknown). Call once its sentinel fired."""
-        child = self._children.get(pid)
-        deadline = time.monotonic() + timeout
-        while child is not None and child.exitcode is None and not self.gone:
-            try:
-                self._backlog.extend(self._wait_events(deadline))
-            except TemplateGone:
-                break
-        if child is not None and child.exitcode is None:
-            child.poll()  # its template died: this process may be its parent now
-        return None if child is None else child.exitcode
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """TRANSITIONAL (blocks up to 2 x ``timeout``): :meth:`close`, wait for
-        the template to exit, kill it if it does not, and reap it."""
-        self.close()
-        if not self._reaped:
-            self.process.join(timeout)
-            if self.process.exitcode is None:
-                self.process.kill()
-                self.process.join(timeout)
-            self.reap()
-
-    def _wait_events(self, deadline: float) -> list[TemplateEvent]:
-        """Block until a message arrives or the template dies; what receive() gives."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TemplateGone(f"template {self.id} did not answer within {FORK_TIMEOUT}s")
-            readable, _, _ = select.select([self.sock, self.sentinel], [], [], remaining)
-            if readable:
-                events = self._read_events()
-                if events:
-                    return events
-                if self.gone or self.sentinel in readable:
-                    raise TemplateGone(f"template {self.id} is gone")
-
 
 class ForkedProcess:
     """A worker forked by a template, with the parts of ``multiprocessing.Process``
@@ -324,27 +258,29 @@ class ForkedProcess:
         self.name = f"mlpool-worker-{worker_id}"
         self.pid = pid
         self.sentinel = sentinel
-        self.exitcode: int | None = None
+        self._exitcode: int | None = None
         self._is_pidfd = is_pidfd
         self._template = template
 
+    @property
+    def exitcode(self) -> int | None:
+        """The exit code if known, without blocking (see :meth:`poll`)."""
+        return self.poll()
+
+    @exitcode.setter
+    def exitcode(self, code: int | None) -> None:
+        self._exitcode = code
+
     def poll(self) -> int | None:
         """The exit code if known, without blocking."""
-        if self.exitcode is None and self._is_pidfd and self.sentinel >= 0:
+        if self._exitcode is None and self._is_pidfd and self.sentinel >= 0:
             try:
                 result = os.waitid(os.P_PIDFD, self.sentinel, os.WEXITED | os.WNOHANG)
             except (ChildProcessError, OSError):  # not our child: its template reports it
                 return None
             if result is not None:
-                self.exitcode = -result.si_status if result.si_code != os.CLD_EXITED else result.si_status
-        return self.exitcode
-
-    def join(self, timeout: float | None = None) -> None:
-        """TRANSITIONAL (blocks up to ``timeout``, 5 s by default): wait until
-        the template reports the exit code. Call once the sentinel fired."""
-        if self.poll() is None:
-            self._template.wait_exit(self.pid, 5.0 if timeout is None else timeout)
-            self.poll()
+                self._exitcode = -result.si_status if result.si_code != os.CLD_EXITED else result.si_status
+        return self._exitcode
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
@@ -353,7 +289,7 @@ class ForkedProcess:
         self._signal(signal.SIGTERM)
 
     def _signal(self, signum: int) -> None:
-        if self.exitcode is not None:
+        if self._exitcode is not None:
             return
         try:
             if self._is_pidfd and self.sentinel >= 0:

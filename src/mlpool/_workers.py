@@ -25,7 +25,6 @@ from mlpool._worker_main import WorkerSettings, worker_main
 
 if TYPE_CHECKING:
     from mlpool._jobs import Job
-    from mlpool._template import Template
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +49,10 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
+        "forked",
     )  # fmt: skip
 
-    def __init__(self, process: Any, conn: Any, pidfd: int = -1) -> None:
+    def __init__(self, process: Any, conn: Any, pidfd: int = -1, *, forked: bool = False) -> None:
         self.id = int(process.name.rsplit("-", 1)[1])
         self.process = process
         self.conn = conn
@@ -61,6 +61,9 @@ class WorkerHandle:
         # whoever else holds its pipes (a child it forked inherits those).
         self.pidfd = pidfd
         self.sentinel: int = pidfd if pidfd >= 0 else process.sentinel
+        # Forked from a template (see _forking): its sentinel is a pidfd, and
+        # its exit code comes from the template, maybe after the sentinel fired.
+        self.forked = forked
         self.reader = FrameReader()
         self.state = WorkerState.STARTING
         self.inflight: deque[Job] = deque()
@@ -106,12 +109,13 @@ class WorkerHandle:
         """The exit code, once the sentinel has fired. Negative: killed by that signal.
 
         Never blocks: a pidfd fires once the process is a zombie, so its exit
-        code is there (``exitcode`` is a ``waitpid(WNOHANG)``). Without one
-        (other platforms, Ray actors, forked workers) the sentinel fires when
-        its descriptors close, at most a moment before: then this waits for that
-        moment, briefly."""
+        code is there (``exitcode`` is a ``waitpid(WNOHANG)``); a forked
+        worker's code may still be on its way from the template (None: ask
+        again then). Without a pidfd (other platforms, Ray actors) the sentinel
+        fires when its descriptors close, at most a moment before the exit:
+        then this waits for that moment, briefly."""
         code = self.process.exitcode
-        if code is None and self.pidfd < 0:
+        if code is None and self.pidfd < 0 and not self.forked:
             self.process.join(timeout=_REAP_PATIENCE)
             code = self.process.exitcode
         return code
@@ -137,7 +141,7 @@ def spawn_worker(
     context: multiprocessing.context.BaseContext, loaders_pickle: bytes, settings: WorkerSettings
 ) -> WorkerHandle:
     """Start one worker process. Call from the manager thread (see ``_die_with_parent``)."""
-    worker_id = next(_worker_ids)
+    worker_id = new_worker_id()
     parent_conn, child_conn = context.Pipe(duplex=True)
     process = context.Process(
         target=worker_main,
@@ -165,25 +169,16 @@ def open_pidfd(pid: int) -> int:
         return -1
 
 
-def fork_worker(template: Template) -> WorkerHandle:
-    """Have ``template`` fork one worker (share_models). Raises TemplateGone."""
-    worker_id = next(_worker_ids)
-    parent_sock, child_sock = socket.socketpair()
-    try:
-        process = template.fork_worker(worker_id, child_sock)
-    except BaseException:
-        parent_sock.close()
-        raise
-    finally:
-        child_sock.close()
-    return WorkerHandle(process, parent_sock)
+def new_worker_id() -> int:
+    """A worker id unique in this process (its processes are named for it)."""
+    return next(_worker_ids)
 
 
 def ray_worker(loaders_pickle: bytes, settings: WorkerSettings, options: dict) -> WorkerHandle:
     """Start one worker as a Ray actor (backend="ray"); see ``_ray``."""
     from mlpool._ray import spawn_ray_worker
 
-    process, sock = spawn_ray_worker(next(_worker_ids), loaders_pickle, settings, options)
+    process, sock = spawn_ray_worker(new_worker_id(), loaders_pickle, settings, options)
     return WorkerHandle(process, sock)
 
 

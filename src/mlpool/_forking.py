@@ -1,0 +1,211 @@
+"""share_models: the model template that forks workers, as the manager sees it.
+
+::
+
+    manager thread                                  template process (see _template_main)
+      start_if_due ──── spawn ─────────────────────► loads every model once ─► TemplateReady
+      request ───────── Fork(worker id) + socket ──► fork ─► WorkerForked (pid, pidfd)
+      events(...) ◄──── WorkerForked | ForkFailed | Reaped(pid, code) | TemplateClosed
+      (sentinel fires: it died) ─► reap, maybe load a new one after a back-off
+
+Nothing here blocks: a fork is a request whose answer arrives later on the
+template's channel, and a forked worker's exit code arrives as ``Reaped``
+from the template (its parent), after the worker's pidfd fired. A template
+that answers nothing within ``start_timeout`` is killed; an exit code it does
+not report within ``EXIT_REPORT_PATIENCE`` is reported unknown.
+
+One owner: :class:`ForkLauncher` keeps the template, its restarts, the fork
+requests in flight and the exits waiting for their code. It runs on the
+manager thread; the engine acts on what it returns (workers to add, deaths
+to settle, failures to count).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import socket
+import time
+from dataclasses import dataclass, field
+
+from mlpool._protocol import ForkFailed, Reaped
+from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, WorkerForked
+from mlpool._worker_main import WorkerSettings
+from mlpool._workers import WorkerHandle, new_worker_id
+
+logger = logging.getLogger("mlpool._manager")
+
+# Seconds a forked worker's exit code may take to come from its template.
+EXIT_REPORT_PATIENCE = 2.0
+
+
+@dataclass(slots=True)
+class ForkOutcome:
+    """What the template's events mean for the engine."""
+
+    started: list[WorkerHandle] = field(default_factory=list)  # forked: add to the pool
+    failed: list[str] = field(default_factory=list)  # fork failures, each counts as a failed start
+    exits: list[tuple[WorkerHandle, int | None]] = field(default_factory=list)  # deaths to settle now
+
+
+class ForkLauncher:
+    """The template of one pool and the workers it is asked to fork."""
+
+    def __init__(
+        self,
+        context: multiprocessing.context.BaseContext,
+        loaders_pickle: bytes,
+        settings: WorkerSettings,
+        *,
+        start_timeout: float,
+        fork_with_threads: bool,
+    ) -> None:
+        self._context = context
+        self._loaders_pickle = loaders_pickle
+        self._settings = settings
+        self._start_timeout = start_timeout
+        self._fork_with_threads = fork_with_threads
+        self.template: Template | None = None
+        self.start_at: float | None = time.monotonic()  # when to start the next template
+        self.failures = 0  # templates in a row that died or failed to load
+        self.announced = False  # the template's readiness was acted on
+        self.awaiting = 0  # workers due, waiting for a ready template
+        self._forks: dict[int, socket.socket] = {}  # worker id -> our end of its socket, until answered
+        self._exits: dict[int, tuple[WorkerHandle, float]] = {}  # pid -> dead worker, until when we wait
+
+    # ------------------------------------------------- the template itself
+
+    def start_if_due(self, now: float) -> Template | None:
+        """Start a template if one is due: the new one (its fd and sentinel
+        need watching), or None. Raises what spawning raised."""
+        if self.start_at is None or self.start_at > now:
+            return None
+        self.start_at = None
+        self.announced = False
+        self.template = Template(
+            self._context, self._loaders_pickle, self._settings, fork_with_threads=self._fork_with_threads
+        )
+        return self.template
+
+    def schedule_restart(self, delay: float) -> None:
+        self.start_at = time.monotonic() + delay
+
+    def hurry(self) -> None:
+        """Start the next template now (no worker serves while it waits)."""
+        if self.template is None and self.start_at is not None:
+            self.start_at = min(self.start_at, time.monotonic())
+
+    @property
+    def ready(self) -> bool:
+        template = self.template
+        return template is not None and template.ready is not None and not template.gone
+
+    def died(self) -> ForkOutcome:
+        """The template is gone: forks it never answered will be asked of the
+        next one; exits it never reported are settled with an unknown code."""
+        self.template = None
+        self.announced = False
+        outcome = ForkOutcome()
+        self._abandon_forks()
+        for pid in list(self._exits):
+            worker, _ = self._exits.pop(pid)
+            outcome.exits.append((worker, worker.process.exitcode))
+        return outcome
+
+    def close(self) -> None:
+        """At the end of the pool: no worker is left; end the template now."""
+        self._abandon_forks()
+        template, self.template = self.template, None
+        if template is not None:
+            template.close()
+            template.kill()  # it holds no job; a stopped one would not read its end of file
+            template.reap()
+
+    # ---------------------------------------------------------------- forks
+
+    def request(self) -> bool:
+        """Ask the template for one worker; False if there is no ready
+        template (the request waits for one: ``awaiting``)."""
+        template = self.template
+        if template is None or template.ready is None or template.gone:
+            self.awaiting += 1
+            return False
+        worker_id = new_worker_id()
+        ours, theirs = socket.socketpair()
+        try:
+            template.request_fork(worker_id, theirs)
+        except TemplateGone as exc:
+            # Its sentinel brings the restart; a template that hangs is made to die.
+            logger.warning("could not ask the model template for a worker: %s", exc)
+            ours.close()
+            template.kill()
+            self.awaiting += 1
+            return False
+        finally:
+            theirs.close()
+        self._forks[worker_id] = ours
+        return True
+
+    def take_awaiting(self) -> int:
+        """The template is ready: how many workers to request now."""
+        count, self.awaiting = self.awaiting, 0
+        self.announced = True
+        self.failures = 0
+        return count
+
+    def events(self, events: list[TemplateEvent]) -> ForkOutcome:
+        """Act on what the template sent (``Template.receive``)."""
+        outcome = ForkOutcome()
+        for event in events:
+            if type(event) is WorkerForked:
+                ours = self._forks.pop(event.worker_id, None)
+                if ours is None:  # a request given up on: nobody serves its socket
+                    event.process.kill()
+                    event.process.close()
+                else:
+                    outcome.started.append(WorkerHandle(event.process, ours, forked=True))
+            elif type(event) is ForkFailed:
+                ours = self._forks.pop(event.worker_id, None)
+                if ours is not None:
+                    ours.close()
+                outcome.failed.append(f"the model template could not fork a worker: {event.error}")
+            elif type(event) is Reaped:
+                waiting = self._exits.pop(event.pid, None)
+                if waiting is not None:
+                    outcome.exits.append((waiting[0], event.exitcode))
+            elif type(event) is TemplateClosed:
+                self._abandon_forks()
+        return outcome
+
+    def _abandon_forks(self) -> None:
+        for ours in self._forks.values():
+            ours.close()
+        self.awaiting += len(self._forks)
+        self._forks.clear()
+
+    # ------------------------------------------------------ deaths, deadlines
+
+    def await_exit_code(self, worker: WorkerHandle, now: float) -> None:
+        """A forked worker died and its template has not reported its code yet."""
+        self._exits[worker.pid] = (worker, now + EXIT_REPORT_PATIENCE)
+
+    def overdue_exits(self, now: float) -> list[tuple[WorkerHandle, int | None]]:
+        """Deaths whose code did not come in time: settled as unknown."""
+        overdue = [pid for pid, (_, until) in self._exits.items() if until <= now]
+        return [(self._exits.pop(pid)[0], None) for pid in overdue]
+
+    def hung(self, now: float) -> bool:
+        """A fork request was not answered within start_timeout: kill the template."""
+        template = self.template
+        since = None if template is None else template.pending_since()
+        return since is not None and now - since >= self._start_timeout
+
+    def next_deadline(self) -> float | None:
+        candidates = [until for _, until in self._exits.values()]
+        if self.start_at is not None:
+            candidates.append(self.start_at)
+        template = self.template
+        since = None if template is None else template.pending_since()
+        if since is not None:
+            candidates.append(since + self._start_timeout)
+        return min(candidates, default=None)
