@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import CancelledError
 
 import pytest
 import workloads
@@ -121,7 +122,7 @@ def test_crash_fails_each_job_of_the_batch_and_retries_per_job(fifo):
         assert pool.stats().jobs_retried == 1
 
 
-def test_timeout_applies_to_the_batch_call_and_spares_its_mates(fifo):
+def test_one_items_timeout_fails_that_item_and_its_batch_runs_on(fifo):
     with MLPool({"m": load_constant}, nb_workers=1) as pool:
         gate = fifo()
         blocker = pool.submit("m", workloads.wait_for_release, str(gate))
@@ -130,14 +131,16 @@ def test_timeout_applies_to_the_batch_call_and_spares_its_mates(fifo):
         mate = pool.create_job(workloads.batch_spin, "m", args=(2,))
         gate.release_opened()
         blocker.result(timeout=30)
-        with pytest.raises(JobTimeoutError, match="while running"):
+        with pytest.raises(JobTimeoutError, match="while running in a batch"):
             pool.get_result(doomed, timeout=30)
-        # The mate was in the same call: it runs again, alone, and spins
-        # until its own deadline (none here), so cancel it to end the test.
+        # The mate is in the same call, which runs on (it spins until its own
+        # deadline, none here): its worker is killed only when it is cancelled too.
         with pytest.raises(TimeoutError):
             pool.get_result(mate, timeout=0.5)
+        assert pool.stats().worker_restarts == 0
         assert pool.cancel_job(mate, interrupt=True)
         assert pool.score("m", double_all, 5) == (10, 1)
+        assert pool.stats().worker_restarts == 1
 
 
 def test_policy_rules_without_processes():
@@ -150,3 +153,36 @@ def test_policy_rules_without_processes():
         mlpool.batched(max_batch_size=0)
     with pytest.raises(ValueError):
         mlpool.batched(max_wait_ms=-1)
+
+
+@mlpool.batched(max_batch_size=8, max_wait_ms=5.0)
+def logged_batch_waits(model: dict, items: list) -> list:
+    """Log the items of this call, then wait for the test's FIFO (each item: log, fifo, value)."""
+    log, fifo = items[0][0], items[0][1]
+    with open(log, "a") as f:
+        f.write(" ".join(str(value) for _, _, value in items) + "\n")
+    with open(fifo) as f:
+        f.read()
+    return [value for _, _, value in items]
+
+
+def test_interrupting_one_item_of_a_batch_never_runs_its_mates_twice(tmp_path, fifo):
+    log = str(tmp_path / "calls")
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        first, second = fifo(), fifo()
+        blocker = pool.submit("m", workloads.wait_for_release, str(first))
+        first.wait_running()
+        session = pool.session(interrupt=True)
+        leaving = session.submit("m", logged_batch_waits, (log, str(second), 0))
+        mates = [pool.submit("m", logged_batch_waits, (log, str(second), i)) for i in range(1, 5)]
+        first.release_opened()
+        blocker.result(timeout=30)
+        second.wait_running()
+        session.close()  # its client left: its one item is cancelled, with interrupt
+        second.release_opened()
+        assert [m.result(timeout=30) for m in mates] == [1, 2, 3, 4]
+        with pytest.raises(CancelledError):
+            leaving.result(timeout=30)
+        with open(log) as f:
+            assert f.read().splitlines() == ["0 1 2 3 4"]
+        assert pool.stats().worker_restarts == 0

@@ -261,13 +261,18 @@ class WorkerLifecycle:
             elif job.state is JobState.RUNNING:
                 worker = job.worker
                 assert worker is not None
-                running = job in running_unit(worker.inflight)
-                if running:
+                unit = running_unit(worker.inflight)
+                running = job in unit
+                stop = running and _last_alive(job, unit)
+                if stop:
                     message = f"job {job.id} ({job.fn_name}) timed out while running; worker {worker.id} was replaced"
+                elif running:
+                    message = (f"job {job.id} ({job.fn_name}) timed out while running in a batch; the others of its "
+                               "batch run on")  # fmt: skip
                 else:
                     message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
                 self._finish(job, False, JobTimeoutError(message, while_running=running))
-                if running:
+                if stop:
                     worker.kill(f"job {job.id} passed its timeout")
 
     def _expire_results(self, now: float) -> None:
@@ -456,6 +461,12 @@ class WorkerLifecycle:
         self._wake_r = self._wake_w = -1
         if not self.finished.done():
             self.finished.set_result(None)
+
+
+def _last_alive(job: Job, unit: list[Job]) -> bool:
+    """Whether ``job`` is the last live one of the batch (or single job) its
+    worker runs: only then may its timeout or interrupt kill the worker."""
+    return all(other is job or other.state is not JobState.RUNNING for other in unit)
 
 
 def _backoff(failures: int) -> float:

@@ -64,7 +64,7 @@ from mlpool._errors import (
     WorkerCrashedError,
 )
 from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, CallbackRunner, Job, JobState, running_loop, running_unit, settle
-from mlpool._lifecycle import WorkerLifecycle
+from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._pipes import PipeReaders
 from mlpool._state import PoolState, PoolStats
 from mlpool._metrics import LatencyRecorder
@@ -343,10 +343,13 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._finish(job, False, CANCELLED)
                 return True
             if job.state is JobState.RUNNING:
-                self._finish(job, False, CANCELLED)
                 worker = job.worker
                 assert worker is not None
-                if interrupt and job in running_unit(worker.inflight):
+                unit = running_unit(worker.inflight)
+                # A batch runs on while any of its jobs still wants a result.
+                stop = interrupt and job in unit and _last_alive(job, unit)
+                self._finish(job, False, CANCELLED)
+                if stop:
                     worker.kill(f"job {job.id} was cancelled with interrupt=True")
                 return True
             return False
