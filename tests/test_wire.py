@@ -299,3 +299,22 @@ def test_lookup_refuses_an_unpicklable_function_clearly():
     with pytest.raises(SerializationError, match="cannot be pickled"):
         FunctionTable().lookup(functools.partial(score, lock))
 
+
+
+def test_a_pickle_is_forgotten_once_its_function_is_gone():
+    import numpy as np
+
+    table = FunctionTable()
+    for _ in range(20):  # per call: a partial over a new 1 MiB array
+        table.lookup(functools.partial(score, np.ones(2**17)))
+    gc.collect()
+    table.lookup(score)
+    assert len(table) == 1 and table.nbytes < 2**16
+
+
+def test_the_table_keeps_a_bounded_number_of_bytes():
+    table = FunctionTable(max_bytes=4 * 2**20)
+    keep = [functools.partial(score, bytes(2**20) + bytes([i])) for i in range(10)]  # alive, 1 MiB each
+    for fn in keep:
+        table.lookup(fn)
+    assert table.nbytes <= 4 * 2**20 and len(table) <= 4

@@ -35,8 +35,10 @@ PROTOCOL = 5
 # A worker caches this many functions; the parent mirrors the cache exactly
 # (both clear it at the same message), so it knows when to resend a pickle.
 FUNCTION_CACHE_SIZE = 1024
-# The parent keeps the pickles of this many recently used functions.
+# The parent keeps the pickles of this many recently used functions, this
+# many bytes of them at most.
 FUNCTION_TABLE_SIZE = 256
+FUNCTION_TABLE_BYTES = 64 * 2**20
 
 
 def dumps(obj: Any, what: str) -> bytes:
@@ -77,22 +79,28 @@ def loads(data: bytes, what: str, buffers: Any = None) -> Any:
 class FunctionTable:
     """Gives each scoring function an id and its pickle, computed once.
 
-    The table keeps the ``FUNCTION_TABLE_SIZE`` most recently used functions
-    (least recently used out first), so per-call lambdas, partials and bound
-    methods cannot grow it. Functions are recognised by identity, and so are
-    equivalent ones made again for each call: ``partial(f, a)`` with the
-    same ``f`` and the same (or equal plain) arguments, ``obj.method`` of
-    the same object, and a lambda or closure re-created from the same code
-    with the same captured values. The table holds the functions weakly
-    where they allow it (other parts, such as a partial's list argument,
-    strongly until evicted). Thread-safe.
+    The table keeps the pickles of the ``FUNCTION_TABLE_SIZE`` most recently
+    used functions, at most ``FUNCTION_TABLE_BYTES`` in all (least recently
+    used out first), so per-call lambdas, partials and bound methods cannot
+    grow it. Functions are recognised by identity, and so are equivalent
+    ones made again for each call: ``partial(f, a)`` with the same ``f`` and
+    the same (or equal plain) arguments, ``obj.method`` of the same object,
+    and a lambda or closure re-created from the same code with the same
+    captured values. The table holds those parts weakly where they allow it,
+    and forgets a pickle once one of them is gone (other parts, such as a
+    partial's list argument, are held until evicted). Thread-safe.
     """
 
-    def __init__(self, size: int = FUNCTION_TABLE_SIZE) -> None:
+    def __init__(self, size: int = FUNCTION_TABLE_SIZE, max_bytes: int = FUNCTION_TABLE_BYTES) -> None:
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         # The same function object again (the usual case) skips computing its key.
-        self._seen: dict[int, tuple[weakref.ref, _Entry]] = {}
+        self._seen: dict[int, tuple[weakref.ref, Hashable]] = {}
+        # Keys whose parts died (appended by weakref callbacks, at any moment:
+        # list.append needs no lock), purged at the next lookup.
+        self._dead: list[Hashable] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.pickled = 0  # how many times a function was pickled, for tests and stats
@@ -100,22 +108,34 @@ class FunctionTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of pickles kept."""
+        return self._bytes
+
     def lookup(self, fn: Callable) -> tuple[int, bytes]:
         """``(fn_id, pickle)`` for ``fn``; raises SerializationError if it cannot be pickled."""
+        if self._dead:
+            self._purge()
         seen = self._seen.get(id(fn))
         if seen is not None and seen[0]() is fn:
-            entry = seen[1]
-            with self._lock:
-                if entry.key is not None:  # not evicted
-                    self._entries.move_to_end(entry.key)
-                    return entry.fn_id, entry.data
+            # No lock: each OrderedDict call is atomic under the GIL (keys are
+            # tuples of ints and strings), and an entry evicted meanwhile
+            # still holds a valid pickle and id.
+            entry = self._entries.get(seen[1])
+            if entry is not None:  # fn is alive, so are the parts of its key
+                try:
+                    self._entries.move_to_end(seen[1])
+                except KeyError:
+                    pass
+                return entry.fn_id, entry.data
         parts: list[Any] = []
         key = _key(fn, parts, 0)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.guards_hold(parts):
                 self._entries.move_to_end(key)
-                self._remember(fn, entry)
+                self._remember(fn, key)
                 return entry.fn_id, entry.data
         try:
             data = cloudpickle.dumps(fn, PROTOCOL)
@@ -123,37 +143,51 @@ class FunctionTable:
             raise SerializationError(
                 f"scoring function {_safe_repr(fn)} cannot be pickled: {type(exc).__name__}: {_safe_str(exc)}"
             ) from exc
+        forget = functools.partial(_append, self._dead, key)
         with self._lock:
             self.pickled += 1
-            entry = _Entry(next(self._ids), data, [_guard(part) for part in parts], key)
-            old = self._entries.pop(key, None)
-            if old is not None:  # its parts died and their ids were reused
-                old.key = None
+            entry = _Entry(next(self._ids), data, [_guard(part, forget) for part in parts])
+            self._drop(key)  # an older entry whose parts died and whose ids were reused
             self._entries[key] = entry
-            while len(self._entries) > self._size:
-                self._entries.popitem(last=False)[1].key = None
-            self._remember(fn, entry)
+            self._bytes += len(data)
+            while len(self._entries) > 1 and (len(self._entries) > self._size or self._bytes > self._max_bytes):
+                self._drop(next(iter(self._entries)))
+            self._remember(fn, key)
         return entry.fn_id, entry.data
 
-    def _remember(self, fn: Callable, entry: _Entry) -> None:
-        """Under the lock: note ``fn`` itself for the fast path (a cache of the table, as bounded)."""
+    def _drop(self, key: Hashable) -> None:
+        """Under the lock: forget ``key``'s pickle."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry.data)
+
+    def _purge(self) -> None:
+        """Forget the pickles whose functions' parts died."""
+        with self._lock:
+            while self._dead:
+                key = self._dead.pop()  # atomic: a callback may append meanwhile
+                entry = self._entries.get(key)
+                if entry is not None and not entry.alive():
+                    self._drop(key)
+
+    def _remember(self, fn: Callable, key: Hashable) -> None:
+        """Under the lock: note ``fn`` itself for the fast path (bounded as the table)."""
         try:
             ref = weakref.ref(fn)
         except TypeError:
             return
         if len(self._seen) >= 2 * self._size:
             self._seen.clear()
-        self._seen[id(fn)] = (ref, entry)
+        self._seen[id(fn)] = (ref, key)
 
 
 class _Entry:
-    __slots__ = ("fn_id", "data", "guards", "key")
+    __slots__ = ("fn_id", "data", "guards")
 
-    def __init__(self, fn_id: int, data: bytes, guards: list[tuple[bool, Any]], key: Hashable) -> None:
+    def __init__(self, fn_id: int, data: bytes, guards: list[tuple[bool, Any]]) -> None:
         self.fn_id = fn_id
         self.data = data
         self.guards = guards  # what the key's ids stand for: (weak?, reference)
-        self.key: Hashable | None = key  # None once evicted
 
     def guards_hold(self, parts: list[Any]) -> bool:
         """Whether each id in the key still names the object it was made from."""
@@ -166,12 +200,19 @@ class _Entry:
                 return False
         return True
 
+    def alive(self) -> bool:
+        return all(ref() is not None for weak, ref in self.guards if weak)
 
-def _guard(obj: Any) -> tuple[bool, Any]:
+
+def _guard(obj: Any, on_death: Callable[[Any], None]) -> tuple[bool, Any]:
     try:
-        return True, weakref.ref(obj)
+        return True, weakref.ref(obj, on_death)
     except TypeError:  # not weak-referenceable (a dict, a list): held until evicted
         return False, obj
+
+
+def _append(dead: list, key: Hashable, ref: Any) -> None:
+    dead.append(key)
 
 
 # Values compared by value in a key (the type too: 1, 1.0 and True are equal).
