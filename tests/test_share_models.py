@@ -208,7 +208,9 @@ def test_max_memory_per_worker_counts_private_memory_only():
         assert all(pool.score("m", workloads.weights_mean) == 0.5 for _ in range(20))
         assert pool.stats().workers_recycled == 0
         assert pool.score("m", workloads.hold_memory, 150) == first  # now 150 MiB of its own
-        assert pool.score("m", workloads.pid) != first  # recycled, from the template
+        # Recycled, from the template. A costly reading (smaps_rollup) may
+        # follow the result rather than come with it: one more job may run first.
+        assert [pool.score("m", workloads.pid) for _ in range(2)][-1] != first
         assert pool.stats().workers_recycled == 1
 
 

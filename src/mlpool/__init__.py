@@ -3,9 +3,17 @@
 Each worker loads every model once; callers send jobs (a scoring function and
 its arguments) and get results back through job ids, futures or coroutines.
 See :class:`MLPool`.
+
+The errors are loaded with the package; everything else on first use (PEP
+562), so that a worker process, which imports ``mlpool._worker_main``, loads
+no parent-side module (the pool, the engine, asyncio, integrations).
 """
 
-from mlpool._batching import batched
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from mlpool._errors import (
     JobTimeoutError,
     MLPoolError,
@@ -21,9 +29,12 @@ from mlpool._errors import (
     UnknownModelError,
     WorkerCrashedError,
 )
-from mlpool._state import PoolStats
-from mlpool._pool import MLPool
-from mlpool._resources import usable_cpu_count
+
+if TYPE_CHECKING:
+    from mlpool._batching import batched
+    from mlpool._pool import MLPool
+    from mlpool._resources import usable_cpu_count
+    from mlpool._state import PoolStats
 
 __version__ = "0.2.0.dev0"
 
@@ -47,11 +58,38 @@ __all__ = [
     "usable_cpu_count",
 ]
 
-# Show the public path in reprs, docs and tracebacks (mlpool.MLPool, not
-# mlpool._pool.MLPool). Pickles of these errors still resolve: each private
-# module keeps its name bound.
+# Loaded on first use: the name and the private module that defines it.
+_LAZY = {
+    "MLPool": "mlpool._pool",
+    "PoolStats": "mlpool._state",
+    "batched": "mlpool._batching",
+    "usable_cpu_count": "mlpool._resources",
+}
+
+
+def _public(obj: Any) -> Any:
+    # Show the public path in reprs, docs and tracebacks (mlpool.MLPool, not
+    # mlpool._pool.MLPool). Pickles still resolve: each private module keeps
+    # its name bound, and this module finds every public name.
+    if getattr(obj, "__module__", "").startswith("mlpool._"):
+        obj.__module__ = "mlpool"
+    return obj
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlpool' has no attribute {name!r}")
+    value = _public(getattr(import_module(module), name))
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("mlpool._"):
-        _obj.__module__ = "mlpool"
-del _name, _obj
+    if _name not in _LAZY:
+        _public(globals()[_name])
+del _name

@@ -80,7 +80,7 @@ from mlpool._protocol import (
     encode_run_batch,
     send_frames,
 )
-from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps, unpack_exception
+from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps_by_value, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
 from mlpool._ray import RaySession
 from mlpool._forking import ForkLauncher
@@ -110,7 +110,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         for name in loaders:
             _check_model_name(name)
         self.models = frozenset(loaders)
-        self._loaders_pickle = dumps(loaders, "models_to_load")
+        self._loaders_pickle = dumps_by_value(loaders, "models_to_load")
         self._context = multiprocessing.get_context(config.start_method)
         self._worker_settings = WorkerSettings(
             parent_pid=os.getpid(),

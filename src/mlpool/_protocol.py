@@ -4,7 +4,8 @@ Each worker has one duplex pipe. Every message is one frame::
 
     [body length: u32][kind: u8][body]
 
-Parent -> worker (``ToWorker``): ``Run`` (one job), ``RunBatch`` (jobs of a
+Parent -> worker (``ToWorker``): ``Setup`` (first, optional: the worker's
+"started" word, see ``_started``), ``Run`` (one job), ``RunBatch`` (jobs of a
 batched function, one call), ``Stop``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
 ``Failed``, ``OverMemory``, ``Exiting``.
@@ -20,6 +21,10 @@ the frame lists their ``spans`` (offset, length) and the file's descriptor
 rides along as ``SCM_RIGHTS`` ancillary data, sent with the frame's first
 byte, one descriptor per payload that has spans, in frame order. The reader
 collects descriptors as they arrive and hands each frame its own (``fd``).
+One ``sendmsg`` carries at most ``MAX_FDS_PER_SEND`` descriptors (Linux's
+SCM_MAX_FD): a frame with more goes in several sends, each carrying the next
+descriptors with the next byte of the frame, so all of them have arrived by
+the time its last byte has.
 """
 
 from __future__ import annotations
@@ -38,14 +43,30 @@ _DONE = struct.Struct("<QdIB")  # job id, seconds the call took, spans, where th
 _SPAN = struct.Struct("<QQ")  # offset, length in the payload's shared-memory file
 _FAILED = struct.Struct("<QdI")  # job id, seconds, length of the pickled exception
 
-_RUN_KIND, _STOP_KIND, _RUN_BATCH_KIND = 1, 2, 3
+_RUN_KIND, _STOP_KIND, _RUN_BATCH_KIND, _SETUP_KIND = 1, 2, 3, 4
 _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length, function pickle length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
-_NEW_FILE = 2  # Done.where: the result's buffers are in a file sent along (_shm.NEW_FILE)
+
+# Done.where: where the result's out-of-band buffers are. Nowhere (none, or
+# in-band), in the file the parent offered with the Run, or in a new file the
+# worker sends along with the Done.
+NOWHERE, OFFERED, NEW_FILE = 0, 1, 2
+
+# Text crosses as UTF-8; lone surrogates (an exception message built from
+# undecodable bytes, a model name from os.fsdecode) survive the round trip.
+_TEXT = "surrogatepass"
 
 MAX_FRAME = 2**32 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """Sent first, before the worker starts (it waits in the socket):
+    ``started_fd`` is the worker's "started" word (see ``_started``)."""
+
+    started_fd: int = field(default=-1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +156,7 @@ class Exiting:
     """The worker obeys ``Stop`` and is about to exit."""
 
 
-ToWorker = Run | RunBatch | Stop
+ToWorker = Setup | Run | RunBatch | Stop
 FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting
 
 
@@ -166,7 +187,9 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
         case Done(job_id, seconds, result, spans, where):
             return encode_done(job_id, seconds, result, spans, where)
         case Failed(job_id, seconds, error, tb):
-            return _frame(_FAILED_KIND, _FAILED.pack(job_id, seconds, len(error)), error, tb.encode())
+            return encode_failed(job_id, seconds, error, tb)
+        case Setup():
+            return encode_setup()
         case Stop():
             return _frame(_STOP_KIND)
         case Exiting():
@@ -187,11 +210,26 @@ def encode_done(job_id: int, seconds: float, result: bytes, spans: Spans = (), w
     return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, len(spans), where), _spans(spans), result)
 
 
+def encode_failed(job_id: int, seconds: float, error: bytes, tb: str) -> bytes:
+    """``encode(Failed(...))``; any text crosses, lone surrogates included."""
+    return _frame(_FAILED_KIND, _FAILED.pack(job_id, seconds, len(error)), error, tb.encode("utf-8", _TEXT))
+
+
+def encode_setup() -> bytes:
+    """A Setup frame; send the started word's descriptor with it (:func:`setup_frame`)."""
+    return _frame(_SETUP_KIND)
+
+
+def setup_frame(started_fd: int) -> tuple[bytes, list[int]]:
+    """``(frame, fds)`` for :func:`send_frames`: a Setup carrying ``started_fd``."""
+    return encode_setup(), [started_fd]
+
+
 def encode_run(
     job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes, spans: Spans = (), offer: bool = False
 ) -> bytes:
     """``encode(Run(...))`` without building the message first (the dispatch hot path)."""
-    name = model.encode()
+    name = model.encode("utf-8", _TEXT)
     head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans), offer)
     return _frame(_RUN_KIND, head, _spans(spans), name, fn, payload)
 
@@ -199,7 +237,8 @@ def encode_run(
 def encode_run_batch(
     job_ids: tuple[int, ...], fn_id: int, model: str, fn: bytes, payloads: tuple[bytes, ...], spans: tuple[Spans, ...] = ()
 ) -> bytes:
-    name = model.encode()
+    """``encode(RunBatch(...))`` without building the message first."""
+    name = model.encode("utf-8", _TEXT)
     count = len(job_ids)
     spans = spans or ((),) * count
     head = _RUN_BATCH.pack(count, fn_id, len(name), len(fn))
@@ -216,12 +255,12 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
         job_id, seconds, count, where = _DONE.unpack_from(body)
         start = _DONE.size + count * _SPAN.size
         spans = _read_spans(body, _DONE.size, count)
-        return Done(job_id, seconds, body[start:], spans, where, _take_fd(fds) if where == _NEW_FILE else -1)
+        return Done(job_id, seconds, body[start:], spans, where, _take_fd(fds) if where == NEW_FILE else -1)
     if kind == _RUN_KIND:
         job_id, fn_id, name_len, fn_len, count, offer = _RUN.unpack_from(body)
         spans = _read_spans(body, _RUN.size, count)
         start = _RUN.size + count * _SPAN.size
-        model = body[start : start + name_len].decode()
+        model = body[start : start + name_len].decode("utf-8", _TEXT)
         start += name_len
         fd = _take_fd(fds) if spans else -1
         offer_fd = _take_fd(fds) if offer else -1
@@ -230,7 +269,7 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
     if kind == _FAILED_KIND:
         job_id, seconds, err_len = _FAILED.unpack_from(body)
         start = _FAILED.size
-        return Failed(job_id, seconds, body[start : start + err_len], body[start + err_len :].decode())
+        return Failed(job_id, seconds, body[start : start + err_len], body[start + err_len :].decode("utf-8", _TEXT))
     if kind == _RUN_BATCH_KIND:
         count, fn_id, name_len, fn_len = _RUN_BATCH.unpack_from(body)
         start = _RUN_BATCH.size
@@ -245,7 +284,7 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
             all_spans.append(_read_spans(body, start, span_count))
             start += span_count * _SPAN.size
         job_fds = tuple(_take_fd(fds) if s else -1 for s in all_spans)
-        model = body[start : start + name_len].decode()
+        model = body[start : start + name_len].decode("utf-8", _TEXT)
         start += name_len
         fn = body[start : start + fn_len]
         start += fn_len
@@ -256,6 +295,8 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
         return RunBatch(job_ids, fn_id, model, fn, tuple(payloads), tuple(all_spans), job_fds)
     if kind == _STOP_KIND:
         return Stop()
+    if kind == _SETUP_KIND:
+        return Setup(_take_fd(fds))
     if kind == _EXITING_KIND:
         return Exiting()
     if kind == _OVER_MEMORY_KIND:
@@ -271,10 +312,19 @@ def _take_fd(fds: deque[int] | None) -> int:
     return fds.popleft()
 
 
-_ANCILLARY = socket.CMSG_SPACE(64 * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
+# Linux's SCM_MAX_FD: sendmsg refuses more descriptors in one call (EINVAL),
+# so one recvmsg never brings more: a buffer this size is never truncated.
+MAX_FDS_PER_SEND = 253
+_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_SEND * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
 # Plain ints: flags are IntFlag members, and & on those runs Python code.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
+
+
+class DescriptorsLost(OSError):
+    """The kernel dropped descriptors sent with a message (MSG_CTRUNC): the
+    frames that needed them cannot be decoded. A protocol bug, never a
+    normal end of the connection."""
 
 
 class FrameReader:
@@ -313,7 +363,10 @@ class FrameReader:
                     fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
                     self.fds.extend(fds)
             if msg_flags & _CTRUNC:
-                raise OSError("descriptors sent with a message were lost (MSG_CTRUNC)")
+                raise DescriptorsLost(
+                    "descriptors sent with a message were lost (MSG_CTRUNC): the sender sent more than "
+                    f"{MAX_FDS_PER_SEND} in one sendmsg"
+                )
         return n > 0
 
     def missing(self) -> int:
@@ -351,7 +404,8 @@ class FrameReader:
 
 
 def send_frames(sock: socket.socket, frames: list[tuple[bytes, list[int]]]) -> None:
-    """Send frames in order; each frame's descriptors go with its first byte."""
+    """Send frames in order; each frame's descriptors arrive before its last
+    byte (with its first bytes, at most MAX_FDS_PER_SEND per byte), any number."""
     if len(frames) == 1 and not frames[0][1]:
         sock.sendall(frames[0][0])
         return
@@ -363,11 +417,24 @@ def send_frames(sock: socket.socket, frames: list[tuple[bytes, list[int]]]) -> N
         if pending:
             sock.sendall(b"".join(pending))
             pending = []
-        sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        if sent < len(frame):
-            sock.sendall(memoryview(frame)[sent:])
+        _send_with_fds(sock, frame, fds)
     if pending:
         sock.sendall(pending[0] if len(pending) == 1 else b"".join(pending))
+
+
+def _send_with_fds(sock: socket.socket, frame: bytes, fds: list[int]) -> None:
+    """One frame and its descriptors: each sendmsg but the last carries one
+    byte and the next MAX_FDS_PER_SEND descriptors, the last the rest."""
+    chunks = [fds[i : i + MAX_FDS_PER_SEND] for i in range(0, len(fds), MAX_FDS_PER_SEND)]
+    if len(chunks) > len(frame):  # a frame describes its descriptors: never this short
+        raise ValueError(f"a frame of {len(frame)} bytes cannot carry {len(fds)} descriptors")
+    with memoryview(frame) as view:
+        pos = 0
+        for i, chunk in enumerate(chunks):
+            end = pos + 1 if i < len(chunks) - 1 else len(frame)
+            pos += sock.sendmsg([view[pos:end]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", chunk))])
+        if pos < len(frame):
+            sock.sendall(view[pos:])
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -47,6 +47,7 @@ from collections import deque
 from typing import Any
 
 from mlpool._errors import SerializationError
+from mlpool._serialization import loads
 from mlpool._shm_worker import (
     ALIGN,
     AVAILABLE,
@@ -226,10 +227,7 @@ class Payload:
 
     def loads(self, what: str) -> Any:
         """Unpickle in this process (the inline pool): the buffers as they are."""
-        try:
-            return pickle.loads(self.data, buffers=[b.raw().toreadonly() for b in self.buffers])
-        except Exception as exc:
-            raise SerializationError(f"{what} cannot be unpickled: {type(exc).__name__}: {exc}") from exc
+        return loads(self.data, what, [b.raw().toreadonly() for b in self.buffers])
 
     def release(self, pool: RegionPool) -> None:
         self.buffers = []
@@ -273,10 +271,9 @@ def read_result(
             copy = memoryview(bytearray(region.view[:extent]))
             pool.give(region)
             buffers = [copy[offset : offset + length] for offset, length in spans]
-    try:
-        return pickle.loads(data, buffers=buffers)
-    except Exception as exc:  # its buffers are garbage now: a lent region went back
-        raise SerializationError(f"{what} cannot be unpickled: {type(exc).__name__}: {exc}") from exc
+    # On failure (any BaseException becomes a SerializationError there) its
+    # buffers are garbage at once: a lent region goes back.
+    return loads(data, what, buffers)
 
 
 _PROT = mmap.PROT_READ | mmap.PROT_WRITE

@@ -27,6 +27,7 @@ from typing import Any
 import cloudpickle
 
 from mlpool._errors import SerializationError
+from mlpool._protocol import NEW_FILE, NOWHERE, OFFERED
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,6 @@ AVAILABLE = hasattr(os, "memfd_create")
 ALIGN = 64  # each buffer starts on a cache line (and a SIMD-friendly boundary)
 # Fault every page in with one call rather than one page at a time (Linux).
 POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-# Where a result's buffers are (Done.where on the wire).
-NOWHERE, OFFERED, NEW_FILE = 0, 1, 2
 
 Spans = tuple[tuple[int, int], ...]
 

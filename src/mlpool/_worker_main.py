@@ -2,19 +2,26 @@
 
 ::
 
-    start ─► watch the parent ─► cap threads ─► load every model ─► Ready ─┐
-                                           (a loader fails ─► LoadFailed, exit)
-    ┌──────────────────────────────────────────────────────────────────────┘
-    └► read frames ─► Run: call fn(model, *args, **kwargs) ─► Done | Failed ─┐
-         ▲                                     (over max_memory_per_worker: OverMemory)
-         ▲                                                                    │
-         └────────────────────────────────────────────────────────────────────┘
+    start ─► ignore SIGINT/SIGTERM, watch the parent ─► Setup (started word, if sent)
+          ─► cap threads ─► load every model ─► Ready ─┐
+                          (a loader fails ─► LoadFailed, exit)
+    ┌──────────────────────────────────────────────────┘
+    └► read frames ─► Run: note the job in the started word,
+         ▲            call fn(model, *args, **kwargs) ─► Done | Failed ─► memory check
+         ▲                                         (over max_memory_per_worker: OverMemory)
+         └──────────────────────────────────────────────────────────────────────┘
        Stop ─► Exiting, exit          end of file (parent gone) ─► exit
 
 Jobs run one at a time, in the order they arrived, and each result is written
 as soon as it exists: the parent relies on that order to know which job a
-dead worker was running. A scoring function's exception goes back as a value;
-the worker lives on.
+dead worker was running. A scoring function's exception, whatever it is (a
+SystemExit, one that cannot be pickled or printed), goes back as a value; the
+worker lives on. The pool alone decides when a worker ends (Stop, then
+SIGKILL): a SIGINT or SIGTERM sent to the whole process group is ignored.
+
+This module and what it imports (``_protocol``, ``_serialization``,
+``_errors``, ``_started``, ``_worker_memory`` and the worker half of ``_shm``) are all a worker
+loads of mlpool: never the parent side.
 """
 
 from __future__ import annotations
@@ -27,28 +34,31 @@ import socket
 import sys
 import threading
 import time
-import traceback
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
 from mlpool._protocol import (
+    DescriptorsLost,
     Exiting,
-    Failed,
     FrameReader,
     LoadFailed,
-    OverMemory,
     Ready,
     Run,
     RunBatch,
+    Setup,
     Stop,
     encode,
     encode_done,
+    encode_failed,
     send_frames,
     write_all,
 )
-from mlpool._serialization import FUNCTION_CACHE_SIZE, pack_exception
+from mlpool._serialization import FUNCTION_CACHE_SIZE, describe_exception, format_traceback, pack_exception
 from mlpool._shm_worker import unpack, write_result
+from mlpool._started import StartedWord
+from mlpool._worker_memory import MemoryWatch
 
 MAX_TRACEBACK = 32 * 1024  # characters of a loader's traceback sent back
 
@@ -61,6 +71,9 @@ THREAD_ENV_VARS = (
     "NUMEXPR_NUM_THREADS",
     "BLIS_NUM_THREADS",
 )
+
+
+__all__ = ["MemoryWatch", "WorkerSettings", "load_models", "run_message", "serve", "worker_main"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +99,9 @@ def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: Work
     """
     prepare_process(settings, settings.threads)
     fd = conn.fileno()
+    sock = socket.socket(fileno=os.dup(fd))
+    reader = FrameReader()
+    early = read_waiting(sock, reader)  # the parent's Setup, written before we started
     started = time.perf_counter()
     models = load_models(loaders_pickle)
     if isinstance(models, LoadFailed):
@@ -93,15 +109,28 @@ def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: Work
         return
     cap_threads_after_loading(settings.threads)
     write_all(fd, encode(Ready(os.getpid(), time.perf_counter() - started)))
-    serve(fd, models, settings)
+    serve(fd, models, settings, sock=sock, reader=reader, early=early)
+
+
+def read_waiting(sock: socket.socket, reader: FrameReader) -> deque:
+    """The messages already waiting in ``sock`` (without blocking): the
+    parent's Setup, when it sent one."""
+    try:
+        reader.recv_from(sock)
+    except BlockingIOError:
+        pass
+    return deque(reader.messages())
 
 
 def prepare_process(settings: WorkerSettings, threads: int) -> None:
     """What a freshly spawned worker (or template) does before loading models;
     ``threads`` caps BLAS/OpenMP/PyTorch thread pools."""
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides
-    # when workers stop.
+    # Ctrl-C in a terminal, and SIGTERM from `timeout`, `kill -TERM -PGID` or
+    # a process manager, reach the whole process group. The pool decides when
+    # workers stop (Stop, then SIGKILL), so that the app can drain (#13.21).
+    # A dead parent still ends us: PDEATHSIG is SIGKILL, or a pidfd watch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(settings.parent_pid)
     if settings.nice and hasattr(os, "nice"):
         os.nice(settings.nice)
@@ -195,43 +224,80 @@ def load_models(loaders_pickle: bytes) -> dict[str, Any] | LoadFailed:
             if model is None:
                 raise ValueError(f"the loader of model {name!r} returned None; it must return the model")
             models[name] = model
-    except BaseException as exc:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        error = f"{type(exc).__name__}: {exc}"
+    except BaseException as exc:  # the process boundary: the parent reports it as ModelLoadError
+        tb = format_traceback(exc)
+        error = describe_exception(exc)
         return LoadFailed(name, error[:MAX_TRACEBACK], tb[-MAX_TRACEBACK:])
     return models
 
 
-def serve(fd: int, models: dict[str, Any], settings: WorkerSettings) -> None:
-    """Answer jobs read from ``fd`` until Stop or end of file."""
-    sock = socket.socket(fileno=os.dup(fd))  # recvmsg/sendmsg: descriptors ride along
-    reader = FrameReader()
+def serve(
+    fd: int,
+    models: dict[str, Any],
+    settings: WorkerSettings,
+    *,
+    sock: socket.socket | None = None,
+    reader: FrameReader | None = None,
+    early: deque | None = None,
+) -> None:
+    """Answer jobs read from ``fd`` until Stop or end of file.
+
+    ``sock``/``reader``: the ones :func:`worker_main` already read ``early``
+    messages with (a Setup). Raises DescriptorsLost if the kernel dropped
+    descriptors (a protocol bug: the worker must not exit as if told to).
+    """
+    if sock is None:
+        sock = socket.socket(fileno=os.dup(fd))  # recvmsg/sendmsg: descriptors ride along
+    if reader is None:
+        reader = FrameReader()
+    messages = early if early is not None else deque()
     functions: dict[int, Callable] = {}
     memory = MemoryWatch(settings)
+    started = StartedWord()  # a no-op until the parent sends one
     try:
         while True:
-            try:
-                if not reader.recv_from(sock, 0):
-                    return  # the parent is gone
-            except OSError:
-                return
-            for msg in reader.messages():
+            while messages:
+                msg = messages.popleft()
                 match msg:
                     case Run() | RunBatch():
+                        started.write(msg.job_id if type(msg) is Run else msg.job_ids[0])
+                        begun = time.monotonic()
                         replies = run_message(msg, models, functions, settings)
-                        del msg
-                        replies += memory.check()
-                        try:
-                            send_frames(sock, replies)
-                        finally:
-                            for _, fds in replies:
-                                for result_fd in fds:
-                                    os.close(result_fd)
+                        del msg  # lets the arguments' shared memory go
+                        busy = time.monotonic() - begun
+                        if memory.long_job(busy):
+                            _send_replies(sock, replies + memory.check(busy))
+                        else:
+                            _send_replies(sock, replies)
+                            _send_replies(sock, memory.check(busy))
+                    case Setup():
+                        started.close()
+                        started = StartedWord.attach(msg.started_fd)
                     case Stop():
                         write_all(fd, encode(Exiting()))
                         return
+            try:
+                if not reader.recv_from(sock, 0):
+                    return  # the parent is gone
+            except DescriptorsLost:
+                raise
+            except OSError:
+                return
+            messages.extend(reader.messages())
     finally:
+        started.close()
         reader.close()
+
+
+def _send_replies(sock: socket.socket, replies: list[Reply]) -> None:
+    if not replies:
+        return
+    try:
+        send_frames(sock, replies)
+    finally:
+        for _, fds in replies:
+            for result_fd in fds:
+                os.close(result_fd)
 
 
 def _function_and_model(msg: Run | RunBatch, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:
@@ -250,12 +316,21 @@ Reply = tuple[bytes, list[int]]  # an encoded frame and the descriptors to send 
 
 
 def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerSettings, offer: int = -1) -> Reply:
+    """The Done of a result, or the Failed of why it cannot be sent (a
+    ``__reduce__`` that raises anything, a frame too large)."""
+    fd = -1
     try:
         data, spans, where, fd = write_result(result, what, settings.shm_threshold, settings.shm_limit, offer)
-    except SerializationError as exc:
-        error, tb = pack_exception(exc)
-        return encode(Failed(job_id, seconds, error, tb)), []
-    return encode_done(job_id, seconds, data, spans, where), [fd] if fd >= 0 else []
+        return encode_done(job_id, seconds, data, spans, where), [fd] if fd >= 0 else []
+    except BaseException as exc:  # the result's own code ran: whatever it raised is this job's error
+        if fd >= 0:
+            os.close(fd)
+        return _failed(job_id, seconds, exc)
+
+
+def _failed(job_id: int, seconds: float, exc: BaseException) -> Reply:
+    error, tb = pack_exception(exc)
+    return encode_failed(job_id, seconds, error, tb), []
 
 
 def run_message(
@@ -273,25 +348,6 @@ def run_message(
     return _run_batch(msg, models, functions, settings, buffers)
 
 
-class MemoryWatch:
-    """Reports, once, that this worker passed max_memory_per_worker (the
-    parent then replaces it, once its jobs are done)."""
-
-    def __init__(self, settings: WorkerSettings) -> None:
-        self.limit = settings.memory_limit
-        self._read = _memory_reader(settings.private_memory) if self.limit is not None else None
-
-    def check(self) -> list[Reply]:
-        """An OverMemory reply the first time the limit is passed, else nothing."""
-        if self._read is None:
-            return []
-        rss = self._read()
-        if self.limit is None or rss <= self.limit:
-            return []
-        self._read = None
-        return [(encode(OverMemory(rss)), [])]
-
-
 def _run(
     msg: Run, models: dict[str, Any], functions: dict[int, Callable], settings: WorkerSettings, buffers: Any = None
 ) -> list[Reply]:
@@ -304,10 +360,8 @@ def _run(
             args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments", buffers)
             result = fn(model, *args, **kwargs)
             del args, kwargs  # lets the arguments' shared memory go
-        except BaseException as exc:
-            seconds = time.perf_counter() - started
-            error, tb = pack_exception(exc)
-            return [(encode(Failed(msg.job_id, seconds, error, tb)), [])]
+        except BaseException as exc:  # the job's error, whatever it is; the worker serves on
+            return [_failed(msg.job_id, time.perf_counter() - started, exc)]
         seconds = time.perf_counter() - started
         return [_done(msg.job_id, seconds, result, f"the result of {_name(fn)}", settings, msg.offer_fd)]
     finally:
@@ -346,10 +400,10 @@ def _run_batch(
                 f"batched function {_name(fn)} returned {len(results)} results for {len(msg.job_ids)} items; "
                 "it must return exactly one result per item, in order"
             )
-    except BaseException as exc:
+    except BaseException as exc:  # every job's error, whatever it is; the worker serves on
         seconds = time.perf_counter() - started
         error, tb = pack_exception(exc)
-        return [(encode(Failed(job_id, seconds, error, tb)), []) for job_id in msg.job_ids]
+        return [(encode_failed(job_id, seconds, error, tb), []) for job_id in msg.job_ids]
     seconds = time.perf_counter() - started
     return [
         _done(job_id, seconds, result, f"a result of {_name(fn)}", settings)
@@ -357,49 +411,10 @@ def _run_batch(
     ]
 
 
-def _memory_reader(private: bool) -> Callable[[], int]:
-    """A cheap reader of this process's memory: resident bytes, or with
-    ``private`` the bytes no other process shares (what a forked worker adds
-    to the template's models)."""
-    if private:
-        try:
-            rollup = open("/proc/self/smaps_rollup", "rb", buffering=0)
-        except OSError:
-            import psutil
-
-            process = psutil.Process()
-            return lambda: process.memory_full_info().uss
-
-        def from_rollup() -> int:
-            rollup.seek(0)
-            kib = 0
-            for line in rollup.read().splitlines():
-                if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
-                    kib += int(line.split()[1])
-            return kib * 1024
-
-        return from_rollup
-
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-    try:
-        statm = open("/proc/self/statm", "rb", buffering=0)
-    except OSError:
-        import psutil
-
-        process = psutil.Process()
-        return lambda: process.memory_info().rss
-
-    def from_statm() -> int:
-        statm.seek(0)
-        return int(statm.read().split()[1]) * page
-
-    return from_statm
-
-
 def _load_function(data: bytes) -> Callable:
     try:
         return pickle.loads(data)
-    except Exception as exc:
+    except BaseException as exc:  # e.g. a __reduce__ that raises SystemExit: that job's error only
         message = f"the scoring function cannot be unpickled in the worker: {type(exc).__name__}: {exc}"
 
         def unloadable(*args: Any, **kwargs: Any) -> Any:
@@ -409,4 +424,7 @@ def _load_function(data: bytes) -> Callable:
 
 
 def _name(fn: Callable) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
+    try:
+        return getattr(fn, "__qualname__", None) or repr(fn)
+    except Exception:
+        return type(fn).__qualname__
