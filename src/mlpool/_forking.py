@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from mlpool._protocol import ForkFailed, Reaped
 from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, WorkerForked
 from mlpool._worker_main import WorkerSettings
-from mlpool._workers import WorkerHandle, new_worker_id
+from mlpool._started import StartedWord
+from mlpool._workers import WorkerHandle, new_worker_id, send_started_word
 
 logger = logging.getLogger("mlpool._manager")
 
@@ -70,7 +71,7 @@ class ForkLauncher:
         self.failures = 0  # templates in a row that died or failed to load
         self.announced = False  # the template's readiness was acted on
         self.awaiting = 0  # workers due, waiting for a ready template
-        self._forks: dict[int, socket.socket] = {}  # worker id -> our end of its socket, until answered
+        self._forks: dict[int, tuple[socket.socket, StartedWord]] = {}  # worker id -> our end, until answered
         self._exits: dict[int, tuple[WorkerHandle, float]] = {}  # pid -> dead worker, until when we wait
 
     # ------------------------------------------------- the template itself
@@ -133,17 +134,19 @@ class ForkLauncher:
         worker_id = new_worker_id()
         ours, theirs = socket.socketpair()
         try:
+            started = send_started_word(ours, close=False)
             template.request_fork(worker_id, theirs)
-        except TemplateGone as exc:
+        except (TemplateGone, OSError) as exc:
             # Its sentinel brings the restart; a template that hangs is made to die.
             logger.warning("could not ask the model template for a worker: %s", exc)
             ours.close()
-            template.kill()
+            if isinstance(exc, TemplateGone):
+                template.kill()
             self.awaiting += 1
             return False
         finally:
             theirs.close()
-        self._forks[worker_id] = ours
+        self._forks[worker_id] = (ours, started)
         return True
 
     def take_awaiting(self) -> int:
@@ -158,16 +161,18 @@ class ForkLauncher:
         outcome = ForkOutcome()
         for event in events:
             if type(event) is WorkerForked:
-                ours = self._forks.pop(event.worker_id, None)
-                if ours is None:  # a request given up on: nobody serves its socket
+                request = self._forks.pop(event.worker_id, None)
+                if request is None:  # a request given up on: nobody serves its socket
                     event.process.kill()
                     event.process.close()
                 else:
-                    outcome.started.append(WorkerHandle(event.process, ours, forked=True))
+                    ours, started = request
+                    outcome.started.append(WorkerHandle(event.process, ours, forked=True, started=started))
             elif type(event) is ForkFailed:
-                ours = self._forks.pop(event.worker_id, None)
-                if ours is not None:
-                    ours.close()
+                request = self._forks.pop(event.worker_id, None)
+                if request is not None:
+                    request[0].close()
+                    request[1].close()
                 outcome.failed.append(f"the model template could not fork a worker: {event.error}")
             elif type(event) is Reaped:
                 waiting = self._exits.pop(event.pid, None)
@@ -178,8 +183,9 @@ class ForkLauncher:
         return outcome
 
     def _abandon_forks(self) -> None:
-        for ours in self._forks.values():
+        for ours, started in self._forks.values():
             ours.close()
+            started.close()
         self.awaiting += len(self._forks)
         self._forks.clear()
 

@@ -36,7 +36,7 @@ MAX_CONSECUTIVE_FAILURES = 5
 RESTART_BACKOFF_FIRST = 0.05
 RESTART_BACKOFF_MAX = 2.0
 DEGRADED_BACKOFF_MAX = 30.0
-# After SIGTERM at the end of a shutdown, how long before SIGKILL.
+# Seconds for the workers killed at the end of a timed-out shutdown to be reaped.
 TERMINATE_GRACE = 1.0
 
 
@@ -56,7 +56,10 @@ class WorkerLifecycle:
         intended = (worker.kill_reason is not None and not worker.start_timed_out) or was is WorkerState.STOPPING
         jobs = list(worker.inflight)
         worker.inflight.clear()
-        running = running_unit(jobs)  # the job (or batch) it was running
+        running = running_unit(jobs)  # the job (or batch) it was running...
+        begun = worker.started.read()
+        if running and begun >= 0 and begun != running[0].id:
+            running = []  # ...unless it died before it took it: then none of them ran
         for job in jobs:
             job.worker = None
             if job.result_offer is not None:  # it may have half-written it: just take it back
@@ -301,18 +304,12 @@ class WorkerLifecycle:
         # leave a shared queue or lock broken for the others.
         self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
         self._spawn_at.clear()
-        if self._escalated == 0:
-            logger.warning("shutdown timed out; terminating %d workers", len(self._workers))
-            for worker in self._workers.values():
-                worker.kill_reason = worker.kill_reason or "shutdown timed out"
-                worker.terminate()
-            self._escalated = 1
-            self._stop_deadline = now + TERMINATE_GRACE
-        else:
-            logger.warning("workers ignored SIGTERM; killing %d", len(self._workers))
-            for worker in self._workers.values():
-                worker.kill("shutdown timed out")
-            self._stop_deadline = None
+        # Workers ignore SIGTERM (a signal to the whole process group must
+        # not end them under a draining app): Stop was the polite request.
+        logger.warning("shutdown timed out; killing %d workers", len(self._workers))
+        for worker in self._workers.values():
+            worker.kill("shutdown timed out")
+        self._stop_deadline = None
 
     def _spawn_due_workers(self) -> None:
         """Start the workers that are due (manager thread, outside the lock).

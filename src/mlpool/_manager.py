@@ -146,7 +146,6 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._failures = 0
         self._broken_reason = ""
         self._stop_deadline: float | None = None
-        self._escalated = 0  # 1: workers terminated, 2: killed
         self._latency = LatencyRecorder()
         self._counts = dict.fromkeys(
             ("completed", "failed", "crashed", "timed_out", "cancelled", "retried", "restarts", "recycled"), 0

@@ -20,7 +20,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from mlpool._protocol import FrameReader
+from mlpool._protocol import FrameReader, send_frames, setup_frame
+from mlpool._started import StartedWord
 from mlpool._worker_main import WorkerSettings, worker_main
 
 if TYPE_CHECKING:
@@ -49,10 +50,12 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
-        "forked",
+        "forked", "started",
     )  # fmt: skip
 
-    def __init__(self, process: Any, conn: Any, pidfd: int = -1, *, forked: bool = False) -> None:
+    def __init__(
+        self, process: Any, conn: Any, pidfd: int = -1, *, forked: bool = False, started: StartedWord | None = None
+    ) -> None:
         self.id = int(process.name.rsplit("-", 1)[1])
         self.process = process
         self.conn = conn
@@ -64,6 +67,9 @@ class WorkerHandle:
         # Forked from a template (see _forking): its sentinel is a pidfd, and
         # its exit code comes from the template, maybe after the sentinel fired.
         self.forked = forked
+        # The id of the job it last began, which it writes itself: after its
+        # death, tells a job it was running from one it never took (see _started).
+        self.started = started or StartedWord()
         self.reader = FrameReader()
         self.state = WorkerState.STARTING
         self.inflight: deque[Job] = deque()
@@ -131,6 +137,7 @@ class WorkerHandle:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+        self.started.close()
         try:
             self.process.close()
         except ValueError:  # still running (join timed out): leave it to the OS
@@ -143,6 +150,12 @@ def spawn_worker(
     """Start one worker process. Call from the manager thread (see ``_die_with_parent``)."""
     worker_id = new_worker_id()
     parent_conn, child_conn = context.Pipe(duplex=True)
+    try:
+        started = send_started_word(socket.socket(fileno=os.dup(parent_conn.fileno())))
+    except BaseException:
+        parent_conn.close()
+        child_conn.close()
+        raise
     process = context.Process(
         target=worker_main,
         args=(child_conn, worker_id, loaders_pickle, settings),
@@ -151,9 +164,32 @@ def spawn_worker(
     )
     try:
         process.start()
+    except BaseException:
+        parent_conn.close()
+        started.close()
+        raise
     finally:
         child_conn.close()
-    return WorkerHandle(process, parent_conn, open_pidfd(process.pid))
+    return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started)
+
+
+def send_started_word(sock: socket.socket, *, close: bool = True) -> StartedWord:
+    """Create a worker's started word and send it as the first message on
+    its socket (it waits there until the worker reads it). ``close``: close
+    ``sock`` afterwards (a duplicate made for this)."""
+    fd, word = StartedWord.create()
+    try:
+        if fd >= 0:
+            send_frames(sock, [setup_frame(fd)])
+    except BaseException:
+        word.close()
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if close:
+            sock.close()
+    return word
 
 
 def open_pidfd(pid: int) -> int:
