@@ -70,7 +70,7 @@ def test_stats_latency_summary_and_histogram():
 def test_prometheus_collector_exposes_the_pool():
     registry = CollectorRegistry()
     with MLPool({"m": load_constant}, nb_workers=2) as pool:
-        PoolCollector(pool, name="test").register(registry)
+        PoolCollector(pool, pool_name="test").register(registry)
         for i in range(5):
             pool.score("m", add, i)
         with pytest.raises(ValueError):

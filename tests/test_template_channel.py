@@ -125,7 +125,9 @@ def test_threads_left_by_loaders_are_refused_unless_declared_fork_safe(fork_with
         finish(template)
 
 
-CHILD_SIDE = {"_errors", "_protocol", "_serialization", "_shm_worker", "_worker_main", "_template_main"}
+CHILD_SIDE = {
+    "_errors", "_protocol", "_serialization", "_shm_worker", "_started", "_worker_main", "_worker_memory", "_template_main",
+}
 
 
 def mlpool_imports(module: str) -> set[str]:

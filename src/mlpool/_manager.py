@@ -97,6 +97,8 @@ MAX_INFLIGHT = 8
 PIPELINE_MAX_BYTES = 16 * 1024
 # The manager's longest wait: deadlines may be further, the OS's timeouts may not.
 MAX_WAIT = 3600.0
+# Functions whose duration (and result size) is remembered: the most recent first.
+MAX_ESTIMATES = 1024
 # Smoothing of each function's measured duration.
 ESTIMATE_WEIGHT = 0.2
 
@@ -825,6 +827,8 @@ class Manager(PipeReaders, WorkerLifecycle):
                 worker.backlog -= job.estimate
                 worker.jobs_done += 1
                 if type(msg) is Done and msg.where != NOWHERE:
+                    if len(self._result_sizes) >= MAX_ESTIMATES and job.fn_id not in self._result_sizes:
+                        del self._result_sizes[next(iter(self._result_sizes))]
                     self._result_sizes[job.fn_id] = sum(length for _, length in msg.spans)
                 else:
                     self._result_sizes.pop(job.fn_id, None)
@@ -834,10 +838,14 @@ class Manager(PipeReaders, WorkerLifecycle):
                     with worker.read_lock:
                         self._watch(worker)
                 self._failures = 0
-                previous = self._estimates.get(job.fn_id)
-                self._estimates[job.fn_id] = (
-                    msg.seconds if previous is None else previous + ESTIMATE_WEIGHT * (msg.seconds - previous)
-                )
+                estimates = self._estimates
+                previous = estimates.get(job.fn_id)
+                if previous is None:
+                    if len(estimates) >= MAX_ESTIMATES:  # per-call functions: forget the oldest
+                        del estimates[next(iter(estimates))]
+                    estimates[job.fn_id] = msg.seconds
+                else:
+                    estimates[job.fn_id] = previous + ESTIMATE_WEIGHT * (msg.seconds - previous)
                 if job.state is JobState.RUNNING:
                     self._finish(job, type(msg) is Done, msg)
                 elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
