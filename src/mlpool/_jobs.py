@@ -8,6 +8,11 @@ bytes). Its caller waits on one of two handles:
   manager can settle every result of one wake-up that belongs to a loop with
   a single ``call_soon_threadsafe`` instead of one per job.
 
+A job made from a coroutine has ``loop`` set either way: that loop reads its
+worker's pipe (no thread hop); with ``any_thread`` (the job-id API, whose ids
+may be fetched from any thread, also after the loop ended) its handle is
+still a concurrent Future.
+
 The manager decides outcomes under its lock and settles handles after
 releasing it (:func:`settle`): user callbacks never run under our lock.
 """
@@ -61,6 +66,7 @@ class Job:
         deadline: float | None,
         retries: int,
         loop: asyncio.AbstractEventLoop | None = None,
+        any_thread: bool = False,
         batch_policy: BatchPolicy | None = None,
     ) -> None:
         self.id = job_id
@@ -80,8 +86,11 @@ class Job:
         self.batch_policy = batch_policy  # set for a batched function's job
         self.batch_id: int | None = None  # while running: the id shared by its batch
         self.result_offer: Region | None = None  # shared memory offered for its result
+        # The loop reads its worker's pipe while its jobs keep it busy; with
+        # any_thread the caller's handle is still a concurrent Future (settled
+        # on that loop when it read the result), for callers in any thread.
         self.loop = loop
-        if loop is None:
+        if loop is None or any_thread:
             self.future: Future | None = Future()
             self.afut: asyncio.Future | None = None
         else:

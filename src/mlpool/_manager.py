@@ -186,9 +186,14 @@ class Manager(PipeReaders, WorkerLifecycle):
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
+        any_thread: bool = False,
     ) -> Job:
         """A new job, its arguments pickled here, in the caller's thread, so bad
-        input fails in the caller's stack and costs the pool nothing."""
+        input fails in the caller's stack and costs the pool nothing.
+
+        With ``loop``, that loop reads the worker's pipe for it and its handle is
+        an asyncio future on that loop (``job.afut``), or with ``any_thread`` a
+        concurrent Future settled on that loop when it read the result."""
         if not callable(fn):
             raise TypeError(f"the scoring function must be callable, got {type(fn).__name__}")
         if model not in self.models:
@@ -215,7 +220,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         deadline = None if timeout is None else time.monotonic() + timeout
         return Job(
             next(self._job_ids), model, fn_id, fn_pickle, payload, name,
-            deadline=deadline, retries=retries, loop=loop, batch_policy=policy,
+            deadline=deadline, retries=retries, loop=loop, any_thread=any_thread, batch_policy=policy,
         )  # fmt: skip
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
