@@ -337,6 +337,18 @@ class Manager(PipeReaders, WorkerLifecycle):
         with self._lock:
             return self._registry.get(key)
 
+    def reclaim_stopped_loans(self) -> None:
+        """Take worker pipes back from event loops that stopped running, so the
+        manager thread reads them: for a caller about to wait on a job made in
+        a coroutine whose loop ended (a job id fetched after ``asyncio.run``
+        returned), whose result only that loop would otherwise read."""
+        self._lock.acquire()
+        try:
+            if self._reclaim_stopped_loans():
+                self._need_wake = True
+        finally:
+            self._release()
+
     def forget(self, key: str, job: Job) -> bool:
         """Drop a fetched or cancelled job from the registry; False if already gone."""
         with self._lock:
