@@ -47,7 +47,6 @@ import os
 import selectors
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -61,7 +60,7 @@ from mlpool._errors import (
     PoolFullError,
     UnknownModelError,
 )
-from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, Job, JobState, running_loop, running_unit, settle
+from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, Job, JobState, new_job_key, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle
 from mlpool._pipes import PipeReaders
 from mlpool._state import PoolState, PoolStats
@@ -243,7 +242,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._space_waiters.append(waiter)
                 return waiter
             if register:
-                job.key = uuid.uuid4().hex
+                job.key = new_job_key()
                 self._registry[job.key] = job
             self._queue(job)
             self._queued += 1
