@@ -27,7 +27,6 @@ import pickle
 import threading
 import time
 import traceback
-import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -35,7 +34,7 @@ from typing import Any, Callable
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteError
 from mlpool._jobmaker import JobMaker
-from mlpool._jobs import CANCELLED, Job, JobState, settle
+from mlpool._jobs import CANCELLED, Job, JobState, new_job_key, settle
 from mlpool._metrics import LatencyRecorder
 from mlpool._serialization import dumps, pack_exception, unpack_exception
 from mlpool._state import PoolState, PoolStats
@@ -102,7 +101,7 @@ class InlineEngine:
             if self._state is not PoolState.RUNNING:
                 raise PoolClosedError("the pool is shut down (or shutting down) and takes no new jobs")
             if register:
-                job.key = uuid.uuid4().hex
+                job.key = new_job_key()
                 self._registry[job.key] = job
             if not job.mark_running():
                 self._finish(job, False, CANCELLED)

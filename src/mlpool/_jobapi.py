@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
-from mlpool._waiting import wait_any, wait_any_async
+from mlpool._waiting import wait_any, wait_any_async, wait_done_async
 
 if TYPE_CHECKING:
     from mlpool._session import JobGroup
@@ -177,7 +177,7 @@ class JobAPI:
         if not future.done():
             if job.loop is not running_loop():
                 self._read_elsewhere(job)
-            if not await wait_any_async([future], timeout):
+            if not await wait_done_async(future, timeout):
                 raise _still_running(job_id, timeout)
         return self._take(job_id, job, future)
 
@@ -336,12 +336,19 @@ class JobAPI:
             self._engine.reclaim_stopped_loans()
 
     def _take(self, job_id: str, job: Job, future: Future) -> Any:
-        if future.cancelled() or isinstance(future.exception(), CancelledError):
-            self._engine.forget(job_id, job)
-            raise UnknownJobError(f"job {job_id!r} was cancelled")
-        if not self._engine.forget(job_id, job):
+        """The result of a finished job (or its error), forgetting the job."""
+        forgotten = self._engine.forget(job_id, job)
+        try:
+            value = future.result(0)
+        except CancelledError:
+            raise UnknownJobError(f"job {job_id!r} was cancelled") from None
+        except BaseException:
+            if not forgotten:
+                raise UnknownJobError(f"job {job_id!r} was already fetched") from None
+            raise
+        if not forgotten:
             raise UnknownJobError(f"job {job_id!r} was already fetched")
-        return future.result()
+        return value
 
 
 def _future(job: Job) -> Future:

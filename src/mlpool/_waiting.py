@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import Future
+from functools import partial
 from typing import Callable, Union
 
 from mlpool._jobs import running_loop
@@ -30,7 +31,6 @@ from mlpool._jobs import running_loop
 Handle = Union[Future, asyncio.Future]
 _Waker = Callable[[], None]
 
-_lock = threading.Lock()
 # Concurrent futures a wait is on -> the wakers of those waits; an entry exists
 # exactly while the future is unfinished and has our callback.
 _waiting: dict[Future, list[_Waker]] = {}
@@ -48,7 +48,8 @@ def wait_any(futures: list[Future], timeout: float | None) -> bool:
     try:
         event.wait(timeout)
     finally:
-        _unwatch(futures, waker)
+        for future in futures:
+            _unwatch(future, waker)
     return any(future.done() for future in futures)
 
 
@@ -61,20 +62,8 @@ async def wait_any_async(futures: list[Handle], timeout: float | None) -> bool:
             return True
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future = loop.create_future()
-
-    def wake(_: object) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    def waker() -> None:  # in the thread that settled a concurrent future
-        if running_loop() is loop:
-            wake(None)
-            return
-        try:
-            loop.call_soon_threadsafe(wake, None)
-        except RuntimeError:  # the loop is closed: nobody waits there any more
-            pass
-
+    wake = partial(_set, waiter)
+    waker = partial(_wake_on, loop, waiter)
     watched: list[Future] = []
     local: list[asyncio.Future] = []
     timer = None
@@ -87,44 +76,74 @@ async def wait_any_async(futures: list[Handle], timeout: float | None) -> bool:
                 _watch(future, waker)
                 watched.append(future)
         if timeout is not None:
-            timer = loop.call_later(max(0.0, timeout), wake, None)
+            timer = loop.call_later(max(0.0, timeout), _set, waiter)
         await waiter
     finally:
         if timer is not None:
             timer.cancel()
         for afut in local:
             afut.remove_done_callback(wake)
-        if watched:
-            _unwatch(watched, waker)
+        for future in watched:
+            _unwatch(future, waker)
     return any(future.done() for future in futures)
 
 
+async def wait_done_async(future: Future, timeout: float | None) -> bool:
+    """:func:`wait_any_async` for one concurrent future (the job-id API's hot path)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future = loop.create_future()
+    waker = partial(_wake_on, loop, waiter)
+    _watch(future, waker)
+    timer = None if timeout is None else loop.call_later(max(0.0, timeout), _set, waiter)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        _unwatch(future, waker)
+    return future.done()
+
+
 def _watch(future: Future, waker: _Waker) -> None:
-    with _lock:
-        waiters = _waiting.get(future)
-        first = waiters is None
-        if first:
-            waiters = _waiting[future] = []
-        waiters.append(waker)  # type: ignore[union-attr]
-    if first:
-        # Outside the lock: on a future already done, this calls back at once.
-        future.add_done_callback(_wake_waiters)
+    # No lock: dict.setdefault, list.append and dict.pop are atomic under the
+    # GIL, and a waker appended after _wake_waiters took the list sees the
+    # future done just below.
+    mine = [waker]
+    waiters = _waiting.setdefault(future, mine)
+    if waiters is mine:
+        future.add_done_callback(_wake_waiters)  # on a future already done, calls back at once
+    else:
+        waiters.append(waker)
+    if future.done():
+        waker()
 
 
-def _unwatch(futures: list[Future], waker: _Waker) -> None:
-    with _lock:
-        for future in futures:
-            waiters = _waiting.get(future)
-            if waiters is not None:
-                try:
-                    waiters.remove(waker)
-                except ValueError:
-                    pass
+def _unwatch(future: Future, waker: _Waker) -> None:
+    waiters = _waiting.get(future)
+    if waiters is not None:
+        try:
+            waiters.remove(waker)
+        except ValueError:
+            pass
 
 
 def _wake_waiters(future: Future) -> None:
     """The one done-callback of a watched future; runs in the thread that settled it."""
-    with _lock:
-        waiters = _waiting.pop(future, ())
-    for waker in waiters:
+    for waker in _waiting.pop(future, ()):
         waker()
+
+
+def _wake_on(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future) -> None:
+    """Wake a coroutine's wait, from any thread (at once on its own loop: no hop)."""
+    if running_loop() is loop:
+        _set(waiter)
+        return
+    try:
+        loop.call_soon_threadsafe(_set, waiter)
+    except RuntimeError:  # the loop is closed: nobody waits there any more
+        pass
+
+
+def _set(waiter: asyncio.Future, _: object = None) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
