@@ -167,6 +167,17 @@ class InlineEngine:
         if job.key is not None:
             self._expiring[job.key] = now + self.config.result_ttl
 
+    def share(self, job: Job) -> Future:
+        """A concurrent Future of ``job``'s outcome (see ``Manager.share``)."""
+        with self._lock:
+            future = job.future
+            if future is None:
+                future = job.future = Future()
+                if job.state is JobState.RUNNING:
+                    future.set_running_or_notify_cancel()
+                    job.future_running = True
+            return future
+
     def reclaim_stopped_loans(self) -> None:
         pass  # no pipe is ever lent: a job's outcome is known when enqueue returns
 

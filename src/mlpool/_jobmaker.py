@@ -42,9 +42,8 @@ class JobMaker:
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
-        any_thread: bool = False,
     ) -> Job:
-        """A new job (state NEW). ``loop`` / ``any_thread``: see :class:`Job`.
+        """A new job (state NEW). ``loop``: see :class:`Job`.
 
         Raises TypeError (not callable, bad batched call), UnknownModelError,
         ValueError (bad timeout or max_retries), SerializationError.
@@ -77,5 +76,5 @@ class JobMaker:
         deadline = None if timeout is None else time.monotonic() + timeout
         return Job(
             next(self._ids), model, fn_id, fn_pickle, payload, name,
-            deadline=deadline, retries=retries, loop=loop, any_thread=any_thread, batch_policy=policy,
+            deadline=deadline, retries=retries, loop=loop, batch_policy=policy,
         )  # fmt: skip

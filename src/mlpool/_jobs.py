@@ -8,10 +8,13 @@ bytes). Its caller waits on one of two handles:
   manager can settle every result of one wake-up that belongs to a loop with
   a single ``call_soon_threadsafe`` instead of one per job.
 
-A job made from a coroutine has ``loop`` set either way: that loop reads its
-worker's pipe (no thread hop); with ``any_thread`` (the job-id API, whose ids
-may be fetched from any thread, also after the loop ended) its handle is
-still a concurrent Future.
+A job made in a coroutine may get a concurrent Future as well, later
+(:meth:`Manager.share`): someone in another thread or loop waits for it (a job
+id made with ``create_job_async``). Its outcome then goes to both handles: the
+asyncio one first, then the Future, read again after, so a Future attached
+while the outcome is on its way is settled all the same. An asyncio handle
+whose loop is not running (stopped, closed) is settled from the settling
+thread: no callback of that loop would ever run.
 
 The manager decides outcomes under its lock and settles handles after
 releasing it (:func:`settle`): user callbacks never run under our lock.
@@ -67,7 +70,6 @@ class Job:
         deadline: float | None,
         retries: int,
         loop: asyncio.AbstractEventLoop | None = None,
-        any_thread: bool = False,
         batch_policy: BatchPolicy | None = None,
     ) -> None:
         self.id = job_id
@@ -87,11 +89,8 @@ class Job:
         self.batch_policy = batch_policy  # set for a batched function's job
         self.batch_id: int | None = None  # while running: the id shared by its batch
         self.result_offer: Region | None = None  # shared memory offered for its result
-        # The loop reads its worker's pipe while its jobs keep it busy; with
-        # any_thread the caller's handle is still a concurrent Future (settled
-        # on that loop when it read the result), for callers in any thread.
         self.loop = loop
-        if loop is None or any_thread:
+        if loop is None:
             self.future: Future | None = Future()
             self.afut: asyncio.Future | None = None
         else:
@@ -102,13 +101,13 @@ class Job:
         return f"<job {self.id} {self.fn_name} on {self.model!r} {self.state.value}>"
 
     def mark_running(self) -> bool:
-        """Move the caller's handle to running; False if the caller cancelled it."""
+        """Move the caller's handles to running; False if the caller cancelled it."""
+        if self.afut is not None and self.afut.done():  # cancelled by its task
+            return False
         if self.future is not None and not self.future_running:
             if not self.future.set_running_or_notify_cancel():
                 return False
             self.future_running = True
-        elif self.afut is not None and self.afut.done():  # cancelled by its task
-            return False
         return True
 
 
@@ -122,45 +121,60 @@ def settle(outcomes: list[tuple[Job, bool, Any]]) -> None:
     Call without holding any lock. Results for asyncio callers are grouped
     per loop into one ``call_soon_threadsafe``.
     """
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
-    for job, ok, value in outcomes:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, bool, Any]]] = {}
+    for outcome in outcomes:
+        job = outcome[0]
         if job.afut is not None:
-            by_loop.setdefault(job.loop, []).append((job.afut, ok, value))  # type: ignore[arg-type]
+            by_loop.setdefault(job.loop, []).append(outcome)  # type: ignore[arg-type]
             continue
-        future = job.future
-        assert future is not None
-        try:
-            if value is CANCELLED:
-                if not future.cancel():  # already running: tell waiters all the same
-                    future.set_exception(CancelledError())
-            elif ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-        except InvalidStateError:  # the caller cancelled it meanwhile
-            pass
+        assert job.future is not None
+        _settle_future(job.future, outcome[1], outcome[2])
     here = running_loop()
     for loop, items in by_loop.items():
         if loop is here:  # settled by the loop's own reader: no thread hop
             _settle_async(items)
             continue
-        try:
-            loop.call_soon_threadsafe(_settle_async, items)
-        except RuntimeError:  # the loop is closed; nobody is waiting any more
-            logger.debug("dropped %d results for a closed event loop", len(items))
+        if loop.is_running():
+            try:
+                loop.call_soon_threadsafe(_settle_async, items)
+                continue
+            except RuntimeError:  # closed meanwhile
+                pass
+        # Stopped or closed: its callbacks would never run. Settled here, the
+        # outcome can still be read (a job id fetched after asyncio.run returned).
+        _settle_async(items)
 
 
-def _settle_async(items: list[tuple[asyncio.Future, bool, Any]]) -> None:
-    """Runs in the caller's event loop."""
-    for afut, ok, value in items:
-        if afut.done():
-            continue
+def _settle_async(items: list[tuple[Job, bool, Any]]) -> None:
+    """In the caller's event loop (or any thread, if that loop is not running)."""
+    for job, ok, value in items:
+        afut = job.afut
+        assert afut is not None
+        if not afut.done():
+            try:
+                if value is CANCELLED:
+                    afut.cancel()
+                elif ok:
+                    afut.set_result(value)
+                else:
+                    afut.set_exception(value)
+            except RuntimeError:  # a closed loop cannot schedule its callbacks; the outcome is set
+                pass
+        if job.future is not None:  # read after the asyncio handle: see Manager.share
+            _settle_future(job.future, ok, value)
+
+
+def _settle_future(future: Future, ok: bool, value: Any) -> None:
+    try:
         if value is CANCELLED:
-            afut.cancel()
+            if not future.cancel():  # already running: tell waiters all the same
+                future.set_exception(CancelledError())
         elif ok:
-            afut.set_result(value)
+            future.set_result(value)
         else:
-            afut.set_exception(value)
+            future.set_exception(value)
+    except InvalidStateError:  # the caller cancelled it meanwhile, or it was settled already
+        pass
 
 
 def running_unit(inflight: deque[Job] | list[Job]) -> list[Job]:

@@ -185,14 +185,9 @@ class Manager(PipeReaders, WorkerLifecycle):
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
-        any_thread: bool = False,
     ) -> Job:
         """A new job, its arguments pickled here, in the caller's thread, so bad
-        input fails in the caller's stack and costs the pool nothing.
-
-        With ``loop``, that loop reads the worker's pipe for it and its handle is
-        an asyncio future on that loop (``job.afut``), or with ``any_thread`` a
-        concurrent Future settled on that loop when it read the result."""
+        input fails in the caller's stack and costs the pool nothing."""
         if not callable(fn):
             raise TypeError(f"the scoring function must be callable, got {type(fn).__name__}")
         if model not in self.models:
@@ -219,7 +214,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         deadline = None if timeout is None else time.monotonic() + timeout
         return Job(
             next(self._job_ids), model, fn_id, fn_pickle, payload, name,
-            deadline=deadline, retries=retries, loop=loop, any_thread=any_thread, batch_policy=policy,
+            deadline=deadline, retries=retries, loop=loop, batch_policy=policy,
         )  # fmt: skip
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
@@ -335,6 +330,23 @@ class Manager(PipeReaders, WorkerLifecycle):
     def lookup(self, key: str) -> Job | None:
         with self._lock:
             return self._registry.get(key)
+
+    def share(self, job: Job) -> Future:
+        """A concurrent Future of ``job``'s outcome, for a caller in another
+        thread or loop than the one a job made in a coroutine belongs to.
+
+        Attached once, under the lock; settled with the same outcome as the
+        job's asyncio handle (see ``_jobs.settle``). If the job finished
+        before, its asyncio handle is done, or this Future is settled when
+        the outcome on its way reaches it."""
+        with self._lock:
+            future = job.future
+            if future is None:
+                future = job.future = Future()
+                if job.state is JobState.RUNNING:
+                    future.set_running_or_notify_cancel()
+                    job.future_running = True
+            return future
 
     def reclaim_stopped_loans(self) -> None:
         """Take worker pipes back from event loops that stopped running, so the
