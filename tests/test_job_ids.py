@@ -93,3 +93,25 @@ def test_many_coroutines_use_the_job_id_api_concurrently():
 
         assert asyncio.run(main()) == [10 + i for i in range(500)]
         assert pool.stats().results_unfetched == 0
+
+
+def test_a_job_id_made_in_a_loop_that_stopped_is_fetched_and_cancelled_from_threads(fifo):
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        loop = asyncio.new_event_loop()
+        try:
+            gate = fifo()
+            job_id = loop.run_until_complete(pool.create_job_async(wait_for_release, "m", args=(str(gate),)))
+            gate.release()  # it finishes while its loop is stopped (not closed): no callback of it runs
+            assert pool.get_result(job_id, timeout=30) > 0
+            gate = fifo()
+            job_id = loop.run_until_complete(pool.create_job_async(wait_for_release, "m", args=(str(gate),)))
+            gate.wait_running()
+            with concurrent.futures.ThreadPoolExecutor(1) as threads:
+                waiting = threads.submit(pool.get_result, job_id, timeout=60)
+                assert pool.cancel_job(job_id)
+                with pytest.raises(UnknownJobError):
+                    waiting.result(timeout=10)
+            gate.release_opened()
+            assert loop.run_until_complete(pool.score_async("m", add, 1)) == 11  # the loop serves again
+        finally:
+            loop.close()

@@ -9,15 +9,16 @@
                                          yielding each "room in the queue" future
                                            │ (a session tracks the job: _session.JobGroup)
                                            ▼
-      the job's handle: a concurrent Future (job ids, submit, score) or an
-      asyncio future of the caller's loop (score_async)
+      the job's handle: a concurrent Future (made in a thread) or an asyncio
+      future of the caller's loop (made in a coroutine: score_async, create_job_async)
 
 A sync method and its ``_async`` twin share every step but the wait, which
 goes through :mod:`mlpool._waiting` (a wait that ends removes what it added).
-Jobs made in a coroutine carry its loop, so that loop reads their worker's
-pipe (no thread hop): ``score_async``'s handle is an asyncio future;
-``create_job_async``'s stays a concurrent Future, because a job id may be
-fetched from any thread, also after the loop ended.
+Jobs made in a coroutine carry its loop, which reads their worker's pipe and
+settles their asyncio handle (no thread hop, no lock). A job id made there may
+be fetched from anywhere: a thread or another loop asks the engine to
+``share`` a concurrent Future of the same outcome, and if the job's loop has
+stopped, to take its pipe back (``reclaim_stopped_loans``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
-from mlpool._waiting import wait_any, wait_any_async, wait_done_async
+from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
 
 if TYPE_CHECKING:
     from mlpool._session import JobGroup
@@ -49,7 +50,6 @@ class Engine(Protocol):
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
-        any_thread: bool = False,
     ) -> Job: ...
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None: ...
@@ -61,6 +61,8 @@ class Engine(Protocol):
     def lookup(self, key: str) -> Job | None: ...
 
     def forget(self, key: str, job: Job) -> bool: ...
+
+    def share(self, job: Job) -> Future: ...
 
     def reclaim_stopped_loans(self) -> None: ...
 
@@ -130,9 +132,7 @@ class JobAPI:
         :meth:`get_result` from another thread, also after the loop ended.
         """
         loop = asyncio.get_running_loop()
-        job = self._new_job(
-            score_model_function, model_name, args, kwargs, timeout, max_retries, loop=loop, any_thread=True
-        )
+        job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries, loop=loop)
         try:
             await self._admit_async(job, wait=block_until_scheduled, register=True)
         except CancelledError:
@@ -155,17 +155,20 @@ class JobAPI:
             RuntimeError: it would have to wait on the thread of the event
                 loop that reads the job's result (use :meth:`get_result_async`).
         """
-        job, future = self._unfetched(job_id, wait_if_unavailable)
-        if not future.done():
-            if job.loop is not None and running_loop() is job.loop:
+        job = self._lookup(job_id)
+        handle = _done_handle(job)
+        if handle is None:
+            if not wait_if_unavailable:
+                raise ResultNotReadyError(f"job {job_id} has not finished yet")
+            if job.afut is not None and running_loop() is job.loop:
                 raise RuntimeError(
                     f"get_result({job_id!r}) would block the event loop that reads this job's result; "
                     "in a coroutine, use await get_result_async(...)"
                 )
-            self._read_elsewhere(job)
-            if not wait_any([future], timeout):
+            future = self._handle_elsewhere(job)
+            if future is not None and not wait_any([future], timeout):
                 raise _still_running(job_id, timeout)
-        return self._take(job_id, job, future)
+        return self._take(job_id, job)
 
     async def get_result_async(
         self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None
@@ -173,13 +176,19 @@ class JobAPI:
         """:meth:`get_result` for coroutines. Cancelling the awaiting task does
         not cancel the job (use :meth:`cancel_job`); a wait that ends (result,
         timeout or cancellation) leaves nothing behind on the job."""
-        job, future = self._unfetched(job_id, wait_if_unavailable)
-        if not future.done():
-            if job.loop is not running_loop():
-                self._read_elsewhere(job)
-            if not await wait_done_async(future, timeout):
+        job = self._lookup(job_id)
+        if _done_handle(job) is None:
+            if not wait_if_unavailable:
+                raise ResultNotReadyError(f"job {job_id} has not finished yet")
+            afut = job.afut
+            if afut is not None and job.loop is running_loop():  # made here: no Future, no thread hop
+                done = await wait_here_async(afut, timeout)
+            else:
+                future = self._handle_elsewhere(job)
+                done = future is None or await wait_done_async(future, timeout)
+            if not done:
                 raise _still_running(job_id, timeout)
-        return self._take(job_id, job, future)
+        return self._take(job_id, job)
 
     def cancel_job(self, job_id: str, *, interrupt: bool = False) -> bool:
         """Cancel a job; True if it was queued or running, False if already finished.
@@ -231,7 +240,7 @@ class JobAPI:
         except CancelledError as exc:  # its session closed while it waited for room
             raise asyncio.CancelledError(*exc.args) from None
         afut = job.afut
-        assert afut is not None  # a job made with a loop and without any_thread
+        assert afut is not None  # a job made with a loop
         try:
             return await afut
         except asyncio.CancelledError:
@@ -250,11 +259,10 @@ class JobAPI:
         max_retries: int | None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
-        any_thread: bool = False,
     ) -> Job:
         """A job from a caller's arguments (pickled now). ``loop``: made in a
         coroutine of that loop, which reads its result; its handle is an
-        asyncio future, or with ``any_thread`` a concurrent Future."""
+        asyncio future of that loop."""
         if args is None:
             args = ()
         elif not isinstance(args, (tuple, list)):
@@ -264,9 +272,8 @@ class JobAPI:
         elif not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
         return self._engine.make_job(
-            model_name, fn, tuple(args), dict(kwargs), timeout=timeout, retries=max_retries, loop=loop,
-            any_thread=any_thread,
-        )  # fmt: skip
+            model_name, fn, tuple(args), dict(kwargs), timeout=timeout, retries=max_retries, loop=loop
+        )
 
     def _admission(self, job: Job, *, wait: bool, register: bool) -> Generator[Future, None, None]:
         """Admit ``job`` into the engine's queue: yields each future that
@@ -318,13 +325,16 @@ class JobAPI:
             raise UnknownJobError(f"unknown job {job_id!r}: never created, already fetched, cancelled or expired")
         return job
 
-    def _unfetched(self, job_id: str, wait_if_unavailable: bool) -> tuple[Job, Future]:
-        """The job of ``job_id`` and its future, for get_result and its twin."""
-        job = self._lookup(job_id)
-        future = _future(job)
-        if not wait_if_unavailable and not future.done():
-            raise ResultNotReadyError(f"job {job_id} has not finished yet")
-        return job, future
+    def _handle_elsewhere(self, job: Job) -> Future | None:
+        """The concurrent Future a thread (or another loop) waits on for
+        ``job``; None if its outcome can be read already."""
+        afut = job.afut
+        if afut is None:
+            return _future(job)
+        self._read_elsewhere(job)
+        future = self._engine.share(job)
+        # Checked after sharing: an outcome settled before has reached the asyncio handle.
+        return None if afut.done() else future
 
     def _read_elsewhere(self, job: Job) -> None:
         """Before waiting, from another thread or loop, on a job made in a
@@ -335,12 +345,14 @@ class JobAPI:
         if loop is not None and not loop.is_running():
             self._engine.reclaim_stopped_loans()
 
-    def _take(self, job_id: str, job: Job, future: Future) -> Any:
+    def _take(self, job_id: str, job: Job) -> Any:
         """The result of a finished job (or its error), forgetting the job."""
+        handle = _done_handle(job)
+        assert handle is not None  # callers waited until it is done
         forgotten = self._engine.forget(job_id, job)
         try:
-            value = future.result(0)
-        except CancelledError:
+            value = handle.result()
+        except (CancelledError, asyncio.CancelledError):
             raise UnknownJobError(f"job {job_id!r} was cancelled") from None
         except BaseException:
             if not forgotten:
@@ -349,6 +361,17 @@ class JobAPI:
         if not forgotten:
             raise UnknownJobError(f"job {job_id!r} was already fetched")
         return value
+
+
+def _done_handle(job: Job) -> Future | asyncio.Future | None:
+    """The job's handle that holds its outcome, or None while it has none."""
+    afut = job.afut
+    if afut is not None and afut.done():
+        return afut
+    future = job.future
+    if future is not None and future.done():
+        return future
+    return None
 
 
 def _future(job: Job) -> Future:

@@ -88,6 +88,22 @@ async def wait_any_async(futures: list[Handle], timeout: float | None) -> bool:
     return any(future.done() for future in futures)
 
 
+async def wait_here_async(afut: asyncio.Future, timeout: float | None) -> bool:
+    """:func:`wait_any_async` for one asyncio future of the running loop (a job
+    id fetched in the coroutine's loop that made it: the hot path)."""
+    waiter: asyncio.Future = afut.get_loop().create_future()
+    wake = partial(_set, waiter)
+    afut.add_done_callback(wake)
+    timer = None if timeout is None else waiter.get_loop().call_later(max(0.0, timeout), _set, waiter)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        afut.remove_done_callback(wake)
+    return afut.done()
+
+
 async def wait_done_async(future: Future, timeout: float | None) -> bool:
     """:func:`wait_any_async` for one concurrent future (the job-id API's hot path)."""
     loop = asyncio.get_running_loop()
