@@ -15,11 +15,11 @@ from mlpool import MLPool, UnknownJobError
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
 
 
-def test_get_result_async_polls_that_time_out_leave_nothing_on_the_job(fifo):
+@pytest.mark.parametrize("made_in", ["a thread", "the polling loop"])
+def test_get_result_async_polls_that_time_out_leave_nothing_on_the_job(fifo, made_in):
     with MLPool({"m": load_constant}, nb_workers=1) as pool:
         gate = fifo()
-        job_id = pool.create_job(wait_for_release, "m", args=(str(gate),))
-        gate.wait_running()
+        job_id = ""
 
         async def poll(times: int) -> None:
             for _ in range(times):
@@ -27,6 +27,12 @@ def test_get_result_async_polls_that_time_out_leave_nothing_on_the_job(fifo):
                     await pool.get_result_async(job_id, timeout=0)
 
         async def main() -> int:
+            nonlocal job_id
+            if made_in == "a thread":
+                job_id = pool.create_job(wait_for_release, "m", args=(str(gate),))
+            else:
+                job_id = await pool.create_job_async(wait_for_release, "m", args=(str(gate),))
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait_running)
             await poll(1000)  # warm-up: caches, free lists
             tracemalloc.start()
             try:
