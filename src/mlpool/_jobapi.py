@@ -27,15 +27,11 @@ import asyncio
 import time
 from collections.abc import Generator, Mapping
 from concurrent.futures import CancelledError, Future
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
 from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
-
-if TYPE_CHECKING:
-    from mlpool._session import JobGroup
-
 
 class Engine(Protocol):
     """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
@@ -67,6 +63,16 @@ class Engine(Protocol):
     def reclaim_stopped_loans(self) -> None: ...
 
 
+class Group(Protocol):
+    """What the job methods ask of a session's group (``_session.JobGroup``)."""
+
+    def enter(self, job: Job) -> None: ...
+
+    def leave(self, job: Job) -> None: ...
+
+    def admit(self, job: Job) -> bool: ...
+
+
 class JobAPI:
     """Every job method of the pool, submitting to ``engine``; with ``group``,
     each job admitted is tracked by that session (see :class:`mlpool.Session`).
@@ -74,7 +80,7 @@ class JobAPI:
     Every method is safe to call from any thread.
     """
 
-    def __init__(self, engine: Engine, group: JobGroup | None = None) -> None:
+    def __init__(self, engine: Engine, group: Group | None = None) -> None:
         self._engine = engine
         self._group = group
 
