@@ -1,13 +1,14 @@
 """Per-job overhead of mlpool next to the raw pipe and ProcessPoolExecutor, in one run.
 
-    python bench/overhead.py [--quick]
+    python bench/overhead.py [--quick] [--job-ids-only]
 
 Prints, side by side:
 - the raw round trip of a small message between two Python processes (the floor);
 - sequential tiny-job latency p50/p99: mlpool ``score`` and ``score_async``,
   ProcessPoolExecutor ``submit().result()`` and ``run_in_executor``;
 - throughput with 64 concurrent async callers, and how late a 1 ms
-  ``asyncio.sleep`` wakes meanwhile (event-loop lag);
+  ``asyncio.sleep`` wakes meanwhile (event-loop lag); for mlpool also through
+  the job-id API (``create_job_async`` + ``get_result_async``);
 - throughput of a hungry job (about 20 ms of pure-Python CPU) against the
   ideal nb_workers / single-call time.
 
@@ -202,10 +203,41 @@ def timed_hungry(model: dict, loops: int) -> float:
     return time.perf_counter() - start
 
 
+async def by_job_id(pool: MLPool, i: int) -> int:
+    """One tiny job through the job-id API, as a coroutine handler would."""
+    job_id = await pool.create_job_async(tiny, "m", args=(i,))
+    return await pool.get_result_async(job_id)
+
+
+def compare_job_ids(pool: MLPool, rounds: int, duration: float, job_id_load) -> None:
+    """The job-id API against score_async, interleaved, same pool and callers."""
+
+    async def score_load() -> tuple:
+        return await load_test(lambda i: pool.score_async("m", tiny, i), duration)
+
+    rates: dict[str, list[float]] = {"score_async": [], "job ids": []}
+    lags: dict[str, list[float]] = {"score_async": [], "job ids": []}
+    for r in range(rounds):
+        for name, run in (("score_async", score_load), ("job ids", job_id_load)):
+            rate, _, lag = asyncio.run(run())
+            rates[name].append(rate)
+            lags[name].append(percentiles(lag)[1])
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}/s" for n in rates), flush=True)
+    med = statistics.median
+    for name in rates:
+        print(f"{name:<12} {med(rates[name]):>10,.0f} jobs/s   loop lag p99 {med(lags[name]) * 1e3:.2f} ms")
+    ratio = med(j / s for j, s in zip(rates["job ids"], rates["score_async"]))
+    print(f"job ids / score_async (median of rounds): {ratio:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
+    parser.add_argument(
+        "--job-ids-only", action="store_true",
+        help="only the 64-caller load through score_async and through create_job_async + get_result_async",
+    )  # fmt: skip
     opts = parser.parse_args()
     rounds = opts.rounds or (2 if opts.quick else 5)
     n = 1000 if opts.quick else 2000
@@ -243,6 +275,13 @@ def main() -> None:
             p = await load_test(lambda i: loop.run_in_executor(ppe, ppe_tiny, i), duration)
             return m, p
 
+        async def job_id_load() -> tuple:
+            return await load_test(lambda i: by_job_id(pool, i), duration)
+
+        if opts.job_ids_only:
+            compare_job_ids(pool, rounds, duration, job_id_load)
+            return
+
         def mlpool_hungry(loops: int, jobs: int) -> None:
             for f in [pool.submit("m", hungry, loops) for _ in range(jobs)]:
                 f.result()
@@ -261,7 +300,8 @@ def main() -> None:
             keep("m_async", m_async)
             keep("p_async", p_async)
             m_load, p_load = asyncio.run(concurrent_load())
-            for key, (rate, lat, lags) in (("m_load", m_load), ("p_load", p_load)):
+            j_load = asyncio.run(job_id_load())
+            for key, (rate, lat, lags) in (("m_load", m_load), ("p_load", p_load), ("j_load", j_load)):
                 keep(key + "_rate", rate)
                 keep(key + "_lat", percentiles(lat))
                 keep(key + "_lag", percentiles(lags))
@@ -300,6 +340,8 @@ def main() -> None:
         ("  job latency p99 under load", ms(p99("m_load_lat")), ms(p99("p_load_lat"))),
         ("  event-loop lag p50 (1 ms timer)", ms(p50("m_load_lag")), ms(p50("p_load_lag"))),
         ("  event-loop lag p99 (1 ms timer)", ms(p99("m_load_lag")), ms(p99("p_load_lag"))),
+        (f"job ids from coroutines, {CONCURRENCY} callers", f"{med(samples['j_load_rate']):,.0f}/s", "-"),
+        ("  event-loop lag p99 (1 ms timer)", ms(p99("j_load_lag")), "-"),
         (
             f"hungry job ({med(samples['single']) * 1e3:.0f} ms): share of ideal",
             f"{med(samples['m_hungry']):.0%}",

@@ -122,6 +122,36 @@ def test_a_ray_instance_the_pool_started_is_stopped_at_shutdown(tmp_path):
     assert done.stdout.split() == ["42", "True", "False"]
 
 
+TWO_POOLS = textwrap.dedent(
+    """
+    import ray
+    from mlpool import MLPool
+
+    # Lambdas travel by value (functions of __main__ would not reach the actors: #19.6).
+    load = lambda: {"bias": 1}  # noqa: E731
+    score = lambda model, x: model["bias"] + x  # noqa: E731
+
+    if __name__ == "__main__":
+        options = {"nb_workers": 1, "backend": "ray", "ray_options": {"num_cpus": 0.5}}
+        first = MLPool({"m": load}, **options)  # starts Ray
+        second = MLPool({"m": load}, **options)  # joins it
+        print(first.score("m", score, 1), second.score("m", score, 2))
+        first.shutdown()
+        print(ray.is_initialized(), second.score("m", score, 3))  # the second pool still serves
+        second.shutdown()
+        print(ray.is_initialized())  # the last pool out stopped it
+    """
+)
+
+
+def test_shutting_down_the_pool_that_started_ray_leaves_it_to_the_others(tmp_path):
+    script = tmp_path / "two_pools.py"
+    script.write_text(TWO_POOLS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["2", "3", "True", "4", "False"]
+
+
 def test_bad_ray_arguments_are_refused():
     with pytest.raises(ValueError, match="backend must be one of"):
         MLPool({"m": load_constant}, nb_workers=1, backend="dask")

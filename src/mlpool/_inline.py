@@ -3,9 +3,19 @@
 Models load once, in the calling process, when the pool is created. Each job
 runs in the thread that submits it, at submission, one at a time, and goes
 through the same checks as with workers: arguments and results are pickled
-(so what would fail to cross a pipe fails here too), user exceptions come
-back as themselves with their traceback as ``__cause__``, and job ids,
+(so what would fail to cross a pipe fails here too), errors cross the same
+boundary as a worker's (user exceptions come back as themselves with their
+traceback as ``__cause__``; ``SystemExit``, ``KeyboardInterrupt`` and other
+BaseExceptions become an :class:`MLPoolError` naming them), and job ids,
 ``get_result``, ``cancel_job``, result expiry and shutdown behave the same.
+
+:class:`InlineEngine` answers the facade's calls as the process engine does,
+and owns nothing it does not use: no thread, no selector, no pipe, no
+subreaper flag (``share_models`` has nothing to fork here). Results expire
+after ``result_ttl`` without a thread: each call into the engine first drops
+the results whose time passed (oldest first, no scan), so an expired id is
+unknown to ``get_result`` and absent from ``stats()``.
+
 What cannot be had without a process: a job's ``timeout`` cannot interrupt
 it (it is not enforced), and ``score_async`` blocks the event loop while the
 job runs.
@@ -15,28 +25,50 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 import traceback
+from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any, Callable
 
 from mlpool._config import PoolConfig
-from mlpool._errors import MLPoolError, ModelLoadError, RemoteTraceback
-from mlpool._jobs import Job, JobState
-from mlpool._manager import Manager
-from mlpool._state import PoolState
-from mlpool._serialization import dumps
+from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteError
+from mlpool._jobmaker import JobMaker
+from mlpool._jobs import CANCELLED, Job, JobState, new_job_key, settle
+from mlpool._metrics import LatencyRecorder
+from mlpool._serialization import dumps, pack_exception, unpack_exception
+from mlpool._state import PoolState, PoolStats
+
+_OUTCOMES = ("completed", "failed", "cancelled")
 
 
-class InlineManager(Manager):
-    """A Manager whose only "worker" is the calling thread."""
+class InlineEngine:
+    """The engine of ``nb_workers=0``: its only "worker" is the submitting thread."""
 
     def __init__(self, config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> None:
-        super().__init__(config, loaders)
+        self.config = config
         self._loaders = loaders
+        self._maker = JobMaker(config, loaders)
+        self.make_job = self._maker.make
         self._models: dict[str, Any] = {}
-        self._loaded_functions: dict[int, Callable] = {}
+        self._functions: dict[int, Callable] = {}
         self._run_lock = threading.Lock()  # one job at a time, as in one worker
+        self._lock = threading.Lock()
+        # --- under the lock ---
+        self._state = PoolState.STARTING
+        self._registry: dict[str, Job] = {}
+        self._expiring: OrderedDict[str, float] = OrderedDict()  # key -> expiry, in finishing order
+        self._counts = dict.fromkeys(_OUTCOMES, 0)
+        self._latency = LatencyRecorder()
+        self.started: Future[None] = Future()
+        self.finished: Future[None] = Future()
+
+    @property
+    def state(self) -> PoolState:
+        return self._state
 
     def start(self) -> None:
+        """Load every model in this thread; ``started`` tells how it went."""
         name = ""
         try:
             for name, loader in self._loaders.items():
@@ -50,43 +82,50 @@ class InlineManager(Manager):
                                    model_name=name, remote_traceback=tb)  # fmt: skip
             with self._lock:
                 self._state = PoolState.BROKEN
-                self._broken_reason = str(error)
-            self._set_started(error)
-            self._close_resources()
+            self.started.set_exception(error)
+            self.finished.set_result(None)
             return
         with self._lock:
-            self._state = PoolState.RUNNING
-        self._set_started(None)
+            if self._state is PoolState.STARTING:
+                self._state = PoolState.RUNNING
+        self.started.set_result(None)
+
+    # ---------------------------------------------------------------- jobs
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> None:
-        self._lock.acquire()
-        try:
+        """Run ``job`` now, in this thread; the queue is never full here."""
+        with self._lock:
+            self._expire(time.monotonic())
             if job.state is not JobState.NEW:  # cancelled before it was admitted
                 return None
-            self._check_accepting()
+            if self._state is not PoolState.RUNNING:
+                raise PoolClosedError("the pool is shut down (or shutting down) and takes no new jobs")
             if register:
-                self._registry.add(job)
-            job.mark_running()
+                job.key = new_job_key()
+                self._registry[job.key] = job
+            if not job.mark_running():
+                self._finish(job, False, CANCELLED)
+                return None
             job.state = JobState.RUNNING
-        finally:
-            self._release()
-        ok, value = self._execute(job)
-        self._lock.acquire()
-        try:
-            if job.state is JobState.RUNNING:  # not cancelled meanwhile
-                self._finish(job, ok, value)
-        finally:
-            self._release()
+        ok, value, seconds = self._execute(job)
+        with self._lock:
+            finished = job.state is JobState.RUNNING  # not cancelled meanwhile
+            if finished:
+                self._finish(job, ok, value, seconds)
+        if finished:
+            settle([(job, ok, value)])
         return None
 
-    def _execute(self, job: Job) -> tuple[bool, Any]:
+    def _execute(self, job: Job) -> tuple[bool, Any, float]:
+        """Run the job's function as a worker would; (ok, result or error, seconds)."""
         with self._run_lock:
+            started = time.perf_counter()
             try:
-                fn = self._loaded_functions.get(job.fn_id)
+                fn = self._functions.get(job.fn_id)
                 if fn is None:
-                    fn = self._loaded_functions[job.fn_id] = pickle.loads(job.fn_pickle)
-                model = self._models[job.model]
+                    fn = self._functions[job.fn_id] = pickle.loads(job.fn_pickle)
                 args, kwargs = job.payload.loads("the job's arguments")
+                model = self._models[job.model]
                 if job.batch_policy is not None:
                     results = list(fn(model, [args[0]]))
                     if len(results) != 1:
@@ -97,21 +136,127 @@ class InlineManager(Manager):
                     result = results[0]
                 else:
                     result = fn(model, *args, **kwargs)
-                return True, pickle.loads(dumps(result, f"the result of {job.fn_name}"))
-            except Exception as exc:
-                tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
-                return False, exc
+                del args, kwargs
+                value = pickle.loads(dumps(result, f"the result of {job.fn_name}"))
+                return True, value, time.perf_counter() - started
+            except BaseException as exc:  # the boundary a worker has: nothing ends the caller's thread
+                seconds = time.perf_counter() - started
+                return False, _as_caller_error(exc, job), seconds
 
     def run_lent(self, job: Job) -> bool:
-        return False
+        return False  # no pipe to lend: the facade enqueues, which runs it
+
+    def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
+        """True if ``job`` will never report an outcome (a running one's result is discarded)."""
+        with self._lock:
+            if job.state is JobState.FINISHED:
+                return False
+            self._finish(job, False, CANCELLED)
+        settle([(job, False, CANCELLED)])
+        return True
+
+    def _finish(self, job: Job, ok: bool, value: Any, seconds: float | None = None) -> None:
+        """Record ``job``'s outcome (under the lock); the caller settles it after."""
+        job.state = JobState.FINISHED
+        now = time.monotonic()
+        if value is CANCELLED:
+            self._counts["cancelled"] += 1
+            return
+        self._counts["completed" if ok else "failed"] += 1
+        self._latency.observe(now - job.submitted_at, seconds)
+        if job.key is not None:
+            self._expiring[job.key] = now + self.config.result_ttl
+
+    def share(self, job: Job) -> Future:
+        """A concurrent Future of ``job``'s outcome (see ``Manager.share``)."""
+        with self._lock:
+            future = job.future
+            if future is None:
+                future = job.future = Future()
+                if job.state is JobState.RUNNING:
+                    future.set_running_or_notify_cancel()
+                    job.future_running = True
+            return future
+
+    def reclaim_stopped_loans(self) -> None:
+        pass  # no pipe is ever lent: a job's outcome is known when enqueue returns
+
+    def lookup(self, key: str) -> Job | None:
+        with self._lock:
+            self._expire(time.monotonic())
+            return self._registry.get(key)
+
+    def forget(self, key: str, job: Job) -> bool:
+        """Drop a fetched or cancelled job from the registry; False if already gone."""
+        with self._lock:
+            if self._registry.get(key) is not job:
+                return False
+            del self._registry[key]
+            self._expiring.pop(key, None)
+            return True
+
+    def _expire(self, now: float) -> None:
+        """Drop results whose result_ttl passed (under the lock; oldest first, no scan)."""
+        expiring = self._expiring
+        while expiring:
+            key, expiry = next(iter(expiring.items()))
+            if expiry > now:
+                break
+            del expiring[key]
+            self._registry.pop(key, None)
+
+    # ----------------------------------------------------------- lifecycle
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
+        """Refuse new jobs; a job running in another thread finishes. Idempotent."""
         with self._lock:
-            if self._state in (PoolState.CLOSED, PoolState.BROKEN):
-                return
-            self._state = PoolState.CLOSED
-        self._close_resources()
+            if self._state is not PoolState.BROKEN:
+                self._state = PoolState.CLOSED
+        if not self.started.done():
+            self.started.set_exception(PoolClosedError("the pool was shut down before it finished starting"))
+        if not self.finished.done():
+            self.finished.set_result(None)
 
     def join(self, timeout: float | None) -> bool:
         return True
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            self._expire(time.monotonic())
+            p50, p95, p99 = self._latency.percentiles()
+            counts = self._counts
+            return PoolStats(
+                state=self._state.value,
+                workers_alive=0,
+                workers_busy=0,
+                queue_depth=0,
+                jobs_running=0,
+                jobs_completed=counts["completed"],
+                jobs_failed=counts["failed"],
+                jobs_crashed=0,
+                jobs_timed_out=0,
+                jobs_cancelled=counts["cancelled"],
+                jobs_retried=0,
+                worker_restarts=0,
+                workers_recycled=0,
+                results_unfetched=len(self._expiring),
+                latency_p50=p50,
+                latency_p95=p95,
+                latency_p99=p99,
+                run_seconds_mean=self._latency.mean_run(),
+                latency_buckets=self._latency.cumulative_buckets(),
+                latency_sum=self._latency.total,
+                latency_count=self._latency.count,
+            )
+
+
+def _as_caller_error(exc: BaseException, job: Job) -> Exception:
+    """The error a worker would send for ``exc``, as the caller receives it."""
+    data, tb = pack_exception(exc)
+    error = unpack_exception(data, tb)
+    if isinstance(error, Exception):
+        return error
+    # A SystemExit or KeyboardInterrupt must not end the caller's thread or loop.
+    wrapped = RemoteError(f"{job.fn_name} raised {type(error).__name__}: {error}", type_name=f"{type(error).__module__}.{type(error).__qualname__}")
+    wrapped.__cause__ = error.__cause__
+    return wrapped

@@ -8,6 +8,14 @@ bytes). Its caller waits on one of two handles:
   manager can settle every result of one wake-up that belongs to a loop with
   a single ``call_soon_threadsafe`` instead of one per job.
 
+A job made in a coroutine may get a concurrent Future as well, later
+(:meth:`Manager.share`): someone in another thread or loop waits for it (a job
+id made with ``create_job_async``). Its outcome then goes to both handles: the
+asyncio one first, then the Future, read again after, so a Future attached
+while the outcome is on its way is settled all the same. An asyncio handle
+whose loop is not running (stopped, closed) is settled from the settling
+thread: no callback of that loop would ever run.
+
 The manager decides outcomes under its lock and settles handles after
 releasing it (:func:`settle`): user callbacks never run under our lock.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -167,13 +176,13 @@ class Job:
         return f"<job {self.id} {self.fn_name} on {self.model!r} {self.state.value}>"
 
     def mark_running(self) -> bool:
-        """Move the caller's handle to running; False if the caller cancelled it."""
+        """Move the caller's handles to running; False if the caller cancelled it."""
+        if self.afut is not None and self.afut.done():  # cancelled by its task
+            return False
         if self.future is not None and not self.future_running:
             if not self.future.set_running_or_notify_cancel():
                 return False
             self.future_running = True
-        elif self.afut is not None and self.afut.done():  # cancelled by its task
-            return False
         return True
 
 
@@ -189,14 +198,15 @@ def settle(outcomes: list[tuple[Job, bool, Any]], callbacks: CallbackRunner | No
     thread that reads the pipes), done-callbacks run on the runner's thread
     instead of this one: a callback may wait on the pool.
     """
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
-    for job, ok, value in outcomes:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, bool, Any]]] = {}
+    for outcome in outcomes:
+        job = outcome[0]
         if job.afut is not None:
-            by_loop.setdefault(job.loop, []).append((job.afut, ok, value))  # type: ignore[arg-type]
+            by_loop.setdefault(job.loop, []).append(outcome)  # type: ignore[arg-type]
             continue
         future = job.future
         assert future is not None
-        _settle_future(future, ok, value)
+        _settle_future(future, outcome[1], outcome[2])
         if type(future) is JobFuture:
             future._job = None
             future.run_callbacks(callbacks)
@@ -205,10 +215,34 @@ def settle(outcomes: list[tuple[Job, bool, Any]], callbacks: CallbackRunner | No
         if loop is here:  # settled by the loop's own reader: no thread hop
             _settle_async(items)
             continue
-        try:
-            loop.call_soon_threadsafe(_settle_async, items)
-        except RuntimeError:  # the loop is closed; nobody is waiting any more
-            logger.debug("dropped %d results for a closed event loop", len(items))
+        if loop.is_running():
+            try:
+                loop.call_soon_threadsafe(_settle_async, items)
+                continue
+            except RuntimeError:  # closed meanwhile
+                pass
+        # Stopped or closed: its callbacks would never run. Settled here, the
+        # outcome can still be read (a job id fetched after asyncio.run returned).
+        _settle_async(items)
+
+
+def _settle_async(items: list[tuple[Job, bool, Any]]) -> None:
+    """In the caller's event loop (or any thread, if that loop is not running)."""
+    for job, ok, value in items:
+        afut = job.afut
+        assert afut is not None
+        if not afut.done():
+            try:
+                if value is CANCELLED:
+                    afut.cancel()
+                elif ok:
+                    afut.set_result(value)
+                else:
+                    afut.set_exception(value)
+            except RuntimeError:  # a closed loop cannot schedule its callbacks; the outcome is set
+                pass
+        if job.future is not None:  # read after the asyncio handle: see Manager.share
+            _settle_future(job.future, ok, value)
 
 
 def _settle_future(future: Future, ok: bool, value: Any) -> None:
@@ -220,7 +254,7 @@ def _settle_future(future: Future, ok: bool, value: Any) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
-    except InvalidStateError:  # the caller cancelled it meanwhile
+    except InvalidStateError:  # the caller cancelled it meanwhile, or it was settled already
         pass
 
 
@@ -256,19 +290,6 @@ class CallbackRunner:
                 _call(fn, future)
 
 
-def _settle_async(items: list[tuple[asyncio.Future, bool, Any]]) -> None:
-    """Runs in the caller's event loop."""
-    for afut, ok, value in items:
-        if afut.done():
-            continue
-        if value is CANCELLED:
-            afut.cancel()
-        elif ok:
-            afut.set_result(value)
-        else:
-            afut.set_exception(value)
-
-
 def running_unit(inflight: deque[Job] | list[Job]) -> list[Job]:
     """The jobs a worker is running now: its first job, with its batch mates."""
     if not inflight:
@@ -282,6 +303,13 @@ def running_unit(inflight: deque[Job] | list[Job]) -> list[Job]:
             break
         unit.append(job)
     return unit
+
+
+def new_job_key() -> str:
+    """A job id for the job-id API: 128 random bits in hex, as ``uuid4().hex``
+    is, without building a UUID (about 1 µs against 5-8: it is on the hot path
+    of ``create_job_async``)."""
+    return os.urandom(16).hex()
 
 
 # The event loop running in this thread, or None (the C fast path of

@@ -362,6 +362,35 @@ class Manager(PipeReaders, WorkerLifecycle):
         with self._lock:
             return self._registry.lookup(key)
 
+    def share(self, job: Job) -> Future:
+        """A concurrent Future of ``job``'s outcome, for a caller in another
+        thread or loop than the one a job made in a coroutine belongs to.
+
+        Attached once, under the lock; settled with the same outcome as the
+        job's asyncio handle (see ``_jobs.settle``). If the job finished
+        before, its asyncio handle is done, or this Future is settled when
+        the outcome on its way reaches it."""
+        with self._lock:
+            future = job.future
+            if future is None:
+                future = job.future = Future()
+                if job.state is JobState.RUNNING:
+                    future.set_running_or_notify_cancel()
+                    job.future_running = True
+            return future
+
+    def reclaim_stopped_loans(self) -> None:
+        """Take worker pipes back from event loops that stopped running, so the
+        manager thread reads them: for a caller about to wait on a job made in
+        a coroutine whose loop ended (a job id fetched after ``asyncio.run``
+        returned), whose result only that loop would otherwise read."""
+        self._lock.acquire()
+        try:
+            if self._reclaim_stopped_loans():
+                self._need_wake = True
+        finally:
+            self._release()
+
     def forget(self, key: str, job: Job) -> bool:
         """Drop a fetched or cancelled job from the registry; False if already gone."""
         with self._lock:

@@ -1,30 +1,31 @@
-"""MLPool: the public facade. Validates input, delegates to the Manager, owns no loop."""
+"""MLPool: the public facade. Validates input, delegates to the engine, owns no loop.
+
+The pool's lifecycle is here; its job methods are :class:`~mlpool._jobapi.JobAPI`'s,
+shared with :class:`~mlpool._session.Session`. The engine is the process
+engine (``_manager``) or, with ``nb_workers=0``, the inline one (``_inline``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import threading
-import time
 import weakref
 from collections.abc import Mapping
-from concurrent.futures import CancelledError, Future
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from mlpool._config import PoolConfig
-from mlpool._errors import JobTimeoutError, ResultNotReadyError, UnknownJobError
-from mlpool._jobs import Job
-from mlpool._inline import InlineManager
+from mlpool._inline import InlineEngine
+from mlpool._jobapi import JobAPI
 from mlpool._lifecycle import TERMINATE_GRACE
 from mlpool._manager import Manager
-from mlpool._state import PoolState, PoolStats
 from mlpool._session import Session
+from mlpool._state import PoolState, PoolStats
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 
 
-class MLPool:
+class MLPool(JobAPI):
     """A pool of worker processes that each load every model once and score jobs.
 
     Args:
@@ -101,7 +102,10 @@ class MLPool:
     ``async with MLPool(...)`` (or ``await pool.wait_ready()``), which waits
     without blocking the loop; jobs submitted before then wait in the queue.
 
-    Every method is safe to call from any thread. Create the pool under
+    The job methods (``create_job``, ``get_result``, ``submit``, ``score``,
+    their ``_async`` twins, ``cancel_job``) are those of
+    :class:`~mlpool._jobapi.JobAPI`. Every method is safe to call from any
+    thread. Create the pool under
     ``if __name__ == "__main__":`` (workers are spawned and import the main
     module).
     """
@@ -150,11 +154,16 @@ class MLPool:
             ray_address=ray_address,
             ray_options=ray_options,
         )
-        engine = InlineManager if self._config.nb_workers == 0 else Manager
-        self._manager = engine(self._config, loaders)
-        self._manager.start()
-        _track(self._manager)
-        weakref.finalize(self, self._manager.shutdown, cancel_pending=False, timeout=30.0)
+        engine: InlineEngine | Manager
+        if self._config.nb_workers == 0:
+            engine = InlineEngine(self._config, loaders)
+        else:
+            engine = Manager(self._config, loaders)
+        super().__init__(engine)
+        self._manager = engine  # the same engine as self._engine, with its lifecycle methods
+        engine.start()
+        _track(engine)
+        weakref.finalize(self, engine.shutdown, cancel_pending=False, timeout=30.0)
         if not _in_event_loop():
             self._wait_started()
 
@@ -235,142 +244,6 @@ class MLPool:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown_async()
 
-    # -------------------------------------------------------------- job ids
-
-    def create_job(
-        self,
-        score_model_function: Callable[..., Any],
-        model_name: str,
-        args: tuple | list | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        block_until_scheduled: bool = True,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> str:
-        """Queue ``score_model_function(model, *args, **kwargs)``; return its job id.
-
-        Arguments are pickled here, so unpicklable ones raise
-        :class:`SerializationError` at once. An unknown ``model_name`` raises
-        :class:`UnknownModelError`. When the queue is full, waits for room
-        (bounded by the job's deadline), or with
-        ``block_until_scheduled=False`` raises :class:`PoolFullError`.
-
-        ``timeout`` is the job's deadline in seconds from now (default: the
-        pool's ``job_timeout``): expired in the queue, it never runs; expired
-        while running, its worker is killed and replaced; either way the job
-        fails with :class:`JobTimeoutError`. ``max_retries`` overrides the
-        pool's for this job.
-        """
-        job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
-        self._admit(job, wait=block_until_scheduled, register=True)
-        assert job.key is not None
-        return job.key
-
-    async def create_job_async(
-        self,
-        score_model_function: Callable[..., Any],
-        model_name: str,
-        args: tuple | list | None = None,
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        block_until_scheduled: bool = True,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> str:
-        """:meth:`create_job` for coroutines: waits for room without blocking the loop."""
-        job = self._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
-        await self._admit_async(job, wait=block_until_scheduled, register=True)
-        assert job.key is not None
-        return job.key
-
-    def get_result(self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None) -> Any:
-        """Return the job's result and forget the job.
-
-        A job that failed raises its error: the scoring function's own
-        exception (worker traceback as ``__cause__``), or
-        :class:`WorkerCrashedError`, :class:`JobTimeoutError`...
-
-        Raises:
-            UnknownJobError: the id never existed, was already fetched, was
-                cancelled, or its result expired (``result_ttl``).
-            ResultNotReadyError: unfinished and ``wait_if_unavailable=False``.
-            TimeoutError: still unfinished after ``timeout`` seconds of
-                waiting; the job goes on and can be fetched later.
-        """
-        job = self._lookup(job_id)
-        future = job.future
-        assert future is not None
-        if not future.done():
-            if not wait_if_unavailable:
-                raise ResultNotReadyError(f"job {job_id} has not finished yet")
-            done, _ = concurrent.futures.wait([future], timeout)
-            if not done:
-                raise TimeoutError(f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later")
-        return self._take(job_id, job, future)
-
-    async def get_result_async(
-        self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None
-    ) -> Any:
-        """:meth:`get_result` for coroutines. Cancelling the awaiting task does
-        not cancel the job (use :meth:`cancel_job`)."""
-        job = self._lookup(job_id)
-        future = job.future
-        assert future is not None
-        if not future.done():
-            if not wait_if_unavailable:
-                raise ResultNotReadyError(f"job {job_id} has not finished yet")
-            try:
-                await asyncio.wait_for(_when_done(future), timeout)
-            except asyncio.TimeoutError:
-                raise TimeoutError(
-                    f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later"
-                ) from None
-        return self._take(job_id, job, future)
-
-    def cancel_job(self, job_id: str, *, interrupt: bool = False) -> bool:
-        """Cancel a job; True if it was queued or running, False if already finished.
-
-        A queued job never runs. A running job's result is discarded; with
-        ``interrupt=True`` its worker is killed at once and replaced, so the
-        CPU it was burning is freed. A cancelled id is forgotten (a later
-        :meth:`get_result` raises :class:`UnknownJobError`); a finished job
-        keeps its result. Raises :class:`UnknownJobError` for an unknown id.
-        """
-        job = self._lookup(job_id)
-        cancelled = self._manager.cancel(job, interrupt=interrupt)
-        if cancelled:
-            self._manager.forget(job_id, job)
-        return cancelled
-
-    # -------------------------------------------------- futures, one call
-
-    def submit(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """Queue ``fn(model, *args, **kwargs)``; a :class:`concurrent.futures.Future` of its result.
-
-        Waits for room when the queue is full. Cancelling the future before
-        the job starts means it never runs.
-        """
-        job = self._make_job(fn, model_name, args, kwargs, None, None)
-        self._admit(job, wait=True)
-        assert job.future is not None
-        return job.future
-
-    def score(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(model, *args, **kwargs)`` in a worker and return its result (blocks)."""
-        job = self._make_job(fn, model_name, args, kwargs, None, None)
-        if not self._manager.run_lent(job):  # no idle worker: through the queue
-            self._admit(job, wait=True)
-        assert job.future is not None
-        return job.future.result()
-
-    async def score_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(model, *args, **kwargs)`` in a worker; the event loop stays free.
-
-        Cancelling the awaiting task cancels the job (as :meth:`cancel_job`).
-        """
-        return await self._run_async_job(self._make_async_job(model_name, fn, args, kwargs))
-
     def session(self, *, interrupt: bool = False) -> Session:
         """A :class:`Session`: jobs submitted through it are cancelled together
         when it closes (``with`` / ``async with`` block, or ``close()``).
@@ -379,104 +252,7 @@ class MLPool:
         away. With ``interrupt=True`` running ones also have their worker
         killed and replaced, which frees the CPU at once.
         """
-        return Session(self, interrupt=interrupt)
-
-    def _make_async_job(self, model_name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Job:
-        loop = asyncio.get_running_loop()
-        return self._manager.make_job(model_name, fn, args, kwargs, timeout=None, retries=None, loop=loop)
-
-    async def _run_async_job(self, job: Job) -> Any:
-        await self._admit_async(job, wait=True)
-        assert job.afut is not None
-        try:
-            return await job.afut
-        except asyncio.CancelledError:
-            self._manager.cancel(job)
-            raise
-
-    # ------------------------------------------------------------- helpers
-
-    def _make_job(
-        self,
-        fn: Callable[..., Any],
-        model_name: str,
-        args: Any,
-        kwargs: Any,
-        timeout: float | None,
-        max_retries: int | None,
-    ) -> Job:
-        if args is None:
-            args = ()
-        elif not isinstance(args, (tuple, list)):
-            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
-        if kwargs is None:
-            kwargs = {}
-        elif not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
-        return self._manager.make_job(model_name, fn, tuple(args), dict(kwargs), timeout=timeout, retries=max_retries)
-
-    def _admit(self, job: Job, *, wait: bool, register: bool = False) -> None:
-        while (room := self._manager.enqueue(job, wait=wait, register=register)) is not None:
-            try:
-                room.result(timeout=_remaining(job))
-            except concurrent.futures.TimeoutError:
-                raise JobTimeoutError(
-                    f"job {job.id} timed out waiting for room in the queue", waiting_for_room=True
-                ) from None
-
-    async def _admit_async(self, job: Job, *, wait: bool, register: bool = False) -> None:
-        while (room := self._manager.enqueue(job, wait=wait, register=register)) is not None:
-            try:
-                await asyncio.wait_for(asyncio.wrap_future(room), _remaining(job))
-            except asyncio.TimeoutError:
-                raise JobTimeoutError(
-                    f"job {job.id} timed out waiting for room in the queue", waiting_for_room=True
-                ) from None
-
-    def _lookup(self, job_id: str) -> Job:
-        if not isinstance(job_id, str):
-            raise TypeError(f"job_id must be a str, not {type(job_id).__name__}")
-        job = self._manager.lookup(job_id)
-        if job is None:
-            raise UnknownJobError(f"unknown job {job_id!r}: never created, already fetched, cancelled or expired")
-        return job
-
-    def _take(self, job_id: str, job: Job, future: Future) -> Any:
-        if future.cancelled() or isinstance(future.exception(), CancelledError):
-            self._manager.forget(job_id, job)
-            raise UnknownJobError(f"job {job_id!r} was cancelled")
-        if not self._manager.forget(job_id, job):
-            raise UnknownJobError(f"job {job_id!r} was already fetched")
-        return future.result()
-
-
-def _remaining(job: Job) -> float | None:
-    if job.deadline is None:
-        return None
-    return max(0.0, job.deadline - time.monotonic())
-
-
-def _when_done(future: Future) -> asyncio.Future:
-    """An asyncio future that resolves (to None) when ``future`` is done.
-
-    Unlike :func:`asyncio.wrap_future`, cancelling it does not cancel
-    ``future``, and it never holds an exception nobody retrieves.
-    """
-    loop = asyncio.get_running_loop()
-    signal: asyncio.Future = loop.create_future()
-
-    def mark(_: Future) -> None:
-        if not signal.done():
-            signal.set_result(None)
-
-    def notify(_: Future) -> None:
-        try:
-            loop.call_soon_threadsafe(mark, None)
-        except RuntimeError:  # the loop is closed
-            pass
-
-    future.add_done_callback(notify)
-    return signal
+        return Session(self._engine, interrupt=interrupt)
 
 
 def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
@@ -500,12 +276,13 @@ def _in_event_loop() -> bool:
     return True
 
 
-_live: weakref.WeakSet[Manager] = weakref.WeakSet()
+_Engine = Union[Manager, InlineEngine]
+_live: weakref.WeakSet[_Engine] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
 _atexit_registered = False
 
 
-def _track(manager: Manager) -> None:
+def _track(manager: _Engine) -> None:
     """Shut the pool down at interpreter exit if its owner did not."""
     global _atexit_registered
     with _atexit_lock:

@@ -74,23 +74,55 @@ def require_ray() -> Any:
 
 
 class RaySession:
-    """Joins (or starts) the Ray instance a pool uses; leaves it as it found it."""
+    """Joins (or starts) the Ray instance a pool uses; leaves it as it found it.
+
+    A Ray instance the pools started (``ray.init`` with no instance running)
+    is shared by every pool of this process that joins it afterwards, and shut
+    down by the last of them to close (#19.5: shutting down the pool that
+    started it must not take it from the others). An instance the
+    application started, or a cluster it connected to, is never shut down.
+    """
+
+    # Process-wide: whether the running instance was started by a pool, and
+    # how many pools use it.
+    _lock = threading.Lock()
+    _ours = False
+    _users = 0
+    _instance = 0  # counts the instances pools started (one stopped elsewhere is not ours any more)
 
     def __init__(self, address: str | None) -> None:
         self.address = address
-        self.started_here = False
+        self._counted: int | None = None  # the instance this session counts as a user of
 
     def connect(self) -> None:
         ray = require_ray()
-        if ray.is_initialized():
-            return
-        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
-        self.started_here = True
+        cls = RaySession
+        with cls._lock:
+            if self._counted is not None:
+                return
+            if not ray.is_initialized():
+                ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
+                cls._ours, cls._users, cls._instance = True, 0, cls._instance + 1
+            elif not cls._ours:
+                return  # the application's instance: not ours to stop
+            cls._users += 1
+            self._counted = cls._instance
 
     def close(self) -> None:
-        if self.started_here:
-            require_ray().shutdown()
-            self.started_here = False
+        """Idempotent; shuts Ray down if this was the last pool using an instance pools started."""
+        cls = RaySession
+        with cls._lock:
+            if self._counted != cls._instance or not cls._ours:
+                self._counted = None
+                return
+            self._counted = None
+            cls._users -= 1
+            if cls._users > 0:
+                return
+            cls._ours = False
+            ray = require_ray()
+            if ray.is_initialized():
+                ray.shutdown()
 
 
 class _Actor:

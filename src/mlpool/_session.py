@@ -9,110 +9,129 @@ costing anything::
             await websocket.send_json(await session.score_async("iris", score, message))
     # leaving the block (normally, by an error, or by cancellation) cancels
     # every job of the session that has not finished
+
+A :class:`Session` is the pool's job methods (:class:`~mlpool._jobapi.JobAPI`)
+with a :class:`JobGroup`, which owns the session's state under its own lock:
+a job enters the group when a call starts admitting it, belongs to it once
+the engine admitted it (a job refused with :class:`PoolFullError` never
+does), and leaves it when it finishes, by a done-callback on its handle. So
+the group holds only unfinished jobs and costs O(1) per job (#19.9), and
+``close()`` cancels exactly those, also the calls still waiting for room in
+the queue, which wake at once (#19.7, #19.8).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable
+import threading
+from functools import partial
+from typing import Any
 
 from mlpool._errors import PoolClosedError
-from mlpool._jobs import Job, JobState
-
-if TYPE_CHECKING:
-    from mlpool._pool import MLPool
-
-_PRUNE_AT = 256  # finished jobs are forgotten once the session holds this many
+from mlpool._jobapi import Engine, JobAPI
+from mlpool._jobs import Job
 
 
-class Session:
-    """A group of jobs submitted through one pool and cancelled together.
+class JobGroup:
+    """The unfinished jobs of one session; thread-safe by construction (one lock,
+    and ``close`` decides under it which jobs are the session's to cancel)."""
 
-    Create it with :meth:`MLPool.session`. Its methods are those of the pool
-    (same arguments, same errors); :meth:`close` (or leaving the ``with`` /
-    ``async with`` block) cancels every job of the session still queued or
-    running. With ``interrupt=True`` a running job's worker is killed and
-    replaced, so its CPU is freed at once; otherwise its result is discarded.
-    """
+    __slots__ = ("_engine", "_interrupt", "_lock", "_waiting", "_jobs", "_closed")
 
-    def __init__(self, pool: MLPool, *, interrupt: bool = False) -> None:
-        self._pool = pool
+    def __init__(self, engine: Engine, *, interrupt: bool) -> None:
+        self._engine = engine
         self._interrupt = interrupt
-        self._jobs: set[Job] = set()
+        self._lock = threading.Lock()
+        # --- under the lock ---
+        self._waiting: set[Job] = set()  # being admitted (maybe waiting for room)
+        self._jobs: set[Job] = set()  # admitted, not finished
         self._closed = False
 
-    def __repr__(self) -> str:
-        return f"<mlpool.Session {len(self._jobs)} jobs{' closed' if self._closed else ''}>"
+    @property
+    def unfinished(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._jobs)
 
-    def _track(self, job: Job) -> Job:
-        if self._closed:
-            raise PoolClosedError("this session is closed")
-        if len(self._jobs) >= _PRUNE_AT:
-            self._jobs = {j for j in self._jobs if j.state is not JobState.FINISHED}
-        self._jobs.add(job)
-        return job
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    async def score_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """:meth:`MLPool.score_async`, cancelled with the session."""
-        job = self._track(self._pool._make_async_job(model_name, fn, args, kwargs))
-        try:
-            return await self._pool._run_async_job(job)
-        finally:
+    def enter(self, job: Job) -> None:
+        """A call starts admitting ``job``; PoolClosedError if the session is closed."""
+        with self._lock:
+            if self._closed:
+                raise PoolClosedError("this session is closed")
+            self._waiting.add(job)
+
+    def leave(self, job: Job) -> None:
+        """``job`` was refused (or its caller gave up): not the session's."""
+        with self._lock:
+            self._waiting.discard(job)
+
+    def admit(self, job: Job) -> bool:
+        """The engine admitted ``job``: it is the session's until it finishes.
+        False if ``close()`` took it first (and cancelled it)."""
+        with self._lock:
+            if job not in self._waiting:
+                return False
+            self._waiting.remove(job)
+            self._jobs.add(job)
+        handle: Any = job.afut if job.afut is not None else job.future
+        # Runs at once if the job already finished (the inline engine runs it at admission).
+        handle.add_done_callback(partial(self._finished, job))
+        return True
+
+    def _finished(self, job: Job, _: object) -> None:
+        with self._lock:
             self._jobs.discard(job)
 
-    def submit(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        """:meth:`MLPool.submit`, cancelled with the session."""
-        job = self._track(self._pool._make_job(fn, model_name, args, kwargs, None, None))
-        self._pool._admit(job, wait=True)
-        assert job.future is not None
-        return job.future
-
-    def create_job(
-        self,
-        score_model_function: Callable[..., Any],
-        model_name: str,
-        args: Any = None,
-        kwargs: Any = None,
-        *,
-        block_until_scheduled: bool = True,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> str:
-        """:meth:`MLPool.create_job`, cancelled with the session."""
-        job = self._track(self._pool._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries))
-        self._pool._admit(job, wait=block_until_scheduled, register=True)
-        assert job.key is not None
-        return job.key
-
-    async def create_job_async(
-        self,
-        score_model_function: Callable[..., Any],
-        model_name: str,
-        args: Any = None,
-        kwargs: Any = None,
-        *,
-        block_until_scheduled: bool = True,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> str:
-        """:meth:`MLPool.create_job_async`, cancelled with the session."""
-        job = self._track(self._pool._make_job(score_model_function, model_name, args, kwargs, timeout, max_retries))
-        await self._pool._admit_async(job, wait=block_until_scheduled, register=True)
-        assert job.key is not None
-        return job.key
-
     def close(self) -> int:
-        """Cancel every unfinished job of the session; how many were cancelled. Idempotent."""
-        self._closed = True
-        jobs, self._jobs = self._jobs, set()
-        manager = self._pool._manager
+        """Cancel every job of the session that has not finished; how many. Idempotent."""
+        with self._lock:
+            self._closed = True
+            jobs = [*self._waiting, *self._jobs]
+            self._waiting = set()
+            self._jobs = set()
+        engine = self._engine
         cancelled = 0
         for job in jobs:
-            if job.state is not JobState.FINISHED and manager.cancel(job, interrupt=self._interrupt):
+            if engine.cancel(job, interrupt=self._interrupt):
                 cancelled += 1
                 if job.key is not None:
-                    manager.forget(job.key, job)
+                    engine.forget(job.key, job)
         return cancelled
+
+
+class Session(JobAPI):
+    """A group of jobs submitted through one pool and cancelled together.
+
+    Create it with :meth:`MLPool.session`. Its methods are the pool's job
+    methods (same arguments, same errors); :meth:`close` (or leaving the
+    ``with`` / ``async with`` block) cancels every job of the session still
+    queued or running, and makes the session's calls that wait for room in
+    the queue raise at once (``CancelledError``; :class:`PoolClosedError`
+    for ``create_job``). With ``interrupt=True`` a running job's worker is
+    killed and replaced, so its CPU is freed at once; otherwise its result is
+    discarded. A job refused with :class:`PoolFullError` is not the session's.
+    Thread-safe.
+    """
+
+    def __init__(self, engine: Engine, *, interrupt: bool = False) -> None:
+        self._jobs = JobGroup(engine, interrupt=interrupt)
+        super().__init__(engine, self._jobs)
+
+    def __repr__(self) -> str:
+        return f"<mlpool.Session {self.unfinished} unfinished jobs{' closed' if self._jobs.closed else ''}>"
+
+    @property
+    def unfinished(self) -> int:
+        """How many of the session's jobs have not finished (held only until they do)."""
+        return self._jobs.unfinished
+
+    def close(self) -> int:
+        """Cancel every unfinished job of the session (also those waiting for
+        room in the queue); how many were cancelled. Idempotent: later calls
+        through the session raise :class:`PoolClosedError`."""
+        return self._jobs.close()
 
     def __enter__(self) -> Session:
         return self

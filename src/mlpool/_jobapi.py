@@ -1,0 +1,412 @@
+"""The job methods shared by :class:`MLPool` and its sessions, each written once.
+
+::
+
+    caller ── create_job / submit / score ─┐        ┌─ wait_any (threads)
+           ── ..._async ───────────────────┤        └─ wait_any_async (coroutines)
+                                           ▼                 ▲ the only sync/async difference
+      _new_job: the engine's make_job ── _admission: enqueue until admitted,
+                                         yielding each "room in the queue" future
+                                           │ (a session tracks the job: _session.JobGroup)
+                                           ▼
+      the job's handle: a concurrent Future (made in a thread) or an asyncio
+      future of the caller's loop (made in a coroutine: score_async, create_job_async)
+
+A sync method and its ``_async`` twin share every step but the wait, which
+goes through :mod:`mlpool._waiting` (a wait that ends removes what it added).
+Jobs made in a coroutine carry its loop, which reads their worker's pipe and
+settles their asyncio handle (no thread hop, no lock). A job id made there may
+be fetched from anywhere: a thread or another loop asks the engine to
+``share`` a concurrent Future of the same outcome, and if the job's loop has
+stopped, to take its pipe back (``reclaim_stopped_loans``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Generator, Mapping
+from concurrent.futures import CancelledError, Future
+from typing import Any, Callable, Protocol
+
+from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
+from mlpool._jobs import Job, running_loop
+from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
+
+class Engine(Protocol):
+    """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
+
+    def make_job(
+        self,
+        model: str,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        *,
+        timeout: float | None,
+        retries: int | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Job: ...
+
+    def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None: ...
+
+    def run_lent(self, job: Job) -> bool: ...
+
+    def cancel(self, job: Job, *, interrupt: bool = False) -> bool: ...
+
+    def lookup(self, key: str) -> Job | None: ...
+
+    def forget(self, key: str, job: Job) -> bool: ...
+
+    def share(self, job: Job) -> Future: ...
+
+    def reclaim_stopped_loans(self) -> None: ...
+
+
+class Group(Protocol):
+    """What the job methods ask of a session's group (``_session.JobGroup``)."""
+
+    def enter(self, job: Job) -> None: ...
+
+    def leave(self, job: Job) -> None: ...
+
+    def admit(self, job: Job) -> bool: ...
+
+
+class JobAPI:
+    """Every job method of the pool, submitting to ``engine``; with ``group``,
+    each job admitted is tracked by that session (see :class:`mlpool.Session`).
+
+    Every method is safe to call from any thread.
+    """
+
+    def __init__(self, engine: Engine, group: Group | None = None) -> None:
+        self._engine = engine
+        self._group = group
+
+    # -------------------------------------------------------------- job ids
+
+    def create_job(
+        self,
+        score_model_function: Callable[..., Any],
+        model_name: str,
+        args: tuple | list | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        block_until_scheduled: bool = True,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> str:
+        """Queue ``score_model_function(model, *args, **kwargs)``; return its job id.
+
+        Arguments are pickled here, so unpicklable ones raise
+        :class:`SerializationError` at once. An unknown ``model_name`` raises
+        :class:`UnknownModelError`. When the queue is full, waits for room
+        (bounded by the job's deadline, else :class:`JobTimeoutError`), or with
+        ``block_until_scheduled=False`` raises :class:`PoolFullError`. A job
+        of a session that closes while it waits for room raises
+        :class:`PoolClosedError` at once: it was never queued.
+
+        ``timeout`` is the job's deadline in seconds from now (default: the
+        pool's ``job_timeout``): expired in the queue, it never runs; expired
+        while running, its worker is killed and replaced; either way the job
+        fails with :class:`JobTimeoutError`. ``max_retries`` overrides the
+        pool's for this job.
+        """
+        job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
+        try:
+            self._admit(job, wait=block_until_scheduled, register=True)
+        except CancelledError:
+            raise _never_queued(job) from None
+        return _job_id(job)
+
+    async def create_job_async(
+        self,
+        score_model_function: Callable[..., Any],
+        model_name: str,
+        args: tuple | list | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        block_until_scheduled: bool = True,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> str:
+        """:meth:`create_job` for coroutines: waits for room without blocking the loop.
+
+        The job's result is read by this event loop (as for :meth:`score_async`)
+        and can be fetched with :meth:`get_result_async` here, or with
+        :meth:`get_result` from another thread, also after the loop ended.
+        """
+        loop = asyncio.get_running_loop()
+        job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries, loop=loop)
+        try:
+            await self._admit_async(job, wait=block_until_scheduled, register=True)
+        except CancelledError:
+            raise _never_queued(job) from None
+        return _job_id(job)
+
+    def get_result(self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None) -> Any:
+        """Return the job's result and forget the job.
+
+        A job that failed raises its error: the scoring function's own
+        exception (worker traceback as ``__cause__``), or
+        :class:`WorkerCrashedError`, :class:`JobTimeoutError`...
+
+        Raises:
+            UnknownJobError: the id never existed, was already fetched, was
+                cancelled, or its result expired (``result_ttl``).
+            ResultNotReadyError: unfinished and ``wait_if_unavailable=False``.
+            TimeoutError: still unfinished after ``timeout`` seconds of
+                waiting; the job goes on and can be fetched later.
+            RuntimeError: it would have to wait on the thread of the event
+                loop that reads the job's result (use :meth:`get_result_async`).
+        """
+        job = self._lookup(job_id)
+        handle = _done_handle(job)
+        if handle is None:
+            if not wait_if_unavailable:
+                raise ResultNotReadyError(f"job {job_id} has not finished yet")
+            if job.afut is not None and running_loop() is job.loop:
+                raise RuntimeError(
+                    f"get_result({job_id!r}) would block the event loop that reads this job's result; "
+                    "in a coroutine, use await get_result_async(...)"
+                )
+            future = self._handle_elsewhere(job)
+            if future is not None and not wait_any([future], timeout):
+                raise _still_running(job_id, timeout)
+        return self._take(job_id, job)
+
+    async def get_result_async(
+        self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None
+    ) -> Any:
+        """:meth:`get_result` for coroutines. Cancelling the awaiting task does
+        not cancel the job (use :meth:`cancel_job`); a wait that ends (result,
+        timeout or cancellation) leaves nothing behind on the job."""
+        job = self._lookup(job_id)
+        if _done_handle(job) is None:
+            if not wait_if_unavailable:
+                raise ResultNotReadyError(f"job {job_id} has not finished yet")
+            afut = job.afut
+            if afut is not None and job.loop is running_loop():  # made here: no Future, no thread hop
+                done = await wait_here_async(afut, timeout)
+            else:
+                future = self._handle_elsewhere(job)
+                done = future is None or await wait_done_async(future, timeout)
+            if not done:
+                raise _still_running(job_id, timeout)
+        return self._take(job_id, job)
+
+    def cancel_job(self, job_id: str, *, interrupt: bool = False) -> bool:
+        """Cancel a job; True if it was queued or running, False if already finished.
+
+        A queued job never runs. A running job's result is discarded; with
+        ``interrupt=True`` its worker is killed at once and replaced, so the
+        CPU it was burning is freed. A cancelled id is forgotten (a later
+        :meth:`get_result` raises :class:`UnknownJobError`); a finished job
+        keeps its result. Raises :class:`UnknownJobError` for an unknown id.
+        """
+        job = self._lookup(job_id)
+        cancelled = self._engine.cancel(job, interrupt=interrupt)
+        if cancelled:
+            self._engine.forget(job_id, job)
+        return cancelled
+
+    # -------------------------------------------------- futures, one call
+
+    def submit(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Queue ``fn(model, *args, **kwargs)``; a :class:`concurrent.futures.Future` of its result.
+
+        Waits for room when the queue is full. Cancelling the future before
+        the job starts means it never runs. Raises
+        :class:`concurrent.futures.CancelledError` if its session closes while
+        it waits for room.
+        """
+        job = self._new_job(fn, model_name, args, kwargs, None, None)
+        self._admit(job, wait=True)
+        return _future(job)
+
+    def score(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(model, *args, **kwargs)`` in a worker and return its result (blocks)."""
+        job = self._new_job(fn, model_name, args, kwargs, None, None)
+        # An idle worker's pipe is read by this thread (one hop fewer); a
+        # session's jobs go through the queue, where the session tracks them.
+        if self._group is not None or not self._engine.run_lent(job):
+            self._admit(job, wait=True)
+        return _future(job).result()
+
+    async def score_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(model, *args, **kwargs)`` in a worker; the event loop stays free.
+
+        Cancelling the awaiting task cancels the job (as :meth:`cancel_job`).
+        """
+        loop = asyncio.get_running_loop()
+        job = self._new_job(fn, model_name, args, kwargs, None, None, loop=loop)
+        try:
+            await self._admit_async(job, wait=True)
+        except CancelledError as exc:  # its session closed while it waited for room
+            raise asyncio.CancelledError(*exc.args) from None
+        afut = job.afut
+        assert afut is not None  # a job made with a loop
+        try:
+            return await afut
+        except asyncio.CancelledError:
+            self._engine.cancel(job)
+            raise
+
+    # ------------------------------------------------------------ the steps
+
+    def _new_job(
+        self,
+        fn: Callable[..., Any],
+        model_name: str,
+        args: Any,
+        kwargs: Any,
+        timeout: float | None,
+        max_retries: int | None,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Job:
+        """A job from a caller's arguments (pickled now). ``loop``: made in a
+        coroutine of that loop, which reads its result; its handle is an
+        asyncio future of that loop."""
+        if args is None:
+            args = ()
+        elif not isinstance(args, (tuple, list)):
+            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+        if kwargs is None:
+            kwargs = {}
+        elif not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
+        return self._engine.make_job(
+            model_name, fn, tuple(args), dict(kwargs), timeout=timeout, retries=max_retries, loop=loop
+        )
+
+    def _admission(self, job: Job, *, wait: bool, register: bool) -> Generator[Future, None, None]:
+        """Admit ``job`` into the engine's queue: yields each future that
+        resolves when the full queue has room (the driver waits on it or on the
+        job's own handle, which a closing session cancels); returns once
+        admitted. Raises CancelledError if the job was cancelled first."""
+        group = self._group
+        if group is not None:
+            group.enter(job)
+        try:
+            while (room := self._engine.enqueue(job, wait=wait, register=register)) is not None:
+                try:
+                    yield room
+                finally:
+                    room.cancel()  # no one waits for it any more (a no-op once it resolved)
+        except BaseException:
+            if group is not None:
+                group.leave(job)
+            raise
+        # Only a session cancels a job before it has an id: no group, no race.
+        if group is not None and not group.admit(job):
+            raise CancelledError(f"job {job.id} was cancelled (its session closed) while it waited for room in the queue")
+
+    def _admit(self, job: Job, *, wait: bool, register: bool = False) -> None:
+        handle = _future(job)
+        steps = self._admission(job, wait=wait, register=register)
+        try:
+            for room in steps:
+                if not wait_any([room, handle], _remaining(job)):
+                    raise _no_room(job)
+        finally:
+            steps.close()
+
+    async def _admit_async(self, job: Job, *, wait: bool, register: bool = False) -> None:
+        handle: Future | asyncio.Future = job.afut if job.afut is not None else _future(job)
+        steps = self._admission(job, wait=wait, register=register)
+        try:
+            for room in steps:
+                if not await wait_any_async([room, handle], _remaining(job)):
+                    raise _no_room(job)
+        finally:
+            steps.close()
+
+    def _lookup(self, job_id: str) -> Job:
+        if not isinstance(job_id, str):
+            raise TypeError(f"job_id must be a str, not {type(job_id).__name__}")
+        job = self._engine.lookup(job_id)
+        if job is None:
+            raise UnknownJobError(f"unknown job {job_id!r}: never created, already fetched, cancelled or expired")
+        return job
+
+    def _handle_elsewhere(self, job: Job) -> Future | None:
+        """The concurrent Future a thread (or another loop) waits on for
+        ``job``; None if its outcome can be read already."""
+        afut = job.afut
+        if afut is None:
+            return _future(job)
+        self._read_elsewhere(job)
+        future = self._engine.share(job)
+        # Checked after sharing: an outcome settled before has reached the asyncio handle.
+        return None if afut.done() else future
+
+    def _read_elsewhere(self, job: Job) -> None:
+        """Before waiting, from another thread or loop, on a job made in a
+        coroutine: if its loop stopped (``asyncio.run`` returned), the manager
+        takes the worker's pipe back, or nobody would read the result. (A loop
+        that stops later, while we wait, is seen at the engine's next dispatch.)"""
+        loop = job.loop
+        if loop is not None and not loop.is_running():
+            self._engine.reclaim_stopped_loans()
+
+    def _take(self, job_id: str, job: Job) -> Any:
+        """The result of a finished job (or its error), forgetting the job."""
+        handle = _done_handle(job)
+        assert handle is not None  # callers waited until it is done
+        forgotten = self._engine.forget(job_id, job)
+        try:
+            value = handle.result()
+        except (CancelledError, asyncio.CancelledError):
+            raise UnknownJobError(f"job {job_id!r} was cancelled") from None
+        except BaseException:
+            if not forgotten:
+                raise UnknownJobError(f"job {job_id!r} was already fetched") from None
+            raise
+        if not forgotten:
+            raise UnknownJobError(f"job {job_id!r} was already fetched")
+        return value
+
+
+def _done_handle(job: Job) -> Future | asyncio.Future | None:
+    """The job's handle that holds its outcome, or None while it has none."""
+    afut = job.afut
+    if afut is not None and afut.done():
+        return afut
+    future = job.future
+    if future is not None and future.done():
+        return future
+    return None
+
+
+def _future(job: Job) -> Future:
+    future = job.future
+    if future is None:  # only score_async's jobs have none, and they never come here
+        raise MLPoolError(f"internal error: job {job.id} has no concurrent future")
+    return future
+
+
+def _job_id(job: Job) -> str:
+    key = job.key
+    if key is None:  # admitted with register=True always has one
+        raise MLPoolError(f"internal error: job {job.id} was admitted without an id")
+    return key
+
+
+def _remaining(job: Job) -> float | None:
+    if job.deadline is None:
+        return None
+    return max(0.0, job.deadline - time.monotonic())
+
+
+def _no_room(job: Job) -> JobTimeoutError:
+    return JobTimeoutError(f"job {job.id} timed out waiting for room in the queue; it never ran", waiting_for_room=True)
+
+
+def _never_queued(job: Job) -> PoolClosedError:
+    return PoolClosedError(f"the session was closed while job {job.id} waited for room in the queue; it was never queued")
+
+
+def _still_running(job_id: str, timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later")

@@ -1,0 +1,80 @@
+"""Building a :class:`~mlpool._jobs.Job` from a caller's arguments, for every engine.
+
+Runs in the caller's thread, without any lock: the scoring function is looked
+up (pickled once per function, see ``FunctionTable``) and the arguments are
+pickled here, so bad input fails in the caller's stack and costs the pool
+nothing. The process engine and the inline engine build jobs the same way,
+with the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from mlpool._batching import batch_policy
+from mlpool._config import PoolConfig
+from mlpool._errors import UnknownModelError
+from mlpool._jobs import Job
+from mlpool._serialization import FunctionTable
+from mlpool._shm import pickle_payload
+
+
+class JobMaker:
+    """Validates a job's options and pickles it; thread-safe."""
+
+    def __init__(self, config: PoolConfig, models: Iterable[str]) -> None:
+        self.config = config
+        self.models = frozenset(models)
+        self._functions = FunctionTable()
+        self._ids = itertools.count(1)  # next() on a count is atomic under the GIL
+
+    def make(
+        self,
+        model: str,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        *,
+        timeout: float | None,
+        retries: int | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Job:
+        """A new job (state NEW). ``loop``: see :class:`Job`.
+
+        Raises TypeError (not callable, bad batched call), UnknownModelError,
+        ValueError (bad timeout or max_retries), SerializationError.
+        """
+        config = self.config
+        if not callable(fn):
+            raise TypeError(f"the scoring function must be callable, got {type(fn).__name__}")
+        if model not in self.models:
+            known = ", ".join(repr(m) for m in sorted(self.models))
+            raise UnknownModelError(f"unknown model {model!r}; this pool serves {known}")
+        if timeout is None:
+            timeout = config.job_timeout
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if retries is None:
+            retries = config.max_retries
+        elif isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {retries!r}")
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        policy = batch_policy(fn)
+        if policy is not None and (len(args) != 1 or kwargs):
+            raise TypeError(
+                f"{name} is batched: each job takes exactly one item (one positional argument, no keyword "
+                f"arguments), got {len(args)} positional and {len(kwargs)} keyword arguments"
+            )
+        fn_id, fn_pickle = self._functions.lookup(fn)
+        payload = pickle_payload(
+            (args, kwargs), f"the arguments of {name}", config.shared_memory_threshold, config.shared_memory_limit
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return Job(
+            next(self._ids), model, fn_id, fn_pickle, payload, name,
+            deadline=deadline, retries=retries, loop=loop, batch_policy=policy,
+        )  # fmt: skip

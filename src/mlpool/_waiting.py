@@ -1,0 +1,165 @@
+"""How the facade waits on a job's handle, from a thread or a coroutine, and
+leaves nothing behind when the wait ends.
+
+A done-callback on a :class:`concurrent.futures.Future` cannot be removed, and
+:func:`concurrent.futures.wait` does not wake when a pending future is
+cancelled (only once an executor calls ``set_running_or_notify_cancel``). A
+caller polling an unfinished job with a timeout (``get_result_async(job_id,
+timeout=1)`` in a loop) must not add a callback per poll, each holding its
+event loop and waiter until the job ends (#19.10). So each future gets at most
+one callback, :func:`_wake_waiters`, installed by the first wait on it; waits
+register a *waker* in :data:`_waiting` and remove it when they end, whatever
+ends them (the future, the timeout, the task's cancellation). A coroutine's
+waker sets its waiter directly when it runs on that waiter's loop (the loop
+read the worker's pipe: no thread hop), else through ``call_soon_threadsafe``;
+a thread's sets an event.
+
+An :class:`asyncio.Future` of the running loop is waited on with its own
+``add_done_callback`` / ``remove_done_callback``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+from functools import partial
+from typing import Callable, Union
+
+from mlpool._jobs import running_loop
+
+Handle = Union[Future, asyncio.Future]
+_Waker = Callable[[], None]
+
+# Concurrent futures a wait is on -> the wakers of those waits; an entry exists
+# exactly while the future is unfinished and has our callback.
+_waiting: dict[Future, list[_Waker]] = {}
+
+
+def wait_any(futures: list[Future], timeout: float | None) -> bool:
+    """Block until one of ``futures`` is done (cancelled included) or ``timeout``
+    passes; whether one is done. Leaves nothing on the futures."""
+    if any(future.done() for future in futures):
+        return True
+    event = threading.Event()
+    waker: _Waker = event.set
+    for future in futures:
+        _watch(future, waker)
+    try:
+        event.wait(timeout)
+    finally:
+        for future in futures:
+            _unwatch(future, waker)
+    return any(future.done() for future in futures)
+
+
+async def wait_any_async(futures: list[Handle], timeout: float | None) -> bool:
+    """:func:`wait_any` for coroutines: the loop stays free, and every callback
+    or timer added for this wait is removed when it ends. Never cancels
+    ``futures``. Asyncio futures must belong to the running loop."""
+    for future in futures:
+        if future.done():
+            return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future = loop.create_future()
+    wake = partial(_set, waiter)
+    waker = partial(_wake_on, loop, waiter)
+    watched: list[Future] = []
+    local: list[asyncio.Future] = []
+    timer = None
+    try:
+        for future in futures:
+            if isinstance(future, asyncio.Future):
+                future.add_done_callback(wake)
+                local.append(future)
+            else:
+                _watch(future, waker)
+                watched.append(future)
+        if timeout is not None:
+            timer = loop.call_later(max(0.0, timeout), _set, waiter)
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for afut in local:
+            afut.remove_done_callback(wake)
+        for future in watched:
+            _unwatch(future, waker)
+    return any(future.done() for future in futures)
+
+
+async def wait_here_async(afut: asyncio.Future, timeout: float | None) -> bool:
+    """:func:`wait_any_async` for one asyncio future of the running loop (a job
+    id fetched in the coroutine's loop that made it: the hot path)."""
+    waiter: asyncio.Future = afut.get_loop().create_future()
+    wake = partial(_set, waiter)
+    afut.add_done_callback(wake)
+    timer = None if timeout is None else waiter.get_loop().call_later(max(0.0, timeout), _set, waiter)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        afut.remove_done_callback(wake)
+    return afut.done()
+
+
+async def wait_done_async(future: Future, timeout: float | None) -> bool:
+    """:func:`wait_any_async` for one concurrent future (the job-id API's hot path)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future = loop.create_future()
+    waker = partial(_wake_on, loop, waiter)
+    _watch(future, waker)
+    timer = None if timeout is None else loop.call_later(max(0.0, timeout), _set, waiter)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        _unwatch(future, waker)
+    return future.done()
+
+
+def _watch(future: Future, waker: _Waker) -> None:
+    # No lock: dict.setdefault, list.append and dict.pop are atomic under the
+    # GIL, and a waker appended after _wake_waiters took the list sees the
+    # future done just below.
+    mine = [waker]
+    waiters = _waiting.setdefault(future, mine)
+    if waiters is mine:
+        future.add_done_callback(_wake_waiters)  # on a future already done, calls back at once
+    else:
+        waiters.append(waker)
+    if future.done():
+        waker()
+
+
+def _unwatch(future: Future, waker: _Waker) -> None:
+    waiters = _waiting.get(future)
+    if waiters is not None:
+        try:
+            waiters.remove(waker)
+        except ValueError:
+            pass
+
+
+def _wake_waiters(future: Future) -> None:
+    """The one done-callback of a watched future; runs in the thread that settled it."""
+    for waker in _waiting.pop(future, ()):
+        waker()
+
+
+def _wake_on(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future) -> None:
+    """Wake a coroutine's wait, from any thread (at once on its own loop: no hop)."""
+    if running_loop() is loop:
+        _set(waiter)
+        return
+    try:
+        loop.call_soon_threadsafe(_set, waiter)
+    except RuntimeError:  # the loop is closed: nobody waits there any more
+        pass
+
+
+def _set(waiter: asyncio.Future, _: object = None) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
