@@ -117,12 +117,13 @@ def _is_subreaper() -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the subreaper flag is Linux's")
-def test_inline_share_models_leaves_the_subreaper_flag_alone():
+def test_no_pool_makes_the_process_a_subreaper():
     assert not _is_subreaper()
     with MLPool({"m": load_constant}, nb_workers=0, share_models=True) as pool:
         assert pool.score("m", add, 1) == 11
         assert not _is_subreaper()  # nothing is forked here
     assert not _is_subreaper()
     with MLPool({"m": load_constant}, nb_workers=1, share_models=True) as pool:
-        assert _is_subreaper()  # a real template pool still adopts its orphans
+        assert pool.score("m", add, 1) == 11
+        assert not _is_subreaper()  # nor a real template pool: the template reaps its workers (#13.18)
     assert not _is_subreaper()
