@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import tracemalloc
 import weakref
 
 import pytest
@@ -32,3 +33,23 @@ def test_a_finished_job_with_a_deadline_is_released_at_once():
         gc.collect()
         assert ref() is None, "the job's result stayed referenced until its deadline"
         assert pool.score("m", echo, 1) == 1
+
+
+@pytest.mark.timeout(120)
+def test_an_unfetched_small_result_keeps_well_under_a_kilobyte():
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        pool.get_result(pool.create_job(echo, "m", args=(0,)), timeout=30)  # warm: function tables, regions
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            ids = [pool.create_job(echo, "m", args=(i,)) for i in range(2000)]
+            # One worker runs them in order: once the last is done, so are the others.
+            assert pool.get_result(ids.pop(), timeout=60) == 1999
+            assert pool.stats().results_unfetched == 1999
+            gc.collect()
+            per_result = (tracemalloc.get_traced_memory()[0] - before) / 1999
+        finally:
+            tracemalloc.stop()
+        assert per_result < 600, f"an unfetched result costs {per_result:.0f} bytes"
+        assert [pool.get_result(job_id, timeout=30) for job_id in ids[:3]] == [0, 1, 2]

@@ -31,6 +31,7 @@ from typing import Any, Callable, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
+from mlpool._registry import Settled
 from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
 
 class Engine(Protocol):
@@ -162,6 +163,8 @@ class JobAPI:
                 loop that reads the job's result (use :meth:`get_result_async`).
         """
         job = self._lookup(job_id)
+        if type(job) is Settled:
+            return self._take_settled(job_id, job)
         handle = _done_handle(job)
         if handle is None:
             if not wait_if_unavailable:
@@ -183,6 +186,8 @@ class JobAPI:
         not cancel the job (use :meth:`cancel_job`); a wait that ends (result,
         timeout or cancellation) leaves nothing behind on the job."""
         job = self._lookup(job_id)
+        if type(job) is Settled:
+            return self._take_settled(job_id, job)
         if _done_handle(job) is None:
             if not wait_if_unavailable:
                 raise ResultNotReadyError(f"job {job_id} has not finished yet")
@@ -206,6 +211,8 @@ class JobAPI:
         keeps its result. Raises :class:`UnknownJobError` for an unknown id.
         """
         job = self._lookup(job_id)
+        if type(job) is Settled:
+            return False
         cancelled = self._engine.cancel(job, interrupt=interrupt)
         if cancelled:
             self._engine.forget(job_id, job)
@@ -323,7 +330,7 @@ class JobAPI:
         finally:
             steps.close()
 
-    def _lookup(self, job_id: str) -> Job:
+    def _lookup(self, job_id: str) -> Job | Settled:
         if not isinstance(job_id, str):
             raise TypeError(f"job_id must be a str, not {type(job_id).__name__}")
         job = self._engine.lookup(job_id)
@@ -350,6 +357,12 @@ class JobAPI:
         loop = job.loop
         if loop is not None and not loop.is_running():
             self._engine.reclaim_stopped_loans()
+
+    def _take_settled(self, job_id: str, settled: Settled) -> Any:
+        """The outcome the registry kept for a finished job, forgetting it."""
+        if not self._engine.forget(job_id, settled):
+            raise UnknownJobError(f"job {job_id!r} was already fetched")
+        return settled.result()
 
     def _take(self, job_id: str, job: Job) -> Any:
         """The result of a finished job (or its error), forgetting the job."""

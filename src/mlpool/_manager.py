@@ -68,7 +68,7 @@ from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._pipes import PipeReaders
 from mlpool._state import PoolState, PoolStats
 from mlpool._metrics import LatencyRecorder
-from mlpool._registry import Registry
+from mlpool._registry import Registry, Settled
 from mlpool._protocol import (
     Done,
     Exiting,
@@ -357,7 +357,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         finally:
             self._release()
 
-    def lookup(self, key: str) -> Job | None:
+    def lookup(self, key: str) -> Job | Settled | None:
         self._check_process()
         with self._lock:
             return self._registry.lookup(key)
@@ -391,7 +391,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         finally:
             self._release()
 
-    def forget(self, key: str, job: Job) -> bool:
+    def forget(self, key: str, job: Job | Settled) -> bool:
         """Drop a fetched or cancelled job from the registry; False if already gone."""
         with self._lock:
             return self._registry.forget(key, job)
@@ -478,7 +478,14 @@ class Manager(PipeReaders, WorkerLifecycle):
                     waiter.set_result(None)
         if outcomes:
             callbacks = self._callbacks if threading.get_ident() == self._thread.ident else None
-            settle([self._decode(outcome) for outcome in outcomes], callbacks)
+            decoded = [self._decode(outcome) for outcome in outcomes]
+            settle(decoded, callbacks)
+            # Unfetched results of the job-id API keep only their outcome.
+            keyed = [outcome for outcome in decoded if outcome[0].key is not None and outcome[2] is not CANCELLED]
+            if keyed:
+                with self._lock:
+                    for job, ok, value in keyed:
+                        self._registry.settled(job, ok, value)
 
     def _decode(self, outcome: tuple[Job, bool, Any]) -> tuple[Job, bool, Any]:
         """Turn a raw Done/Failed message into the result or the exception (outside the lock)."""

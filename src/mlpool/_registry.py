@@ -22,12 +22,30 @@ import heapq
 import logging
 import os
 from collections import OrderedDict
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 logger = logging.getLogger("mlpool")
 
 # Below this many heap entries, stale ones are not worth a rebuild.
 _COMPACT_MIN = 64
+
+
+class Settled:
+    """A finished job's outcome, kept for ``get_result`` in place of the job:
+    what fetching needs and nothing more (the job, its future, its arguments
+    are released)."""
+
+    __slots__ = ("job_id", "ok", "value")
+
+    def __init__(self, job_id: int, ok: bool, value: Any) -> None:
+        self.job_id = job_id
+        self.ok = ok
+        self.value = value
+
+    def result(self) -> Any:
+        if self.ok:
+            return self.value
+        raise self.value
 
 
 class _Timed(Protocol):
@@ -44,7 +62,7 @@ class Registry(Generic[J]):
 
     def __init__(self, result_ttl: float) -> None:
         self.result_ttl = result_ttl
-        self._by_key: dict[str, J] = {}  # created with an id, not fetched yet
+        self._by_key: dict[str, J | Settled] = {}  # created with an id, not fetched yet
         self._expiring: OrderedDict[str, float] = OrderedDict()  # finished: key -> expiry
         self._heap: list[tuple[float, int]] = []
         self._timed: dict[int, J] = {}  # jobs with a deadline that have not finished
@@ -57,12 +75,20 @@ class Registry(Generic[J]):
         self._by_key[key] = job
         return key
 
-    def lookup(self, key: str) -> J | None:
+    def lookup(self, key: str) -> J | Settled | None:
+        """The job, or its outcome once it is settled."""
         return self._by_key.get(key)
 
-    def forget(self, key: str, job: J) -> bool:
-        """Drop a fetched or cancelled job; False if it was already gone."""
-        if self._by_key.get(key) is not job:
+    def settled(self, job: J, ok: bool, value: Any) -> None:
+        """``job``'s outcome was delivered: keep only that for ``get_result``."""
+        key = job.key
+        if key is not None and self._by_key.get(key) is job:
+            self._by_key[key] = Settled(job.id, ok, value)
+
+    def forget(self, key: str, job: J | Settled) -> bool:
+        """Drop a fetched or cancelled job (or its outcome); False if it was already gone."""
+        entry = self._by_key.get(key)
+        if entry is not job and not (type(entry) is Settled and entry.job_id == job.id):
             return False
         del self._by_key[key]
         self._expiring.pop(key, None)
