@@ -18,7 +18,7 @@ from typing import Any, Callable
 from mlpool._batching import batch_policy
 from mlpool._config import PoolConfig
 from mlpool._errors import UnknownModelError
-from mlpool._jobs import Job
+from mlpool._jobs import Job, JobOwner
 from mlpool._serialization import FunctionTable
 from mlpool._shm import pickle_payload
 
@@ -26,8 +26,10 @@ from mlpool._shm import pickle_payload
 class JobMaker:
     """Validates a job's options and pickles it; thread-safe."""
 
-    def __init__(self, config: PoolConfig, models: Iterable[str]) -> None:
+    def __init__(self, config: PoolConfig, models: Iterable[str], owner: JobOwner | None = None) -> None:
+        """``owner``: the engine a job's future tells when it is cancelled (see JobFuture)."""
         self.config = config
+        self._owner = owner
         self.models = frozenset(models)
         self._functions = FunctionTable()
         self._ids = itertools.count(1)  # next() on a count is atomic under the GIL
@@ -76,5 +78,5 @@ class JobMaker:
         deadline = None if timeout is None else time.monotonic() + timeout
         return Job(
             next(self._ids), model, fn_id, fn_pickle, payload, name,
-            deadline=deadline, retries=retries, loop=loop, batch_policy=policy,
+            deadline=deadline, retries=retries, loop=loop, batch_policy=policy, owner=self._owner,
         )  # fmt: skip

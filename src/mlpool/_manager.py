@@ -39,8 +39,6 @@ and these rules.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import multiprocessing
 import os
@@ -51,7 +49,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from mlpool._batching import BatchQueue, batch_policy
+from mlpool._batching import BatchQueue
 from mlpool._config import PoolConfig
 from mlpool._errors import (
     JobTimeoutError,
@@ -60,9 +58,9 @@ from mlpool._errors import (
     PoolBrokenError,
     PoolClosedError,
     PoolFullError,
-    UnknownModelError,
     WorkerCrashedError,
 )
+from mlpool._jobmaker import JobMaker
 from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, CallbackRunner, Job, JobState, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._pipes import PipeReaders
@@ -74,14 +72,15 @@ from mlpool._protocol import (
     Exiting,
     Failed,
     LoadFailed,
+    NOWHERE,
     OverMemory,
     Ready,
     encode_run,
     encode_run_batch,
     send_frames,
 )
-from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps_by_value, unpack_exception
-from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
+from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_exception
+from mlpool._shm import RegionPool, read_result
 from mlpool._ray import RaySession
 from mlpool._forking import ForkLauncher
 from mlpool._template import Template
@@ -123,10 +122,9 @@ class Manager(PipeReaders, WorkerLifecycle):
             shm_limit=config.shared_memory_limit,
             private_memory=config.share_models,
         )
-        self._functions = FunctionTable()
+        self._jobs_maker = JobMaker(config, loaders, owner=self)
         self._pid = os.getpid()  # the process this pool belongs to (see _forked)
         self._callbacks = CallbackRunner()
-        self._job_ids = itertools.count(1)
         # Shared memory kept for reuse (see _shm.RegionPool for its idle bound).
         self._regions = RegionPool()
 
@@ -217,37 +215,9 @@ class Manager(PipeReaders, WorkerLifecycle):
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Job:
-        """A new job, its arguments pickled here, in the caller's thread, so bad
-        input fails in the caller's stack and costs the pool nothing."""
+        """A new job (see JobMaker), refused in a process forked from the pool's own."""
         self._check_process()
-        if not callable(fn):
-            raise TypeError(f"the scoring function must be callable, got {type(fn).__name__}")
-        if model not in self.models:
-            known = ", ".join(repr(m) for m in sorted(self.models))
-            raise UnknownModelError(f"unknown model {model!r}; this pool serves {known}")
-        if timeout is None:
-            timeout = self.config.job_timeout
-        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if retries is None:
-            retries = self.config.max_retries
-        elif isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {retries!r}")
-        name = getattr(fn, "__qualname__", None) or type(fn).__name__
-        policy = batch_policy(fn)
-        if policy is not None and (len(args) != 1 or kwargs):
-            raise TypeError(
-                f"{name} is batched: each job takes exactly one item (one positional argument, no keyword "
-                f"arguments), got {len(args)} positional and {len(kwargs)} keyword arguments"
-            )
-        fn_id, fn_pickle = self._functions.lookup(fn)
-        payload = pickle_payload((args, kwargs), f"the arguments of {name}", self.config.shared_memory_threshold,
-                                 self.config.shared_memory_limit)  # fmt: skip
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return Job(
-            next(self._job_ids), model, fn_id, fn_pickle, payload, name,
-            deadline=deadline, retries=retries, loop=loop, batch_policy=policy, owner=self,
-        )  # fmt: skip
+        return self._jobs_maker.make(model, fn, args, kwargs, timeout=timeout, retries=retries, loop=loop)
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
         """Accept ``job``: None, or a future that resolves when the full queue

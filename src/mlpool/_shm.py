@@ -46,7 +46,6 @@ import weakref
 from collections import deque
 from typing import Any
 
-from mlpool._errors import SerializationError
 from mlpool._serialization import loads
 from mlpool._shm_worker import (
     ALIGN,
