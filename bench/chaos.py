@@ -1,6 +1,6 @@
 """Chaos run: sustained load while workers are SIGKILLed at random.
 
-    python bench/chaos.py [--seconds 20] [--workers 2] [--retries 3]
+    python bench/chaos.py [--seconds 20] [--workers 2] [--retries 3] [--share-models] [--mixed]
 
 Async callers (one event loop) and threaded callers send short jobs for the
 whole run while a killer SIGKILLs a random serving worker (one that has
@@ -9,6 +9,11 @@ start-up, which breaks the pool by design) every 50-100 ms. Every
 call is bounded: one that does not resolve within 30 s counts as hung.
 At the end it checks that the pool is back to full strength, shuts it down,
 and looks for any process left behind. With retries every job must succeed.
+
+``--mixed`` adds what else keeps workers and jobs moving: half the async
+callers score a ``@mlpool.batched`` function, and each async caller works
+through a session it closes and opens again every 20 jobs; workers are
+recycled after 50 jobs (``max_jobs_per_worker``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+import mlpool
 from mlpool import MLPool, WorkerCrashedError
 
 CALL_BOUND = 30.0  # seconds; a call not resolved by then is "hung"
@@ -39,6 +45,11 @@ def load_model() -> dict:
 
 def checksum(model: dict, caller: str, seq: int, payload: bytes) -> tuple[str, int, int, int]:
     return caller, seq, (sum(payload) + model["salt"]) % 65521, os.getpid()
+
+
+@mlpool.batched(max_batch_size=8, max_wait_ms=2.0)
+def batched_checksum(model: dict, items: list) -> list:
+    return [checksum(model, *item) for item in items]
 
 
 def expected(caller: str, seq: int, payload: bytes) -> tuple[str, int, int]:
@@ -105,14 +116,23 @@ def thread_caller(pool: MLPool, name: str, stop: float, tally: Tally) -> None:
         seq += 1
 
 
-async def async_callers(pool: MLPool, stop: float, tally: Tally) -> None:
-    async def one(name: str) -> None:
+async def async_callers(pool: MLPool, stop: float, tally: Tally, mixed: bool) -> None:
+    async def one(index: int) -> None:
+        name = f"async-{index}"
         seq = 0
+        session = pool.session() if mixed else pool
         while time.monotonic() < stop:
             payload = os.urandom(64)
             tally.add("submitted")
+            if mixed and seq % 20 == 19:  # a client leaves and another comes
+                session.close()
+                session = pool.session()
             try:
-                result = await asyncio.wait_for(pool.score_async("m", checksum, name, seq, payload), CALL_BOUND)
+                if mixed and index % 2:
+                    call = session.score_async("m", batched_checksum, (name, seq, payload))
+                else:
+                    call = session.score_async("m", checksum, name, seq, payload)
+                result = await asyncio.wait_for(call, CALL_BOUND)
             except WorkerCrashedError:
                 tally.add("failed: WorkerCrashedError")
             except asyncio.TimeoutError:
@@ -123,7 +143,7 @@ async def async_callers(pool: MLPool, stop: float, tally: Tally) -> None:
                 tally.check(result, name, seq, payload)
             seq += 1
 
-    await asyncio.gather(*(one(f"async-{i}") for i in range(ASYNC_CALLERS)))
+    await asyncio.gather(*(one(i) for i in range(ASYNC_CALLERS)))
 
 
 def killer(parent: psutil.Process, stop: float, kills: list[int], tally: Tally) -> None:
@@ -177,20 +197,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--retries", type=int, default=3)
     parser.add_argument("--share-models", action="store_true", help="workers forked from a model template")
+    parser.add_argument("--mixed", action="store_true", help="batching, sessions and max_jobs_per_worker=50 too")
     opts = parser.parse_args()
 
     parent = psutil.Process()
     rss_before = parent.memory_info().rss
     tally = Tally()
     kills: list[int] = []
-    pool = MLPool({"m": load_model}, nb_workers=opts.workers, max_retries=opts.retries, share_models=opts.share_models)
+    pool = MLPool(
+        {"m": load_model}, nb_workers=opts.workers, max_retries=opts.retries, share_models=opts.share_models,
+        max_jobs_per_worker=50 if opts.mixed else None,
+    )
     rss_started = parent.memory_info().rss
     stop = time.monotonic() + opts.seconds
     threads = [threading.Thread(target=thread_caller, args=(pool, f"thread-{i}", stop, tally)) for i in range(THREAD_CALLERS)]
     threads.append(threading.Thread(target=killer, args=(parent, stop, kills, tally)))
     for t in threads:
         t.start()
-    asyncio.run(async_callers(pool, stop, tally))
+    asyncio.run(async_callers(pool, stop, tally, opts.mixed))
     for t in threads:
         t.join(CALL_BOUND * 2)
     stats = pool.stats()
@@ -203,7 +227,9 @@ def main() -> None:
 
     counts = tally.counts
     print(f"chaos run: {opts.seconds:.0f} s, {opts.workers} workers, max_retries={opts.retries}, "
-          f"{ASYNC_CALLERS} async + {THREAD_CALLERS} threaded callers, a SIGKILL every 50-100 ms")
+          f"{ASYNC_CALLERS} async + {THREAD_CALLERS} threaded callers, a SIGKILL every 50-100 ms"
+          + (", forked workers" if opts.share_models else "")
+          + (", batching + sessions + recycling every 50 jobs" if opts.mixed else ""))
     rows = [
         ("workers SIGKILLed", len(kills)),
         ("jobs submitted", counts["submitted"]),
@@ -214,6 +240,7 @@ def main() -> None:
         ("wrong results", counts["wrong result"]),
         *((key, value) for key, value in sorted(counts.items()) if key.startswith("failed: ") and "Crashed" not in key),
         ("worker restarts", stats.worker_restarts),
+        ("workers recycled", stats.workers_recycled),
         ("back to full strength after the storm", f"{back_to_full} ({opts.workers} jobs ran at once)"),
         ("orphan processes after shutdown", len(orphans) + len(left)),
         ("parent RSS before pool / after start / after run", f"{rss_before / 2**20:.0f} / {rss_started / 2**20:.0f} / {rss_after / 2**20:.0f} MiB"),
