@@ -3,7 +3,12 @@ workers stopped, long deadlines served, an idle manager that uses no CPU."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import resource
+import signal
+import threading
 import time
 from concurrent.futures import CancelledError
 
@@ -12,7 +17,7 @@ import pytest
 
 import mlpool
 from mlpool import MLPool, PoolClosedError
-from workloads import add, echo, load_constant, wait_for_release
+from workloads import add, echo, load_constant, pid, wait_for_release
 
 
 @mlpool.batched(max_batch_size=6, max_wait_ms=100)
@@ -118,3 +123,62 @@ def test_a_shutdown_drain_after_a_held_batch_does_not_spin_the_manager(fifo):
     one.result(timeout=30), two.result(timeout=30)
     pool.shutdown()
     assert used < 0.2, f"the manager used {used:.2f}s of CPU in 1s of draining"
+
+
+@contextlib.contextmanager
+def descriptor_limit(limit: int):
+    """No new descriptor can be opened (every number under ``limit`` is taken), for the duration."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        while True:
+            fillers.append(os.dup(0))  # fill the holes under the limit
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class CountingHandler(logging.Handler):
+    """Sets ``reached`` once ``needed`` records containing ``text`` were logged."""
+
+    def __init__(self, text: str, needed: int) -> None:
+        super().__init__()
+        self.text, self.needed, self.seen = text, needed, 0
+        self.reached = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen += 1
+            if self.seen >= self.needed:
+                self.reached.set()
+
+
+@pytest.mark.timeout(90)
+def test_a_brief_descriptor_shortage_never_breaks_the_pool(fifo):
+    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+        victim = pool.score("m", pid)
+        failures = CountingHandler("could not start a worker process", needed=6)
+        logger = logging.getLogger("mlpool")
+        logger.addHandler(failures)
+        try:
+            with descriptor_limit(12):
+                os.kill(victim, signal.SIGKILL)
+                assert failures.reached.wait(60), "the replacement never failed to start"
+                assert pool.healthy
+        finally:
+            logger.removeHandler(failures)
+        assert pool.score("m", add, 1) == 11
+        # Descriptors are back: the replacement starts, both workers serve at once.
+        gates = [fifo(), fifo()]
+        futures = [pool.submit("m", wait_for_release, str(gate)) for gate in gates]
+        for gate in gates:
+            gate.wait_running(timeout=60)
+        for gate in gates:
+            gate.release_opened()
+        assert len({future.result(timeout=30) for future in futures} - {victim}) == 2
