@@ -6,9 +6,9 @@ import gc
 import weakref
 
 import pytest
+from workloads import echo, load_constant
 
 from mlpool import MLPool
-from workloads import echo, load_constant
 
 
 class Heavy:

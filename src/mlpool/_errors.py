@@ -98,7 +98,9 @@ class WorkerCrashedError(MLPoolError):
     which worker and how it died.
     """
 
-    def __init__(self, message: str, *, worker_id: int = -1, pid: int | None = None, exitcode: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, worker_id: int = -1, pid: int | None = None, exitcode: int | None = None
+    ) -> None:
         super().__init__(message)
         self.worker_id = worker_id
         self.pid = pid

@@ -28,8 +28,9 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteError
@@ -257,6 +258,9 @@ def _as_caller_error(exc: BaseException, job: Job) -> Exception:
     if isinstance(error, Exception):
         return error
     # A SystemExit or KeyboardInterrupt must not end the caller's thread or loop.
-    wrapped = RemoteError(f"{job.fn_name} raised {type(error).__name__}: {error}", type_name=f"{type(error).__module__}.{type(error).__qualname__}")
+    wrapped = RemoteError(
+        f"{job.fn_name} raised {type(error).__name__}: {error}",
+        type_name=f"{type(error).__module__}.{type(error).__qualname__}",
+    )
     wrapped.__cause__ = error.__cause__
     return wrapped

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import CancelledError, Future
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
 from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
+
 
 class Engine(Protocol):
     """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
@@ -301,7 +302,9 @@ class JobAPI:
             raise
         # Only a session cancels a job before it has an id: no group, no race.
         if group is not None and not group.admit(job):
-            raise CancelledError(f"job {job.id} was cancelled (its session closed) while it waited for room in the queue")
+            raise CancelledError(
+                f"job {job.id} was cancelled (its session closed) while it waited for room in the queue"
+            )
 
     def _admit(self, job: Job, *, wait: bool, register: bool = False) -> None:
         handle = _future(job)
@@ -405,7 +408,9 @@ def _no_room(job: Job) -> JobTimeoutError:
 
 
 def _never_queued(job: Job) -> PoolClosedError:
-    return PoolClosedError(f"the session was closed while job {job.id} waited for room in the queue; it was never queued")
+    return PoolClosedError(
+        f"the session was closed while job {job.id} waited for room in the queue; it was never queued"
+    )
 
 
 def _still_running(job_id: str, timeout: float | None) -> TimeoutError:

@@ -16,11 +16,18 @@ import os
 import selectors
 import time
 
-from mlpool._errors import JobTimeoutError, MLPoolError, ModelLoadError, PoolBrokenError, PoolClosedError, WorkerCrashedError
+from mlpool._errors import (
+    JobTimeoutError,
+    MLPoolError,
+    ModelLoadError,
+    PoolBrokenError,
+    PoolClosedError,
+    WorkerCrashedError,
+)
+from mlpool._forking import ForkOutcome
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
-from mlpool._forking import ForkOutcome
 from mlpool._template import Template
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, ray_worker, spawn_worker
 
@@ -107,7 +114,8 @@ class WorkerLifecycle:
         self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None, intended: bool
     ) -> None:
         if self._state in (PoolState.CLOSING, PoolState.BROKEN) and worker.kill_reason is not None:
-            self._finish(job, False, PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished"))
+            error = PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished")
+            self._finish(job, False, error)
             return
         if intended:
             # We killed the worker for another job of its batch (a timeout,
@@ -260,7 +268,8 @@ class WorkerLifecycle:
         for job in self._registry.due(now):
             if job.state is JobState.QUEUED:
                 self._queued -= 1
-                self._finish(job, False, JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran"))
+                error = JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran")
+                self._finish(job, False, error)
             elif job.state is JobState.RUNNING:
                 worker = job.worker
                 assert worker is not None

@@ -39,7 +39,6 @@ and these rules.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import multiprocessing
@@ -48,8 +47,9 @@ import selectors
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from mlpool._batching import BatchQueue, batch_policy
 from mlpool._config import PoolConfig
@@ -63,12 +63,11 @@ from mlpool._errors import (
     UnknownModelError,
     WorkerCrashedError,
 )
+from mlpool._forking import ForkLauncher
 from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, CallbackRunner, Job, JobState, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
-from mlpool._pipes import PipeReaders
-from mlpool._state import PoolState, PoolStats
 from mlpool._metrics import LatencyRecorder
-from mlpool._registry import Registry
+from mlpool._pipes import PipeReaders
 from mlpool._protocol import (
     Done,
     Exiting,
@@ -80,10 +79,11 @@ from mlpool._protocol import (
     encode_run_batch,
     send_frames,
 )
+from mlpool._ray import RaySession
+from mlpool._registry import Registry
 from mlpool._serialization import FUNCTION_CACHE_SIZE, FunctionTable, dumps_by_value, unpack_exception
 from mlpool._shm import NOWHERE, RegionPool, pickle_payload, read_result
-from mlpool._ray import RaySession
-from mlpool._forking import ForkLauncher
+from mlpool._state import PoolState, PoolStats
 from mlpool._template import Template
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
@@ -488,7 +488,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             offer, job.result_offer = job.result_offer, None
             try:
                 what = f"the result of job {job.id} ({job.fn_name})"
-                return job, True, read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
+                result = read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
+                return job, True, result
             except Exception as exc:  # its buffers are garbage now: the region went back
                 return job, False, exc
         if kind is Failed:

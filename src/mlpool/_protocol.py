@@ -235,7 +235,12 @@ def encode_run(
 
 
 def encode_run_batch(
-    job_ids: tuple[int, ...], fn_id: int, model: str, fn: bytes, payloads: tuple[bytes, ...], spans: tuple[Spans, ...] = ()
+    job_ids: tuple[int, ...],
+    fn_id: int,
+    model: str,
+    fn: bytes,
+    payloads: tuple[bytes, ...],
+    spans: tuple[Spans, ...] = (),
 ) -> bytes:
     """``encode(RunBatch(...))`` without building the message first."""
     name = model.encode("utf-8", _TEXT)

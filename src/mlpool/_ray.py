@@ -288,7 +288,7 @@ def _to_object_store(ray: Any, msg: Run | RunBatch) -> tuple[bytes, tuple[int, .
     else:
         fds = msg.fds or (-1,) * len(msg.job_ids)
         spans = msg.spans or ((),) * len(msg.job_ids)
-        jobs = [(fd, job_spans, -1) for fd, job_spans in zip(fds, spans)]
+        jobs = [(fd, job_spans, -1) for fd, job_spans in zip(fds, spans, strict=True)]
         frame = encode_run_batch(msg.job_ids, msg.fn_id, msg.model, msg.fn, msg.payloads)
     counts = []
     refs: list[Any] = []

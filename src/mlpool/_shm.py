@@ -46,7 +46,6 @@ import weakref
 from collections import deque
 from typing import Any
 
-from mlpool._errors import SerializationError
 from mlpool._serialization import loads
 from mlpool._shm_worker import (
     ALIGN,
@@ -103,7 +102,7 @@ class Region:
     def place(self, buffers: list[pickle.PickleBuffer]) -> Spans:
         """Copy ``buffers`` in; their (offset, length) spans."""
         spans = layout(buffers)
-        for buffer, (start, size) in zip(buffers, spans):
+        for buffer, (start, size) in zip(buffers, spans, strict=True):
             self.view[start : start + size] = buffer.raw()
         return spans
 
