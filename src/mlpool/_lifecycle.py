@@ -26,6 +26,7 @@ from mlpool._errors import (
 )
 from mlpool._forking import ForkOutcome
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
+from mlpool._manager_parts import ManagerParts
 from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
 from mlpool._template import Template
@@ -47,7 +48,7 @@ DEGRADED_BACKOFF_MAX = 30.0
 TERMINATE_GRACE = 1.0
 
 
-class WorkerLifecycle:
+class WorkerLifecycle(ManagerParts):
     """The Manager's methods about the life and death of workers and jobs;
     they use its state and run under the rules written in ``_manager``."""
 
@@ -411,8 +412,9 @@ class WorkerLifecycle:
     def _on_template_ready(self) -> None:
         """Under the lock, after the template said it is ready: fork what waits for it."""
         forks = self._forks
-        assert forks is not None and forks.template is not None and forks.template.ready is not None
+        assert forks is not None and forks.template is not None
         template = forks.template
+        assert template.ready is not None
         logger.debug("model template (pid %d) ready in %.3fs", template.pid, template.ready.load_seconds)
         now = time.monotonic()
         for _ in range(forks.take_awaiting()):

@@ -576,7 +576,8 @@ class Manager(PipeReaders, WorkerLifecycle):
                     others_busy = any(w.inflight for w in self._workers.values())
                 now = time.monotonic()
                 if entry.policy.should_hold(len(entry.jobs), head.submitted_at, now, others_busy):
-                    held.append(pending.popleft())
+                    pending.popleft()
+                    held.append(entry)
                     until = entry.policy.hold_until(head.submitted_at)
                     self._hold_until = until if self._hold_until is None else min(self._hold_until, until)
                     continue
