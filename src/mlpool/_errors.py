@@ -156,7 +156,7 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+def _rebuild(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
     exc = cls.__new__(cls)
     Exception.__init__(exc, *args)
     exc.__dict__.update(state)

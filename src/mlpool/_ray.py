@@ -153,6 +153,8 @@ class _Actor:
         reader = FrameReader()
         reader.feed(frame)  # one whole frame, without descriptors
         (msg,) = reader.messages()
+        assert type(msg) is Run or type(msg) is RunBatch
+        assert not isinstance(self.models, LoadFailed)  # a failed actor is never sent jobs (see ready)
         per_job: list[Any] = []
         start = 0
         for count in counts:
@@ -209,6 +211,7 @@ class RayProcess:
                     if type(msg) is Stop:
                         self._calls.put(_STOP)
                         return
+                    assert type(msg) is Run or type(msg) is RunBatch
                     frame, counts, refs = _to_object_store(ray, msg)
                     self._calls.put(self.actor.run.remote(frame, counts, *refs))
         except OSError:

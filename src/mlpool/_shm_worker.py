@@ -22,7 +22,7 @@ import logging
 import mmap
 import os
 import pickle
-from typing import Any
+from typing import Any, SupportsIndex
 
 import cloudpickle
 
@@ -228,7 +228,7 @@ class _LargeBytes:
     def __init__(self, obj: bytes | bytearray | memoryview) -> None:
         self.obj = obj
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
         obj = self.obj
         if type(obj) is memoryview:
             return _rebuild_memoryview, (pickle.PickleBuffer(obj.cast("B")), obj.format, obj.shape)
@@ -240,7 +240,8 @@ def _rebuild_bytes(kind: type, buffer: Any) -> Any:
 
 
 def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    return memoryview(buffer).cast("B").cast(fmt, shape)  # a view: no copy
+    # A view: no copy. (Any struct format works; typeshed lists only literal ones.)
+    return memoryview(buffer).cast("B").cast(fmt, shape)  # type: ignore[call-overload]
 
 
 _MAY_HOLD_BYTES = frozenset((bytes, bytearray, memoryview, tuple, list, dict))

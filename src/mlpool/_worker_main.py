@@ -179,7 +179,7 @@ def watch_parent(parent_pid: int) -> None:
             select.select([handle], [], [])
             os._exit(1)
 
-    elif hasattr(select, "kqueue"):
+    elif sys.platform != "linux" and hasattr(select, "kqueue"):
         queue = select.kqueue()
         event = select.kevent(parent_pid, select.KQ_FILTER_PROC, select.KQ_EV_ADD, select.KQ_NOTE_EXIT)
         try:
