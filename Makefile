@@ -26,8 +26,10 @@ demo: $(DEV_STAMP)
 quickstart: $(DEV_STAMP)
 	$(BIN)/python examples/quickstart.py
 
-## The whole test suite (real worker processes).
+## Lint and type checks (configured in pyproject.toml), then the whole test suite (real worker processes).
 test: $(DEV_STAMP)
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/mypy src/mlpool
 	$(BIN)/python -m pytest
 
 $(BENCH_STAMP): pyproject.toml $(DEV_STAMP)

@@ -114,7 +114,10 @@ def main() -> None:
         results: dict[str, list] = {}
         with MLPool({"forest": partial(load_forest, str(path))}, nb_workers=NB_WORKERS) as pool, (
             concurrent.futures.ProcessPoolExecutor(
-                NB_WORKERS, mp_context=multiprocessing.get_context("spawn"), initializer=_ppe_init, initargs=(str(path),)
+                NB_WORKERS,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ppe_init,
+                initargs=(str(path),),
             )
         ) as ppe:
 
@@ -142,7 +145,7 @@ def main() -> None:
         return statistics.median(r for r, _ in results[name])
 
     def lat(name: str, q: float) -> float:
-        return statistics.median(pct(l, q) for _, l in results[name])
+        return statistics.median(pct(lats, q) for _, lats in results[name])
 
     print(f"\n| {CONCURRENCY} async callers | jobs/s | p50 | p99 |")
     print("|---|---:|---:|---:|")

@@ -97,7 +97,7 @@ def record(tally: Tally, call, caller: str, seq: int, payload: bytes) -> None:
         tally.add("failed: WorkerCrashedError")
     except TimeoutError:
         tally.add("hung")
-    except Exception as exc:  # noqa: BLE001 - every other outcome is reported by type
+    except Exception as exc:  # every other outcome is reported by type
         tally.add(f"failed: {type(exc).__name__}")
     else:
         tally.check(result, caller, seq, payload)
@@ -137,7 +137,7 @@ async def async_callers(pool: MLPool, stop: float, tally: Tally, mixed: bool) ->
                 tally.add("failed: WorkerCrashedError")
             except asyncio.TimeoutError:
                 tally.add("hung")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 tally.add(f"failed: {type(exc).__name__}")
             else:
                 tally.check(result, name, seq, payload)
@@ -210,7 +210,9 @@ def main() -> None:
     )
     rss_started = parent.memory_info().rss
     stop = time.monotonic() + opts.seconds
-    threads = [threading.Thread(target=thread_caller, args=(pool, f"thread-{i}", stop, tally)) for i in range(THREAD_CALLERS)]
+    threads = [
+        threading.Thread(target=thread_caller, args=(pool, f"thread-{i}", stop, tally)) for i in range(THREAD_CALLERS)
+    ]
     threads.append(threading.Thread(target=killer, args=(parent, stop, kills, tally)))
     for t in threads:
         t.start()
@@ -223,7 +225,7 @@ def main() -> None:
     workers = {p.pid for p in workers_of(parent)}
     pool.shutdown()
     gone, orphans = psutil.wait_procs([psutil.Process(p) for p in workers if psutil.pid_exists(p)], timeout=5)
-    left = [p for p in workers_of(parent)]
+    left = list(workers_of(parent))
 
     counts = tally.counts
     print(f"chaos run: {opts.seconds:.0f} s, {opts.workers} workers, max_retries={opts.retries}, "
@@ -243,7 +245,10 @@ def main() -> None:
         ("workers recycled", stats.workers_recycled),
         ("back to full strength after the storm", f"{back_to_full} ({opts.workers} jobs ran at once)"),
         ("orphan processes after shutdown", len(orphans) + len(left)),
-        ("parent RSS before pool / after start / after run", f"{rss_before / 2**20:.0f} / {rss_started / 2**20:.0f} / {rss_after / 2**20:.0f} MiB"),
+        (
+            "parent RSS before pool / after start / after run",
+            f"{rss_before / 2**20:.0f} / {rss_started / 2**20:.0f} / {rss_after / 2**20:.0f} MiB",
+        ),
     ]
     for name, value in rows:
         print(f"  {name:<50} {value}")

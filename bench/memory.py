@@ -160,7 +160,9 @@ def main() -> None:
         path = str(tmp / "weights.npy")
         np.save(path, np.random.default_rng(0).random(args.model_mb * 2**20 // 8))
         model_mib = os.path.getsize(path) / 2**20
-        results = [measure(mode, path, args.workers, args.jobs, tmp, args.rounds) for mode in ("spawned", "share_models")]
+        results = [
+            measure(mode, path, args.workers, args.jobs, tmp, args.rounds) for mode in ("spawned", "share_models")
+        ]
 
     cores = len(os.sched_getaffinity(0))
     print(f"\nmodel: {model_mib:.0f} MiB of float64 weights (np.load); {args.workers} workers; "

@@ -226,7 +226,7 @@ def compare_job_ids(pool: MLPool, rounds: int, duration: float, job_id_load) -> 
     med = statistics.median
     for name in rates:
         print(f"{name:<12} {med(rates[name]):>10,.0f} jobs/s   loop lag p99 {med(lags[name]) * 1e3:.2f} ms")
-    ratio = med(j / s for j, s in zip(rates["job ids"], rates["score_async"]))
+    ratio = med(j / s for j, s in zip(rates["job ids"], rates["score_async"], strict=True))
     print(f"job ids / score_async (median of rounds): {ratio:.2f}")
 
 
@@ -329,11 +329,19 @@ def main() -> None:
         ("async tiny job p50", us(p50("m_async")), us(p50("p_async"))),
         ("async tiny job p99", us(p99("m_async")), us(p99("p_async"))),
         ("  async p50 / raw bytes round trip", f"{p50('m_async') / raw:.2f}x", f"{p50('p_async') / raw:.2f}x"),
-        ("  async p50 / raw objects round trip", f"{p50('m_async') / raw_obj:.2f}x", f"{p50('p_async') / raw_obj:.2f}x"),
-        (f"throughput, {CONCURRENCY} async callers", f"{med(samples['m_load_rate']):,.0f}/s", f"{med(samples['p_load_rate']):,.0f}/s"),
+        (
+            "  async p50 / raw objects round trip",
+            f"{p50('m_async') / raw_obj:.2f}x",
+            f"{p50('p_async') / raw_obj:.2f}x",
+        ),
+        (
+            f"throughput, {CONCURRENCY} async callers",
+            f"{med(samples['m_load_rate']):,.0f}/s",
+            f"{med(samples['p_load_rate']):,.0f}/s",
+        ),
         (
             "  ratio to ProcessPool (median of rounds)",
-            f"{med(m / p for m, p in zip(samples['m_load_rate'], samples['p_load_rate'])):.2f}x",
+            f"{med(m / p for m, p in zip(samples['m_load_rate'], samples['p_load_rate'], strict=True)):.2f}x",
             "1.00x",
         ),
         ("  job latency p50 under load", ms(p50("m_load_lat")), ms(p50("p_load_lat"))),

@@ -78,12 +78,12 @@ def main() -> None:
             ppe_repeats = max(3, repeats // 3)
             row = {
                 "size": f"{mb} MB",
-                "in: mlpool": p50(lambda: pool.score("m", total, array), repeats),
-                "in: ProcessPool": p50(lambda: ppe.submit(ppe_total, array).result(), ppe_repeats),
-                "in: in-process copy + sum": p50(lambda: total({}, array.copy()), repeats),
-                "out: mlpool": p50(lambda: pool.score("m", made, nbytes), repeats),
-                "out: ProcessPool": p50(lambda: ppe.submit(ppe_made, nbytes).result(), ppe_repeats),
-                "out: in-process copy": p50(lambda: made({}, nbytes).copy(), repeats),
+                "in: mlpool": p50(lambda array=array: pool.score("m", total, array), repeats),
+                "in: ProcessPool": p50(lambda array=array: ppe.submit(ppe_total, array).result(), ppe_repeats),
+                "in: in-process copy + sum": p50(lambda array=array: total({}, array.copy()), repeats),
+                "out: mlpool": p50(lambda nbytes=nbytes: pool.score("m", made, nbytes), repeats),
+                "out: ProcessPool": p50(lambda nbytes=nbytes: ppe.submit(ppe_made, nbytes).result(), ppe_repeats),
+                "out: in-process copy": p50(lambda nbytes=nbytes: made({}, nbytes).copy(), repeats),
             }
             rows.append(row)
             print(f"  {mb} MB done", flush=True)

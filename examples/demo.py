@@ -140,8 +140,8 @@ def main() -> None:
         try:
             server.wait_ready()
             load = subprocess.run(
-                ["nice", "-n", "5", sys.executable, str(HERE / "loadtest.py"), "--port", str(server.port), "--clients", str(opts.clients),
-                 "--seconds", str(opts.seconds), "--label", name],
+                ["nice", "-n", "5", sys.executable, str(HERE / "loadtest.py"), "--port", str(server.port),
+                 "--clients", str(opts.clients), "--seconds", str(opts.seconds), "--label", name],
                 stdout=subprocess.PIPE, text=True, check=True, timeout=opts.seconds + 120,
             )  # fmt: skip
             results[name] = json.loads(load.stdout)

@@ -109,7 +109,8 @@ def main() -> None:
     base, pooled = rows.values()
     print(
         f"\nmlpool: {pooled['requests/s'] / base['requests/s']:.2f}x the throughput; the event loop's 1 ms timer "
-        f"fired {base['loop lag p99 ms']:.1f} ms late (p99) in-process and {pooled['loop lag p99 ms']:.2f} ms on the pool."
+        f"fired {base['loop lag p99 ms']:.1f} ms late (p99) in-process "
+        f"and {pooled['loop lag p99 ms']:.2f} ms on the pool."
     )
     print(f"done in {time.perf_counter() - started:.1f}s; the pool is shut down and no worker is left running.")
 

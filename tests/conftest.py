@@ -73,7 +73,7 @@ class Fifo:
         assert done.wait(timeout), f"no job opened {self.path} within {timeout}s"
         assert not error, error
 
-    def wait_running(self, timeout: float = 30.0) -> "Fifo":
+    def wait_running(self, timeout: float = 30.0) -> Fifo:
         """Return once a job has opened the FIFO (without releasing it yet)."""
         fd_holder: list[int] = []
         done = threading.Event()

@@ -84,5 +84,5 @@ async def stream(websocket: WebSocket) -> None:
 @app.get("/stats")
 async def stats(pool: MLPool = Depends(get_pool)) -> dict:
     snapshot = pool.stats()
-    return {field: getattr(snapshot, field) for field in ("queue_depth", "jobs_running", "jobs_completed",
-                                                          "worker_restarts", "jobs_cancelled", "jobs_timed_out")}  # fmt: skip
+    fields = ("queue_depth", "jobs_running", "jobs_completed", "worker_restarts", "jobs_cancelled", "jobs_timed_out")
+    return {field: getattr(snapshot, field) for field in fields}

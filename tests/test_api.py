@@ -15,7 +15,6 @@ from workloads import add, echo, load_constant, pid, wait_for_release
 import mlpool
 from mlpool import MLPool, ResultNotReadyError, UnknownJobError, UnknownModelError
 
-
 pytestmark = pytest.mark.usefixtures("worker_mode")
 WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
 

@@ -19,7 +19,7 @@ import websockets
 from conftest_server import EXAMPLES, UvicornServer
 
 sys.path.insert(0, str(EXAMPLES))
-from app import main, models  # noqa: E402
+from app import main, models
 
 IRIS = [6.2, 2.2, 4.5, 1.5]
 

@@ -14,10 +14,10 @@ from concurrent.futures import CancelledError
 
 import psutil
 import pytest
+from workloads import add, load_constant, pid, wait_for_release
 
 import mlpool
 from mlpool import MLPool, PoolClosedError
-from workloads import add, echo, load_constant, pid, wait_for_release
 
 
 @mlpool.batched(max_batch_size=6, max_wait_ms=100)

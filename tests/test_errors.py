@@ -11,7 +11,6 @@ from workloads import add, load_constant, pid, raise_value_error
 
 from mlpool import MLPool, ModelLoadError, RemoteError, RemoteTraceback, SerializationError
 
-
 pytestmark = pytest.mark.usefixtures("worker_mode")
 WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
 

@@ -102,7 +102,7 @@ def test_inline_base_exceptions_become_errors_and_finish_their_job():
         async def in_a_coroutine() -> BaseException:
             try:
                 await pool.score_async("m", raise_system_exit)
-            except BaseException as exc:  # noqa: BLE001 - the loop must see an ordinary error
+            except BaseException as exc:  # the loop must see an ordinary error
                 return exc
             raise AssertionError("no error")
 

@@ -34,7 +34,12 @@ def test_threads_and_two_event_loops_share_the_pool():
         with concurrent.futures.ThreadPoolExecutor(4) as threads:
             futures = {
                 tag: threads.submit(client, tag)
-                for tag, client in (("loop1", loop_client), ("loop2", loop_client), ("t1", thread_client), ("t2", thread_client))
+                for tag, client in (
+                    ("loop1", loop_client),
+                    ("loop2", loop_client),
+                    ("t1", thread_client),
+                    ("t2", thread_client),
+                )
             }
             for tag, future in futures.items():
                 assert future.result(timeout=120) == [(tag, i) for i in range(300)]

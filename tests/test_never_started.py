@@ -6,9 +6,9 @@ import os
 import signal
 
 import pytest
+from workloads import add, load_constant, pid
 
 from mlpool import MLPool
-from workloads import add, load_constant, pid
 
 
 @pytest.mark.timeout(60)

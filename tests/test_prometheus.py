@@ -56,7 +56,9 @@ def test_two_pools_register_in_the_default_registry(pools):
             assert (a.pool_name, b.pool_name) == ("default", "default-2")
             text = generate_openmetrics(REGISTRY).decode()
             jobs = samples(text, "mlpool_jobs")
-            completed = {dict(labels)["pool"]: v for (_, labels), v in jobs.items() if ("outcome", "completed") in labels}
+            completed = {
+                dict(labels)["pool"]: v for (_, labels), v in jobs.items() if ("outcome", "completed") in labels
+            }
             assert completed == {"default": 1, "default-2": 3}
         finally:
             b.unregister()

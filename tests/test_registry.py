@@ -45,7 +45,7 @@ def test_stale_deadline_entries_are_compacted():
         job = FakeJob(i, deadline=60.0 + i)
         registry.watch(job)
         registry.finished(job, now=0.0, keep_result=False)
-    assert len(registry._heap) <= 200  # noqa: SLF001 - the bound is the point of this test
+    assert len(registry._heap) <= 200  # private, but the bound is the point of this test
 
 
 def test_unfetched_results_expire_oldest_first_and_forget_ends_them():

@@ -7,9 +7,9 @@ import tracemalloc
 import weakref
 
 import pytest
+from workloads import echo, load_constant
 
 from mlpool import MLPool
-from workloads import echo, load_constant
 
 
 class Heavy:

@@ -15,7 +15,7 @@ import websockets
 from conftest_server import EXAMPLES, TESTS, UvicornServer
 
 sys.path.insert(0, str(EXAMPLES))
-from app import models  # noqa: E402
+from app import models
 
 IRIS = [6.2, 2.2, 4.5, 1.5]
 DIABETES = [0.038, 0.05, 0.062, 0.022, -0.044, -0.035, -0.043, -0.003, 0.02, -0.018]

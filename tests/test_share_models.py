@@ -172,7 +172,11 @@ def test_forked_workers_score_real_models_without_deadlock():
         "booster": forked_models.predict_rows(booster, rows),
         "cnn": [forked_models.classify_images(cnn, seed) for seed in range(4)],
     }
-    loaders = {"forest": forked_models.load_forest, "booster": forked_models.load_booster, "cnn": forked_models.load_cnn}
+    loaders = {
+        "forest": forked_models.load_forest,
+        "booster": forked_models.load_booster,
+        "cnn": forked_models.load_cnn,
+    }
     with MLPool(loaders, nb_workers=2, threads_per_worker=2, share_models=True, job_timeout=60) as pool:
         for _ in range(10):
             forest_jobs = [pool.submit("forest", forked_models.predict_rows, rows) for _ in range(4)]

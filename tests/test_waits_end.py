@@ -13,9 +13,9 @@ import threading
 
 import psutil
 import pytest
+from workloads import add, bytes_digest, exit_now, load_constant, wait_for_release
 
 from mlpool import MLPool, MLPoolError, PoolClosedError, PoolFullError, WorkerCrashedError
-from workloads import add, bytes_digest, exit_now, load_constant, wait_for_release
 
 
 class Interrupted(Exception):

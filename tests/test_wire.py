@@ -9,10 +9,10 @@ import os
 import pickle
 import resource
 import socket
-import sys
 import threading
 
 import pytest
+import worker_probe
 
 from mlpool import MLPoolError, RemoteError, SerializationError
 from mlpool._protocol import (
@@ -36,8 +36,6 @@ from mlpool._serialization import (
     unpack_exception,
 )
 from mlpool._started import UNKNOWN, StartedWord
-
-import worker_probe
 
 linux_only = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd and SCM_RIGHTS (Linux)")
 
@@ -283,7 +281,7 @@ def test_a_dead_objects_reused_id_never_returns_its_pickle():
     del box
     gc.collect()
     boxes = []  # kept alive, so each new one takes another free slot, until one takes the old
-    for attempt in range(10_000):
+    for _ in range(10_000):
         box = Box(2)
         if id(box) == old:
             break

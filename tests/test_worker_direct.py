@@ -58,8 +58,8 @@ class DirectWorker:
             fd, self.word = StartedWord.create()
             send_frames(self.sock, [setup_frame(fd)])
             os.close(fd)
-        options = dict(parent_pid=os.getpid(), threads=1, memory_limit=None, nice=0, shm_threshold=None,
-                       shm_limit=None)  # fmt: skip
+        options = {"parent_pid": os.getpid(), "threads": 1, "memory_limit": None, "nice": 0, "shm_threshold": None,
+                   "shm_limit": None}  # fmt: skip
         options.update(settings)
         self.process = context.Process(target=worker_main, args=(child, 0, dumps_by_value(loaders, "loaders"),
                                                                  WorkerSettings(**options)))  # fmt: skip

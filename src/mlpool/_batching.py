@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, final
 
 if TYPE_CHECKING:
     from mlpool._jobs import Job
@@ -91,6 +92,7 @@ def batch_policy(fn: Callable) -> BatchPolicy | None:
     return policy if isinstance(policy, BatchPolicy) else None
 
 
+@final  # the manager tells it from a Job by `type(entry) is BatchQueue`
 @dataclass(slots=True, eq=False)
 class BatchQueue:
     """Queued jobs of one (model, function), waiting to go as a batch.

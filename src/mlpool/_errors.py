@@ -98,7 +98,9 @@ class WorkerCrashedError(MLPoolError):
     which worker and how it died.
     """
 
-    def __init__(self, message: str, *, worker_id: int = -1, pid: int | None = None, exitcode: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, worker_id: int = -1, pid: int | None = None, exitcode: int | None = None
+    ) -> None:
         super().__init__(message)
         self.worker_id = worker_id
         self.pid = pid
@@ -154,7 +156,7 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+def _rebuild(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
     exc = cls.__new__(cls)
     Exception.__init__(exc, *args)
     exc.__dict__.update(state)

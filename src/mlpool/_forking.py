@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 
 from mlpool._protocol import ForkFailed, Reaped
+from mlpool._started import StartedWord
 from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, WorkerForked
 from mlpool._worker_main import WorkerSettings
-from mlpool._started import StartedWord
 from mlpool._workers import WorkerHandle, new_worker_id, send_started_word
 
 logger = logging.getLogger("mlpool._manager")

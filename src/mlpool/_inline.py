@@ -28,14 +28,16 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteError
 from mlpool._jobmaker import JobMaker
 from mlpool._jobs import CANCELLED, Job, JobState, new_job_key, settle
 from mlpool._metrics import LatencyRecorder
+from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
 from mlpool._state import PoolState, PoolStats
 
@@ -186,7 +188,7 @@ class InlineEngine:
             self._expire(time.monotonic())
             return self._registry.get(key)
 
-    def forget(self, key: str, job: Job) -> bool:
+    def forget(self, key: str, job: Job | Settled) -> bool:
         """Drop a fetched or cancelled job from the registry; False if already gone."""
         with self._lock:
             if self._registry.get(key) is not job:
@@ -257,6 +259,9 @@ def _as_caller_error(exc: BaseException, job: Job) -> Exception:
     if isinstance(error, Exception):
         return error
     # A SystemExit or KeyboardInterrupt must not end the caller's thread or loop.
-    wrapped = RemoteError(f"{job.fn_name} raised {type(error).__name__}: {error}", type_name=f"{type(error).__module__}.{type(error).__qualname__}")
+    wrapped = RemoteError(
+        f"{job.fn_name} raised {type(error).__name__}: {error}",
+        type_name=f"{type(error).__module__}.{type(error).__qualname__}",
+    )
     wrapped.__cause__ = error.__cause__
     return wrapped

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import CancelledError, Future
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
 from mlpool._registry import Settled
 from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
+
 
 class Engine(Protocol):
     """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
@@ -55,9 +56,9 @@ class Engine(Protocol):
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool: ...
 
-    def lookup(self, key: str) -> Job | None: ...
+    def lookup(self, key: str) -> Job | Settled | None: ...
 
-    def forget(self, key: str, job: Job) -> bool: ...
+    def forget(self, key: str, job: Job | Settled) -> bool: ...
 
     def share(self, job: Job) -> Future: ...
 
@@ -163,7 +164,7 @@ class JobAPI:
                 loop that reads the job's result (use :meth:`get_result_async`).
         """
         job = self._lookup(job_id)
-        if type(job) is Settled:
+        if isinstance(job, Settled):
             return self._take_settled(job_id, job)
         handle = _done_handle(job)
         if handle is None:
@@ -186,7 +187,7 @@ class JobAPI:
         not cancel the job (use :meth:`cancel_job`); a wait that ends (result,
         timeout or cancellation) leaves nothing behind on the job."""
         job = self._lookup(job_id)
-        if type(job) is Settled:
+        if isinstance(job, Settled):
             return self._take_settled(job_id, job)
         if _done_handle(job) is None:
             if not wait_if_unavailable:
@@ -211,7 +212,7 @@ class JobAPI:
         keeps its result. Raises :class:`UnknownJobError` for an unknown id.
         """
         job = self._lookup(job_id)
-        if type(job) is Settled:
+        if isinstance(job, Settled):
             return False
         cancelled = self._engine.cancel(job, interrupt=interrupt)
         if cancelled:
@@ -308,7 +309,9 @@ class JobAPI:
             raise
         # Only a session cancels a job before it has an id: no group, no race.
         if group is not None and not group.admit(job):
-            raise CancelledError(f"job {job.id} was cancelled (its session closed) while it waited for room in the queue")
+            raise CancelledError(
+                f"job {job.id} was cancelled (its session closed) while it waited for room in the queue"
+            )
 
     def _admit(self, job: Job, *, wait: bool, register: bool = False) -> None:
         handle = _future(job)
@@ -418,7 +421,9 @@ def _no_room(job: Job) -> JobTimeoutError:
 
 
 def _never_queued(job: Job) -> PoolClosedError:
-    return PoolClosedError(f"the session was closed while job {job.id} waited for room in the queue; it was never queued")
+    return PoolClosedError(
+        f"the session was closed while job {job.id} waited for room in the queue; it was never queued"
+    )
 
 
 def _still_running(job_id: str, timeout: float | None) -> TimeoutError:

@@ -16,11 +16,19 @@ import os
 import selectors
 import time
 
-from mlpool._errors import JobTimeoutError, MLPoolError, ModelLoadError, PoolBrokenError, PoolClosedError, WorkerCrashedError
+from mlpool._errors import (
+    JobTimeoutError,
+    MLPoolError,
+    ModelLoadError,
+    PoolBrokenError,
+    PoolClosedError,
+    WorkerCrashedError,
+)
+from mlpool._forking import ForkOutcome
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
+from mlpool._manager_parts import ManagerParts
 from mlpool._protocol import LoadFailed, Stop, encode, write_all
 from mlpool._state import PoolState
-from mlpool._forking import ForkOutcome
 from mlpool._template import Template
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, ray_worker, spawn_worker
 
@@ -40,7 +48,7 @@ DEGRADED_BACKOFF_MAX = 30.0
 TERMINATE_GRACE = 1.0
 
 
-class WorkerLifecycle:
+class WorkerLifecycle(ManagerParts):
     """The Manager's methods about the life and death of workers and jobs;
     they use its state and run under the rules written in ``_manager``."""
 
@@ -107,7 +115,8 @@ class WorkerLifecycle:
         self, worker: WorkerHandle, job: Job, how: str, exitcode: int | None, intended: bool
     ) -> None:
         if self._state in (PoolState.CLOSING, PoolState.BROKEN) and worker.kill_reason is not None:
-            self._finish(job, False, PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished"))
+            error = PoolClosedError(f"the pool shut down before job {job.id} ({job.fn_name}) finished")
+            self._finish(job, False, error)
             return
         if intended:
             # We killed the worker for another job of its batch (a timeout,
@@ -260,7 +269,8 @@ class WorkerLifecycle:
         for job in self._registry.due(now):
             if job.state is JobState.QUEUED:
                 self._queued -= 1
-                self._finish(job, False, JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran"))
+                error = JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran")
+                self._finish(job, False, error)
             elif job.state is JobState.RUNNING:
                 worker = job.worker
                 assert worker is not None
@@ -402,8 +412,9 @@ class WorkerLifecycle:
     def _on_template_ready(self) -> None:
         """Under the lock, after the template said it is ready: fork what waits for it."""
         forks = self._forks
-        assert forks is not None and forks.template is not None and forks.template.ready is not None
+        assert forks is not None and forks.template is not None
         template = forks.template
+        assert template.ready is not None
         logger.debug("model template (pid %d) ready in %.3fs", template.pid, template.ready.load_seconds)
         now = time.monotonic()
         for _ in range(forks.take_awaiting()):

@@ -46,8 +46,9 @@ import selectors
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from mlpool._batching import BatchQueue
 from mlpool._config import PoolConfig
@@ -60,29 +61,29 @@ from mlpool._errors import (
     PoolFullError,
     WorkerCrashedError,
 )
+from mlpool._forking import ForkLauncher
 from mlpool._jobmaker import JobMaker
 from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, CallbackRunner, Job, JobState, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
-from mlpool._pipes import PipeReaders
-from mlpool._state import PoolState, PoolStats
 from mlpool._metrics import LatencyRecorder
-from mlpool._registry import Registry, Settled
+from mlpool._pipes import PipeReaders
 from mlpool._protocol import (
+    NOWHERE,
     Done,
     Exiting,
     Failed,
     LoadFailed,
-    NOWHERE,
     OverMemory,
     Ready,
     encode_run,
     encode_run_batch,
     send_frames,
 )
+from mlpool._ray import RaySession
+from mlpool._registry import Registry, Settled
 from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_exception
 from mlpool._shm import RegionPool, read_result
-from mlpool._ray import RaySession
-from mlpool._forking import ForkLauncher
+from mlpool._state import PoolState, PoolStats
 from mlpool._template import Template
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
@@ -465,7 +466,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             offer, job.result_offer = job.result_offer, None
             try:
                 what = f"the result of job {job.id} ({job.fn_name})"
-                return job, True, read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
+                result = read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
+                return job, True, result
             except Exception as exc:  # its buffers are garbage now: the region went back
                 return job, False, exc
         if kind is Failed:
@@ -552,7 +554,8 @@ class Manager(PipeReaders, WorkerLifecycle):
                     others_busy = any(w.inflight for w in self._workers.values())
                 now = time.monotonic()
                 if entry.policy.should_hold(len(entry.jobs), head.submitted_at, now, others_busy):
-                    held.append(pending.popleft())
+                    pending.popleft()
+                    held.append(entry)
                     until = entry.policy.hold_until(head.submitted_at)
                     self._hold_until = until if self._hold_until is None else min(self._hold_until, until)
                     continue

@@ -50,7 +50,7 @@ class LatencyRecorder:
         """``(upper bound, jobs at or under it)`` pairs, ending with +Inf, as Prometheus wants."""
         out = []
         running = 0
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.buckets):
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.buckets, strict=True):
             running += count
             out.append((bound, running))
         return tuple(out)

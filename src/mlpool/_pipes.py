@@ -25,11 +25,12 @@ import select
 import selectors
 
 from mlpool._jobs import PIPELINE_BUDGET, Job, JobState
+from mlpool._manager_parts import ManagerParts
 from mlpool._state import PoolState
 from mlpool._workers import WorkerHandle, WorkerState
 
 
-class PipeReaders:
+class PipeReaders(ManagerParts):
     """The Manager's methods about reading worker pipes; they use its state
     (``_lock``, ``_workers``, ``_selector``...) and run under the rules
     written in ``_manager``."""
@@ -174,8 +175,8 @@ class PipeReaders:
             if loop is None:
                 return
             worker.borrower = None
-            if loop is here:
-                self._remove_loop_reader(worker, loop)
+            if here is not None and loop is here:
+                self._remove_loop_reader(worker, here)
             self._watch(worker)
         if self._state is not PoolState.RUNNING:
             self._need_wake = True

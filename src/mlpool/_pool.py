@@ -11,8 +11,8 @@ import asyncio
 import atexit
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import Any, Callable, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from mlpool._config import PoolConfig
 from mlpool._inline import InlineEngine
@@ -257,7 +257,9 @@ class MLPool(JobAPI):
 
 def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
     if not isinstance(models_to_load, Mapping):
-        raise TypeError(f"models_to_load must be a mapping of model name to loader, not {type(models_to_load).__name__}")
+        raise TypeError(
+            f"models_to_load must be a mapping of model name to loader, not {type(models_to_load).__name__}"
+        )
     if not models_to_load:
         raise ValueError("models_to_load is empty: give at least one {name: loader}")
     for name, loader in models_to_load.items():
@@ -276,7 +278,7 @@ def _in_event_loop() -> bool:
     return True
 
 
-_Engine = Union[Manager, InlineEngine]
+_Engine = Manager | InlineEngine
 _live: weakref.WeakSet[_Engine] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
 _atexit_registered = False

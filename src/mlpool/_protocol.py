@@ -36,6 +36,7 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass, field
+from typing import final
 
 _HEADER = struct.Struct("<IB")
 _RUN = struct.Struct("<QIHIIB")  # job id, function id, name length, function pickle length, spans, offer
@@ -69,6 +70,7 @@ class Setup:
     started_fd: int = field(default=-1, compare=False)
 
 
+@final  # told apart by `type(msg) is Run`
 @dataclass(frozen=True, slots=True)
 class Run:
     """Run one job. ``fn`` is the function's pickle the first time this worker
@@ -85,6 +87,7 @@ class Run:
     offer_fd: int = field(default=-1, compare=False)
 
 
+@final  # told apart by `type(msg) is RunBatch`
 @dataclass(frozen=True, slots=True)
 class RunBatch:
     """Run a batched function once over the items of several jobs; answer
@@ -235,7 +238,12 @@ def encode_run(
 
 
 def encode_run_batch(
-    job_ids: tuple[int, ...], fn_id: int, model: str, fn: bytes, payloads: tuple[bytes, ...], spans: tuple[Spans, ...] = ()
+    job_ids: tuple[int, ...],
+    fn_id: int,
+    model: str,
+    fn: bytes,
+    payloads: tuple[bytes, ...],
+    spans: tuple[Spans, ...] = (),
 ) -> bytes:
     """``encode(RunBatch(...))`` without building the message first."""
     name = model.encode("utf-8", _TEXT)

@@ -153,6 +153,8 @@ class _Actor:
         reader = FrameReader()
         reader.feed(frame)  # one whole frame, without descriptors
         (msg,) = reader.messages()
+        assert type(msg) is Run or type(msg) is RunBatch
+        assert not isinstance(self.models, LoadFailed)  # a failed actor is never sent jobs (see ready)
         per_job: list[Any] = []
         start = 0
         for count in counts:
@@ -209,6 +211,7 @@ class RayProcess:
                     if type(msg) is Stop:
                         self._calls.put(_STOP)
                         return
+                    assert type(msg) is Run or type(msg) is RunBatch
                     frame, counts, refs = _to_object_store(ray, msg)
                     self._calls.put(self.actor.run.remote(frame, counts, *refs))
         except OSError:
@@ -288,7 +291,7 @@ def _to_object_store(ray: Any, msg: Run | RunBatch) -> tuple[bytes, tuple[int, .
     else:
         fds = msg.fds or (-1,) * len(msg.job_ids)
         spans = msg.spans or ((),) * len(msg.job_ids)
-        jobs = [(fd, job_spans, -1) for fd, job_spans in zip(fds, spans)]
+        jobs = [(fd, job_spans, -1) for fd, job_spans in zip(fds, spans, strict=True)]
         frame = encode_run_batch(msg.job_ids, msg.fn_id, msg.model, msg.fn, msg.payloads)
     counts = []
     refs: list[Any] = []

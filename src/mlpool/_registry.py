@@ -88,7 +88,8 @@ class Registry(Generic[J]):
     def forget(self, key: str, job: J | Settled) -> bool:
         """Drop a fetched or cancelled job (or its outcome); False if it was already gone."""
         entry = self._by_key.get(key)
-        if entry is not job and not (type(entry) is Settled and entry.job_id == job.id):
+        job_id = job.job_id if isinstance(job, Settled) else job.id
+        if entry is not job and not (type(entry) is Settled and entry.job_id == job_id):
             return False
         del self._by_key[key]
         self._expiring.pop(key, None)

@@ -24,7 +24,8 @@ import traceback
 import types
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import cloudpickle
 

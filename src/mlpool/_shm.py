@@ -102,7 +102,7 @@ class Region:
     def place(self, buffers: list[pickle.PickleBuffer]) -> Spans:
         """Copy ``buffers`` in; their (offset, length) spans."""
         spans = layout(buffers)
-        for buffer, (start, size) in zip(buffers, spans):
+        for buffer, (start, size) in zip(buffers, spans, strict=True):
             self.view[start : start + size] = buffer.raw()
         return spans
 

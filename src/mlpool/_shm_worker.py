@@ -22,7 +22,7 @@ import logging
 import mmap
 import os
 import pickle
-from typing import Any
+from typing import Any, SupportsIndex
 
 import cloudpickle
 
@@ -95,7 +95,7 @@ def write_result(
     needed = spans[-1][0] + spans[-1][1]
     if offer >= 0 and os.fstat(offer).st_size >= needed:
         view = _MAPPINGS.view(offer, writable=True)
-        for buffer, (start, length) in zip(buffers, spans):
+        for buffer, (start, length) in zip(buffers, spans, strict=True):
             view[start : start + length] = buffer.raw()
         return data, spans, OFFERED, -1
     try:
@@ -170,7 +170,7 @@ def _to_memfd(buffers: list[pickle.PickleBuffer], spans: Spans) -> int:
         os.ftruncate(fd, size)
         with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | POPULATE) as region:
             view = memoryview(region)
-            for buffer, (start, length) in zip(buffers, spans):
+            for buffer, (start, length) in zip(buffers, spans, strict=True):
                 view[start : start + length] = buffer.raw()
             view.release()
     except BaseException:
@@ -228,7 +228,7 @@ class _LargeBytes:
     def __init__(self, obj: bytes | bytearray | memoryview) -> None:
         self.obj = obj
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
         obj = self.obj
         if type(obj) is memoryview:
             return _rebuild_memoryview, (pickle.PickleBuffer(obj.cast("B")), obj.format, obj.shape)
@@ -240,7 +240,8 @@ def _rebuild_bytes(kind: type, buffer: Any) -> Any:
 
 
 def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    return memoryview(buffer).cast("B").cast(fmt, shape)  # a view: no copy
+    # A view: no copy. (Any struct format works; typeshed lists only literal ones.)
+    return memoryview(buffer).cast("B").cast(fmt, shape)  # type: ignore[call-overload]
 
 
 _MAY_HOLD_BYTES = frozenset((bytes, bytearray, memoryview, tuple, list, dict))
@@ -268,7 +269,7 @@ def _wrap_large_bytes(obj: Any, threshold: int, depth: int = 2) -> Any:
                 return kind(items)
         return obj
     if kind is dict:
-        for key, value in obj.items():
+        for value in obj.values():
             if _wrap_large_bytes(value, threshold, depth - 1) is not value:
                 return {k: _wrap_large_bytes(v, threshold, depth - 1) for k, v in obj.items()}
         return obj

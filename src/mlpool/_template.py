@@ -104,7 +104,7 @@ class Template:
         ``fork_with_threads``: fork even if the loaders left Python threads running."""
         self.id = next(_template_ids)
         self.sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = context.Process(
+        self.process = context.Process(  # type: ignore[attr-defined]  # typeshed: only concrete contexts have it
             target=template_main,
             args=(child_sock, loaders_pickle, settings, fork_with_threads),
             name=f"mlpool-template-{self.id}",

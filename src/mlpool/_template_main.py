@@ -134,7 +134,7 @@ def _recording_thread_starts(starts: dict[threading.Thread, ThreadStart]) -> Ite
         starts[thread] = ThreadStart(_loading_model(caller), _user_caller(frames), "".join(frames.format()))
         original(thread)
 
-    threading.Thread.start = start  # type: ignore[method-assign]
+    threading.Thread.start = start  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -238,9 +238,10 @@ def _fork_on_request(
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select() through wake_w
+    watched: list[socket.socket | int] = [sock, wake_r]
     try:
         while True:
-            readable, _, _ = select.select([sock, wake_r], [], [])
+            readable, _, _ = select.select(watched, [], [])
             if wake_r in readable:
                 _drain(wake_r)
                 _reap_children(sock)

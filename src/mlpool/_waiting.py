@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
-from typing import Callable, Union
 
 from mlpool._jobs import running_loop
 
-Handle = Union[Future, asyncio.Future]
+Handle = Future | asyncio.Future
 _Waker = Callable[[], None]
 
 # Concurrent futures a wait is on -> the wakers of those waits; an entry exists

@@ -35,8 +35,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
 from mlpool._protocol import (
@@ -178,7 +179,7 @@ def watch_parent(parent_pid: int) -> None:
             select.select([handle], [], [])
             os._exit(1)
 
-    elif hasattr(select, "kqueue"):
+    elif sys.platform != "linux" and hasattr(select, "kqueue"):
         queue = select.kqueue()
         event = select.kevent(parent_pid, select.KQ_FILTER_PROC, select.KQ_EV_ADD, select.KQ_NOTE_EXIT)
         try:
@@ -385,7 +386,7 @@ def _run_batch(
     try:
         fn, model = _function_and_model(msg, models, functions)
         items = []
-        for i, (payload, fd, job_spans) in enumerate(zip(msg.payloads, fds, spans)):
+        for i, (payload, fd, job_spans) in enumerate(zip(msg.payloads, fds, spans, strict=True)):
             try:
                 items.append(unpack(payload, fd, job_spans, "a batch item", job_buffers[i])[0][0])
             except BaseException:
@@ -407,7 +408,7 @@ def _run_batch(
     seconds = time.perf_counter() - started
     return [
         _done(job_id, seconds, result, f"a result of {_name(fn)}", settings)
-        for job_id, result in zip(msg.job_ids, results)
+        for job_id, result in zip(msg.job_ids, results, strict=True)
     ]
 
 

@@ -156,7 +156,7 @@ def spawn_worker(
         parent_conn.close()
         child_conn.close()
         raise
-    process = context.Process(
+    process = context.Process(  # type: ignore[attr-defined]  # typeshed: only concrete contexts have it
         target=worker_main,
         args=(child_conn, worker_id, loaders_pickle, settings),
         name=f"mlpool-worker-{worker_id}",

@@ -24,12 +24,13 @@ import asyncio
 import logging
 import math
 import signal
+import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from types import FrameType
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 try:
     from starlette.requests import HTTPConnection, Request
@@ -143,7 +144,8 @@ def pool_lifespan(
             except asyncio.CancelledError:
                 if not received:
                     raise
-                task.uncancel()
+                if sys.version_info >= (3, 11):  # Python 3.10 counts no cancellations
+                    task.uncancel()
                 names = ", ".join(signal.Signals(s).name for s in received)
                 raise RuntimeError(f"{names} while the pool's workers loaded their models: start abandoned") from None
         try:
@@ -189,9 +191,9 @@ def _cancel_on_exit_signals(task: asyncio.Task[Any], first: Callable[[], None]) 
         yield received
     finally:
         inside = False
-        for signum, old in previous.items():
-            if signal.getsignal(signum) is handler:
-                signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        for number, old in previous.items():
+            if signal.getsignal(number) is handler:
+                signal.signal(number, old if old is not None else signal.SIG_DFL)
 
 
 def get_pool(connection: HTTPConnection) -> MLPool:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
