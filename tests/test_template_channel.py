@@ -15,8 +15,9 @@ import pytest
 from test_template_processes import load_with_thread_pool
 from workloads import load_constant
 
-from mlpool._protocol import FrameReader, LoadFailed, Ready, Reaped, TemplateReady
+from mlpool._protocol import LoadFailed, Ready, Reaped, TemplateReady
 from mlpool._template import Template, TemplateClosed, WorkerForked
+from mlpool._transport import FrameReader
 from mlpool._worker_main import WorkerSettings
 
 pytestmark = [
@@ -126,7 +127,7 @@ def test_threads_left_by_loaders_are_refused_unless_declared_fork_safe(fork_with
 
 
 CHILD_SIDE = {
-    "_errors", "_protocol", "_serialization", "_shm_worker", "_started",
+    "_errors", "_protocol", "_serialization", "_shm_worker", "_started", "_transport",
     "_worker_main", "_worker_memory", "_template_main",
 }
 

@@ -15,19 +15,7 @@ import pytest
 import worker_probe
 
 from mlpool import MLPoolError, RemoteError, SerializationError
-from mlpool._protocol import (
-    MAX_FDS_PER_SEND,
-    DescriptorsLost,
-    Failed,
-    FrameReader,
-    RunBatch,
-    Setup,
-    decode,
-    encode,
-    encode_run_batch,
-    send_frames,
-    setup_frame,
-)
+from mlpool._protocol import Failed, RunBatch, Setup, decode, encode, encode_run_batch, setup_frame
 from mlpool._serialization import (
     FUNCTION_TABLE_SIZE,
     FunctionTable,
@@ -36,6 +24,7 @@ from mlpool._serialization import (
     unpack_exception,
 )
 from mlpool._started import UNKNOWN, StartedWord
+from mlpool._transport import MAX_FDS_PER_SEND, DescriptorsLost, FrameReader, send_frames
 
 linux_only = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd and SCM_RIGHTS (Linux)")
 

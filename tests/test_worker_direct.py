@@ -15,20 +15,10 @@ from typing import Any
 import pytest
 import worker_probe
 
-from mlpool._protocol import (
-    Done,
-    Exiting,
-    FrameReader,
-    Ready,
-    Stop,
-    encode,
-    encode_run,
-    encode_run_batch,
-    send_frames,
-    setup_frame,
-)
+from mlpool._protocol import Done, Exiting, Ready, Stop, encode, encode_run, encode_run_batch, setup_frame
 from mlpool._serialization import dumps_by_value
 from mlpool._started import StartedWord
+from mlpool._transport import FrameReader, send_frames
 from mlpool._worker_main import WorkerSettings, worker_main
 
 pytestmark = [

@@ -27,9 +27,10 @@ from mlpool._errors import (
 from mlpool._forking import ForkOutcome
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._manager_parts import ManagerParts
-from mlpool._protocol import LoadFailed, Stop, encode, write_all
+from mlpool._protocol import LoadFailed, Stop, encode
 from mlpool._state import PoolState
 from mlpool._template import Template
+from mlpool._transport import write_all
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, ray_worker, spawn_worker
 
 logger = logging.getLogger("mlpool._manager")

@@ -67,24 +67,14 @@ from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, CallbackRunner, Job, JobSta
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._metrics import LatencyRecorder
 from mlpool._pipes import PipeReaders
-from mlpool._protocol import (
-    NOWHERE,
-    Done,
-    Exiting,
-    Failed,
-    LoadFailed,
-    OverMemory,
-    Ready,
-    encode_run,
-    encode_run_batch,
-    send_frames,
-)
+from mlpool._protocol import NOWHERE, Done, Exiting, Failed, LoadFailed, OverMemory, Ready, encode_run, encode_run_batch
 from mlpool._ray import RaySession
 from mlpool._registry import Registry, Settled
 from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_exception
 from mlpool._shm import RegionPool, read_result
 from mlpool._state import PoolState, PoolStats
 from mlpool._template import Template
+from mlpool._transport import send_frames
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
 

@@ -38,19 +38,9 @@ import threading
 import time
 from typing import Any
 
-from mlpool._protocol import (
-    Exiting,
-    FrameReader,
-    LoadFailed,
-    Ready,
-    Run,
-    RunBatch,
-    Stop,
-    encode,
-    encode_run,
-    encode_run_batch,
-)
+from mlpool._protocol import Exiting, LoadFailed, Ready, Run, RunBatch, Stop, encode, encode_run, encode_run_batch
 from mlpool._shm_worker import region_views
+from mlpool._transport import FrameReader
 from mlpool._worker_main import (
     MemoryWatch,
     WorkerSettings,

@@ -34,20 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mlpool._protocol import (
-    Fork,
-    Forked,
-    ForkFailed,
-    LoadFailed,
-    Ready,
-    Reaped,
-    SpawnSentinel,
-    TemplateReady,
-    encode,
-    recv_packet,
-    send_packet,
-    write_all,
-)
+from mlpool._protocol import Fork, Forked, ForkFailed, LoadFailed, Ready, Reaped, SpawnSentinel, TemplateReady, encode
+from mlpool._transport import recv_packet, send_packet, write_all
 from mlpool._worker_main import (
     MAX_TRACEBACK,
     WorkerSettings,

@@ -40,25 +40,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
-from mlpool._protocol import (
-    DescriptorsLost,
-    Exiting,
-    FrameReader,
-    LoadFailed,
-    Ready,
-    Run,
-    RunBatch,
-    Setup,
-    Stop,
-    encode,
-    encode_done,
-    encode_failed,
-    send_frames,
-    write_all,
-)
+from mlpool._protocol import Exiting, LoadFailed, Ready, Run, RunBatch, Setup, Stop, encode, encode_done, encode_failed
 from mlpool._serialization import FUNCTION_CACHE_SIZE, describe_exception, format_traceback, pack_exception
 from mlpool._shm_worker import unpack, write_result
 from mlpool._started import StartedWord
+from mlpool._transport import DescriptorsLost, FrameReader, send_frames, write_all
 from mlpool._worker_memory import MemoryWatch
 
 MAX_TRACEBACK = 32 * 1024  # characters of a loader's traceback sent back

@@ -20,8 +20,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from mlpool._protocol import FrameReader, send_frames, setup_frame
+from mlpool._protocol import setup_frame
 from mlpool._started import StartedWord
+from mlpool._transport import FrameReader, send_frames
 from mlpool._worker_main import WorkerSettings, worker_main
 
 if TYPE_CHECKING:
