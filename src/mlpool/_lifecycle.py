@@ -76,7 +76,7 @@ class WorkerLifecycle(ManagerParts):
                 job.result_offer = None
         for job in reversed(jobs[len(running) :]):  # never started: it runs jobs in order
             if job.state is JobState.RUNNING:
-                self._requeue(job)
+                self._scheduler.requeue(job)
         for job in reversed(running):
             if job.state is JobState.RUNNING:
                 self._settle_crashed(worker, job, how, exitcode, intended)
@@ -92,7 +92,7 @@ class WorkerLifecycle(ManagerParts):
             return
         if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self._state is PoolState.BROKEN:
             return  # a retiring worker's replacement is already on its way
-        if self._state is PoolState.CLOSING and not self._queued:
+        if self._state is PoolState.CLOSING and not self._scheduler.queued:
             return
         if unexplained:
             self._failures += 1
@@ -122,13 +122,13 @@ class WorkerLifecycle(ManagerParts):
         if intended:
             # We killed the worker for another job of its batch (a timeout,
             # an interrupt): this one is innocent; run it again.
-            self._requeue(job)
+            self._scheduler.requeue(job)
             return
         if job.retries_left > 0 and self._state is not PoolState.BROKEN:
             job.retries_left -= 1
             self._counts["retried"] += 1
             logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)
-            self._requeue(job)
+            self._scheduler.requeue(job)
             return
         self._finish(
             job,
@@ -228,12 +228,12 @@ class WorkerLifecycle(ManagerParts):
         self._spawn_at.clear()
 
     def _fail_queued(self, error: BaseException) -> None:
-        for job in self._queued_jobs():
+        for job in self._scheduler.drain():
             if job.state is JobState.QUEUED:
                 self._finish(job, False, error)
 
     def _cancel_queued(self) -> None:
-        for job in self._queued_jobs():
+        for job in self._scheduler.drain():
             if job.state is JobState.QUEUED:
                 self._finish(job, False, CANCELLED)
 
@@ -269,7 +269,7 @@ class WorkerLifecycle(ManagerParts):
         """Fail jobs whose deadline passed; kill a worker running one."""
         for job in self._registry.due(now):
             if job.state is JobState.QUEUED:
-                self._queued -= 1
+                self._scheduler.left(job)
                 error = JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran")
                 self._finish(job, False, error)
             elif job.state is JobState.RUNNING:
@@ -296,7 +296,7 @@ class WorkerLifecycle(ManagerParts):
     def _advance_shutdown(self, now: float) -> None:
         if self._state is not PoolState.CLOSING:
             return
-        busy = self._queued or any(w.inflight for w in self._workers.values())
+        busy = self._scheduler.queued or any(w.inflight for w in self._workers.values())
         if not busy:
             for worker in self._workers.values():
                 if worker.state in (WorkerState.IDLE, WorkerState.RETIRING):

@@ -4,15 +4,25 @@
 
     caller threads / event loops                         worker processes
       │ make_job: pickle args, look up fn (no lock)        ▲        │
-      │ enqueue: under the lock, append to the queue ──────┘ Run    │ Ready, Done,
+      │ enqueue: under the lock, into the queue ───────────┘ Run    │ Ready, Done,
       │   and dispatch at once if a worker can take it              │ Failed, ...
       ▼                                                             ▼
-    Manager ── lock ──┬─ queue of Jobs (FIFO)          manager thread: one select() on
-                      ├─ workers: jobs each holds,      every worker pipe, every process
-                      │  in the order it runs them      sentinel and a wake-up pipe, with
-                      ├─ deadline heap, result expiry   the next deadline as its timeout
-                      └─ job-id registry               → handle messages and deaths,
-                                                         expire, dispatch, settle futures
+    Manager ── lock ──┬─ _scheduler: the queue, placing, estimates    manager thread: one
+                      ├─ _workers: the jobs each holds, in order       select() on every
+                      ├─ _registry: job ids, deadlines, result expiry  worker pipe, every
+                      └─ _forks: the model template (share_models)     death handle and a
+                                                                       wake-up pipe, with
+    run(): start what is due ─► wait for the next event or deadline    the next deadline
+         ─► read messages and deaths ─► settle them, expire, dispatch  as its timeout
+
+Each part owns its state and the rules that change it: the queue and who
+takes what in ``_scheduler`` (pure logic), ids, deadlines and expiry in
+``_registry``, the template and its fork requests in ``_forking``. What
+stays here: dispatching (build a job's message first, then record who holds
+it), the messages workers send, outcomes and counts, and the callers' entry
+points. Deaths, restarts, recycling and shutdown are ``_lifecycle``; who
+reads a worker's pipe (the manager, a sync caller, an event loop) is
+``_pipes``: both are methods of this class kept apart by topic.
 
 Callers dispatch themselves when a worker is free (one thread hop fewer on
 the idle path); the manager dispatches whenever capacity frees up, which
@@ -20,22 +30,10 @@ only ever happens on its own thread (a result, a Ready, a death). So a job
 left in the queue by a caller never needs a wake-up. Callers wake the
 manager only when they move a deadline earlier or ask for shutdown.
 
-A worker may hold several short jobs at once (it runs them in order and
-answers each at once), so it never idles while its next job crosses the
-pipe. How many depends on measured job length: only jobs expected to take
-under ``PIPELINE_BUDGET`` seconds queue behind others in a worker, so a
-hungry job never waits on a busy worker while another is idle. When a worker
-dies, its first unanswered job is the one it was running; the others never
-started and go back to the front of the queue.
-
 Outcomes are decided under the lock and handed to callers after it is
-released (``_release``): user callbacks never run under our lock.
-
-The class is split by topic: who reads the pipes is in ``_pipes``, deaths,
-restarts, deadlines and shutdown in ``_lifecycle``; all share this state
-and these rules.
+released (``_release``): user callbacks never run under our lock, and those
+of futures the manager thread settles run on a callback thread.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -45,12 +43,10 @@ import os
 import selectors
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from mlpool._batching import BatchQueue
 from mlpool._config import PoolConfig
 from mlpool._errors import (
     JobTimeoutError,
@@ -63,13 +59,14 @@ from mlpool._errors import (
 )
 from mlpool._forking import ForkLauncher
 from mlpool._jobmaker import JobMaker
-from mlpool._jobs import CANCELLED, PIPELINE_BUDGET, CallbackRunner, Job, JobState, running_loop, running_unit, settle
+from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._metrics import LatencyRecorder
 from mlpool._pipes import PipeReaders
 from mlpool._protocol import NOWHERE, Done, Exiting, Failed, LoadFailed, OverMemory, Ready, encode_run, encode_run_batch
 from mlpool._ray import RaySession
 from mlpool._registry import Registry, Settled
+from mlpool._scheduler import Scheduler
 from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_exception
 from mlpool._shm import RegionPool, read_result
 from mlpool._state import PoolState, PoolStats
@@ -80,17 +77,8 @@ from mlpool._workers import WorkerHandle, WorkerState
 
 logger = logging.getLogger(__name__)
 
-# At most this many jobs held by one worker at once.
-MAX_INFLIGHT = 8
-# Only jobs this small are sent to a worker that is busy: the bytes must fit
-# in the pipe's buffer, or the sender would block until the worker reads.
-PIPELINE_MAX_BYTES = 16 * 1024
 # The manager's longest wait: deadlines may be further, the OS's timeouts may not.
 MAX_WAIT = 3600.0
-# Functions whose duration (and result size) is remembered: the most recent first.
-MAX_ESTIMATES = 1024
-# Smoothing of each function's measured duration.
-ESTIMATE_WEIGHT = 0.2
 
 
 
@@ -122,14 +110,9 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._lock = threading.Lock()
         # --- under the lock ---
         self._state = PoolState.STARTING
-        self._pending: deque[Job | BatchQueue] = deque()
-        self._batch_queues: dict[tuple[str, int], BatchQueue] = {}
-        self._hold_until: float | None = None  # a batch waits for more items until then
-        self._queued = 0  # jobs in _pending still QUEUED (cancelled ones are skipped lazily)
+        self._scheduler = Scheduler()  # the queue, placing jobs, duration estimates
         self._workers: dict[int, WorkerHandle] = {}
         self._registry: Registry[Job] = Registry(config.result_ttl)
-        self._estimates: dict[int, float] = {}
-        self._result_sizes: dict[int, int] = {}  # fn_id -> bytes of shared memory its last result used
         self._space_waiters: list[Future] = []
         self._outcomes: list[tuple[Job, bool, Any]] = []  # settled by _release
         self._wake_at: float | None = None  # when the manager's select() returns at the latest
@@ -219,10 +202,10 @@ class Manager(PipeReaders, WorkerLifecycle):
             if job.state is not JobState.NEW:  # cancelled while it waited for room
                 return None
             self._check_accepting()
-            if self._queued >= self.config.max_queue_size:
+            if self._scheduler.queued >= self.config.max_queue_size:
                 if not wait:
                     raise PoolFullError(
-                        f"the queue is full ({self._queued} jobs waiting, max_queue_size="
+                        f"the queue is full ({self._scheduler.queued} jobs waiting, max_queue_size="
                         f"{self.config.max_queue_size}); retry later or create the job with "
                         "block_until_scheduled=True"
                     )
@@ -231,50 +214,12 @@ class Manager(PipeReaders, WorkerLifecycle):
                 return waiter
             if register:
                 self._registry.add(job)
-            self._queue(job)
-            self._queued += 1
+            self._scheduler.push(job)
             self._watch_deadline(job)
             self._dispatch()
             return None
         finally:
             self._release()
-
-    def _queue(self, job: Job, *, front: bool = False) -> None:
-        """Put a job in the queue (a batched one in its batch, which holds one place)."""
-        job.state = JobState.QUEUED
-        if job.batch_policy is None:
-            if front:
-                self._pending.appendleft(job)
-            else:
-                self._pending.append(job)
-            return
-        key = (job.model, job.fn_id)
-        batch = self._batch_queues.get(key)
-        if batch is None:
-            batch = self._batch_queues[key] = BatchQueue(job.batch_policy)
-        if front:
-            batch.jobs.appendleft(job)
-        else:
-            batch.jobs.append(job)
-        if not batch.in_queue:
-            batch.in_queue = True
-            if front:
-                self._pending.appendleft(batch)
-            else:
-                self._pending.append(batch)
-
-    def _queued_jobs(self):
-        """Every job waiting in the queue, emptying it (under the lock)."""
-        while self._pending:
-            entry = self._pending.popleft()
-            if type(entry) is BatchQueue:
-                entry.in_queue = False
-                while entry.jobs:
-                    yield entry.jobs.popleft()
-            else:
-                yield entry
-        self._batch_queues.clear()
-        self._queued = 0
 
     def _release_memory(self, job: Job, *, keep_offer: bool = False) -> None:
         """Give the job's shared memory back to the pool; no process reads it now."""
@@ -301,7 +246,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._finish(job, False, CANCELLED)
                 return True
             if job.state is JobState.QUEUED:
-                self._queued -= 1
+                self._scheduler.left(job)
                 self._finish(job, False, CANCELLED)
                 return True
             if job.state is JobState.RUNNING:
@@ -398,7 +343,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 state=self._state.value,
                 workers_alive=sum(1 for w in alive if w.state is not WorkerState.STARTING),
                 workers_busy=sum(1 for w in alive if w.inflight),
-                queue_depth=self._queued,
+                queue_depth=self._scheduler.queued,
                 jobs_running=sum(len(w.inflight) for w in alive),
                 jobs_completed=self._counts["completed"],
                 jobs_failed=self._counts["failed"],
@@ -473,7 +418,7 @@ class Manager(PipeReaders, WorkerLifecycle):
     def _has_space(self) -> bool:
         """Whether callers waiting for room should try again (room, or a refusal to hear)."""
         accepting = self._state in (PoolState.RUNNING, PoolState.STARTING)
-        return not accepting or self._queued < self.config.max_queue_size
+        return not accepting or self._scheduler.queued < self.config.max_queue_size
 
     def _check_accepting(self) -> None:
         if self._state is PoolState.RUNNING or self._state is PoolState.STARTING:
@@ -501,9 +446,9 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def _dispatch(self) -> None:
         """Hand queued jobs to workers that can take them (under the lock)."""
-        self._hold_until = None  # set again below if a batch still waits for more items
-        pending = self._pending
-        if not pending:
+        scheduler = self._scheduler
+        scheduler.hold_until = None  # set again by plan() if a batch still waits for more items
+        if not scheduler:
             return
         limit = self.config.max_jobs_per_worker
         workers = [
@@ -515,42 +460,9 @@ class Manager(PipeReaders, WorkerLifecycle):
             return
         here = running_loop()
         frames: dict[WorkerHandle, list[tuple[bytes, list[int], int]]] = {}  # frame, its fds, its jobs
-        estimates = self._estimates
-        held: list[BatchQueue] = []
-        others_busy: bool | None = None
-        while pending:
-            entry = pending[0]
-            if type(entry) is BatchQueue:
-                while entry.jobs and entry.jobs[0].state is not JobState.QUEUED:
-                    entry.jobs.popleft()
-                if not entry.jobs:
-                    pending.popleft()
-                    entry.in_queue = False
-                    continue
-                head, estimate, size = entry.jobs[0], None, 0  # a batch goes only to a worker holding nothing
-            else:
-                head = entry
-                if head.state is not JobState.QUEUED:
-                    pending.popleft()
-                    continue
-                estimate, size = estimates.get(head.fn_id), head.payload.size
-            worker = _pick_worker(workers, head.loop, estimate, size)
-            if worker is None:
-                if self._reclaim_stopped_loans():
-                    continue
-                break
-            if type(entry) is BatchQueue:
-                if others_busy is None:
-                    others_busy = any(w.inflight for w in self._workers.values())
-                now = time.monotonic()
-                if entry.policy.should_hold(len(entry.jobs), head.submitted_at, now, others_busy):
-                    pending.popleft()
-                    held.append(entry)
-                    until = entry.policy.hold_until(head.submitted_at)
-                    self._hold_until = until if self._hold_until is None else min(self._hold_until, until)
-                    continue
-            pending.popleft()
-            jobs = self._take_batch(entry) if type(entry) is BatchQueue else self._take_job(entry)
+        plan = scheduler.plan(workers, here, time.monotonic(), self._others_busy, self._reclaim_stopped_loans)
+        for worker, taken, estimate in plan:
+            jobs = [job for job in taken if self._start(job)]
             if not jobs:
                 continue
             # The message first: if it cannot be built, nothing was recorded.
@@ -570,42 +482,28 @@ class Manager(PipeReaders, WorkerLifecycle):
             for job in jobs:
                 job.state = JobState.RUNNING
                 job.worker = worker
-                job.estimate = estimate if estimate is not None else PIPELINE_BUDGET
+                job.estimate = estimate
                 worker.inflight.append(job)
-                worker.backlog += job.estimate
+                worker.backlog += estimate
             if not worker.registered and worker.borrower is None:
                 with worker.read_lock:
                     self._watch(worker)
             frames.setdefault(worker, []).append((frame, fds, len(jobs)))
-        if held:
-            pending.extendleft(reversed(held))
-            if self._wake_at is None or (self._hold_until is not None and self._hold_until < self._wake_at):
-                self._need_wake = True
+        hold = scheduler.hold_until
+        if hold is not None and (self._wake_at is None or hold < self._wake_at):
+            self._need_wake = True
         for worker, batch in frames.items():
             self._send(worker, batch)
 
-    def _take_job(self, job: Job) -> list[Job]:
-        self._queued -= 1
-        if not job.mark_running():  # its caller cancelled the future
-            self._finish(job, False, CANCELLED)
-            return []
-        return [job]
+    def _start(self, job: Job) -> bool:
+        """Move a job taken from the queue to running; False (and cancelled) if its caller cancelled it."""
+        if job.mark_running():
+            return True
+        self._finish(job, False, CANCELLED)
+        return False
 
-    def _take_batch(self, batch: BatchQueue) -> list[Job]:
-        """Up to max_batch_size live jobs from ``batch``; it keeps its place
-        at the back of the queue if jobs remain."""
-        jobs: list[Job] = []
-        while batch.jobs and len(jobs) < batch.policy.max_batch_size:
-            job = batch.jobs.popleft()
-            if job.state is JobState.QUEUED:
-                jobs += self._take_job(job)
-        if batch.jobs:
-            self._pending.append(batch)
-        else:
-            batch.in_queue = False
-        for job in jobs:
-            job.batch_id = jobs[0].id
-        return jobs
+    def _others_busy(self) -> bool:
+        return any(w.inflight for w in self._workers.values())
 
     def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]:
         """One Run (or RunBatch) frame for ``jobs``, all of one function, and
@@ -618,7 +516,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
         if first.batch_policy is None:
             p = first.payload
-            offer = self._result_sizes.get(first.fn_id)
+            offer = self._scheduler.result_size(first.fn_id)
             if offer is not None:  # its results came in shared memory: offer room for the next
                 first.result_offer = self._regions.take(offer)
                 fds.append(first.result_offer.fd)
@@ -663,16 +561,9 @@ class Manager(PipeReaders, WorkerLifecycle):
                     self._regions.give(job.result_offer)
                     job.result_offer = None
                 if dead:
-                    self._requeue(job)
+                    self._scheduler.requeue(job)
                 else:
                     self._refuse([job], exc)
-
-    def _requeue(self, job: Job) -> None:
-        """Put a job that never started back at the front of the queue."""
-        job.worker = None
-        job.batch_id = None
-        self._queue(job, front=True)
-        self._queued += 1
 
     # ----------------------------------------------------------- manager loop
 
@@ -771,8 +662,8 @@ class Manager(PipeReaders, WorkerLifecycle):
             candidates.append(self._spawn_at[0])
         if self._forks is not None and (forks_due := self._forks.next_deadline()) is not None:
             candidates.append(forks_due)
-        if self._hold_until is not None:
-            candidates.append(self._hold_until)
+        if self._scheduler.hold_until is not None:
+            candidates.append(self._scheduler.hold_until)
         start_deadline = self._next_start_deadline()
         if start_deadline is not None:
             candidates.append(start_deadline)
@@ -825,26 +716,14 @@ class Manager(PipeReaders, WorkerLifecycle):
                 job = worker.inflight.popleft()
                 worker.backlog -= job.estimate
                 worker.jobs_done += 1
-                if type(msg) is Done and msg.where != NOWHERE:
-                    if len(self._result_sizes) >= MAX_ESTIMATES and job.fn_id not in self._result_sizes:
-                        del self._result_sizes[next(iter(self._result_sizes))]
-                    self._result_sizes[job.fn_id] = sum(length for _, length in msg.spans)
-                else:
-                    self._result_sizes.pop(job.fn_id, None)
+                shared = sum(length for _, length in msg.spans) if type(msg) is Done and msg.where != NOWHERE else None
+                self._scheduler.observe(job.fn_id, msg.seconds, shared)
                 # The worker is done with its arguments; the offer is read in _decode.
                 self._release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
                 if not worker.inflight and worker.registered:
                     with worker.read_lock:
                         self._watch(worker)
                 self._failures = 0
-                estimates = self._estimates
-                previous = estimates.get(job.fn_id)
-                if previous is None:
-                    if len(estimates) >= MAX_ESTIMATES:  # per-call functions: forget the oldest
-                        del estimates[next(iter(estimates))]
-                    estimates[job.fn_id] = msg.seconds
-                else:
-                    estimates[job.fn_id] = previous + ESTIMATE_WEIGHT * (msg.seconds - previous)
                 if job.state is JobState.RUNNING:
                     self._finish(job, type(msg) is Done, msg)
                 elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
@@ -895,43 +774,3 @@ def _outcome_kind(ok: bool, value: Any) -> str:
     if isinstance(value, JobTimeoutError):
         return "timed_out"
     return "failed"  # the function raised, or the pool broke or shut down under it
-
-
-def _pick_worker(
-    workers: list[WorkerHandle], loop: asyncio.AbstractEventLoop | None, estimate: float | None, size: int
-) -> WorkerHandle | None:
-    """An idle worker, else (for a short, small job) the least loaded one with room.
-
-    A worker lent to an event loop takes only that loop's jobs while it holds
-    any; an idle one can be taken back by anyone.
-    """
-    spare = None  # an idle worker lent to another reader: taken back if nothing better
-    for worker in workers:
-        if not worker.inflight:
-            if worker.borrower is loop:
-                return worker
-            if worker.borrower is None:
-                if loop is None:
-                    return worker
-                spare = worker if spare is None or spare.borrower is not None else spare
-            elif spare is None:
-                spare = worker
-    if spare is not None:
-        return spare
-    if estimate is None or estimate >= PIPELINE_BUDGET or size > PIPELINE_MAX_BYTES:
-        return None
-    best = None
-    for worker in workers:
-        if (
-            (worker.borrower is None or worker.borrower is loop)
-            and len(worker.inflight) < MAX_INFLIGHT
-            and worker.backlog + estimate <= PIPELINE_BUDGET
-            and (best is None or worker.backlog < best.backlog)
-        ):
-            best = worker
-    return best
-
-
-
-
-

@@ -16,17 +16,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import selectors
     import threading
-    from collections import deque
-    from collections.abc import Iterator
     from concurrent.futures import Future
     from multiprocessing.context import BaseContext
 
-    from mlpool._batching import BatchQueue
     from mlpool._config import PoolConfig
     from mlpool._forking import ForkLauncher
     from mlpool._jobs import CallbackRunner, Job
     from mlpool._ray import RaySession
     from mlpool._registry import Registry
+    from mlpool._scheduler import Scheduler
     from mlpool._shm import RegionPool
     from mlpool._state import PoolState
     from mlpool._worker_main import WorkerSettings
@@ -47,11 +45,9 @@ class ManagerParts:
     _lock: threading.Lock
     # under the lock
     _state: PoolState
-    _pending: deque[Job | BatchQueue]
-    _queued: int
+    _scheduler: Scheduler
     _workers: dict[int, WorkerHandle]
     _registry: Registry[Job]
-    _estimates: dict[int, float]
     _need_wake: bool
     _failures: int
     _broken_reason: str
@@ -71,7 +67,6 @@ class ManagerParts:
 
         def before_blocking(self) -> None: ...
         def _check_accepting(self) -> None: ...
-        def _queued_jobs(self) -> Iterator[Job]: ...
         def _release_memory(self, job: Job, *, keep_offer: bool = False) -> None: ...
         def _watch_deadline(self, job: Job) -> None: ...
         def _release(self) -> None: ...
@@ -80,6 +75,5 @@ class ManagerParts:
         def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]: ...
         def _refuse(self, jobs: list[Job], exc: Exception) -> None: ...
         def _send(self, worker: WorkerHandle, frames: list[tuple[bytes, list[int], int]]) -> None: ...
-        def _requeue(self, job: Job) -> None: ...
         def _on_message(self, worker: WorkerHandle, msg: Any) -> None: ...
         def _watch(self, worker: WorkerHandle) -> None: ...  # PipeReaders', for WorkerLifecycle

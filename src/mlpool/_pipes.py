@@ -24,7 +24,7 @@ import asyncio
 import select
 import selectors
 
-from mlpool._jobs import PIPELINE_BUDGET, Job, JobState
+from mlpool._jobs import Job, JobState
 from mlpool._manager_parts import ManagerParts
 from mlpool._state import PoolState
 from mlpool._workers import WorkerHandle, WorkerState
@@ -49,7 +49,7 @@ class PipeReaders(ManagerParts):
         self._lock.acquire()
         try:
             self._check_accepting()
-            if self._pending or job.state is not JobState.NEW:
+            if self._scheduler or job.state is not JobState.NEW:
                 return False
             for worker in self._workers.values():
                 if worker.state is WorkerState.IDLE and not worker.inflight:
@@ -73,7 +73,7 @@ class PipeReaders(ManagerParts):
             job.mark_running()
             job.state = JobState.RUNNING
             job.worker = worker
-            job.estimate = self._estimates.get(job.fn_id, PIPELINE_BUDGET)
+            job.estimate = self._scheduler.estimate(job.fn_id)
             worker.inflight.append(job)
             worker.backlog += job.estimate
             self._send(worker, [(frame, fds, 1)])
