@@ -91,12 +91,14 @@ class PipeReaders(ManagerParts):
             self._poll_lent(worker, job, token)
         finally:
             # Every loan ends, also when the wait is interrupted (Ctrl-C, any
-            # exception): the manager reads the pipe from now on.
-            self._lock.acquire()
-            try:
-                self._end_loan(worker, token)
-            finally:
-                self._release()
+            # exception): the manager reads the pipe from now on. (Once the
+            # borrower is not this token it never is again: no lock to see it.)
+            if worker.borrower is token:
+                self._lock.acquire()
+                try:
+                    self._end_loan(worker, token)
+                finally:
+                    self._release()
             with worker.read_lock:
                 worker.watchers.discard(token)
                 if not worker.watchers and worker.state is WorkerState.EXITED:
