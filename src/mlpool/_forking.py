@@ -126,7 +126,9 @@ class ForkLauncher:
 
     def request(self) -> bool:
         """Ask the template for one worker; False if there is no ready
-        template (the request waits for one: ``awaiting``)."""
+        template (the request waits for one: ``awaiting``). Raises OSError
+        when this process is short of descriptors or memory for it (a failed
+        start, retried after a back-off)."""
         template = self.template
         if template is None or template.ready is None or template.gone:
             self.awaiting += 1
@@ -135,13 +137,18 @@ class ForkLauncher:
         ours, theirs = socket.socketpair()
         try:
             started = send_started_word(ours, close=False)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        try:
             template.request_fork(worker_id, theirs)
-        except (TemplateGone, OSError) as exc:
+        except TemplateGone as exc:
             # Its sentinel brings the restart; a template that hangs is made to die.
             logger.warning("could not ask the model template for a worker: %s", exc)
             ours.close()
-            if isinstance(exc, TemplateGone):
-                template.kill()
+            started.close()
+            template.kill()
             self.awaiting += 1
             return False
         finally:
@@ -167,7 +174,14 @@ class ForkLauncher:
                     event.process.close()
                 else:
                     ours, started = request
-                    outcome.started.append(WorkerHandle(event.process, ours, forked=True, started=started))
+                    try:
+                        outcome.started.append(WorkerHandle(event.process, ours, forked=True, started=started))
+                    except OSError as exc:  # out of descriptors for its handle: a failed start
+                        event.process.kill()
+                        event.process.close()
+                        ours.close()
+                        started.close()
+                        outcome.failed.append(f"could not take a forked worker in: {exc!r}")
             elif type(event) is ForkFailed:
                 request = self._forks.pop(event.worker_id, None)
                 if request is not None:

@@ -34,6 +34,8 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mlpool._errors import MLPoolError
+
 if TYPE_CHECKING:
     from mlpool._batching import BatchPolicy
     from mlpool._shm import Payload, Region
@@ -75,7 +77,10 @@ class JobFuture(Future):
             return False
         job, self._job = self._job, None
         if job is not None:
-            self._owner.cancel(job)
+            try:
+                self._owner.cancel(job)
+            except MLPoolError:  # a process forked from the pool's: the job is the parent's
+                pass
         self.run_callbacks(None)
         return True
 

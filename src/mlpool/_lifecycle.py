@@ -331,7 +331,17 @@ class WorkerLifecycle(ManagerParts):
             if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
                 continue
             if self._forks is not None:
-                if not self._forks.request():
+                try:
+                    requested = self._forks.request()
+                except OSError as exc:  # out of descriptors or memory, for now
+                    logger.warning("could not ask the model template for a worker: %r", exc)
+                    self._lock.acquire()
+                    try:
+                        self._start_failed(f"could not ask the model template for a worker: {exc!r}")
+                    finally:
+                        self._release()
+                    continue
+                if not requested:
                     with self._lock:
                         idle = not self._can_serve()
                     if idle:  # nothing serves: the next template need not wait out its back-off

@@ -171,7 +171,14 @@ def spawn_worker(
         raise
     finally:
         child_conn.close()
-    return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started)
+    try:
+        return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started)
+    except BaseException:  # out of descriptors for its handle: leave no process behind
+        process.kill()
+        process.join(_REAP_PATIENCE)
+        parent_conn.close()
+        started.close()
+        raise
 
 
 def send_started_word(sock: socket.socket, *, close: bool = True) -> StartedWord:
