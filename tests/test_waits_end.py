@@ -240,3 +240,43 @@ def test_a_worker_death_is_seen_while_a_process_it_forked_lives():
             assert pool.score("m", add, 1) == 11
         finally:
             os.kill(helper, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 1e12, -1.0])
+def test_a_shutdown_timeout_that_cannot_be_waited_is_refused_and_changes_nothing(timeout):
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    with pytest.raises(ValueError, match="timeout"):
+        pool.shutdown(timeout=timeout)
+    assert pool.ready and pool.score("m", add, 1) == 11
+    pool.shutdown(timeout=10)
+    assert not pool.healthy
+
+
+def write_garbage_to_my_pipes(model: dict, garbage: bytes) -> int:
+    """Write bytes that are no message on every socket this worker has open."""
+    import stat
+
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.write(fd, garbage)
+        except OSError:
+            pass
+    return 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["score", "submit", "score_async"])
+def test_a_worker_whose_pipe_carries_garbage_is_replaced_and_the_pool_serves_on(call):
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        with pytest.raises(WorkerCrashedError, match="no message"):
+            if call == "score":
+                pool.score("m", write_garbage_to_my_pipes, b"\0" * 64)
+            elif call == "submit":
+                pool.submit("m", write_garbage_to_my_pipes, b"\0" * 64).result(timeout=30)
+            else:
+                asyncio.run(asyncio.wait_for(pool.score_async("m", write_garbage_to_my_pipes, b"\0" * 64), 30))
+        assert pool.score("m", add, 1) == 11
+        assert pool.healthy

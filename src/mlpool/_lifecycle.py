@@ -59,10 +59,13 @@ class WorkerLifecycle(ManagerParts):
         how = getattr(worker.process, "death", None) or describe_exit(exitcode)
         if worker.start_timed_out:
             how = f"did not load its models within start_timeout={self.config.start_timeout:g}s"
+        if worker.fault is not None:
+            how = f"was killed: {worker.fault}"
         was = worker.state
-        worker.state = WorkerState.EXITED
-        # A start that timed out is a failure, though we killed it.
-        intended = (worker.kill_reason is not None and not worker.start_timed_out) or was is WorkerState.STOPPING
+        worker.state = worker.state.to(WorkerState.EXITED)
+        # A start that timed out, or a worker that broke the protocol, is a failure though we killed it.
+        blamed = worker.start_timed_out or worker.fault is not None
+        intended = (worker.kill_reason is not None and not blamed) or was is WorkerState.STOPPING
         jobs = list(worker.inflight)
         worker.inflight.clear()
         running = running_unit(jobs)  # the job (or batch) it was running...
@@ -212,9 +215,9 @@ class WorkerLifecycle(ManagerParts):
 
     def _break(self, reason: str, start_error: BaseException | None = None) -> None:
         """Give up: fail every job, kill every worker, refuse new jobs."""
-        if self._state is PoolState.BROKEN:
+        if self._state in (PoolState.BROKEN, PoolState.CLOSED):
             return
-        self._state = PoolState.BROKEN
+        self._state = self._state.to(PoolState.BROKEN)
         self._broken_reason = reason
         logger.error("mlpool is broken: %s", reason)
         self._set_started(start_error or PoolBrokenError(reason))
@@ -250,7 +253,7 @@ class WorkerLifecycle(ManagerParts):
         if worker.state is not WorkerState.IDLE:
             return
         logger.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
-        worker.state = WorkerState.RETIRING
+        worker.state = worker.state.to(WorkerState.RETIRING)
         self._counts["recycled"] += 1
         if self._state is PoolState.RUNNING:
             heapq.heappush(self._spawn_at, time.monotonic())
@@ -259,7 +262,7 @@ class WorkerLifecycle(ManagerParts):
             self._stop_worker(worker)
 
     def _stop_worker(self, worker: WorkerHandle) -> None:
-        worker.state = WorkerState.STOPPING
+        worker.state = worker.state.to(WorkerState.STOPPING)
         try:
             write_all(worker.fd, encode(Stop()))
         except OSError:
@@ -306,7 +309,7 @@ class WorkerLifecycle(ManagerParts):
             self._spawn_at.clear()
         if not self._workers and not self._spawn_at:
             self._fail_queued(PoolClosedError("the pool shut down before the job could run"))
-            self._state = PoolState.CLOSED
+            self._state = self._state.to(PoolState.CLOSED)
             return
         if self._stop_deadline is None or now < self._stop_deadline:
             return

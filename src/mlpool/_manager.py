@@ -62,7 +62,7 @@ from mlpool._jobmaker import JobMaker
 from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop, running_unit, settle
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._metrics import LatencyRecorder
-from mlpool._pipes import PipeReaders
+from mlpool._pipes import PipeReaders, ProtocolBroken
 from mlpool._protocol import NOWHERE, Done, Exiting, Failed, LoadFailed, OverMemory, Ready, encode_run, encode_run_batch
 from mlpool._ray import RaySession
 from mlpool._registry import Registry, Settled
@@ -319,7 +319,7 @@ class Manager(PipeReaders, WorkerLifecycle):
             if self._state in (PoolState.CLOSED, PoolState.BROKEN):
                 return
             if self._state is not PoolState.CLOSING:
-                self._state = PoolState.CLOSING
+                self._state = self._state.to(PoolState.CLOSING)
                 self._stop_deadline = time.monotonic() + timeout
             if cancel_pending:
                 self._cancel_queued()
@@ -366,16 +366,21 @@ class Manager(PipeReaders, WorkerLifecycle):
     # ------------------------------------------------------------ lock helpers
 
     def _release(self) -> None:
-        """Release the lock, then settle the outcomes decided under it."""
-        outcomes = self._outcomes
-        waiters = self._space_waiters if self._space_waiters and self._has_space() else None
-        if outcomes:
-            self._outcomes = []
-        if waiters:
-            self._space_waiters = []
-        wake = self._need_wake and threading.get_ident() != self._thread.ident
-        self._need_wake = False
-        self._lock.release()
+        """Release the lock, then settle the outcomes decided under it.
+
+        The lock is released whatever exception arrives meanwhile (a signal
+        handler raising in the main thread): the swap of the outcomes has no
+        call in it, so no handler runs between taking them and releasing."""
+        outcomes, self._outcomes = self._outcomes, []
+        waiters: list[Future] | None = None
+        wake = False
+        try:
+            if self._space_waiters and self._has_space():
+                waiters, self._space_waiters = self._space_waiters, []
+            wake = self._need_wake and threading.get_ident() != self._thread.ident
+            self._need_wake = False
+        finally:
+            self._lock.release()
         if wake:
             self._wake()
         if waiters:
@@ -685,7 +690,7 @@ class Manager(PipeReaders, WorkerLifecycle):
             self._lock.acquire()
             try:
                 self._break(str(error), start_error=error)
-                self._state = PoolState.CLOSED
+                self._state = self._state.to(PoolState.CLOSED)
             finally:
                 self._release()
             return False
@@ -732,7 +737,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._maybe_retire(worker)
             case Ready():
                 if worker.state is WorkerState.STARTING:
-                    worker.state = WorkerState.IDLE
+                    worker.state = worker.state.to(WorkerState.IDLE)
                     with worker.read_lock:
                         self._watch(worker)
                     worker.pid = msg.pid
@@ -740,7 +745,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                     if self._state is PoolState.STARTING and all(
                         w.state is not WorkerState.STARTING for w in self._workers.values()
                     ):
-                        self._state = PoolState.RUNNING
+                        self._state = self._state.to(PoolState.RUNNING)
                         self._set_started(None)
             case LoadFailed():
                 worker.load_failure = msg
@@ -748,6 +753,9 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._retire(worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker")
             case Exiting():
                 pass
+            case ProtocolBroken(reason):
+                worker.fault = reason
+                worker.kill(f"protocol error: {reason}")
 
 # Bytes of a model name in a Run message (its length field is 16 bits).
 MAX_MODEL_NAME = 4096

@@ -23,11 +23,20 @@ from __future__ import annotations
 import asyncio
 import select
 import selectors
+from dataclasses import dataclass
 
 from mlpool._jobs import Job, JobState
 from mlpool._manager_parts import ManagerParts
 from mlpool._state import PoolState
 from mlpool._workers import WorkerHandle, WorkerState
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolBroken:
+    """Not a message: what the reader hands the engine when a worker's bytes
+    cannot be decoded. The worker is killed, its death blamed on it."""
+
+    reason: str
 
 
 class PipeReaders(ManagerParts):
@@ -41,68 +50,81 @@ class PipeReaders(ManagerParts):
         False, with nothing done, when no worker is free or jobs are queued
         (then enqueue it). True when the job's future is settled, or the
         manager took the pipe back (a crash, a timeout) and will settle it.
+        Every loan ends: from the moment this thread holds the pipe, whatever
+        exception arrives (Ctrl-C) hands it back to the manager.
         """
         if job.batch_policy is not None:
             return False
         self.before_blocking()
         token = object()
-        self._lock.acquire()
+        lent: list[WorkerHandle] = []  # the worker whose pipe this thread reads, once it does
         try:
-            self._check_accepting()
-            if self._scheduler or job.state is not JobState.NEW:
-                return False
-            for worker in self._workers.values():
-                if worker.state is WorkerState.IDLE and not worker.inflight:
-                    break
-            else:
-                return False
-            # The message first: if it cannot be built, nothing was recorded.
+            self._lock.acquire()
             try:
-                frame, fds = self._run_frame(worker, [job])
-            except Exception as exc:
-                job.mark_running()
-                self._refuse([job], exc)
-                return True
-            if worker.borrower is not None:
-                self._take_back(worker, None)
-            with worker.read_lock:
-                worker.borrower = token
-                worker.watchers.add(token)  # until it stops polling: no one closes the fds
-                self._watch(worker)
-            self._watch_deadline(job)
-            job.mark_running()
-            job.state = JobState.RUNNING
-            job.worker = worker
-            job.estimate = self._scheduler.estimate(job.fn_id)
-            worker.inflight.append(job)
-            worker.backlog += job.estimate
-            self._send(worker, [(frame, fds, 1)])
-            if job.state is not JobState.RUNNING:  # the pipe failed: requeued or refused
-                self._end_loan(worker, token)
-                worker.watchers.discard(token)
-                return True
+                sent = self._send_lent(job, token, lent)
+            finally:
+                self._release()
+            if sent is not None:
+                return sent
+            self._poll_lent(lent[0], job, token)
+            return True
         finally:
-            self._release()
-        self._wait_lent(worker, job, token)
-        return True
+            if lent:
+                self._close_loan(lent[0], token)
 
-    def _wait_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
+    def _send_lent(self, job: Job, token: object, lent: list[WorkerHandle]) -> bool | None:
+        """Under the lock: lend an idle worker's pipe to this thread (noted in
+        ``lent`` at once) and send it ``job``. None: wait for the result; False:
+        not here (enqueue it); True: settled already (refused, or requeued)."""
+        self._check_accepting()
+        if self._scheduler or job.state is not JobState.NEW:
+            return False
+        for worker in self._workers.values():
+            if worker.state is WorkerState.IDLE and not worker.inflight:
+                break
+        else:
+            return False
+        # The message first: if it cannot be built, nothing was recorded.
         try:
-            self._poll_lent(worker, job, token)
-        finally:
-            # Every loan ends, also when the wait is interrupted (Ctrl-C, any
-            # exception): the manager reads the pipe from now on. (Once the
-            # borrower is not this token it never is again: no lock to see it.)
-            if worker.borrower is token:
-                self._lock.acquire()
-                try:
-                    self._end_loan(worker, token)
-                finally:
-                    self._release()
-            with worker.read_lock:
-                worker.watchers.discard(token)
-                if not worker.watchers and worker.state is WorkerState.EXITED:
-                    worker.close()  # the manager reaped it while we polled
+            frame, fds = self._run_frame(worker, [job])
+        except Exception as exc:
+            job.mark_running()
+            self._refuse([job], exc)
+            return True
+        if worker.borrower is not None:
+            self._take_back(worker, None)
+        with worker.read_lock:
+            worker.borrower = token
+            lent.append(worker)
+            worker.watchers.add(token)  # until it stops polling: no one closes the fds
+            self._watch(worker)
+        self._watch_deadline(job)
+        job.mark_running()
+        job.state = JobState.RUNNING
+        job.worker = worker
+        job.estimate = self._scheduler.estimate(job.fn_id)
+        worker.inflight.append(job)
+        worker.backlog += job.estimate
+        self._send(worker, [(frame, fds, 1)])
+        if job.state is not JobState.RUNNING:  # the pipe failed: requeued or refused
+            self._end_loan(worker, token)
+            return True
+        return None
+
+    def _close_loan(self, worker: WorkerHandle, token: object) -> None:
+        """This thread stops reading ``worker``'s pipe: the manager reads it
+        from now on, if the loan is still open (an interrupted wait)."""
+        # Once the borrower is not this token it never is again: no lock to see it.
+        if worker.borrower is token:
+            self._lock.acquire()
+            try:
+                self._end_loan(worker, token)
+            finally:
+                self._release()
+        with worker.read_lock:
+            worker.watchers.discard(token)
+            if not worker.watchers and worker.state is WorkerState.EXITED:
+                worker.close()  # the manager reaped it while we polled
 
     def _poll_lent(self, worker: WorkerHandle, job: Job, token: object) -> None:
         poller = select.poll()
@@ -224,7 +246,18 @@ class PipeReaders(ManagerParts):
     def _read_locked(self, worker: WorkerHandle) -> list:
         """Read what the pipe holds, without blocking (hold worker.read_lock)."""
         self._recv(worker)
-        return worker.reader.messages()
+        return self._messages(worker)
+
+    def _messages(self, worker: WorkerHandle) -> list:
+        """The messages read so far (hold worker.read_lock). Bytes that are no
+        message (code in the worker wrote to its pipe) end the reading: the
+        worker is killed for it (see ProtocolBroken)."""
+        try:
+            return worker.reader.messages()
+        except Exception as exc:
+            worker.eof = True
+            self._watch(worker)
+            return [ProtocolBroken(f"its pipe carried bytes that are no message: {exc!r}")]
 
     def _recv(self, worker: WorkerHandle) -> bool:
         """One non-blocking read into the worker's buffer; False if it got nothing."""
@@ -249,7 +282,7 @@ class PipeReaders(ManagerParts):
                 pass
             worker.eof = True
             self._watch(worker)
-            return worker.reader.messages()
+            return self._messages(worker)
 
     def _watch(self, worker: WorkerHandle) -> None:
         """Have the manager's select() watch the pipe exactly when it expects a

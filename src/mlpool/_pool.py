@@ -23,6 +23,8 @@ from mlpool._session import Session
 from mlpool._state import PoolState, PoolStats
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
+# A shutdown's timeout: a day is more than any drain needs, and waits past it overflow.
+_MAX_SHUTDOWN_TIMEOUT = 86400.0
 
 
 class MLPool(JobAPI):
@@ -215,16 +217,18 @@ class MLPool(JobAPI):
         New jobs are refused at once (:class:`PoolClosedError`). Queued and
         running jobs finish, or with ``cancel_pending`` queued ones are
         cancelled. Then each worker is asked to stop. After ``timeout``
-        seconds, what still runs is terminated, then killed, and its jobs fail
-        with :class:`PoolClosedError`. With ``wait``, returns once every worker
-        process is reaped.
+        seconds (finite, >= 0: else ValueError, and nothing changes), what
+        still runs is killed and its jobs fail with :class:`PoolClosedError`.
+        With ``wait``, returns once every worker process is reaped.
         """
+        _check_shutdown_timeout(timeout)
         self._manager.shutdown(cancel_pending=cancel_pending, timeout=timeout)
         if wait:
             self._manager.join(timeout + TERMINATE_GRACE + _JOIN_MARGIN)
 
     async def shutdown_async(self, *, cancel_pending: bool = False, timeout: float = 30.0) -> None:
         """:meth:`shutdown` with ``wait=True``, awaited without blocking the loop."""
+        _check_shutdown_timeout(timeout)
         self._manager.shutdown(cancel_pending=cancel_pending, timeout=timeout)
         await asyncio.wait_for(
             asyncio.shield(asyncio.wrap_future(self._manager.finished)), timeout + TERMINATE_GRACE + _JOIN_MARGIN
@@ -302,3 +306,10 @@ def _shutdown_all() -> None:
         manager.shutdown(cancel_pending=True, timeout=5.0)
     for manager in managers:
         manager.join(5.0 + TERMINATE_GRACE + _JOIN_MARGIN)
+
+
+def _check_shutdown_timeout(timeout: object) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not (0 <= timeout <= _MAX_SHUTDOWN_TIMEOUT):  # also refuses nan
+        raise ValueError(f"timeout must be between 0 and {_MAX_SHUTDOWN_TIMEOUT:g} seconds, got {timeout!r}")

@@ -13,6 +13,21 @@ class PoolState(enum.Enum):
     CLOSED = "closed"  # every worker reaped, manager thread gone
     BROKEN = "broken"  # workers cannot be kept alive; every job is refused
 
+    def to(self, new: PoolState) -> PoolState:
+        """``new``, if the pool may go there from this state; else a RuntimeError (a bug)."""
+        if new not in _POOL_MOVES[self]:
+            raise RuntimeError(f"mlpool internal error: the pool cannot go from {self.value} to {new.value}")
+        return new
+
+
+_POOL_MOVES: dict[PoolState, frozenset[PoolState]] = {
+    PoolState.STARTING: frozenset({PoolState.RUNNING, PoolState.CLOSING, PoolState.BROKEN}),
+    PoolState.RUNNING: frozenset({PoolState.CLOSING, PoolState.BROKEN}),
+    PoolState.CLOSING: frozenset({PoolState.CLOSED, PoolState.BROKEN}),
+    PoolState.BROKEN: frozenset({PoolState.CLOSED}),  # the manager thread ends
+    PoolState.CLOSED: frozenset(),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:

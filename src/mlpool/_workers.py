@@ -43,6 +43,22 @@ class WorkerState(enum.Enum):
     KILLED = "killed"  # we sent SIGKILL (timeout, interrupt, shutdown); waiting for its sentinel
     EXITED = "exited"  # reaped
 
+    def to(self, new: WorkerState) -> WorkerState:
+        """``new``, if a worker may go there from this state; else a RuntimeError (a bug)."""
+        if new not in _WORKER_MOVES[self]:
+            raise RuntimeError(f"mlpool internal error: a worker cannot go from {self.value} to {new.value}")
+        return new
+
+
+_WORKER_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.IDLE, WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.IDLE: frozenset({WorkerState.RETIRING, WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.RETIRING: frozenset({WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.STOPPING: frozenset({WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.KILLED: frozenset({WorkerState.EXITED}),
+    WorkerState.EXITED: frozenset(),
+}
+
 
 class WorkerHandle:
     """One worker process, its pipe, and the jobs it holds in the order it runs them."""
@@ -51,7 +67,7 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
-        "forked", "started",
+        "forked", "started", "fault",
     )  # fmt: skip
 
     def __init__(
@@ -81,6 +97,7 @@ class WorkerHandle:
         self.pid: int = process.pid
         self.kill_reason: str | None = None
         self.start_timed_out = False  # killed for not loading its models within start_timeout
+        self.fault: str | None = None  # killed for something it did (its bytes broke the protocol): how
         self.load_failure: Any = None  # the LoadFailed message, if it sent one
         self.eof = False
         # Reads use recv(MSG_DONTWAIT) on a second handle of the same socket,
@@ -106,7 +123,7 @@ class WorkerHandle:
             return
         logger.info("killing worker %d (pid %d): %s", self.id, self.pid, reason)
         self.kill_reason = reason
-        self.state = WorkerState.KILLED
+        self.state = self.state.to(WorkerState.KILLED)
         self.process.kill()
 
     def terminate(self) -> None:
