@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from mlpool._config import PoolConfig
 from mlpool._inline import InlineEngine
 from mlpool._jobapi import JobAPI
 from mlpool._lifecycle import TERMINATE_GRACE
+from mlpool._mainguard import check_main_guard
 from mlpool._manager import Manager
 from mlpool._session import Session
 from mlpool._state import PoolState, PoolStats
@@ -154,6 +156,8 @@ class MLPool(JobAPI):
             ray_address=ray_address,
             ray_options=ray_options,
         )
+        if self._config.nb_workers and self._config.backend == "local":
+            check_main_guard()
         engine: InlineEngine | Manager
         if self._config.nb_workers == 0:
             engine = InlineEngine(self._config, loaders)
@@ -267,7 +271,28 @@ def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
             raise TypeError(f"model names must be str, got {name!r}")
         if not callable(loader):
             raise TypeError(f"the loader of model {name!r} must be callable, got {type(loader).__name__}")
+        required = _required_parameters(loader)
+        if required:
+            listed = ", ".join(required)
+            raise TypeError(
+                f"the loader of model {name!r} requires argument(s) {listed}, but each worker calls it with none: "
+                f"bind them with functools.partial, e.g. {{{name!r}: functools.partial({_name(loader)}, ...)}}"
+            )
     return dict(models_to_load)
+
+
+def _required_parameters(loader: Callable[..., Any]) -> list[str]:
+    """The parameters ``loader()`` would be missing ([] when its signature cannot be read)."""
+    try:
+        signature = inspect.signature(loader)
+    except (TypeError, ValueError):  # some builtins and C callables have none
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in signature.parameters.values() if p.kind in kinds and p.default is p.empty]
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _in_event_loop() -> bool:
