@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import functools
 import multiprocessing
+import os
 import sys
 import types
 
@@ -35,12 +36,16 @@ def check_main_guard() -> None:
     path = getattr(main, "__file__", None)
     if main is None or not path or not path.endswith(".py"):
         return
+    path = os.path.abspath(path)
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "<module>" and frame.f_globals is main.__dict__:
+        code = frame.f_code
+        if code.co_name == "<module>" and frame.f_globals is main.__dict__:
             break
         frame = frame.f_back
-    if frame is None:  # not reached from the script's top level (a thread, an imported app)
+    # Not reached from the script's own top-level code (a thread, an imported
+    # app, code exec'd in the script's namespace): nothing to point at.
+    if frame is None or os.path.abspath(frame.f_code.co_filename) != path:
         return
     line = frame.f_lineno
     guarded = _guarded_lines(path)
