@@ -41,7 +41,7 @@ class MLPool(JobAPI):
             app's unit tests and debugger sessions; see ``_inline``).
         result_ttl: seconds a finished job's result is kept for
             :meth:`get_result` before it is dropped.
-        max_queue_size: jobs that may wait for a worker (default 10,000).
+        max_queue_size: jobs that may wait for a worker (None: 10,000).
             When full, submitting waits, or raises :class:`PoolFullError`
             with ``create_job(..., block_until_scheduled=False)``.
         job_timeout: default deadline of every job in seconds, counted from
