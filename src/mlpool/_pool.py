@@ -63,7 +63,7 @@ class MLPool(JobAPI):
             worker that crashes, times out or is recycled is replaced in
             milliseconds, without loading anything. If the template dies the
             workers keep serving and a new template loads the models once.
-            See "Sharing models" in the README for the libraries that need
+            See "Sharing models" in docs/reference.md for the libraries that need
             care with fork (OpenMP, PyTorch threads).
         fork_with_threads: with ``share_models``, a loader that leaves Python
             threads running makes the pool refuse to start
