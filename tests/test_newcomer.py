@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from workloads import load_constant, wait_for_release
 
-from mlpool import MLPool, SerializationError
+from mlpool import JobTimeoutError, MLPool, SerializationError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -225,3 +226,26 @@ def test_an_open_file_as_an_argument_fails_in_the_caller(pool, tmp_path):
     path.write_text("hello")
     with open(path) as file, pytest.raises(SerializationError, match="an open file"):
         pool.score("m", add, file)
+
+
+def test_a_sync_create_job_that_waits_for_room_inside_a_coroutine_names_create_job_async(fifo):
+    with MLPool({"m": load_constant}, nb_workers=1, max_queue_size=1, start_timeout=60) as pool:
+        running, queued = fifo(), fifo()
+        first = pool.create_job(wait_for_release, "m", args=(str(running),))
+        running.wait_running()
+        second = pool.create_job(wait_for_release, "m", args=(str(queued),))  # the queue is full now
+
+        async def handler():
+            return pool.create_job(wait_for_release, "m", args=(str(queued),), timeout=0.5)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            with pytest.raises(JobTimeoutError, match="waiting for room"):
+                asyncio.run(handler())
+        assert [str(w.message) for w in caught if w.filename == __file__] == [
+            "pool.create_job() blocks the event loop running in this thread (every other request of it waits); "
+            "in a coroutine, use `await pool.create_job_async(...)`"
+        ]
+        running.release_opened()
+        queued.release(timeout=30)
+        assert pool.get_result(first, timeout=30) == pool.get_result(second, timeout=30)

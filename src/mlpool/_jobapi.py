@@ -408,8 +408,8 @@ def _warn_if_loop_blocked(method: str, twin: str, *, stacklevel: int) -> None:
     ``stacklevel`` counts from this function's caller to the user's call."""
     if running_loop() is not None:  # the cheap check: no exception, one C call
         warnings.warn(
-            f"pool.{method}() blocks the event loop running in this thread until the job ends, stalling every "
-            f"other request; in a coroutine, use `await pool.{twin}(...)`",
+            f"pool.{method}() blocks the event loop running in this thread (every other request of it waits); "
+            f"in a coroutine, use `await pool.{twin}(...)`",
             RuntimeWarning,
             stacklevel=stacklevel,
         )
