@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.mlpool-dev-installed
+DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
@@ -18,12 +19,18 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The demo needs only the demo extra (no pytest, Ray, pandas or pyarrow); a dev install has it too.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	if [ -f $(DEV_STAMP) ] && [ $(DEV_STAMP) -nt pyproject.toml ]; then :; \
+	else $(BIN)/python -m pip install --quiet -e '.[demo]'; fi
+	touch $@
+
 ## The main job: the demo API under load, scoring in-process and then on mlpool.
-demo: $(DEV_STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/demo.py
 
-## Every API family on the seed's models, in one script (ten seconds).
-quickstart: $(DEV_STAMP)
+## Every API family on the demo's models, in one script (ten seconds).
+quickstart: $(DEMO_STAMP)
 	$(BIN)/python examples/quickstart.py
 
 ## Lint and type checks (configured in pyproject.toml), then the whole test suite (real worker processes).

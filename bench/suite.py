@@ -235,37 +235,67 @@ def markdown(report: dict) -> str:
 
 
 def charts(report: dict) -> None:
+    """One panel per workload, systems as horizontal bars on a linear axis of
+    its own (a shared log axis hid the differences that matter); a system
+    without a figure for a workload says "n/a"; the in-process bar, far off
+    the scale for the tiny job, is cut at the panel's edge and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = [r for r in report["results"] if r["status"] == "ok"]
-    for key, title, filename, scale in (
-        ("throughput_per_s", "Jobs per second, 64 concurrent async callers (higher is better)", "throughput.png", 1),
-        ("p50_s", "Sequential latency p50 in ms (lower is better)", "latency.png", 1e3),
+    names = [r["system"] for r in results][::-1]  # the first system on top
+    for key, title, filename, scale, unit in (
+        ("throughput_per_s", "Jobs per second, 64 concurrent async callers (higher is better)", "throughput.png", 1,
+         ""),
+        ("p50_s", "Sequential latency p50 (lower is better)", "latency.png", 1e3, " ms"),
     ):
-        fig, ax = plt.subplots(figsize=(11, 5))
-        width = 0.8 / max(1, len(results))
-        for i, r in enumerate(results):
-            values = [r["workloads"].get(wl, {}).get(key, 0) * scale for wl in w.WORKLOADS]
-            xs = [j + i * width for j in range(len(w.WORKLOADS))]
-            ax.bar(xs, values, width, label=r["system"])
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(w.WORKLOADS))], w.WORKLOADS)
-        ax.set_yscale("log")
-        ax.set_title(f"{title}\n{report['date']}, {report['cores']} cores, {WORKERS} workers")
-        ax.legend(fontsize=8, ncol=2)
-        ax.grid(axis="y", alpha=0.3)
+        fig, axes = plt.subplots(1, len(w.WORKLOADS), figsize=(3.2 * len(w.WORKLOADS), 0.45 * len(names) + 1.6),
+                                 sharey=True)  # fmt: skip
+        for ax, workload in zip(axes, w.WORKLOADS, strict=True):
+            values = []
+            for r in results[::-1]:
+                figure = r["workloads"].get(workload, {}).get(key)
+                values.append(None if figure is None else figure * scale)
+            known = [v for v in values if v is not None]
+            others = [v for v, name in zip(values, names, strict=True) if v is not None and name != "in-process"]
+            limit = 1.3 * max(others or known or [1.0])
+            for y, value in enumerate(values):
+                if value is None:
+                    ax.text(0.02 * limit, y, "n/a", va="center", fontsize=8, color="grey")
+                    continue
+                ax.barh(y, min(value, limit), color="tab:orange" if _ours(names[y]) else "tab:blue")
+                label = f"{value:,.0f}{unit}" if value >= 10 else f"{value:.2g}{unit}"
+                if value > limit:
+                    ax.text(0.98 * limit, y, f"{label} (off scale)", va="center", ha="right", fontsize=7, color="white")
+                else:
+                    ax.text(min(value, limit) + 0.01 * limit, y, label, va="center", fontsize=7)
+            ax.set_xlim(0, limit)
+            ax.set_title(workload, fontsize=10)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(range(len(names)), names, fontsize=8)
+        fig.suptitle(f"{title}\n{report['date']}, {report['cores']} cores, {WORKERS} workers", fontsize=11)
         fig.tight_layout()
         fig.savefig(RESULTS / filename, dpi=110)
         plt.close(fig)
+
+
+def _ours(system: str) -> bool:
+    """This project's rows (not the earlier mlpool 0.1.0, a peer)."""
+    return system.startswith("mlpool") and "0.1.0" not in system
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", help="comma-separated subset of: " + ", ".join(SYSTEMS))
     parser.add_argument("--quick", action="store_true", help="a tenth of the calls and time")
+    parser.add_argument("--charts", action="store_true", help="only redraw the charts from latest.json")
     args = parser.parse_args()
+    if args.charts:
+        charts(json.loads((RESULTS / "latest.json").read_text()))
+        return
     names = args.systems.split(",") if args.systems else list(SYSTEMS)
     budgets = {
         k: {"calls": max(5, v["calls"] // 10), "jobs": max(20, v["jobs"] // 10), "seconds": v["seconds"] / 10}

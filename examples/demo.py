@@ -102,19 +102,29 @@ def chart(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, figures in results.items():
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for index, (name, figures) in enumerate(results.items()):
+        color = f"C{index}"
         for axis, key in ((left, "latencies"), (right, "healthz")):
             ordered = sorted(v * 1e3 for v in figures[key])
-            if ordered:
-                axis.plot(ordered, [i / len(ordered) for i in range(len(ordered))], label=name)
-    left.set(title="Scoring requests", xlabel="latency (ms)", ylabel="share of requests at or under", xscale="log")
-    right.set(title="/healthz during the load", xlabel="latency (ms)", xscale="log")
+            if not ordered:
+                continue
+            axis.plot(ordered, [i / len(ordered) for i in range(len(ordered))], label=name, color=color)
+            for q, marker in ((0.5, "o"), (0.99, "^")):  # p50 and p99, marked and labelled
+                value = percentile(ordered, q)
+                axis.plot([value], [q], marker=marker, color=color)
+                axis.annotate(f"p{round(q * 100)} {value:.3g} ms", (value, q), xytext=(6, -10 if q == 0.5 else 4),
+                              textcoords="offset points", fontsize=8, color=color)  # fmt: skip
+    left.set(title="Scoring requests", xlabel="latency (ms, log scale)", ylabel="share of requests at or under",
+             xscale="log")  # fmt: skip
+    right.set(title="/healthz during the load", xlabel="latency (ms, log scale)", xscale="log")
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)
+        # 1, 2, 5, 10, 20, 50...: enough labelled ticks to read a value off a log axis
+        axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.legend()
+        axis.legend(loc="upper left", fontsize=8)
     fig.suptitle("Same FastAPI app, same load: scoring in the API process vs on mlpool")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

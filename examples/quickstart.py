@@ -1,4 +1,4 @@
-"""mlpool in one minute: the seed's two XGBoost models scored through a pool.
+"""mlpool in one minute: the demo's two XGBoost models scored through a pool.
 
     python examples/quickstart.py
 
@@ -16,7 +16,7 @@ import asyncio
 import time
 from functools import partial
 
-from app import models as seed_models
+from app import models as demo_models
 from app.models import IRIS_EXAMPLE, load_diabetes, load_iris, score_diabetes, score_iris
 
 from mlpool import MLPool
@@ -58,8 +58,8 @@ async def drive(score_one, seconds: float) -> dict:
 
 def main() -> None:
     started = time.perf_counter()
-    seed_models.train_if_missing()
-    diabetes_features = seed_models.diabetes_example()
+    demo_models.train_if_missing()
+    diabetes_features = demo_models.diabetes_example()
     iris_model, diabetes_model = load_iris(), load_diabetes()
 
     t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The demo API: the seed's models and a CNN served over HTTP and WebSockets.
+"""The demo API: two XGBoost models and a CNN served over HTTP and WebSockets.
 
     uvicorn app.main:app --app-dir examples          # scoring on an mlpool
     MLPOOL_DEMO_MODE=inprocess uvicorn ...           # scoring in the API process (the baseline)
@@ -47,7 +47,7 @@ if not logging.getLogger().handlers:  # the app's log, and mlpool's, next to uvi
 MODE = os.environ.get("MLPOOL_DEMO_MODE", "pool")  # "pool" or "inprocess"
 NB_WORKERS = int(os.environ.get("MLPOOL_DEMO_WORKERS", "2"))
 # "local" (worker processes) or "ray" (actors on the Ray instance RAY_ADDRESS
-# names, or a new local one): see the README's "More than one machine".
+# names, or a new local one): see "More than one machine" in docs/reference.md.
 BACKEND = os.environ.get("MLPOOL_BACKEND", "local")
 APP_PARENT = Path(__file__).resolve().parents[1]  # where the package "app" is
 JOB_TIMEOUT = float(os.environ.get("MLPOOL_DEMO_JOB_TIMEOUT", "30"))  # seconds; longer is a bug here

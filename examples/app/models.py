@@ -1,11 +1,11 @@
-"""The demo's models: the seed's two XGBoost classifiers and a small PyTorch CNN.
+"""The demo's models: two XGBoost classifiers and a small PyTorch CNN.
 
 - iris and diabetes: XGBoost classifiers trained on first use from
   scikit-learn's bundled data sets, saved as XGBoost JSON model files,
   loaded by :func:`load_iris` and :func:`load_diabetes` in each worker.
   Scoring adds ``FEATURE_WORK`` rounds of pure-Python feature engineering
-  (about 15 ms here), as real services do, so the model is "hungry" the way
-  the seed's ``HungryIris`` was (without its one-second loop).
+  (about 15 ms here), as real services do, so the model is "hungry"
+  (CPU-bound) in Python as well as in XGBoost.
 - image: a small CNN (PyTorch, CPU), initialised deterministically on first
   use, saved with ``torch.save`` and loaded with ``torch.load`` in each
   worker; it classifies an uploaded PNG or JPEG (decoded with Pillow in the

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import CancelledError, Future
 from typing import Any, Protocol
@@ -117,7 +118,7 @@ class JobAPI:
         """
         job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
         try:
-            self._admit(job, wait=block_until_scheduled, register=True)
+            self._admit(job, wait=block_until_scheduled, register=True, blocking=("create_job", "create_job_async"))
         except CancelledError:
             raise _never_queued(job) from None
         return _job_id(job)
@@ -176,6 +177,8 @@ class JobAPI:
                     "in a coroutine, use await get_result_async(...)"
                 )
             future = self._handle_elsewhere(job)
+            if future is not None:
+                _warn_if_loop_blocked("get_result", "get_result_async", stacklevel=3)
             if future is not None and not wait_any([future], timeout):
                 raise _still_running(job_id, timeout)
         return self._take(job_id, job)
@@ -230,11 +233,17 @@ class JobAPI:
         it waits for room.
         """
         job = self._new_job(fn, model_name, args, kwargs, None, None)
-        self._admit(job, wait=True)
+        self._admit(job, wait=True, blocking=("submit", "score_async"))
         return _future(job)
 
     def score(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(model, *args, **kwargs)`` in a worker and return its result (blocks)."""
+        """Run ``fn(model, *args, **kwargs)`` in a worker and return its result (blocks).
+
+        Called on a thread whose event loop is running (a sync call inside
+        ``async def``), it blocks that loop for the whole job: a
+        RuntimeWarning, once per call site, names :meth:`score_async`.
+        """
+        _warn_if_loop_blocked("score", "score_async", stacklevel=3)
         job = self._new_job(fn, model_name, args, kwargs, None, None)
         # An idle worker's pipe is read by this thread (one hop fewer); a
         # session's jobs go through the queue, where the session tracks them.
@@ -313,11 +322,18 @@ class JobAPI:
                 f"job {job.id} was cancelled (its session closed) while it waited for room in the queue"
             )
 
-    def _admit(self, job: Job, *, wait: bool, register: bool = False) -> None:
+    def _admit(
+        self, job: Job, *, wait: bool, register: bool = False, blocking: tuple[str, str] | None = None
+    ) -> None:
+        """Admit ``job``, waiting for room in this thread. ``blocking``: the
+        caller's method and its async twin, named in the warning if this waits
+        on the thread of a running event loop."""
         handle = _future(job)
         steps = self._admission(job, wait=wait, register=register)
         try:
             for room in steps:
+                if blocking is not None:
+                    _warn_if_loop_blocked(*blocking, stacklevel=4)
                 if not wait_any([room, handle], _remaining(job)):
                     raise _no_room(job)
         finally:
@@ -383,6 +399,20 @@ class JobAPI:
         if not forgotten:
             raise UnknownJobError(f"job {job_id!r} was already fetched")
         return value
+
+
+def _warn_if_loop_blocked(method: str, twin: str, *, stacklevel: int) -> None:
+    """Warn (RuntimeWarning, once per call site under Python's default
+    filters) when a blocking call waits on the thread of a running event
+    loop: every other coroutine of that loop stops until the job ends.
+    ``stacklevel`` counts from this function's caller to the user's call."""
+    if running_loop() is not None:  # the cheap check: no exception, one C call
+        warnings.warn(
+            f"pool.{method}() blocks the event loop running in this thread (every other request of it waits); "
+            f"in a coroutine, use `await pool.{twin}(...)`",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _done_handle(job: Job) -> Future | asyncio.Future | None:

@@ -52,7 +52,7 @@ class JobMaker:
         """
         config = self.config
         if not callable(fn):
-            raise TypeError(f"the scoring function must be callable, got {type(fn).__name__}")
+            raise _not_callable(model, fn)
         if model not in self.models:
             known = ", ".join(repr(m) for m in sorted(self.models))
             raise UnknownModelError(f"unknown model {model!r}; this pool serves {known}")
@@ -80,3 +80,16 @@ class JobMaker:
             next(self._ids), model, fn_id, fn_pickle, payload, name,
             deadline=deadline, retries=retries, loop=loop, batch_policy=policy, owner=self._owner,
         )  # fmt: skip
+
+
+def _not_callable(model: Any, fn: Any) -> TypeError:
+    """The error for a scoring function that is not callable; for the two
+    arguments swapped, it shows both calls the right way round."""
+    if isinstance(fn, str) and callable(model):
+        name = getattr(model, "__qualname__", None) or type(model).__name__
+        return TypeError(
+            f"the scoring function and the model name are swapped (got the model name {fn!r} where the function "
+            f"goes): create_job takes the function first, create_job({name}, {fn!r}, args=(...)); score, submit "
+            f"and score_async take the model name first, score({fn!r}, {name}, ...)"
+        )
+    return TypeError(f"the scoring function must be callable, got {type(fn).__name__}")

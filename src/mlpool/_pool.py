@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from mlpool._config import PoolConfig
 from mlpool._inline import InlineEngine
 from mlpool._jobapi import JobAPI
 from mlpool._lifecycle import TERMINATE_GRACE
+from mlpool._mainguard import check_main_guard
 from mlpool._manager import Manager
 from mlpool._session import Session
 from mlpool._state import PoolState, PoolStats
@@ -41,7 +43,7 @@ class MLPool(JobAPI):
             app's unit tests and debugger sessions; see ``_inline``).
         result_ttl: seconds a finished job's result is kept for
             :meth:`get_result` before it is dropped.
-        max_queue_size: jobs that may wait for a worker (default 10,000).
+        max_queue_size: jobs that may wait for a worker (None: 10,000).
             When full, submitting waits, or raises :class:`PoolFullError`
             with ``create_job(..., block_until_scheduled=False)``.
         job_timeout: default deadline of every job in seconds, counted from
@@ -63,7 +65,7 @@ class MLPool(JobAPI):
             worker that crashes, times out or is recycled is replaced in
             milliseconds, without loading anything. If the template dies the
             workers keep serving and a new template loads the models once.
-            See "Sharing models" in the README for the libraries that need
+            See "Sharing models" in docs/reference.md for the libraries that need
             care with fork (OpenMP, PyTorch threads).
         fork_with_threads: with ``share_models``, a loader that leaves Python
             threads running makes the pool refuse to start
@@ -156,6 +158,8 @@ class MLPool(JobAPI):
             ray_address=ray_address,
             ray_options=ray_options,
         )
+        if self._config.nb_workers and self._config.backend == "local":
+            check_main_guard()
         engine: InlineEngine | Manager
         if self._config.nb_workers == 0:
             engine = InlineEngine(self._config, loaders)
@@ -271,7 +275,28 @@ def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
             raise TypeError(f"model names must be str, got {name!r}")
         if not callable(loader):
             raise TypeError(f"the loader of model {name!r} must be callable, got {type(loader).__name__}")
+        required = _required_parameters(loader)
+        if required:
+            listed = ", ".join(required)
+            raise TypeError(
+                f"the loader of model {name!r} requires argument(s) {listed}, but each worker calls it with none: "
+                f"bind them with functools.partial, e.g. {{{name!r}: functools.partial({_name(loader)}, ...)}}"
+            )
     return dict(models_to_load)
+
+
+def _required_parameters(loader: Callable[..., Any]) -> list[str]:
+    """The parameters ``loader()`` would be missing ([] when its signature cannot be read)."""
+    try:
+        signature = inspect.signature(loader)
+    except (TypeError, ValueError):  # some builtins and C callables have none
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in signature.parameters.values() if p.kind in kinds and p.default is p.empty]
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _in_event_loop() -> bool:

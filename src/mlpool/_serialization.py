@@ -1,8 +1,12 @@
 """Pickling of jobs, functions, results and exceptions.
 
 Arguments and results use the standard pickle (protocol 5, fast C code) and
-fall back to cloudpickle for what it cannot do (lambdas, closures, classes
-defined in ``__main__``). Scoring functions and loaders always go through
+fall back to cloudpickle for what it cannot do (lambdas, closures) and for
+any pickle that names ``__main__`` (instances of classes defined there: a
+worker's ``__main__`` is not the caller's, so they go by value). What cannot
+cross faithfully is refused with its reason (:func:`by_value`): open files of
+any mode (cloudpickle would send a read-mode text file as a ``StringIO`` of
+its contents) and generators. Scoring functions and loaders always go through
 cloudpickle, so those defined in ``__main__`` (``python -c``, a notebook, a
 REPL) or locally travel by value. The parent keeps each scoring function's
 pickle and an id for it (:class:`FunctionTable`), and a worker receives the
@@ -17,13 +21,14 @@ parent gets an :class:`Exception`, never a ``SystemExit`` or
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import pickle
 import threading
 import traceback
 import types
 import weakref
-from collections import OrderedDict
+from collections import ChainMap, OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -45,10 +50,20 @@ FUNCTION_TABLE_BYTES = 64 * 2**20
 def dumps(obj: Any, what: str) -> bytes:
     """Pickle ``obj``; ``what`` names it in the error ("the arguments of job 3")."""
     try:
-        return pickle.dumps(obj, PROTOCOL)
+        data = pickle.dumps(obj, PROTOCOL)
     except Exception:
         pass
+    else:
+        if not names_main(data):
+            return data
     return dumps_by_value(obj, what)
+
+
+def names_main(data: bytes) -> bool:
+    """Whether a pickle may refer to something in ``__main__`` by name (which
+    the other process's ``__main__`` does not have). A false alarm (the
+    string in the data) only costs a pickle by value."""
+    return b"__main__" in data
 
 
 def dumps_by_value(obj: Any, what: str) -> bytes:
@@ -56,13 +71,55 @@ def dumps_by_value(obj: Any, what: str) -> bytes:
     and local ones go by value (loaders, scoring functions), importable ones
     by reference. Raises SerializationError naming ``what``."""
     try:
-        return cloudpickle.dumps(obj, PROTOCOL)
+        return by_value(obj)
     except Exception as exc:
         raise SerializationError(
             f"{what} cannot be pickled: {type(exc).__name__}: {_safe_str(exc)}. "
             "Everything sent to or from a worker must be picklable "
             "(no open files, sockets, locks or generators)."
         ) from exc
+
+
+def _refuse_file(file: io.IOBase) -> Any:
+    name = getattr(file, "name", "?")
+    mode = getattr(file, "mode", "?")
+    raise TypeError(
+        f"an open file ({name!r}, mode {mode!r}) cannot cross to another process; send its path or its contents"
+    )
+
+
+def _refuse_generator(generator: Any) -> Any:
+    raise TypeError(
+        f"a {type(generator).__name__} cannot cross to another process (its state lives in this one); "
+        "return a list of its items instead"
+    )
+
+
+class _ByValuePickler(cloudpickle.Pickler):
+    """cloudpickle, refusing what it would not send faithfully."""
+
+    dispatch_table = ChainMap(
+        {
+            io.TextIOWrapper: _refuse_file,
+            io.BufferedReader: _refuse_file,
+            io.BufferedWriter: _refuse_file,
+            io.BufferedRandom: _refuse_file,
+            io.FileIO: _refuse_file,
+            types.GeneratorType: _refuse_generator,
+            types.AsyncGeneratorType: _refuse_generator,
+            types.CoroutineType: _refuse_generator,
+        },
+        cloudpickle.Pickler.dispatch_table,
+    )
+
+
+def by_value(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
+    """``cloudpickle.dumps(obj, 5)``, but an open file or a generator raises
+    TypeError saying why (cloudpickle would send a read-mode text file as a
+    ``StringIO`` of its contents)."""
+    with io.BytesIO() as file:
+        _ByValuePickler(file, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        return file.getvalue()
 
 
 def loads(data: bytes, what: str, buffers: Any = None) -> Any:

@@ -24,10 +24,9 @@ import os
 import pickle
 from typing import Any, SupportsIndex
 
-import cloudpickle
-
 from mlpool._errors import SerializationError
 from mlpool._protocol import NEW_FILE, NOWHERE, OFFERED
+from mlpool._serialization import by_value, names_main
 
 logger = logging.getLogger(__name__)
 
@@ -196,18 +195,26 @@ def _out_of_band(big: list[pickle.PickleBuffer], threshold: int) -> Any:
 def _dumps(obj: Any, what: str, threshold: int | None) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """The pickle of ``obj`` and its out-of-band buffers (those of ``threshold``
     bytes or more; None: all in-band). Plain pickle first, cloudpickle for
-    what it cannot do. Each attempt collects its buffers in a list of its own:
+    what it cannot do and for a pickle that names ``__main__`` (an instance of
+    a class defined there: the other process's ``__main__`` is not this
+    one's), refusing open files and generators (``by_value``). Each attempt collects its buffers in a list of its own:
     a failed attempt may have handed out some already (#13.1), and the pickle
     that is kept refers to its buffers by their order in that list."""
-    error: Exception | None = None
-    for dumps in (pickle.dumps, cloudpickle.dumps):
-        big: list[pickle.PickleBuffer] = []
-        callback = None if threshold is None else _out_of_band(big, threshold)
-        try:
-            return dumps(obj, 5, buffer_callback=callback), big
-        except Exception as exc:
-            error = exc
-    assert error is not None
+    big: list[pickle.PickleBuffer] = []
+    callback = None if threshold is None else _out_of_band(big, threshold)
+    try:
+        data = pickle.dumps(obj, 5, buffer_callback=callback)
+    except Exception:
+        pass
+    else:
+        if not names_main(data):
+            return data, big
+    big = []
+    callback = None if threshold is None else _out_of_band(big, threshold)
+    try:
+        return by_value(obj, callback), big
+    except Exception as exc:
+        error = exc
     raise SerializationError(
         f"{what} cannot be pickled: {type(error).__name__}: {error}. Everything sent to or from a worker "
         "must be picklable (no open files, sockets, locks or generators)."

@@ -1,0 +1,164 @@
+"""Every Python snippet of README.md and docs/ runs as written (#15).
+
+Each snippet is saved under the name its first line gives (``# iris.py``),
+all in one directory, so later snippets import earlier ones as a reader's
+would; each runs as a script. ``print(...)  # 1`` states what it prints: the
+test checks it. A snippet that serves on ``port=8000`` runs on a free
+loopback port instead, and the ``curl`` lines of the shell block after it are
+sent to it, their output checked against the ``# ...`` line that follows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+PRINTS = re.compile(r"^\s*print\(.*\)\s+#\s*(.+)$", re.M)
+RUN_TIMEOUT = 120.0
+
+
+@dataclass(slots=True)
+class Snippet:
+    doc: str
+    index: int
+    name: str
+    code: str
+    curls: list[tuple[str, str]] = field(default_factory=list)  # (command, expected output)
+
+    @property
+    def serves(self) -> bool:
+        return "port=8000" in self.code
+
+
+def collect() -> list[Snippet]:
+    snippets: list[Snippet] = []
+    for doc in DOCS:
+        last: Snippet | None = None
+        for n, match in enumerate(FENCE.finditer(doc.read_text())):
+            language, body = match.groups()
+            if language == "python":
+                first = body.splitlines()[0] if body.strip() else ""
+                name = first[2:].strip() if re.fullmatch(r"# [\w]+\.py", first) else f"snippet_{doc.stem}_{n}.py"
+                last = Snippet(doc.name, n, name, body)
+                snippets.append(last)
+            elif language == "sh" and last is not None and last.serves:
+                lines = body.splitlines()
+                for line, after in zip(lines, [*lines[1:], ""], strict=True):
+                    if line.startswith("curl "):
+                        last.curls.append((line, after[1:].strip() if after.startswith("#") else ""))
+                last = None
+            else:
+                last = None
+    return snippets
+
+
+SNIPPETS = collect()
+
+
+def test_the_docs_have_snippets_with_unique_names():
+    names = [s.name for s in SNIPPETS]
+    assert len(names) >= 5 and len(set(names)) == len(names), names
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Every snippet saved under its name, as a reader following the docs would have them."""
+    path = tmp_path_factory.mktemp("snippets")
+    for snippet in SNIPPETS:
+        (path / snippet.name).write_text(snippet.code)
+    return path
+
+
+def environment() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
+
+
+def missing_module(code: str) -> str | None:
+    for module in re.findall(r"^(?:from|import) (\w+)", code, re.M):
+        if importlib.util.find_spec(module) is None and not (ROOT / "src" / module).exists():
+            local = [s for s in SNIPPETS if s.name == f"{module}.py"]
+            if not local:
+                return module
+    return None
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: f"{s.doc}:{s.name}")
+def test_snippet_runs_as_written(snippet, workdir):
+    module = missing_module(snippet.code)
+    if module is not None:
+        pytest.skip(f"{module} is not installed here (its extra)")
+    if snippet.serves:
+        serve_and_query(snippet, workdir)
+        return
+    done = subprocess.run(
+        [sys.executable, snippet.name], cwd=workdir, env=environment(),
+        capture_output=True, text=True, timeout=RUN_TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    expected = PRINTS.findall(snippet.code)
+    assert done.stdout.splitlines() == expected, done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_and_query(snippet: Snippet, workdir: Path) -> None:
+    assert snippet.curls, "a server snippet must be followed by the curl commands that query it"
+    port = free_port()
+    script = workdir / f"served_{snippet.name}"
+    script.write_text(snippet.code.replace("port=8000", f"port={port}"))
+    server = subprocess.Popen(
+        [sys.executable, script.name], cwd=workdir, env=environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def read() -> None:
+        assert server.stdout is not None
+        for line in server.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while True:  # the server says when it listens (uvicorn, aiohttp)
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            assert line is not None, "the server exited:\n" + "".join(log)
+            log.append(line)
+            if "running on" in line.lower():
+                break
+        for command, expected in snippet.curls:
+            argv = [arg.replace("localhost:8000", f"127.0.0.1:{port}") for arg in shlex.split(command)]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, (command, done.stderr)
+            assert done.stdout.strip() == expected, (command, done.stdout, "".join(log))
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
