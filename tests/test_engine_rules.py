@@ -4,7 +4,9 @@ workers stopped, long deadlines served, an idle manager that uses no CPU."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import multiprocessing.process
 import os
 import resource
 import signal
@@ -182,3 +184,14 @@ def test_a_brief_descriptor_shortage_never_breaks_the_pool(fifo):
         for gate in gates:
             gate.release_opened()
         assert len({future.result(timeout=30) for future in futures} - {victim}) == 2
+
+
+@pytest.mark.timeout(10)  # it waited 16 s for a manager thread blocked with nothing to wait for
+def test_a_pool_whose_workers_cannot_start_raises_at_once_and_leaves_no_thread(monkeypatch):
+    def cannot_start(process):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", cannot_start)
+    with pytest.raises(mlpool.ModelLoadError, match="could not start a worker process"):
+        MLPool({"m": load_constant}, nb_workers=1)
+    assert not [t for t in threading.enumerate() if t.name.startswith("mlpool")]

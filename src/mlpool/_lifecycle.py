@@ -504,6 +504,6 @@ def _warn_threads(template: Template) -> None:
             "the model template ran other threads when it forked a worker (%s); a fork copies only "
             "the calling thread, and a library whose threads hold a lock or must exist can hang in "
             "the workers. Loaders should not start threads, nor run parallel work with their own "
-            "thread settings (XGBoost n_jobs, joblib n_jobs): see 'Sharing models' in the README",
+            "thread settings (XGBoost n_jobs, joblib n_jobs): see 'Sharing models' in docs/reference.md",
             ", ".join(template.threads_at_fork),
         )

@@ -600,6 +600,8 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._spawn_due_workers()
         self._lock.acquire()
         try:
+            if self._done():  # broken or closed while spawning: nothing left to wait for
+                return True
             timeout = self._plan_wait()
         finally:
             self._release()
@@ -650,12 +652,16 @@ class Manager(PipeReaders, WorkerLifecycle):
             self._check_start(now)
             self._advance_shutdown(now)
             self._dispatch()
-            done = self._state in (PoolState.CLOSED, PoolState.BROKEN) and not self._workers
+            done = self._done()
         finally:
             self._release()
         for worker, _ in exits:
             self._dispose(worker)
         return done
+
+    def _done(self) -> bool:
+        """Whether the manager thread has nothing left to do (under the lock)."""
+        return self._state in (PoolState.CLOSED, PoolState.BROKEN) and not self._workers
 
     def _plan_wait(self) -> float | None:
         """Seconds until the next deadline (None: none); noted in _wake_at."""
