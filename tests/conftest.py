@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,3 +155,31 @@ def worker_mode(request):
         request.getfixturevalue("ray_cluster")
     with pool_defaults(request.param):
         yield request.param
+
+
+@contextmanager
+def _descriptor_limit(limit: int):
+    """No new descriptor can be opened in this process (every number under
+    ``limit`` is taken), for the duration: a real EMFILE for what runs here."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        while True:
+            fillers.append(os.dup(0))  # fill the holes under the limit
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def descriptor_limit():
+    """``with descriptor_limit(n):`` no descriptor numbered ``n`` or more, nor a free one under it."""
+    return _descriptor_limit
+
+

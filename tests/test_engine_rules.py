@@ -3,12 +3,10 @@ workers stopped, long deadlines served, an idle manager that uses no CPU."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import multiprocessing.process
 import os
-import resource
 import signal
 import threading
 import time
@@ -127,25 +125,6 @@ def test_a_shutdown_drain_after_a_held_batch_does_not_spin_the_manager(fifo):
     assert used < 0.2, f"the manager used {used:.2f}s of CPU in 1s of draining"
 
 
-@contextlib.contextmanager
-def descriptor_limit(limit: int):
-    """No new descriptor can be opened (every number under ``limit`` is taken), for the duration."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-    try:
-        while True:
-            fillers.append(os.dup(0))  # fill the holes under the limit
-    except OSError:
-        pass
-    try:
-        yield
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 class CountingHandler(logging.Handler):
     """Sets ``reached`` once ``needed`` records containing ``text`` were logged."""
 
@@ -162,7 +141,7 @@ class CountingHandler(logging.Handler):
 
 
 @pytest.mark.timeout(90)
-def test_a_brief_descriptor_shortage_never_breaks_the_pool(fifo):
+def test_a_brief_descriptor_shortage_never_breaks_the_pool(fifo, descriptor_limit):
     with MLPool({"m": load_constant}, nb_workers=2) as pool:
         victim = pool.score("m", pid)
         failures = CountingHandler("could not start a worker process", needed=6)

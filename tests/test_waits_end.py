@@ -4,10 +4,8 @@ call back in, forked processes, cancelled jobs that held a place."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import resource
 import signal
 import threading
 
@@ -178,33 +176,13 @@ def test_cancelled_queued_jobs_free_their_place_at_once(fifo):
         assert pool.stats().jobs_cancelled == 5
 
 
-@contextlib.contextmanager
-def out_of_descriptors():
-    """Every descriptor number this process may use is taken, for the duration."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
-    fillers = []
-    try:
-        while True:
-            fillers.append(os.dup(0))
-    except OSError:
-        pass
-    try:
-        yield
-    finally:
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("call", ["score", "submit"])
-def test_a_job_whose_message_cannot_be_built_fails_and_the_worker_serves_on(call):
+def test_a_job_whose_message_cannot_be_built_fails_and_the_worker_serves_on(call, descriptor_limit):
     data = b"x" * 200_000  # crosses in shared memory: placing it needs a new descriptor
     with MLPool({"m": load_constant}, nb_workers=1) as pool:
         assert pool.score("m", add, 1) == 11
-        with out_of_descriptors():
+        with descriptor_limit(max(int(fd) for fd in os.listdir("/proc/self/fd")) + 8):
             with pytest.raises(MLPoolError, match="could not be sent to a worker"):
                 if call == "score":
                     pool.score("m", bytes_digest, data)

@@ -35,7 +35,7 @@ from typing import Any
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteError
 from mlpool._jobmaker import JobMaker
-from mlpool._jobs import CANCELLED, Job, JobState, new_job_key, settle
+from mlpool._jobs import CANCELLED, Job, JobState, new_job_key, settle, shared_future
 from mlpool._metrics import LatencyRecorder
 from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
@@ -172,13 +172,7 @@ class InlineEngine:
     def share(self, job: Job) -> Future:
         """A concurrent Future of ``job``'s outcome (see ``Manager.share``)."""
         with self._lock:
-            future = job.future
-            if future is None:
-                future = job.future = Future()
-                if job.state is JobState.RUNNING:
-                    future.set_running_or_notify_cancel()
-                    job.future_running = True
-            return future
+            return shared_future(job)
 
     def reclaim_stopped_loans(self) -> None:
         pass  # no pipe is ever lent: a job's outcome is known when enqueue returns

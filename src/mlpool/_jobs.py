@@ -192,6 +192,19 @@ class Job:
         return True
 
 
+def shared_future(job: Job) -> Future:
+    """``job``'s concurrent Future, attached now if it has none (a job made in
+    a coroutine): settled with the same outcome as its asyncio handle (see
+    :func:`settle`). Call under the engine's lock."""
+    future = job.future
+    if future is None:
+        future = job.future = Future()
+        if job.state is JobState.RUNNING:
+            future.set_running_or_notify_cancel()
+            job.future_running = True
+    return future
+
+
 # What settle() does with each outcome.
 CANCELLED: Any = object()
 

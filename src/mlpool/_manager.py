@@ -59,7 +59,7 @@ from mlpool._errors import (
 )
 from mlpool._forking import ForkLauncher
 from mlpool._jobmaker import JobMaker
-from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop, running_unit, settle
+from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop, running_unit, settle, shared_future
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._metrics import LatencyRecorder
 from mlpool._pipes import PipeReaders, ProtocolBroken
@@ -277,13 +277,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         before, its asyncio handle is done, or this Future is settled when
         the outcome on its way reaches it."""
         with self._lock:
-            future = job.future
-            if future is None:
-                future = job.future = Future()
-                if job.state is JobState.RUNNING:
-                    future.set_running_or_notify_cancel()
-                    job.future_running = True
-            return future
+            return shared_future(job)
 
     def reclaim_stopped_loans(self) -> None:
         """Take worker pipes back from event loops that stopped running, so the
