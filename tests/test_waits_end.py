@@ -259,3 +259,36 @@ def test_a_worker_whose_pipe_carries_garbage_is_replaced_and_the_pool_serves_on(
                 asyncio.run(asyncio.wait_for(pool.score_async("m", write_garbage_to_my_pipes, b"\0" * 64), 30))
         assert pool.score("m", add, 1) == 11
         assert pool.healthy
+
+
+@pytest.mark.timeout(60)
+def test_loops_abandoned_with_a_job_in_flight_pin_no_descriptor_after_shutdown(fifo):
+    import gc
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with MLPool({"m": load_constant}, nb_workers=1):  # what lives as long as the process (multiprocessing's tracker)
+        pass
+    gc.collect()
+    before = fds()
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    for _ in range(3):
+        gate = fifo()
+
+        async def go() -> None:
+            asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))  # noqa: RUF006 - left behind on purpose
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait_running)
+
+        def abandon() -> None:
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(go())  # returns with the job in flight; the loop is never closed
+
+        thread = threading.Thread(target=abandon)
+        thread.start()
+        thread.join(30)
+        gate.release_opened()
+        assert pool.score("m", add, 1) == 11
+    pool.shutdown(timeout=10)
+    gc.collect()
+    assert fds() == before

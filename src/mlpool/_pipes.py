@@ -311,11 +311,20 @@ class PipeReaders(ManagerParts):
         with worker.read_lock:
             loops = [w for w in worker.watchers if isinstance(w, asyncio.AbstractEventLoop)]
         for loop in loops:
-            try:
-                loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
-            except RuntimeError:  # the loop is closed: its selector is gone
+            if loop.is_closed():  # its selector is gone, and our reader with it
                 with worker.read_lock:
                     worker.watchers.discard(loop)
+            elif loop.is_running():
+                try:
+                    loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
+                except RuntimeError:  # closed meanwhile
+                    with worker.read_lock:
+                        worker.watchers.discard(loop)
+            else:
+                # Stopped (maybe for good: an abandoned loop): nothing runs in
+                # it to remove the reader, so it is removed from here.
+                with worker.read_lock:
+                    self._remove_loop_reader(worker, loop)
         with worker.read_lock:
             if not worker.watchers:  # else the last watcher to leave closes it
                 worker.close()
