@@ -277,7 +277,7 @@ def test_loops_abandoned_with_a_job_in_flight_pin_no_descriptor_after_shutdown(f
         gate = fifo()
 
         async def go() -> None:
-            asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))  # noqa: RUF006 - left behind on purpose
+            asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))
             await asyncio.get_running_loop().run_in_executor(None, gate.wait_running)
 
         def abandon() -> None:
