@@ -276,11 +276,11 @@ def test_loops_abandoned_with_a_job_in_flight_pin_no_descriptor_after_shutdown(f
     for _ in range(3):
         gate = fifo()
 
-        async def go() -> None:
+        async def go(gate=gate) -> None:
             asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))
             await asyncio.get_running_loop().run_in_executor(None, gate.wait_running)
 
-        def abandon() -> None:
+        def abandon(go=go) -> None:
             loop = asyncio.new_event_loop()
             loop.run_until_complete(go())  # returns with the job in flight; the loop is never closed
 
