@@ -114,9 +114,9 @@ def chart(results: dict[str, dict], path: Path) -> None:
                 value = percentile(ordered, q)
                 axis.plot([value], [q], marker=marker, color=color)
                 side = 1 if index % 2 == 0 else -1  # the runs' labels on opposite sides: they never overlap
-                axis.annotate(f"p{round(q * 100)} {value:.3g} ms", (value, q), xytext=(6 * side, -10 if q == 0.5 else 4),
-                              textcoords="offset points", fontsize=8, color=color,
-                              ha="left" if side > 0 else "right")  # fmt: skip
+                axis.annotate(f"p{round(q * 100)} {value:.3g} ms", (value, q),
+                              xytext=(6 * side, -10 if q == 0.5 else 4), textcoords="offset points",
+                              fontsize=8, color=color, ha="left" if side > 0 else "right")  # fmt: skip
     left.set(title="Scoring requests", xlabel="latency (ms, log scale)", ylabel="share of requests at or under",
              xscale="log")  # fmt: skip
     right.set(title="/healthz during the load", xlabel="latency (ms, log scale)", xscale="log")
