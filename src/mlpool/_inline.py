@@ -219,7 +219,6 @@ class InlineEngine:
     def stats(self) -> PoolStats:
         with self._lock:
             self._expire(time.monotonic())
-            p50, p95, p99 = self._latency.percentiles()
             counts = self._counts
             return PoolStats(
                 state=self._state.value,
@@ -236,13 +235,7 @@ class InlineEngine:
                 worker_restarts=0,
                 workers_recycled=0,
                 results_unfetched=len(self._expiring),
-                latency_p50=p50,
-                latency_p95=p95,
-                latency_p99=p99,
-                run_seconds_mean=self._latency.mean_run(),
-                latency_buckets=self._latency.cumulative_buckets(),
-                latency_sum=self._latency.total,
-                latency_count=self._latency.count,
+                **self._latency.stats_fields(),
             )
 
 

@@ -331,7 +331,6 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def stats(self) -> PoolStats:
         with self._lock:
-            p50, p95, p99 = self._latency.percentiles()
             alive = [w for w in self._workers.values() if w.state is not WorkerState.EXITED]
             return PoolStats(
                 state=self._state.value,
@@ -348,13 +347,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 worker_restarts=self._counts["restarts"],
                 workers_recycled=self._counts["recycled"],
                 results_unfetched=self._registry.unfetched,
-                latency_p50=p50,
-                latency_p95=p95,
-                latency_p99=p99,
-                run_seconds_mean=self._latency.mean_run(),
-                latency_buckets=self._latency.cumulative_buckets(),
-                latency_sum=self._latency.total,
-                latency_count=self._latency.count,
+                **self._latency.stats_fields(),
             )
 
     # ------------------------------------------------------------ lock helpers

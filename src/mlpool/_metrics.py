@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from typing import Any
 
 # Seconds; from a pipe round trip to a slow model.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -45,6 +46,14 @@ class LatencyRecorder:
     def mean_run(self) -> float | None:
         """Mean time a worker spent in a scoring function, over the recent window."""
         return sum(self._run) / len(self._run) if self._run else None
+
+    def stats_fields(self) -> dict[str, Any]:
+        """The latency fields of :class:`~mlpool.PoolStats`, for every engine."""
+        p50, p95, p99 = self.percentiles()
+        return {
+            "latency_p50": p50, "latency_p95": p95, "latency_p99": p99, "run_seconds_mean": self.mean_run(),
+            "latency_buckets": self.cumulative_buckets(), "latency_sum": self.total, "latency_count": self.count,
+        }  # fmt: skip
 
     def cumulative_buckets(self) -> tuple[tuple[float, int], ...]:
         """``(upper bound, jobs at or under it)`` pairs, ending with +Inf, as Prometheus wants."""
