@@ -116,7 +116,9 @@ def test_recycling_over_max_memory():
         assert pool.score("m", workloads.pid) == first  # well under the limit
         over = pool.score("m", workloads.hold_memory, 200)  # pushes it past the limit
         assert over == first
-        assert pool.score("m", workloads.pid) != first
+        # The reading may follow the result (#19.14): one more job may still run there.
+        pids = [pool.score("m", workloads.pid) for _ in range(2)]
+        assert pids[-1] != first
         assert pool.stats().workers_recycled == 1
 
 
