@@ -173,6 +173,8 @@ class ForkLauncher:
                     event.process.kill()
                     event.process.close()
                 else:
+                    if self.template is not None:
+                        _warn_threads(self.template)
                     ours, started = request
                     try:
                         outcome.started.append(WorkerHandle(event.process, ours, forked=True, started=started))
@@ -229,3 +231,15 @@ class ForkLauncher:
         if since is not None:
             candidates.append(since + self._start_timeout)
         return min(candidates, default=None)
+
+
+def _warn_threads(template: Template) -> None:
+    if template.threads_at_fork and not template.warned:
+        template.warned = True
+        logger.warning(
+            "the model template ran other threads when it forked a worker (%s); a fork copies only "
+            "the calling thread, and a library whose threads hold a lock or must exist can hang in "
+            "the workers. Loaders should not start threads, nor run parallel work with their own "
+            "thread settings (XGBoost n_jobs, joblib n_jobs): see 'Sharing models' in docs/reference.md",
+            ", ".join(template.threads_at_fork),
+        )

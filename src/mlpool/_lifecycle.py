@@ -415,9 +415,6 @@ class WorkerLifecycle(ManagerParts):
         """Under the lock: add forked workers, count failed forks; the deaths to settle."""
         for worker in outcome.started:
             self._add_worker(worker)
-        template = None if self._forks is None else self._forks.template
-        if outcome.started and template is not None:
-            _warn_threads(template)
         for reason in outcome.failed:
             logger.warning("%s", reason)
             self._start_failed(reason)
@@ -495,15 +492,3 @@ def _backoff(failures: int) -> float:
     """Seconds before the next try after ``failures`` failures in a row."""
     ceiling = RESTART_BACKOFF_MAX if failures < MAX_CONSECUTIVE_FAILURES else DEGRADED_BACKOFF_MAX
     return min(ceiling, RESTART_BACKOFF_FIRST * 2 ** min(failures - 1, 30))
-
-
-def _warn_threads(template: Template) -> None:
-    if template.threads_at_fork and not template.warned:
-        template.warned = True
-        logger.warning(
-            "the model template ran other threads when it forked a worker (%s); a fork copies only "
-            "the calling thread, and a library whose threads hold a lock or must exist can hang in "
-            "the workers. Loaders should not start threads, nor run parallel work with their own "
-            "thread settings (XGBoost n_jobs, joblib n_jobs): see 'Sharing models' in docs/reference.md",
-            ", ".join(template.threads_at_fork),
-        )
