@@ -24,7 +24,7 @@ from mlpool._errors import (
     PoolClosedError,
     WorkerCrashedError,
 )
-from mlpool._forking import ForkOutcome
+from mlpool._forking import ForkLauncher, ForkOutcome
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._manager_parts import ManagerParts
 from mlpool._protocol import LoadFailed, Stop, encode
@@ -334,21 +334,7 @@ class WorkerLifecycle(ManagerParts):
             if self._state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
                 continue
             if self._forks is not None:
-                try:
-                    requested = self._forks.request()
-                except OSError as exc:  # out of descriptors or memory, for now
-                    logger.warning("could not ask the model template for a worker: %r", exc)
-                    self._lock.acquire()
-                    try:
-                        self._start_failed(f"could not ask the model template for a worker: {exc!r}")
-                    finally:
-                        self._release()
-                    continue
-                if not requested:
-                    with self._lock:
-                        idle = not self._can_serve()
-                    if idle:  # nothing serves: the next template need not wait out its back-off
-                        self._forks.hurry()
+                self._request_fork(self._forks)
                 continue
             try:
                 if self._ray is not None:
@@ -358,17 +344,35 @@ class WorkerLifecycle(ManagerParts):
                     worker = spawn_worker(self._context, self._loaders_pickle, self._worker_settings)
             except Exception as exc:  # out of processes, memory or file descriptors
                 logger.exception("could not start a worker process")
-                self._lock.acquire()
-                try:
-                    self._start_failed(f"could not start a worker process: {exc!r}")
-                finally:
-                    self._release()
+                self._report_start_failure(f"could not start a worker process: {exc!r}")
                 continue
             self._lock.acquire()
             try:
                 self._add_worker(worker)
             finally:
                 self._release()
+
+    def _request_fork(self, forks: ForkLauncher) -> None:
+        """Ask the template for a worker (manager thread, outside the lock)."""
+        try:
+            requested = forks.request()
+        except OSError as exc:  # out of descriptors or memory, for now
+            logger.warning("could not ask the model template for a worker: %r", exc)
+            self._report_start_failure(f"could not ask the model template for a worker: {exc!r}")
+            return
+        if not requested:
+            with self._lock:
+                idle = not self._can_serve()
+            if idle:  # nothing serves: the next template need not wait out its back-off
+                forks.hurry()
+
+    def _report_start_failure(self, reason: str) -> None:
+        """_start_failed, from outside the lock."""
+        self._lock.acquire()
+        try:
+            self._start_failed(reason)
+        finally:
+            self._release()
 
     def _add_worker(self, worker: WorkerHandle) -> None:
         """A new worker process: watch its death and its pipe (under the lock)."""
