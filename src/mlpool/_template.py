@@ -129,16 +129,17 @@ class Template:
 
     # ------------------------------------------------------------ non-blocking
 
-    def request_fork(self, worker_id: int, worker_sock: socket.socket) -> None:
+    def request_fork(self, worker_id: int, worker_sock: socket.socket, env: dict[str, str] | None = None) -> None:
         """Ask for a worker serving on ``worker_sock`` (the child's end: the
         caller closes its own copy after this returns). Returns at once; the
         answer is a WorkerForked or ForkFailed event from :meth:`receive`.
+        ``env``: set in the worker's environment before it serves (worker_env).
         Raises TemplateGone if the template is not ready, gone, or so far
         behind that its channel is full."""
         if self.gone or self.ready is None:
             raise TemplateGone(f"template {self.id} is not ready")
         try:
-            send_packet(self.sock, Fork(worker_id), [worker_sock.fileno()], socket.MSG_DONTWAIT)
+            send_packet(self.sock, Fork(worker_id, env), [worker_sock.fileno()], socket.MSG_DONTWAIT)
         except BlockingIOError:
             raise TemplateGone(f"template {self.id} does not read its requests") from None
         except OSError as exc:
