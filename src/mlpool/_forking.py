@@ -30,7 +30,7 @@ import time
 from mlpool._launchers import EnvFor, Launched, Launcher, no_env
 from mlpool._protocol import ForkFailed, Reaped
 from mlpool._started import StartedWord
-from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, WorkerForked
+from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, TemplateState, WorkerForked
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, new_worker_id, send_started_word
 
@@ -91,7 +91,7 @@ class ForkLauncher(Launcher):
     @property
     def ready(self) -> bool:
         template = self.template
-        return template is not None and template.ready is not None and not template.gone
+        return template is not None and template.state is TemplateState.READY
 
     def died(self) -> Launched:
         """The template is gone: forks it never answered will be asked of the
@@ -122,7 +122,7 @@ class ForkLauncher(Launcher):
         (``awaiting``). Raises OSError when this process is short of
         descriptors or memory for it (a failed start, retried after a back-off)."""
         template = self.template
-        if template is None or template.ready is None or template.gone:
+        if template is None or template.state is not TemplateState.READY:
             self.awaiting.append(index)
             return None
         worker_id = new_worker_id()

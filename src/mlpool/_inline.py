@@ -39,7 +39,7 @@ from mlpool._jobs import Job, JobState, Outcome, new_job_key, settle, shared_fut
 from mlpool._metrics import LatencyRecorder
 from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
-from mlpool._state import PoolState, PoolStats
+from mlpool._state import PoolState, PoolStats, refusal
 
 _OUTCOMES = ("completed", "failed", "cancelled")
 
@@ -101,7 +101,7 @@ class InlineEngine:
             if job.state is not JobState.NEW:  # cancelled before it was admitted
                 return None
             if self._state is not PoolState.RUNNING:
-                raise PoolClosedError("the pool is shut down (or shutting down) and takes no new jobs")
+                raise refusal(self._state) or PoolClosedError("the pool has not finished loading its models")
             if register:
                 job.key = new_job_key()
                 self._registry[job.key] = job

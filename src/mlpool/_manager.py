@@ -47,7 +47,7 @@ from typing import Any
 from mlpool._config import PoolConfig
 from mlpool._dispatch import Dispatcher
 from mlpool._engine_lock import EngineLock
-from mlpool._errors import PoolBrokenError, PoolClosedError, PoolFullError
+from mlpool._errors import PoolClosedError, PoolFullError
 from mlpool._fates import Fates, last_alive
 from mlpool._groups import WorkerGroup, build_groups
 from mlpool._jobmaker import JobMaker
@@ -58,7 +58,7 @@ from mlpool._protocol import Done, Exiting, Failed, LoadFailed, OverMemory, Read
 from mlpool._registry import Registry, Settled
 from mlpool._scheduler import Scheduler
 from mlpool._shm import RegionPool
-from mlpool._state import PoolState, PoolStats
+from mlpool._state import PoolState, PoolStats, refusal
 from mlpool._supervisor import Supervisor
 from mlpool._workers import WorkerHandle, WorkerState
 
@@ -342,12 +342,9 @@ class Manager:
         return not accepting or self._scheduler.queued < self.config.max_queue_size
 
     def _check_accepting(self) -> None:
-        state = self.state
-        if state is PoolState.RUNNING or state is PoolState.STARTING:
-            return
-        if state is PoolState.BROKEN:
-            raise PoolBrokenError(f"the pool is broken and takes no jobs: {self._supervisor.broken_reason}")
-        raise PoolClosedError("the pool is shut down (or shutting down) and takes no new jobs")
+        error = refusal(self.state, self._supervisor.broken_reason)
+        if error is not None:
+            raise error
 
     # ----------------------------------------------------------- manager loop
 

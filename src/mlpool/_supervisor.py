@@ -43,7 +43,7 @@ from mlpool._outcomes import WakeClock
 from mlpool._protocol import LoadFailed, Ready, Stop, encode
 from mlpool._scheduler import Scheduler
 from mlpool._state import PoolState
-from mlpool._template import Template
+from mlpool._template import Template, TemplateState
 from mlpool._transport import write_all
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit
 
@@ -341,7 +341,8 @@ class Supervisor:
             template = group.launcher.template
             if template is None:
                 continue
-            if template.ready is None and not template.start_timed_out and now - template.started_at >= limit:
+            loading = template.state is TemplateState.LOADING
+            if loading and not template.start_timed_out and now - template.started_at >= limit:
                 template.start_timed_out = True
                 template.kill()  # its exit counts as a failure (template_exited)
             elif group.launcher.hung(now):
@@ -401,7 +402,7 @@ class Supervisor:
             if due is not None:
                 candidates.append(due)
             template = group.launcher.template
-            if template is not None and template.ready is None and not template.start_timed_out:
+            if template is not None and template.state is TemplateState.LOADING and not template.start_timed_out:
                 candidates.append(template.started_at + self.config.start_timeout)
         if self.state is PoolState.STARTING:
             candidates.append(self._start_deadline)
@@ -456,7 +457,7 @@ class Supervisor:
         if template.start_timed_out:
             how = f"did not load the models within start_timeout={self.config.start_timeout:g}s"
         who = f"the model template (pid {template.pid})"
-        if self.state is PoolState.STARTING and template.ready is None:
+        if self.state is PoolState.STARTING and template.load_seconds is None:
             self._fail_start(who, template.load_failure, how)
             return exits
         failure = template.load_failure
