@@ -33,7 +33,7 @@ def worker(group: str = "") -> SimpleNamespace:
 
 def place(scheduler: Scheduler, workers: list) -> list[tuple[SimpleNamespace, list[Job]]]:
     placed = []
-    for chosen, jobs, estimate in scheduler.plan(workers, None, 0.0, lambda: False, lambda: False):
+    for chosen, jobs, _ in scheduler.plan(workers, None, 0.0, lambda: False, lambda: False):
         for taken in jobs:
             taken.state = JobState.RUNNING
             chosen.inflight.append(taken)
@@ -171,7 +171,7 @@ def test_a_batch_is_filled_across_lanes_in_turn():
     quiet_jobs = [job(lane=quiet, fn_id=7, policy=policy) for _ in range(2)]
     for queued in flooded + quiet_jobs:
         scheduler.push(queued)
-    (_, first), = place(scheduler, [worker()])
+    ((_, first),) = place(scheduler, [worker()])
     assert first == [flooded[0], quiet_jobs[0], flooded[1], quiet_jobs[1]]
     assert {j.batch_id for j in first} == {flooded[0].id}
     rest = run_all(scheduler, [worker()])
@@ -215,7 +215,7 @@ def test_sessions_and_priorities_that_come_and_go_leave_nothing_behind(lanes_or_
         place(scheduler, [only])
         only.inflight.clear()
     place(scheduler, [only])  # the last emptied lane is dropped when its turn comes round
-    model = scheduler._models["m"]
+    model = scheduler._models["m"]  # the records behind the turns: nothing left but the defaults
     group = model.group
     assert len(model.queues) == 1 and len(model.queues[0].lanes) == 1  # the lane outside sessions
     assert set(group.levels) <= {0} and not scheduler

@@ -13,7 +13,7 @@
     observe(fn, seconds, result bytes) ──► duration estimates, result sizes
 
 A turn is one entry: a job, or a batch (a batched function's jobs of one
-model and priority wait in one :class:`_Batch`, which holds one place in the
+model and priority wait in one :class:`Batch`, which holds one place in the
 lane of its first job; it is filled across its lanes in turn). A job goes
 only to a worker of its model's group (``worker.group``). Priorities are
 strict: while a level has jobs a group's workers can take, lower levels
@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from mlpool._batching import BatchPolicy
+from mlpool._fairqueue import Batch, GroupQueue, Lane, Level, ModelRecord, descending, to_front
 from mlpool._jobs import PIPELINE_BUDGET, Job, JobState
 
 # At most this many jobs held by one worker at once.
@@ -67,134 +67,6 @@ _EMPTY: deque[Any] = deque()  # read only: "no ring here"
 W = Any
 
 
-class _Group:
-    """The queue of one worker group: its priority levels with jobs."""
-
-    __slots__ = ("name", "levels", "order", "queued")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.queued = 0  # its jobs waiting
-        self.levels: dict[int, _Level] = {}  # the levels in ``order``, and level 0
-        self.order: list[_Level] = []  # the levels with entries, the highest priority first
-
-
-class _Level:
-    """One priority level of a group: the ring of its models with entries."""
-
-    __slots__ = ("priority", "ring")
-
-    def __init__(self, priority: int) -> None:
-        self.priority = priority
-        self.ring: deque[_ModelQueue] = deque()  # whose turn: ring[0]
-
-
-def _to_front(ring: deque[Any], item: object) -> None:
-    """Move ``item`` to the head of ``ring`` (a requeued job's lane goes next: rare, O(ring))."""
-    if ring[0] is not item:
-        ring.remove(item)
-        ring.appendleft(item)
-
-
-def _descending(level: _Level) -> int:
-    return -level.priority
-
-
-class _ModelQueue:
-    """One model at one priority level: the ring of its lanes with entries."""
-
-    __slots__ = ("model", "priority", "lanes", "ring", "linked")
-
-    def __init__(self, model: _Model, priority: int) -> None:
-        self.model = model
-        self.priority = priority
-        self.lanes: dict[object, _Lane] = {}  # lane token (a session's, or None) -> lane
-        self.ring: deque[_Lane] = deque()  # whose turn: ring[0]
-        self.linked = False  # in its level's ring
-
-
-class _Lane:
-    """The FIFO of one session's (or no session's) entries for one model and priority."""
-
-    __slots__ = ("queue", "token", "entries", "linked")
-
-    def __init__(self, queue: _ModelQueue, token: object) -> None:
-        self.queue = queue
-        self.token = token
-        self.entries: deque[Job | _Batch] = deque()
-        self.linked = False  # in its model queue's ring
-
-
-class _Model:
-    """A model's group, its queues per priority, and how many of its jobs wait."""
-
-    __slots__ = ("name", "group", "queues", "default", "queued")
-
-    def __init__(self, name: str, group: _Group) -> None:
-        self.name = name
-        self.group = group
-        self.queues: dict[int, _ModelQueue] = {}
-        self.default = self.lane(0, None)  # priority 0, no session: kept for good
-        self.queued = 0
-
-    def lane(self, priority: int, token: object) -> _Lane:
-        queue = self.queues.get(priority)
-        if queue is None:
-            queue = self.queues[priority] = _ModelQueue(self, priority)
-        lane = queue.lanes.get(token)
-        if lane is None:
-            lane = queue.lanes[token] = _Lane(queue, token)
-        return lane
-
-
-class _Batch:
-    """Queued jobs of one (model, function, priority), waiting to go as a batch;
-    one FIFO per lane, taken in turn. Its place is one entry in the lane it is
-    ``anchor``-ed to (None: not in any lane)."""
-
-    __slots__ = ("key", "policy", "lanes", "ring", "anchor")
-
-    def __init__(self, key: tuple[str, int, int], policy: BatchPolicy) -> None:
-        self.key = key
-        self.policy = policy
-        self.lanes: dict[object, deque[Job]] = {}
-        self.ring: deque[object] = deque()  # lane tokens with jobs; whose turn: ring[0]
-        self.anchor: _Lane | None = None
-
-    def head(self) -> Job | None:
-        """The next live job in turn (dead ones are dropped); None if none is left."""
-        ring, lanes = self.ring, self.lanes
-        while ring:
-            jobs = lanes[ring[0]]
-            while jobs and jobs[0].state is not JobState.QUEUED:
-                jobs.popleft()
-            if jobs:
-                return jobs[0]
-            del lanes[ring.popleft()]
-        return None
-
-    def oldest(self) -> float:
-        """When its oldest live job was queued (call after :meth:`head` found one)."""
-        return min(jobs[0].submitted_at for jobs in self.lanes.values() if jobs)
-
-    def take(self, size: int) -> list[Job]:
-        """Up to ``size`` live jobs, one per lane in turn."""
-        taken: list[Job] = []
-        ring, lanes = self.ring, self.lanes
-        while ring and len(taken) < size:
-            token = ring[0]
-            jobs = lanes[token]
-            job = jobs.popleft()
-            if jobs:
-                ring.rotate(-1)
-            else:
-                ring.popleft()
-                del lanes[token]
-            if job.state is JobState.QUEUED:
-                taken.append(job)
-        return taken
-
-
 class Scheduler:
     """The queues of jobs waiting for a worker, and the measures that place them."""
 
@@ -202,23 +74,23 @@ class Scheduler:
         """``model_groups``: model name -> the name of its worker group; a model
         not named there (or no mapping) is served by the shared workers ("")."""
         self._model_groups = dict(model_groups or {})
-        self._groups: dict[str, _Group] = {}
-        self._group_list: list[_Group] = []
-        self._models: dict[str, _Model] = {}
+        self._groups: dict[str, GroupQueue] = {}
+        self._group_list: list[GroupQueue] = []
+        self._models: dict[str, ModelRecord] = {}
         for model, group in self._model_groups.items():
             self._model(model, group)
-        self._batches: dict[tuple[str, int, int], _Batch] = {}
+        self._batches: dict[tuple[str, int, int], Batch] = {}
         self.queued = 0  # jobs waiting (the admission count); cancelled ones leave at once
         self.hold_until: float | None = None  # a held batch goes at the latest then
         self._estimates: dict[int, float] = {}  # fn id -> seconds a call takes
         self._result_sizes: dict[int, int] = {}  # fn id -> bytes of shared memory its last result used
 
-    def _model(self, name: str, group_name: str = "") -> _Model:
+    def _model(self, name: str, group_name: str = "") -> ModelRecord:
         group = self._groups.get(group_name)
         if group is None:
-            group = self._groups[group_name] = _Group(group_name)
+            group = self._groups[group_name] = GroupQueue(group_name)
             self._group_list = list(self._groups.values())
-        model = self._models[name] = _Model(name, group)
+        model = self._models[name] = ModelRecord(name, group)
         return model
 
     # ------------------------------------------------------------ the queue
@@ -252,7 +124,7 @@ class Scheduler:
         key = (job.model, job.fn_id, priority)
         batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[key] = _Batch(key, policy)
+            batch = self._batches[key] = Batch(key, policy)
         jobs = batch.lanes.get(token)
         if jobs is None:
             jobs = batch.lanes[token] = deque()
@@ -284,7 +156,7 @@ class Scheduler:
             for queue in model.queues.values():
                 for lane in queue.lanes.values():
                     for entry in lane.entries:
-                        if type(entry) is _Batch:
+                        if type(entry) is Batch:
                             jobs.extend(job for batched in entry.lanes.values() for job in batched)
                         else:
                             jobs.append(entry)
@@ -297,7 +169,7 @@ class Scheduler:
         self.queued = 0
         return (job for job in jobs if job.state is JobState.QUEUED)
 
-    def _put(self, lane: _Lane, entry: Job | _Batch, front: bool) -> None:
+    def _put(self, lane: Lane, entry: Job | Batch, front: bool) -> None:
         """Add ``entry`` to ``lane``; a lane out of the turn order joins it (at
         the back), and so do its model and level. ``front``: the entry, its
         lane and its model go next (a requeued job, a held batch).
@@ -309,7 +181,7 @@ class Scheduler:
         queue = lane.queue
         if lane.linked:
             if front:
-                _to_front(queue.ring, lane)
+                to_front(queue.ring, lane)
             return
         lane.linked = True
         queue.ring.appendleft(lane) if front else queue.ring.append(lane)
@@ -317,16 +189,16 @@ class Scheduler:
         level = group.levels.get(queue.priority)
         if queue.linked:
             if front:
-                _to_front(level.ring, queue)  # type: ignore[union-attr]
+                to_front(level.ring, queue)  # type: ignore[union-attr]
             return
         queue.linked = True
         if level is None:
-            level = group.levels[queue.priority] = _Level(queue.priority)
+            level = group.levels[queue.priority] = Level(queue.priority)
         level.ring.appendleft(queue) if front else level.ring.append(queue)
         if len(level.ring) == 1:
-            bisect.insort(group.order, level, key=_descending)
+            bisect.insort(group.order, level, key=descending)
 
-    def _unlink_top(self, group: _Group) -> None:
+    def _unlink_top(self, group: GroupQueue) -> None:
         """Drop the emptied head of ``group``'s turn order: its lane, else its
         model queue, else its level (what had entries stays)."""
         level = group.order[0]
@@ -381,14 +253,14 @@ class Scheduler:
 
     def _plan_group(
         self,
-        group: _Group,
+        group: GroupQueue,
         workers: list[W],
         now: float,
         others_busy: Callable[[], bool],
         unstick: Callable[[], bool],
     ) -> Iterator[tuple[W, list[Job], float]]:
         name, order = group.name, group.order
-        held: list[_Batch] = []
+        held: list[Batch] = []
         busy: bool | None = None
         try:
             # While jobs wait: emptied lanes left behind keep their place until then.
@@ -400,7 +272,7 @@ class Scheduler:
                     self._unlink_top(group)
                     continue
                 entry = entries[0]
-                if type(entry) is _Batch:
+                if type(entry) is Batch:
                     head = entry.head()
                     if head is None:  # every job of it left
                         entries.popleft()
@@ -419,7 +291,7 @@ class Scheduler:
                     if unstick():
                         continue
                     return
-                if type(entry) is _Batch:
+                if type(entry) is Batch:
                     if busy is None:
                         busy = others_busy()
                     oldest = entry.oldest()
@@ -441,7 +313,7 @@ class Scheduler:
                     self._unlink_top(group)
                 if len(models) > 1 and models[0] is queue:
                     models.rotate(-1)
-                if type(entry) is _Batch:
+                if type(entry) is Batch:
                     jobs = self._take_batch(entry)
                     taken = len(jobs)
                 else:
@@ -454,7 +326,7 @@ class Scheduler:
             for batch in reversed(held):  # back at the front, in their order
                 self._anchor(batch, front=True)
 
-    def _take_batch(self, batch: _Batch) -> list[Job]:
+    def _take_batch(self, batch: Batch) -> list[Job]:
         """Up to max_batch_size live jobs of ``batch`` (its lanes in turn), one
         batch id; the rest keeps a place at the back of its next lane."""
         batch.anchor = None
@@ -467,7 +339,7 @@ class Scheduler:
             job.batch_id = jobs[0].id
         return jobs
 
-    def _anchor(self, batch: _Batch, *, front: bool) -> None:
+    def _anchor(self, batch: Batch, *, front: bool) -> None:
         """Give ``batch`` a place in the lane of its next job in turn."""
         if batch.head() is None:
             self._drop_batch(batch)
@@ -477,7 +349,7 @@ class Scheduler:
         batch.anchor = lane = model.lane(priority, batch.ring[0])
         self._put(lane, batch, front)
 
-    def _drop_batch(self, batch: _Batch) -> None:
+    def _drop_batch(self, batch: Batch) -> None:
         if self._batches.get(batch.key) is batch and batch.anchor is None:
             del self._batches[batch.key]
 
