@@ -47,6 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from mlpool._admission import ModelBounds
 from mlpool._config import PoolConfig
 from mlpool._errors import (
     JobTimeoutError,
@@ -61,7 +62,7 @@ from mlpool._forking import ForkLauncher
 from mlpool._jobmaker import JobMaker
 from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop, running_unit, settle, shared_future
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
-from mlpool._metrics import LatencyRecorder
+from mlpool._metrics import LatencyRecorder, ModelRecorders
 from mlpool._pipes import PipeReaders, ProtocolBroken
 from mlpool._protocol import NOWHERE, Done, Exiting, Failed, LoadFailed, OverMemory, Ready, encode_run, encode_run_batch
 from mlpool._ray import RaySession
@@ -77,6 +78,7 @@ from mlpool._workers import WorkerHandle, WorkerState
 
 logger = logging.getLogger(__name__)
 
+_ACCEPTING = (PoolState.RUNNING, PoolState.STARTING)
 # The manager's longest wait: deadlines may be further, the OS's timeouts may not.
 MAX_WAIT = 3600.0
 
@@ -110,7 +112,8 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._lock = threading.Lock()
         # --- under the lock ---
         self._state = PoolState.STARTING
-        self._scheduler = Scheduler()  # the queue, placing jobs, duration estimates
+        self._scheduler = Scheduler(config.model_groups())  # the queues, placing jobs, duration estimates
+        self._bounds = ModelBounds(config.model_settings, self._scheduler.queued_of, config.max_queue_size)
         self._workers: dict[int, WorkerHandle] = {}
         self._registry: Registry[Job] = Registry(config.result_ttl)
         self._space_waiters: list[Future] = []
@@ -121,6 +124,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         self._broken_reason = ""
         self._stop_deadline: float | None = None
         self._latency = LatencyRecorder()
+        self._per_model = ModelRecorders(config.model_groups(), self._latency)
         self._counts = dict.fromkeys(
             ("completed", "failed", "crashed", "timed_out", "cancelled", "retried", "restarts", "recycled"), 0
         )
@@ -188,10 +192,14 @@ class Manager(PipeReaders, WorkerLifecycle):
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
+        priority: int = 0,
+        lane: object | None = None,
     ) -> Job:
         """A new job (see JobMaker), refused in a process forked from the pool's own."""
         self._check_process()
-        return self._jobs_maker.make(model, fn, args, kwargs, timeout=timeout, retries=retries, loop=loop)
+        return self._jobs_maker.make(
+            model, fn, args, kwargs, timeout=timeout, retries=retries, loop=loop, priority=priority, lane=lane
+        )
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
         """Accept ``job``: None, or a future that resolves when the full queue
@@ -212,6 +220,10 @@ class Manager(PipeReaders, WorkerLifecycle):
                 waiter: Future = Future()
                 self._space_waiters.append(waiter)
                 return waiter
+            if self._bounds.full(job.model):  # its model's own max_queue_size (#16)
+                if not wait:
+                    raise self._bounds.refuse(job.model)
+                return self._bounds.wait(job.model)
             if register:
                 self._registry.add(job)
             self._scheduler.push(job)
@@ -348,6 +360,10 @@ class Manager(PipeReaders, WorkerLifecycle):
                 workers_recycled=self._counts["recycled"],
                 results_unfetched=self._registry.unfetched,
                 **self._latency.stats_fields(),
+                models=self._per_model.stats(
+                    self._scheduler.queued_of, [w.group for w in alive if w.state is not WorkerState.STARTING],
+                    self._counts,
+                ),  # fmt: skip
             )
 
     # ------------------------------------------------------------ lock helpers
@@ -364,6 +380,8 @@ class Manager(PipeReaders, WorkerLifecycle):
         try:
             if self._space_waiters and self._has_space():
                 waiters, self._space_waiters = self._space_waiters, []
+            if self._bounds.waiters:  # callers waiting for room in a full model (#16)
+                waiters = self._bounds.due(self._state not in _ACCEPTING) + (waiters or [])
             wake = self._need_wake and threading.get_ident() != self._thread.ident
             self._need_wake = False
         finally:
@@ -430,6 +448,7 @@ class Manager(PipeReaders, WorkerLifecycle):
         if value is not CANCELLED:
             run = value.seconds if type(value) is Done or type(value) is Failed else None
             self._latency.observe(now - job.submitted_at, run)
+            self._per_model.observe(job.model, now - job.submitted_at, ok)
         expiry = self._registry.finished(job, now, keep_result=value is not CANCELLED)
         if expiry is not None and (self._wake_at is None or expiry < self._wake_at):
             self._need_wake = True

@@ -79,8 +79,9 @@ class PipeReaders(ManagerParts):
         self._check_accepting()
         if self._scheduler or job.state is not JobState.NEW:
             return False
+        group = self._scheduler.group_of(job.model)
         for worker in self._workers.values():
-            if worker.state is WorkerState.IDLE and not worker.inflight:
+            if worker.state is WorkerState.IDLE and not worker.inflight and worker.group == group:
                 break
         else:
             return False

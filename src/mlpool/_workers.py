@@ -67,7 +67,7 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
-        "forked", "started", "fault",
+        "forked", "started", "fault", "group",
     )  # fmt: skip
 
     def __init__(
@@ -113,6 +113,7 @@ class WorkerHandle:
         # caller threads polling. The last to leave closes a reaped worker.
         self.watchers: set[Any] = set()
         self.closed = False
+        self.group = ""  # the name of its worker group ("": the shared workers); the scheduler reads it
 
     def __repr__(self) -> str:
         return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
