@@ -203,7 +203,7 @@ def _model_families(p: str, snapshots: list[tuple[str, Any, bool]]) -> Iterator[
         for name, model, figures in models:
             gauge.add_metric([name, model], getattr(figures, field))
         yield gauge
-    jobs = CounterMetricFamily(f"{p}_model_jobs", "Jobs of the model finished, by outcome.", [*labels, "outcome"])
+    jobs = CounterMetricFamily(f"{p}_model_jobs", "The model's jobs finished, by outcome.", labels=[*labels, "outcome"])
     for name, model, figures in models:
         jobs.add_metric([name, model, "completed"], figures.jobs_completed)
         jobs.add_metric([name, model, "failed"], figures.jobs_failed)
