@@ -23,11 +23,10 @@ from mlpool._jobs import Job, JobState
 class GroupQueue:
     """The queue of one worker group: its priority levels with jobs."""
 
-    __slots__ = ("name", "levels", "order", "queued")
+    __slots__ = ("name", "levels", "order")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.queued = 0  # its jobs waiting
         self.levels: dict[int, Level] = {}  # the levels in ``order``, and level 0
         self.order: list[Level] = []  # the levels with entries, the highest priority first
 

@@ -116,7 +116,6 @@ class Scheduler:
         self.queued += 1
         model = self._models.get(job.model) or self._model(job.model)
         model.queued += 1
-        model.group.queued += 1
         priority, token = job.priority, job.lane
         lane = model.default if priority == 0 and token is None else model.lane(priority, token)
         policy = job.batch_policy
@@ -150,9 +149,7 @@ class Scheduler:
         """A queued job left the queue without being taken (cancelled, timed
         out): its place is free now; its entry is skipped when it comes up."""
         self.queued -= 1
-        model = self._models[job.model]
-        model.queued -= 1
-        model.group.queued -= 1
+        self._models[job.model].queued -= 1
 
     def drain(self) -> Iterator[Job]:
         """Every job still queued, emptying the queue."""
@@ -246,87 +243,72 @@ class Scheduler:
         loop's pipe); ``workers`` may shrink between assignments. Held
         batches keep their place."""
         self.hold_until = None
-        groups = self._group_list
-        if len(groups) == 1:  # the common case: one generator, no chaining
-            return self._plan_group(groups[0], workers, now, others_busy, unstick)
-        return (
-            assignment
-            for group in groups
-            if group.queued
-            for assignment in self._plan_group(group, workers, now, others_busy, unstick)
-        )
-
-    def _plan_group(
-        self,
-        group: GroupQueue,
-        workers: list[W],
-        now: float,
-        others_busy: Callable[[], bool],
-        unstick: Callable[[], bool],
-    ) -> Iterator[tuple[W, list[Job], float]]:
-        name, order = group.name, group.order
         held: list[Batch] = []
         busy: bool | None = None
         try:
-            # While jobs wait: emptied lanes left behind keep their place until then.
-            while order and group.queued and workers:
-                models = order[0].ring
-                lanes = models[0].ring if models else _EMPTY
-                entries = lanes[0].entries if lanes else _EMPTY
-                if not entries:
-                    self._unlink_top(group)
-                    continue
-                entry = entries[0]
-                if type(entry) is Batch:
-                    head = entry.head()
-                    if head is None:  # every job of it left
-                        entries.popleft()
-                        entry.anchor = None
-                        self._drop_batch(entry)
+            for group in self._group_list:
+                name, order = group.name, group.order
+                # While jobs wait: emptied lanes left behind keep their place until then.
+                while order and self.queued and workers:
+                    models = order[0].ring
+                    lanes = models[0].ring if models else _EMPTY
+                    entries = lanes[0].entries if lanes else _EMPTY
+                    if not entries:
+                        self._unlink_top(group)
                         continue
-                    estimate, size = None, 0  # a batch goes only to a worker holding nothing
-                else:
-                    head = entry
-                    if head.state is not JobState.QUEUED:
-                        entries.popleft()
-                        continue
-                    estimate, size = self._estimates.get(head.fn_id), head.payload.size
-                worker = pick_worker(workers, name, head.loop, estimate, size)
-                if worker is None:
-                    if unstick():
-                        continue
-                    return
-                if type(entry) is Batch:
-                    if busy is None:
-                        busy = others_busy()
-                    oldest = entry.oldest()
-                    if entry.policy.should_hold(sum(map(len, entry.lanes.values())), oldest, now, busy):
-                        entries.popleft()  # put back at the front when the plan ends; its lane keeps its turn
-                        entry.anchor = None
-                        held.append(entry)
-                        until = entry.policy.hold_until(oldest)
-                        self.hold_until = until if self.hold_until is None else min(self.hold_until, until)
-                        continue
-                queue = models[0]
-                model = queue.model
-                entries.popleft()
-                # Its turn is served: the model's next lane, and the group's next model, go next.
-                if entries or (queue.priority == 0 and lanes[0].token is None):
-                    if len(lanes) > 1:
-                        lanes.rotate(-1)
-                else:  # a session's lane, or a level, that callers may never use again
-                    self._unlink_top(group)
-                if len(models) > 1 and models[0] is queue:
-                    models.rotate(-1)
-                if type(entry) is Batch:
-                    jobs = self._take_batch(entry)
-                    taken = len(jobs)
-                else:
-                    jobs, taken = [entry], 1
-                self.queued -= taken
-                model.queued -= taken
-                group.queued -= taken
-                yield worker, jobs, PIPELINE_BUDGET if estimate is None else estimate
+                    entry = entries[0]
+                    if type(entry) is not Batch:
+                        if entry.state is not JobState.QUEUED:
+                            entries.popleft()
+                            continue
+                        estimate = self._estimates.get(entry.fn_id)
+                        worker = pick_worker(workers, name, entry.loop, estimate, entry.payload.size)
+                        if worker is None:
+                            if unstick():
+                                continue
+                            break
+                    else:
+                        estimate = None  # a batch goes only to a worker holding nothing
+                        head = entry.head()
+                        if head is None:  # every job of it left
+                            entries.popleft()
+                            entry.anchor = None
+                            self._drop_batch(entry)
+                            continue
+                        worker = pick_worker(workers, name, head.loop, None, 0)
+                        if worker is None:
+                            if unstick():
+                                continue
+                            break
+                        if busy is None:
+                            busy = others_busy()
+                        oldest = entry.oldest()
+                        if entry.policy.should_hold(sum(map(len, entry.lanes.values())), oldest, now, busy):
+                            entries.popleft()  # back at the front when the plan ends; its lane keeps its turn
+                            entry.anchor = None
+                            held.append(entry)
+                            until = entry.policy.hold_until(oldest)
+                            self.hold_until = until if self.hold_until is None else min(self.hold_until, until)
+                            continue
+                    queue = models[0]
+                    entries.popleft()
+                    # Its turn is served: the model's next lane, and the group's next model, go next.
+                    if entries or (queue.priority == 0 and lanes[0].token is None):
+                        if len(lanes) > 1:
+                            lanes.rotate(-1)
+                    else:  # a session's lane, or a level, that callers may never use again
+                        self._unlink_top(group)
+                    if len(models) > 1 and models[0] is queue:
+                        models.rotate(-1)
+                    if type(entry) is Batch:
+                        jobs = self._take_batch(entry)
+                        self.queued -= len(jobs)
+                        queue.model.queued -= len(jobs)
+                    else:
+                        jobs = [entry]
+                        self.queued -= 1
+                        queue.model.queued -= 1
+                    yield worker, jobs, PIPELINE_BUDGET if estimate is None else estimate
         finally:
             for batch in reversed(held):  # back at the front, in their order
                 self._anchor(batch, front=True)
