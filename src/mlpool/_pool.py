@@ -196,7 +196,8 @@ class MLPool(JobAPI):
 
     @property
     def nb_workers(self) -> int:
-        """How many worker processes the pool keeps."""
+        """How many shared worker processes the pool keeps (those that load the
+        plain loaders; a :class:`Model`'s own workers are not counted)."""
         return self._config.nb_workers
 
     @property
