@@ -311,7 +311,7 @@ class JobAPI:
         kwargs: Any,
         timeout: float | None,
         max_retries: int | None,
-        priority: int | None,
+        priority: int | None = None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Job:
