@@ -17,7 +17,8 @@ from workloads import load_constant, wait_for_release
 
 import mlpool
 from mlpool import JobTimeoutError, MLPool, Model, PoolFullError
-from mlpool._config import PoolConfig, loaders_of
+from mlpool._admission import ModelBounds
+from mlpool._config import ModelSettings, PoolConfig, loaders_of
 from mlpool._jobapi import JobAPI
 
 
@@ -283,6 +284,22 @@ def test_a_full_model_refuses_while_the_others_take_jobs_and_its_waiters_get_roo
         blocker.result(timeout=30)
         labels = [pool.get_result(job_id, timeout=30)[0] for job_id in (*queued, *others, *waiting)]
     assert labels == ["s0", "s1", *(f"m{i}" for i in range(5)), "waited"]
+
+
+def test_callers_waiting_for_a_full_model_wake_only_when_that_model_has_room():
+    queued = {"small": 2, "big": 9}
+    settings = {"small": ModelSettings("", 2, None, 0), "big": ModelSettings("", 100, None, 0)}
+    bounds = ModelBounds(settings, queued.__getitem__, pool_limit=100)
+    assert bounds.full("small") and not bounds.full("big")  # big's bound is the pool's: the pool checks it
+    waiter = bounds.wait("small")
+    queued["big"] = 0  # another model's movement wakes nobody
+    assert bounds.due(refusing=False) == [] and not waiter.done()
+    queued["small"] = 1
+    assert bounds.due(refusing=False) == [waiter] and not bounds.waiters
+    late = bounds.wait("small")
+    queued["small"] = 2
+    assert bounds.due(refusing=True) == [late]  # a closing pool wakes every waiter, to hear why
+    assert "model 'small' is full (2 jobs waiting, its max_queue_size=2)" in str(bounds.refuse("small"))
 
 
 # --------------------------------------------------------------- stats and metrics
