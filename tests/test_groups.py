@@ -288,17 +288,19 @@ def test_a_full_model_refuses_while_the_others_take_jobs_and_its_waiters_get_roo
 
 def test_callers_waiting_for_a_full_model_wake_only_when_that_model_has_room():
     queued = {"small": 2, "big": 9}
+    accepting = [True]
     settings = {"small": ModelSettings("", 2, None, 0), "big": ModelSettings("", 100, None, 0)}
-    bounds = ModelBounds(settings, queued.__getitem__, pool_limit=100)
+    bounds = ModelBounds(settings, queued.__getitem__, 100, lambda: accepting[0])
     assert bounds.full("small") and not bounds.full("big")  # big's bound is the pool's: the pool checks it
     waiter = bounds.wait("small")
     queued["big"] = 0  # another model's movement wakes nobody
-    assert bounds.due(refusing=False) == [] and not waiter.done()
+    assert bounds.due() == [] and not waiter.done()
     queued["small"] = 1
-    assert bounds.due(refusing=False) == [waiter] and not bounds.waiters
+    assert bounds.due() == [waiter] and not bounds.waiters
     late = bounds.wait("small")
     queued["small"] = 2
-    assert bounds.due(refusing=True) == [late]  # a closing pool wakes every waiter, to hear why
+    accepting[0] = False
+    assert bounds.due() == [late]  # a closing pool wakes every waiter, to hear why
     assert "model 'small' is full (2 jobs waiting, its max_queue_size=2)" in str(bounds.refuse("small"))
 
 

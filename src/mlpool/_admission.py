@@ -19,14 +19,22 @@ from mlpool._errors import PoolFullError
 class ModelBounds:
     """Whether a model's queue is full, and who waits for room in it."""
 
-    __slots__ = ("_limits", "_queued_of", "waiters")
+    __slots__ = ("_limits", "_queued_of", "_accepting", "waiters")
 
-    def __init__(self, settings: Mapping[str, ModelSettings], queued_of: Callable[[str], int], pool_limit: int) -> None:
-        """``queued_of(model)``: its jobs waiting now (the scheduler's count).
-        Models whose bound is the pool's (``pool_limit``) are never checked
-        here: the pool's own bound is reached first."""
+    def __init__(
+        self,
+        settings: Mapping[str, ModelSettings],
+        queued_of: Callable[[str], int],
+        pool_limit: int,
+        accepting: Callable[[], bool],
+    ) -> None:
+        """``queued_of(model)``: its jobs waiting now (the scheduler's count);
+        ``accepting()``: whether the pool takes jobs. Models whose bound is the
+        pool's (``pool_limit``) are never checked here: the pool's own bound
+        is reached first."""
         self._limits = {name: s.max_queue_size for name, s in settings.items() if s.max_queue_size < pool_limit}
         self._queued_of = queued_of
+        self._accepting = accepting
         self.waiters: dict[str, list[Future]] = {}  # model -> callers waiting for room in it (read: "any?")
 
     def full(self, model: str) -> bool:
@@ -50,11 +58,12 @@ class ModelBounds:
         waiters.append(waiter)
         return waiter
 
-    def due(self, refusing: bool) -> list[Future]:
+    def due(self) -> list[Future]:
         """The waiters to resolve now (outside the lock): those of models with
         room, or all of them when the pool refuses jobs (they hear why)."""
         if not self.waiters:
             return []
+        refusing = not self._accepting()
         due: list[Future] = []
         for model in list(self.waiters):
             if refusing or self._queued_of(model) < self._limits[model]:
