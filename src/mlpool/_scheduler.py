@@ -105,11 +105,6 @@ class Scheduler:
         record = self._models.get(model)
         return 0 if record is None else record.queued
 
-    def group_of(self, model: str) -> str:
-        """The name of the group whose workers load ``model``."""
-        record = self._models.get(model)
-        return "" if record is None else record.group.name
-
     def push(self, job: Job, *, front: bool = False) -> None:
         """Queue ``job`` in its lane (a batched one in its batch); ``front``: it goes next."""
         job.state = JobState.QUEUED
