@@ -193,6 +193,15 @@ def test_the_per_model_count_follows_push_take_and_leave():
     assert scheduler.queued_of("unknown") == 0
 
 
+def test_a_requeued_job_goes_before_the_other_models_too():
+    scheduler = Scheduler({"a": "", "b": ""})
+    scheduler.push(job("a"))
+    scheduler.push(job("b"))
+    scheduler.push(job("b"))  # b's lane is linked already when its job comes back
+    scheduler.requeue(back := job("b"))
+    assert run_all(scheduler, [worker()])[0] is back
+
+
 def test_a_requeued_job_goes_before_its_lane_and_the_other_lanes():
     scheduler = Scheduler({"m": ""})
     other = object()

@@ -176,12 +176,13 @@ class Scheduler:
         empties and fills again, links nothing per job."""
         lane.entries.appendleft(entry) if front else lane.entries.append(entry)
         queue = lane.queue
-        if lane.linked:
-            if front:
-                to_front(queue.ring, lane)
+        if not lane.linked:
+            lane.linked = True
+            queue.ring.appendleft(lane) if front else queue.ring.append(lane)
+        elif front:
+            to_front(queue.ring, lane)
+        else:
             return
-        lane.linked = True
-        queue.ring.appendleft(lane) if front else queue.ring.append(lane)
         group = queue.model.group
         level = group.levels.get(queue.priority)
         if queue.linked:
