@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from workloads import load_constant, wait_for_release
+from helpers.pools import make_pool
+from helpers.workloads import load_constant, wait_for_release
 
 import mlpool
 from mlpool import JobTimeoutError, MLPool, Model, PoolFullError
@@ -381,7 +382,7 @@ def test_a_groups_workers_load_only_its_model(tmp_path, worker_mode, no_leaked_w
         "iris": record_load(str(log), "iris"),
         "ranker": Model(record_load(str(log), "ranker"), workers=2),
     }
-    with MLPool(models, nb_workers=1) as pool:
+    with make_pool(models, nb_workers=1) as pool:
         ranker_pids = {pool.submit("ranker", environment, "X").result(timeout=20)[0] for _ in range(6)}
         assert pool.stats().models["ranker"].workers == 2
     loads = loaded(log)
@@ -397,7 +398,7 @@ def test_a_groups_workers_load_only_its_model(tmp_path, worker_mode, no_leaked_w
 def test_a_flood_of_one_group_does_not_delay_another_group(fifo, worker_mode):
     gates = [fifo(), fifo()]
     models = {"iris": load_constant, "ranker": Model(load_constant, workers=2)}
-    with MLPool(models, nb_workers=1) as pool:
+    with make_pool(models, nb_workers=1) as pool:
         busy = [pool.submit("ranker", wait_for_release, str(gate)) for gate in gates]
         for gate in gates:
             gate.wait_running()
@@ -418,7 +419,7 @@ def test_worker_env_is_seen_by_loaders_scoring_functions_and_replacements(tmp_pa
         "ranker": Model(load, workers=2, worker_env=lambda i: {"MLPOOL_GROUP_INDEX": str(i)}),
         "tagger": Model(load_constant, workers=1, worker_env={"MLPOOL_GROUP_INDEX": "0"}),
     }
-    with MLPool(models) as pool:
+    with make_pool(models) as pool:
         seen = {pool.submit("ranker", environment, "MLPOOL_GROUP_INDEX").result(timeout=20)[1] for _ in range(8)}
         assert seen and seen <= {"0", "1"}
         assert pool.submit("tagger", environment, "MLPOOL_GROUP_INDEX").result(timeout=20)[1] == "0"
