@@ -40,6 +40,8 @@ class PoolConfig:
     ray_address: str | None = None
     ray_options: tuple[tuple[str, object], ...] = ()  # extra actor options, as items
     fork_with_threads: bool = False  # share_models: fork although loaders left threads running
+    stream_buffer: int = 16  # items a stream's worker may run ahead of its consumer (#17)
+    stream_buffer_bytes: int = 8 * 2**20  # and bytes (at least one item)
 
     @classmethod
     def resolve(
@@ -63,6 +65,8 @@ class PoolConfig:
         backend: str = "local",
         ray_address: str | None = None,
         ray_options: dict | None = None,
+        stream_buffer: int = 16,
+        stream_buffer_bytes: int = 8 * 2**20,
     ) -> PoolConfig:
         cores = usable_cpu_count()
         if nb_workers is None:
@@ -102,6 +106,8 @@ class PoolConfig:
             _check_int("shared_memory_threshold", shared_memory_threshold, minimum=1)
         if shared_memory_limit is not None:
             _check_int("shared_memory_limit", shared_memory_limit, minimum=0)
+        _check_int("stream_buffer", stream_buffer, minimum=1)
+        _check_int("stream_buffer_bytes", stream_buffer_bytes, minimum=1)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if backend == "local" and (ray_address is not None or ray_options):
@@ -132,6 +138,8 @@ class PoolConfig:
             ray_address=ray_address,
             ray_options=tuple((ray_options or {}).items()),
             fork_with_threads=fork_with_threads,
+            stream_buffer=stream_buffer,
+            stream_buffer_bytes=stream_buffer_bytes,
         )
 
 

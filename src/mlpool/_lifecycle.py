@@ -29,6 +29,7 @@ from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._manager_parts import ManagerParts
 from mlpool._protocol import LoadFailed, Stop, encode
 from mlpool._state import PoolState
+from mlpool._streams import may_retry
 from mlpool._template import Template
 from mlpool._transport import write_all
 from mlpool._workers import WorkerHandle, WorkerState, describe_exit, ray_worker, spawn_worker
@@ -127,7 +128,7 @@ class WorkerLifecycle(ManagerParts):
             # an interrupt): this one is innocent; run it again.
             self._scheduler.requeue(job)
             return
-        if job.retries_left > 0 and self._state is not PoolState.BROKEN:
+        if job.retries_left > 0 and self._state is not PoolState.BROKEN and may_retry(job):
             job.retries_left -= 1
             self._counts["retried"] += 1
             logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)

@@ -63,13 +63,27 @@ from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop,
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._metrics import LatencyRecorder
 from mlpool._pipes import PipeReaders, ProtocolBroken
-from mlpool._protocol import NOWHERE, Done, Exiting, Failed, LoadFailed, OverMemory, Ready, encode_run, encode_run_batch
+from mlpool._protocol import (
+    NOWHERE,
+    Done,
+    Exiting,
+    Failed,
+    Item,
+    LoadFailed,
+    OverMemory,
+    Ready,
+    StreamEnd,
+    encode,
+    encode_run,
+    encode_run_batch,
+)
 from mlpool._ray import RaySession
 from mlpool._registry import Registry, Settled
 from mlpool._scheduler import Scheduler
 from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_exception
 from mlpool._shm import RegionPool, read_result
 from mlpool._state import PoolState, PoolStats
+from mlpool._streams import close_stream, holder, on_item, run_frame, send_to_worker
 from mlpool._template import Template
 from mlpool._transport import send_frames
 from mlpool._worker_main import WorkerSettings
@@ -258,6 +272,8 @@ class Manager(PipeReaders, WorkerLifecycle):
                 self._finish(job, False, CANCELLED)
                 if stop:
                     worker.kill(f"job {job.id} was cancelled with interrupt=True")
+                elif job.stream is not None:
+                    close_stream(worker, job)
                 return True
             return False
         finally:
@@ -349,6 +365,24 @@ class Manager(PipeReaders, WorkerLifecycle):
                 results_unfetched=self._registry.unfetched,
                 **self._latency.stats_fields(),
             )
+
+    # ------------------------------------------------------------ streams (#17)
+
+    def send_control(self, job: Job, msg: Any) -> None:
+        """Send a stream's Credit to the worker running it, if one still does."""
+        with self._lock:
+            worker = holder(job)
+            if worker is not None and job.state is JobState.RUNNING:
+                send_to_worker(worker, encode(msg))
+
+    def read_item(self, job: Job, item: Item) -> Any:
+        """An item of a stream, decoded in the consumer's thread (no lock)."""
+        what = f"an item of job {job.id} ({job.fn_name})"
+        return read_result(item.data, item.spans, item.where, item.fd, None, self._regions, what)
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the callback thread (safe from ``__del__``: a queue put)."""
+        self._callbacks.run(None, [lambda _: fn()])  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ lock helpers
 
@@ -506,7 +540,9 @@ class Manager(PipeReaders, WorkerLifecycle):
         # Copied into shared memory at its first dispatch (under the lock: a
         # memcpy, about 0.3 ms for 8 MB); a retry sends the same region.
         fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
-        if first.batch_policy is None:
+        if first.stream is not None:
+            frame = run_frame(first, fn)
+        elif first.batch_policy is None:
             p = first.payload
             offer = self._scheduler.result_size(first.fn_id)
             if offer is not None:  # its results came in shared memory: offer room for the next
@@ -707,7 +743,9 @@ class Manager(PipeReaders, WorkerLifecycle):
 
     def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
         match msg:
-            case Done() | Failed():
+            case Item():
+                on_item(worker, msg)
+            case Done() | Failed() | StreamEnd():
                 if not worker.inflight or worker.inflight[0].id != msg.job_id:
                     worker.kill(f"protocol error: answered job {msg.job_id} out of order")
                     return
@@ -715,7 +753,8 @@ class Manager(PipeReaders, WorkerLifecycle):
                 worker.backlog -= job.estimate
                 worker.jobs_done += 1
                 shared = sum(length for _, length in msg.spans) if type(msg) is Done and msg.where != NOWHERE else None
-                self._scheduler.observe(job.fn_id, msg.seconds, shared)
+                if job.stream is None:  # a stream's length says nothing of the next one's: none pipelines behind it
+                    self._scheduler.observe(job.fn_id, msg.seconds, shared)
                 # The worker is done with its arguments; the offer is read in _decode.
                 self._release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
                 if not worker.inflight and worker.registered:
@@ -723,7 +762,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                         self._watch(worker)
                 self._failures = 0
                 if job.state is JobState.RUNNING:
-                    self._finish(job, type(msg) is Done, msg)
+                    self._finish(job, type(msg) is not Failed, msg)
                 elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
                     os.close(msg.fd)
                     self._release_memory(job)

@@ -98,6 +98,10 @@ class MLPool(JobAPI):
             shutdown); ``"auto"`` or ``"ray://host:10001"`` joins a cluster.
         ray_options: extra ``actor.options(...)`` for each worker actor, such
             as ``{"resources": {"model-host": 1}}`` or ``{"memory": 2**30}``.
+        stream_buffer, stream_buffer_bytes: how far the worker of a stream
+            (:meth:`stream`) may run ahead of its consumer: at most this many
+            items and bytes (always at least one item) produced and not yet
+            taken; then its generator waits at its ``yield``.
 
     The constructor returns when every worker has loaded every model. A loader
     that raises (or returns None) makes it raise :class:`ModelLoadError` with
@@ -136,6 +140,8 @@ class MLPool(JobAPI):
         backend: str = "local",
         ray_address: str | None = None,
         ray_options: dict[str, Any] | None = None,
+        stream_buffer: int = 16,
+        stream_buffer_bytes: int = 8 * 2**20,
     ) -> None:
         loaders = _check_loaders(models_to_load)
         self._config = PoolConfig.resolve(
@@ -157,6 +163,8 @@ class MLPool(JobAPI):
             backend=backend,
             ray_address=ray_address,
             ray_options=ray_options,
+            stream_buffer=stream_buffer,
+            stream_buffer_bytes=stream_buffer_bytes,
         )
         if self._config.nb_workers and self._config.backend == "local":
             check_main_guard()

@@ -8,9 +8,11 @@ Each worker has one duplex pipe. Every message is one frame::
 
 Parent -> worker (``ToWorker``): ``Setup`` (first, optional: the worker's
 "started" word, see ``_started``), ``Run`` (one job), ``RunBatch`` (jobs of a
-batched function, one call), ``Stop``.
+batched function, one call), ``Stop``; for a stream (``pool.stream``, #17):
+``RunStream``, ``Credit``, ``CloseStream``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
-``Failed``, ``OverMemory``, ``Exiting``.
+``Failed``, ``OverMemory``, ``Exiting``; for a stream: ``Item`` (one per
+item, as it is produced), then ``StreamEnd`` or ``Failed``.
 
 The hot messages (``Run``, ``Done``, ``Failed``) are packed with :mod:`struct`
 around opaque pickled payloads: pickling a dataclass costs about 10 µs a round
@@ -48,6 +50,14 @@ _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
+# Streams (#17): the Run layout with the read-ahead window appended; credits; items.
+_RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND = 5, 6, 7
+_ITEM_KIND, _STREAM_END_KIND = 16, 17
+_WINDOW = struct.Struct("<IQ")  # items, bytes the worker may run ahead of the consumer
+_CREDIT = struct.Struct("<QIQ")  # job id, items consumed, their bytes
+_CLOSE_STREAM = struct.Struct("<Q")  # job id
+_ITEM = struct.Struct("<QIB")  # job id, spans, where they are (as Done)
+_STREAM_END = struct.Struct("<Qd")  # job id, seconds the stream ran
 
 # Done.where: where the result's out-of-band buffers are. Nowhere (none, or
 # in-band), in the file the parent offered with the Run, or in a new file the
@@ -158,8 +168,65 @@ class Exiting:
     """The worker obeys ``Stop`` and is about to exit."""
 
 
-ToWorker = Setup | Run | RunBatch | Stop
-FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting
+@dataclass(frozen=True, slots=True)
+class RunStream:
+    """Run one job whose function yields items (``pool.stream``): each goes
+    back as an ``Item`` while at most ``window_items`` items and
+    ``window_bytes`` bytes (at least one item) wait unconsumed; then the
+    generator waits at its yield for a ``Credit``. Fields as ``Run``, without
+    a result offer."""
+
+    job_id: int
+    fn_id: int
+    model: str
+    fn: bytes
+    payload: bytes
+    spans: Spans = ()
+    fd: int = field(default=-1, compare=False)
+    window_items: int = 16
+    window_bytes: int = 8 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The consumer took ``items`` items (``nbytes`` bytes) of stream ``job_id``:
+    the worker may run that much further ahead."""
+
+    job_id: int
+    items: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStream:
+    """Stop stream ``job_id``: the generator is closed at its yield (its
+    ``finally`` runs) and the worker answers ``StreamEnd``. Ignored for a
+    stream that already ended."""
+
+    job_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One item of stream ``job_id``: pickled as a result is (``Done``)."""
+
+    job_id: int
+    data: bytes
+    spans: Spans = ()
+    where: int = 0
+    fd: int = field(default=-1, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Stream ``job_id`` ended: its generator returned, or was closed."""
+
+    job_id: int
+    seconds: float
+
+
+ToWorker = Setup | Run | RunBatch | Stop | RunStream | Credit | CloseStream
+FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting | Item | StreamEnd
 
 
 def _frame(kind: int, *parts: bytes) -> bytes:
@@ -192,6 +259,16 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
             return encode_failed(job_id, seconds, error, tb)
         case Setup():
             return encode_setup()
+        case RunStream(job_id, fn_id, model, fn, payload, spans, _, items, nbytes):
+            return encode_run_stream(job_id, fn_id, model, fn, payload, spans, items, nbytes)
+        case Credit(job_id, items, nbytes):
+            return _frame(_CREDIT_KIND, _CREDIT.pack(job_id, items, nbytes))
+        case CloseStream(job_id):
+            return _frame(_CLOSE_STREAM_KIND, _CLOSE_STREAM.pack(job_id))
+        case Item(job_id, data, spans, where):
+            return encode_item(job_id, data, spans, where)
+        case StreamEnd(job_id, seconds):
+            return _frame(_STREAM_END_KIND, _STREAM_END.pack(job_id, seconds))
         case Stop():
             return _frame(_STOP_KIND)
         case Exiting():
@@ -234,6 +311,20 @@ def encode_run(
     name = model.encode("utf-8", _TEXT)
     head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans), offer)
     return _frame(_RUN_KIND, head, _spans(spans), name, fn, payload)
+
+
+def encode_run_stream(
+    job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes, spans: Spans, items: int, nbytes: int
+) -> bytes:
+    """``encode(RunStream(...))``: a Run's layout (no offer) followed by the window."""
+    name = model.encode("utf-8", _TEXT)
+    head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans), 0)
+    return _frame(_RUN_STREAM_KIND, head, _WINDOW.pack(items, nbytes), _spans(spans), name, fn, payload)
+
+
+def encode_item(job_id: int, data: bytes, spans: Spans = (), where: int = 0) -> bytes:
+    """``encode(Item(...))`` without building the message first (the worker's stream loop)."""
+    return _frame(_ITEM_KIND, _ITEM.pack(job_id, len(spans), where), _spans(spans), data)
 
 
 def encode_run_batch(
@@ -300,6 +391,8 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
             payloads.append(body[start : start + size])
             start += size
         return RunBatch(job_ids, fn_id, model, fn, tuple(payloads), tuple(all_spans), job_fds)
+    if kind >= _ITEM_KIND or _RUN_STREAM_KIND <= kind <= _CLOSE_STREAM_KIND:
+        return _decode_stream(kind, body, fds)
     if kind == _STOP_KIND:
         return Stop()
     if kind == _SETUP_KIND:
@@ -310,6 +403,33 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
         return OverMemory(*_OVER_MEMORY.unpack(body))
     if kind in (_READY_KIND, _LOAD_FAILED_KIND):
         return pickle.loads(body)
+    raise ValueError(f"unknown message kind {kind}")
+
+
+def _decode_stream(kind: int, body: bytes, fds: deque[int] | None) -> ToWorker | FromWorker:
+    """The stream messages (#17), kept off the decoding path of ordinary jobs."""
+    if kind == _ITEM_KIND:
+        job_id, count, where = _ITEM.unpack_from(body)
+        spans = _read_spans(body, _ITEM.size, count)
+        start = _ITEM.size + count * _SPAN.size
+        return Item(job_id, body[start:], spans, where, _take_fd(fds) if where == NEW_FILE else -1)
+    if kind == _CREDIT_KIND:
+        return Credit(*_CREDIT.unpack(body))
+    if kind == _CLOSE_STREAM_KIND:
+        return CloseStream(*_CLOSE_STREAM.unpack(body))
+    if kind == _STREAM_END_KIND:
+        return StreamEnd(*_STREAM_END.unpack(body))
+    if kind == _RUN_STREAM_KIND:
+        job_id, fn_id, name_len, fn_len, count, _ = _RUN.unpack_from(body)
+        items, nbytes = _WINDOW.unpack_from(body, _RUN.size)
+        start = _RUN.size + _WINDOW.size
+        spans = _read_spans(body, start, count)
+        start += count * _SPAN.size
+        model = body[start : start + name_len].decode("utf-8", _TEXT)
+        start += name_len
+        fd = _take_fd(fds) if spans else -1
+        return RunStream(job_id, fn_id, model, body[start : start + fn_len], body[start + fn_len :], spans, fd,
+                         items, nbytes)  # fmt: skip
     raise ValueError(f"unknown message kind {kind}")
 
 
