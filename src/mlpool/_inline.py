@@ -161,6 +161,7 @@ class InlineEngine:
         outcome: tuple[bool, Any] | None = None
         with self._run_lock:
             if job.state is not JobState.RUNNING:
+                channel.end()  # its handle's callback may not have run yet (a loop's comes later)
                 return
             try:
                 if channel.source is None:
@@ -180,6 +181,7 @@ class InlineEngine:
                     self._finish(job, *outcome)
             if finished:
                 settle([(job, *outcome)])
+            channel.end()
 
     def _start_stream(self, job: Job) -> Iterator:
         fn = self._functions.get(job.fn_id)
