@@ -376,6 +376,9 @@ class Stream(_StreamBase):
                 self._engine.before_blocking()  # this thread's loop cannot read while it waits
                 blocked = True
             channel.wait()
+            if self._closed:  # by another thread while this one waited: the end, quietly
+                self._over = True
+                raise StopIteration
 
     def __enter__(self) -> Stream:
         return self
@@ -439,6 +442,9 @@ class AsyncStream(_StreamBase):
             except asyncio.CancelledError:
                 self.close()
                 raise
+            if self._closed:  # by another task while this one waited (a client that left): the end
+                self._over = True
+                raise StopAsyncIteration
 
     async def aclose(self, *, interrupt: bool = False) -> None:
         """:meth:`close` for ``async with`` and ``contextlib.aclosing``."""
