@@ -80,7 +80,7 @@ def run_stream(
             args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the stream's arguments")
             produced = fn(model, *args, **kwargs)
             del args, kwargs
-            iterator = _iterate(produced, fn)
+            iterator = iterate(produced, fn)
             del produced
             what = f"an item of {getattr(fn, '__qualname__', None) or type(fn).__name__}"
             for item in iterator:
@@ -100,7 +100,7 @@ def run_stream(
     return [(encode(StreamEnd(job_id, time.perf_counter() - started)), [])], window.eof
 
 
-def _iterate(produced: Any, fn: Callable) -> Iterator:
+def iterate(produced: Any, fn: Callable) -> Iterator:
     try:
         return iter(produced)
     except TypeError:

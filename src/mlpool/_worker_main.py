@@ -77,7 +77,7 @@ THREAD_ENV_VARS = (
 )
 
 
-__all__ = ["MemoryWatch", "WorkerSettings", "load_models", "run_message", "serve", "worker_main"]
+__all__ = ["MemoryWatch", "WorkerSettings", "load_models", "run_message", "serve", "stream_function", "worker_main"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +327,11 @@ def _function_and_model(msg: Run | RunBatch | RunStream, models: dict[str, Any],
         return fn, models[msg.model]
     except KeyError:
         raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker") from None
+
+
+def stream_function(msg: RunStream, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:
+    """A stream's function and model, as for a job (a Ray actor's stream too)."""
+    return _function_and_model(msg, models, functions)
 
 
 Reply = tuple[bytes, list[int]]  # an encoded frame and the descriptors to send with it
