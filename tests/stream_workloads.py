@@ -21,8 +21,7 @@ def _mark(markers: str, text: str) -> None:
 
 
 def count(model: dict, n: int):
-    for i in range(n):
-        yield i
+    yield from range(n)
 
 
 def first_then_gate(model: dict, gate: str):
@@ -59,14 +58,12 @@ def stuck_after_one(model: dict, markers: str, gate: str):
 
 
 def raise_after(model: dict, n: int):
-    for i in range(n):
-        yield i
+    yield from range(n)
     raise ValueError(f"failed after {n} items")
 
 
 def crash_after(model: dict, n: int, how: str):
-    for i in range(n):
-        yield i
+    yield from range(n)
     if how == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
     os._exit(3)

@@ -29,8 +29,8 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from functools import partial
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from mlpool._config import PoolConfig
@@ -38,9 +38,9 @@ from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteE
 from mlpool._jobmaker import JobMaker
 from mlpool._jobs import CANCELLED, Job, JobState, new_job_key, settle, shared_future
 from mlpool._metrics import LatencyRecorder
+from mlpool._protocol import Item
 from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
-from mlpool._protocol import Item
 from mlpool._state import PoolState, PoolStats
 from mlpool._streams import StreamChannel
 

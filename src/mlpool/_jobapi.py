@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
-from functools import partial
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import CancelledError, Future
+from functools import partial
 from typing import Any, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError

@@ -428,7 +428,7 @@ def _to_object_store(ray: Any, msg: Run | RunBatch | RunStream) -> tuple[bytes, 
     if type(msg) is Run:
         jobs = [(msg.fd, msg.spans, msg.offer_fd)]
         frame = encode_run(msg.job_id, msg.fn_id, msg.model, msg.fn, msg.payload)
-    elif type(msg) is RunStream:
+    elif isinstance(msg, RunStream):
         jobs = [(msg.fd, msg.spans, -1)]
         frame = encode_run_stream(msg.job_id, msg.fn_id, msg.model, msg.fn, msg.payload, (), msg.window_items,
                                   msg.window_bytes)  # fmt: skip

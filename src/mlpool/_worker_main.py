@@ -317,7 +317,9 @@ def _send_replies(sock: socket.socket, replies: list[Reply]) -> None:
                 os.close(result_fd)
 
 
-def _function_and_model(msg: Run | RunBatch | RunStream, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:
+def _function_and_model(
+    msg: Run | RunBatch | RunStream, models: dict[str, Any], functions: dict[int, Callable]
+) -> tuple:
     if msg.fn:
         if len(functions) >= FUNCTION_CACHE_SIZE:  # mirrored by the parent
             functions.clear()
