@@ -65,3 +65,49 @@ def test_a_websocket_client_that_disconnects_stops_the_generator(server, markers
             assert (await client.get("/pid")).json()["pid"] == int(pid)
 
     asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The example app with one worker and light rows."""
+    import sys
+
+    from conftest_server import EXAMPLES
+
+    sys.path.insert(0, str(EXAMPLES))
+    from app import models
+
+    models.train_if_missing(with_cnn=True)
+    server = UvicornServer("app.main:app", EXAMPLES,
+                           env={"MLPOOL_DEMO_WORKERS": "1", "MLPOOL_DEMO_FEATURE_WORK": "1000"})  # fmt: skip
+    try:
+        yield server
+    finally:
+        assert not server.stop()
+
+
+ROW = [0.03, 0.05, 0.06, 0.02, -0.04, -0.03, -0.04, -0.002, 0.02, -0.02]
+
+
+@pytest.mark.parametrize("format", ["ndjson", "sse"])
+def test_the_example_app_streams_per_row_predictions(demo, format):
+    with httpx.Client(base_url=demo.url, timeout=60) as client:
+        response = client.post("/stream/diabetes", params={"format": format}, json={"rows": [ROW] * 50})
+        assert response.status_code == 200
+        lines = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+        rows = [json.loads(line) for line in lines]
+        assert [r["row"] for r in rows] == list(range(50)) and all(isinstance(r["class"], int) for r in rows)
+        assert client.post("/stream/diabetes", json={"rows": [[1.0, 2.0]]}).status_code == 422
+
+
+def test_the_example_apps_websocket_streams_rows_then_done(demo):
+    async def main() -> list:
+        async with websockets.connect(demo.url.replace("http", "ws") + "/ws/stream") as ws:
+            await ws.send(json.dumps({"id": 7, "rows": [ROW] * 20}))
+            replies = []
+            while not (reply := json.loads(await ws.recv())).get("done"):
+                replies.append(reply)
+            return replies
+
+    replies = asyncio.run(main())
+    assert [r["row"] for r in replies] == list(range(20)) and {r["id"] for r in replies} == {7}
