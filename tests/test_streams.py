@@ -334,3 +334,10 @@ def test_the_worker_half_of_streams_imports_only_the_child_side():
 
     assert mlpool_imports("_stream_worker") <= CHILD_SIDE | {"_stream_worker"}
     assert "_stream_worker" in mlpool_imports("_worker_main")
+
+
+def test_a_stream_closed_as_it_starts_never_holds_the_worker(pool):
+    """The close may reach the worker in the same read as the stream's start."""
+    for _ in range(30):
+        pool.stream("m", sw.count, 10**9).close()
+        assert pool.score("m", sw.pid) > 0

@@ -34,11 +34,11 @@ from typing import Any, Protocol
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
 from mlpool._registry import Settled
-from mlpool._streams import AsyncStream, Stream, check_streamable, open_channel
+from mlpool._streams import AsyncStream, Stream, StreamEngine, check_streamable, open_channel
 from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
 
 
-class Engine(Protocol):
+class Engine(StreamEngine, Protocol):
     """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
 
     def make_job(
@@ -67,16 +67,7 @@ class Engine(Protocol):
 
     def reclaim_stopped_loans(self) -> None: ...
 
-    # Streams (see _streams.StreamEngine)
-    config: Any
-
-    def send_control(self, job: Job, msg: Any) -> None: ...
-
-    def read_item(self, job: Job, item: Any) -> Any: ...
-
-    def call_soon(self, fn: Callable[[], object]) -> None: ...
-
-    def before_blocking(self) -> None: ...
+    config: Any  # stream_buffer, stream_buffer_bytes
 
 
 class Group(Protocol):
@@ -286,20 +277,11 @@ class JobAPI:
     # -------------------------------------------------------------- streams
 
     def stream(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Stream:
-        """Run ``fn(model, *args, **kwargs)`` in a worker and iterate what it yields.
-
-        ``fn`` is a generator function (or returns any iterable); each item
-        reaches the returned :class:`~mlpool._streams.Stream` as soon as the
-        worker produced it, large ones in shared memory. The worker runs at
-        most ``stream_buffer`` items / ``stream_buffer_bytes`` bytes ahead of
-        the consumer, then waits. Closing the stream (its ``with`` block,
-        ``close()``, dropping it, its session closing) stops the generator at
-        its next ``yield`` and frees the worker. The stream's ``timeout``
-        bounds the whole stream; a stream that delivered items is never
-        retried. Waits for room when the queue is full (as :meth:`submit`).
-
-        Raises TypeError for a batched ``fn``, and what :meth:`submit` raises.
-        """
+        """Run generator ``fn(model, *args, **kwargs)`` in a worker; iterate its items
+        as they come (a :class:`~mlpool._streams.Stream`: its docstring has
+        the rules: backpressure, closing, errors). Waits for room when the
+        queue is full. Raises TypeError for a batched ``fn``, and what
+        :meth:`submit` raises."""
         check_streamable(fn)
         job = self._new_job(fn, model_name, args, kwargs, None, None)
         config = self._engine.config
@@ -309,11 +291,8 @@ class JobAPI:
 
     def stream_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncStream:
         """:meth:`stream` for coroutines: ``async for item in pool.stream_async(...)``
-        (or ``async with pool.stream_async(...) as items``). Call it in a
-        coroutine: bad arguments raise here; the job is queued when the
-        iteration (or the block) starts, waiting for room without blocking
-        the loop. The event loop reads the worker's items itself. Cancelling
-        the task that iterates closes the stream."""
+        or ``async with pool.stream_async(...) as items``. Bad arguments raise
+        here; the job is queued when the iteration (or block) starts."""
         check_streamable(fn)
         loop = asyncio.get_running_loop()
         job = self._new_job(fn, model_name, args, kwargs, None, None, loop=loop)

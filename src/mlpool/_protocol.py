@@ -170,11 +170,9 @@ class Exiting:
 
 @dataclass(frozen=True, slots=True)
 class RunStream:
-    """Run one job whose function yields items (``pool.stream``): each goes
-    back as an ``Item`` while at most ``window_items`` items and
-    ``window_bytes`` bytes (at least one item) wait unconsumed; then the
-    generator waits at its yield for a ``Credit``. Fields as ``Run``, without
-    a result offer."""
+    """Run a job whose function yields (``pool.stream``): an ``Item`` each,
+    while at most ``window_items`` items / ``window_bytes`` bytes (at least
+    one item) wait unconsumed. Fields as ``Run``, without a result offer."""
 
     job_id: int
     fn_id: int
@@ -199,9 +197,7 @@ class Credit:
 
 @dataclass(frozen=True, slots=True)
 class CloseStream:
-    """Stop stream ``job_id``: the generator is closed at its yield (its
-    ``finally`` runs) and the worker answers ``StreamEnd``. Ignored for a
-    stream that already ended."""
+    """Stop stream ``job_id`` at its next yield; the worker answers ``StreamEnd``."""
 
     job_id: int
 

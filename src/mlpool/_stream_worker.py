@@ -74,6 +74,9 @@ def run_stream(
     window = _Window(max(1, msg.window_items), max(1, msg.window_bytes))
     job_id = msg.job_id
     iterator: Iterator | None = None
+    _apply_controls(later, window, job_id)  # a close read with the RunStream, before it started
+    if window.closed:
+        return [(encode(StreamEnd(job_id, 0.0)), [])], False
     try:
         try:
             fn, model = fn_and_model()
@@ -145,7 +148,18 @@ def _read_control(
     except OSError:
         window.eof = True
         return
-    for msg in reader.messages():
+    _apply(reader.messages(), later, window, job_id)
+
+
+def _apply_controls(later: deque, window: _Window, job_id: int) -> None:
+    """Apply the controls of this stream already waiting in ``later``."""
+    waiting = list(later)
+    later.clear()
+    _apply(waiting, later, window, job_id)
+
+
+def _apply(messages: list, later: deque, window: _Window, job_id: int) -> None:
+    for msg in messages:
         if type(msg) is Credit and msg.job_id == job_id:
             window.items -= msg.items
             window.nbytes -= msg.nbytes

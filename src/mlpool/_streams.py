@@ -314,6 +314,8 @@ class _StreamBase:
             self._engine.call_soon(_Abandoned(self._engine, self._job, self._channel))
         except AttributeError:  # __init__ failed before its fields were set
             pass
+        except RuntimeError:  # no thread can start (interpreter shutdown): the workers go with the pool
+            pass
 
 
 class _Abandoned:
