@@ -168,9 +168,11 @@ def _close_sync(pool: MLPool, markers: Markers, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["with", "close", "break and drop", "session"])
 def test_closing_stops_the_generator_and_frees_the_worker(pool, markers, how):
+    before = open_fds()
     _close_sync(pool, markers, how)
     pid = finally_pid(markers)  # the generator's finally ran, in the pool's only worker...
     assert pool.score("m", sw.pid) == pid  # ...which serves the next job
+    assert open_fds() <= before
 
 
 async def _close_async(pool: MLPool, markers: Markers, how: str, fifo) -> None:
@@ -262,7 +264,7 @@ def test_a_stream_that_crashed_before_its_first_item_is_retried(pool, tmp_path):
     assert list(pool.stream("m", sw.crash_first_time, str(tmp_path / "crashed"), 3)) == [0, 1, 2]
 
 
-def test_the_stream_timeout_bounds_the_whole_stream(fifo, worker_mode, tmp_path):
+def test_the_stream_timeout_bounds_the_whole_stream(fifo, worker_mode, tmp_path, no_leaked_workers):
     markers = Markers(tmp_path / "markers")
     gate = fifo()
     with MLPool({"m": load_constant}, nb_workers=1, job_timeout=3.0) as pool:

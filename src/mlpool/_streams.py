@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import CancelledError, Future
@@ -375,6 +376,10 @@ class Stream(_StreamBase):
                 channel.pump()
                 continue
             if not blocked:
+                if running_loop() is not None:
+                    warnings.warn("iterating pool.stream() blocks the event loop running in this thread; "
+                                  "in a coroutine, use `async for item in pool.stream_async(...)`",
+                                  RuntimeWarning, stacklevel=2)  # fmt: skip
                 self._engine.before_blocking()  # this thread's loop cannot read while it waits
                 blocked = True
             channel.wait()
