@@ -202,6 +202,7 @@ async def _close_async(pool: MLPool, markers: Markers, how: str, fifo) -> None:
 
         task = asyncio.create_task(consume())
         await asyncio.wait_for(first.wait(), 30)
+        await asyncio.get_running_loop().run_in_executor(None, markers.until, "stuck")  # past its yield
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -50,14 +50,12 @@ _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
-# Streams (#17): the Run layout with the read-ahead window appended; credits; items.
+# Streams (#17): RunStream is the window, then a Run's body; Item is laid out as Done;
+# Credit, CloseStream and StreamEnd (one per half window at most) are pickled whole.
 _RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND = 5, 6, 7
 _ITEM_KIND, _STREAM_END_KIND = 16, 17
 _WINDOW = struct.Struct("<IQ")  # items, bytes the worker may run ahead of the consumer
-_CREDIT = struct.Struct("<QIQ")  # job id, items consumed, their bytes
-_CLOSE_STREAM = struct.Struct("<Q")  # job id
 _ITEM = struct.Struct("<QIB")  # job id, spans, where they are (as Done)
-_STREAM_END = struct.Struct("<Qd")  # job id, seconds the stream ran
 
 # Done.where: where the result's out-of-band buffers are. Nowhere (none, or
 # in-band), in the file the parent offered with the Run, or in a new file the
@@ -187,8 +185,7 @@ class RunStream:
 
 @dataclass(frozen=True, slots=True)
 class Credit:
-    """The consumer took ``items`` items (``nbytes`` bytes) of stream ``job_id``:
-    the worker may run that much further ahead."""
+    """The consumer took ``items`` items (``nbytes`` bytes) of stream ``job_id``."""
 
     job_id: int
     items: int
@@ -257,14 +254,10 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
             return encode_setup()
         case RunStream(job_id, fn_id, model, fn, payload, spans, _, items, nbytes):
             return encode_run_stream(job_id, fn_id, model, fn, payload, spans, items, nbytes)
-        case Credit(job_id, items, nbytes):
-            return _frame(_CREDIT_KIND, _CREDIT.pack(job_id, items, nbytes))
-        case CloseStream(job_id):
-            return _frame(_CLOSE_STREAM_KIND, _CLOSE_STREAM.pack(job_id))
         case Item(job_id, data, spans, where):
             return encode_item(job_id, data, spans, where)
-        case StreamEnd(job_id, seconds):
-            return _frame(_STREAM_END_KIND, _STREAM_END.pack(job_id, seconds))
+        case Credit() | CloseStream() | StreamEnd():
+            return _frame(_PICKLED_KINDS[type(msg)], pickle.dumps(msg))
         case Stop():
             return _frame(_STOP_KIND)
         case Exiting():
@@ -312,10 +305,9 @@ def encode_run(
 def encode_run_stream(
     job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes, spans: Spans, items: int, nbytes: int
 ) -> bytes:
-    """``encode(RunStream(...))``: a Run's layout (no offer) followed by the window."""
-    name = model.encode("utf-8", _TEXT)
-    head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans), 0)
-    return _frame(_RUN_STREAM_KIND, head, _WINDOW.pack(items, nbytes), _spans(spans), name, fn, payload)
+    """``encode(RunStream(...))``: the window, then a Run's body (no offer)."""
+    run = encode_run(job_id, fn_id, model, fn, payload, spans)
+    return _frame(_RUN_STREAM_KIND, _WINDOW.pack(items, nbytes), run[_HEADER.size :])
 
 
 def encode_item(job_id: int, data: bytes, spans: Spans = (), where: int = 0) -> bytes:
@@ -409,24 +401,17 @@ def _decode_stream(kind: int, body: bytes, fds: deque[int] | None) -> ToWorker |
         spans = _read_spans(body, _ITEM.size, count)
         start = _ITEM.size + count * _SPAN.size
         return Item(job_id, body[start:], spans, where, _take_fd(fds) if where == NEW_FILE else -1)
-    if kind == _CREDIT_KIND:
-        return Credit(*_CREDIT.unpack(body))
-    if kind == _CLOSE_STREAM_KIND:
-        return CloseStream(*_CLOSE_STREAM.unpack(body))
-    if kind == _STREAM_END_KIND:
-        return StreamEnd(*_STREAM_END.unpack(body))
+    if kind in _PICKLED_KINDS.values():
+        return pickle.loads(body)
     if kind == _RUN_STREAM_KIND:
-        job_id, fn_id, name_len, fn_len, count, _ = _RUN.unpack_from(body)
-        items, nbytes = _WINDOW.unpack_from(body, _RUN.size)
-        start = _RUN.size + _WINDOW.size
-        spans = _read_spans(body, start, count)
-        start += count * _SPAN.size
-        model = body[start : start + name_len].decode("utf-8", _TEXT)
-        start += name_len
-        fd = _take_fd(fds) if spans else -1
-        return RunStream(job_id, fn_id, model, body[start : start + fn_len], body[start + fn_len :], spans, fd,
-                         items, nbytes)  # fmt: skip
+        run = decode(_RUN_KIND, body[_WINDOW.size :], fds)
+        assert type(run) is Run
+        return RunStream(run.job_id, run.fn_id, run.model, run.fn, run.payload, run.spans, run.fd,
+                         *_WINDOW.unpack_from(body))  # fmt: skip
     raise ValueError(f"unknown message kind {kind}")
+
+
+_PICKLED_KINDS: dict[type, int] = {Credit: _CREDIT_KIND, CloseStream: _CLOSE_STREAM_KIND, StreamEnd: _STREAM_END_KIND}
 
 
 def _take_fd(fds: deque[int] | None) -> int:
@@ -460,9 +445,11 @@ class SpawnSentinel:
 
 @dataclass(frozen=True, slots=True)
 class Fork:
-    """Parent -> template: fork a worker; its end of the worker's socket comes along."""
+    """Parent -> template: fork a worker; its end of the worker's socket comes
+    along. ``env``: set in the worker's environment after the fork (worker_env)."""
 
     worker_id: int
+    env: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,3 +483,17 @@ class Reaped:
 
 ToTemplate = Fork | SpawnSentinel
 FromTemplate = TemplateReady | LoadFailed | Forked | ForkFailed | Reaped
+
+
+# Bytes of a model name in a Run message (its length field is 16 bits).
+MAX_MODEL_NAME = 4096
+
+
+def check_model_name(name: str) -> None:
+    """A name every message can carry: refused at construction, not at each job."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"model name {name!r} cannot be encoded as UTF-8: {exc.reason}") from None
+    if size > MAX_MODEL_NAME:
+        raise ValueError(f"model name {name[:40]!r}... is {size} bytes long; at most {MAX_MODEL_NAME}")

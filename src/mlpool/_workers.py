@@ -67,7 +67,7 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
-        "forked", "started", "fault",
+        "forked", "started", "fault", "group", "index",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +88,8 @@ class WorkerHandle:
         # death, tells a job it was running from one it never took (see _started).
         self.started = started or StartedWord()
         self.reader = FrameReader()
+        self.group = ""  # the worker group it belongs to ("": the shared workers)
+        self.index = 0  # its place in the group (worker_env); a replacement takes the same
         self.state = WorkerState.STARTING
         self.inflight: deque[Job] = deque()
         self.backlog = 0.0  # estimated seconds of work in ``inflight``
