@@ -76,6 +76,8 @@ def run_stream(
     iterator: Iterator | None = None
     _apply_controls(later, window, job_id)  # a close read with the RunStream, before it started
     if window.closed:
+        if msg.fd >= 0:  # its arguments' shared memory, never read
+            os.close(msg.fd)
         return [(encode(StreamEnd(job_id, 0.0)), [])], False
     try:
         try:
