@@ -71,3 +71,14 @@ def test_the_generators_exception_comes_after_its_items(pool):
             got.append(item)
     assert got == [0, 1]
     assert pool.score("m", sw.pid) > 0
+
+
+def test_an_actor_that_dies_mid_stream_fails_it_after_the_delivered_items(pool):
+    from mlpool import WorkerCrashedError
+
+    got = []
+    with pytest.raises(WorkerCrashedError):
+        for item in pool.stream("m", sw.crash_after, 2, "exit"):
+            got.append(item)
+    assert got == [0, 1]
+    assert pool.score("m", sw.pid) > 0  # a new actor
