@@ -11,7 +11,7 @@ import threading
 
 import psutil
 import pytest
-from workloads import add, bytes_digest, exit_now, load_constant, wait_for_release
+from helpers.workloads import add, bytes_digest, exit_now, load_constant, wait_for_release
 
 from mlpool import MLPool, MLPoolError, PoolClosedError, PoolFullError, WorkerCrashedError
 
