@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-import stream_workloads as sw
-from test_streams import Markers, finally_pid
-from workloads import load_constant
+from helpers import stream_workloads as sw
+from helpers.markers import Markers
+from helpers.workloads import load_constant
+from test_streams import finally_pid
 
 import mlpool
 from mlpool import MLPool

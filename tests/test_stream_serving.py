@@ -9,13 +9,13 @@ import json
 import httpx
 import pytest
 import websockets
-from conftest_server import TESTS, UvicornServer
-from test_streams import Markers
+from helpers.markers import Markers
+from helpers.server import EXAMPLES, TESTS, UvicornServer
 
 
 @pytest.fixture(scope="module")
 def server():
-    server = UvicornServer("streaming_app:app", TESTS)
+    server = UvicornServer("helpers.streaming_app:app", TESTS)
     try:
         yield server
     finally:
@@ -71,8 +71,6 @@ def test_a_websocket_client_that_disconnects_stops_the_generator(server, markers
 def demo():
     """The example app with one worker and light rows."""
     import sys
-
-    from conftest_server import EXAMPLES
 
     sys.path.insert(0, str(EXAMPLES))
     from app import models

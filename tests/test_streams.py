@@ -1,7 +1,7 @@
 """Streams (#17): a generator in a worker, an (async) iterator in the caller.
 
-Generators report what they did through a FIFO (:class:`Markers`): the tests
-wait on those events (an item produced, a ``finally`` run), never on time.
+Generators report what they did through a FIFO (``helpers.markers.Markers``):
+the tests wait on those events (an item produced, a ``finally`` run), never on time.
 """
 
 from __future__ import annotations
@@ -10,51 +10,16 @@ import asyncio
 import concurrent.futures
 import gc
 import os
-import select
-import time
-from pathlib import Path
 
 import pytest
-import stream_workloads as sw
-from workloads import load_constant
+from helpers import stream_workloads as sw
+from helpers.markers import Markers
+from helpers.pools import make_pool
+from helpers.workloads import load_constant
 
 from mlpool import JobTimeoutError, MLPool, WorkerCrashedError, batched
 
 WINDOW = 16  # the pools' stream_buffer
-
-
-class Markers:
-    """The read end of a FIFO the generators write one line per event to."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        self.path = str(path)
-        self._r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        self._w = os.open(path, os.O_WRONLY)  # ours: the FIFO never reads as ended
-        self._buffer = b""
-
-    def __str__(self) -> str:
-        return self.path
-
-    def next(self, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            ready, _, _ = select.select([self._r], [], [], max(0.0, deadline - time.monotonic()))
-            assert ready, f"no event from the generator within {timeout}s"
-            self._buffer += os.read(self._r, 65536)
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
-
-    def until(self, prefix: str, timeout: float = 30.0) -> str:
-        """The next line starting with ``prefix`` (earlier ones are skipped)."""
-        deadline = time.monotonic() + timeout
-        while not (line := self.next(max(0.0, deadline - time.monotonic()))).startswith(prefix):
-            pass
-        return line
-
-    def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
 
 
 @pytest.fixture
@@ -66,7 +31,7 @@ def markers(tmp_path):
 
 @pytest.fixture(scope="module")
 def pool(worker_mode):
-    with MLPool({"m": load_constant}, nb_workers=1, max_retries=1, stream_buffer=WINDOW) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_retries=1, stream_buffer=WINDOW) as pool:
         yield pool
 
 
@@ -268,7 +233,7 @@ def test_a_stream_that_crashed_before_its_first_item_is_retried(pool, tmp_path):
 def test_the_stream_timeout_bounds_the_whole_stream(fifo, worker_mode, tmp_path, no_leaked_workers):
     markers = Markers(tmp_path / "markers")
     gate = fifo()
-    with MLPool({"m": load_constant}, nb_workers=1, job_timeout=3.0) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, job_timeout=3.0) as pool:
         items = pool.stream("m", sw.stuck_after_one, str(markers), str(gate))
         assert next(items) > 0  # delivered at once; the generator then hangs
         with pytest.raises(JobTimeoutError):

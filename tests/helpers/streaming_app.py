@@ -1,14 +1,14 @@
 """A FastAPI app for the stream tests over real HTTP and WebSockets: one
-worker, generators that report to the test through a FIFO (stream_workloads)."""
+worker, generators that report to the test through a FIFO (helpers.stream_workloads)."""
 
 from __future__ import annotations
 
 import asyncio
 
-import stream_workloads as sw
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
-from workloads import load_constant
 
+from helpers import stream_workloads as sw
+from helpers.workloads import load_constant
 from mlpool import MLPool
 from mlpool.fastapi import get_pool, install_error_handlers, pool_lifespan, stream_response
 

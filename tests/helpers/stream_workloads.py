@@ -1,7 +1,7 @@
 """Generator functions for the stream tests (imported by spawned workers).
 
 They tell the test what they did through ``markers``: a FIFO the test reads
-(see ``test_streams.Markers``), one line per event, so tests wait on events,
+(see ``helpers.markers``), one line per event, so tests wait on events,
 never on time.
 """
 
