@@ -11,8 +11,7 @@ Parent -> worker (``ToWorker``): ``Setup`` (first, optional: the worker's
 batched function, one call), ``Stop``; for a stream (``pool.stream``, #17):
 ``RunStream``, ``Credit``, ``CloseStream``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
-``Failed``, ``OverMemory``, ``Exiting``; for a stream: ``Item`` (one per
-item, as it is produced), then ``StreamEnd`` or ``Failed``.
+``Failed``, ``OverMemory``, ``Exiting``; for a stream: ``Item`` each, then ``StreamEnd`` or ``Failed``.
 
 The hot messages (``Run``, ``Done``, ``Failed``) are packed with :mod:`struct`
 around opaque pickled payloads: pickling a dataclass costs about 10 µs a round
@@ -52,8 +51,7 @@ _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_M
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
 # Streams (#17): RunStream is the window, then a Run's body; Item is laid out as Done;
 # Credit, CloseStream and StreamEnd (one per half window at most) are pickled whole.
-_RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND = 5, 6, 7
-_ITEM_KIND, _STREAM_END_KIND = 16, 17
+_RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND, _ITEM_KIND, _STREAM_END_KIND = 5, 6, 7, 16, 17
 _WINDOW = struct.Struct("<IQ")  # items, bytes the worker may run ahead of the consumer
 _ITEM = struct.Struct("<QIB")  # job id, spans, where they are (as Done)
 
@@ -168,9 +166,8 @@ class Exiting:
 
 @dataclass(frozen=True, slots=True)
 class RunStream:
-    """Run a job whose function yields (``pool.stream``): an ``Item`` each,
-    while at most ``window_items`` items / ``window_bytes`` bytes (at least
-    one item) wait unconsumed. Fields as ``Run``, without a result offer."""
+    """Run a job that yields (``pool.stream``): an ``Item`` each while at most ``window_items`` /
+    ``window_bytes`` (at least one item) wait unconsumed. Fields as ``Run``, with no offer."""
 
     job_id: int
     fn_id: int
@@ -220,6 +217,7 @@ class StreamEnd:
 
 ToWorker = Setup | Run | RunBatch | Stop | RunStream | Credit | CloseStream
 FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting | Item | StreamEnd
+_PICKLED_KINDS: dict[type, int] = {Credit: _CREDIT_KIND, CloseStream: _CLOSE_STREAM_KIND, StreamEnd: _STREAM_END_KIND}
 
 
 def _frame(kind: int, *parts: bytes) -> bytes:
@@ -409,9 +407,6 @@ def _decode_stream(kind: int, body: bytes, fds: deque[int] | None) -> ToWorker |
         return RunStream(run.job_id, run.fn_id, run.model, run.fn, run.payload, run.spans, run.fd,
                          *_WINDOW.unpack_from(body))  # fmt: skip
     raise ValueError(f"unknown message kind {kind}")
-
-
-_PICKLED_KINDS: dict[type, int] = {Credit: _CREDIT_KIND, CloseStream: _CLOSE_STREAM_KIND, StreamEnd: _STREAM_END_KIND}
 
 
 def _take_fd(fds: deque[int] | None) -> int:
