@@ -191,14 +191,19 @@ def test_closing_an_async_stream_stops_the_generator_and_frees_the_worker(pool, 
     asyncio.run(main())
 
 
-def test_interrupt_kills_a_generator_stuck_between_yields(fifo, no_leaked_workers, tmp_path):
+@pytest.mark.parametrize("how", ["close", "session"])
+def test_interrupt_kills_a_generator_stuck_between_yields(fifo, no_leaked_workers, tmp_path, how):
     markers = Markers(tmp_path / "markers")
     gate = fifo()
     with MLPool({"m": load_constant}, nb_workers=1) as pool:
-        items = pool.stream("m", sw.stuck_after_one, str(markers), str(gate))
+        session = pool.session(interrupt=True)
+        items = session.stream("m", sw.stuck_after_one, str(markers), str(gate))
         stuck_pid = next(items)
         markers.until("stuck")
-        items.close(interrupt=True)
+        if how == "close":
+            items.close(interrupt=True)
+        else:
+            session.close()
         assert pool.score("m", sw.pid) != stuck_pid  # replaced, and serving
     markers.close()
 
