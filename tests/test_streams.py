@@ -17,7 +17,7 @@ from helpers.markers import Markers
 from helpers.pools import make_pool
 from helpers.workloads import load_constant
 
-from mlpool import JobTimeoutError, MLPool, WorkerCrashedError, batched
+from mlpool import JobTimeoutError, MLPool, Model, WorkerCrashedError, batched
 
 WINDOW = 16  # the pools' stream_buffer
 
@@ -235,16 +235,28 @@ def test_a_stream_that_crashed_before_its_first_item_is_retried(pool, tmp_path):
     assert list(pool.stream("m", sw.crash_first_time, str(tmp_path / "crashed"), 3)) == [0, 1, 2]
 
 
-def test_the_stream_timeout_bounds_the_whole_stream(fifo, worker_mode, tmp_path, no_leaked_workers):
+@pytest.mark.parametrize("where", ["pool", "options"])
+def test_the_stream_timeout_bounds_the_whole_stream(fifo, worker_mode, tmp_path, no_leaked_workers, where):
     markers = Markers(tmp_path / "markers")
     gate = fifo()
-    with make_pool({"m": load_constant}, nb_workers=1, job_timeout=3.0) as pool:
-        items = pool.stream("m", sw.stuck_after_one, str(markers), str(gate))
+    timeout = {"job_timeout": 3.0} if where == "pool" else {}
+    with make_pool({"m": load_constant}, nb_workers=1, **timeout) as pool:
+        api = pool if where == "pool" else pool.options(timeout=3.0)
+        items = api.stream("m", sw.stuck_after_one, str(markers), str(gate))
         assert next(items) > 0  # delivered at once; the generator then hangs
         with pytest.raises(JobTimeoutError):
             next(items)
         assert pool.score("m", sw.pid) > 0
     markers.close()
+
+
+def test_a_model_with_workers_of_its_own_streams_from_them(worker_mode):
+    with make_pool({"shared": load_constant, "own": Model(load_constant, workers=1)}, nb_workers=1) as pool:
+        own = pool.score("own", sw.pid)
+        assert list(pool.stream("own", sw.count, 5)) == [0, 1, 2, 3, 4]
+        with pool.options(priority=5).stream("shared", sw.count, 3) as items:
+            assert list(items) == [0, 1, 2]
+        assert pool.score("own", sw.pid) == own  # the group's worker served the stream and serves on
 
 
 # ----------------------------------------------------------------- bad use
