@@ -216,6 +216,10 @@ class InlineEngine:
     def join(self, timeout: float | None) -> bool:
         return True
 
+    def worker_stacks(self, timeout: float) -> dict[int, str]:
+        """No worker processes: jobs run in the callers' own threads."""
+        return {}
+
     def stats(self) -> PoolStats:
         with self._lock:
             self._expire(time.monotonic())

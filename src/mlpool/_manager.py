@@ -69,6 +69,7 @@ from mlpool._registry import Registry, Settled
 from mlpool._scheduler import Scheduler
 from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_exception
 from mlpool._shm import RegionPool, read_result
+from mlpool._stacks import collect_stacks
 from mlpool._state import PoolState, PoolStats
 from mlpool._template import Template
 from mlpool._transport import send_frames
@@ -79,6 +80,8 @@ logger = logging.getLogger(__name__)
 
 # The manager's longest wait: deadlines may be further, the OS's timeouts may not.
 MAX_WAIT = 3600.0
+# Workers whose stack-dump handler is in place and who are not being killed.
+_DUMPABLE = frozenset({WorkerState.IDLE, WorkerState.RETIRING, WorkerState.STOPPING})
 
 
 
@@ -328,6 +331,12 @@ class Manager(PipeReaders, WorkerLifecycle):
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def worker_stacks(self, timeout: float) -> dict[int, str]:
+        """Every serving worker's stacks by pid (see ``_stacks``); waits at most ``timeout``."""
+        with self._lock:
+            targets = [(w.pid, w.stacks) for w in self._workers.values() if w.stacks is not None and w.state in _DUMPABLE]
+        return collect_stacks(targets, timeout)
 
     def stats(self) -> PoolStats:
         with self._lock:

@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from mlpool._protocol import setup_frame
+from mlpool._stacks import StackReader
 from mlpool._started import StartedWord
 from mlpool._transport import FrameReader, send_frames
 from mlpool._worker_main import WorkerSettings, worker_main
@@ -67,12 +68,21 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
-        "forked", "started", "fault",
+        "forked", "started", "fault", "stacks",
     )  # fmt: skip
 
     def __init__(
-        self, process: Any, conn: Any, pidfd: int = -1, *, forked: bool = False, started: StartedWord | None = None
+        self,
+        process: Any,
+        conn: Any,
+        pidfd: int = -1,
+        *,
+        forked: bool = False,
+        started: StartedWord | None = None,
+        stacks: bool = True,
     ) -> None:
+        """``stacks``: give the worker a pipe for its stack dumps (see ``_stacks``;
+        not a Ray actor's). Raises OSError (out of descriptors, a dead worker)."""
         self.id = int(process.name.rsplit("-", 1)[1])
         self.process = process
         self.conn = conn
@@ -113,6 +123,13 @@ class WorkerHandle:
         # caller threads polling. The last to leave closes a reaped worker.
         self.watchers: set[Any] = set()
         self.closed = False
+        self.stacks: StackReader | None = None  # where its stack dumps come (see _stacks)
+        if stacks:
+            try:
+                self.stacks = StackReader.open(self.sock)
+            except BaseException:
+                self.sock.close()
+                raise
 
     def __repr__(self) -> str:
         return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
@@ -150,6 +167,8 @@ class WorkerHandle:
             return
         self.closed = True
         self.reader.close()
+        if self.stacks is not None:
+            self.stacks.close()
         self.sock.close()
         self.conn.close()
         if self.pidfd >= 0:
@@ -240,7 +259,7 @@ def ray_worker(loaders_pickle: bytes, settings: WorkerSettings, options: dict) -
     from mlpool._ray import spawn_ray_worker
 
     process, sock = spawn_ray_worker(new_worker_id(), loaders_pickle, settings, options)
-    return WorkerHandle(process, sock)
+    return WorkerHandle(process, sock, stacks=False)
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -1,0 +1,109 @@
+"""pool.worker_stacks(), and the stacks that timeout and crash errors carry (#18)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import traceback
+
+import pytest
+import workloads
+
+from mlpool import JobTimeoutError, MLPool, WorkerCrashedError
+
+pytestmark = pytest.mark.usefixtures("worker_mode")
+WORKER_MODES = ("spawned", "forked")  # see conftest.worker_mode; Ray actors have no stack pipe
+
+
+@pytest.fixture(scope="module")
+def pool(worker_mode):
+    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
+        yield pool
+
+
+def _printed(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def test_worker_stacks_names_the_function_a_worker_runs(pool, fifo):
+    gate = fifo()
+    future = pool.submit("m", workloads.hang_on_fifo, str(gate))
+    gate.wait_running()
+    stacks = pool.worker_stacks()
+    busy = stacks[gate.pid]
+    assert "hang_on_fifo" in busy and "workloads.py" in busy
+    idle = [text for pid, text in stacks.items() if pid != gate.pid]
+    assert len(idle) == 1 and "hang_on_fifo" not in idle[0] and "serve" in idle[0]
+    gate.release_opened()
+    assert future.result(timeout=30) == gate.pid  # the dump did not disturb the job
+
+
+def test_worker_stacks_leaves_jobs_and_workers_as_they_were(pool):
+    before = set(pool.worker_stacks())
+    for _ in range(5):
+        assert set(pool.worker_stacks()) == before
+    assert [pool.score("m", workloads.add, i) for i in range(20)] == [10 + i for i in range(20)]
+    assert pool.stats().worker_restarts == 0
+
+
+def test_worker_stacks_from_many_threads_at_once(pool):
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:
+        results = list(executor.map(lambda _: pool.worker_stacks(), range(8)))
+    pids = set(results[0])
+    assert len(pids) == 2
+    for stacks in results:  # each caller got every worker: a dump or a sentence saying why not
+        assert set(stacks) == pids
+
+
+def test_timed_out_job_shows_the_line_it_hung_on(pool, fifo):
+    gate = fifo()
+    job_id = pool.create_job(workloads.hang_on_fifo, "m", args=(str(gate),), timeout=0.5)
+    with pytest.raises(JobTimeoutError) as caught:
+        pool.get_result(job_id, timeout=30)
+    line = _line_of("hang_on_fifo: waiting here")
+    assert f'workloads.py", line {line} in hang_on_fifo' in _printed(caught.value)
+
+
+def test_segfault_shows_the_faulting_python_frame(pool):
+    with pytest.raises(WorkerCrashedError) as caught:
+        pool.score("m", workloads.segfault)
+    printed = _printed(caught.value)
+    assert "Segmentation fault" in printed
+    assert 'workloads.py", line ' in printed and "in segfault" in printed
+
+
+def test_abort_shows_the_aborting_python_frame(pool):
+    with pytest.raises(WorkerCrashedError) as caught:
+        pool.score("m", workloads.abort)
+    assert "Aborted" in _printed(caught.value) and "in abort" in _printed(caught.value)
+
+
+def test_sigkilled_worker_carries_no_dump(pool):
+    with pytest.raises(WorkerCrashedError) as caught:
+        pool.score("m", workloads.sigkill_self)
+    assert not getattr(caught.value, "__notes__", None)
+
+
+def _line_of(marker: str) -> int:
+    with open(workloads.__file__) as f:
+        return next(i for i, text in enumerate(f, 1) if marker in text)
+
+
+def test_inline_pool_has_no_worker_stacks():
+    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=0) as pool:
+        assert pool.worker_stacks() == {}
+
+
+def test_worker_stacks_rejects_a_bad_timeout(pool):
+    with pytest.raises(ValueError, match="timeout"):
+        pool.worker_stacks(timeout=0)
+
+
+def test_no_descriptor_left_after_workers_come_and_go(worker_mode):
+    fds = len(os.listdir("/proc/self/fd"))
+    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
+        assert len(pool.worker_stacks()) == 2
+        with pytest.raises(WorkerCrashedError):
+            pool.score("m", workloads.sigkill_self)
+        assert len(pool.worker_stacks()) in (1, 2)
+    assert len(os.listdir("/proc/self/fd")) == fds
