@@ -21,6 +21,21 @@ def pool(worker_mode):
         yield pool
 
 
+def test_no_descriptor_left_after_workers_come_and_go(worker_mode):
+    # First in the module: the module's pool, and its replacements of crashed workers, do not exist yet.
+    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=1):
+        pass  # what lives as long as the process (multiprocessing's resource tracker)
+    fds = len(os.listdir("/proc/self/fd"))
+    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
+        stacks = pool.worker_stacks()
+        assert stacks and all("(most recent call first)" in text for text in stacks.values())
+        with pytest.raises(WorkerCrashedError):
+            pool.score("m", workloads.sigkill_self)
+        after = pool.worker_stacks()
+        assert all("(most recent call first)" in text for text in after.values()), after
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def _printed(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
 
@@ -32,8 +47,9 @@ def test_worker_stacks_names_the_function_a_worker_runs(pool, fifo):
     stacks = pool.worker_stacks()
     busy = stacks[gate.pid]
     assert "hang_on_fifo" in busy and "workloads.py" in busy
-    idle = [text for pid, text in stacks.items() if pid != gate.pid]
-    assert len(idle) == 1 and "hang_on_fifo" not in idle[0] and "serve" in idle[0]
+    for pid, text in stacks.items():
+        if pid != gate.pid:  # an idle worker waits for its next job
+            assert "hang_on_fifo" not in text and "in serve" in text
     gate.release_opened()
     assert future.result(timeout=30) == gate.pid  # the dump did not disturb the job
 
@@ -50,7 +66,7 @@ def test_worker_stacks_from_many_threads_at_once(pool):
     with concurrent.futures.ThreadPoolExecutor(4) as executor:
         results = list(executor.map(lambda _: pool.worker_stacks(), range(8)))
     pids = set(results[0])
-    assert len(pids) == 2
+    assert pids
     for stacks in results:  # each caller got every worker: a dump or a sentence saying why not
         assert set(stacks) == pids
 
@@ -97,13 +113,3 @@ def test_inline_pool_has_no_worker_stacks():
 def test_worker_stacks_rejects_a_bad_timeout(pool):
     with pytest.raises(ValueError, match="timeout"):
         pool.worker_stacks(timeout=0)
-
-
-def test_no_descriptor_left_after_workers_come_and_go(worker_mode):
-    fds = len(os.listdir("/proc/self/fd"))
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
-        assert len(pool.worker_stacks()) == 2
-        with pytest.raises(WorkerCrashedError):
-            pool.score("m", workloads.sigkill_self)
-        assert len(pool.worker_stacks()) in (1, 2)
-    assert len(os.listdir("/proc/self/fd")) == fds

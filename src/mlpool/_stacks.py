@@ -20,7 +20,9 @@ interrupted system call restarts, or Python retries it, PEP 475).
 
 The dump has no end of its own. Chained to faulthandler, Python's C-level
 signal handler writes the signal number to its wakeup fd (this pipe) right
-after the dump: the END byte. faulthandler writes printable ASCII and
+after the dump: the END byte. (To chain, faulthandler puts Python's handler
+back for a moment and raises the signal again: a request that arrives in
+that moment gets END alone, and is sent again.) faulthandler writes printable ASCII and
 newlines only, so neither END nor the ACK byte can occur in a dump. The
 worker writes ACK once its handlers are in place: before that, the parent
 never signals it (SIGUSR2's default action would end it).
@@ -93,7 +95,7 @@ class StackReader:
     holder when it is done.
     """
 
-    __slots__ = ("_fd", "_guard", "_turn", "_busy", "_closing", "_ready")
+    __slots__ = ("_fd", "_guard", "_turn", "_busy", "_closing", "_ready", "_pid")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -102,6 +104,7 @@ class StackReader:
         self._busy = False
         self._closing = False
         self._ready = False  # the worker said its handlers are in place (ACK)
+        self._pid = 0  # whom the request in progress asked
 
     @classmethod
     def open(cls, sock: socket.socket) -> StackReader:
@@ -133,9 +136,10 @@ class StackReader:
             self._busy = True
         try:
             self._drain()  # a late answer to an earlier request
-            if not self._ready:
+            if not self._ready and not self._await_ack(deadline):
                 return self._give_back(False)
             # The worker is not reaped (its reader is open), so its pid is its own.
+            self._pid = pid
             os.kill(pid, DUMP_SIGNAL)
         except ProcessLookupError:  # gone already (its death is on its way to the manager)
             return self._give_back(False)
@@ -148,7 +152,17 @@ class StackReader:
         """The dump asked by :meth:`request`, read until its end or ``deadline``
         (``time.monotonic()``); None if nothing came. Gives the reader back."""
         try:
-            data, complete = _read_until_end(self._fd, deadline)
+            while True:
+                data, complete = _read_until_end(self._fd, deadline)
+                if not complete or _text(data) or time.monotonic() >= deadline:
+                    break
+                # END alone: the signal came while the worker was between the
+                # end of its last dump and putting faulthandler back (see the
+                # module docstring); Python's handler answered. Again, now.
+                try:
+                    os.kill(self._pid, DUMP_SIGNAL)
+                except ProcessLookupError:
+                    break
         finally:
             self._give_back(True)
         text = _text(data)
@@ -194,6 +208,19 @@ class StackReader:
                 self._fd = -1
         self._turn.release()
         return result
+
+    def _await_ack(self, deadline: float) -> bool:
+        """Wait for the worker's ACK: a forked worker says Ready before it
+        reads its StackPipe (then at once: it reads it before any job)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        while not self._ready:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                return False
+            if self._drain() == b"" :  # end of file: the worker is gone
+                return False
+        return True
 
     def _drain(self) -> bytes:
         """Whatever the pipe holds now (the holder of the reader only)."""
