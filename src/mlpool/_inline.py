@@ -40,6 +40,7 @@ from mlpool._metrics import LatencyRecorder
 from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
 from mlpool._state import PoolState, PoolStats
+from mlpool._tracing import end as end_trace
 
 _OUTCOMES = ("completed", "failed", "cancelled")
 
@@ -110,6 +111,8 @@ class InlineEngine:
                 return None
             job.state = JobState.RUNNING
         ok, value, seconds = self._execute(job)
+        if job.trace is not None:
+            end_trace(job, None, ok, value, "completed" if ok else "failed")
         with self._lock:
             finished = job.state is JobState.RUNNING  # not cancelled meanwhile
             if finished:

@@ -39,6 +39,7 @@ from mlpool._errors import MLPoolError
 if TYPE_CHECKING:
     from mlpool._batching import BatchPolicy
     from mlpool._shm import Payload, Region
+    from mlpool._tracing import JobTrace
     from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class Job:
     __slots__ = (
         "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
         "deadline", "retries_left", "state", "worker", "future_running", "estimate",
-        "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer",
+        "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer", "trace",
     )  # fmt: skip
 
     def __init__(
@@ -170,6 +171,7 @@ class Job:
         self.batch_policy = batch_policy  # set for a batched function's job
         self.batch_id: int | None = None  # while running: the id shared by its batch
         self.result_offer: Region | None = None  # shared memory offered for its result
+        self.trace: JobTrace | None = None  # set when the caller traces (see _tracing)
         self.loop = loop
         if loop is None:
             self.future: Future | None = Future() if owner is None else JobFuture(self, owner)

@@ -71,6 +71,7 @@ from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_ex
 from mlpool._shm import RegionPool, read_result
 from mlpool._stacks import collect_stacks
 from mlpool._state import PoolState, PoolStats
+from mlpool._tracing import end as end_trace
 from mlpool._template import Template
 from mlpool._transport import send_frames
 from mlpool._worker_main import WorkerSettings
@@ -403,12 +404,16 @@ class Manager(PipeReaders, WorkerLifecycle):
             try:
                 what = f"the result of job {job.id} ({job.fn_name})"
                 result = read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
-                return job, True, result
+                decoded: tuple[Job, bool, Any] = (job, True, result)
             except Exception as exc:  # its buffers are garbage now: the region went back
-                return job, False, exc
-        if kind is Failed:
-            return job, False, unpack_exception(value.error, value.traceback)
-        return outcome
+                decoded = (job, False, exc)
+        elif kind is Failed:
+            decoded = (job, False, unpack_exception(value.error, value.traceback))
+        else:
+            decoded = outcome
+        if job.trace is not None:
+            end_trace(job, value, decoded[1], decoded[2], _outcome_kind(decoded[1], decoded[2]))
+        return decoded
 
     def _wake(self) -> None:
         try:
@@ -522,11 +527,16 @@ class Manager(PipeReaders, WorkerLifecycle):
                 first.result_offer = self._regions.take(offer)
                 fds.append(first.result_offer.fd)
             frame = encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans, offer is not None)
+            if first.trace is not None:
+                first.trace.sent(worker.pid)
         else:
             ids = tuple(job.id for job in jobs)
             payloads = tuple(job.payload.data for job in jobs)
             spans = tuple(job.payload.spans for job in jobs) if fds else ()
             frame = encode_run_batch(ids, first.fn_id, first.model, fn, payloads, spans)
+            for job in jobs:
+                if job.trace is not None:
+                    job.trace.sent(worker.pid)
         if fn:
             if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
                 known.clear()
