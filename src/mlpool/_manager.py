@@ -342,12 +342,13 @@ class Manager(PipeReaders, WorkerLifecycle):
     def stats(self) -> PoolStats:
         with self._lock:
             alive = [w for w in self._workers.values() if w.state is not WorkerState.EXITED]
+            running = sum(len(w.inflight) for w in alive)
             return PoolStats(
                 state=self._state.value,
                 workers_alive=sum(1 for w in alive if w.state is not WorkerState.STARTING),
                 workers_busy=sum(1 for w in alive if w.inflight),
                 queue_depth=self._scheduler.queued,
-                jobs_running=sum(len(w.inflight) for w in alive),
+                jobs_running=running,
                 jobs_completed=self._counts["completed"],
                 jobs_failed=self._counts["failed"],
                 jobs_crashed=self._counts["crashed"],
@@ -358,6 +359,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                 workers_recycled=self._counts["recycled"],
                 results_unfetched=self._registry.unfetched,
                 **self._latency.stats_fields(),
+                saturation=(running + self._scheduler.queued) / self.config.nb_workers,
             )
 
     # ------------------------------------------------------------ lock helpers

@@ -54,6 +54,10 @@ class PoolStats:
     latency_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound, count) since start
     latency_sum: float  # seconds, since start
     latency_count: int
+    # (jobs running + jobs queued) / worker slots: 1.0 means every worker is
+    # busy and nothing waits; above 1, jobs wait. The autoscaling signal (see
+    # README "Autoscaling"). 0.0 with nb_workers=0 (no workers).
+    saturation: float = 0.0
 
     @property
     def estimated_wait(self) -> float:

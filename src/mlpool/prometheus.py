@@ -39,6 +39,7 @@ _GAUGES = (
     ("queue_depth", "Jobs waiting for a worker."),
     ("jobs_running", "Jobs held by workers."),
     ("results_unfetched", "Finished job-id results waiting for get_result."),
+    ("saturation", "(Jobs running + jobs queued) / worker slots; 1 = every worker busy, nothing waiting."),
 )
 _COUNTERS = (
     ("jobs_retried", "Crashed jobs run again."),
@@ -52,7 +53,7 @@ class PoolCollector:
 
     Metrics (``prefix`` defaults to ``mlpool``): ``_workers_alive``,
     ``_workers_busy``, ``_queue_depth``, ``_jobs_running``,
-    ``_results_unfetched``, ``_healthy`` (gauges); ``_jobs_total`` by
+    ``_results_unfetched``, ``_saturation``, ``_healthy`` (gauges); ``_jobs_total`` by
     ``outcome``, ``_jobs_retried_total``, ``_worker_restarts_total``,
     ``_workers_recycled_total`` (counters); ``_job_latency_seconds``, from
     submission to outcome (histogram). Every sample has a ``pool`` label.
