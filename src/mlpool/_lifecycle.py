@@ -26,6 +26,7 @@ from mlpool._errors import (
 )
 from mlpool._forking import ForkLauncher, ForkOutcome
 from mlpool._jobs import CANCELLED, Job, JobState, running_unit
+from mlpool._logs import worker_exited as log_worker_exited
 from mlpool._manager_parts import ManagerParts
 from mlpool._protocol import LoadFailed, Stop, encode
 from mlpool._stacks import add_crash_dump, add_worker_stack
@@ -73,6 +74,7 @@ class WorkerLifecycle(ManagerParts):
         begun = worker.started.read()
         if running and begun >= 0 and begun != running[0].id:
             running = []  # ...unless it died before it took it: then none of them ran
+        log_worker_exited(worker, how, running, intended=intended)
         for job in jobs:
             job.worker = None
             if job.result_offer is not None:  # it may have half-written it: just take it back

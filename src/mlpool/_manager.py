@@ -59,6 +59,7 @@ from mlpool._errors import (
 )
 from mlpool._forking import ForkLauncher
 from mlpool._jobmaker import JobMaker
+from mlpool._logs import worker_ready as log_worker_ready
 from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop, running_unit, settle, shared_future
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
 from mlpool._metrics import LatencyRecorder
@@ -755,7 +756,7 @@ class Manager(PipeReaders, WorkerLifecycle):
                     with worker.read_lock:
                         self._watch(worker)
                     worker.pid = msg.pid
-                    logger.debug("worker %d (pid %d) ready in %.3fs", worker.id, msg.pid, msg.load_seconds)
+                    log_worker_ready(worker, msg.load_seconds, replacement=self._state is not PoolState.STARTING)
                     if self._state is PoolState.STARTING and all(
                         w.state is not WorkerState.STARTING for w in self._workers.values()
                     ):

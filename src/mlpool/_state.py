@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from mlpool._logs import pool_state_changed
+
 
 class PoolState(enum.Enum):
     STARTING = "starting"  # workers are loading models; jobs queue up
@@ -17,6 +19,7 @@ class PoolState(enum.Enum):
         """``new``, if the pool may go there from this state; else a RuntimeError (a bug)."""
         if new not in _POOL_MOVES[self]:
             raise RuntimeError(f"mlpool internal error: the pool cannot go from {self.value} to {new.value}")
+        pool_state_changed(self, new)
         return new
 
 
