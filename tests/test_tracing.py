@@ -65,10 +65,14 @@ def test_job_span_is_a_child_of_the_callers_span_with_its_attributes(pool, trace
     assert job.attributes["mlpool.outcome"] == "completed"
     assert job.attributes["mlpool.job_id"]
     assert job.status.status_code is StatusCode.UNSET
-    for name in ("mlpool.queue_wait", "mlpool.transfer.args", "mlpool.execute", "mlpool.transfer.result"):
-        (child,) = named[name]
-        assert child.parent.span_id == job.context.span_id
-        assert job.start_time <= child.start_time <= child.end_time <= job.end_time
+    (execute,) = named["mlpool.execute"]
+    assert execute.parent.span_id == job.context.span_id
+    dispatched, returned = (next(e for e in job.events if e.name == n) for n in ("mlpool.dispatched", "mlpool.returned"))
+    assert job.start_time <= dispatched.timestamp <= execute.start_time <= execute.end_time
+    assert execute.end_time <= returned.timestamp <= job.end_time
+    phases = ("mlpool.queue_seconds", "mlpool.transfer_seconds", "mlpool.execute_seconds")
+    assert all(job.attributes[name] >= 0 for name in phases)
+    assert sum(job.attributes[name] for name in phases) <= (job.end_time - job.start_time) / 1e9 + 1e-6
 
 
 def test_execution_span_contains_the_jobs_real_run_time(pool, tracer, spans):
@@ -78,6 +82,7 @@ def test_execution_span_contains_the_jobs_real_run_time(pool, tracer, spans):
     (job,) = named["spin"]
     (execute,) = named["mlpool.execute"]
     assert execute.end_time - execute.start_time >= 0.2e9
+    assert job.attributes["mlpool.execute_seconds"] >= 0.2
     assert job.end_time - job.start_time >= execute.end_time - execute.start_time
     assert job.end_time - job.start_time < 30e9
 

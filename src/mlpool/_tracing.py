@@ -9,13 +9,18 @@
     engine: dispatch ─► JobTrace.sent(pid): the monotonic time and the worker
     worker: Done/Failed carry the call's start and end (time.monotonic())
     engine, outside its lock, as the outcome is decoded ─► end(): the job's span,
-          child of the caller's, with its children built after the fact:
+          child of the caller's, built after the fact:
 
-      <function name>   job created ──────────────────────────────────► outcome
-        mlpool.queue_wait    created ──► sent
-        mlpool.transfer.args           sent ──► call began   (pipe, unpickling)
-        mlpool.execute                          began ──► ended   (the function)
-        mlpool.transfer.result                             ended ──► decoded
+      <function name>   job created ─────────────────────────────────► outcome
+        event mlpool.dispatched           ▲ sent to the worker
+        mlpool.execute (a child span)          began ──► ended  (the function)
+        event mlpool.returned                                  ▲ result decoded
+      attributes mlpool.queue_seconds (created ─► sent), mlpool.transfer_seconds
+      (sent ─► began plus ended ─► decoded: the pipe, pickling both ways),
+      mlpool.execute_seconds (began ─► ended)
+
+Two spans per job, not one per phase: with the SDK a span costs tens of
+microseconds, as much as a tiny job (``bench/overhead.py`` measures it).
 
 Every span is started and ended at once, with explicit times: nothing is
 open while a job runs, so a job that never ends (a pool dropped) leaves
@@ -121,22 +126,22 @@ def _record(job: Job, trace: JobTrace, reply: Any, ok: bool, value: Any, outcome
         job.fn_name, context=trace.context, start_time=trace.start_ns, attributes=attributes,
         record_exception=False, set_status_on_exception=False,
     )  # fmt: skip
-    children = otel_trace.set_span_in_context(span)
     sent = trace.sent_at
     if sent:
-        _child(children, "mlpool.queue_wait", trace, trace.start_mono, sent)
+        span.add_event("mlpool.dispatched", timestamp=trace.wall_ns(sent))
+        span.set_attribute("mlpool.queue_seconds", sent - trace.start_mono)
         began = getattr(reply, "began", 0.0)
         ended = getattr(reply, "ended", 0.0)
         if sent <= began <= ended <= now:  # the worker's clock is ours (see the module docstring)
-            _child(children, "mlpool.transfer.args", trace, sent, began)
-            _child(children, "mlpool.execute", trace, began, ended)
-            _child(children, "mlpool.transfer.result", trace, ended, now)
+            execute = _tracer.start_span(
+                "mlpool.execute", context=otel_trace.set_span_in_context(span), start_time=trace.wall_ns(began)
+            )
+            execute.end(end_time=trace.wall_ns(ended))
+            span.set_attribute("mlpool.execute_seconds", ended - began)
+            span.set_attribute("mlpool.transfer_seconds", (began - sent) + (now - ended))
+        span.add_event("mlpool.returned", timestamp=trace.wall_ns(now))
     if not ok and isinstance(value, BaseException):
         span.record_exception(value)
         span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, f"{type(value).__name__}: {value}"))
     span.end(end_time=trace.wall_ns(now))
 
-
-def _child(context: Any, name: str, trace: JobTrace, start: float, stop: float) -> None:
-    span = _tracer.start_span(name, context=context, start_time=trace.wall_ns(start))
-    span.end(end_time=trace.wall_ns(stop))
