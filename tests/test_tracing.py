@@ -67,7 +67,8 @@ def test_job_span_is_a_child_of_the_callers_span_with_its_attributes(pool, trace
     assert job.status.status_code is StatusCode.UNSET
     (execute,) = named["mlpool.execute"]
     assert execute.parent.span_id == job.context.span_id
-    dispatched, returned = (next(e for e in job.events if e.name == n) for n in ("mlpool.dispatched", "mlpool.returned"))
+    events = {event.name: event for event in job.events}
+    dispatched, returned = events["mlpool.dispatched"], events["mlpool.returned"]
     assert job.start_time <= dispatched.timestamp <= execute.start_time <= execute.end_time
     assert execute.end_time <= returned.timestamp <= job.end_time
     phases = ("mlpool.queue_seconds", "mlpool.transfer_seconds", "mlpool.execute_seconds")

@@ -29,7 +29,7 @@ from mlpool._jobs import CANCELLED, Job, JobState, running_unit
 from mlpool._logs import worker_exited as log_worker_exited
 from mlpool._manager_parts import ManagerParts
 from mlpool._protocol import LoadFailed, Stop, encode
-from mlpool._stacks import add_crash_dump, add_worker_stack
+from mlpool._stacks import with_crash_dump, with_worker_stack
 from mlpool._state import PoolState
 from mlpool._template import Template
 from mlpool._transport import write_all
@@ -136,15 +136,14 @@ class WorkerLifecycle(ManagerParts):
             logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)
             self._scheduler.requeue(job)
             return
-        error = WorkerCrashedError(
+        crashed = WorkerCrashedError(
             f"worker {worker.id} (pid {worker.pid}) {how} while running job {job.id} "
             f"({job.fn_name} on model {job.model!r})",
             worker_id=worker.id,
             pid=worker.pid,
             exitcode=exitcode,
         )
-        add_crash_dump(error, worker)
-        self._finish(job, False, error)
+        self._finish(job, False, with_crash_dump(crashed, worker))
 
     def _failure_reason(self, worker: WorkerHandle, how: str) -> str:
         failure = worker.load_failure
@@ -289,10 +288,8 @@ class WorkerLifecycle(ManagerParts):
                                "batch run on")  # fmt: skip
                 else:
                     message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
-                error = JobTimeoutError(message, while_running=running)
-                if running:  # the line it hung on, before the worker is killed
-                    add_worker_stack(error, worker, f"was running job {job.id} when it timed out")
-                self._finish(job, False, error)
+                error = JobTimeoutError(message, while_running=running)  # with the line it hung on, if it ran
+                self._finish(job, False, with_worker_stack(error, worker, job) if running else error)
                 if stop:
                     worker.kill(f"job {job.id} passed its timeout")
 

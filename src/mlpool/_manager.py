@@ -59,9 +59,9 @@ from mlpool._errors import (
 )
 from mlpool._forking import ForkLauncher
 from mlpool._jobmaker import JobMaker
-from mlpool._logs import worker_ready as log_worker_ready
 from mlpool._jobs import CANCELLED, CallbackRunner, Job, JobState, running_loop, running_unit, settle, shared_future
 from mlpool._lifecycle import WorkerLifecycle, _last_alive
+from mlpool._logs import worker_ready as log_worker_ready
 from mlpool._metrics import LatencyRecorder
 from mlpool._pipes import PipeReaders, ProtocolBroken
 from mlpool._protocol import NOWHERE, Done, Exiting, Failed, LoadFailed, OverMemory, Ready, encode_run, encode_run_batch
@@ -72,8 +72,8 @@ from mlpool._serialization import FUNCTION_CACHE_SIZE, dumps_by_value, unpack_ex
 from mlpool._shm import RegionPool, read_result
 from mlpool._stacks import collect_stacks
 from mlpool._state import PoolState, PoolStats
-from mlpool._tracing import end as end_trace
 from mlpool._template import Template
+from mlpool._tracing import end as end_trace
 from mlpool._transport import send_frames
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, WorkerState
@@ -337,7 +337,9 @@ class Manager(PipeReaders, WorkerLifecycle):
     def worker_stacks(self, timeout: float) -> dict[int, str]:
         """Every serving worker's stacks by pid (see ``_stacks``); waits at most ``timeout``."""
         with self._lock:
-            targets = [(w.pid, w.stacks) for w in self._workers.values() if w.stacks is not None and w.state in _DUMPABLE]
+            targets = [
+                (w.pid, w.stacks) for w in self._workers.values() if w.stacks is not None and w.state in _DUMPABLE
+            ]
         return collect_stacks(targets, timeout)
 
     def stats(self) -> PoolStats:

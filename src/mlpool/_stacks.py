@@ -43,12 +43,14 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from mlpool._protocol import stack_pipe_frame
 from mlpool._transport import send_frames
 
-__all__ = ["DUMP_SIGNAL", "STACKS_TIMEOUT", "StackReader", "add_crash_dump", "add_worker_stack", "install"]
+__all__ = [
+    "DUMP_SIGNAL", "STACKS_TIMEOUT", "StackReader", "collect_stacks", "install", "with_crash_dump", "with_worker_stack",
+]
 
 DUMP_SIGNAL = signal.SIGUSR2
 STACKS_TIMEOUT = 1.0  # seconds a worker has to answer a dump request
@@ -56,6 +58,7 @@ _END = bytes([DUMP_SIGNAL])  # written by Python's signal handler after faulthan
 _ACK = b"\x06"  # the worker's handlers are in place
 _FATAL = b"Fatal Python error"
 _MAX_DUMP = 256 * 1024  # bytes of a dump kept: a worker with thousands of threads
+E = TypeVar("E", bound=BaseException)
 
 
 # ------------------------------------------------------------------ worker side
@@ -271,24 +274,25 @@ def _text(data: bytes) -> str:
 # ------------------------------------------------------- the errors that carry them
 
 
-def add_worker_stack(error: BaseException, worker: Any, when: str) -> None:
-    """Take ``worker``'s stacks now (bounded by STACKS_TIMEOUT) and add them
-    to ``error`` as a note, so a printed traceback shows the line its job was
-    on. ``worker``: a WorkerHandle (its ``stacks``, ``pid``, ``id``)."""
+def with_worker_stack(error: E, worker: Any, job: Any) -> E:
+    """``error``, for ``job`` that ``worker`` (a WorkerHandle) runs now, with
+    the worker's stacks taken now (bounded by STACKS_TIMEOUT) as a note: a
+    printed traceback shows the line the job is on. Call before killing it."""
     reader: StackReader | None = worker.stacks
-    if reader is None:
-        return
-    text = reader.dump(worker.pid)
-    _add_note(error, f"Worker {worker.id} (pid {worker.pid}) {when}:\n{text}")
+    if reader is not None:
+        text = reader.dump(worker.pid)
+        _add_note(error, f"Worker {worker.id} (pid {worker.pid}) was running job {job.id} when it timed out:\n{text}")
+    return error
 
 
-def add_crash_dump(error: BaseException, worker: Any) -> None:
-    """Add the fatal-error dump of ``worker``, a dead WorkerHandle, to
-    ``error`` as a note, if its faulthandler wrote one."""
+def with_crash_dump(error: E, worker: Any) -> E:
+    """``error`` with the fatal-error dump of ``worker``, a dead WorkerHandle,
+    as a note, if its faulthandler wrote one."""
     reader: StackReader | None = worker.stacks
     text = None if reader is None else reader.crash_dump()
     if text:
         _add_note(error, f"Worker {worker.id} (pid {worker.pid}) crashed here:\n{text}")
+    return error
 
 
 def _add_note(error: BaseException, note: str) -> None:
