@@ -54,11 +54,14 @@ __all__ = [
 
 DUMP_SIGNAL = signal.SIGUSR2
 STACKS_TIMEOUT = 1.0  # seconds a worker has to answer a dump request
+# Before a timed-out job's worker is killed: the engine's lock is held meanwhile.
+KILL_STACK_TIMEOUT = 0.5
 _END = bytes([DUMP_SIGNAL])  # written by Python's signal handler after faulthandler's dump
 _ACK = b"\x06"  # the worker's handlers are in place
 _FATAL = b"Fatal Python error"
 _MAX_DUMP = 256 * 1024  # bytes of a dump kept: a worker with thousands of threads
 E = TypeVar("E", bound=BaseException)
+_CONTROL = bytes(c for c in range(32) if c != ord("\n"))
 
 
 # ------------------------------------------------------------------ worker side
@@ -71,15 +74,15 @@ def install(fd: int) -> None:
     keeps its number). Where the dump signal cannot be set up (not the main
     thread), only fatal-error dumps go there, and the parent gets no ACK.
     """
-    os.set_blocking(fd, False)  # set_wakeup_fd requires it; a full pipe truncates a dump, never blocks
-    faulthandler.enable(file=fd, all_threads=True)
     try:
+        os.set_blocking(fd, False)  # set_wakeup_fd requires it; a full pipe truncates a dump, never blocks
+        faulthandler.enable(file=fd, all_threads=True)
         signal.signal(DUMP_SIGNAL, _dumped)
         signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
-    except ValueError:  # not the main thread: no dump requests (never signalled: no ACK)
+        faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=True)
+        os.write(fd, _ACK)
+    except (OSError, ValueError, RuntimeError):  # not the main thread...: no ACK, so never signalled
         return
-    faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=True)
-    os.write(fd, _ACK)
 
 
 def _dumped(signum: int, frame: Any) -> None:
@@ -268,7 +271,9 @@ def _read_until_end(fd: int, deadline: float) -> tuple[bytes, bool]:
 
 
 def _text(data: bytes) -> str:
-    return data.translate(None, _END + _ACK).decode("ascii", "replace").strip()
+    # faulthandler writes printable ASCII and newlines: other bytes are END,
+    # ACK, or the wakeup bytes of signals the job's own code handles.
+    return data.translate(None, _CONTROL).decode("ascii", "replace").strip()
 
 
 # ------------------------------------------------------- the errors that carry them
@@ -280,7 +285,7 @@ def with_worker_stack(error: E, worker: Any, job: Any) -> E:
     printed traceback shows the line the job is on. Call before killing it."""
     reader: StackReader | None = worker.stacks
     if reader is not None:
-        text = reader.dump(worker.pid)
+        text = reader.dump(worker.pid, KILL_STACK_TIMEOUT)
         _add_note(error, f"Worker {worker.id} (pid {worker.pid}) was running job {job.id} when it timed out:\n{text}")
     return error
 
