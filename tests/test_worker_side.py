@@ -177,7 +177,8 @@ def test_a_signal_to_the_process_group_leaves_the_workers_to_the_pool(worker_mod
 
 # A spawned worker must load none of these (issue #14: code split by process).
 PARENT_SIDE = (
-    "mlpool._pool", "mlpool._manager", "mlpool._jobs", "mlpool._lifecycle", "mlpool._pipes",
+    "mlpool._pool", "mlpool._manager", "mlpool._jobs", "mlpool._supervisor", "mlpool._loans", "mlpool._dispatch",
+    "mlpool._fates", "mlpool._outcomes", "mlpool._engine_lock", "mlpool._groups", "mlpool._launchers",
     "mlpool._workers", "mlpool._session", "mlpool._ray", "mlpool._inline", "mlpool._state",
     "mlpool._config", "mlpool._metrics", "mlpool._resources", "mlpool._batching", "mlpool.fastapi",
     "mlpool.prometheus", "mlpool._template", "mlpool._shm", "mlpool._forking", "mlpool._registry", "asyncio",

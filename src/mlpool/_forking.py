@@ -26,11 +26,11 @@ import logging
 import multiprocessing
 import socket
 import time
-from dataclasses import dataclass, field
 
+from mlpool._launchers import EnvFor, Launched, Launcher, no_env
 from mlpool._protocol import ForkFailed, Reaped
 from mlpool._started import StartedWord
-from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, WorkerForked
+from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, TemplateState, WorkerForked
 from mlpool._worker_main import WorkerSettings
 from mlpool._workers import WorkerHandle, new_worker_id, send_started_word
 
@@ -40,38 +40,30 @@ logger = logging.getLogger("mlpool._manager")
 EXIT_REPORT_PATIENCE = 2.0
 
 
-@dataclass(slots=True)
-class ForkOutcome:
-    """What the template's events mean for the engine."""
-
-    started: list[WorkerHandle] = field(default_factory=list)  # forked: add to the pool
-    failed: list[str] = field(default_factory=list)  # fork failures, each counts as a failed start
-    exits: list[tuple[WorkerHandle, int | None]] = field(default_factory=list)  # deaths to settle now
-
-
-class ForkLauncher:
-    """The template of one pool and the workers it is asked to fork."""
+class ForkLauncher(Launcher):
+    """The template of one worker group and the workers it is asked to fork."""
 
     def __init__(
         self,
+        group: str,
         context: multiprocessing.context.BaseContext,
         loaders_pickle: bytes,
         settings: WorkerSettings,
         *,
         start_timeout: float,
         fork_with_threads: bool,
+        env_for: EnvFor = no_env,
     ) -> None:
-        self._context = context
-        self._loaders_pickle = loaders_pickle
-        self._settings = settings
+        super().__init__(group, context, loaders_pickle, settings, env_for)
         self._start_timeout = start_timeout
         self._fork_with_threads = fork_with_threads
         self.template: Template | None = None
         self.start_at: float | None = time.monotonic()  # when to start the next template
         self.failures = 0  # templates in a row that died or failed to load
         self.announced = False  # the template's readiness was acted on
-        self.awaiting = 0  # workers due, waiting for a ready template
-        self._forks: dict[int, tuple[socket.socket, StartedWord]] = {}  # worker id -> our end, until answered
+        self.awaiting: list[int] = []  # indices of the workers due, waiting for a ready template
+        # worker id -> our end, its started word and its index in the group, until answered
+        self._forks: dict[int, tuple[socket.socket, StartedWord, int]] = {}
         self._exits: dict[int, tuple[WorkerHandle, float]] = {}  # pid -> dead worker, until when we wait
 
     # ------------------------------------------------- the template itself
@@ -99,14 +91,14 @@ class ForkLauncher:
     @property
     def ready(self) -> bool:
         template = self.template
-        return template is not None and template.ready is not None and not template.gone
+        return template is not None and template.state is TemplateState.READY
 
-    def died(self) -> ForkOutcome:
+    def died(self) -> Launched:
         """The template is gone: forks it never answered will be asked of the
         next one; exits it never reported are settled with an unknown code."""
         self.template = None
         self.announced = False
-        outcome = ForkOutcome()
+        outcome = Launched()
         self._abandon_forks()
         for pid in list(self._exits):
             worker, _ = self._exits.pop(pid)
@@ -124,15 +116,15 @@ class ForkLauncher:
 
     # ---------------------------------------------------------------- forks
 
-    def request(self) -> bool:
-        """Ask the template for one worker; False if there is no ready
-        template (the request waits for one: ``awaiting``). Raises OSError
-        when this process is short of descriptors or memory for it (a failed
-        start, retried after a back-off)."""
+    def launch(self, index: int) -> None:
+        """Ask the template for the worker at ``index``: it arrives through
+        ``events``. Without a ready template the request waits for one
+        (``awaiting``). Raises OSError when this process is short of
+        descriptors or memory for it (a failed start, retried after a back-off)."""
         template = self.template
-        if template is None or template.ready is None or template.gone:
-            self.awaiting += 1
-            return False
+        if template is None or template.state is not TemplateState.READY:
+            self.awaiting.append(index)
+            return None
         worker_id = new_worker_id()
         ours, theirs = socket.socketpair()
         try:
@@ -142,30 +134,30 @@ class ForkLauncher:
             theirs.close()
             raise
         try:
-            template.request_fork(worker_id, theirs)
+            template.request_fork(worker_id, theirs, self._env_for(index))
         except TemplateGone as exc:
             # Its sentinel brings the restart; a template that hangs is made to die.
             logger.warning("could not ask the model template for a worker: %s", exc)
             ours.close()
             started.close()
             template.kill()
-            self.awaiting += 1
-            return False
+            self.awaiting.append(index)
+            return None
         finally:
             theirs.close()
-        self._forks[worker_id] = (ours, started)
-        return True
+        self._forks[worker_id] = (ours, started, index)
+        return None
 
-    def take_awaiting(self) -> int:
-        """The template is ready: how many workers to request now."""
-        count, self.awaiting = self.awaiting, 0
+    def take_awaiting(self) -> list[int]:
+        """The template is ready: the indices of the workers to request now."""
+        indices, self.awaiting = self.awaiting, []
         self.announced = True
         self.failures = 0
-        return count
+        return indices
 
-    def events(self, events: list[TemplateEvent]) -> ForkOutcome:
+    def events(self, events: list[TemplateEvent]) -> Launched:
         """Act on what the template sent (``Template.receive``)."""
-        outcome = ForkOutcome()
+        outcome = Launched()
         for event in events:
             if type(event) is WorkerForked:
                 request = self._forks.pop(event.worker_id, None)
@@ -175,21 +167,23 @@ class ForkLauncher:
                 else:
                     if self.template is not None:
                         _warn_threads(self.template)
-                    ours, started = request
+                    ours, started, index = request
                     try:
-                        outcome.started.append(WorkerHandle(event.process, ours, forked=True, started=started))
+                        worker = WorkerHandle(event.process, ours, forked=True, started=started, stacks=True)
+                        worker.group, worker.index = self.group, index
+                        outcome.started.append(worker)
                     except OSError as exc:  # out of descriptors for its handle: a failed start
                         event.process.kill()
                         event.process.close()
                         ours.close()
                         started.close()
-                        outcome.failed.append(f"could not take a forked worker in: {exc!r}")
+                        outcome.failed.append((index, f"could not take a forked worker in: {exc!r}"))
             elif type(event) is ForkFailed:
                 request = self._forks.pop(event.worker_id, None)
-                if request is not None:
+                if request is not None:  # else given up on: its index is awaiting already
                     request[0].close()
                     request[1].close()
-                outcome.failed.append(f"the model template could not fork a worker: {event.error}")
+                    outcome.failed.append((request[2], f"the model template could not fork a worker: {event.error}"))
             elif type(event) is Reaped:
                 waiting = self._exits.pop(event.pid, None)
                 if waiting is not None:
@@ -199,17 +193,20 @@ class ForkLauncher:
         return outcome
 
     def _abandon_forks(self) -> None:
-        for ours, started in self._forks.values():
+        for ours, started, index in self._forks.values():
             ours.close()
             started.close()
-        self.awaiting += len(self._forks)
+            self.awaiting.append(index)
         self._forks.clear()
 
     # ------------------------------------------------------ deaths, deadlines
 
-    def await_exit_code(self, worker: WorkerHandle, now: float) -> None:
-        """A forked worker died and its template has not reported its code yet."""
+    def await_exit_code(self, worker: WorkerHandle, now: float) -> bool:
+        """A forked worker died: its code comes from its template (Reaped), if that still runs."""
+        if self.template is None:
+            return False
         self._exits[worker.pid] = (worker, now + EXIT_REPORT_PATIENCE)
+        return True
 
     def overdue_exits(self, now: float) -> list[tuple[WorkerHandle, int | None]]:
         """Deaths whose code did not come in time: settled as unknown."""

@@ -35,11 +35,11 @@ from typing import Any
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteError
 from mlpool._jobmaker import JobMaker
-from mlpool._jobs import CANCELLED, Job, JobState, new_job_key, settle, shared_future
+from mlpool._jobs import Job, JobState, Outcome, new_job_key, settle, shared_future
 from mlpool._metrics import LatencyRecorder
 from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
-from mlpool._state import PoolState, PoolStats
+from mlpool._state import PoolState, PoolStats, refusal
 from mlpool._tracing import end as end_trace
 
 _OUTCOMES = ("completed", "failed", "cancelled")
@@ -102,12 +102,12 @@ class InlineEngine:
             if job.state is not JobState.NEW:  # cancelled before it was admitted
                 return None
             if self._state is not PoolState.RUNNING:
-                raise PoolClosedError("the pool is shut down (or shutting down) and takes no new jobs")
+                raise refusal(self._state) or PoolClosedError("the pool has not finished loading its models")
             if register:
                 job.key = new_job_key()
                 self._registry[job.key] = job
             if not job.mark_running():
-                self._finish(job, False, CANCELLED)
+                self._cancelled(job)
                 return None
             job.state = JobState.RUNNING
         ok, value, seconds = self._execute(job)
@@ -118,7 +118,7 @@ class InlineEngine:
             if finished:
                 self._finish(job, ok, value, seconds)
         if finished:
-            settle([(job, ok, value)])
+            settle([Outcome(job, ok, value)])
         return None
 
     def _execute(self, job: Job) -> tuple[bool, Any, float]:
@@ -156,17 +156,18 @@ class InlineEngine:
         with self._lock:
             if job.state is JobState.FINISHED:
                 return False
-            self._finish(job, False, CANCELLED)
-        settle([(job, False, CANCELLED)])
+            self._cancelled(job)
+        settle([Outcome(job, False, None, cancelled=True)])
         return True
+
+    def _cancelled(self, job: Job) -> None:
+        job.state = JobState.FINISHED
+        self._counts["cancelled"] += 1
 
     def _finish(self, job: Job, ok: bool, value: Any, seconds: float | None = None) -> None:
         """Record ``job``'s outcome (under the lock); the caller settles it after."""
         job.state = JobState.FINISHED
         now = time.monotonic()
-        if value is CANCELLED:
-            self._counts["cancelled"] += 1
-            return
         self._counts["completed" if ok else "failed"] += 1
         self._latency.observe(now - job.submitted_at, seconds)
         if job.key is not None:

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from mlpool._errors import MLPoolError
 
@@ -207,27 +207,34 @@ def shared_future(job: Job) -> Future:
     return future
 
 
-# What settle() does with each outcome.
-CANCELLED: Any = object()
+class Outcome(NamedTuple):
+    """What a job ended with, handed to its caller by :func:`settle`: its
+    result (``ok``), its exception, or ``cancelled``. Until decoded (see
+    ``_outcomes``), ``value`` may be the worker's raw Done or Failed."""
+
+    job: Job
+    ok: bool
+    value: Any
+    cancelled: bool = False
 
 
-def settle(outcomes: list[tuple[Job, bool, Any]], callbacks: CallbackRunner | None = None) -> None:
-    """Give each caller its outcome: ``(job, ok, value)``; value may be CANCELLED.
+def settle(outcomes: list[Outcome], callbacks: CallbackRunner | None = None) -> None:
+    """Give each caller its outcome.
 
     Call without holding any lock. Results for asyncio callers are grouped
     per loop into one ``call_soon_threadsafe``. With ``callbacks`` (on the
     thread that reads the pipes), done-callbacks run on the runner's thread
     instead of this one: a callback may wait on the pool.
     """
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, bool, Any]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
     for outcome in outcomes:
-        job = outcome[0]
+        job = outcome.job
         if job.afut is not None:
             by_loop.setdefault(job.loop, []).append(outcome)  # type: ignore[arg-type]
             continue
         future = job.future
         assert future is not None
-        _settle_future(future, outcome[1], outcome[2])
+        _settle_future(future, outcome)
         if type(future) is JobFuture:
             future._job = None
             future.run_callbacks(callbacks)
@@ -247,34 +254,35 @@ def settle(outcomes: list[tuple[Job, bool, Any]], callbacks: CallbackRunner | No
         _settle_async(items)
 
 
-def _settle_async(items: list[tuple[Job, bool, Any]]) -> None:
+def _settle_async(items: list[Outcome]) -> None:
     """In the caller's event loop (or any thread, if that loop is not running)."""
-    for job, ok, value in items:
+    for outcome in items:
+        job = outcome.job
         afut = job.afut
         assert afut is not None
         if not afut.done():
             try:
-                if value is CANCELLED:
+                if outcome.cancelled:
                     afut.cancel()
-                elif ok:
-                    afut.set_result(value)
+                elif outcome.ok:
+                    afut.set_result(outcome.value)
                 else:
-                    afut.set_exception(value)
+                    afut.set_exception(outcome.value)
             except RuntimeError:  # a closed loop cannot schedule its callbacks; the outcome is set
                 pass
         if job.future is not None:  # read after the asyncio handle: see Manager.share
-            _settle_future(job.future, ok, value)
+            _settle_future(job.future, outcome)
 
 
-def _settle_future(future: Future, ok: bool, value: Any) -> None:
+def _settle_future(future: Future, outcome: Outcome) -> None:
     try:
-        if value is CANCELLED:
+        if outcome.cancelled:
             if not Future.cancel(future):  # already running: tell waiters all the same
                 future.set_exception(CancelledError())
-        elif ok:
-            future.set_result(value)
+        elif outcome.ok:
+            future.set_result(outcome.value)
         else:
-            future.set_exception(value)
+            future.set_exception(outcome.value)
     except InvalidStateError:  # the caller cancelled it meanwhile, or it was settled already
         pass
 

@@ -18,12 +18,12 @@ from typing import Any
 from mlpool._config import PoolConfig
 from mlpool._inline import InlineEngine
 from mlpool._jobapi import JobAPI
-from mlpool._lifecycle import TERMINATE_GRACE
 from mlpool._mainguard import check_main_guard
 from mlpool._manager import Manager
 from mlpool._session import Session
 from mlpool._stacks import STACKS_TIMEOUT
 from mlpool._state import PoolState, PoolStats
+from mlpool._supervisor import TERMINATE_GRACE
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 # A shutdown's timeout: a day is more than any drain needs, and waits past it overflow.

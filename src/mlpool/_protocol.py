@@ -374,9 +374,11 @@ class SpawnSentinel:
 
 @dataclass(frozen=True, slots=True)
 class Fork:
-    """Parent -> template: fork a worker; its end of the worker's socket comes along."""
+    """Parent -> template: fork a worker; its end of the worker's socket comes
+    along. ``env``: set in the worker's environment after the fork (worker_env)."""
 
     worker_id: int
+    env: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,3 +412,17 @@ class Reaped:
 
 ToTemplate = Fork | SpawnSentinel
 FromTemplate = TemplateReady | LoadFailed | Forked | ForkFailed | Reaped
+
+
+# Bytes of a model name in a Run message (its length field is 16 bits).
+MAX_MODEL_NAME = 4096
+
+
+def check_model_name(name: str) -> None:
+    """A name every message can carry: refused at construction, not at each job."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"model name {name!r} cannot be encoded as UTF-8: {exc.reason}") from None
+    if size > MAX_MODEL_NAME:
+        raise ValueError(f"model name {name[:40]!r}... is {size} bytes long; at most {MAX_MODEL_NAME}")

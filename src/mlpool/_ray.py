@@ -120,6 +120,8 @@ class _Actor:
 
     def __init__(self, loaders_pickle: bytes, settings: WorkerSettings) -> None:
         started = time.perf_counter()
+        if settings.env:
+            os.environ.update(settings.env)
         cap_threads_before_loading(settings.threads)
         if settings.nice and hasattr(os, "nice"):
             os.nice(settings.nice)

@@ -32,6 +32,18 @@ _POOL_MOVES: dict[PoolState, frozenset[PoolState]] = {
 }
 
 
+def refusal(state: PoolState, broken_reason: str = "") -> Exception | None:
+    """The error a job submitted in ``state`` gets, or None if the pool takes jobs then."""
+    if state is PoolState.RUNNING or state is PoolState.STARTING:
+        return None
+    from mlpool._errors import PoolBrokenError, PoolClosedError
+
+    if state is PoolState.BROKEN:
+        return PoolBrokenError(f"the pool is broken and takes no jobs: {broken_reason}")
+    what = "is shutting down" if state is PoolState.CLOSING else "is shut down"
+    return PoolClosedError(f"the pool {what} and takes no new jobs")
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStats:
     """A snapshot of the pool, from :meth:`mlpool.MLPool.stats`."""

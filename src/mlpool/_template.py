@@ -30,6 +30,7 @@ its parent. The pool's process never adopts orphans (#13.18).
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import multiprocessing
@@ -75,6 +76,25 @@ class TemplateClosed:
 TemplateEvent = TemplateReady | LoadFailed | WorkerForked | ForkFailed | Reaped | TemplateClosed
 
 
+class TemplateState(enum.Enum):
+    LOADING = "loading"  # spawned; loading the models, no TemplateReady yet
+    READY = "ready"  # takes fork requests
+    GONE = "gone"  # its channel is closed (end of file, or close()); its sentinel tells when it exited
+
+    def to(self, new: TemplateState) -> TemplateState:
+        """``new``, if a template may go there from this state; else a RuntimeError (a bug)."""
+        if new not in _TEMPLATE_MOVES[self]:
+            raise RuntimeError(f"mlpool internal error: a template cannot go from {self.value} to {new.value}")
+        return new
+
+
+_TEMPLATE_MOVES: dict[TemplateState, frozenset[TemplateState]] = {
+    TemplateState.LOADING: frozenset({TemplateState.READY, TemplateState.GONE}),
+    TemplateState.READY: frozenset({TemplateState.GONE}),
+    TemplateState.GONE: frozenset({TemplateState.GONE}),  # close() is idempotent
+}
+
+
 class Template:
     """The parent's handle on a template process. One thread only (the manager's).
 
@@ -114,35 +134,44 @@ class Template:
         self.sentinel: int = self.process.sentinel  # readable: it exited; call reap()
         self.pid: int = self.process.pid
         send_packet(self.sock, SpawnSentinel(os.fstat(self.sentinel).st_ino))
-        self.ready: TemplateReady | None = None
+        self.state = TemplateState.LOADING
+        self.load_seconds: float | None = None  # once it said it is ready (it stays set once it is gone)
         self.threads_at_fork: tuple[str, ...] = ()  # unsafe threads it had at its last fork
         self.warned = False
         self.load_failure: LoadFailed | None = None
-        self.gone = False  # its channel is closed (end of file, or close())
         self.exitcode: int | None = None
         self._reaped = False
         self._pending: dict[int, float] = {}  # worker id -> when its fork was requested
         self._children: dict[int, ForkedProcess] = {}  # pid -> forked, exit not reported yet
 
     def __repr__(self) -> str:
-        return f"<template {self.id} pid={self.pid} {'ready' if self.ready else 'loading'}>"
+        return f"<template {self.id} pid={self.pid} {self.state.value}>"
+
+    @property
+    def gone(self) -> bool:
+        return self.state is TemplateState.GONE
+
+    def _close_channel(self) -> None:
+        self.state = self.state.to(TemplateState.GONE)
+        self._pending.clear()
 
     # ------------------------------------------------------------ non-blocking
 
-    def request_fork(self, worker_id: int, worker_sock: socket.socket) -> None:
+    def request_fork(self, worker_id: int, worker_sock: socket.socket, env: dict[str, str] | None = None) -> None:
         """Ask for a worker serving on ``worker_sock`` (the child's end: the
         caller closes its own copy after this returns). Returns at once; the
         answer is a WorkerForked or ForkFailed event from :meth:`receive`.
+        ``env``: set in the worker's environment before it serves (worker_env).
         Raises TemplateGone if the template is not ready, gone, or so far
         behind that its channel is full."""
-        if self.gone or self.ready is None:
-            raise TemplateGone(f"template {self.id} is not ready")
+        if self.state is not TemplateState.READY:
+            raise TemplateGone(f"template {self.id} is not ready ({self.state.value})")
         try:
-            send_packet(self.sock, Fork(worker_id), [worker_sock.fileno()], socket.MSG_DONTWAIT)
+            send_packet(self.sock, Fork(worker_id, env), [worker_sock.fileno()], socket.MSG_DONTWAIT)
         except BlockingIOError:
             raise TemplateGone(f"template {self.id} does not read its requests") from None
         except OSError as exc:
-            self.gone = True
+            self._close_channel()
             raise TemplateGone(f"template {self.id} is gone: {exc}") from None
         self._pending[worker_id] = time.monotonic()
 
@@ -150,7 +179,7 @@ class Template:
         """Every event waiting, without blocking: TemplateReady, LoadFailed,
         WorkerForked, ForkFailed, Reaped (the exit code is also set on the
         worker's ForkedProcess), and last TemplateClosed at end of file.
-        Also updates ``ready``, ``load_failure``, ``threads_at_fork`` and ``gone``."""
+        Also updates ``state``, ``load_failure`` and ``threads_at_fork``."""
         return self._read_events()
 
     def _read_events(self) -> list[TemplateEvent]:
@@ -164,8 +193,7 @@ class Template:
                 logger.debug("template %d: %s", self.id, exc)
                 msg, fds = None, []
             if msg is None:
-                self.gone = True
-                self._pending.clear()
+                self._close_channel()
                 events.append(TemplateClosed())
                 break
             event = self._event(msg, fds)
@@ -180,8 +208,7 @@ class Template:
     def close(self) -> None:
         """Close the channel: the template exits at end of file (its workers
         serve on). Returns at once; the sentinel fires once it exited. Idempotent."""
-        self.gone = True
-        self._pending.clear()
+        self._close_channel()
         if self.sock.fileno() >= 0:
             self.sock.close()
 
@@ -225,7 +252,10 @@ class Template:
             self._pending.pop(msg.worker_id, None)
             return msg
         if type(msg) is TemplateReady:
-            self.ready = msg
+            if self.state is TemplateState.LOADING:
+                self.state = self.state.to(TemplateState.READY)
+                self.load_seconds = msg.load_seconds
+                logger.debug("model template (pid %d) ready in %.3fs", self.pid, msg.load_seconds)
             return msg
         if type(msg) is LoadFailed:
             self.load_failure = msg

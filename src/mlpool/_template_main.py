@@ -19,6 +19,7 @@ memory, never the parent's side (the parent's handle is ``_template``).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import select
@@ -242,7 +243,9 @@ def _fork_on_request(
                 inherited = _pipe_ends(msg.inode)
             elif type(msg) is Fork and len(fds) == 1:
                 threads = _new_native_threads(old_threads)
-                _fork_worker(sock, msg.worker_id, fds[0], threads, models, settings, (wake_r, wake_w, *inherited))
+                worker_settings = settings if msg.env is None else dataclasses.replace(settings, env=msg.env)
+                inherit = (wake_r, wake_w, *inherited)
+                _fork_worker(sock, msg.worker_id, fds[0], threads, models, worker_settings, inherit)
             else:  # not ours to use
                 for fd in fds:
                     os.close(fd)
@@ -304,6 +307,8 @@ def _become_worker(fd: int, models: dict[str, Any], settings: WorkerSettings, cl
         for unused in close:
             os.close(unused)
         watch_parent(settings.parent_pid)
+        if settings.env:
+            os.environ.update(settings.env)
         _reseed()
         if settings.threads > 1:
             cap_threads_before_loading(settings.threads)

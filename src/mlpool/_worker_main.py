@@ -89,6 +89,8 @@ class WorkerSettings:
     # Forked from a template (share_models): max_memory_per_worker counts the
     # worker's private pages only, not the models it shares.
     private_memory: bool = False
+    # worker_env: set in the worker's environment before its loaders run.
+    env: dict[str, str] | None = None
 
 
 def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: WorkerSettings) -> None:
@@ -132,6 +134,8 @@ def prepare_process(settings: WorkerSettings, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(settings.parent_pid)
+    if settings.env:
+        os.environ.update(settings.env)
     if settings.nice and hasattr(os, "nice"):
         os.nice(settings.nice)
     cap_threads_before_loading(threads)

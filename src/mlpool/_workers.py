@@ -68,7 +68,7 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
-        "forked", "started", "fault", "stacks",
+        "forked", "started", "fault", "group", "index", "stacks",
     )  # fmt: skip
 
     def __init__(
@@ -79,10 +79,11 @@ class WorkerHandle:
         *,
         forked: bool = False,
         started: StartedWord | None = None,
-        stacks: bool = True,
+        stacks: bool = False,
     ) -> None:
-        """``stacks``: give the worker a pipe for its stack dumps (see ``_stacks``;
-        not a Ray actor's). Raises OSError (out of descriptors, a dead worker)."""
+        """``stacks``: give the worker a pipe for its stack dumps (see ``_stacks``:
+        a spawned or forked worker, not a Ray actor). Raises OSError (out of
+        descriptors, a dead worker)."""
         self.id = int(process.name.rsplit("-", 1)[1])
         self.process = process
         self.conn = conn
@@ -98,6 +99,8 @@ class WorkerHandle:
         # death, tells a job it was running from one it never took (see _started).
         self.started = started or StartedWord()
         self.reader = FrameReader()
+        self.group = ""  # the worker group it belongs to ("": the shared workers)
+        self.index = 0  # its place in the group (worker_env); a replacement takes the same
         self.state = WorkerState.STARTING
         self.inflight: deque[Job] = deque()
         self.backlog = 0.0  # estimated seconds of work in ``inflight``
@@ -208,7 +211,7 @@ def spawn_worker(
     finally:
         child_conn.close()
     try:
-        return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started)
+        return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started, stacks=True)
     except BaseException:  # out of descriptors for its handle: leave no process behind
         process.kill()
         process.join(_REAP_PATIENCE)
@@ -259,7 +262,7 @@ def ray_worker(loaders_pickle: bytes, settings: WorkerSettings, options: dict) -
     from mlpool._ray import spawn_ray_worker
 
     process, sock = spawn_ray_worker(new_worker_id(), loaders_pickle, settings, options)
-    return WorkerHandle(process, sock, stacks=False)
+    return WorkerHandle(process, sock)
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -1,0 +1,257 @@
+"""Jobs to workers, and their answers back (under the engine's lock).
+
+::
+
+    dispatch: Scheduler.plan ─► (worker, jobs) ─► build the Run frame first
+              ─► record who holds what ─► send; a frame that cannot be built
+              fails its jobs, a pipe that breaks requeues them
+    send_lent: the same for one job on an idle worker whose pipe the caller reads
+    answered: a Done/Failed for the worker's oldest job ─► Outcomes
+
+A job's message is built before anything is recorded: if it cannot be built
+(out of descriptors or memory for shared memory), nothing changed but the
+job's failure. Which worker's pipe an event loop reads, and when it is
+taken back, is decided here with the loans (see ``_loans``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from mlpool._config import PoolConfig
+from mlpool._errors import MLPoolError
+from mlpool._jobs import Job, JobState, running_loop
+from mlpool._loans import Loans
+from mlpool._outcomes import Outcomes, WakeClock
+from mlpool._protocol import NOWHERE, Done, Failed, encode_run, encode_run_batch
+from mlpool._registry import Registry
+from mlpool._scheduler import Scheduler
+from mlpool._serialization import FUNCTION_CACHE_SIZE
+from mlpool._shm import RegionPool
+from mlpool._state import PoolState
+from mlpool._supervisor import Supervisor
+from mlpool._transport import send_frames
+from mlpool._workers import WorkerHandle, WorkerState
+
+logger = logging.getLogger("mlpool._manager")
+
+# A frame, its descriptors, and how many jobs it carries.
+Frame = tuple[bytes, list[int], int]
+
+
+class Dispatcher:
+    """Hands queued jobs to workers and takes their answers."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        scheduler: Scheduler,
+        supervisor: Supervisor,
+        loans: Loans,
+        outcomes: Outcomes,
+        registry: Registry[Job],
+        regions: RegionPool,
+        clock: WakeClock,
+    ) -> None:
+        self._scheduler = scheduler
+        self._supervisor = supervisor
+        self._loans = loans
+        self._outcomes = outcomes
+        self._regions = regions
+        self._clock = clock
+        self._registry = registry
+        self._model_group = supervisor.model_group
+        # Each group's max_jobs_per_worker.
+        self._limits = {name: group.max_jobs_per_worker for name, group in supervisor.groups.items()}
+
+    def watch_deadline(self, job: Job) -> None:
+        """Expire ``job`` at its deadline, if it has one."""
+        if self._registry.watch(job):
+            self._clock.note(job.deadline)  # type: ignore[arg-type]
+
+    def dispatch(self) -> None:
+        """Hand queued jobs to workers that can take them."""
+        scheduler = self._scheduler
+        scheduler.hold_until = None  # set again by plan() if a batch still waits for more items
+        if not scheduler:
+            return
+        limits = self._limits
+        workers = [
+            w
+            for w in self._supervisor.workers.values()
+            if w.state is WorkerState.IDLE
+            and ((limit := limits[w.group]) is None or w.jobs_done + len(w.inflight) < limit)
+        ]
+        if not workers:
+            return
+        here = running_loop()
+        frames: dict[WorkerHandle, list[Frame]] = {}
+        running = self._supervisor.state is PoolState.RUNNING
+        plan = scheduler.plan(workers, here, time.monotonic(), self._others_busy, self._reclaim_stopped)
+        for worker, taken, estimate in plan:
+            jobs = [job for job in taken if self._start(job)]
+            if not jobs:
+                continue
+            # The message first: if it cannot be built, nothing was recorded.
+            try:
+                frame, fds = self._run_frame(worker, jobs)
+            except Exception as exc:
+                self._refuse(jobs, exc)
+                continue
+            limit = limits[worker.group]
+            if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
+                workers.remove(worker)  # its last jobs before it is recycled
+            loop = jobs[0].loop if all(job.loop is jobs[0].loop for job in jobs) else None
+            if worker.borrower is not None and (worker.borrower is not loop or loop is None):
+                self._loans.take_back(worker, here)  # an idle loan to another reader
+            if worker.borrower is None and loop is not None and loop is here and not worker.inflight and running:
+                self._loans.lend_to_loop(worker, here)
+            for job in jobs:
+                job.state = JobState.RUNNING
+                job.worker = worker
+                job.estimate = estimate
+                worker.inflight.append(job)
+                worker.backlog += estimate
+            if not worker.registered and worker.borrower is None:
+                self._loans.watch_now(worker)
+            frames.setdefault(worker, []).append((frame, fds, len(jobs)))
+        if scheduler.hold_until is not None:
+            self._clock.note(scheduler.hold_until)
+        for worker, batch in frames.items():
+            self._send(worker, batch)
+
+    def send_lent(self, job: Job, token: object, lent: list[WorkerHandle]) -> bool | None:
+        """Lend an idle worker's pipe to the calling thread (noted in ``lent``
+        at once) and send it ``job``. None: wait for the result; False: not
+        here (enqueue it); True: settled already (refused, or requeued)."""
+        if self._scheduler or job.state is not JobState.NEW:
+            return False
+        group = self._model_group[job.model]
+        for worker in self._supervisor.workers.values():
+            if worker.state is WorkerState.IDLE and not worker.inflight and worker.group == group:
+                break
+        else:
+            return False
+        try:
+            frame, fds = self._run_frame(worker, [job])
+        except Exception as exc:
+            job.mark_running()
+            self._refuse([job], exc)
+            return True
+        self._loans.lend_to_thread(worker, token)
+        lent.append(worker)
+        self.watch_deadline(job)
+        job.mark_running()
+        job.state = JobState.RUNNING
+        job.worker = worker
+        job.estimate = self._scheduler.estimate(job.fn_id)
+        worker.inflight.append(job)
+        worker.backlog += job.estimate
+        self._send(worker, [(frame, fds, 1)])
+        if job.state is not JobState.RUNNING:  # the pipe failed: requeued or refused
+            self._loans.end(worker, token)
+            if self._supervisor.state is not PoolState.RUNNING:
+                self._clock.soon()
+            self.dispatch()
+            return True
+        return None
+
+    def answered(self, worker: WorkerHandle, msg: Done | Failed) -> None:
+        """``worker`` answered its oldest job."""
+        if not worker.inflight or worker.inflight[0].id != msg.job_id:
+            worker.kill(f"protocol error: answered job {msg.job_id} out of order")
+            return
+        job = worker.inflight.popleft()
+        worker.backlog -= job.estimate
+        worker.jobs_done += 1
+        shared = sum(length for _, length in msg.spans) if type(msg) is Done and msg.where != NOWHERE else None
+        self._scheduler.observe(job.fn_id, msg.seconds, shared)
+        # The worker is done with its arguments; the offer is read in Outcomes.decode.
+        self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
+        if not worker.inflight and worker.registered:
+            self._loans.watch_now(worker)
+        if job.state is JobState.RUNNING:
+            self._outcomes.finish(job, type(msg) is Done, msg)
+        elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
+            os.close(msg.fd)
+            self._outcomes.release_memory(job)
+
+    def _start(self, job: Job) -> bool:
+        """Move a job taken from the queue to running; False (and cancelled) if its caller cancelled it."""
+        if job.mark_running():
+            return True
+        self._outcomes.cancel(job)
+        return False
+
+    def _others_busy(self) -> bool:
+        return any(w.inflight for w in self._supervisor.workers.values())
+
+    def _reclaim_stopped(self) -> bool:
+        return self._loans.reclaim_stopped(list(self._supervisor.workers.values()))
+
+    def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]:
+        """One Run (or RunBatch) frame for ``jobs``, all of one function, and
+        the descriptors of their shared memory to send with it."""
+        first = jobs[0]
+        known = worker.known_functions
+        fn = b"" if first.fn_id in known else first.fn_pickle
+        # Copied into shared memory at its first dispatch (under the lock: a
+        # memcpy, about 0.3 ms for 8 MB); a retry sends the same region.
+        fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
+        if first.batch_policy is None:
+            p = first.payload
+            offer = self._scheduler.result_size(first.fn_id)
+            if offer is not None:  # its results came in shared memory: offer room for the next
+                first.result_offer = self._regions.take(offer)
+                fds.append(first.result_offer.fd)
+            frame = encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans, offer is not None)
+            if first.trace is not None:
+                first.trace.sent(worker.pid)
+        else:
+            ids = tuple(job.id for job in jobs)
+            payloads = tuple(job.payload.data for job in jobs)
+            spans = tuple(job.payload.spans for job in jobs) if fds else ()
+            frame = encode_run_batch(ids, first.fn_id, first.model, fn, payloads, spans)
+            for job in jobs:
+                if job.trace is not None:
+                    job.trace.sent(worker.pid)
+        if fn:
+            if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
+                known.clear()
+            known.add(first.fn_id)
+        return frame, fds
+
+    def _refuse(self, jobs: list[Job], exc: Exception) -> None:
+        """Fail jobs whose message could not be built (out of descriptors or
+        memory for shared memory, ...); the worker never saw them."""
+        for job in jobs:
+            error = MLPoolError(f"job {job.id} ({job.fn_name}) could not be sent to a worker: {exc!r}")
+            error.__cause__ = exc
+            job.worker = None
+            self._outcomes.finish(job, False, error)
+
+    def _send(self, worker: WorkerHandle, frames: list[Frame]) -> None:
+        """Write frames to ``worker``."""
+        try:
+            send_frames(worker.sock, [(frame, fds) for frame, fds, _ in frames])
+        except OSError as exc:
+            # A dead worker (its sentinel will tell us how): these jobs never
+            # reached it, back to the front of the queue. Any other error may
+            # have left half a message in the pipe: the worker is killed, and
+            # these jobs fail (sending them again would fail again).
+            dead = isinstance(exc, (BrokenPipeError, ConnectionResetError))
+            unsent = sum(count for _, _, count in frames)
+            logger.debug("worker %d: could not send %d jobs: %r", worker.id, unsent, exc)
+            worker.kill(f"its pipe failed: {exc!r}")
+            for _ in range(unsent):
+                job = worker.inflight.pop()
+                worker.backlog -= job.estimate
+                if job.result_offer is not None:
+                    self._regions.give(job.result_offer)
+                    job.result_offer = None
+                if dead:
+                    self._scheduler.requeue(job)
+                else:
+                    self._refuse([job], exc)

@@ -1,0 +1,128 @@
+"""What jobs end with: decided under the engine's lock, delivered after it.
+
+::
+
+    engine parts (under the lock) ── finish(job, ok, value) / cancel(job) ──► Outcomes
+                                          counts, latency, result expiry, memory back
+    Manager.locked() on exit ── take() ──► decode (outside the lock) ──► _jobs.settle
+
+:class:`Outcomes` owns the outcomes decided and not yet delivered, the counts
+and latencies ``stats()`` reports, and the shared memory a finished job
+gives back. A result arrives as the worker's raw ``Done`` (or ``Failed``)
+message and is unpickled by :meth:`Outcomes.decode` after the lock is
+released. :class:`WakeClock` is when the manager's wait ends at the latest:
+a part that sets an earlier deadline asks for a wake-up.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from mlpool._errors import JobTimeoutError, WorkerCrashedError
+from mlpool._jobs import Job, JobState, Outcome
+from mlpool._metrics import LatencyRecorder
+from mlpool._protocol import Done, Failed
+from mlpool._registry import Registry
+from mlpool._serialization import unpack_exception
+from mlpool._shm import RegionPool, read_result
+from mlpool._tracing import end as end_trace
+
+
+class WakeClock:
+    """When the manager thread's wait ends at the latest (under the engine's lock)."""
+
+    __slots__ = ("wake_at", "need_wake")
+
+    def __init__(self) -> None:
+        self.wake_at: float | None = None  # set by the manager before each wait
+        self.need_wake = False  # a caller thread must wake the manager when it releases the lock
+
+    def note(self, deadline: float) -> None:
+        """A deadline the manager must not sleep past."""
+        if self.wake_at is None or deadline < self.wake_at:
+            self.need_wake = True
+
+    def soon(self) -> None:
+        """Something changed that the manager thread must act on (shutdown, a recycled worker)."""
+        self.need_wake = True
+
+
+class Outcomes:
+    """Outcomes decided under the lock, waiting for ``take``; counts and latencies."""
+
+    def __init__(self, registry: Registry[Job], regions: RegionPool, clock: WakeClock) -> None:
+        self._registry = registry
+        self._regions = regions
+        self._clock = clock
+        self._pending: list[Outcome] = []
+        self.latency = LatencyRecorder()
+        self.counts = dict.fromkeys(("completed", "failed", "crashed", "timed_out", "cancelled"), 0)
+
+    def finish(self, job: Job, ok: bool, value: Any) -> None:
+        """Decide ``job``'s outcome: its result, its error, or its worker's raw Done/Failed."""
+        job.state = JobState.FINISHED
+        if job.worker is None:  # never sent, or back in the queue: nobody reads its memory
+            self.release_memory(job)
+        self._pending.append(Outcome(job, ok, value))
+        now = time.monotonic()
+        self.counts[_kind(ok, value)] += 1
+        run = value.seconds if type(value) is Done or type(value) is Failed else None
+        self.latency.observe(now - job.submitted_at, run)
+        expiry = self._registry.finished(job, now, keep_result=True)
+        if expiry is not None:
+            self._clock.note(expiry)
+
+    def cancel(self, job: Job) -> None:
+        """``job`` was cancelled: its caller gets CancelledError; its id is forgotten."""
+        job.state = JobState.FINISHED
+        if job.worker is None:
+            self.release_memory(job)
+        self._pending.append(Outcome(job, False, None, cancelled=True))
+        self.counts["cancelled"] += 1
+        self._registry.finished(job, time.monotonic(), keep_result=False)
+
+    def take(self) -> list[Outcome]:
+        """The outcomes decided so far, to deliver once the lock is released."""
+        taken, self._pending = self._pending, []
+        return taken
+
+    def release_memory(self, job: Job, *, keep_offer: bool = False) -> None:
+        """Give the job's shared memory back to the pool; no process reads it now."""
+        if job.payload.buffers:
+            job.payload.release(self._regions)
+        if job.result_offer is not None and not keep_offer:
+            self._regions.give(job.result_offer)
+            job.result_offer = None
+
+    def decode(self, outcome: Outcome) -> Outcome:
+        """Turn a worker's raw Done/Failed into the result or the exception (outside the lock)."""
+        job, _, value = outcome[:3]
+        kind = type(value)
+        if kind is Done:
+            offer, job.result_offer = job.result_offer, None
+            try:
+                what = f"the result of job {job.id} ({job.fn_name})"
+                result = read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
+                decoded = Outcome(job, True, result)
+            except Exception as exc:  # its buffers are garbage now: the region went back
+                decoded = Outcome(job, False, exc)
+        elif kind is Failed:
+            decoded = Outcome(job, False, unpack_exception(value.error, value.traceback))
+        else:
+            decoded = outcome
+        if job.trace is not None:
+            kind_name = "cancelled" if decoded.cancelled else _kind(decoded.ok, decoded.value)
+            end_trace(job, value, decoded.ok, decoded.value, kind_name)
+        return decoded
+
+
+def _kind(ok: bool, value: Any) -> str:
+    """Which ``stats()`` count an outcome adds to: every finished job counts once."""
+    if ok:
+        return "completed"
+    if isinstance(value, WorkerCrashedError):
+        return "crashed"
+    if isinstance(value, JobTimeoutError):
+        return "timed_out"
+    return "failed"  # the function raised, or the pool broke or shut down under it
