@@ -54,6 +54,18 @@ def test_worker_stacks_names_the_function_a_worker_runs(pool, fifo):
     assert future.result(timeout=30) == gate.pid  # the dump did not disturb the job
 
 
+def test_worker_stacks_of_a_job_busy_in_python(pool, fifo, tmp_path):
+    gate, marker = fifo(), tmp_path / "stop"
+    future = pool.submit("m", workloads.busy_until, str(gate), str(marker))
+    try:
+        gate.path.read_text()  # the job opened its end and closed it: it runs, and spins now or next
+        busy = [text for text in pool.worker_stacks().values() if "in busy_until" in text]
+        assert len(busy) == 1, busy
+    finally:
+        marker.touch()
+    assert future.result(timeout=30) >= 0
+
+
 def test_worker_stacks_leaves_jobs_and_workers_as_they_were(pool):
     before = set(pool.worker_stacks())
     for _ in range(5):

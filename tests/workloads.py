@@ -317,3 +317,14 @@ def hang_on_fifo(model: dict, fifo: str) -> int:
 
 def abort(model: dict) -> None:
     os.abort()
+
+
+def busy_until(model: dict, fifo: str, marker: str) -> int:
+    """Say it runs (the test's read end of ``fifo`` opens), then burn CPU in
+    Python, holding the GIL, until ``marker`` exists."""
+    with open(fifo, "w"):  # returns once the test opened the other end
+        pass
+    n = 0
+    while not os.path.exists(marker):
+        n += 1
+    return n
