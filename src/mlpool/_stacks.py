@@ -15,23 +15,25 @@
 Each worker has its own pipe, apart from its socket (which carries framed
 messages only). faulthandler writes from its C signal handler, so a worker
 answers whatever its job does: a Python loop, a blocking read, C code that
-holds the GIL. Nothing stops the job: the handler writes and returns (the
-interrupted system call restarts, or Python retries it, PEP 475).
+holds the GIL. Nothing stops the job: the handler writes and returns. A
+system call it interrupts fails with EINTR, which Python retries (PEP 475);
+C code that does not retry sees it, as it would any signal.
 
 The dump has no end of its own. Chained to faulthandler, Python's C-level
 signal handler writes the signal number to its wakeup fd (this pipe) right
 after the dump: the END byte. (To chain, faulthandler puts Python's handler
 back for a moment and raises the signal again: a request that arrives in
-that moment gets END alone, and is sent again.) faulthandler writes printable ASCII and
-newlines only, so neither END nor the ACK byte can occur in a dump. The
-worker writes ACK once its handlers are in place: before that, the parent
-never signals it (SIGUSR2's default action would end it).
+that moment gets END alone, and is sent again.) faulthandler writes
+printable ASCII and newlines only, so neither END nor the ACK byte can
+occur in a dump. The worker writes ACK once its handlers are in place:
+before that, the parent never signals it (SIGUSR2's default action would
+end it).
 
 Limits: a scoring function that sets its own handler for SIGUSR2, or its
 own ``signal.set_wakeup_fd`` (an asyncio loop with signal handlers) in the
 worker, takes that worker's dumps away (it answers nothing; the wait is
-bounded). Both sides import this module; it imports nothing from mlpool
-but the protocol.
+bounded). Both sides import this module; of mlpool it imports only the
+protocol and the transport.
 """
 
 from __future__ import annotations
