@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import pools
 
 
 def worker_children() -> list[psutil.Process]:
@@ -108,22 +109,6 @@ def fifo(tmp_path):
     return make
 
 
-@contextmanager
-def pool_defaults(mode: str):
-    """Make MLPool's defaults those of a worker mode, for the duration."""
-    from mlpool import MLPool
-
-    with pytest.MonkeyPatch.context() as patch:
-        defaults = MLPool.__init__.__kwdefaults__
-        if mode == "forked":
-            patch.setitem(defaults, "share_models", True)
-        elif mode == "ray":
-            patch.setitem(defaults, "backend", "ray")
-            # Several pools at once fit on the 2-CPU Ray instance.
-            patch.setitem(defaults, "ray_options", {"num_cpus": 0.1})
-        yield
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray instance with 2 CPUs for the whole session; its workers
@@ -148,13 +133,17 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def worker_mode(request):
     """Runs a module's tests once per worker mode: spawned (the default),
-    forked from a model template (``share_models=True`` becomes MLPool's
-    default), and in modules whose WORKER_MODES say so, Ray actors.
-    Module-scoped pools must ask for it, so they are built in each mode."""
+    forked from a model template (``share_models=True``), and in modules whose
+    WORKER_MODES say so, Ray actors. Tests build their pools with
+    ``helpers.pools.make_pool``, in the mode set here; module-scoped pools
+    must ask for this fixture, so they are built in each mode."""
     if request.param == "ray":
         request.getfixturevalue("ray_cluster")
-    with pool_defaults(request.param):
+    previous = pools.set_mode(request.param)
+    try:
         yield request.param
+    finally:
+        pools.set_mode(previous)
 
 
 @contextmanager

@@ -9,11 +9,12 @@ import time
 from functools import partial
 
 import pytest
-import workloads
-from workloads import add, echo, load_constant, pid, wait_for_release
+from helpers import workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, echo, load_constant, pid, wait_for_release
 
 import mlpool
-from mlpool import MLPool, ResultNotReadyError, UnknownJobError, UnknownModelError
+from mlpool import ResultNotReadyError, UnknownJobError, UnknownModelError
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
 WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
@@ -21,7 +22,7 @@ WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
 
 @pytest.fixture(scope="module")
 def pool(worker_mode):
-    with MLPool({"m": load_constant, "n": load_constant}, nb_workers=2) as p:
+    with make_pool({"m": load_constant, "n": load_constant}, nb_workers=2) as p:
         yield p
 
 
@@ -47,13 +48,13 @@ def test_async_round_trips(pool):
 
 def test_seed_readme_example(tmp_path):
     """The seed README's example, as written, with only the import added."""
-    from workloads import load_text_classifier, score_text_classifier
+    from helpers.workloads import load_text_classifier, score_text_classifier
 
     vocabulary = tmp_path / "text_classification.pt"
     vocabulary.write_text("respectable good great")
     load_any_other_model_callable = load_constant
 
-    with MLPool(
+    with make_pool(
         models_to_load={
             "text_classifier": partial(load_text_classifier, str(vocabulary)),
             "any_other_model": load_any_other_model_callable,
@@ -157,7 +158,7 @@ def test_async_caller_timeout_leaves_job_running(pool, fifo):
 
 
 def test_expired_result_is_forgotten():
-    with MLPool({"m": load_constant}, nb_workers=1, result_ttl=0.2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, result_ttl=0.2) as pool:
         job_id = pool.create_job(add, "m", args=(1,))
         kept = pool.create_job(add, "m", args=(2,))
         assert pool.get_result(kept) == 12
@@ -195,6 +196,13 @@ def test_stats_count_jobs(pool):
 
 
 def test_default_nb_workers_leaves_a_core_for_the_api():
-    with MLPool({"m": load_constant}) as pool:
+    with make_pool({"m": load_constant}) as pool:
         assert pool.nb_workers == max(1, mlpool.usable_cpu_count() - 1)
         assert pool.score("m", add, 0) == 10
+
+
+def test_pools_are_built_in_the_worker_mode_of_the_module(worker_mode):
+    """make_pool builds in the mode the worker_mode fixture set (forked: from a model template)."""
+    with make_pool({"m": load_constant}, nb_workers=1) as pool:
+        assert pool._config.share_models is (worker_mode == "forked")
+        assert pool.score("m", add, 1) == 11

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 import websockets
-from conftest_server import EXAMPLES, UvicornServer
+from helpers.server import EXAMPLES, UvicornServer
 
 sys.path.insert(0, str(EXAMPLES))
 from app import main, models

@@ -7,8 +7,8 @@ import time
 from concurrent.futures import CancelledError
 
 import pytest
-import workloads
-from workloads import double_all, load_constant
+from helpers import workloads
+from helpers.workloads import double_all, load_constant
 
 import mlpool
 from mlpool import JobTimeoutError, MLPool, MLPoolError, WorkerCrashedError

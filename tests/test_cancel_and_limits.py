@@ -6,17 +6,18 @@ import asyncio
 import threading
 
 import pytest
-import workloads
-from workloads import add, load_constant, touch, wait_for_release
+from helpers import workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, load_constant, touch, wait_for_release
 
-from mlpool import JobTimeoutError, MLPool, PoolFullError, UnknownJobError
+from mlpool import JobTimeoutError, PoolFullError, UnknownJobError
 
 pytestmark = pytest.mark.usefixtures("worker_mode", "no_leaked_workers")
 
 
 @pytest.fixture
 def pool():
-    with MLPool({"m": load_constant}, nb_workers=1) as p:
+    with make_pool({"m": load_constant}, nb_workers=1) as p:
         yield p
 
 
@@ -101,7 +102,7 @@ def test_cancelled_task_cancels_its_job(pool, fifo, tmp_path):
 
 
 def test_full_queue_raises_or_waits(fifo):
-    with MLPool({"m": load_constant}, nb_workers=1, max_queue_size=2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_queue_size=2) as pool:
         gate = fifo()
         running = pool.create_job(wait_for_release, "m", args=(str(gate),))
         gate.wait_running()
@@ -126,7 +127,7 @@ def test_full_queue_raises_or_waits(fifo):
 
 
 def test_full_queue_async_waits_without_blocking_the_loop(fifo):
-    with MLPool({"m": load_constant}, nb_workers=1, max_queue_size=1) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_queue_size=1) as pool:
         gate = fifo()
 
         async def main():
@@ -175,7 +176,7 @@ def test_job_timeout_while_running_replaces_the_worker(pool):
 
 
 def test_pool_wide_job_timeout():
-    with MLPool({"m": load_constant}, nb_workers=1, job_timeout=0.2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, job_timeout=0.2) as pool:
         with pytest.raises(JobTimeoutError):
             pool.score("m", workloads.spin, 600.0)
         # The replacement may take longer than 0.2 s to start: this job gets its own deadline.

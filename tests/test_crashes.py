@@ -8,8 +8,9 @@ import os
 import signal
 
 import pytest
-import workloads
-from workloads import add, load_constant, wait_for_release
+from helpers import workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, load_constant, wait_for_release
 
 from mlpool import MLPool, WorkerCrashedError
 
@@ -39,7 +40,7 @@ def assert_full_strength(pool: MLPool, fifo) -> set[int]:
     ids=["sigkill", "segfault", "os._exit"],
 )
 def test_worker_death_fails_only_its_job(fault, args, expected, fifo):
-    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2) as pool:
         before = assert_full_strength(pool, fifo)
         gate = fifo()
         survivor = pool.submit("m", wait_for_release, str(gate))
@@ -57,7 +58,7 @@ def test_worker_death_fails_only_its_job(fault, args, expected, fifo):
 
 
 def test_sigkill_from_outside_while_busy(fifo):
-    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2) as pool:
         gate = fifo()
         job_id = pool.create_job(wait_for_release, "m", args=(str(gate),))
         gate.wait_running()
@@ -76,13 +77,13 @@ def test_crash_while_async_callers_wait(fifo):
             await crash
         return results
 
-    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2) as pool:
         assert asyncio.run(main(pool)) == [10 + i for i in range(50)]
         assert_full_strength(pool, fifo)
 
 
 def test_jobs_queued_behind_a_crash_still_run(fifo):
-    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1) as pool:
         # Teach the pool that add is short, so several add jobs may wait
         # inside the worker, behind the crashing job.
         for i in range(20):

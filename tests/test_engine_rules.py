@@ -14,7 +14,7 @@ from concurrent.futures import CancelledError
 
 import psutil
 import pytest
-from workloads import add, load_constant, pid, wait_for_release
+from helpers.workloads import add, load_constant, pid, wait_for_release
 
 import mlpool
 from mlpool import MLPool, PoolClosedError

@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-import workloads
 from conftest import worker_children
-from workloads import add, load_constant, pid, raise_value_error
+from helpers import workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, load_constant, pid, raise_value_error
 
-from mlpool import MLPool, ModelLoadError, RemoteError, RemoteTraceback, SerializationError
+from mlpool import ModelLoadError, RemoteError, RemoteTraceback, SerializationError
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
 WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
@@ -17,7 +18,7 @@ WORKER_MODES = ("spawned", "forked", "ray")  # see conftest.worker_mode
 
 @pytest.fixture(scope="module")
 def pool(worker_mode):
-    with MLPool({"m": load_constant}, nb_workers=1) as p:
+    with make_pool({"m": load_constant}, nb_workers=1) as p:
         yield p
 
 
@@ -78,7 +79,7 @@ def test_unpicklable_function(pool):
 def test_loader_that_raises_fails_the_constructor_and_leaves_nothing():
     before = {p.pid for p in worker_children()}
     with pytest.raises(ModelLoadError, match="weights file is corrupt") as info:
-        MLPool({"good": load_constant, "bad": workloads.load_raises}, nb_workers=2)
+        make_pool({"good": load_constant, "bad": workloads.load_raises}, nb_workers=2)
     assert info.value.model_name == "bad"
     assert "load_raises" in info.value.remote_traceback
     assert {p.pid for p in worker_children()} <= before
@@ -87,22 +88,22 @@ def test_loader_that_raises_fails_the_constructor_and_leaves_nothing():
 @pytest.mark.usefixtures("no_leaked_workers")
 def test_loader_that_returns_none_fails_the_constructor():
     with pytest.raises(ModelLoadError, match="returned None"):
-        MLPool({"m": workloads.load_none}, nb_workers=1)
+        make_pool({"m": workloads.load_none}, nb_workers=1)
 
 
 def test_bad_constructor_arguments():
     with pytest.raises(TypeError, match="callable"):
-        MLPool({"m": "not callable"}, nb_workers=1)
+        make_pool({"m": "not callable"}, nb_workers=1)
     with pytest.raises(TypeError, match="mapping"):
-        MLPool([load_constant], nb_workers=1)
+        make_pool([load_constant], nb_workers=1)
     with pytest.raises(ValueError, match="empty"):
-        MLPool({}, nb_workers=1)
+        make_pool({}, nb_workers=1)
     with pytest.raises(ValueError, match="result_ttl"):
-        MLPool({"m": load_constant}, nb_workers=1, result_ttl=0)
+        make_pool({"m": load_constant}, nb_workers=1, result_ttl=0)
     with pytest.raises(ValueError, match="nb_workers"):
-        MLPool({"m": load_constant}, nb_workers=-1)
+        make_pool({"m": load_constant}, nb_workers=-1)
     with pytest.raises(ValueError, match="start_method"):
-        MLPool({"m": load_constant}, nb_workers=1, start_method="fork")
+        make_pool({"m": load_constant}, nb_workers=1, start_method="fork")
     with pytest.raises(SerializationError, match="models_to_load"):
         lock = threading.Lock()
-        MLPool({"m": lambda: lock}, nb_workers=1)
+        make_pool({"m": lambda: lock}, nb_workers=1)

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 import websockets
-from conftest_server import TESTS, UvicornServer
+from helpers.server import TESTS, UvicornServer
 
 from mlpool.fastapi import RETRY_AFTER_MAX, RETRY_AFTER_STARTING
 
@@ -21,7 +21,7 @@ from mlpool.fastapi import RETRY_AFTER_MAX, RETRY_AFTER_STARTING
 def server():
     """errors_app: one worker, a queue of 100, fixed error details; one per test,
     so each starts with no recent pace (Retry-After depends on it)."""
-    server = UvicornServer("errors_app:app", TESTS)
+    server = UvicornServer("helpers.errors_app:app", TESTS)
     try:
         yield server
     finally:
@@ -140,7 +140,8 @@ def test_error_bodies_name_no_pid_or_function(server):
 
 def test_pool_starting_gives_an_honest_retry_after_and_empty_messages_do_not_crash(fifo):
     gate = fifo()
-    server = UvicornServer("errors_app:app", TESTS, env={"ERRORS_APP_FIFO": str(gate), "ERRORS_APP_EXPOSE": "1"})
+    env = {"ERRORS_APP_FIFO": str(gate), "ERRORS_APP_EXPOSE": "1"}
+    server = UvicornServer("helpers.errors_app:app", TESTS, env=env)
     try:
         gate.wait_running()  # the worker is in its loader: the pool is starting
         with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -158,7 +159,7 @@ def test_pool_starting_gives_an_honest_retry_after_and_empty_messages_do_not_cra
 
 def test_sigint_while_a_loader_hangs_stops_the_server_and_its_workers_at_once(fifo):
     gate = fifo()
-    server = UvicornServer("hanging_app:app", TESTS, env={"HANGING_APP_FIFO": str(gate)}, wait_ready=False)
+    server = UvicornServer("helpers.hanging_app:app", TESTS, env={"HANGING_APP_FIFO": str(gate)}, wait_ready=False)
     try:
         gate.wait_running()  # a worker is inside its loader, which blocks until the FIFO is written
         workers = server.children()

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-import workloads
-from workloads import add, count_attempt_then, load_constant
+from helpers import workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, count_attempt_then, load_constant
 
-from mlpool import JobTimeoutError, MLPool, PoolBrokenError, WorkerCrashedError
+from mlpool import JobTimeoutError, PoolBrokenError, WorkerCrashedError
 
 pytestmark = pytest.mark.usefixtures("worker_mode", "no_leaked_workers")
 
@@ -23,7 +24,7 @@ def attempts(log: Path) -> int:
 
 
 def test_crashed_job_is_retried_and_succeeds(tmp_path):
-    with MLPool({"m": load_constant}, nb_workers=2, max_retries=1) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2, max_retries=1) as pool:
         job_id = pool.create_job(workloads.crash_first_time, "m", args=(str(tmp_path / "marker"),))
         assert pool.get_result(job_id, timeout=60) == "second try"
         stats = pool.stats()
@@ -32,7 +33,7 @@ def test_crashed_job_is_retried_and_succeeds(tmp_path):
 
 def test_poison_pill_fails_after_its_retries_and_the_pool_lives_on(tmp_path):
     log = tmp_path / "log"
-    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2) as pool:
         job_id = pool.create_job(count_attempt_then, "m", args=(str(log), "crash"), max_retries=2)
         with pytest.raises(WorkerCrashedError, match="SIGKILL"):
             pool.get_result(job_id, timeout=60)
@@ -43,7 +44,7 @@ def test_poison_pill_fails_after_its_retries_and_the_pool_lives_on(tmp_path):
 
 def test_user_exceptions_and_timeouts_are_never_retried(tmp_path):
     raised, timed_out = tmp_path / "raised", tmp_path / "timed_out"
-    with MLPool({"m": load_constant}, nb_workers=1, max_retries=3) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_retries=3) as pool:
         with pytest.raises(RuntimeError, match="user error"):
             pool.score("m", count_attempt_then, str(raised), "raise")
         job_id = pool.create_job(count_attempt_then, "m", args=(str(timed_out), "spin"), timeout=0.3)
@@ -56,7 +57,7 @@ def test_user_exceptions_and_timeouts_are_never_retried(tmp_path):
 
 def test_per_job_override_of_max_retries(tmp_path):
     log = tmp_path / "log"
-    with MLPool({"m": load_constant}, nb_workers=1, max_retries=5) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_retries=5) as pool:
         job_id = pool.create_job(count_attempt_then, "m", args=(str(log), "crash"), max_retries=0)
         with pytest.raises(WorkerCrashedError):
             pool.get_result(job_id, timeout=60)
@@ -76,7 +77,7 @@ def test_replacements_that_keep_failing_break_the_pool(tmp_path, fifo, how, work
     if worker_mode == "forked":
         pytest.skip("forked replacements load nothing; test_share_models breaks a template whose reload fails")
     flag = tmp_path / "flag"
-    pool = MLPool({"m": partial(workloads.load_unless_flagged, str(flag), how)}, nb_workers=1, start_timeout=1.0)
+    pool = make_pool({"m": partial(workloads.load_unless_flagged, str(flag), how)}, nb_workers=1, start_timeout=1.0)
     try:
         gate = fifo()
         running = pool.submit("m", workloads.wait_for_release, str(gate))
@@ -100,7 +101,7 @@ def test_replacements_that_keep_failing_break_the_pool(tmp_path, fifo, how, work
 
 
 def test_recycling_after_max_jobs_loses_nothing():
-    with MLPool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=3) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=3) as pool:
         futures = [pool.submit("m", workloads.pid) for _ in range(30)]
         pids = [f.result(timeout=60) for f in futures]
         assert len(set(pids)) >= 10  # at most 3 jobs per worker process
@@ -111,7 +112,7 @@ def test_recycling_after_max_jobs_loses_nothing():
 
 def test_recycling_over_max_memory():
     limit = 150 * 2**20
-    with MLPool({"m": load_constant}, nb_workers=1, max_memory_per_worker=limit) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_memory_per_worker=limit) as pool:
         first = pool.score("m", workloads.hold_memory, 10)
         assert pool.score("m", workloads.pid) == first  # well under the limit
         over = pool.score("m", workloads.hold_memory, 200)  # pushes it past the limit
@@ -130,9 +131,9 @@ def _open_fds() -> int:
 def test_two_hundred_restarts_leak_no_fds_or_threads():
     # The first spawn in a process starts multiprocessing's resource tracker
     # and keeps a pipe to it for good: not ours to count.
-    MLPool({"m": load_constant}, nb_workers=1).shutdown()
+    make_pool({"m": load_constant}, nb_workers=1).shutdown()
     fds_before, threads_before = _open_fds(), threading.active_count()
-    with MLPool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=1) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=1) as pool:
         # Every job recycles its worker. Workers come and go, so compare like
         # moments: right after a job, early and late in the run.
         assert [pool.score("m", add, i) for i in range(20)] == [10 + i for i in range(20)]
@@ -150,7 +151,7 @@ def test_two_hundred_restarts_leak_no_fds_or_threads():
 def test_unfetched_results_are_bounded_by_result_ttl():
     ttl = 1.0
     process = psutil.Process()
-    with MLPool({"m": load_constant}, nb_workers=2, result_ttl=ttl) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2, result_ttl=ttl) as pool:
 
         def unfetched_round() -> int:
             ids = [pool.create_job(add, "m", args=(i,)) for i in range(100_000)]

@@ -9,9 +9,9 @@ import sys
 import threading
 
 import pytest
-import workloads
 from conftest import worker_children
-from workloads import add, double_all, load_constant, raise_value_error
+from helpers import workloads
+from helpers.workloads import add, double_all, load_constant, raise_value_error
 
 from mlpool import (
     MLPool,

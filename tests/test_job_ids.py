@@ -8,7 +8,7 @@ import concurrent.futures
 import tracemalloc
 
 import pytest
-from workloads import add, load_constant, wait_for_release
+from helpers.workloads import add, load_constant, wait_for_release
 
 from mlpool import MLPool, UnknownJobError
 

@@ -12,17 +12,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-import workloads
 from conftest import worker_children
-from workloads import add, load_constant, wait_for_release
+from helpers import workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, load_constant, wait_for_release
 
-from mlpool import MLPool, PoolClosedError
+from mlpool import PoolClosedError
 
 pytestmark = pytest.mark.usefixtures("worker_mode", "no_leaked_workers")
 
 
 def test_shutdown_leaves_no_process_and_refuses_new_jobs():
-    pool = MLPool({"m": load_constant}, nb_workers=2)
+    pool = make_pool({"m": load_constant}, nb_workers=2)
     pids = {p.pid for p in worker_children()}
     assert len(pids) >= 2
     pool.shutdown()
@@ -40,7 +41,7 @@ def test_shutdown_leaves_no_process_and_refuses_new_jobs():
 
 
 def test_shutdown_lets_queued_and_running_jobs_finish(fifo):
-    pool = MLPool({"m": load_constant}, nb_workers=1)
+    pool = make_pool({"m": load_constant}, nb_workers=1)
     gate = fifo()
     running = pool.submit("m", wait_for_release, str(gate))
     gate.wait_running()
@@ -55,7 +56,7 @@ def test_shutdown_lets_queued_and_running_jobs_finish(fifo):
 
 
 def test_shutdown_cancel_pending(fifo, tmp_path):
-    pool = MLPool({"m": load_constant}, nb_workers=1)
+    pool = make_pool({"m": load_constant}, nb_workers=1)
     gate = fifo()
     running = pool.submit("m", wait_for_release, str(gate))
     gate.wait_running()
@@ -70,7 +71,7 @@ def test_shutdown_cancel_pending(fifo, tmp_path):
 
 
 def test_shutdown_timeout_kills_stuck_workers():
-    pool = MLPool({"m": load_constant}, nb_workers=1)
+    pool = make_pool({"m": load_constant}, nb_workers=1)
     stuck = pool.submit("m", workloads.spin, 600.0)
     started = time.monotonic()
     pool.shutdown(timeout=0.3)
@@ -90,7 +91,7 @@ def test_async_with_does_not_block_the_loop():
                 ticks += 1
 
         ticker = asyncio.ensure_future(tick())
-        async with MLPool({"m": load_constant}, nb_workers=2) as pool:
+        async with make_pool({"m": load_constant}, nb_workers=2) as pool:
             assert pool.ready
             result = await pool.score_async("m", add, 1)
         ticker.cancel()
@@ -102,7 +103,7 @@ def test_async_with_does_not_block_the_loop():
 
 
 def test_idle_pool_uses_no_cpu():
-    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2) as pool:
         pool.score("m", add, 1)
         procs = [psutil.Process()] + worker_children()
         before = [sum(p.cpu_times()[:2]) for p in procs]
@@ -131,7 +132,7 @@ def test_event_loop_stays_responsive_while_hungry_jobs_run():
         await ticker
         return gaps
 
-    with MLPool({"m": load_constant}, nb_workers=2) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2) as pool:
         gaps = asyncio.run(main(pool))
     # Scoring in the loop's own thread would stall it for 0.2 s per job.
     assert len(gaps) > 20
@@ -139,7 +140,7 @@ def test_event_loop_stays_responsive_while_hungry_jobs_run():
 
 
 def test_forgotten_pool_is_shut_down_when_collected():
-    pool = MLPool({"m": load_constant}, nb_workers=1)
+    pool = make_pool({"m": load_constant}, nb_workers=1)
     workers = worker_children()  # psutil handles: no pid looked up again after it may have exited
     del pool
     gc.collect()
@@ -154,7 +155,7 @@ def test_workers_exit_when_the_api_process_is_killed(tmp_path):
             f"""
             import sys, psutil
             sys.path.insert(0, {str(Path(__file__).parent)!r})
-            from workloads import load_constant, spin
+            from helpers.workloads import load_constant, spin
             from mlpool import MLPool
             if __name__ == "__main__":
                 pool = MLPool({{"m": load_constant}}, nb_workers=2)

@@ -9,8 +9,8 @@ import concurrent.futures
 import threading
 
 import pytest
-import workloads
-from workloads import add, echo, load_constant, wait_for_release
+from helpers import workloads
+from helpers.workloads import add, echo, load_constant, wait_for_release
 
 from mlpool import MLPool, WorkerCrashedError
 

@@ -6,9 +6,10 @@ import logging
 import threading
 
 import pytest
-import workloads
+from helpers import workloads
+from helpers.pools import make_pool
 
-from mlpool import MLPool, WorkerCrashedError
+from mlpool import WorkerCrashedError
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
 
@@ -48,7 +49,7 @@ def events():
 
 
 def test_worker_life_and_pool_states_are_logged_with_fields(events, worker_mode):
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
         ready = events.of("worker_ready")
         assert len(ready) == 2
         assert all(r.name == "mlpool" and r.worker_pid > 0 and r.seconds >= 0 for r in ready)
@@ -66,7 +67,7 @@ def test_worker_life_and_pool_states_are_logged_with_fields(events, worker_mode)
 
 
 def test_nothing_is_logged_per_job_at_info(events, worker_mode):
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=1) as pool:
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=1) as pool:
         before = len(events.records)
         for i in range(50):
             assert pool.score("m", workloads.add, i) == 10 + i

@@ -6,14 +6,13 @@ import os
 import signal
 
 import pytest
-from workloads import add, load_constant, pid
-
-from mlpool import MLPool
+from helpers.pools import make_pool
+from helpers.workloads import add, load_constant, pid
 
 
 @pytest.mark.timeout(60)
 def test_a_job_sent_to_a_worker_that_dies_before_taking_it_is_served_by_the_replacement(worker_mode):
-    with MLPool({"m": load_constant}, nb_workers=1, max_retries=0) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_retries=0) as pool:
         victim = pool.score("m", pid)
         os.kill(victim, signal.SIGSTOP)  # it cannot read the job we send now
         try:

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from workloads import load_constant, wait_for_release
+from helpers.workloads import load_constant, wait_for_release
 
 from mlpool import JobTimeoutError, MLPool, SerializationError
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers.workloads import add, load_constant
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
-from workloads import add, load_constant
 
 from mlpool import MLPool
 from mlpool.prometheus import PoolCollector

@@ -15,17 +15,18 @@ import textwrap
 import numpy as np
 import psutil
 import pytest
-import workloads
-from workloads import add, load_constant
+from helpers import workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, load_constant
 
-from mlpool import JobTimeoutError, MLPool, WorkerCrashedError
+from mlpool import JobTimeoutError, WorkerCrashedError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 RAY = {"backend": "ray", "ray_options": {"num_cpus": 0.5}}
 
 
 def test_an_actor_killed_mid_job_fails_that_job_and_is_replaced(ray_cluster, fifo):
-    with MLPool({"m": load_constant}, nb_workers=1, **RAY) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, **RAY) as pool:
         actor = pool.score("m", workloads.own_actor)
         gate = fifo()
         running = pool.submit("m", workloads.wait_for_release, str(gate))
@@ -41,7 +42,7 @@ def test_an_actor_killed_mid_job_fails_that_job_and_is_replaced(ray_cluster, fif
 
 
 def test_a_crashed_actor_process_is_retried(tmp_path):
-    with MLPool({"m": load_constant}, nb_workers=1, max_retries=1, **RAY) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, max_retries=1, **RAY) as pool:
         first = pool.score("m", workloads.pid)
         # The first attempt SIGKILLs its actor's process; the retry runs on a new actor.
         assert pool.score("m", workloads.crash_first_time, str(tmp_path / "marker")) == "second try"
@@ -50,7 +51,7 @@ def test_a_crashed_actor_process_is_retried(tmp_path):
 
 
 def test_a_timeout_replaces_the_actor():
-    with MLPool({"m": load_constant}, nb_workers=1, **RAY) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, **RAY) as pool:
         job = pool.create_job(workloads.spin, "m", args=(60.0,), timeout=1.0)
         with pytest.raises(JobTimeoutError, match="while running") as info:
             pool.get_result(job, timeout=60)
@@ -59,7 +60,7 @@ def test_a_timeout_replaces_the_actor():
 
 
 def test_batching_async_and_large_arrays_through_actors():
-    with MLPool({"m": load_constant}, nb_workers=2, **RAY) as pool:
+    with make_pool({"m": load_constant}, nb_workers=2, **RAY) as pool:
 
         async def many() -> list:
             return await asyncio.gather(*(pool.score_async("m", workloads.double_all, i) for i in range(40)))
@@ -80,7 +81,7 @@ def test_batching_async_and_large_arrays_through_actors():
 
 
 def test_shutdown_kills_the_actors_it_made():
-    pool = MLPool({"m": load_constant}, nb_workers=2, **RAY)
+    pool = make_pool({"m": load_constant}, nb_workers=2, **RAY)
     pids = set()
     while len(pids) < 2:  # ask until both actors answered
         pids |= {f.result(timeout=60) for f in [pool.submit("m", workloads.pid) for _ in range(8)]}
@@ -91,7 +92,7 @@ def test_shutdown_kills_the_actors_it_made():
 
 
 def test_interrupting_a_running_job_kills_its_actor(fifo):
-    with MLPool({"m": load_constant}, nb_workers=1, **RAY) as pool:
+    with make_pool({"m": load_constant}, nb_workers=1, **RAY) as pool:
         gate = fifo()
         job = pool.create_job(workloads.wait_for_release, "m", args=(str(gate),))
         gate.wait_running()
@@ -154,8 +155,8 @@ def test_shutting_down_the_pool_that_started_ray_leaves_it_to_the_others(tmp_pat
 
 def test_bad_ray_arguments_are_refused():
     with pytest.raises(ValueError, match="backend must be one of"):
-        MLPool({"m": load_constant}, nb_workers=1, backend="dask")
+        make_pool({"m": load_constant}, nb_workers=1, backend="dask")
     with pytest.raises(ValueError, match='need backend="ray"'):
-        MLPool({"m": load_constant}, nb_workers=1, ray_address="auto")
+        make_pool({"m": load_constant}, nb_workers=1, ray_address="auto")
     with pytest.raises(ValueError, match="share_models"):
-        MLPool({"m": load_constant}, nb_workers=1, backend="ray", share_models=True)
+        make_pool({"m": load_constant}, nb_workers=1, backend="ray", share_models=True)

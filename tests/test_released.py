@@ -7,7 +7,7 @@ import tracemalloc
 import weakref
 
 import pytest
-from workloads import echo, load_constant
+from helpers.workloads import echo, load_constant
 
 from mlpool import MLPool
 

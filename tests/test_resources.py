@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from workloads import load_numpy_model, thread_settings
+from helpers.workloads import load_numpy_model, thread_settings
 
 from mlpool import MLPool, _resources
 

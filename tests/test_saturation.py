@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import workloads
+from helpers import workloads
+from helpers.pools import make_pool
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("worker_mode")
 
 @pytest.fixture(scope="module")
 def pool(worker_mode):
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
         yield pool
 
 

@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 import websockets
-from conftest_server import EXAMPLES, TESTS, UvicornServer
+from helpers.server import EXAMPLES, TESTS, UvicornServer
 
 sys.path.insert(0, str(EXAMPLES))
 from app import models
@@ -36,7 +36,7 @@ def demo():
 @pytest.fixture(scope="module")
 def small():
     """The test app: one worker, a queue of one."""
-    server = UvicornServer("serving_app:app", TESTS)
+    server = UvicornServer("helpers.serving_app:app", TESTS)
     try:
         yield server
     finally:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import workloads
+from helpers import workloads
+from helpers.workloads import add, load_constant, touch, wait_for_release
 from prometheus_client import CollectorRegistry, generate_latest
-from workloads import add, load_constant, touch, wait_for_release
 
 from mlpool import MLPool, PoolClosedError
 from mlpool.prometheus import PoolCollector

@@ -7,7 +7,7 @@ import concurrent.futures
 import threading
 
 import pytest
-from workloads import add, load_constant, wait_for_release
+from helpers.workloads import add, load_constant, wait_for_release
 
 from mlpool import MLPool, PoolClosedError, PoolFullError
 

@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-import forked_models
 import psutil
 import pytest
-import workloads
-from workloads import add, load_constant
+from helpers import forked_models, workloads
+from helpers.pools import make_pool
+from helpers.workloads import add, load_constant
 
-from mlpool import MLPool, PoolBrokenError, WorkerCrashedError
+from mlpool import PoolBrokenError, WorkerCrashedError
 
 pytestmark = pytest.mark.usefixtures("forkserver_running", "no_leaked_workers")
 
@@ -47,7 +47,7 @@ def model_pid(model: dict) -> tuple[int, int]:
 def test_models_load_once_and_replacements_load_nothing(tmp_path):
     log = tmp_path / "loads"
     loader = partial(workloads.load_logged, str(log))
-    with MLPool({"m": loader}, nb_workers=2, share_models=True, max_retries=1) as pool:
+    with make_pool({"m": loader}, nb_workers=2, share_models=True, max_retries=1) as pool:
         (template,) = loads(log)
         worker, loaded_by = pool.score("m", model_pid)
         assert loaded_by == template != worker
@@ -64,7 +64,7 @@ def test_models_load_once_and_replacements_load_nothing(tmp_path):
 def test_a_dead_template_leaves_workers_serving_and_is_reloaded_once(tmp_path):
     log = tmp_path / "loads"
     loader = partial(workloads.load_logged, str(log))
-    with MLPool({"m": loader}, nb_workers=2, share_models=True, max_retries=3) as pool:
+    with make_pool({"m": loader}, nb_workers=2, share_models=True, max_retries=3) as pool:
         (template,) = loads(log)
         workers = psutil.Process(template).children()
         assert len(workers) == 2
@@ -85,7 +85,7 @@ def test_a_dead_template_leaves_workers_serving_and_is_reloaded_once(tmp_path):
 def test_failing_templates_delay_replacements_and_break_the_pool_only_when_nothing_serves(tmp_path, fifo, how):
     flag = tmp_path / "flag"
     loader = partial(workloads.load_unless_flagged, str(flag), how)
-    pool = MLPool({"m": loader}, nb_workers=1, share_models=True, start_timeout=1.0)
+    pool = make_pool({"m": loader}, nb_workers=1, share_models=True, start_timeout=1.0)
     try:
         template = pool.score("m", lambda model: model["pid"])
         gate = fifo()
@@ -129,7 +129,7 @@ PARENT_SCRIPT = textwrap.dedent(
     """
     import os, sys
     sys.path.insert(0, {tests!r})
-    import workloads
+    from helpers import workloads
     from mlpool import MLPool
 
     if __name__ == "__main__":
@@ -177,7 +177,7 @@ def test_forked_workers_score_real_models_without_deadlock():
         "booster": forked_models.load_booster,
         "cnn": forked_models.load_cnn,
     }
-    with MLPool(loaders, nb_workers=2, threads_per_worker=2, share_models=True, job_timeout=60) as pool:
+    with make_pool(loaders, nb_workers=2, threads_per_worker=2, share_models=True, job_timeout=60) as pool:
         for _ in range(10):
             forest_jobs = [pool.submit("forest", forked_models.predict_rows, rows) for _ in range(4)]
             booster_jobs = [pool.submit("booster", forked_models.predict_rows, rows) for _ in range(4)]
@@ -190,7 +190,7 @@ def test_forked_workers_score_real_models_without_deadlock():
 
 
 def test_model_memory_stays_shared_after_many_jobs():
-    with MLPool({"m": partial(workloads.load_weights, 100)}, nb_workers=2, share_models=True) as pool:
+    with make_pool({"m": partial(workloads.load_weights, 100)}, nb_workers=2, share_models=True) as pool:
         futures = [pool.submit("m", workloads.weights_mean) for _ in range(1000)]
         assert {f.result(timeout=60) for f in futures} == {0.5}
         template = pool.score("m", lambda model: model["pid"])
@@ -205,7 +205,7 @@ def test_model_memory_stays_shared_after_many_jobs():
 
 def test_max_memory_per_worker_counts_private_memory_only():
     limit = 120 * 2**20  # below the 200 MiB model every worker maps
-    with MLPool(
+    with make_pool(
         {"m": partial(workloads.load_weights, 200)}, nb_workers=1, share_models=True, max_memory_per_worker=limit
     ) as pool:
         first = pool.score("m", workloads.pid)
@@ -219,13 +219,13 @@ def test_max_memory_per_worker_counts_private_memory_only():
 
 
 def test_forkserver_template():
-    with MLPool({"m": load_constant}, nb_workers=2, share_models=True, start_method="forkserver") as pool:
+    with make_pool({"m": load_constant}, nb_workers=2, share_models=True, start_method="forkserver") as pool:
         assert pool.score("m", add, 1) == 11
 
 
 def test_share_models_must_be_a_bool():
     with pytest.raises(TypeError, match="share_models must be a bool"):
-        MLPool({"m": load_constant}, nb_workers=1, share_models="yes")
+        make_pool({"m": load_constant}, nb_workers=1, share_models="yes")
 
 
 def draw(model: dict) -> tuple[int, float, float]:
@@ -238,7 +238,7 @@ def draw(model: dict) -> tuple[int, float, float]:
 
 
 def test_each_forked_worker_has_its_own_random_streams():
-    with MLPool({"m": forked_models.load_cnn_and_draw}, nb_workers=2, share_models=True) as pool:
+    with make_pool({"m": forked_models.load_cnn_and_draw}, nb_workers=2, share_models=True) as pool:
         template = psutil.Process(pool.score("m", lambda model: os.getppid()))
         workers = template.children()
         draws = {}

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import workloads
-from workloads import array_summary, load_constant
+from helpers import workloads
+from helpers.workloads import array_summary, load_constant
 
 from mlpool import MLPool, WorkerCrashedError
 
@@ -140,7 +140,7 @@ def test_nothing_is_left_when_the_api_process_is_killed(tmp_path):
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import numpy as np
-        from workloads import load_constant, echo
+        from helpers.workloads import load_constant, echo
         from mlpool import MLPool
         if __name__ == "__main__":
             pool = MLPool({{"m": load_constant}}, nb_workers=2)

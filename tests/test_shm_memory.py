@@ -9,7 +9,7 @@ import os
 import numpy as np
 import psutil
 import pytest
-from workloads import load_constant
+from helpers.workloads import load_constant
 
 from mlpool import MLPool
 from mlpool._shm import Payload, RegionPool, pickle_payload

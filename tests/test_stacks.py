@@ -7,7 +7,8 @@ import os
 import traceback
 
 import pytest
-import workloads
+from helpers import workloads
+from helpers.pools import make_pool
 
 from mlpool import JobTimeoutError, MLPool, WorkerCrashedError
 
@@ -17,16 +18,16 @@ WORKER_MODES = ("spawned", "forked")  # see conftest.worker_mode; Ray actors hav
 
 @pytest.fixture(scope="module")
 def pool(worker_mode):
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
         yield pool
 
 
 def test_no_descriptor_left_after_workers_come_and_go(worker_mode):
     # First in the module: the module's pool, and its replacements of crashed workers, do not exist yet.
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=1):
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=1):
         pass  # what lives as long as the process (multiprocessing's resource tracker)
     fds = len(os.listdir("/proc/self/fd"))
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=2) as pool:
         stacks = pool.worker_stacks()
         assert stacks and all("(most recent call first)" in text for text in stacks.values())
         with pytest.raises(WorkerCrashedError):

@@ -12,8 +12,8 @@ import time
 
 import cloudpickle
 import pytest
+from helpers.workloads import load_constant
 from test_template_processes import load_with_thread_pool
-from workloads import load_constant
 
 from mlpool._protocol import LoadFailed, Ready, Reaped, TemplateReady
 from mlpool._template import Template, TemplateClosed, WorkerForked

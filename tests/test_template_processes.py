@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
-from workloads import load_constant
+from helpers.workloads import load_constant
 
 from mlpool import MLPool, ModelLoadError, WorkerCrashedError
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import workloads
+from helpers import workloads
+from helpers.pools import make_pool
 
 from mlpool import JobTimeoutError, MLPool, WorkerCrashedError
 
@@ -40,7 +41,7 @@ def spans(tracer):
 
 @pytest.fixture(scope="module")
 def pool(worker_mode):
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=2, max_retries=0) as pool:
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=2, max_retries=0) as pool:
         yield pool
 
 
@@ -119,7 +120,7 @@ def test_crashed_and_timed_out_jobs_have_error_spans(pool, tracer, spans, fifo):
 
 def test_retries_are_counted(tracer, spans, tmp_path, worker_mode):
     marker = str(tmp_path / "crashed-once")
-    with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=1, max_retries=2) as pool:
+    with make_pool(models_to_load={"m": workloads.load_constant}, nb_workers=1, max_retries=2) as pool:
         with tracer.start_as_current_span("request"):
             assert pool.score("m", workloads.crash_first_time, marker) == "second try"
     (job,) = _by_name(spans)["crash_first_time"]

@@ -7,11 +7,12 @@ import asyncio
 import logging
 import os
 import signal
+import struct
 import threading
 
 import psutil
 import pytest
-from workloads import add, bytes_digest, exit_now, load_constant, wait_for_release
+from helpers.workloads import add, bytes_digest, exit_now, load_constant, wait_for_release
 
 from mlpool import MLPool, MLPoolError, PoolClosedError, PoolFullError, WorkerCrashedError
 
@@ -259,6 +260,25 @@ def test_a_worker_whose_pipe_carries_garbage_is_replaced_and_the_pool_serves_on(
                 asyncio.run(asyncio.wait_for(pool.score_async("m", write_garbage_to_my_pipes, b"\0" * 64), 30))
         assert pool.score("m", add, 1) == 11
         assert pool.healthy
+
+
+# A frame header whose kind no message has, announcing 4 GiB: the reader must
+# not wait for (nor make room for) bytes that will never come.
+BOGUS_HEADER = struct.pack("<IB", 2**32 - 1, 0xEE)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("call", ["score", "submit"])
+def test_a_frame_header_no_message_has_is_refused_at_once(call):
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        rss = psutil.Process().memory_info().rss
+        with pytest.raises(WorkerCrashedError, match="no message"):
+            if call == "score":
+                pool.score("m", write_garbage_to_my_pipes, BOGUS_HEADER)
+            else:
+                pool.submit("m", write_garbage_to_my_pipes, BOGUS_HEADER).result(timeout=30)
+        assert psutil.Process().memory_info().rss - rss < 256 * 2**20  # no room made for 4 GiB
+        assert pool.score("m", add, 1) == 11
 
 
 @pytest.mark.timeout(60)

@@ -12,7 +12,7 @@ import socket
 import threading
 
 import pytest
-import worker_probe
+from helpers import worker_probe
 
 from mlpool import MLPoolError, RemoteError, SerializationError
 from mlpool._protocol import Failed, RunBatch, Setup, decode, encode, encode_run_batch, setup_frame

@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any
 
 import pytest
-import worker_probe
+from helpers import worker_probe
 
 from mlpool._protocol import Done, Exiting, Ready, Stop, encode, encode_run, encode_run_batch, setup_frame
 from mlpool._serialization import dumps_by_value

@@ -13,11 +13,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import worker_probe
 from conftest import worker_children
+from helpers import worker_probe
+from helpers.pools import make_pool
 
 import mlpool
-from mlpool import MLPool, MLPoolError, RemoteError, SerializationError
+from mlpool import MLPoolError, RemoteError, SerializationError
 
 pytestmark = pytest.mark.usefixtures("worker_mode", "no_leaked_workers")
 
@@ -26,7 +27,7 @@ SRC = str(Path(mlpool.__file__).resolve().parent.parent)
 
 @pytest.fixture(scope="module")
 def pool(worker_mode):
-    with MLPool({"m": worker_probe.load_empty}, nb_workers=1) as p:
+    with make_pool({"m": worker_probe.load_empty}, nb_workers=1) as p:
         yield p
 
 
@@ -142,7 +143,7 @@ def test_a_batch_of_300_shared_memory_items_scores_correctly(worker_mode, fifo):
     # receive buffer held (64): each item must still get its own buffer.
     gate = fifo()
     size = 70_000  # over shared_memory_threshold: each item crosses in its own shared-memory file
-    with MLPool({"m": worker_probe.load_empty}, nb_workers=1, shared_memory_threshold=65_536) as pool:
+    with make_pool({"m": worker_probe.load_empty}, nb_workers=1, shared_memory_threshold=65_536) as pool:
         blocker = pool.submit("m", worker_probe.block_on, str(gate))
         gate.wait_running()
         items = _items(300, size)
@@ -160,7 +161,7 @@ def test_a_batch_of_300_shared_memory_items_scores_correctly(worker_mode, fifo):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_process_group_leaves_the_workers_to_the_pool(worker_mode, fifo, sig):
     gate = fifo()
-    with MLPool({"m": worker_probe.load_empty}, nb_workers=2) as pool:
+    with make_pool({"m": worker_probe.load_empty}, nb_workers=2) as pool:
         running = pool.submit("m", worker_probe.block_on, str(gate))
         gate.wait_running()
         processes = worker_children()  # every worker (and the template): what a group signal reaches
@@ -187,7 +188,7 @@ PARENT_SIDE = (
 
 
 def test_a_worker_loads_no_parent_side_module(worker_mode, request):
-    with MLPool({"m": worker_probe.load_empty}, nb_workers=1) as pool:
+    with make_pool({"m": worker_probe.load_empty}, nb_workers=1) as pool:
         loaded = set(pool.score("m", worker_probe.loaded_modules))
     assert "mlpool._worker_main" in loaded
     assert sorted(loaded.intersection(PARENT_SIDE)) == []

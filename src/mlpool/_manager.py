@@ -391,8 +391,8 @@ class Manager:
             for worker, messages in arrivals:
                 for msg in messages:
                     self._on_message(worker, msg)
-            for group, events, exitcode in templates:
-                exits += supervisor.template_events(group, events, exitcode)
+            for group, events, death in templates:
+                exits += supervisor.template_events(group, events, death)
             now = time.monotonic()
             exits += supervisor.overdue_exits(now)
             for worker, exitcode in exits:
@@ -409,7 +409,7 @@ class Manager:
         """Read what select() reported (outside the lock): messages, deaths, template events."""
         arrivals: list[tuple[WorkerHandle, list]] = []
         exits: list[tuple[WorkerHandle, int | None]] = []
-        templates: list[tuple[WorkerGroup, list, int | None | bool]] = []
+        templates: list[tuple[WorkerGroup, list, tuple[int | None] | None]] = []
         now = time.monotonic()
         for kind, subject in ready:
             if kind == "read":
@@ -420,11 +420,11 @@ class Manager:
                     exits.append(death)
             elif kind == "template":
                 group, template = subject
-                templates.append((group, template.receive(), False))
+                templates.append((group, template.receive(), None))
             elif kind == "template-exit":
                 group, template = subject
                 events = template.receive()
-                templates.append((group, events, self._supervisor.template_died(group, template)))
+                templates.append((group, events, (self._supervisor.template_died(group, template),)))
             else:
                 self._locked.drain_wakeups()
         return arrivals, exits, templates

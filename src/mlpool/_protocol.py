@@ -426,3 +426,9 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"model name {name!r} cannot be encoded as UTF-8: {exc.reason}") from None
     if size > MAX_MODEL_NAME:
         raise ValueError(f"model name {name[:40]!r}... is {size} bytes long; at most {MAX_MODEL_NAME}")
+
+
+# Every message kind a frame header may name (a header naming another is no message).
+KNOWN_KINDS = frozenset(
+    value for name, value in list(globals().items()) if name.endswith("_KIND") and type(value) is int
+)

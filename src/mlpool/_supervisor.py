@@ -421,14 +421,14 @@ class Supervisor:
 
     # ------------------------------------------------------ the fork templates
 
-    def template_events(self, group: WorkerGroup, events: list, exitcode: int | None | bool) -> list:
-        """What a group's template sent (and, unless ``exitcode`` is False, its
-        death): add forked workers, count failures; the deaths to settle now."""
+    def template_events(self, group: WorkerGroup, events: list, death: tuple[int | None] | None = None) -> list:
+        """What a group's template sent, and its death if ``death`` holds its
+        exit code: add forked workers, count failures; the deaths to settle now."""
         launcher = group.launcher
         assert isinstance(launcher, ForkLauncher)  # only a fork launcher has a template
         launched = launcher.events(events)
-        if exitcode is not False:
-            launched.exits += self._template_exited(group, exitcode)
+        if death is not None:
+            launched.exits += self._template_exited(group, death[0])
         elif launcher.ready and not launcher.announced:
             now = time.monotonic()
             for index in launcher.take_awaiting():

@@ -18,12 +18,14 @@ import pickle
 import socket
 from collections import deque
 
-from mlpool._protocol import _HEADER, FromTemplate, FromWorker, ToTemplate, ToWorker, decode
+from mlpool._protocol import _HEADER, KNOWN_KINDS, FromTemplate, FromWorker, ToTemplate, ToWorker, decode
 
 # Linux's SCM_MAX_FD: sendmsg refuses more descriptors in one call (EINVAL),
 # so one recvmsg never brings more: a buffer this size is never truncated.
 MAX_FDS_PER_SEND = 253
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_SEND * array.array("i").itemsize) if hasattr(socket, "CMSG_SPACE") else 0
+# The most one read makes room for: a frame longer than that takes several reads.
+MAX_READ = 64 * 1024 * 1024
 # Plain ints: flags are IntFlag members, and & on those runs Python code.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
@@ -51,7 +53,7 @@ class FrameReader:
         self.fds: deque[int] = deque()
 
     def _room(self) -> memoryview:
-        wanted = max(1 << 16, self.missing())
+        wanted = min(MAX_READ, max(1 << 16, self.missing()))
         if len(self._scratch) < wanted:
             self._scratch = bytearray(wanted)
         return memoryview(self._scratch)
@@ -89,13 +91,17 @@ class FrameReader:
         self._buf += data
 
     def messages(self) -> list[ToWorker | FromWorker]:
-        """Every complete message read so far, in order."""
+        """Every complete message read so far, in order. Raises ValueError as
+        soon as a header names no message kind (bytes that are no frame: the
+        length they announce is not waited for)."""
         buf = self._buf
         out = []
         pos, end = 0, len(buf)
         with memoryview(buf) as view:
             while end - pos >= _HEADER.size:
                 length, kind = _HEADER.unpack_from(buf, pos)
+                if kind not in KNOWN_KINDS:
+                    raise ValueError(f"a frame header names message kind {kind}, which no message has")
                 stop = pos + _HEADER.size + length
                 if stop > end:
                     break

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent.parent
 EXAMPLES = TESTS.parent / "examples"
 
 

@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import Depends, FastAPI, WebSocket
-from workloads import add, load_constant, sigkill_self, spin, wait_for_release
 
+from helpers.workloads import add, load_constant, sigkill_self, spin, wait_for_release
 from mlpool import MLPool, PoolBrokenError
 from mlpool.fastapi import get_pool, install_error_handlers, pool_lifespan
 

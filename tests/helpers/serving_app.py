@@ -8,8 +8,8 @@ import os
 import sys
 
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
-from workloads import add, load_constant, spin, touch, wait_for_release
 
+from helpers.workloads import add, load_constant, spin, touch, wait_for_release
 from mlpool import MLPool
 from mlpool.fastapi import ClientDisconnected, cancel_on_disconnect, get_pool, install_error_handlers, pool_lifespan
 
