@@ -64,7 +64,7 @@ from mlpool._protocol import (
 from mlpool._registry import Registry, Settled
 from mlpool._scheduler import Scheduler
 from mlpool._shm import RegionPool, read_result
-from mlpool._stacks import collect_stacks
+from mlpool._stacks import KILL_STACK_TIMEOUT, collect_stacks
 from mlpool._state import PoolState, PoolStats, refusal
 from mlpool._streams import close_stream, holder, on_item, send_to_worker
 from mlpool._supervisor import Supervisor
@@ -428,8 +428,14 @@ class Manager:
             supervisor.check(now)
             self._dispatcher.dispatch()
             done = supervisor.done()
+            late = self._fates.take_late()
         for worker, _ in exits:
             self._loans.dispose(worker)
+        if late:  # their workers' stacks first, outside the lock: the pool serves on meanwhile
+            workers = {worker.pid: worker.stacks for _, worker in late if worker.stacks is not None}
+            stacks = collect_stacks(list(workers.items()), KILL_STACK_TIMEOUT)
+            with self._locked:
+                self._fates.time_out(late, stacks)
         return done
 
     def _receive(self, ready: list[tuple[str, Any]]) -> tuple[list, list, list]:
