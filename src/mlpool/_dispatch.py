@@ -223,6 +223,8 @@ class Dispatcher:
         fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
         if first.stream is not None:
             frame = run_frame(first, fn)
+            if first.trace is not None:
+                first.trace.sent(worker.pid)
         elif first.batch_policy is None:
             p = first.payload
             offer = self._scheduler.result_size(first.fn_id)
