@@ -38,7 +38,8 @@ def demo():
 @pytest.fixture(scope="module")
 def slow_demo(tmp_path_factory):
     """The example app with about 2 s of work per request, a 1 s default job
-    timeout, and its own copy of the model files (a test deletes them)."""
+    timeout, two workers for the XGBoost models (beside the image's own), and
+    its own copy of the model files (a test deletes them)."""
     models.train_if_missing(with_cnn=True)
     model_dir = tmp_path_factory.mktemp("models")
     for path in (models.IRIS_PATH, models.DIABETES_PATH, models.CNN_PATH):
@@ -47,6 +48,7 @@ def slow_demo(tmp_path_factory):
         "MLPOOL_DEMO_MODEL_DIR": str(model_dir),
         "MLPOOL_DEMO_FEATURE_WORK": "20000000",
         "MLPOOL_DEMO_JOB_TIMEOUT": "1",
+        "MLPOOL_DEMO_WORKERS": "2",
     }
     server = UvicornServer("app.main:app", EXAMPLES, env=env)
     server.model_dir = model_dir
@@ -76,6 +78,47 @@ def png(width: int, height: int, mode: str = "RGB") -> bytes:
 
 def ws_url(server: UvicornServer) -> str:
     return server.url.replace("http", "ws") + "/ws"
+
+
+def loaded_torch(process: psutil.Process) -> bool:
+    """Whether the process has PyTorch's library mapped: it loaded the image CNN."""
+    with open(f"/proc/{process.pid}/maps") as maps:
+        return "libtorch" in maps.read()
+
+
+# ------------------------------------------------------------------ modes (#16)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("mode", "image_workers", "xgboost_workers", "with_torch"),
+    [(None, 1, 1, 1), ("shared", 2, 2, 2)],
+    ids=["groups-by-default", "one-shared-pool"],
+)
+def test_app_serves_the_three_models_from_its_mode_s_workers(mode, image_workers, xgboost_workers, with_torch):
+    """By default the image CNN has a worker of its own and the XGBoost models
+    share the other (only one worker loads PyTorch); "shared" is one pool of
+    the same 2 workers, each loading every model."""
+    models.train_if_missing(with_cnn=True)
+    started = time.monotonic()
+    server = UvicornServer("app.main:app", EXAMPLES, env={"MLPOOL_DEMO_MODE": mode} if mode else None)
+    try:
+        assert time.monotonic() - started < 150  # the lifespan ends once every worker has loaded its models
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            assert isinstance(client.post("/iris", json={"features": IRIS}).json()["class"], int)
+            diabetes = client.post("/diabetes", json={"features": models.diabetes_example()})
+            assert isinstance(diabetes.json()["class"], int)
+            image = client.post("/image", files={"file": ("black.png", png(200, 100), "image/png")}).json()
+            assert isinstance(image["class"], int) and 0 < image["probability"] <= 1
+            assert metric(client, "mlpool_workers_alive", pool="demo") == 2
+            assert metric(client, "mlpool_model_workers", pool="demo", model="image") == image_workers
+            for name in ("iris", "diabetes"):
+                assert metric(client, "mlpool_model_workers", pool="demo", model=name) == xgboost_workers
+        workers = [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        assert sum(loaded_torch(worker) for worker in workers) == with_torch
+    finally:
+        assert not server.stop()
 
 
 # ------------------------------------------------------------------ bodies
@@ -234,7 +277,7 @@ def test_metrics_are_served_without_a_redirect(demo):
 def test_deleting_running_jobs_restarts_at_most_one_worker(slow_demo):
     with httpx.Client(base_url=slow_demo.url, timeout=60) as client:
         restarts = metric(client, "mlpool_worker_restarts_total")
-        for _ in range(3):  # 6 deletes; the first two jobs run on the two idle workers
+        for _ in range(3):  # 6 deletes; the first two jobs run on the two idle (shared) workers
             ids = [client.post("/jobs", json={"model": "iris", "features": IRIS}).json()["job_id"] for _ in range(2)]
             for job_id in ids:
                 assert client.delete(f"/jobs/{job_id}").json() == {"cancelled": True}
