@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from mlpool._jobs import CallbackRunner, Job, settle
+from mlpool._jobs import CallbackRunner, Job, running_loop, settle
 from mlpool._outcomes import Outcomes, WakeClock
 from mlpool._registry import Registry
 
@@ -70,8 +70,14 @@ class EngineLock:
         if outcomes:
             decoded = [self._outcomes.decode(outcome) for outcome in outcomes]
             settle(decoded, self.callbacks if on_manager else None)
-            # Unfetched results of the job-id API keep only their outcome.
-            keyed = [outcome for outcome in decoded if outcome.job.key is not None and not outcome.cancelled]
+            # Unfetched results of the job-id API keep only their outcome; one a
+            # get_result_async of this loop waits for is fetched at once.
+            here = running_loop()
+            keyed = [
+                outcome for outcome in decoded
+                if outcome.job.key is not None and not outcome.cancelled
+                and (outcome.job.fetcher is None or outcome.job.loop is not here)
+            ]  # fmt: skip
             if keyed:
                 with self.plain:
                     for job, ok, value, _ in keyed:

@@ -197,7 +197,7 @@ class JobAPI:
                 raise ResultNotReadyError(f"job {job_id} has not finished yet")
             afut = job.afut
             if afut is not None and job.loop is running_loop():  # made here: no Future, no thread hop
-                done = await wait_here_async(afut, timeout)
+                done = await wait_here_async(job, timeout)
             else:
                 future = self._handle_elsewhere(job)
                 done = future is None or await wait_done_async(future, timeout)

@@ -135,7 +135,7 @@ class Job:
     __slots__ = (
         "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
         "deadline", "retries_left", "state", "worker", "future_running", "estimate",
-        "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer",
+        "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer", "fetcher",
     )  # fmt: skip
 
     def __init__(
@@ -171,6 +171,9 @@ class Job:
         self.batch_id: int | None = None  # while running: the id shared by its batch
         self.result_offer: Region | None = None  # shared memory offered for its result
         self.loop = loop
+        # A get_result_async of the job's own loop waiting for its outcome:
+        # woken by the call that settles it (see _settle_async).
+        self.fetcher: asyncio.Future | None = None
         if loop is None:
             self.future: Future | None = Future() if owner is None else JobFuture(self, owner)
             self.afut: asyncio.Future | None = None
@@ -268,6 +271,9 @@ def _settle_async(items: list[Outcome]) -> None:
                     afut.set_exception(outcome.value)
             except RuntimeError:  # a closed loop cannot schedule its callbacks; the outcome is set
                 pass
+        fetcher = job.fetcher
+        if fetcher is not None and not fetcher.done():
+            fetcher.set_result(None)
         if job.future is not None:  # read after the asyncio handle: see Manager.share
             _settle_future(job.future, outcome)
 

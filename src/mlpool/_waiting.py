@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 
-from mlpool._jobs import running_loop
+from mlpool._jobs import Job, running_loop
 
 Handle = Future | asyncio.Future
 _Waker = Callable[[], None]
@@ -88,13 +88,29 @@ async def wait_any_async(futures: list[Handle], timeout: float | None) -> bool:
     return any(future.done() for future in futures)
 
 
-async def wait_here_async(afut: asyncio.Future, timeout: float | None) -> bool:
-    """:func:`wait_any_async` for one asyncio future of the running loop (a job
-    id fetched in the coroutine's loop that made it: the hot path)."""
+async def wait_here_async(job: Job, timeout: float | None) -> bool:
+    """Wait for ``job``'s asyncio handle, which belongs to the running loop (a
+    job id fetched in the coroutine's loop that made it: the hot path), or
+    ``timeout``; True if it is done.
+
+    The wait is the job's ``fetcher``: the call that settles the job wakes it
+    at once (no callback of the handle in between, one loop turn fewer). A
+    second wait on the same job waits on the handle's done-callback."""
+    afut = job.afut
+    assert afut is not None
     waiter: asyncio.Future = afut.get_loop().create_future()
+    timer = None if timeout is None else waiter.get_loop().call_later(max(0.0, timeout), _set, waiter)
+    if job.fetcher is None:
+        job.fetcher = waiter
+        try:
+            await waiter
+        finally:
+            job.fetcher = None
+            if timer is not None:
+                timer.cancel()
+        return afut.done()
     wake = partial(_set, waiter)
     afut.add_done_callback(wake)
-    timer = None if timeout is None else waiter.get_loop().call_later(max(0.0, timeout), _set, waiter)
     try:
         await waiter
     finally:
