@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test bench bench-overhead bench-batching bench-payload bench-memory chaos clean
+.PHONY: demo quickstart test bench bench-overhead bench-batching bench-payload bench-memory bench-fairness chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench-payload: $(DEV_STAMP)
 ## Memory and restart time of share_models against spawned workers.
 bench-memory: $(DEV_STAMP)
 	$(BIN)/python bench/memory.py
+
+## Two tenants, one flooding: quiet tenant's p99 and Jain's index, sessions against a FIFO;
+## memory of 3 models x 4 workers with and without worker groups.
+bench-fairness: $(DEV_STAMP)
+	$(BIN)/python bench/fairness.py
 
 ## Sustained load while workers are SIGKILLed at random (20 s).
 chaos: $(DEV_STAMP)

@@ -21,7 +21,7 @@ def job(fn_id: int = 1, *, policy: BatchPolicy | None = None, submitted_at: floa
 
 
 def worker(borrower=None) -> SimpleNamespace:
-    return SimpleNamespace(inflight=[], backlog=0.0, borrower=borrower)
+    return SimpleNamespace(inflight=[], backlog=0.0, borrower=borrower, group="")
 
 
 def run_plan(scheduler: Scheduler, workers: list, *, now: float = 0.0, busy: bool = False) -> list:

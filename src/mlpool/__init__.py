@@ -32,6 +32,7 @@ from mlpool._errors import (
 
 if TYPE_CHECKING:
     from mlpool._batching import batched
+    from mlpool._config import Model
     from mlpool._pool import MLPool
     from mlpool._resources import usable_cpu_count
     from mlpool._state import PoolStats
@@ -42,6 +43,7 @@ __all__ = [
     "JobTimeoutError",
     "MLPool",
     "MLPoolError",
+    "Model",
     "ModelLoadError",
     "PoolBrokenError",
     "PoolClosedError",
@@ -61,6 +63,7 @@ __all__ = [
 # Loaded on first use: the name and the private module that defines it.
 _LAZY = {
     "MLPool": "mlpool._pool",
+    "Model": "mlpool._config",
     "PoolStats": "mlpool._state",
     "batched": "mlpool._batching",
     "usable_cpu_count": "mlpool._resources",

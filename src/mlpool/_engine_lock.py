@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
+from mlpool._admission import ModelBounds
 from mlpool._jobs import CallbackRunner, Job, running_loop, settle
 from mlpool._outcomes import Outcomes, WakeClock
 from mlpool._registry import Registry
@@ -31,7 +32,12 @@ class EngineLock:
     """The lock over every part of the engine, as a context manager."""
 
     def __init__(
-        self, outcomes: Outcomes, registry: Registry[Job], clock: WakeClock, has_space: Callable[[], bool]
+        self,
+        outcomes: Outcomes,
+        registry: Registry[Job],
+        clock: WakeClock,
+        has_space: Callable[[], bool],
+        bounds: ModelBounds | None = None,
     ) -> None:
         self.plain = threading.Lock()  # held without delivering: for reads that decide nothing
         self._acquire = self.plain.acquire
@@ -40,6 +46,7 @@ class EngineLock:
         self._clock = clock
         self._has_space = has_space
         self._space_waiters: list[Future] = []
+        self._bounds = bounds  # callers waiting for room in a full model (#16)
         self.callbacks = CallbackRunner()
         self.manager: threading.Thread | None = None  # the manager thread, which needs no wake-up
         self.wake_r, self._wake_w = os.pipe()  # the manager's select() watches wake_r
@@ -57,6 +64,8 @@ class EngineLock:
         try:
             if self._space_waiters and self._has_space():
                 waiters, self._space_waiters = self._space_waiters, []
+            if self._bounds is not None and self._bounds.waiters:
+                waiters = self._bounds.due() + (waiters or [])
             wake = self._clock.need_wake and not on_manager
             self._clock.need_wake = False
         finally:

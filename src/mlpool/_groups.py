@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlpool._config import PoolConfig
+from mlpool._config import PoolConfig, WorkerEnv
 from mlpool._forking import ForkLauncher
-from mlpool._launchers import Launcher, RayLauncher
+from mlpool._launchers import EnvFor, Launcher, RayLauncher, no_env
 from mlpool._serialization import dumps_by_value
 from mlpool._worker_main import WorkerSettings
 
@@ -39,26 +39,46 @@ class WorkerGroup:
 
 
 def build_groups(config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> list[WorkerGroup]:
-    """The worker groups of a pool, each with its launcher (chosen once, here)."""
-    settings = WorkerSettings(
-        parent_pid=os.getpid(),
-        threads=config.threads_per_worker,
-        memory_limit=config.max_memory_per_worker,
-        nice=config.worker_nice,
-        shm_threshold=config.shared_memory_threshold,
-        shm_limit=config.shared_memory_limit,
-        private_memory=config.share_models,
-    )
-    loaders_pickle = dumps_by_value(loaders, "models_to_load")
-    launcher: Launcher
-    if config.backend == "ray":
-        options = {"num_cpus": config.threads_per_worker, **dict(config.ray_options)}
-        launcher = RayLauncher("", loaders_pickle, settings, address=config.ray_address, options=options)
-    elif config.share_models:
-        launcher = ForkLauncher(
-            "", multiprocessing.get_context(config.start_method), loaders_pickle, settings,
-            start_timeout=config.start_timeout, fork_with_threads=config.fork_with_threads,
-        )  # fmt: skip
-    else:
-        launcher = Launcher("", multiprocessing.get_context(config.start_method), loaders_pickle, settings)
-    return [WorkerGroup("", tuple(loaders), config.nb_workers, launcher, config.max_jobs_per_worker)]
+    """The worker groups of a pool (``config.groups``), each with its launcher
+    (chosen once, here) and only its own models' loaders."""
+    context = multiprocessing.get_context(config.start_method)
+    groups = []
+    for group in config.groups:
+        settings = WorkerSettings(
+            parent_pid=os.getpid(),
+            threads=group.threads_per_worker,
+            memory_limit=group.max_memory_per_worker,
+            nice=config.worker_nice,
+            shm_threshold=config.shared_memory_threshold,
+            shm_limit=config.shared_memory_limit,
+            private_memory=group.share_models,
+        )
+        loaders_pickle = dumps_by_value({name: loaders[name] for name in group.models}, "models_to_load")
+        env_for = _env_for(group.worker_env, group.workers)
+        launcher: Launcher
+        if config.backend == "ray":
+            options = {"num_cpus": group.threads_per_worker, **dict(config.ray_options), **(group.ray_options or {})}
+            launcher = RayLauncher(
+                group.name, loaders_pickle, settings, address=config.ray_address, options=options, env_for=env_for
+            )
+        elif group.share_models:
+            launcher = ForkLauncher(
+                group.name, context, loaders_pickle, settings, start_timeout=config.start_timeout,
+                fork_with_threads=config.fork_with_threads, env_for=env_for,
+            )  # fmt: skip
+        else:
+            launcher = Launcher(group.name, context, loaders_pickle, settings, env_for)
+        groups.append(WorkerGroup(group.name, group.models, group.workers, launcher, group.max_jobs_per_worker))
+    return groups
+
+
+def _env_for(worker_env: WorkerEnv | None, workers: int) -> EnvFor:
+    """Each index's environment, computed now (a callable runs here, in the
+    constructor's thread, once per index: never on the manager thread)."""
+    if worker_env is None:
+        return no_env
+    if isinstance(worker_env, dict):
+        env = dict(worker_env)
+        return lambda index: env
+    envs = [dict(worker_env(index)) for index in range(workers)]
+    return lambda index: envs[index]

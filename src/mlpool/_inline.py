@@ -36,7 +36,7 @@ from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteError
 from mlpool._jobmaker import JobMaker
 from mlpool._jobs import Job, JobState, Outcome, new_job_key, settle, shared_future
-from mlpool._metrics import LatencyRecorder
+from mlpool._metrics import LatencyRecorder, ModelRecorders
 from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
 from mlpool._state import PoolState, PoolStats, refusal
@@ -62,6 +62,7 @@ class InlineEngine:
         self._expiring: OrderedDict[str, float] = OrderedDict()  # key -> expiry, in finishing order
         self._counts = dict.fromkeys(_OUTCOMES, 0)
         self._latency = LatencyRecorder()
+        self._per_model = ModelRecorders(config.model_groups(), self._latency)
         self.started: Future[None] = Future()
         self.finished: Future[None] = Future()
 
@@ -167,6 +168,7 @@ class InlineEngine:
         now = time.monotonic()
         self._counts["completed" if ok else "failed"] += 1
         self._latency.observe(now - job.submitted_at, seconds)
+        self._per_model.observe(job.model, now - job.submitted_at, ok)
         if job.key is not None:
             self._expiring[job.key] = now + self.config.result_ttl
 
@@ -237,6 +239,7 @@ class InlineEngine:
                 workers_recycled=0,
                 results_unfetched=len(self._expiring),
                 **self._latency.stats_fields(),
+                models=self._per_model.stats(lambda model: 0, (), counts),
             )
 
 

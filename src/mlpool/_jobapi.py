@@ -12,6 +12,9 @@
       the job's handle: a concurrent Future (made in a thread) or an asyncio
       future of the caller's loop (made in a coroutine: score_async, create_job_async)
 
+A job's options come from the call, else its view or session (:meth:`JobAPI.options`),
+else its model; a session's jobs carry its lane (its :class:`Group`).
+
 A sync method and its ``_async`` twin share every step but the wait, which
 goes through :mod:`mlpool._waiting` (a wait that ends removes what it added).
 Jobs made in a coroutine carry its loop, which reads their worker's pipe and
@@ -32,6 +35,7 @@ from typing import Any, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
+from mlpool._options import JobOptions, check_priority
 from mlpool._registry import Settled
 from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
 
@@ -49,6 +53,8 @@ class Engine(Protocol):
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
+        priority: int = 0,
+        lane: object | None = None,
     ) -> Job: ...
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None: ...
@@ -76,16 +82,37 @@ class Group(Protocol):
     def admit(self, job: Job) -> bool: ...
 
 
+_NO_OPTIONS = JobOptions()
+
+
 class JobAPI:
     """Every job method of the pool, submitting to ``engine``; with ``group``,
-    each job admitted is tracked by that session (see :class:`mlpool.Session`).
+    each job admitted is tracked by that session (see :class:`mlpool.Session`)
+    and waits in its lane; ``options`` are the defaults of its jobs.
 
     Every method is safe to call from any thread.
     """
 
-    def __init__(self, engine: Engine, group: Group | None = None) -> None:
+    def __init__(self, engine: Engine, group: Group | None = None, options: JobOptions | None = None) -> None:
         self._engine = engine
         self._group = group
+        self._options = options or _NO_OPTIONS
+
+    def options(
+        self, *, priority: int | None = None, timeout: float | None = None, max_retries: int | None = None
+    ) -> JobAPI:
+        """A view with every job method of this one, its jobs made with these options.
+
+        ``priority`` (an int, default 0): higher runs first, strictly (while
+        a group's workers have higher-priority jobs to run, lower ones wait:
+        a flood of high priority starves low priority). ``timeout`` and
+        ``max_retries``: as :meth:`create_job` takes them. An argument of a
+        call through the view wins over the view's option; None keeps the
+        option of this pool or session. Checked here (TypeError, ValueError).
+        Through a session's view, jobs are still the session's.
+        """
+        options = JobOptions.checked(priority, timeout, max_retries).over(self._options)
+        return JobAPI(self._engine, self._group, options)
 
     # -------------------------------------------------------------- job ids
 
@@ -99,6 +126,7 @@ class JobAPI:
         block_until_scheduled: bool = True,
         timeout: float | None = None,
         max_retries: int | None = None,
+        priority: int | None = None,
     ) -> str:
         """Queue ``score_model_function(model, *args, **kwargs)``; return its job id.
 
@@ -114,9 +142,11 @@ class JobAPI:
         pool's ``job_timeout``): expired in the queue, it never runs; expired
         while running, its worker is killed and replaced; either way the job
         fails with :class:`JobTimeoutError`. ``max_retries`` overrides the
-        pool's for this job.
+        pool's for this job. ``priority`` (an int; TypeError otherwise): higher
+        runs first (see :meth:`options`). None, for each of the three: the
+        option of the view or session, else the model's setting (priority 0).
         """
-        job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries)
+        job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries, priority)
         try:
             self._admit(job, wait=block_until_scheduled, register=True, blocking=("create_job", "create_job_async"))
         except CancelledError:
@@ -133,6 +163,7 @@ class JobAPI:
         block_until_scheduled: bool = True,
         timeout: float | None = None,
         max_retries: int | None = None,
+        priority: int | None = None,
     ) -> str:
         """:meth:`create_job` for coroutines: waits for room without blocking the loop.
 
@@ -141,7 +172,7 @@ class JobAPI:
         :meth:`get_result` from another thread, also after the loop ended.
         """
         loop = asyncio.get_running_loop()
-        job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries, loop=loop)
+        job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries, priority, loop=loop)
         try:
             await self._admit_async(job, wait=block_until_scheduled, register=True)
         except CancelledError:
@@ -232,7 +263,7 @@ class JobAPI:
         :class:`concurrent.futures.CancelledError` if its session closes while
         it waits for room.
         """
-        job = self._new_job(fn, model_name, args, kwargs, None, None)
+        job = self._new_job(fn, model_name, args, kwargs, None, None, None)
         self._admit(job, wait=True, blocking=("submit", "score_async"))
         return _future(job)
 
@@ -244,7 +275,7 @@ class JobAPI:
         RuntimeWarning, once per call site, names :meth:`score_async`.
         """
         _warn_if_loop_blocked("score", "score_async", stacklevel=3)
-        job = self._new_job(fn, model_name, args, kwargs, None, None)
+        job = self._new_job(fn, model_name, args, kwargs, None, None, None)
         # An idle worker's pipe is read by this thread (one hop fewer); a
         # session's jobs go through the queue, where the session tracks them.
         if self._group is not None or not self._engine.run_lent(job):
@@ -257,7 +288,7 @@ class JobAPI:
         Cancelling the awaiting task cancels the job (as :meth:`cancel_job`).
         """
         loop = asyncio.get_running_loop()
-        job = self._new_job(fn, model_name, args, kwargs, None, None, loop=loop)
+        job = self._new_job(fn, model_name, args, kwargs, None, None, None, loop=loop)
         try:
             await self._admit_async(job, wait=True)
         except CancelledError as exc:  # its session closed while it waited for room
@@ -280,12 +311,13 @@ class JobAPI:
         kwargs: Any,
         timeout: float | None,
         max_retries: int | None,
+        priority: int | None = None,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> Job:
         """A job from a caller's arguments (pickled now). ``loop``: made in a
         coroutine of that loop, which reads its result; its handle is an
-        asyncio future of that loop."""
+        asyncio future of that loop. Unset options: this view's."""
         if args is None:
             args = ()
         elif not isinstance(args, (tuple, list)):
@@ -294,9 +326,17 @@ class JobAPI:
             kwargs = {}
         elif not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
+        options = self._options
+        if priority is None:
+            priority = options.priority or 0
+        else:
+            check_priority(priority)
         return self._engine.make_job(
-            model_name, fn, tuple(args), dict(kwargs), timeout=timeout, retries=max_retries, loop=loop
-        )
+            model_name, fn, tuple(args), dict(kwargs),
+            timeout=options.timeout if timeout is None else timeout,
+            retries=options.max_retries if max_retries is None else max_retries,
+            loop=loop, priority=priority, lane=self._group,
+        )  # fmt: skip
 
     def _admission(self, job: Job, *, wait: bool, register: bool) -> Generator[Future, None, None]:
         """Admit ``job`` into the engine's queue: yields each future that

@@ -31,6 +31,10 @@ class JobMaker:
         self.config = config
         self._owner = owner
         self.models = frozenset(models)
+        # Each model's defaults of timeout and max_retries (a Model's own, else the pool's).
+        self._defaults = {
+            name: (settings.job_timeout, settings.max_retries) for name, settings in config.model_settings.items()
+        }
         self._functions = FunctionTable()
         self._ids = itertools.count(1)  # next() on a count is atomic under the GIL
 
@@ -44,8 +48,12 @@ class JobMaker:
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
+        priority: int = 0,
+        lane: object | None = None,
     ) -> Job:
-        """A new job (state NEW). ``loop``: see :class:`Job`.
+        """A new job (state NEW). ``loop``, ``priority``, ``lane``: see :class:`Job`
+        (the caller checked ``priority``). ``timeout`` and ``retries`` None: the
+        model's defaults.
 
         Raises TypeError (not callable, bad batched call), UnknownModelError,
         ValueError (bad timeout or max_retries), SerializationError.
@@ -56,12 +64,13 @@ class JobMaker:
         if model not in self.models:
             known = ", ".join(repr(m) for m in sorted(self.models))
             raise UnknownModelError(f"unknown model {model!r}; this pool serves {known}")
+        default_timeout, default_retries = self._defaults.get(model) or (config.job_timeout, config.max_retries)
         if timeout is None:
-            timeout = config.job_timeout
+            timeout = default_timeout
         elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if retries is None:
-            retries = config.max_retries
+            retries = default_retries
         elif isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {retries!r}")
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
@@ -79,6 +88,7 @@ class JobMaker:
         return Job(
             next(self._ids), model, fn_id, fn_pickle, payload, name,
             deadline=deadline, retries=retries, loop=loop, batch_policy=policy, owner=self._owner,
+            priority=priority, lane=lane,
         )  # fmt: skip
 
 

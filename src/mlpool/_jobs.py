@@ -135,7 +135,7 @@ class Job:
     __slots__ = (
         "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
         "deadline", "retries_left", "state", "worker", "future_running", "estimate",
-        "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer", "fetcher",
+        "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer", "priority", "lane", "fetcher",
     )  # fmt: skip
 
     def __init__(
@@ -152,6 +152,8 @@ class Job:
         loop: asyncio.AbstractEventLoop | None = None,
         batch_policy: BatchPolicy | None = None,
         owner: JobOwner | None = None,
+        priority: int = 0,
+        lane: object | None = None,
     ) -> None:
         self.id = job_id
         self.key: str | None = None  # the string id of the job-id API
@@ -170,6 +172,8 @@ class Job:
         self.batch_policy = batch_policy  # set for a batched function's job
         self.batch_id: int | None = None  # while running: the id shared by its batch
         self.result_offer: Region | None = None  # shared memory offered for its result
+        self.priority = priority  # higher runs first (see _scheduler)
+        self.lane = lane  # its session's token (None: outside any session); lanes take turns
         self.loop = loop
         # A get_result_async of the job's own loop waiting for its outcome:
         # woken by the call that settles it (see _settle_async).

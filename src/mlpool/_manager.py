@@ -44,6 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from mlpool._admission import ModelBounds
 from mlpool._config import PoolConfig
 from mlpool._dispatch import Dispatcher
 from mlpool._engine_lock import EngineLock
@@ -80,16 +81,21 @@ class Manager:
         self._pid = os.getpid()  # the process this pool belongs to (see _check_process)
         # The parts, each the owner of its state (under the lock).
         self._clock = WakeClock()
-        self._scheduler = Scheduler()
+        groups = build_groups(config, loaders)
+        model_group = {model: group.name for group in groups for model in group.models}
+        self._scheduler = Scheduler(model_group)
         self._registry: Registry[Job] = Registry(config.result_ttl)
         self._regions = RegionPool()  # shared memory kept for reuse
-        self._outcomes = Outcomes(self._registry, self._regions, self._clock)
-        self._locked = EngineLock(self._outcomes, self._registry, self._clock, self._has_space)
+        self._outcomes = Outcomes(self._registry, self._regions, self._clock, model_group)
+        self._bounds = ModelBounds(  # each model's own max_queue_size (#16)
+            config.model_settings, self._scheduler.queued_of, config.max_queue_size, self._accepting
+        )
+        self._locked = EngineLock(self._outcomes, self._registry, self._clock, self._has_space, self._bounds)
         self._lock = self._locked.plain
         self._fates = Fates(self._scheduler, self._outcomes, self._registry, self._regions)
         self._loans = Loans(self._on_loop_messages)
         self._supervisor = Supervisor(
-            config, build_groups(config, loaders), scheduler=self._scheduler, fates=self._fates,
+            config, groups, scheduler=self._scheduler, fates=self._fates,
             loans=self._loans, clock=self._clock, locked=self.locked,
         )  # fmt: skip
         self._dispatcher = Dispatcher(
@@ -146,10 +152,14 @@ class Manager:
         timeout: float | None,
         retries: int | None,
         loop: asyncio.AbstractEventLoop | None = None,
+        priority: int = 0,
+        lane: object | None = None,
     ) -> Job:
         """A new job (see JobMaker), refused in a process forked from the pool's own."""
         self._check_process()
-        return self._jobs_maker.make(model, fn, args, kwargs, timeout=timeout, retries=retries, loop=loop)
+        return self._jobs_maker.make(
+            model, fn, args, kwargs, timeout=timeout, retries=retries, loop=loop, priority=priority, lane=lane
+        )
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
         """Accept ``job``: None, or a future that resolves when the full queue
@@ -167,6 +177,10 @@ class Manager:
                         "block_until_scheduled=True"
                     )
                 return self._locked.wait_for_space()
+            if self._bounds.full(job.model):  # its model's own max_queue_size (#16)
+                if not wait:
+                    raise self._bounds.refuse(job.model)
+                return self._bounds.wait(job.model)
             if register:
                 self._registry.add(job)
             self._scheduler.push(job)
@@ -274,6 +288,9 @@ class Manager:
                 workers_recycled=self._supervisor.counts["recycled"],
                 results_unfetched=self._registry.unfetched,
                 **self._outcomes.latency.stats_fields(),
+                models=self._outcomes.per_model.stats(
+                    self._scheduler.queued_of, [w.group for w in alive if w.state is not WorkerState.STARTING], counts
+                ),
             )
 
     # ------------------------------------------------------ a caller's loan
@@ -338,8 +355,10 @@ class Manager:
 
     def _has_space(self) -> bool:
         """Whether callers waiting for room should try again (room, or a refusal to hear)."""
-        accepting = self.state in (PoolState.RUNNING, PoolState.STARTING)
-        return not accepting or self._scheduler.queued < self.config.max_queue_size
+        return not self._accepting() or self._scheduler.queued < self.config.max_queue_size
+
+    def _accepting(self) -> bool:
+        return self.state in (PoolState.RUNNING, PoolState.STARTING)
 
     def _check_accepting(self) -> None:
         error = refusal(self.state, self._supervisor.broken_reason)

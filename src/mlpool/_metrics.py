@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from mlpool._state import ModelStats
 
 # Seconds; from a pipe round trip to a slow model.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -63,3 +66,52 @@ class LatencyRecorder:
             running += count
             out.append((bound, running))
         return tuple(out)
+
+
+class ModelRecorders:
+    """Per-model counts and latencies, for ``PoolStats.models``.
+
+    A pool of one model records nothing more per job: its model's figures
+    are the pool's (``pool`` and the pool's counts, read at ``stats``).
+    """
+
+    __slots__ = ("_groups", "_pool", "_recorders", "_counts")
+
+    def __init__(self, model_groups: Mapping[str, str], pool: LatencyRecorder) -> None:
+        """``model_groups``: model name -> the name of the group that loads it."""
+        self._groups = dict(model_groups)
+        self._pool = pool
+        several = len(self._groups) > 1
+        self._recorders = {name: LatencyRecorder(512) for name in self._groups} if several else {}
+        self._counts = {name: [0, 0] for name in self._groups} if several else {}  # completed, failed
+
+    def observe(self, model: str, latency: float, ok: bool) -> None:
+        """A job of ``model`` finished (not cancelled) ``latency`` seconds after submission."""
+        recorder = self._recorders.get(model)
+        if recorder is not None:
+            recorder.observe(latency, None)
+            self._counts[model][0 if ok else 1] += 1
+
+    def stats(
+        self, queued_of: Callable[[str], int], worker_groups: Iterable[str], pool_counts: Mapping[str, int]
+    ) -> dict[str, ModelStats]:
+        """Each model's stats: ``queued_of(model)``, the group of each live
+        worker, and the pool's outcome counts (for a pool of one model)."""
+        alive: dict[str, int] = {}
+        for group in worker_groups:
+            alive[group] = alive.get(group, 0) + 1
+        out = {}
+        for name, group in self._groups.items():
+            recorder = self._recorders.get(name)
+            if recorder is None:
+                recorder = self._pool
+                completed = pool_counts.get("completed", 0)
+                failed = sum(pool_counts.get(kind, 0) for kind in ("failed", "crashed", "timed_out"))
+            else:
+                completed, failed = self._counts[name]
+            p50, _, p99 = recorder.percentiles()
+            out[name] = ModelStats(
+                group, queued_of(name), alive.get(group, 0), completed, failed, p50, p99,
+                recorder.cumulative_buckets(), recorder.total, recorder.count,
+            )  # fmt: skip
+        return out

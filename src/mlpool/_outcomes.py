@@ -17,11 +17,12 @@ a part that sets an earlier deadline asks for a wake-up.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from mlpool._errors import JobTimeoutError, WorkerCrashedError
 from mlpool._jobs import Job, JobState, Outcome
-from mlpool._metrics import LatencyRecorder
+from mlpool._metrics import LatencyRecorder, ModelRecorders
 from mlpool._protocol import Done, Failed
 from mlpool._registry import Registry
 from mlpool._serialization import unpack_exception
@@ -50,12 +51,20 @@ class WakeClock:
 class Outcomes:
     """Outcomes decided under the lock, waiting for ``take``; counts and latencies."""
 
-    def __init__(self, registry: Registry[Job], regions: RegionPool, clock: WakeClock) -> None:
+    def __init__(
+        self,
+        registry: Registry[Job],
+        regions: RegionPool,
+        clock: WakeClock,
+        model_groups: Mapping[str, str] | None = None,
+    ) -> None:
+        """``model_groups``: model name -> its group's name, for the per-model figures."""
         self._registry = registry
         self._regions = regions
         self._clock = clock
         self._pending: list[Outcome] = []
         self.latency = LatencyRecorder()
+        self.per_model = ModelRecorders(model_groups or {}, self.latency)  # PoolStats.models (#16)
         self.counts = dict.fromkeys(("completed", "failed", "crashed", "timed_out", "cancelled"), 0)
 
     def finish(self, job: Job, ok: bool, value: Any) -> None:
@@ -68,6 +77,7 @@ class Outcomes:
         self.counts[_kind(ok, value)] += 1
         run = value.seconds if type(value) is Done or type(value) is Failed else None
         self.latency.observe(now - job.submitted_at, run)
+        self.per_model.observe(job.model, now - job.submitted_at, ok)
         expiry = self._registry.finished(job, now, keep_result=True)
         if expiry is not None:
             self._clock.note(expiry)

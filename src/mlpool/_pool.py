@@ -15,11 +15,12 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mlpool._config import PoolConfig
+from mlpool._config import Model, PoolConfig, WorkerEnv, loaders_of
 from mlpool._inline import InlineEngine
 from mlpool._jobapi import JobAPI
 from mlpool._mainguard import check_main_guard
 from mlpool._manager import Manager
+from mlpool._options import JobOptions
 from mlpool._session import Session
 from mlpool._state import PoolState, PoolStats
 from mlpool._supervisor import TERMINATE_GRACE
@@ -30,17 +31,29 @@ _MAX_SHUTDOWN_TIMEOUT = 86400.0
 
 
 class MLPool(JobAPI):
-    """A pool of worker processes that each load every model once and score jobs.
+    """A pool of worker processes that each load their models once and score jobs.
 
     Args:
         models_to_load: ``{model name: loader}``. Each worker calls every loader
             once, with no arguments, and keeps what it returns (it must not be
-            None). Use :func:`functools.partial` to bind a path.
-        nb_workers: worker processes. None: one per usable core (CPU affinity
-            and cgroup quota, not the host's count), less one for the API
-            process, at least one. 0: no processes; jobs run in the calling
-            thread, at submission, with the same API and errors (for an
-            app's unit tests and debugger sessions; see ``_inline``).
+            None). Use :func:`functools.partial` to bind a path. A value may
+            be a :class:`Model` (a loader with settings of its own): with
+            ``workers=N``, the model has N workers of its own that load only
+            it; the other models are loaded by every shared worker.
+        nb_workers: shared worker processes (those that load the plain
+            loaders). None: one per usable core (CPU affinity and cgroup
+            quota, not the host's count), less one for the API process, less
+            the models' own workers, at least one while a plain loader needs
+            them (none when every model has its own workers). 0: no processes;
+            jobs run in the calling thread, at submission, with the same API
+            and errors (for an app's unit tests and debugger sessions; see
+            ``_inline``); a :class:`Model` is loaded once there too, its
+            per-model settings (``max_queue_size``, ``job_timeout``,
+            ``max_retries``) apply and its group settings (``workers``,
+            ``worker_env``...) are checked but unused.
+        worker_env: environment variables of the shared workers, set before
+            their loaders run: a dict, or a callable of the worker's index
+            (0..nb_workers-1) returning one (see :class:`Model`).
         result_ttl: seconds a finished job's result is kept for
             :meth:`get_result` before it is dropped.
         max_queue_size: jobs that may wait for a worker (None: 10,000).
@@ -116,7 +129,7 @@ class MLPool(JobAPI):
 
     def __init__(
         self,
-        models_to_load: Mapping[str, Callable[[], Any]],
+        models_to_load: Mapping[str, Callable[[], Any] | Model],
         nb_workers: int | None = None,
         *,
         result_ttl: float = 300.0,
@@ -136,6 +149,7 @@ class MLPool(JobAPI):
         backend: str = "local",
         ray_address: str | None = None,
         ray_options: dict[str, Any] | None = None,
+        worker_env: WorkerEnv | None = None,
     ) -> None:
         loaders = _check_loaders(models_to_load)
         self._config = PoolConfig.resolve(
@@ -157,11 +171,13 @@ class MLPool(JobAPI):
             backend=backend,
             ray_address=ray_address,
             ray_options=ray_options,
+            models_to_load=models_to_load,
+            worker_env=worker_env,
         )
-        if self._config.nb_workers and self._config.backend == "local":
+        if not self._config.inline and self._config.backend == "local":
             check_main_guard()
         engine: InlineEngine | Manager
-        if self._config.nb_workers == 0:
+        if self._config.inline:
             engine = InlineEngine(self._config, loaders)
         else:
             engine = Manager(self._config, loaders)
@@ -180,7 +196,8 @@ class MLPool(JobAPI):
 
     @property
     def nb_workers(self) -> int:
-        """How many worker processes the pool keeps."""
+        """How many shared worker processes the pool keeps (those that load the
+        plain loaders; a :class:`Model`'s own workers are not counted)."""
         return self._config.nb_workers
 
     @property
@@ -252,15 +269,26 @@ class MLPool(JobAPI):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown_async()
 
-    def session(self, *, interrupt: bool = False) -> Session:
+    def session(
+        self,
+        *,
+        interrupt: bool = False,
+        priority: int | None = None,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> Session:
         """A :class:`Session`: jobs submitted through it are cancelled together
         when it closes (``with`` / ``async with`` block, or ``close()``).
 
         For a WebSocket client: its unfinished jobs are cancelled when it goes
         away. With ``interrupt=True`` running ones also have their worker
-        killed and replaced, which frees the CPU at once.
+        killed and replaced, which frees the CPU at once. Its jobs wait in a
+        lane of their own: within a model, sessions (and the jobs outside
+        any) take turns, so one client's backlog delays another's job by
+        about one job per worker at most. ``priority``, ``timeout`` and
+        ``max_retries`` apply to each of its jobs, as :meth:`options` does.
         """
-        return Session(self._engine, interrupt=interrupt)
+        return Session(self._engine, interrupt=interrupt, options=_options(priority, timeout, max_retries))
 
 
 def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
@@ -270,6 +298,7 @@ def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
         )
     if not models_to_load:
         raise ValueError("models_to_load is empty: give at least one {name: loader}")
+    models_to_load = loaders_of(models_to_load)
     for name, loader in models_to_load.items():
         if not isinstance(name, str):
             raise TypeError(f"model names must be str, got {name!r}")
@@ -293,6 +322,12 @@ def _required_parameters(loader: Callable[..., Any]) -> list[str]:
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [p.name for p in signature.parameters.values() if p.kind in kinds and p.default is p.empty]
+
+
+def _options(priority: int | None, timeout: float | None, max_retries: int | None) -> JobOptions | None:
+    if priority is None and timeout is None and max_retries is None:
+        return None
+    return JobOptions.checked(priority, timeout, max_retries)
 
 
 def _name(fn: Any) -> str:

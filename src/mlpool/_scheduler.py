@@ -1,13 +1,23 @@
-"""The queue and who takes what: pure logic, tested without processes.
+"""The queues and who takes what: pure logic, tested without processes.
 
 ::
 
-    push(job) ──► pending: Job | BatchQueue, FIFO (a batched function's jobs
-                  wait in one BatchQueue, which holds one place)
+    push(job) ──► group of its model (the workers that load it)
+                    └─ priority level: strictly the highest first
+                        └─ model: the group's models take turns
+                            └─ lane: sessions (and one lane for jobs outside
+                               any session) take turns; FIFO within a lane
     plan(workers, ...) ──► (worker, jobs, estimate), one assignment at a time
                   ◄── the engine sends each, or refuses it, and may drop a
                       worker from ``workers`` (its last jobs before recycling)
     observe(fn, seconds, result bytes) ──► duration estimates, result sizes
+
+A turn is one entry: a job, or a batch (a batched function's jobs of one
+model and priority wait in one :class:`Batch`, which holds one place in the
+lane of its first job; it is filled across its lanes in turn). A job goes
+only to a worker of its model's group (``worker.group``). Priorities are
+strict: while a level has jobs a group's workers can take, lower levels
+wait (a flood of high priority starves low priority, by design).
 
 Choosing a worker: an idle one first (one lent to the job's own event loop
 before any other); a job expected to run under ``PIPELINE_BUDGET`` seconds,
@@ -18,20 +28,22 @@ waits behind another while a worker is idle. A batch goes to an idle worker
 only; under load it waits for more items until its policy says go
 (``hold_until``).
 
-The scheduler owns the queue, its count of live jobs (the admission count)
-and the estimates; jobs and workers are read, never changed, except a job's
-state (QUEUED) and batch id. Under the engine's lock; time comes in as an
-argument.
+The scheduler owns the queues, the count of live jobs (the admission count,
+in all and per model) and the estimates; jobs and workers are read, never
+changed, except a job's state (QUEUED) and batch id. Under the engine's
+lock; time comes in as an argument. The common case (one model, no session,
+priority 0) allocates nothing per job: its lane, level and rings persist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from mlpool._batching import BatchQueue
+from mlpool._fairqueue import Batch, GroupQueue, Lane, Level, ModelRecord, descending, to_front
 from mlpool._jobs import PIPELINE_BUDGET, Job, JobState
 
 # At most this many jobs held by one worker at once.
@@ -45,48 +57,85 @@ MAX_ESTIMATES = 1024
 ESTIMATE_WEIGHT = 0.2
 
 
-# A worker as the scheduler reads it (the engine's WorkerHandle): ``inflight``
-# (the jobs it holds, in the order it runs them), ``backlog`` (estimated
-# seconds of work in them), ``borrower`` (who reads its pipe: None for the
-# manager, a thread's token, an event loop).
+_EMPTY: deque[Any] = deque()  # read only: "no ring here"
+
+# A worker as the scheduler reads it (the engine's WorkerHandle): ``group``
+# (the name of its group: "" for the shared workers), ``inflight`` (the jobs
+# it holds, in the order it runs them), ``backlog`` (estimated seconds of work
+# in them), ``borrower`` (who reads its pipe: None for the manager, a
+# thread's token, an event loop).
 W = Any
 
 
 class Scheduler:
-    """The queue of jobs waiting for a worker, and the measures that place them."""
+    """The queues of jobs waiting for a worker, and the measures that place them."""
 
-    def __init__(self) -> None:
-        self._pending: deque[Job | BatchQueue] = deque()
-        self._batches: dict[tuple[str, int], BatchQueue] = {}
+    def __init__(self, model_groups: Mapping[str, str] | None = None) -> None:
+        """``model_groups``: model name -> the name of its worker group; a model
+        not named there (or no mapping) is served by the shared workers ("")."""
+        self._model_groups = dict(model_groups or {})
+        self._groups: dict[str, GroupQueue] = {}
+        self._group_list: list[GroupQueue] = []
+        self._models: dict[str, ModelRecord] = {}
+        for model, group in self._model_groups.items():
+            self._model(model, group)
+        self._batches: dict[tuple[str, int, int], Batch] = {}
         self.queued = 0  # jobs waiting (the admission count); cancelled ones leave at once
         self.hold_until: float | None = None  # a held batch goes at the latest then
         self._estimates: dict[int, float] = {}  # fn id -> seconds a call takes
         self._result_sizes: dict[int, int] = {}  # fn id -> bytes of shared memory its last result used
 
+    def _model(self, name: str, group_name: str = "") -> ModelRecord:
+        group = self._groups.get(group_name)
+        if group is None:
+            group = self._groups[group_name] = GroupQueue(group_name)
+            self._group_list = list(self._groups.values())
+        model = self._models[name] = ModelRecord(name, group)
+        return model
+
     # ------------------------------------------------------------ the queue
 
     def __bool__(self) -> bool:
-        """Whether anything waits (cancelled jobs may still hold entries)."""
-        return bool(self._pending)
+        """Whether any job waits (cancelled ones may still hold entries, dropped
+        when their turn comes)."""
+        return self.queued > 0
+
+    def queued_of(self, model: str) -> int:
+        """Jobs of ``model`` waiting (its admission count)."""
+        record = self._models.get(model)
+        return 0 if record is None else record.queued
 
     def push(self, job: Job, *, front: bool = False) -> None:
-        """Queue ``job`` (a batched one in its batch); ``front``: it goes next."""
+        """Queue ``job`` in its lane (a batched one in its batch); ``front``: it goes next."""
         job.state = JobState.QUEUED
         self.queued += 1
-        if job.batch_policy is None:
-            self._pending.appendleft(job) if front else self._pending.append(job)
+        model = self._models.get(job.model) or self._model(job.model)
+        model.queued += 1
+        priority, token = job.priority, job.lane
+        lane = model.default if priority == 0 and token is None else model.lane(priority, token)
+        policy = job.batch_policy
+        if policy is None:
+            if lane.linked and not front:  # the common case, inline
+                lane.entries.append(job)
+            else:
+                self._put(lane, job, front)
             return
-        key = (job.model, job.fn_id)
+        key = (job.model, job.fn_id, priority)
         batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[key] = BatchQueue(job.batch_policy)
-        batch.jobs.appendleft(job) if front else batch.jobs.append(job)
-        if not batch.in_queue:
-            batch.in_queue = True
-            self._pending.appendleft(batch) if front else self._pending.append(batch)
+            batch = self._batches[key] = Batch(key, policy)
+        jobs = batch.lanes.get(token)
+        if jobs is None:
+            jobs = batch.lanes[token] = deque()
+            batch.ring.appendleft(token) if front else batch.ring.append(token)
+        jobs.appendleft(job) if front else jobs.append(job)
+        if batch.anchor is None:
+            batch.anchor = lane
+            self._put(lane, batch, front)
 
     def requeue(self, job: Job) -> None:
-        """A job that never started goes back to the front."""
+        """A job that never started goes back to the front of its lane (and
+        its lane, model and level go next, unless they are waiting already)."""
         job.worker = None
         job.batch_id = None
         self.push(job, front=True)
@@ -95,21 +144,83 @@ class Scheduler:
         """A queued job left the queue without being taken (cancelled, timed
         out): its place is free now; its entry is skipped when it comes up."""
         self.queued -= 1
+        self._models[job.model].queued -= 1
 
     def drain(self) -> Iterator[Job]:
         """Every job still queued, emptying the queue."""
-        while self._pending:
-            entry = self._pending.popleft()
-            if type(entry) is BatchQueue:
-                entry.in_queue = False
-                while entry.jobs:
-                    job = entry.jobs.popleft()
-                    if job.state is JobState.QUEUED:
-                        yield job
-            elif entry.state is JobState.QUEUED:
-                yield entry
+        jobs: list[Job] = []
+        for model in self._models.values():
+            for queue in model.queues.values():
+                for lane in queue.lanes.values():
+                    for entry in lane.entries:
+                        if type(entry) is Batch:
+                            jobs.extend(job for batched in entry.lanes.values() for job in batched)
+                        else:
+                            jobs.append(entry)
+        self._groups.clear()
+        self._group_list = []
+        self._models.clear()
+        for model_name, group in self._model_groups.items():
+            self._model(model_name, group)
         self._batches.clear()
         self.queued = 0
+        return (job for job in jobs if job.state is JobState.QUEUED)
+
+    def _put(self, lane: Lane, entry: Job | Batch, front: bool) -> None:
+        """Add ``entry`` to ``lane``; a lane out of the turn order joins it (at
+        the back), and so do its model and level. ``front``: the entry, its
+        lane and its model go next (a requeued job, a held batch).
+
+        An emptied lane (model, level) keeps its place until its turn comes
+        round: the plan drops it then. So the common case, one lane that
+        empties and fills again, links nothing per job."""
+        lane.entries.appendleft(entry) if front else lane.entries.append(entry)
+        queue = lane.queue
+        if not lane.linked:
+            lane.linked = True
+            queue.ring.appendleft(lane) if front else queue.ring.append(lane)
+        elif front:
+            to_front(queue.ring, lane)
+        else:
+            return
+        group = queue.model.group
+        level = group.levels.get(queue.priority)
+        if queue.linked:
+            if front:
+                to_front(level.ring, queue)  # type: ignore[union-attr]
+            return
+        queue.linked = True
+        if level is None:
+            level = group.levels[queue.priority] = Level(queue.priority)
+        level.ring.appendleft(queue) if front else level.ring.append(queue)
+        if len(level.ring) == 1:
+            bisect.insort(group.order, level, key=descending)
+
+    def _unlink_top(self, group: GroupQueue) -> None:
+        """Drop the emptied head of ``group``'s turn order: its lane, else its
+        model queue, else its level (what had entries stays)."""
+        level = group.order[0]
+        priority = level.priority
+        ring = level.ring
+        if ring:
+            queue = ring[0]
+            lanes = queue.ring
+            if lanes:
+                lane = lanes.popleft()
+                lane.linked = False
+                if lane.token is not None:  # a session's lane goes with its last entry
+                    del queue.lanes[lane.token]
+                if lanes:
+                    return
+            ring.popleft()
+            queue.linked = False
+            if priority != 0:  # levels come and go with the priorities callers use
+                del queue.model.queues[priority]
+            if ring:
+                return
+        del group.order[0]
+        if priority != 0:
+            del group.levels[priority]
 
     # ------------------------------------------------------------- placing
 
@@ -121,68 +232,109 @@ class Scheduler:
         others_busy: Callable[[], bool],
         unstick: Callable[[], bool],
     ) -> Iterator[tuple[W, list[Job], float]]:
-        """Assignments ``(worker, jobs, estimate)`` in queue order, while a
-        worker can take the next entry; the jobs left the queue (QUEUED still:
-        the engine starts them). ``unstick()`` is asked when nothing fits (it
-        may free a worker, e.g. a stopped loop's pipe); ``workers`` may shrink
-        between assignments. Held batches keep their place."""
+        """Assignments ``(worker, jobs, estimate)`` in turn order, group by
+        group, while a worker of the group can take its next entry; the jobs
+        left the queue (QUEUED still: the engine starts them). ``unstick()``
+        is asked when nothing fits (it may free a worker, e.g. a stopped
+        loop's pipe); ``workers`` may shrink between assignments. Held
+        batches keep their place."""
         self.hold_until = None
-        pending = self._pending
-        held: list[BatchQueue] = []
+        held: list[Batch] = []
         busy: bool | None = None
         try:
-            while pending and workers:
-                entry = pending[0]
-                if type(entry) is BatchQueue:
-                    while entry.jobs and entry.jobs[0].state is not JobState.QUEUED:
-                        entry.jobs.popleft()
-                    if not entry.jobs:
-                        pending.popleft()
-                        entry.in_queue = False
+            for group in self._group_list:
+                name, order = group.name, group.order
+                # While jobs wait: emptied lanes left behind keep their place until then.
+                while order and self.queued and workers:
+                    models = order[0].ring
+                    lanes = models[0].ring if models else _EMPTY
+                    entries = lanes[0].entries if lanes else _EMPTY
+                    if not entries:
+                        self._unlink_top(group)
                         continue
-                    head, estimate, size = entry.jobs[0], None, 0  # a batch goes only to a worker holding nothing
-                else:
-                    head = entry
-                    if head.state is not JobState.QUEUED:
-                        pending.popleft()
-                        continue
-                    estimate, size = self._estimates.get(head.fn_id), head.payload.size
-                worker = pick_worker(workers, head.loop, estimate, size)
-                if worker is None:
-                    if unstick():
-                        continue
-                    return
-                if type(entry) is BatchQueue:
-                    if busy is None:
-                        busy = others_busy()
-                    if entry.policy.should_hold(len(entry.jobs), head.submitted_at, now, busy):
-                        pending.popleft()
-                        held.append(entry)
-                        until = entry.policy.hold_until(head.submitted_at)
-                        self.hold_until = until if self.hold_until is None else min(self.hold_until, until)
-                        continue
-                pending.popleft()
-                jobs = self._take_batch(entry) if type(entry) is BatchQueue else [entry]
-                self.queued -= len(jobs)
-                yield worker, jobs, PIPELINE_BUDGET if estimate is None else estimate
+                    entry = entries[0]
+                    if type(entry) is not Batch:
+                        if entry.state is not JobState.QUEUED:
+                            entries.popleft()
+                            continue
+                        estimate = self._estimates.get(entry.fn_id)
+                        worker = pick_worker(workers, name, entry.loop, estimate, entry.payload.size)
+                        if worker is None:
+                            if unstick():
+                                continue
+                            break
+                    else:
+                        estimate = None  # a batch goes only to a worker holding nothing
+                        head = entry.head()
+                        if head is None:  # every job of it left
+                            entries.popleft()
+                            entry.anchor = None
+                            self._drop_batch(entry)
+                            continue
+                        worker = pick_worker(workers, name, head.loop, None, 0)
+                        if worker is None:
+                            if unstick():
+                                continue
+                            break
+                        if busy is None:
+                            busy = others_busy()
+                        oldest = entry.oldest()
+                        if entry.policy.should_hold(sum(map(len, entry.lanes.values())), oldest, now, busy):
+                            entries.popleft()  # back at the front when the plan ends; its lane keeps its turn
+                            entry.anchor = None
+                            held.append(entry)
+                            until = entry.policy.hold_until(oldest)
+                            self.hold_until = until if self.hold_until is None else min(self.hold_until, until)
+                            continue
+                    queue = models[0]
+                    entries.popleft()
+                    # Its turn is served: the model's next lane, and the group's next model, go next.
+                    if entries or (queue.priority == 0 and lanes[0].token is None):
+                        if len(lanes) > 1:
+                            lanes.rotate(-1)
+                    else:  # a session's lane, or a level, that callers may never use again
+                        self._unlink_top(group)
+                    if len(models) > 1 and models[0] is queue:
+                        models.rotate(-1)
+                    if type(entry) is Batch:
+                        jobs = self._take_batch(entry)
+                        self.queued -= len(jobs)
+                        queue.model.queued -= len(jobs)
+                    else:
+                        jobs = [entry]
+                        self.queued -= 1
+                        queue.model.queued -= 1
+                    yield worker, jobs, PIPELINE_BUDGET if estimate is None else estimate
         finally:
-            pending.extendleft(reversed(held))
+            for batch in reversed(held):  # back at the front, in their order
+                self._anchor(batch, front=True)
 
-    def _take_batch(self, batch: BatchQueue) -> list[Job]:
-        """Up to max_batch_size live jobs of ``batch``, one batch id; the rest
-        keeps a place at the back of the queue."""
-        jobs: list[Job] = []
-        while batch.jobs and len(jobs) < batch.policy.max_batch_size:
-            job = batch.jobs.popleft()
-            if job.state is JobState.QUEUED:
-                jobs.append(job)
-        if batch.jobs:
-            self._pending.append(batch)
+    def _take_batch(self, batch: Batch) -> list[Job]:
+        """Up to max_batch_size live jobs of ``batch`` (its lanes in turn), one
+        batch id; the rest keeps a place at the back of its next lane."""
+        batch.anchor = None
+        jobs = batch.take(batch.policy.max_batch_size)
+        if batch.ring:
+            self._anchor(batch, front=False)
         else:
-            batch.in_queue = False
+            self._drop_batch(batch)
         for job in jobs:
             job.batch_id = jobs[0].id
         return jobs
+
+    def _anchor(self, batch: Batch, *, front: bool) -> None:
+        """Give ``batch`` a place in the lane of its next job in turn."""
+        if batch.head() is None:
+            self._drop_batch(batch)
+            return
+        model_name, _, priority = batch.key
+        model = self._models[model_name]
+        batch.anchor = lane = model.lane(priority, batch.ring[0])
+        self._put(lane, batch, front)
+
+    def _drop_batch(self, batch: Batch) -> None:
+        if self._batches.get(batch.key) is batch and batch.anchor is None:
+            del self._batches[batch.key]
 
     # ------------------------------------------------------------ measures
 
@@ -215,16 +367,17 @@ class Scheduler:
 
 
 def pick_worker(
-    workers: list[W], loop: asyncio.AbstractEventLoop | None, estimate: float | None, size: int
+    workers: list[W], group: str, loop: asyncio.AbstractEventLoop | None, estimate: float | None, size: int
 ) -> W | None:
-    """An idle worker, else (for a short, small job) the least loaded one with room.
+    """A worker of ``group``: an idle one, else (for a short, small job) the
+    least loaded one with room.
 
     A worker lent to an event loop takes only that loop's jobs while it holds
     any; an idle one can be taken back by anyone.
     """
     spare = None  # an idle worker lent to another reader: taken back if nothing better
     for worker in workers:
-        if not worker.inflight:
+        if not worker.inflight and worker.group == group:
             if worker.borrower is loop:
                 return worker
             if worker.borrower is None:
@@ -240,7 +393,8 @@ def pick_worker(
     best = None
     for worker in workers:
         if (
-            (worker.borrower is None or worker.borrower is loop)
+            worker.group == group
+            and (worker.borrower is None or worker.borrower is loop)
             and len(worker.inflight) < MAX_INFLIGHT
             and worker.backlog + estimate <= PIPELINE_BUDGET
             and (best is None or worker.backlog < best.backlog)

@@ -29,6 +29,7 @@ from typing import Any
 from mlpool._errors import PoolClosedError
 from mlpool._jobapi import Engine, JobAPI
 from mlpool._jobs import Job
+from mlpool._options import JobOptions
 
 
 class JobGroup:
@@ -115,9 +116,9 @@ class Session(JobAPI):
     Thread-safe.
     """
 
-    def __init__(self, engine: Engine, *, interrupt: bool = False) -> None:
+    def __init__(self, engine: Engine, *, interrupt: bool = False, options: JobOptions | None = None) -> None:
         self._jobs = JobGroup(engine, interrupt=interrupt)
-        super().__init__(engine, self._jobs)
+        super().__init__(engine, self._jobs, options)
 
     def __repr__(self) -> str:
         return f"<mlpool.Session {self.unfinished} unfinished jobs{' closed' if self._jobs.closed else ''}>"

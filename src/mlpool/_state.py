@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class PoolState(enum.Enum):
@@ -66,6 +66,7 @@ class PoolStats:
     latency_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound, count) since start
     latency_sum: float  # seconds, since start
     latency_count: int
+    models: dict[str, ModelStats] = field(default_factory=dict)  # the same per model, by name
 
     @property
     def estimated_wait(self) -> float:
@@ -74,3 +75,19 @@ class PoolStats:
         if not self.run_seconds_mean or not self.queue_depth:
             return 0.0
         return self.queue_depth * self.run_seconds_mean / max(1, self.workers_alive)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """One model's part of :class:`PoolStats` (``stats().models[name]``)."""
+
+    group: str  # the worker group that loads it: "" for the shared workers, else the model's name
+    queue_depth: int  # its jobs waiting for a worker
+    workers: int  # workers alive that load it (its group's)
+    jobs_completed: int
+    jobs_failed: int  # every error outcome: the function's own, crashed, timed out
+    latency_p50: float | None  # seconds from submission to outcome, over its recent jobs
+    latency_p99: float | None
+    latency_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound, count) since start
+    latency_sum: float
+    latency_count: int

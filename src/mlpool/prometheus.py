@@ -56,6 +56,9 @@ class PoolCollector:
     ``outcome``, ``_jobs_retried_total``, ``_worker_restarts_total``,
     ``_workers_recycled_total`` (counters); ``_job_latency_seconds``, from
     submission to outcome (histogram). Every sample has a ``pool`` label.
+    Per model, with a ``model`` label too: ``_model_queue_depth``,
+    ``_model_workers`` (gauges), ``_model_jobs_total`` by ``outcome``
+    (``completed``, ``failed``) and ``_model_job_latency_seconds`` (histogram).
 
     ``pool_name`` is that label's value. None: ``"default"`` for the first
     pool registered in a registry, ``"default-2"``, ``"default-3"``... for the
@@ -184,6 +187,33 @@ def _families(p: str, pools: list[tuple[str, MLPool]]) -> Iterator[Any]:
     for name, stats, _ in snapshots:
         buckets = [(_bound(bound), count) for bound, count in stats.latency_buckets]
         histogram.add_metric([name], buckets=buckets, sum_value=stats.latency_sum)
+    yield histogram
+    yield from _model_families(p, snapshots)
+
+
+def _model_families(p: str, snapshots: list[tuple[str, Any, bool]]) -> Iterator[Any]:
+    """The per-model series (#16), labelled ``pool`` and ``model``."""
+    labels = ["pool", "model"]
+    models = [(name, model, figures) for name, stats, _ in snapshots for model, figures in stats.models.items()]
+    for field, help_text in (
+        ("queue_depth", "Jobs of the model waiting for a worker."),
+        ("workers", "Workers alive that load the model."),
+    ):
+        gauge = GaugeMetricFamily(f"{p}_model_{field}", help_text, labels=labels)
+        for name, model, figures in models:
+            gauge.add_metric([name, model], getattr(figures, field))
+        yield gauge
+    jobs = CounterMetricFamily(f"{p}_model_jobs", "The model's jobs finished, by outcome.", labels=[*labels, "outcome"])
+    for name, model, figures in models:
+        jobs.add_metric([name, model, "completed"], figures.jobs_completed)
+        jobs.add_metric([name, model, "failed"], figures.jobs_failed)
+    yield jobs
+    histogram = HistogramMetricFamily(
+        f"{p}_model_job_latency_seconds", "Seconds from a job of the model's submission to its outcome.", labels=labels
+    )
+    for name, model, figures in models:
+        buckets = [(_bound(bound), count) for bound, count in figures.latency_buckets]
+        histogram.add_metric([name, model], buckets=buckets, sum_value=figures.latency_sum)
     yield histogram
 
 

@@ -1,0 +1,148 @@
+"""The rings the scheduler's turns go round (see :mod:`mlpool._scheduler`).
+
+::
+
+    GroupQueue ── order: its Levels with entries, the highest priority first
+      Level ── ring: the ModelQueues with entries; whose turn: ring[0]
+        ModelQueue (one model, one priority) ── ring: its Lanes with entries
+          Lane (one session's, or no session's) ── entries: Job | Batch, FIFO
+
+Plain records: the :class:`~mlpool._scheduler.Scheduler` links and unlinks
+them, under the engine's lock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, final
+
+from mlpool._batching import BatchPolicy
+from mlpool._jobs import Job, JobState
+
+
+class GroupQueue:
+    """The queue of one worker group: its priority levels with jobs."""
+
+    __slots__ = ("name", "levels", "order")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.levels: dict[int, Level] = {}  # the levels in ``order``, and level 0
+        self.order: list[Level] = []  # the levels with entries, the highest priority first
+
+
+class Level:
+    """One priority level of a group: the ring of its models with entries."""
+
+    __slots__ = ("priority", "ring")
+
+    def __init__(self, priority: int) -> None:
+        self.priority = priority
+        self.ring: deque[ModelQueue] = deque()  # whose turn: ring[0]
+
+
+def to_front(ring: deque[Any], item: object) -> None:
+    """Move ``item`` to the head of ``ring`` (a requeued job's lane goes next: rare, O(ring))."""
+    if ring[0] is not item:
+        ring.remove(item)
+        ring.appendleft(item)
+
+
+def descending(level: Level) -> int:
+    return -level.priority
+
+
+class ModelQueue:
+    """One model at one priority level: the ring of its lanes with entries."""
+
+    __slots__ = ("model", "priority", "lanes", "ring", "linked")
+
+    def __init__(self, model: ModelRecord, priority: int) -> None:
+        self.model = model
+        self.priority = priority
+        self.lanes: dict[object, Lane] = {}  # lane token (a session's, or None) -> lane
+        self.ring: deque[Lane] = deque()  # whose turn: ring[0]
+        self.linked = False  # in its level's ring
+
+
+class Lane:
+    """The FIFO of one session's (or no session's) entries for one model and priority."""
+
+    __slots__ = ("queue", "token", "entries", "linked")
+
+    def __init__(self, queue: ModelQueue, token: object) -> None:
+        self.queue = queue
+        self.token = token
+        self.entries: deque[Job | Batch] = deque()
+        self.linked = False  # in its model queue's ring
+
+
+class ModelRecord:
+    """A model's group, its queues per priority, and how many of its jobs wait."""
+
+    __slots__ = ("name", "group", "queues", "default", "queued")
+
+    def __init__(self, name: str, group: GroupQueue) -> None:
+        self.name = name
+        self.group = group
+        self.queues: dict[int, ModelQueue] = {}
+        self.default = self.lane(0, None)  # priority 0, no session: kept for good
+        self.queued = 0
+
+    def lane(self, priority: int, token: object) -> Lane:
+        queue = self.queues.get(priority)
+        if queue is None:
+            queue = self.queues[priority] = ModelQueue(self, priority)
+        lane = queue.lanes.get(token)
+        if lane is None:
+            lane = queue.lanes[token] = Lane(queue, token)
+        return lane
+
+
+@final  # the scheduler tells it from a Job by `type(entry) is Batch`
+class Batch:
+    """Queued jobs of one (model, function, priority), waiting to go as a batch;
+    one FIFO per lane, taken in turn. Its place is one entry in the lane it is
+    ``anchor``-ed to (None: not in any lane)."""
+
+    __slots__ = ("key", "policy", "lanes", "ring", "anchor")
+
+    def __init__(self, key: tuple[str, int, int], policy: BatchPolicy) -> None:
+        self.key = key
+        self.policy = policy
+        self.lanes: dict[object, deque[Job]] = {}
+        self.ring: deque[object] = deque()  # lane tokens with jobs; whose turn: ring[0]
+        self.anchor: Lane | None = None
+
+    def head(self) -> Job | None:
+        """The next live job in turn (dead ones are dropped); None if none is left."""
+        ring, lanes = self.ring, self.lanes
+        while ring:
+            jobs = lanes[ring[0]]
+            while jobs and jobs[0].state is not JobState.QUEUED:
+                jobs.popleft()
+            if jobs:
+                return jobs[0]
+            del lanes[ring.popleft()]
+        return None
+
+    def oldest(self) -> float:
+        """When its oldest live job was queued (call after :meth:`head` found one)."""
+        return min(jobs[0].submitted_at for jobs in self.lanes.values() if jobs)
+
+    def take(self, size: int) -> list[Job]:
+        """Up to ``size`` live jobs, one per lane in turn."""
+        taken: list[Job] = []
+        ring, lanes = self.ring, self.lanes
+        while ring and len(taken) < size:
+            token = ring[0]
+            jobs = lanes[token]
+            job = jobs.popleft()
+            if jobs:
+                ring.rotate(-1)
+            else:
+                ring.popleft()
+                del lanes[token]
+            if job.state is JobState.QUEUED:
+                taken.append(job)
+        return taken
