@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test bench bench-overhead bench-batching bench-payload bench-memory bench-fairness chaos clean
+.PHONY: demo quickstart test bench bench-overhead bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,12 @@ bench-memory: $(DEV_STAMP)
 ## memory of 3 models x 4 workers with and without worker groups.
 bench-fairness: $(DEV_STAMP)
 	$(BIN)/python bench/fairness.py
+
+## Streams: time to first item, items/s and the worker CPU spent after the client left,
+## against a Ray actor generator and Gunicorn's dirty workers (installed next to the bench).
+bench-streaming: $(DEV_STAMP)
+	[ -d $(PEERS)/gunicorn/gunicorn/dirty ] || $(BIN)/python -m pip install --quiet --no-deps --target $(PEERS)/gunicorn 'gunicorn>=25'
+	$(BIN)/python bench/streaming.py
 
 ## Sustained load while workers are SIGKILLed at random (20 s).
 chaos: $(DEV_STAMP)

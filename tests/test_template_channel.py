@@ -128,7 +128,7 @@ def test_threads_left_by_loaders_are_refused_unless_declared_fork_safe(fork_with
 
 CHILD_SIDE = {
     "_errors", "_protocol", "_serialization", "_shm_worker", "_started", "_transport",
-    "_worker_main", "_worker_memory", "_template_main",
+    "_worker_main", "_worker_memory", "_template_main", "_stream_worker",
 }
 
 

@@ -7,15 +7,17 @@
 Worker groups (the default, "groups"): the CPU-heavy image CNN has
 ``MLPOOL_DEMO_IMAGE_WORKERS`` workers of its own (1) that load only it, and
 the cheap XGBoost models share ``MLPOOL_DEMO_WORKERS`` workers (1) that
-load only them: a stream of images never holds up an iris request. "shared"
+load only them: an iris request never waits for a worker busy with an image. "shared"
 runs the same total of workers (2), each loading all three models, as a
 pool without groups does: the comparison ``examples/demo.py`` draws.
 
 Endpoints: ``POST /iris``, ``POST /diabetes`` (JSON features), ``POST /image``
 (an uploaded PNG or JPEG), the job API ``POST /jobs``, ``GET /jobs/{id}``,
 ``DELETE /jobs/{id}``, a WebSocket ``/ws`` that scores each message and
-streams results back, ``/healthz`` (liveness: 503 once the pool is broken
-for good), ``/readyz`` and ``/metrics``.
+streams results back, per-row predictions of an uploaded batch streamed as
+they are made (``POST /stream/diabetes``, NDJSON or ``?format=sse``, and the
+WebSocket ``/ws/stream``), ``/healthz`` (liveness: 503 once the pool is
+broken for good), ``/readyz`` and ``/metrics``.
 
 What one client cannot do to the others: send a body larger than the
 endpoint takes (413 before it is read), an image with more pixels than
@@ -37,7 +39,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect
@@ -45,7 +47,7 @@ from starlette.websockets import WebSocketDisconnect
 from app import models
 from app.guards import BodyLimit, InterruptBudget
 from mlpool import JobTimeoutError, MLPool, MLPoolError, Model, PoolStats, ResultNotReadyError
-from mlpool.fastapi import cancel_on_disconnect, error_body, get_pool, install_error_handlers
+from mlpool.fastapi import cancel_on_disconnect, error_body, get_pool, install_error_handlers, stream_response
 from mlpool.prometheus import PoolCollector, metrics_app
 
 logger = logging.getLogger("app")
@@ -69,6 +71,8 @@ MAX_IMAGE_BYTES = 2 * 2**20
 MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES + 64 * 2**10  # the multipart envelope around the image
 WS_MAX_IN_FLIGHT = 8  # jobs one WebSocket may have queued or running
 INTERRUPT_INTERVAL = 10.0  # seconds between two worker restarts that DELETE /jobs may cause
+MAX_STREAM_ROWS = 20_000  # rows of one streamed batch (about 5 minutes of work)
+MAX_STREAM_BYTES = 4 * 2**20
 
 SCORERS = {"iris": models.score_iris, "diabetes": models.score_diabetes}
 FEATURE_COUNTS = {"iris": 4, "diabetes": 10}
@@ -80,6 +84,10 @@ class Features(BaseModel):
 
 class JobRequest(Features):
     model: Literal["iris", "diabetes"]
+
+
+class Rows(BaseModel):
+    rows: list[list[Annotated[float, Field(allow_inf_nan=False)]]] = Field(min_length=1, max_length=MAX_STREAM_ROWS)
 
 
 def check_count(model: str, features: list[float]) -> None:
@@ -127,7 +135,9 @@ async def lifespan(app: FastAPI):
 
 app = FastAPI(title="mlpool demo", lifespan=lifespan)
 install_error_handlers(app)
-app.add_middleware(BodyLimit, default=MAX_JSON_BYTES, limits={"/image": MAX_UPLOAD_BYTES})
+app.add_middleware(
+    BodyLimit, default=MAX_JSON_BYTES, limits={"/image": MAX_UPLOAD_BYTES, "/stream/diabetes": MAX_STREAM_BYTES}
+)
 app.add_route("/metrics", metrics_app(registry))  # an exact route: a mount would redirect /metrics
 
 
@@ -279,6 +289,81 @@ async def answer_message(websocket: WebSocket, session: Any, message: dict[str, 
         await websocket.send_json({"id": request_id, **reply})
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the client left; its session cancels the rest
+
+
+@app.post("/stream/diabetes")
+async def stream_diabetes(body: Rows, request: Request, format: Literal["ndjson", "sse"] = "ndjson") -> Response:
+    """Per-row predictions of an uploaded batch, ``{"row", "class"}`` each,
+    sent as soon as a worker made it (NDJSON, or server-sent events). The
+    worker runs at most ``stream_buffer`` rows ahead of a slow client; a
+    client that disconnects stops the work at the next row."""
+    for row in body.rows:
+        check_count("diabetes", row)
+    if MODE == "inprocess":  # the baseline: every row blocks this event loop
+        model = request.app.state.inprocess["diabetes"]
+        lines = (json.dumps(item) + "\n" for item in models.predict_rows(model, body.rows))
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    pool: MLPool = get_pool(request)
+    return stream_response(pool.stream_async("diabetes", models.predict_rows, body.rows), request, format=format)
+
+
+@app.websocket("/ws/stream")
+async def rows_stream(websocket: WebSocket) -> None:
+    """Each message ``{"id": ..., "rows": [[...10 features], ...]}`` streams back
+    ``{"id", "row", "class"}`` per row as it is made, then ``{"id", "done": true}``
+    (or ``{"id", "error", "detail"}``). A new message stops the batch still
+    streaming; a client that leaves stops it at once (its session closes)."""
+    await websocket.accept()
+    pool: MLPool = get_pool(websocket)
+    streaming: asyncio.Task | None = None
+    async with pool.session() as session:
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if streaming is not None:
+                    streaming.cancel()
+                streaming = asyncio.create_task(stream_rows(websocket, session, message))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if streaming is not None:
+                streaming.cancel()
+
+
+async def stream_rows(websocket: WebSocket, session: Any, message: dict[str, Any]) -> None:
+    """Stream one batch's rows to the socket; never raises (but CancelledError)."""
+    request_id = None
+    try:
+        data = json.loads(message.get("text") or "null")
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        request_id = data.get("id")
+        if not isinstance(request_id, (int, str)) or len(str(request_id)) > 64:
+            request_id = None
+        rows = Rows.model_validate(data).rows
+        for row in rows:
+            check_count("diabetes", row)
+        async with session.stream_async("diabetes", models.predict_rows, rows) as items:
+            async for item in items:
+                await websocket.send_json({"id": request_id, **item})
+        reply: dict[str, Any] = {"done": True}
+    except ValidationError as exc:
+        reply = {"error": "invalid input", "detail": validation_errors(list(exc.errors()))}
+    except ValueError:
+        reply = {"error": "invalid message", "detail": "send a JSON object: {\"id\", \"rows\"}"}
+    except HTTPException as exc:
+        reply = {"error": "invalid input", "detail": exc.detail}
+    except MLPoolError as exc:
+        logger.warning("WebSocket stream failed: %s: %s", type(exc).__name__, exc)
+        reply = error_body(exc)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        return  # the client left: leaving the block closed the stream
+    try:
+        await websocket.send_json({"id": request_id, **reply})
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass
 
 
 @app.get("/healthz")

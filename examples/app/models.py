@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,14 @@ def score_iris(model: xgboost.XGBClassifier, features: list[float]) -> int:
 
 def score_diabetes(model: xgboost.XGBClassifier, features: list[float]) -> int:
     return int(model.predict(engineer_features(features))[0])
+
+
+def predict_rows(model: xgboost.XGBClassifier, rows: list[list[float]]) -> Iterator[dict]:
+    """Per-row predictions of a batch, each yielded as soon as it is made
+    (``pool.stream``): the client sees the first row at once, and a client
+    that leaves stops the work at the next row."""
+    for i, row in enumerate(rows):
+        yield {"row": i, "class": score_diabetes(model, row)}
 
 
 def _tiny_cnn():

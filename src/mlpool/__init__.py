@@ -36,10 +36,12 @@ if TYPE_CHECKING:
     from mlpool._pool import MLPool
     from mlpool._resources import usable_cpu_count
     from mlpool._state import PoolStats
+    from mlpool._streams import AsyncStream, Stream
 
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "AsyncStream",
     "JobTimeoutError",
     "MLPool",
     "MLPoolError",
@@ -53,6 +55,7 @@ __all__ = [
     "RemoteTraceback",
     "ResultNotReadyError",
     "SerializationError",
+    "Stream",
     "UnknownJobError",
     "UnknownModelError",
     "WorkerCrashedError",
@@ -65,6 +68,8 @@ _LAZY = {
     "MLPool": "mlpool._pool",
     "Model": "mlpool._config",
     "PoolStats": "mlpool._state",
+    "Stream": "mlpool._streams",
+    "AsyncStream": "mlpool._streams",
     "batched": "mlpool._batching",
     "usable_cpu_count": "mlpool._resources",
 }

@@ -135,6 +135,8 @@ class PoolConfig:
     def model_groups(self) -> dict[str, str]:
         """Model name -> the name of the group whose workers load it."""
         return {name: settings.group for name, settings in self.model_settings.items()}
+    stream_buffer: int = 16  # items a stream's worker may run ahead of its consumer (#17)
+    stream_buffer_bytes: int = 8 * 2**20  # and bytes (at least one item)
 
     @classmethod
     def resolve(
@@ -160,6 +162,8 @@ class PoolConfig:
         ray_options: dict | None = None,
         models_to_load: Mapping[str, Any] | None = None,
         worker_env: WorkerEnv | None = None,
+        stream_buffer: int = 16,
+        stream_buffer_bytes: int = 8 * 2**20,
     ) -> PoolConfig:
         """Validate every setting and fill in the defaults. ``models_to_load``
         (loaders or :class:`Model`) gives the groups; None: one model-less
@@ -216,6 +220,8 @@ class PoolConfig:
             _check_int("shared_memory_threshold", shared_memory_threshold, minimum=1)
         if shared_memory_limit is not None:
             _check_int("shared_memory_limit", shared_memory_limit, minimum=0)
+        _check_int("stream_buffer", stream_buffer, minimum=1)
+        _check_int("stream_buffer_bytes", stream_buffer_bytes, minimum=1)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if backend == "local" and (ray_address is not None or ray_options):
@@ -262,6 +268,8 @@ class PoolConfig:
             inline=inline,
             groups=groups,
             model_settings=settings,
+            stream_buffer=stream_buffer,
+            stream_buffer_bytes=stream_buffer_bytes,
         )
 
 

@@ -25,12 +25,13 @@ from mlpool._errors import MLPoolError
 from mlpool._jobs import Job, JobState, running_loop
 from mlpool._loans import Loans
 from mlpool._outcomes import Outcomes, WakeClock
-from mlpool._protocol import NOWHERE, Done, Failed, encode_run, encode_run_batch
+from mlpool._protocol import NOWHERE, Done, Failed, StreamEnd, encode_run, encode_run_batch
 from mlpool._registry import Registry
 from mlpool._scheduler import Scheduler
 from mlpool._serialization import FUNCTION_CACHE_SIZE
 from mlpool._shm import RegionPool
 from mlpool._state import PoolState
+from mlpool._streams import run_frame
 from mlpool._supervisor import Supervisor
 from mlpool._transport import send_frames
 from mlpool._workers import WorkerHandle, WorkerState
@@ -158,7 +159,7 @@ class Dispatcher:
             return True
         return None
 
-    def answered(self, worker: WorkerHandle, msg: Done | Failed) -> None:
+    def answered(self, worker: WorkerHandle, msg: Done | Failed | StreamEnd) -> None:
         """``worker`` answered its oldest job."""
         if not worker.inflight or worker.inflight[0].id != msg.job_id:
             worker.kill(f"protocol error: answered job {msg.job_id} out of order")
@@ -167,13 +168,14 @@ class Dispatcher:
         worker.backlog -= job.estimate
         worker.jobs_done += 1
         shared = sum(length for _, length in msg.spans) if type(msg) is Done and msg.where != NOWHERE else None
-        self._scheduler.observe(job.fn_id, msg.seconds, shared)
+        if job.stream is None:  # a stream's length says nothing of the next one's: none pipelines behind it
+            self._scheduler.observe(job.fn_id, msg.seconds, shared)
         # The worker is done with its arguments; the offer is read in Outcomes.decode.
         self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
         if not worker.inflight and worker.registered:
             self._loans.watch_now(worker)
         if job.state is JobState.RUNNING:
-            self._outcomes.finish(job, type(msg) is Done, msg)
+            self._outcomes.finish(job, type(msg) is not Failed, msg)
         elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
             os.close(msg.fd)
             self._outcomes.release_memory(job)
@@ -200,7 +202,9 @@ class Dispatcher:
         # Copied into shared memory at its first dispatch (under the lock: a
         # memcpy, about 0.3 ms for 8 MB); a retry sends the same region.
         fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
-        if first.batch_policy is None:
+        if first.stream is not None:
+            frame = run_frame(first, fn)
+        elif first.batch_policy is None:
             p = first.payload
             offer = self._scheduler.result_size(first.fn_id)
             if offer is not None:  # its results came in shared memory: offer room for the next

@@ -22,6 +22,7 @@ from mlpool._registry import Registry
 from mlpool._scheduler import Scheduler
 from mlpool._shm import RegionPool
 from mlpool._state import PoolState
+from mlpool._streams import may_retry
 from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger("mlpool._manager")
@@ -74,7 +75,7 @@ class Fates:
             # We killed the worker for another job of its batch (a timeout,
             # an interrupt): this one is innocent; run it again.
             self._scheduler.requeue(job)
-        elif job.retries_left > 0 and state is not PoolState.BROKEN:
+        elif job.retries_left > 0 and state is not PoolState.BROKEN and may_retry(job):
             job.retries_left -= 1
             self.retried += 1
             logger.info("job %d: worker %d %s; retrying (%d retries left)", job.id, worker.id, how, job.retries_left)

@@ -28,8 +28,9 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from mlpool._config import PoolConfig
@@ -37,9 +38,11 @@ from mlpool._errors import MLPoolError, ModelLoadError, PoolClosedError, RemoteE
 from mlpool._jobmaker import JobMaker
 from mlpool._jobs import Job, JobState, Outcome, new_job_key, settle, shared_future
 from mlpool._metrics import LatencyRecorder, ModelRecorders
+from mlpool._protocol import Item
 from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
 from mlpool._state import PoolState, PoolStats, refusal
+from mlpool._streams import StreamChannel
 
 _OUTCOMES = ("completed", "failed", "cancelled")
 
@@ -110,6 +113,9 @@ class InlineEngine:
                 self._cancelled(job)
                 return None
             job.state = JobState.RUNNING
+            if job.stream is not None:  # runs item by item as its consumer asks (_pump)
+                job.stream.pump = partial(self._pump, job)
+                return None
         ok, value, seconds = self._execute(job)
         with self._lock:
             finished = job.state is JobState.RUNNING  # not cancelled meanwhile
@@ -146,15 +152,77 @@ class InlineEngine:
                 seconds = time.perf_counter() - started
                 return False, _as_caller_error(exc, job), seconds
 
+    # -------------------------------------------------------------- streams
+
+    def _pump(self, job: Job) -> None:
+        """A stream's next item, made in the consumer's thread as a worker
+        would make it (pickled both ways), or its end."""
+        channel = job.stream
+        assert channel is not None
+        outcome: tuple[bool, Any] | None = None
+        with self._run_lock:
+            if job.state is not JobState.RUNNING:
+                channel.end()  # its handle's callback may not have run yet (a loop's comes later)
+                return
+            try:
+                if channel.source is None:
+                    channel.source = self._start_stream(job)
+                item = next(channel.source, _END)
+                if item is _END:
+                    outcome = (True, None)
+                else:
+                    channel.push(Item(job.id, dumps(item, f"an item of {job.fn_name}")))
+            except BaseException as exc:  # the boundary a worker has
+                _close_source(channel)
+                outcome = (False, _as_caller_error(exc, job))
+        if outcome is not None:
+            with self._lock:
+                finished = job.state is JobState.RUNNING
+                if finished:
+                    self._finish(job, *outcome)
+            if finished:
+                settle([Outcome(job, *outcome)])
+            channel.end()
+
+    def _start_stream(self, job: Job) -> Iterator:
+        fn = self._functions.get(job.fn_id)
+        if fn is None:
+            fn = self._functions[job.fn_id] = pickle.loads(job.fn_pickle)
+        args, kwargs = job.payload.loads("the stream's arguments")
+        produced = fn(self._models[job.model], *args, **kwargs)
+        try:
+            return iter(produced)
+        except TypeError:
+            raise TypeError(
+                f"{job.fn_name} was called by pool.stream, which iterates what it returns, but it returned "
+                f"{type(produced).__name__}, which is not iterable; make it a generator function (yield each item)"
+            ) from None
+
+    def send_control(self, job: Job, msg: Any) -> None:
+        pass  # the consumer runs the generator itself: no credit needed
+
+    def read_item(self, job: Job, item: Item) -> Any:
+        return pickle.loads(item.data)
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        fn()
+
+    def before_blocking(self) -> None:
+        pass
+
     def run_lent(self, job: Job) -> bool:
         return False  # no pipe to lend: the facade enqueues, which runs it
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
-        """True if ``job`` will never report an outcome (a running one's result is discarded)."""
+        """True if ``job`` will never report an outcome (a running one's result
+        is discarded; a stream's generator is closed)."""
         with self._lock:
             if job.state is JobState.FINISHED:
                 return False
             self._cancelled(job)
+        if job.stream is not None:
+            with self._run_lock:
+                _close_source(job.stream)
         settle([Outcome(job, False, None, cancelled=True)])
         return True
 
@@ -241,6 +309,20 @@ class InlineEngine:
                 **self._latency.stats_fields(),
                 models=self._per_model.stats(lambda model: 0, (), counts),
             )
+
+
+_END = object()
+
+
+def _close_source(channel: StreamChannel) -> None:
+    """Close an inline stream's generator (its ``finally`` runs); errors there are dropped."""
+    source, channel.source = channel.source, None
+    close = getattr(source, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
 
 
 def _as_caller_error(exc: BaseException, job: Job) -> Exception:

@@ -31,16 +31,18 @@ import time
 import warnings
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import CancelledError, Future
+from functools import partial
 from typing import Any, Protocol
 
 from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
 from mlpool._options import JobOptions, check_priority
 from mlpool._registry import Settled
+from mlpool._streams import AsyncStream, Stream, StreamEngine, check_streamable, open_channel
 from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
 
 
-class Engine(Protocol):
+class Engine(StreamEngine, Protocol):
     """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
 
     def make_job(
@@ -70,6 +72,8 @@ class Engine(Protocol):
     def share(self, job: Job) -> Future: ...
 
     def reclaim_stopped_loans(self) -> None: ...
+
+    config: Any  # stream_buffer, stream_buffer_bytes
 
 
 class Group(Protocol):
@@ -300,6 +304,38 @@ class JobAPI:
         except asyncio.CancelledError:
             self._engine.cancel(job)
             raise
+
+    # -------------------------------------------------------------- streams
+
+    def stream(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Stream:
+        """Run generator ``fn(model, *args, **kwargs)`` in a worker; iterate its items
+        as they come (a :class:`~mlpool._streams.Stream`: its docstring has
+        the rules: backpressure, closing, errors). Waits for room when the
+        queue is full. Raises TypeError for a batched ``fn``, and what
+        :meth:`submit` raises."""
+        check_streamable(fn)
+        job = self._new_job(fn, model_name, args, kwargs, None, None)
+        config = self._engine.config
+        open_channel(job, config.stream_buffer, config.stream_buffer_bytes)
+        self._admit(job, wait=True, blocking=("stream", "stream_async"))
+        return Stream(job, self._engine)
+
+    def stream_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> AsyncStream:
+        """:meth:`stream` for coroutines: ``async for item in pool.stream_async(...)``
+        or ``async with pool.stream_async(...) as items``. Bad arguments raise
+        here; the job is queued when the iteration (or block) starts."""
+        check_streamable(fn)
+        loop = asyncio.get_running_loop()
+        job = self._new_job(fn, model_name, args, kwargs, None, None, loop=loop)
+        config = self._engine.config
+        open_channel(job, config.stream_buffer, config.stream_buffer_bytes)
+        return AsyncStream(job, self._engine, partial(self._admit_stream, job))
+
+    async def _admit_stream(self, job: Job) -> None:
+        try:
+            await self._admit_async(job, wait=True)
+        except CancelledError as exc:  # its session closed while it waited for room
+            raise asyncio.CancelledError(*exc.args) from None
 
     # ------------------------------------------------------------ the steps
 

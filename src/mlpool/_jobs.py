@@ -39,6 +39,7 @@ from mlpool._errors import MLPoolError
 if TYPE_CHECKING:
     from mlpool._batching import BatchPolicy
     from mlpool._shm import Payload, Region
+    from mlpool._streams import StreamChannel
     from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class Job:
         "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
         "deadline", "retries_left", "state", "worker", "future_running", "estimate",
         "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer", "priority", "lane", "fetcher",
+        "stream",
     )  # fmt: skip
 
     def __init__(
@@ -174,6 +176,7 @@ class Job:
         self.result_offer: Region | None = None  # shared memory offered for its result
         self.priority = priority  # higher runs first (see _scheduler)
         self.lane = lane  # its session's token (None: outside any session); lanes take turns
+        self.stream: StreamChannel | None = None  # a stream's items (pool.stream, see _streams)
         self.loop = loop
         # A get_result_async of the job's own loop waiting for its outcome:
         # woken by the call that settles it (see _settle_async).

@@ -55,11 +55,23 @@ from mlpool._jobmaker import JobMaker
 from mlpool._jobs import Job, JobState, running_loop, running_unit, shared_future
 from mlpool._loans import Loans, ProtocolBroken
 from mlpool._outcomes import Outcomes, WakeClock
-from mlpool._protocol import Done, Exiting, Failed, LoadFailed, OverMemory, Ready, check_model_name
+from mlpool._protocol import (
+    Done,
+    Exiting,
+    Failed,
+    Item,
+    LoadFailed,
+    OverMemory,
+    Ready,
+    StreamEnd,
+    check_model_name,
+    encode,
+)
 from mlpool._registry import Registry, Settled
 from mlpool._scheduler import Scheduler
-from mlpool._shm import RegionPool
+from mlpool._shm import RegionPool, read_result
 from mlpool._state import PoolState, PoolStats, refusal
+from mlpool._streams import close_stream, holder, on_item, send_to_worker
 from mlpool._supervisor import Supervisor
 from mlpool._workers import WorkerHandle, WorkerState
 
@@ -212,6 +224,8 @@ class Manager:
                 self._outcomes.cancel(job)
                 if stop:
                     worker.kill(f"job {job.id} was cancelled with interrupt=True")
+                elif job.stream is not None:
+                    close_stream(worker, job)
                 return True
             return False
 
@@ -294,6 +308,24 @@ class Manager:
             )
 
     # ------------------------------------------------------ a caller's loan
+
+    # ------------------------------------------------------------ streams (#17)
+
+    def send_control(self, job: Job, msg: Any) -> None:
+        """Send a stream's Credit to the worker running it, if one still does."""
+        with self._lock:
+            worker = holder(job)
+            if worker is not None and job.state is JobState.RUNNING:
+                send_to_worker(worker, encode(msg))
+
+    def read_item(self, job: Job, item: Item) -> Any:
+        """An item of a stream, decoded in the consumer's thread (no lock)."""
+        what = f"an item of job {job.id} ({job.fn_name})"
+        return read_result(item.data, item.spans, item.where, item.fd, None, self._regions, what)
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the callback thread (safe from ``__del__``: a queue put)."""
+        self._locked.callbacks.run(None, [lambda _: fn()])  # type: ignore[arg-type]
 
     def run_lent(self, job: Job) -> bool:
         """Run ``job`` on an idle worker, reading its pipe in this thread.
@@ -461,7 +493,9 @@ class Manager:
 
     def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
         match msg:
-            case Done() | Failed():
+            case Item():
+                on_item(worker, msg)
+            case Done() | Failed() | StreamEnd():
                 self._dispatcher.answered(worker, msg)
                 self._supervisor.answered(worker)
             case Ready():

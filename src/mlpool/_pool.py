@@ -111,6 +111,10 @@ class MLPool(JobAPI):
             shutdown); ``"auto"`` or ``"ray://host:10001"`` joins a cluster.
         ray_options: extra ``actor.options(...)`` for each worker actor, such
             as ``{"resources": {"model-host": 1}}`` or ``{"memory": 2**30}``.
+        stream_buffer, stream_buffer_bytes: how far the worker of a stream
+            (:meth:`stream`) may run ahead of its consumer: at most this many
+            items and bytes (always at least one item) produced and not yet
+            taken; then its generator waits at its ``yield``.
 
     The constructor returns when every worker has loaded every model. A loader
     that raises (or returns None) makes it raise :class:`ModelLoadError` with
@@ -150,6 +154,8 @@ class MLPool(JobAPI):
         ray_address: str | None = None,
         ray_options: dict[str, Any] | None = None,
         worker_env: WorkerEnv | None = None,
+        stream_buffer: int = 16,
+        stream_buffer_bytes: int = 8 * 2**20,
     ) -> None:
         loaders = _check_loaders(models_to_load)
         self._config = PoolConfig.resolve(
@@ -173,6 +179,8 @@ class MLPool(JobAPI):
             ray_options=ray_options,
             models_to_load=models_to_load,
             worker_env=worker_env,
+            stream_buffer=stream_buffer,
+            stream_buffer_bytes=stream_buffer_bytes,
         )
         if not self._config.inline and self._config.backend == "local":
             check_main_guard()

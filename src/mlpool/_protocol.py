@@ -8,9 +8,10 @@ Each worker has one duplex pipe. Every message is one frame::
 
 Parent -> worker (``ToWorker``): ``Setup`` (first, optional: the worker's
 "started" word, see ``_started``), ``Run`` (one job), ``RunBatch`` (jobs of a
-batched function, one call), ``Stop``.
+batched function, one call), ``Stop``; for a stream (``pool.stream``, #17):
+``RunStream``, ``Credit``, ``CloseStream``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
-``Failed``, ``OverMemory``, ``Exiting``.
+``Failed``, ``OverMemory``, ``Exiting``; for a stream: ``Item`` each, then ``StreamEnd`` or ``Failed``.
 
 The hot messages (``Run``, ``Done``, ``Failed``) are packed with :mod:`struct`
 around opaque pickled payloads: pickling a dataclass costs about 10 µs a round
@@ -48,6 +49,11 @@ _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
+# Streams (#17): RunStream is the window, then a Run's body; Item is laid out as Done;
+# Credit, CloseStream and StreamEnd (one per half window at most) are pickled whole.
+_RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND, _ITEM_KIND, _STREAM_END_KIND = 5, 6, 7, 16, 17
+_WINDOW = struct.Struct("<IQ")  # items, bytes the worker may run ahead of the consumer
+_ITEM = struct.Struct("<QIB")  # job id, spans, where they are (as Done)
 
 # Done.where: where the result's out-of-band buffers are. Nowhere (none, or
 # in-band), in the file the parent offered with the Run, or in a new file the
@@ -158,8 +164,60 @@ class Exiting:
     """The worker obeys ``Stop`` and is about to exit."""
 
 
-ToWorker = Setup | Run | RunBatch | Stop
-FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting
+@dataclass(frozen=True, slots=True)
+class RunStream:
+    """Run a job that yields (``pool.stream``): an ``Item`` each while at most ``window_items`` /
+    ``window_bytes`` (at least one item) wait unconsumed. Fields as ``Run``, with no offer."""
+
+    job_id: int
+    fn_id: int
+    model: str
+    fn: bytes
+    payload: bytes
+    spans: Spans = ()
+    fd: int = field(default=-1, compare=False)
+    window_items: int = 16
+    window_bytes: int = 8 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """The consumer took ``items`` items (``nbytes`` bytes) of stream ``job_id``."""
+
+    job_id: int
+    items: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStream:
+    """Stop stream ``job_id`` at its next yield; the worker answers ``StreamEnd``."""
+
+    job_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One item of stream ``job_id``: pickled as a result is (``Done``)."""
+
+    job_id: int
+    data: bytes
+    spans: Spans = ()
+    where: int = 0
+    fd: int = field(default=-1, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Stream ``job_id`` ended: its generator returned, or was closed."""
+
+    job_id: int
+    seconds: float
+
+
+ToWorker = Setup | Run | RunBatch | Stop | RunStream | Credit | CloseStream
+FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting | Item | StreamEnd
+_PICKLED_KINDS: dict[type, int] = {Credit: _CREDIT_KIND, CloseStream: _CLOSE_STREAM_KIND, StreamEnd: _STREAM_END_KIND}
 
 
 def _frame(kind: int, *parts: bytes) -> bytes:
@@ -192,6 +250,12 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
             return encode_failed(job_id, seconds, error, tb)
         case Setup():
             return encode_setup()
+        case RunStream(job_id, fn_id, model, fn, payload, spans, _, items, nbytes):
+            return encode_run_stream(job_id, fn_id, model, fn, payload, spans, items, nbytes)
+        case Item(job_id, data, spans, where):
+            return encode_item(job_id, data, spans, where)
+        case Credit() | CloseStream() | StreamEnd():
+            return _frame(_PICKLED_KINDS[type(msg)], pickle.dumps(msg))
         case Stop():
             return _frame(_STOP_KIND)
         case Exiting():
@@ -234,6 +298,19 @@ def encode_run(
     name = model.encode("utf-8", _TEXT)
     head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans), offer)
     return _frame(_RUN_KIND, head, _spans(spans), name, fn, payload)
+
+
+def encode_run_stream(
+    job_id: int, fn_id: int, model: str, fn: bytes, payload: bytes, spans: Spans, items: int, nbytes: int
+) -> bytes:
+    """``encode(RunStream(...))``: the window, then a Run's body (no offer)."""
+    run = encode_run(job_id, fn_id, model, fn, payload, spans)
+    return _frame(_RUN_STREAM_KIND, _WINDOW.pack(items, nbytes), run[_HEADER.size :])
+
+
+def encode_item(job_id: int, data: bytes, spans: Spans = (), where: int = 0) -> bytes:
+    """``encode(Item(...))`` without building the message first (the worker's stream loop)."""
+    return _frame(_ITEM_KIND, _ITEM.pack(job_id, len(spans), where), _spans(spans), data)
 
 
 def encode_run_batch(
@@ -300,6 +377,8 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
             payloads.append(body[start : start + size])
             start += size
         return RunBatch(job_ids, fn_id, model, fn, tuple(payloads), tuple(all_spans), job_fds)
+    if kind >= _ITEM_KIND or _RUN_STREAM_KIND <= kind <= _CLOSE_STREAM_KIND:
+        return _decode_stream(kind, body, fds)
     if kind == _STOP_KIND:
         return Stop()
     if kind == _SETUP_KIND:
@@ -310,6 +389,23 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
         return OverMemory(*_OVER_MEMORY.unpack(body))
     if kind in (_READY_KIND, _LOAD_FAILED_KIND):
         return pickle.loads(body)
+    raise ValueError(f"unknown message kind {kind}")
+
+
+def _decode_stream(kind: int, body: bytes, fds: deque[int] | None) -> ToWorker | FromWorker:
+    """The stream messages (#17), kept off the decoding path of ordinary jobs."""
+    if kind == _ITEM_KIND:
+        job_id, count, where = _ITEM.unpack_from(body)
+        spans = _read_spans(body, _ITEM.size, count)
+        start = _ITEM.size + count * _SPAN.size
+        return Item(job_id, body[start:], spans, where, _take_fd(fds) if where == NEW_FILE else -1)
+    if kind in _PICKLED_KINDS.values():
+        return pickle.loads(body)
+    if kind == _RUN_STREAM_KIND:
+        run = decode(_RUN_KIND, body[_WINDOW.size :], fds)
+        assert type(run) is Run
+        return RunStream(run.job_id, run.fn_id, run.model, run.fn, run.payload, run.spans, run.fd,
+                         *_WINDOW.unpack_from(body))  # fmt: skip
     raise ValueError(f"unknown message kind {kind}")
 
 

@@ -19,6 +19,14 @@ raises, and the bridge closes the socket and the worker's *sentinel* (a
 pipe only it holds), which is how the manager sees any worker die: the jobs
 it held fail or retry as after a crash.
 
+A stream (``RunStream``, #17) is a Ray streaming generator
+(``num_returns="streaming"``): the actor yields each item's frame, the
+writer forwards them while the consumer's credits allow (the actor itself
+runs at most ``_generator_backpressure_num_objects`` items ahead of the
+writer, so a stream holds about one and a half windows in all), and a
+``CloseStream`` cancels the generator (``ray.cancel``: ``GeneratorExit`` at its
+yield, its ``finally`` runs) before the writer answers ``StreamEnd``.
+
 Arguments' large buffers reach the bridge in shared memory, as for a local
 worker; the bridge puts each into Ray's object store (one copy) and passes
 the references with the call, so an actor reads them in place on its node
@@ -38,8 +46,28 @@ import threading
 import time
 from typing import Any
 
-from mlpool._protocol import Exiting, LoadFailed, Ready, Run, RunBatch, Stop, encode, encode_run, encode_run_batch
-from mlpool._shm_worker import region_views
+from mlpool._protocol import (
+    CloseStream,
+    Credit,
+    Exiting,
+    Item,
+    LoadFailed,
+    Ready,
+    Run,
+    RunBatch,
+    RunStream,
+    Stop,
+    StreamEnd,
+    encode,
+    encode_failed,
+    encode_item,
+    encode_run,
+    encode_run_batch,
+    encode_run_stream,
+)
+from mlpool._serialization import pack_exception
+from mlpool._shm_worker import region_views, unpack, write_result
+from mlpool._stream_worker import iterate
 from mlpool._transport import FrameReader
 from mlpool._worker_main import (
     MemoryWatch,
@@ -48,6 +76,7 @@ from mlpool._worker_main import (
     cap_threads_before_loading,
     load_models,
     run_message,
+    stream_function,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,6 +186,80 @@ class _Actor:
         replies += self.memory.check()
         return b"".join(data for data, _ in replies)
 
+    def run_stream(self, frame: bytes, counts: tuple[int, ...], *arrays: Any) -> Any:
+        """A stream's job, as a Ray streaming generator: each item's Item
+        frame, then StreamEnd or Failed. Cancelled (the consumer closed it):
+        GeneratorExit here, which closes the user's generator too."""
+        reader = FrameReader()
+        reader.feed(frame)
+        (msg,) = reader.messages()
+        assert type(msg) is RunStream and not isinstance(self.models, LoadFailed)
+        started = time.perf_counter()
+        iterator = None
+        try:
+            fn, model = stream_function(msg, self.models, self.functions)
+            args, kwargs = unpack(msg.payload, -1, (), "the stream's arguments", list(arrays) if counts else None)
+            iterator = iterate(fn(model, *args, **kwargs), fn)
+            del args, kwargs
+            what = f"an item of {getattr(fn, '__qualname__', None) or type(fn).__name__}"
+            for item in iterator:
+                yield encode_item(msg.job_id, write_result(item, what, None, None, -1)[0])
+        except GeneratorExit:
+            _close(iterator)
+            raise
+        except BaseException as exc:  # the stream's error; the actor serves on
+            try:
+                _close(iterator)
+            finally:
+                error, tb = pack_exception(exc)
+                yield encode_failed(msg.job_id, time.perf_counter() - started, error, tb)
+            return
+        _close(iterator)
+        yield encode(StreamEnd(msg.job_id, time.perf_counter() - started))
+
+
+def _close(iterator: Any) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+class _Flow:
+    """The credit window of one stream on the bridge: the writer forwards an
+    item only while the consumer is less than a window behind."""
+
+    def __init__(self, msg: RunStream) -> None:
+        self.job_id = msg.job_id
+        self.max_items = max(1, msg.window_items)
+        self.max_bytes = max(1, msg.window_bytes)
+        self.items = 0
+        self.nbytes = 0
+        self.closed = False
+        self.cond = threading.Condition()
+
+    def sent(self, nbytes: int) -> None:
+        with self.cond:
+            self.items += 1
+            self.nbytes += nbytes
+
+    def credit(self, items: int, nbytes: int) -> None:
+        with self.cond:
+            self.items -= items
+            self.nbytes -= nbytes
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def wait_for_room(self) -> bool:
+        """Block while the window is full; False once the stream was closed."""
+        with self.cond:
+            while not self.closed and (self.items >= self.max_items or (self.items and self.nbytes >= self.max_bytes)):
+                self.cond.wait()
+            return not self.closed
+
 
 _actor_classes: dict[int, Any] = {}
 
@@ -181,6 +284,7 @@ class RayProcess:
         self._sock = sock  # the bridge's end
         self.sentinel, self._sentinel_w = os.pipe()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()  # object refs in submission order, then _STOP
+        self._flows: dict[int, _Flow] = {}  # streams by job id: the reader credits them, the writer waits
         self._killed = False
         self._threads = [
             threading.Thread(target=self._read, name=f"mlpool-ray-{worker_id}-in", daemon=True),
@@ -203,9 +307,19 @@ class RayProcess:
                     if type(msg) is Stop:
                         self._calls.put(_STOP)
                         return
-                    assert type(msg) is Run or type(msg) is RunBatch
+                    if type(msg) is Credit or type(msg) is CloseStream:
+                        self._control_stream(msg)
+                        continue
+                    assert type(msg) is Run or type(msg) is RunBatch or type(msg) is RunStream
                     frame, counts, refs = _to_object_store(ray, msg)
-                    self._calls.put(self.actor.run.remote(frame, counts, *refs))
+                    if type(msg) is RunStream:
+                        flow = self._flows[msg.job_id] = _Flow(msg)
+                        ahead = max(1, msg.window_items // 2)
+                        run = self.actor.run_stream.options(num_returns="streaming",
+                                                            _generator_backpressure_num_objects=ahead)
+                        self._calls.put((run.remote(frame, counts, *refs), flow))
+                    else:
+                        self._calls.put(self.actor.run.remote(frame, counts, *refs))
         except OSError:
             pass
         except Exception:  # the jobs in flight end as after a crash; nobody waits forever
@@ -213,7 +327,40 @@ class RayProcess:
             self.kill()
         finally:
             reader.close()
+            for flow in list(self._flows.values()):
+                flow.close()  # a writer waiting for credit ends
             self._calls.put(_STOP)
+
+    def _control_stream(self, msg: Credit | CloseStream) -> None:
+        flow = self._flows.get(msg.job_id)
+        if flow is None:
+            return  # a stream that ended
+        if type(msg) is Credit:
+            flow.credit(msg.items, msg.nbytes)
+        else:
+            flow.close()
+
+    def _forward_stream(self, ray: Any, generator: Any, flow: _Flow) -> None:
+        """Write a stream's frames while credits allow; a close cancels the
+        actor's generator and answers StreamEnd in its place."""
+        started = time.perf_counter()
+        reader = FrameReader()
+        try:
+            while flow.wait_for_room():
+                try:
+                    ref = next(generator)
+                except StopIteration:
+                    return
+                frame = ray.get(ref)
+                self._sock.sendall(frame)
+                reader.feed(frame)
+                for msg in reader.messages():
+                    if type(msg) is Item:
+                        flow.sent(len(msg.data))
+            ray.cancel(generator)
+            self._sock.sendall(encode(StreamEnd(flow.job_id, time.perf_counter() - started)))
+        finally:
+            self._flows.pop(flow.job_id, None)
 
     def _write(self) -> None:
         """Replies to the manager, in order; the end of the worker on Stop or death."""
@@ -231,6 +378,9 @@ class RayProcess:
                     self._sock.sendall(encode(Exiting()))
                     self.exitcode = 0
                     break
+                if type(ref) is tuple:  # a stream: (its generator, its window)
+                    self._forward_stream(ray, *ref)
+                    continue
                 self._sock.sendall(ray.get(ref))
         except ray.exceptions.RayActorError as exc:
             self.death = "was killed" if self._killed else f"died: {_first_line(exc)}"
@@ -273,13 +423,17 @@ class RayProcess:
             self.sentinel = -1
 
 
-def _to_object_store(ray: Any, msg: Run | RunBatch) -> tuple[bytes, tuple[int, ...], list[Any]]:
+def _to_object_store(ray: Any, msg: Run | RunBatch | RunStream) -> tuple[bytes, tuple[int, ...], list[Any]]:
     """The frame to send the actor, and the jobs' large argument buffers moved
     from the manager's shared memory into Ray's object store (one copy; an
     actor on this node reads them in place)."""
     if type(msg) is Run:
         jobs = [(msg.fd, msg.spans, msg.offer_fd)]
         frame = encode_run(msg.job_id, msg.fn_id, msg.model, msg.fn, msg.payload)
+    elif isinstance(msg, RunStream):
+        jobs = [(msg.fd, msg.spans, -1)]
+        frame = encode_run_stream(msg.job_id, msg.fn_id, msg.model, msg.fn, msg.payload, (), msg.window_items,
+                                  msg.window_bytes)  # fmt: skip
     else:
         fds = msg.fds or (-1,) * len(msg.job_ids)
         spans = msg.spans or ((),) * len(msg.job_ids)

@@ -11,6 +11,7 @@
          ▲                                         (over max_memory_per_worker: OverMemory)
          └──────────────────────────────────────────────────────────────────────┘
        Stop ─► Exiting, exit          end of file (parent gone) ─► exit
+       RunStream ─► Item, Item, ... on credit ─► StreamEnd | Failed (see _stream_worker)
 
 Jobs run one at a time, in the order they arrived, and each result is written
 as soon as it exists: the parent relies on that order to know which job a
@@ -20,7 +21,7 @@ worker lives on. The pool alone decides when a worker ends (Stop, then
 SIGKILL): a SIGINT or SIGTERM sent to the whole process group is ignored.
 
 This module and what it imports (``_protocol``, ``_serialization``,
-``_errors``, ``_started``, ``_worker_memory`` and the worker half of ``_shm``) are all a worker
+``_errors``, ``_started``, ``_worker_memory``, ``_stream_worker`` and the worker half of ``_shm``) are all a worker
 loads of mlpool: never the parent side.
 """
 
@@ -37,13 +38,29 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
-from mlpool._protocol import Exiting, LoadFailed, Ready, Run, RunBatch, Setup, Stop, encode, encode_done, encode_failed
+from mlpool._protocol import (
+    CloseStream,
+    Credit,
+    Exiting,
+    LoadFailed,
+    Ready,
+    Run,
+    RunBatch,
+    RunStream,
+    Setup,
+    Stop,
+    encode,
+    encode_done,
+    encode_failed,
+)
 from mlpool._serialization import FUNCTION_CACHE_SIZE, describe_exception, format_traceback, pack_exception
 from mlpool._shm_worker import unpack, write_result
 from mlpool._started import StartedWord
+from mlpool._stream_worker import run_stream
 from mlpool._transport import DescriptorsLost, FrameReader, send_frames, write_all
 from mlpool._worker_memory import MemoryWatch
 
@@ -60,7 +77,7 @@ THREAD_ENV_VARS = (
 )
 
 
-__all__ = ["MemoryWatch", "WorkerSettings", "load_models", "run_message", "serve", "worker_main"]
+__all__ = ["MemoryWatch", "WorkerSettings", "load_models", "run_message", "serve", "stream_function", "worker_main"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +278,19 @@ def serve(
                         else:
                             _send_replies(sock, replies)
                             _send_replies(sock, memory.check(busy))
+                    case RunStream():
+                        started.write(msg.job_id)
+                        begun = time.monotonic()
+                        replies, gone = run_stream(
+                            msg, partial(_function_and_model, msg, models, functions), settings, sock, reader, messages
+                        )
+                        del msg
+                        busy = time.monotonic() - begun
+                        _send_replies(sock, replies + memory.check(busy))
+                        if gone:
+                            return  # the parent is gone
+                    case Credit() | CloseStream():
+                        pass  # for a stream that already ended
                     case Setup():
                         started.close()
                         started = StartedWord.attach(msg.started_fd)
@@ -291,7 +321,9 @@ def _send_replies(sock: socket.socket, replies: list[Reply]) -> None:
                 os.close(result_fd)
 
 
-def _function_and_model(msg: Run | RunBatch, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:
+def _function_and_model(
+    msg: Run | RunBatch | RunStream, models: dict[str, Any], functions: dict[int, Callable]
+) -> tuple:
     if msg.fn:
         if len(functions) >= FUNCTION_CACHE_SIZE:  # mirrored by the parent
             functions.clear()
@@ -301,6 +333,11 @@ def _function_and_model(msg: Run | RunBatch, models: dict[str, Any], functions: 
         return fn, models[msg.model]
     except KeyError:
         raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker") from None
+
+
+def stream_function(msg: RunStream, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:
+    """A stream's function and model, as for a job (a Ray actor's stream too)."""
+    return _function_and_model(msg, models, functions)
 
 
 Reply = tuple[bytes, list[int]]  # an encoded frame and the descriptors to send with it

@@ -21,6 +21,7 @@ Starlette is imported, so plain Starlette apps can use it too.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import signal
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 
 try:
     from starlette.requests import HTTPConnection, Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.websockets import WebSocket, WebSocketState
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("mlpool.fastapi needs FastAPI or Starlette: pip install 'mlpool[fastapi]'") from exc
@@ -53,12 +54,14 @@ from mlpool._errors import (
     WorkerCrashedError,
 )
 from mlpool._pool import MLPool
+from mlpool._streams import AsyncStream
 
 __all__ = [
     "RETRY_AFTER_MAX",
     "RETRY_AFTER_STARTING",
     "ClientDisconnected",
     "cancel_on_disconnect",
+    "stream_response",
     "error_body",
     "error_status",
     "get_pool",
@@ -359,3 +362,60 @@ async def _wait_for_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+# Server-sent events and NDJSON: the media type and how one item (or the error
+# that ended the stream) is framed.
+_STREAM_FORMATS: dict[str, tuple[str, Callable[[str], str], Callable[[str], str]]] = {
+    "sse": ("text/event-stream", lambda data: f"data: {data}\n\n", lambda data: f"event: error\ndata: {data}\n\n"),
+    "ndjson": ("application/x-ndjson", lambda data: f"{data}\n", lambda data: f"{data}\n"),
+}
+
+
+def stream_response(
+    items: AsyncStream,
+    request: Request | None = None,
+    *,
+    format: str = "ndjson",
+    encode: Callable[[Any], str] = json.dumps,
+    expose_details: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> StreamingResponse:
+    """A ``StreamingResponse`` sending each item of ``pool.stream_async(...)``
+    as it comes: server-sent events (``format="sse"``: ``data: <json>``) or
+    NDJSON (one JSON document per line); ``encode`` turns an item into text.
+
+    The stream is closed, which stops its generator in the worker at its
+    next ``yield``, when the response ends for any reason: the last item
+    sent, a send failing, Starlette cancelling the response, or (with
+    ``request``) the client disconnecting while the response waits for the
+    next item. An error after the first byte cannot change the status: it
+    ends the stream with one last frame, :func:`error_body` as JSON (an
+    ``event: error`` in SSE), and is logged.
+    """
+    if format not in _STREAM_FORMATS:
+        raise ValueError(f"format must be one of {sorted(_STREAM_FORMATS)}, not {format!r}")
+    media_type, frame, error_frame = _STREAM_FORMATS[format]
+    extra = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if format == "sse" else {}
+
+    async def body() -> AsyncIterator[str]:
+        watcher = None if request is None else asyncio.ensure_future(_close_on_disconnect(request, items))
+        try:
+            async with items:
+                async for item in items:
+                    yield frame(encode(item))
+        except Exception as exc:  # the status is sent: the last frame says it failed
+            logger.warning("stream on %s ended by %s: %s", "?" if request is None else request.url.path,
+                           type(exc).__name__, exc)  # fmt: skip
+            yield error_frame(json.dumps(error_body(exc, expose_details=expose_details)))
+        finally:
+            items.close()
+            if watcher is not None:
+                watcher.cancel()
+
+    return StreamingResponse(body(), media_type=media_type, headers={**extra, **(headers or {})})
+
+
+async def _close_on_disconnect(request: Request, items: AsyncStream) -> None:
+    await _wait_for_disconnect(request)
+    items.close()  # the response's wait for the next item ends; the generator stops
