@@ -7,9 +7,9 @@
 Worker groups (the default, "groups"): the CPU-heavy image CNN has
 ``MLPOOL_DEMO_IMAGE_WORKERS`` workers of its own (1) that load only it, and
 the cheap XGBoost models share ``MLPOOL_DEMO_WORKERS`` workers (1) that
-load only them: an iris request never waits for a worker busy with an image. "shared"
-runs the same total of workers (2), each loading all three models, as a
-pool without groups does: the comparison ``examples/demo.py`` draws.
+load only them: an iris request never waits for a worker busy with an
+image. "shared" runs the same total of workers (2), each loading all three
+models, as a pool without groups does: the comparison ``examples/demo.py`` draws.
 
 Endpoints: ``POST /iris``, ``POST /diabetes`` (JSON features), ``POST /image``
 (an uploaded PNG or JPEG), the job API ``POST /jobs``, ``GET /jobs/{id}``,
