@@ -27,19 +27,30 @@ stopped, to take its pipe back (``reclaim_stopped_loans``).
 from __future__ import annotations
 
 import asyncio
-import time
-import warnings
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import CancelledError, Future
 from functools import partial
 from typing import Any, Protocol
 
-from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError, ResultNotReadyError, UnknownJobError
+from mlpool._errors import ResultNotReadyError, UnknownJobError
 from mlpool._jobs import Job, running_loop
 from mlpool._options import JobOptions, check_priority
 from mlpool._registry import Settled
 from mlpool._streams import AsyncStream, Stream, StreamEngine, check_streamable, open_channel
-from mlpool._waiting import wait_any, wait_any_async, wait_done_async, wait_here_async
+from mlpool._waiting import (
+    concurrent_future,
+    done_handle,
+    job_key,
+    never_queued,
+    no_room,
+    remaining,
+    still_running,
+    wait_any,
+    wait_any_async,
+    wait_done_async,
+    wait_here_async,
+    warn_if_loop_blocked,
+)  # fmt: skip
 
 
 class Engine(StreamEngine, Protocol):
@@ -154,8 +165,8 @@ class JobAPI:
         try:
             self._admit(job, wait=block_until_scheduled, register=True, blocking=("create_job", "create_job_async"))
         except CancelledError:
-            raise _never_queued(job) from None
-        return _job_id(job)
+            raise never_queued(job) from None
+        return job_key(job)
 
     async def create_job_async(
         self,
@@ -180,8 +191,8 @@ class JobAPI:
         try:
             await self._admit_async(job, wait=block_until_scheduled, register=True)
         except CancelledError:
-            raise _never_queued(job) from None
-        return _job_id(job)
+            raise never_queued(job) from None
+        return job_key(job)
 
     def get_result(self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None) -> Any:
         """Return the job's result and forget the job.
@@ -202,7 +213,7 @@ class JobAPI:
         job = self._lookup(job_id)
         if isinstance(job, Settled):
             return self._take_settled(job_id, job)
-        handle = _done_handle(job)
+        handle = done_handle(job)
         if handle is None:
             if not wait_if_unavailable:
                 raise ResultNotReadyError(f"job {job_id} has not finished yet")
@@ -213,9 +224,9 @@ class JobAPI:
                 )
             future = self._handle_elsewhere(job)
             if future is not None:
-                _warn_if_loop_blocked("get_result", "get_result_async", stacklevel=3)
+                warn_if_loop_blocked("get_result", "get_result_async", stacklevel=3)
             if future is not None and not wait_any([future], timeout):
-                raise _still_running(job_id, timeout)
+                raise still_running(job_id, timeout)
         return self._take(job_id, job)
 
     async def get_result_async(
@@ -227,7 +238,7 @@ class JobAPI:
         job = self._lookup(job_id)
         if isinstance(job, Settled):
             return self._take_settled(job_id, job)
-        if _done_handle(job) is None:
+        if done_handle(job) is None:
             if not wait_if_unavailable:
                 raise ResultNotReadyError(f"job {job_id} has not finished yet")
             afut = job.afut
@@ -237,7 +248,7 @@ class JobAPI:
                 future = self._handle_elsewhere(job)
                 done = future is None or await wait_done_async(future, timeout)
             if not done:
-                raise _still_running(job_id, timeout)
+                raise still_running(job_id, timeout)
         return self._take(job_id, job)
 
     def cancel_job(self, job_id: str, *, interrupt: bool = False) -> bool:
@@ -269,7 +280,7 @@ class JobAPI:
         """
         job = self._new_job(fn, model_name, args, kwargs, None, None, None)
         self._admit(job, wait=True, blocking=("submit", "score_async"))
-        return _future(job)
+        return concurrent_future(job)
 
     def score(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(model, *args, **kwargs)`` in a worker and return its result (blocks).
@@ -278,13 +289,13 @@ class JobAPI:
         ``async def``), it blocks that loop for the whole job: a
         RuntimeWarning, once per call site, names :meth:`score_async`.
         """
-        _warn_if_loop_blocked("score", "score_async", stacklevel=3)
+        warn_if_loop_blocked("score", "score_async", stacklevel=3)
         job = self._new_job(fn, model_name, args, kwargs, None, None, None)
         # An idle worker's pipe is read by this thread (one hop fewer); a
         # session's jobs go through the queue, where the session tracks them.
         if self._group is not None or not self._engine.run_lent(job):
             self._admit(job, wait=True)
-        return _future(job).result()
+        return concurrent_future(job).result()
 
     async def score_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(model, *args, **kwargs)`` in a worker; the event loop stays free.
@@ -404,24 +415,24 @@ class JobAPI:
         """Admit ``job``, waiting for room in this thread. ``blocking``: the
         caller's method and its async twin, named in the warning if this waits
         on the thread of a running event loop."""
-        handle = _future(job)
+        handle = concurrent_future(job)
         steps = self._admission(job, wait=wait, register=register)
         try:
             for room in steps:
                 if blocking is not None:
-                    _warn_if_loop_blocked(*blocking, stacklevel=4)
-                if not wait_any([room, handle], _remaining(job)):
-                    raise _no_room(job)
+                    warn_if_loop_blocked(*blocking, stacklevel=4)
+                if not wait_any([room, handle], remaining(job)):
+                    raise no_room(job)
         finally:
             steps.close()
 
     async def _admit_async(self, job: Job, *, wait: bool, register: bool = False) -> None:
-        handle: Future | asyncio.Future = job.afut if job.afut is not None else _future(job)
+        handle: Future | asyncio.Future = job.afut if job.afut is not None else concurrent_future(job)
         steps = self._admission(job, wait=wait, register=register)
         try:
             for room in steps:
-                if not await wait_any_async([room, handle], _remaining(job)):
-                    raise _no_room(job)
+                if not await wait_any_async([room, handle], remaining(job)):
+                    raise no_room(job)
         finally:
             steps.close()
 
@@ -438,7 +449,7 @@ class JobAPI:
         ``job``; None if its outcome can be read already."""
         afut = job.afut
         if afut is None:
-            return _future(job)
+            return concurrent_future(job)
         self._read_elsewhere(job)
         future = self._engine.share(job)
         # Checked after sharing: an outcome settled before has reached the asyncio handle.
@@ -461,7 +472,7 @@ class JobAPI:
 
     def _take(self, job_id: str, job: Job) -> Any:
         """The result of a finished job (or its error), forgetting the job."""
-        handle = _done_handle(job)
+        handle = done_handle(job)
         assert handle is not None  # callers waited until it is done
         forgotten = self._engine.forget(job_id, job)
         try:
@@ -475,62 +486,3 @@ class JobAPI:
         if not forgotten:
             raise UnknownJobError(f"job {job_id!r} was already fetched")
         return value
-
-
-def _warn_if_loop_blocked(method: str, twin: str, *, stacklevel: int) -> None:
-    """Warn (RuntimeWarning, once per call site under Python's default
-    filters) when a blocking call waits on the thread of a running event
-    loop: every other coroutine of that loop stops until the job ends.
-    ``stacklevel`` counts from this function's caller to the user's call."""
-    if running_loop() is not None:  # the cheap check: no exception, one C call
-        warnings.warn(
-            f"pool.{method}() blocks the event loop running in this thread (every other request of it waits); "
-            f"in a coroutine, use `await pool.{twin}(...)`",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
-
-
-def _done_handle(job: Job) -> Future | asyncio.Future | None:
-    """The job's handle that holds its outcome, or None while it has none."""
-    afut = job.afut
-    if afut is not None and afut.done():
-        return afut
-    future = job.future
-    if future is not None and future.done():
-        return future
-    return None
-
-
-def _future(job: Job) -> Future:
-    future = job.future
-    if future is None:  # only score_async's jobs have none, and they never come here
-        raise MLPoolError(f"internal error: job {job.id} has no concurrent future")
-    return future
-
-
-def _job_id(job: Job) -> str:
-    key = job.key
-    if key is None:  # admitted with register=True always has one
-        raise MLPoolError(f"internal error: job {job.id} was admitted without an id")
-    return key
-
-
-def _remaining(job: Job) -> float | None:
-    if job.deadline is None:
-        return None
-    return max(0.0, job.deadline - time.monotonic())
-
-
-def _no_room(job: Job) -> JobTimeoutError:
-    return JobTimeoutError(f"job {job.id} timed out waiting for room in the queue; it never ran", waiting_for_room=True)
-
-
-def _never_queued(job: Job) -> PoolClosedError:
-    return PoolClosedError(
-        f"the session was closed while job {job.id} waited for room in the queue; it was never queued"
-    )
-
-
-def _still_running(job_id: str, timeout: float | None) -> TimeoutError:
-    return TimeoutError(f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later")

@@ -73,7 +73,7 @@ from mlpool._shm import RegionPool, read_result
 from mlpool._state import PoolState, PoolStats, refusal
 from mlpool._streams import close_stream, holder, on_item, send_to_worker
 from mlpool._supervisor import Supervisor
-from mlpool._workers import WorkerHandle, WorkerState
+from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
 
@@ -284,30 +284,12 @@ class Manager:
 
     def stats(self) -> PoolStats:
         with self._lock:
-            alive = [w for w in self._supervisor.workers.values() if w.state is not WorkerState.EXITED]
-            counts = self._outcomes.counts
-            return PoolStats(
-                state=self.state.value,
-                workers_alive=sum(1 for w in alive if w.state is not WorkerState.STARTING),
-                workers_busy=sum(1 for w in alive if w.inflight),
-                queue_depth=self._scheduler.queued,
-                jobs_running=sum(len(w.inflight) for w in alive),
-                jobs_completed=counts["completed"],
-                jobs_failed=counts["failed"],
-                jobs_crashed=counts["crashed"],
-                jobs_timed_out=counts["timed_out"],
-                jobs_cancelled=counts["cancelled"],
-                jobs_retried=self._fates.retried,
-                worker_restarts=self._supervisor.counts["restarts"],
-                workers_recycled=self._supervisor.counts["recycled"],
-                results_unfetched=self._registry.unfetched,
-                **self._outcomes.latency.stats_fields(),
-                models=self._outcomes.per_model.stats(
-                    self._scheduler.queued_of, [w.group for w in alive if w.state is not WorkerState.STARTING], counts
-                ),
-            )
-
-    # ------------------------------------------------------ a caller's loan
+            supervisor = self._supervisor
+            return self._outcomes.snapshot(
+                self.state, list(supervisor.workers.values()), self._scheduler, retried=self._fates.retried,
+                restarts=supervisor.counts["restarts"], recycled=supervisor.counts["recycled"],
+                unfetched=self._registry.unfetched,
+            )  # fmt: skip
 
     # ------------------------------------------------------------ streams (#17)
 
@@ -326,6 +308,8 @@ class Manager:
     def call_soon(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the callback thread (safe from ``__del__``: a queue put)."""
         self._locked.callbacks.run(None, [lambda _: fn()])  # type: ignore[arg-type]
+
+    # ------------------------------------------------------ a caller's loan
 
     def run_lent(self, job: Job) -> bool:
         """Run ``job`` on an idle worker, reading its pipe in this thread.

@@ -25,8 +25,11 @@ from mlpool._jobs import Job, JobState, Outcome
 from mlpool._metrics import LatencyRecorder, ModelRecorders
 from mlpool._protocol import Done, Failed
 from mlpool._registry import Registry
+from mlpool._scheduler import Scheduler
 from mlpool._serialization import unpack_exception
 from mlpool._shm import RegionPool, read_result
+from mlpool._state import PoolState, PoolStats
+from mlpool._workers import WorkerHandle, WorkerState
 
 
 class WakeClock:
@@ -103,6 +106,34 @@ class Outcomes:
         if job.result_offer is not None and not keep_offer:
             self._regions.give(job.result_offer)
             job.result_offer = None
+
+    def snapshot(
+        self, state: PoolState, workers: list[WorkerHandle], scheduler: Scheduler, *,
+        retried: int, restarts: int, recycled: int, unfetched: int,
+    ) -> PoolStats:  # fmt: skip
+        """``pool.stats()``: the counts and latencies here, with the engine's
+        state, workers and queue (under the engine's lock)."""
+        alive = [w for w in workers if w.state is not WorkerState.EXITED]
+        serving = [w for w in alive if w.state is not WorkerState.STARTING]
+        counts = self.counts
+        return PoolStats(
+            state=state.value,
+            workers_alive=len(serving),
+            workers_busy=sum(1 for w in alive if w.inflight),
+            queue_depth=scheduler.queued,
+            jobs_running=sum(len(w.inflight) for w in alive),
+            jobs_completed=counts["completed"],
+            jobs_failed=counts["failed"],
+            jobs_crashed=counts["crashed"],
+            jobs_timed_out=counts["timed_out"],
+            jobs_cancelled=counts["cancelled"],
+            jobs_retried=retried,
+            worker_restarts=restarts,
+            workers_recycled=recycled,
+            results_unfetched=unfetched,
+            **self.latency.stats_fields(),
+            models=self.per_model.stats(scheduler.queued_of, [w.group for w in serving], counts),
+        )
 
     def decode(self, outcome: Outcome) -> Outcome:
         """Turn a worker's raw Done/Failed into the result or the exception (outside the lock)."""

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 
+from mlpool._errors import JobTimeoutError, MLPoolError, PoolClosedError
 from mlpool._jobs import Job, running_loop
 
 Handle = Future | asyncio.Future
@@ -179,3 +182,67 @@ def _wake_on(loop: asyncio.AbstractEventLoop, waiter: asyncio.Future) -> None:
 def _set(waiter: asyncio.Future, _: object = None) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+# ------------------------------------------------ a job's handles
+
+
+def warn_if_loop_blocked(method: str, twin: str, *, stacklevel: int) -> None:
+    """Warn (RuntimeWarning, once per call site under Python's default
+    filters) when a blocking call waits on the thread of a running event
+    loop: every other coroutine of that loop stops until the job ends.
+    ``stacklevel`` counts from this function's caller to the user's call."""
+    if running_loop() is not None:  # the cheap check: no exception, one C call
+        warnings.warn(
+            f"pool.{method}() blocks the event loop running in this thread (every other request of it waits); "
+            f"in a coroutine, use `await pool.{twin}(...)`",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def done_handle(job: Job) -> Future | asyncio.Future | None:
+    """The job's handle that holds its outcome, or None while it has none."""
+    afut = job.afut
+    if afut is not None and afut.done():
+        return afut
+    future = job.future
+    if future is not None and future.done():
+        return future
+    return None
+
+
+def concurrent_future(job: Job) -> Future:
+    """The job's concurrent Future (every job made outside a coroutine has one)."""
+    future = job.future
+    if future is None:  # only score_async's jobs have none, and they never come here
+        raise MLPoolError(f"internal error: job {job.id} has no concurrent future")
+    return future
+
+
+def remaining(job: Job) -> float | None:
+    """Seconds until the job's deadline (None: it has none)."""
+    if job.deadline is None:
+        return None
+    return max(0.0, job.deadline - time.monotonic())
+
+
+def job_key(job: Job) -> str:
+    key = job.key
+    if key is None:  # admitted with register=True always has one
+        raise MLPoolError(f"internal error: job {job.id} was admitted without an id")
+    return key
+
+
+def no_room(job: Job) -> JobTimeoutError:
+    return JobTimeoutError(f"job {job.id} timed out waiting for room in the queue; it never ran", waiting_for_room=True)
+
+
+def never_queued(job: Job) -> PoolClosedError:
+    return PoolClosedError(
+        f"the session was closed while job {job.id} waited for room in the queue; it was never queued"
+    )
+
+
+def still_running(job_id: str, timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later")
