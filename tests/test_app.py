@@ -80,6 +80,19 @@ def ws_url(server: UvicornServer) -> str:
     return server.url.replace("http", "ws") + "/ws"
 
 
+def workers_alive(server: UvicornServer) -> list[psutil.Process]:
+    """The server's worker processes still running (a worker just killed may
+    linger a moment as a zombie, until the pool reaps it)."""
+    alive = []
+    for process in server.children():
+        try:
+            if "spawn_main" in " ".join(process.cmdline()):
+                alive.append(process)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return alive
+
+
 def loaded_torch(process: psutil.Process) -> bool:
     """Whether the process has PyTorch's library mapped: it loaded the image CNN."""
     with open(f"/proc/{process.pid}/maps") as maps:
@@ -114,7 +127,7 @@ def test_app_serves_the_three_models_from_its_mode_s_workers(mode, image_workers
             assert metric(client, "mlpool_model_workers", pool="demo", model="image") == image_workers
             for name in ("iris", "diabetes"):
                 assert metric(client, "mlpool_model_workers", pool="demo", model=name) == xgboost_workers
-        workers = [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = workers_alive(server)
         assert len(workers) == 2
         assert sum(loaded_torch(worker) for worker in workers) == with_torch
     finally:
@@ -304,7 +317,7 @@ def test_healthz_is_503_once_the_pool_is_broken_for_good(slow_demo):
         mark = slow_demo.log_mark()
         for path in slow_demo.model_dir.iterdir():  # replacements cannot load the models any more
             path.unlink()
-        workers = [p for p in slow_demo.children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = workers_alive(slow_demo)
         assert workers
         for worker in workers:
             worker.send_signal(signal.SIGKILL)
