@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -132,6 +134,21 @@ def test_app_serves_the_three_models_from_its_mode_s_workers(mode, image_workers
         assert sum(loaded_torch(worker) for worker in workers) == with_torch
     finally:
         assert not server.stop()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [("MLPOOL_DEMO_MODE", "pool", "MLPOOL_DEMO_MODE='pool': choose one of groups, shared, inprocess"),
+     ("MLPOOL_DEMO_IMAGE_WORKERS", "0", "MLPOOL_DEMO_IMAGE_WORKERS='0': give a whole number of workers"),
+     ("MLPOOL_DEMO_WORKERS", "two", "MLPOOL_DEMO_WORKERS='two': give a whole number of workers")],
+)  # fmt: skip
+def test_a_bad_mode_or_worker_count_stops_the_app_with_an_error_naming_it(setting, value, named):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
+           setting: value}  # fmt: skip
+    started = subprocess.run([sys.executable, "-c", "import app.main"], env=env, capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert started.returncode != 0
+    assert f"ValueError: {named}" in started.stderr
 
 
 # ------------------------------------------------------------------ bodies

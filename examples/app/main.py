@@ -54,12 +54,21 @@ logger = logging.getLogger("app")
 if not logging.getLogger().handlers:  # the app's log, and mlpool's, next to uvicorn's
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
 
+
+def positive_int(name: str, default: int) -> int:
+    """The environment variable ``name`` as a count of at least 1; a clear error otherwise."""
+    text = os.environ.get(name, str(default))
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text!r}: give a whole number of workers, at least 1")
+    return int(text)
+
+
 MODES = ("groups", "shared", "inprocess")
 MODE = os.environ.get("MLPOOL_DEMO_MODE", "groups")
 if MODE not in MODES:
     raise ValueError(f"MLPOOL_DEMO_MODE={MODE!r}: choose one of {', '.join(MODES)}")
-NB_WORKERS = int(os.environ.get("MLPOOL_DEMO_WORKERS", "1"))  # the workers the XGBoost models share
-IMAGE_WORKERS = int(os.environ.get("MLPOOL_DEMO_IMAGE_WORKERS", "1"))  # the image CNN's own, in "groups"
+NB_WORKERS = positive_int("MLPOOL_DEMO_WORKERS", 1)  # the workers the XGBoost models share
+IMAGE_WORKERS = positive_int("MLPOOL_DEMO_IMAGE_WORKERS", 1)  # the image CNN's own, in "groups"
 # "local" (worker processes) or "ray" (actors on the Ray instance RAY_ADDRESS
 # names, or a new local one): see "More than one machine" in docs/reference.md.
 BACKEND = os.environ.get("MLPOOL_BACKEND", "local")
