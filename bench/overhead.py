@@ -1,6 +1,6 @@
 """Per-job overhead of mlpool next to the raw pipe and ProcessPoolExecutor, in one run.
 
-    python bench/overhead.py [--quick] [--job-ids-only]
+    python bench/overhead.py [--quick] [--job-ids-only] [--tracing-only]
 
 Prints, side by side:
 - the raw round trip of a small message between two Python processes (the floor);
@@ -10,7 +10,11 @@ Prints, side by side:
   ``asyncio.sleep`` wakes meanwhile (event-loop lag); for mlpool also through
   the job-id API (``create_job_async`` + ``get_result_async``);
 - throughput of a hungry job (about 20 ms of pure-Python CPU) against the
-  ideal nb_workers / single-call time.
+  ideal nb_workers / single-call time;
+- the cost of OpenTelemetry per job (#18): sync tiny-job p50 without the
+  ``otel`` extra (its import made to fail, as when it is not installed), with
+  the API and no span current (tracing off), and inside a span with the SDK
+  and an in-memory exporter (tracing on: one span and four children per job).
 
 Speed is measured here, never asserted in tests. Figures vary with the
 machine's load: compare columns of one run.
@@ -230,6 +234,46 @@ def compare_job_ids(pool: MLPool, rounds: int, duration: float, job_id_load) -> 
     print(f"job ids / score_async (median of rounds): {ratio:.2f}")
 
 
+def tracing_costs(pool: MLPool, rounds: int, n: int) -> None:
+    """Sync tiny-job p50 without the otel extra, with tracing off, with tracing on;
+    interleaved in each round, medians of rounds; the differences are the cost."""
+    from mlpool import _tracing
+
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError:
+        print("\ntracing: n/a (the dev extra installs opentelemetry-api and opentelemetry-sdk)")
+        return
+    api = _tracing.otel_trace
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("bench")
+    samples: dict[str, list[float]] = {"no extra": [], "tracing off": [], "tracing on": []}
+    job = lambda: pool.score("m", tiny, 1)  # noqa: E731
+    for r in range(rounds):
+        _tracing.otel_trace = None  # what mlpool sees when opentelemetry is not installed
+        try:
+            samples["no extra"].append(percentiles(time_calls(job, n))[0])
+        finally:
+            _tracing.otel_trace = api
+        samples["tracing off"].append(percentiles(time_calls(job, n))[0])
+        trace.set_tracer_provider(provider)  # once per process; later calls only warn
+        with tracer.start_as_current_span("request"):
+            samples["tracing on"].append(percentiles(time_calls(job, n))[0])
+        exporter.clear()
+        print(f"tracing round {r + 1}/{rounds}", flush=True)
+    base = statistics.median(samples["no extra"])
+    print(f"\n| {'sync tiny job p50, ' + str(rounds) + ' rounds':<42} | {'p50':>10} | {'cost per job':>12} |")
+    print(f"|{'-' * 44}|{'-' * 11}:|{'-' * 13}:|")
+    for name, values in samples.items():
+        p50 = statistics.median(values)
+        print(f"| {name:<42} | {p50 * 1e6:>7,.1f} µs | {(p50 - base) * 1e6:>+9,.1f} µs |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
@@ -238,6 +282,7 @@ def main() -> None:
         "--job-ids-only", action="store_true",
         help="only the 64-caller load through score_async and through create_job_async + get_result_async",
     )  # fmt: skip
+    parser.add_argument("--tracing-only", action="store_true", help="only the cost of OpenTelemetry per job")
     opts = parser.parse_args()
     rounds = opts.rounds or (2 if opts.quick else 5)
     n = 1000 if opts.quick else 2000
@@ -281,6 +326,9 @@ def main() -> None:
         if opts.job_ids_only:
             compare_job_ids(pool, rounds, duration, job_id_load)
             return
+        if opts.tracing_only:
+            tracing_costs(pool, rounds, n)
+            return
 
         def mlpool_hungry(loops: int, jobs: int) -> None:
             for f in [pool.submit("m", hungry, loops) for _ in range(jobs)]:
@@ -310,6 +358,7 @@ def main() -> None:
             keep("single", single)
             keep("m_hungry", hungry_throughput(mlpool_hungry, loops, hungry_jobs) * single / NB_WORKERS)
             keep("p_hungry", hungry_throughput(ppe_hungry_many, loops, hungry_jobs) * single / NB_WORKERS)
+        tracing_costs(pool, rounds, n)
 
     def p50(name: str) -> float:
         return med(x[0] for x in samples[name])

@@ -15,7 +15,8 @@ import pytest
 from helpers.workloads import load_constant
 from test_template_processes import load_with_thread_pool
 
-from mlpool._protocol import LoadFailed, Ready, Reaped, TemplateReady
+from mlpool._protocol import LoadFailed, Ready
+from mlpool._protocol_template import Reaped, TemplateReady
 from mlpool._template import Template, TemplateClosed, WorkerForked
 from mlpool._transport import FrameReader
 from mlpool._worker_main import WorkerSettings

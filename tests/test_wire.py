@@ -305,3 +305,13 @@ def test_the_table_keeps_a_bounded_number_of_bytes():
     for fn in keep:
         table.lookup(fn)
     assert table.nbytes <= 4 * 2**20 and len(table) <= 4
+
+
+def test_every_message_kind_has_its_own_number():
+    """Two messages sharing a kind would be decoded as each other (it happened when two
+    branches each added one)."""
+    from mlpool import _protocol
+
+    kinds = {name: value for name, value in vars(_protocol).items() if name.endswith("_KIND") and type(value) is int}
+    assert len(set(kinds.values())) == len(kinds), sorted(kinds.items(), key=lambda item: item[1])
+    assert set(kinds.values()) == _protocol.KNOWN_KINDS

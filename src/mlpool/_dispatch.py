@@ -12,6 +12,12 @@ A job's message is built before anything is recorded: if it cannot be built
 (out of descriptors or memory for shared memory), nothing changed but the
 job's failure. Which worker's pipe an event loop reads, and when it is
 taken back, is decided here with the loans (see ``_loans``).
+
+Callers dispatch themselves when a worker is free (one thread hop fewer on
+the idle path); the manager dispatches whenever capacity frees up, which
+only ever happens on its own thread (a result, a Ready, a death). So a job
+left in the queue by a caller never needs a wake-up. Callers wake the
+manager only when they move a deadline earlier or ask for shutdown.
 """
 
 from __future__ import annotations
@@ -211,11 +217,16 @@ class Dispatcher:
                 first.result_offer = self._regions.take(offer)
                 fds.append(first.result_offer.fd)
             frame = encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans, offer is not None)
+            if first.trace is not None:
+                first.trace.sent(worker.pid)
         else:
             ids = tuple(job.id for job in jobs)
             payloads = tuple(job.payload.data for job in jobs)
             spans = tuple(job.payload.spans for job in jobs) if fds else ()
             frame = encode_run_batch(ids, first.fn_id, first.model, fn, payloads, spans)
+            for job in jobs:
+                if job.trace is not None:
+                    job.trace.sent(worker.pid)
         if fn:
             if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
                 known.clear()

@@ -17,10 +17,12 @@ import logging
 
 from mlpool._errors import JobTimeoutError, PoolClosedError, WorkerCrashedError
 from mlpool._jobs import Job, JobState, running_unit
+from mlpool._logs import worker_exited as log_worker_exited
 from mlpool._outcomes import Outcomes
 from mlpool._registry import Registry
 from mlpool._scheduler import Scheduler
 from mlpool._shm import RegionPool
+from mlpool._stacks import with_crash_dump, with_worker_stack
 from mlpool._state import PoolState
 from mlpool._streams import may_retry
 from mlpool._workers import WorkerHandle
@@ -49,6 +51,7 @@ class Fates:
         begun = worker.started.read()
         if running and begun >= 0 and begun != running[0].id:
             running = []  # ...unless it died before it took it: then none of them ran
+        log_worker_exited(worker, how, running, intended=intended)
         for job in jobs:
             job.worker = None
             if job.result_offer is not None:  # it may have half-written it: just take it back
@@ -86,7 +89,7 @@ class Fates:
                 f"({job.fn_name} on model {job.model!r})",
                 worker_id=worker.id, pid=worker.pid, exitcode=exitcode,
             )  # fmt: skip
-            self._outcomes.finish(job, False, error)
+            self._outcomes.finish(job, False, with_crash_dump(error, worker))
 
     def expire(self, now: float) -> None:
         """Fail jobs whose deadline passed; kill a worker running one."""
@@ -108,7 +111,8 @@ class Fates:
                                "batch run on")  # fmt: skip
                 else:
                     message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
-                self._outcomes.finish(job, False, JobTimeoutError(message, while_running=running))
+                error = JobTimeoutError(message, while_running=running)  # with the line it hung on, if it ran
+                self._outcomes.finish(job, False, with_worker_stack(error, worker, job) if running else error)
                 if stop:
                     worker.kill(f"job {job.id} passed its timeout")
 

@@ -28,7 +28,7 @@ import socket
 import time
 
 from mlpool._launchers import EnvFor, Launched, Launcher, no_env
-from mlpool._protocol import ForkFailed, Reaped
+from mlpool._protocol_template import ForkFailed, Reaped
 from mlpool._started import StartedWord
 from mlpool._template import Template, TemplateClosed, TemplateEvent, TemplateGone, TemplateState, WorkerForked
 from mlpool._worker_main import WorkerSettings
@@ -169,7 +169,7 @@ class ForkLauncher(Launcher):
                         _warn_threads(self.template)
                     ours, started, index = request
                     try:
-                        worker = WorkerHandle(event.process, ours, forked=True, started=started)
+                        worker = WorkerHandle(event.process, ours, forked=True, started=started, stacks=True)
                         worker.group, worker.index = self.group, index
                         outcome.started.append(worker)
                     except OSError as exc:  # out of descriptors for its handle: a failed start

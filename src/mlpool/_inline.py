@@ -43,6 +43,7 @@ from mlpool._registry import Settled
 from mlpool._serialization import dumps, pack_exception, unpack_exception
 from mlpool._state import PoolState, PoolStats, refusal
 from mlpool._streams import StreamChannel
+from mlpool._tracing import end as end_trace
 
 _OUTCOMES = ("completed", "failed", "cancelled")
 
@@ -117,6 +118,8 @@ class InlineEngine:
                 job.stream.pump = partial(self._pump, job)
                 return None
         ok, value, seconds = self._execute(job)
+        if job.trace is not None:
+            end_trace(job, None, ok, value, "completed" if ok else "failed")
         with self._lock:
             finished = job.state is JobState.RUNNING  # not cancelled meanwhile
             if finished:
@@ -287,6 +290,10 @@ class InlineEngine:
     def join(self, timeout: float | None) -> bool:
         return True
 
+    def worker_stacks(self, timeout: float) -> dict[int, str]:
+        """No worker processes: jobs run in the callers' own threads."""
+        return {}
+
     def stats(self) -> PoolStats:
         with self._lock:
             self._expire(time.monotonic())
@@ -307,7 +314,7 @@ class InlineEngine:
                 workers_recycled=0,
                 results_unfetched=len(self._expiring),
                 **self._latency.stats_fields(),
-                models=self._per_model.stats(lambda model: 0, (), counts),
+                models=self._per_model.stats(lambda model: 0, (), counts, {}, {}),
             )
 
 

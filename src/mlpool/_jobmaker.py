@@ -21,6 +21,7 @@ from mlpool._errors import UnknownModelError
 from mlpool._jobs import Job, JobOwner
 from mlpool._serialization import FunctionTable
 from mlpool._shm import pickle_payload
+from mlpool._tracing import begin as begin_trace
 
 
 class JobMaker:
@@ -85,11 +86,13 @@ class JobMaker:
             (args, kwargs), f"the arguments of {name}", config.shared_memory_threshold, config.shared_memory_limit
         )
         deadline = None if timeout is None else time.monotonic() + timeout
-        return Job(
+        job = Job(
             next(self._ids), model, fn_id, fn_pickle, payload, name,
             deadline=deadline, retries=retries, loop=loop, batch_policy=policy, owner=self._owner,
             priority=priority, lane=lane,
         )  # fmt: skip
+        job.trace = begin_trace(retries)
+        return job
 
 
 def _not_callable(model: Any, fn: Any) -> TypeError:

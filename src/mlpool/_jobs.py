@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from mlpool._batching import BatchPolicy
     from mlpool._shm import Payload, Region
     from mlpool._streams import StreamChannel
+    from mlpool._tracing import JobTrace
     from mlpool._workers import WorkerHandle
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class Job:
         "id", "key", "model", "fn_id", "fn_pickle", "payload", "future", "loop", "afut",
         "deadline", "retries_left", "state", "worker", "future_running", "estimate",
         "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer", "priority", "lane", "fetcher",
-        "stream",
+        "stream", "trace",
     )  # fmt: skip
 
     def __init__(
@@ -177,6 +178,7 @@ class Job:
         self.priority = priority  # higher runs first (see _scheduler)
         self.lane = lane  # its session's token (None: outside any session); lanes take turns
         self.stream: StreamChannel | None = None  # a stream's items (pool.stream, see _streams)
+        self.trace: JobTrace | None = None  # set when the caller traces (see _tracing)
         self.loop = loop
         # A get_result_async of the job's own loop waiting for its outcome:
         # woken by the call that settles it (see _settle_async).

@@ -26,12 +26,6 @@ entry points. ``locked()`` is the only way to hold the lock: leaving it
 releases the lock, then delivers the outcomes decided under it (user
 callbacks never run under our lock; those of futures the manager thread
 settles run on a callback thread).
-
-Callers dispatch themselves when a worker is free (one thread hop fewer on
-the idle path); the manager dispatches whenever capacity frees up, which
-only ever happens on its own thread (a result, a Ready, a death). So a job
-left in the queue by a caller never needs a wake-up. Callers wake the
-manager only when they move a deadline earlier or ask for shutdown.
 """
 from __future__ import annotations
 
@@ -70,15 +64,16 @@ from mlpool._protocol import (
 from mlpool._registry import Registry, Settled
 from mlpool._scheduler import Scheduler
 from mlpool._shm import RegionPool, read_result
+from mlpool._stacks import collect_stacks
 from mlpool._state import PoolState, PoolStats, refusal
 from mlpool._streams import close_stream, holder, on_item, send_to_worker
 from mlpool._supervisor import Supervisor
-from mlpool._workers import WorkerHandle
+from mlpool._workers import WorkerHandle, WorkerState
 
 logger = logging.getLogger(__name__)
 
-# The manager's longest wait: deadlines may be further, the OS's timeouts may not.
-MAX_WAIT = 3600.0
+# Workers whose stack-dump handler is in place and who are not being killed.
+_DUMPABLE = frozenset({WorkerState.IDLE, WorkerState.RETIRING, WorkerState.STOPPING})
 
 
 class Manager:
@@ -282,11 +277,19 @@ class Manager:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def worker_stacks(self, timeout: float) -> dict[int, str]:
+        """Every serving worker's stacks by pid (see ``_stacks``); waits at most ``timeout``."""
+        with self._lock:
+            workers = self._supervisor.workers.values()
+            targets = [(w.pid, w.stacks) for w in workers if w.stacks is not None and w.state in _DUMPABLE]
+        return collect_stacks(targets, timeout)
+
     def stats(self) -> PoolStats:
         with self._lock:
             supervisor = self._supervisor
+            slots = {name: group.size for name, group in supervisor.groups.items()}
             return self._outcomes.snapshot(
-                self.state, list(supervisor.workers.values()), self._scheduler, retried=self._fates.retried,
+                self.state, list(supervisor.workers.values()), self._scheduler, slots, retried=self._fates.retried,
                 restarts=supervisor.counts["restarts"], recycled=supervisor.counts["recycled"],
                 unfetched=self._registry.unfetched,
             )  # fmt: skip
@@ -407,7 +410,9 @@ class Manager:
         with self._locked:
             if supervisor.done():  # broken or closed while starting: nothing left to wait for
                 return True
-            timeout = self._plan_wait()
+            timeout = self._clock.plan(
+                self._registry.next_deadline(), supervisor.next_deadline(), self._scheduler.hold_until
+            )
         arrivals, exits, templates = self._receive(self._loans.select(timeout))
         with self._locked:
             for worker, messages in arrivals:
@@ -450,19 +455,6 @@ class Manager:
             else:
                 self._locked.drain_wakeups()
         return arrivals, exits, templates
-
-    def _plan_wait(self) -> float | None:
-        """Seconds until the next deadline (None: none); noted in the wake clock."""
-        candidates = [
-            due for due in (self._registry.next_deadline(), self._supervisor.next_deadline(),
-                            self._scheduler.hold_until) if due is not None
-        ]  # fmt: skip
-        if not candidates:
-            self._clock.wake_at = None
-            return None
-        self._clock.wake_at = min(candidates)
-        # select() refuses timeouts past about 24.8 days; an early wake-up is harmless.
-        return min(MAX_WAIT, max(0.0, self._clock.wake_at - time.monotonic()))
 
     def _close(self) -> None:
         """The manager thread ends: release what the engine holds."""

@@ -93,10 +93,12 @@ class ModelRecorders:
             self._counts[model][0 if ok else 1] += 1
 
     def stats(
-        self, queued_of: Callable[[str], int], worker_groups: Iterable[str], pool_counts: Mapping[str, int]
-    ) -> dict[str, ModelStats]:
+        self, queued_of: Callable[[str], int], worker_groups: Iterable[str], pool_counts: Mapping[str, int],
+        running_of: Mapping[str, int], slots_of: Mapping[str, int],
+    ) -> dict[str, ModelStats]:  # fmt: skip
         """Each model's stats: ``queued_of(model)``, the group of each live
-        worker, and the pool's outcome counts (for a pool of one model)."""
+        worker, the pool's outcome counts (for a pool of one model), each
+        model's jobs running and each group's worker slots."""
         alive: dict[str, int] = {}
         for group in worker_groups:
             alive[group] = alive.get(group, 0) + 1
@@ -110,8 +112,10 @@ class ModelRecorders:
             else:
                 completed, failed = self._counts[name]
             p50, _, p99 = recorder.percentiles()
+            queued, slots = queued_of(name), slots_of.get(group, 0)
             out[name] = ModelStats(
-                group, queued_of(name), alive.get(group, 0), completed, failed, p50, p99,
+                group, queued, alive.get(group, 0), completed, failed, p50, p99,
                 recorder.cumulative_buckets(), recorder.total, recorder.count,
+                (running_of.get(name, 0) + queued) / slots if slots else 0.0,
             )  # fmt: skip
         return out

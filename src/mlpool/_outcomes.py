@@ -29,7 +29,11 @@ from mlpool._scheduler import Scheduler
 from mlpool._serialization import unpack_exception
 from mlpool._shm import RegionPool, read_result
 from mlpool._state import PoolState, PoolStats
+from mlpool._tracing import end as end_trace
 from mlpool._workers import WorkerHandle, WorkerState
+
+# The manager's longest wait: deadlines may be further, the OS's timeouts may not.
+MAX_WAIT = 3600.0
 
 
 class WakeClock:
@@ -45,6 +49,17 @@ class WakeClock:
         """A deadline the manager must not sleep past."""
         if self.wake_at is None or deadline < self.wake_at:
             self.need_wake = True
+
+    def plan(self, *deadlines: float | None) -> float | None:
+        """The manager's next wait, in seconds, until the earliest of
+        ``deadlines`` (None: no deadline, no timeout); noted in ``wake_at``."""
+        due = [deadline for deadline in deadlines if deadline is not None]
+        if not due:
+            self.wake_at = None
+            return None
+        self.wake_at = min(due)
+        # select() refuses timeouts past about 24.8 days; an early wake-up is harmless.
+        return min(MAX_WAIT, max(0.0, self.wake_at - time.monotonic()))
 
     def soon(self) -> None:
         """Something changed that the manager thread must act on (shutdown, a recycled worker)."""
@@ -108,20 +123,25 @@ class Outcomes:
             job.result_offer = None
 
     def snapshot(
-        self, state: PoolState, workers: list[WorkerHandle], scheduler: Scheduler, *,
+        self, state: PoolState, workers: list[WorkerHandle], scheduler: Scheduler, slots: Mapping[str, int], *,
         retried: int, restarts: int, recycled: int, unfetched: int,
     ) -> PoolStats:  # fmt: skip
         """``pool.stats()``: the counts and latencies here, with the engine's
-        state, workers and queue (under the engine's lock)."""
+        state, workers, queue and each group's worker slots (under the engine's lock)."""
         alive = [w for w in workers if w.state is not WorkerState.EXITED]
         serving = [w for w in alive if w.state is not WorkerState.STARTING]
         counts = self.counts
+        running_of: dict[str, int] = {}
+        for worker in alive:
+            for job in worker.inflight:
+                running_of[job.model] = running_of.get(job.model, 0) + 1
+        running, total_slots = sum(running_of.values()), sum(slots.values())
         return PoolStats(
             state=state.value,
             workers_alive=len(serving),
             workers_busy=sum(1 for w in alive if w.inflight),
             queue_depth=scheduler.queued,
-            jobs_running=sum(len(w.inflight) for w in alive),
+            jobs_running=running,
             jobs_completed=counts["completed"],
             jobs_failed=counts["failed"],
             jobs_crashed=counts["crashed"],
@@ -132,7 +152,8 @@ class Outcomes:
             workers_recycled=recycled,
             results_unfetched=unfetched,
             **self.latency.stats_fields(),
-            models=self.per_model.stats(scheduler.queued_of, [w.group for w in serving], counts),
+            models=self.per_model.stats(scheduler.queued_of, [w.group for w in serving], counts, running_of, slots),
+            saturation=(running + scheduler.queued) / total_slots if total_slots else 0.0,
         )
 
     def decode(self, outcome: Outcome) -> Outcome:
@@ -144,12 +165,17 @@ class Outcomes:
             try:
                 what = f"the result of job {job.id} ({job.fn_name})"
                 result = read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
-                return Outcome(job, True, result)
+                decoded = Outcome(job, True, result)
             except Exception as exc:  # its buffers are garbage now: the region went back
-                return Outcome(job, False, exc)
-        if kind is Failed:
-            return Outcome(job, False, unpack_exception(value.error, value.traceback))
-        return outcome
+                decoded = Outcome(job, False, exc)
+        elif kind is Failed:
+            decoded = Outcome(job, False, unpack_exception(value.error, value.traceback))
+        else:
+            decoded = outcome
+        if job.trace is not None:
+            kind_name = "cancelled" if decoded.cancelled else _kind(decoded.ok, decoded.value)
+            end_trace(job, value, decoded.ok, decoded.value, kind_name)
+        return decoded
 
 
 def _kind(ok: bool, value: Any) -> str:

@@ -22,6 +22,7 @@ from mlpool._mainguard import check_main_guard
 from mlpool._manager import Manager
 from mlpool._options import JobOptions
 from mlpool._session import Session
+from mlpool._stacks import STACKS_TIMEOUT
 from mlpool._state import PoolState, PoolStats
 from mlpool._supervisor import TERMINATE_GRACE
 
@@ -221,6 +222,23 @@ class MLPool(JobAPI):
     def stats(self) -> PoolStats:
         """A consistent snapshot of workers, queue and job counters."""
         return self._manager.stats()
+
+    def worker_stacks(self, *, timeout: float = STACKS_TIMEOUT) -> dict[int, str]:
+        """The Python stack of every thread of every worker, by worker pid.
+
+        Taken while the jobs run, without stopping them: each worker's
+        ``faulthandler`` writes its stacks into a pipe of its own when the pool
+        sends it SIGUSR2. Blocks the calling thread for at most ``timeout``
+        seconds (about a millisecond normally); a worker that does not answer
+        in time (stopped, or its own code took SIGUSR2) gets a sentence saying
+        so instead. Workers still loading their models are left out. With
+        ``nb_workers=0`` (jobs run in the caller's threads) and
+        ``backend="ray"`` (actors, perhaps on other machines: use ``ray stack``)
+        it returns ``{}``.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return self._manager.worker_stacks(timeout)
 
     def _wait_started(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Wire messages between the parent and a worker (and the template), and their framing.
+"""Wire messages between the parent and a worker, and their framing (the template's channel: ``_protocol_template``).
 
 Sending and reading them over sockets, with descriptors, is ``_transport``.
 
@@ -7,8 +7,9 @@ Each worker has one duplex pipe. Every message is one frame::
     [body length: u32][kind: u8][body]
 
 Parent -> worker (``ToWorker``): ``Setup`` (first, optional: the worker's
-"started" word, see ``_started``), ``Run`` (one job), ``RunBatch`` (jobs of a
-batched function, one call), ``Stop``; for a stream (``pool.stream``, #17):
+"started" word, see ``_started``), ``StackPipe`` (where the worker writes its
+stacks, see ``_stacks``), ``Run`` (one job), ``RunBatch`` (jobs of a batched
+function, one call), ``Stop``; for a stream (``pool.stream``, #17):
 ``RunStream``, ``Credit``, ``CloseStream``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
 ``Failed``, ``OverMemory``, ``Exiting``; for a stream: ``Item`` each, then ``StreamEnd`` or ``Failed``.
@@ -40,18 +41,20 @@ from typing import final
 
 _HEADER = struct.Struct("<IB")
 _RUN = struct.Struct("<QIHIIB")  # job id, function id, name length, function pickle length, spans, offer
-_DONE = struct.Struct("<QdIB")  # job id, seconds the call took, spans, where they are (see _shm)
+# job id, seconds the call took, the call's start and end (time.monotonic(), for traces: see _tracing),
+# spans, where they are (see _shm)
+_DONE = struct.Struct("<QdddIB")
 _SPAN = struct.Struct("<QQ")  # offset, length in the payload's shared-memory file
-_FAILED = struct.Struct("<QdI")  # job id, seconds, length of the pickled exception
+_FAILED = struct.Struct("<QdddI")  # job id, seconds, start and end, length of the pickled exception
 
-_RUN_KIND, _STOP_KIND, _RUN_BATCH_KIND, _SETUP_KIND = 1, 2, 3, 4
+_RUN_KIND, _STOP_KIND, _RUN_BATCH_KIND, _SETUP_KIND, _STACK_PIPE_KIND = 1, 2, 3, 4, 5
 _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length, function pickle length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
 # Streams (#17): RunStream is the window, then a Run's body; Item is laid out as Done;
 # Credit, CloseStream and StreamEnd (one per half window at most) are pickled whole.
-_RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND, _ITEM_KIND, _STREAM_END_KIND = 5, 6, 7, 16, 17
+_RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND, _ITEM_KIND, _STREAM_END_KIND = 6, 7, 8, 16, 17
 _WINDOW = struct.Struct("<IQ")  # items, bytes the worker may run ahead of the consumer
 _ITEM = struct.Struct("<QIB")  # job id, spans, where they are (as Done)
 
@@ -73,6 +76,14 @@ class Setup:
     ``started_fd`` is the worker's "started" word (see ``_started``)."""
 
     started_fd: int = field(default=-1, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StackPipe:
+    """The write end of the pipe where the worker's stack dumps go (see
+    ``_stacks``); sent once, after ``Setup``."""
+
+    fd: int = field(default=-1, compare=False)
 
 
 @final  # told apart by `type(msg) is Run`
@@ -139,6 +150,8 @@ class Done:
     spans: Spans = ()
     where: int = 0  # the spans: nowhere, in the offered file, in a new file (sent along)
     fd: int = field(default=-1, compare=False)
+    began: float = 0.0  # the worker's time.monotonic() when the call began, and when it ended
+    ended: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +163,8 @@ class Failed:
     seconds: float
     error: bytes
     traceback: str
+    began: float = 0.0  # as in Done (0.0: the call never began)
+    ended: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +230,7 @@ class StreamEnd:
     seconds: float
 
 
-ToWorker = Setup | Run | RunBatch | Stop | RunStream | Credit | CloseStream
+ToWorker = Setup | StackPipe | Run | RunBatch | Stop | RunStream | Credit | CloseStream
 FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting | Item | StreamEnd
 _PICKLED_KINDS: dict[type, int] = {Credit: _CREDIT_KIND, CloseStream: _CLOSE_STREAM_KIND, StreamEnd: _STREAM_END_KIND}
 
@@ -245,9 +260,9 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
         case RunBatch(job_ids, fn_id, model, fn, payloads, spans):
             return encode_run_batch(job_ids, fn_id, model, fn, payloads, spans)
         case Done(job_id, seconds, result, spans, where):
-            return encode_done(job_id, seconds, result, spans, where)
+            return encode_done(job_id, seconds, result, spans, where, msg.began, msg.ended)
         case Failed(job_id, seconds, error, tb):
-            return encode_failed(job_id, seconds, error, tb)
+            return encode_failed(job_id, seconds, error, tb, msg.began, msg.ended)
         case Setup():
             return encode_setup()
         case RunStream(job_id, fn_id, model, fn, payload, spans, _, items, nbytes):
@@ -256,6 +271,8 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
             return encode_item(job_id, data, spans, where)
         case Credit() | CloseStream() | StreamEnd():
             return _frame(_PICKLED_KINDS[type(msg)], pickle.dumps(msg))
+        case StackPipe():
+            return _frame(_STACK_PIPE_KIND)
         case Stop():
             return _frame(_STOP_KIND)
         case Exiting():
@@ -269,16 +286,25 @@ def encode(msg: ToWorker | FromWorker) -> bytes:
     raise TypeError(f"not a wire message: {msg!r}")
 
 
-def encode_done(job_id: int, seconds: float, result: bytes, spans: Spans = (), where: int = 0) -> bytes:
+def encode_done(
+    job_id: int, seconds: float, result: bytes, spans: Spans = (), where: int = 0, began: float = 0.0,
+    ended: float = 0.0,
+) -> bytes:
     """``encode(Done(...))`` without building the message first (the worker's hot path)."""
     if not spans:
-        return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, 0, where), result)
-    return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, len(spans), where), _spans(spans), result)
+        return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, began, ended, 0, where), result)
+    return _frame(_DONE_KIND, _DONE.pack(job_id, seconds, began, ended, len(spans), where), _spans(spans), result)
 
 
-def encode_failed(job_id: int, seconds: float, error: bytes, tb: str) -> bytes:
+def encode_failed(job_id: int, seconds: float, error: bytes, tb: str, began: float = 0.0, ended: float = 0.0) -> bytes:
     """``encode(Failed(...))``; any text crosses, lone surrogates included."""
-    return _frame(_FAILED_KIND, _FAILED.pack(job_id, seconds, len(error)), error, tb.encode("utf-8", _TEXT))
+    head = _FAILED.pack(job_id, seconds, began, ended, len(error))
+    return _frame(_FAILED_KIND, head, error, tb.encode("utf-8", _TEXT))
+
+
+def stack_pipe_frame(fd: int) -> tuple[bytes, list[int]]:
+    """``(frame, fds)`` for :func:`send_frames`: a StackPipe carrying ``fd``."""
+    return _frame(_STACK_PIPE_KIND), [fd]
 
 
 def encode_setup() -> bytes:
@@ -336,10 +362,11 @@ def encode_run_batch(
 def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | FromWorker:
     """The message in one frame's body; it takes its descriptors from ``fds``."""
     if kind == _DONE_KIND:
-        job_id, seconds, count, where = _DONE.unpack_from(body)
+        job_id, seconds, began, ended, count, where = _DONE.unpack_from(body)
         start = _DONE.size + count * _SPAN.size
         spans = _read_spans(body, _DONE.size, count)
-        return Done(job_id, seconds, body[start:], spans, where, _take_fd(fds) if where == NEW_FILE else -1)
+        fd = _take_fd(fds) if where == NEW_FILE else -1
+        return Done(job_id, seconds, body[start:], spans, where, fd, began, ended)
     if kind == _RUN_KIND:
         job_id, fn_id, name_len, fn_len, count, offer = _RUN.unpack_from(body)
         spans = _read_spans(body, _RUN.size, count)
@@ -351,9 +378,10 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
         return Run(job_id, fn_id, model, body[start : start + fn_len], body[start + fn_len :], spans, fd, bool(offer),
                    offer_fd)  # fmt: skip
     if kind == _FAILED_KIND:
-        job_id, seconds, err_len = _FAILED.unpack_from(body)
+        job_id, seconds, began, ended, err_len = _FAILED.unpack_from(body)
         start = _FAILED.size
-        return Failed(job_id, seconds, body[start : start + err_len], body[start + err_len :].decode("utf-8", _TEXT))
+        tb = body[start + err_len :].decode("utf-8", _TEXT)
+        return Failed(job_id, seconds, body[start : start + err_len], tb, began, ended)
     if kind == _RUN_BATCH_KIND:
         count, fn_id, name_len, fn_len = _RUN_BATCH.unpack_from(body)
         start = _RUN_BATCH.size
@@ -383,6 +411,8 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
         return Stop()
     if kind == _SETUP_KIND:
         return Setup(_take_fd(fds))
+    if kind == _STACK_PIPE_KIND:
+        return StackPipe(_take_fd(fds))
     if kind == _EXITING_KIND:
         return Exiting()
     if kind == _OVER_MEMORY_KIND:
@@ -413,71 +443,6 @@ def _take_fd(fds: deque[int] | None) -> int:
     if not fds:
         raise ValueError("a frame refers to shared memory but no descriptor came with it")
     return fds.popleft()
-
-
-# ----------------------------------------------------------------------------
-# The model template's channel (share_models): see _template and _template_main.
-# A SOCK_SEQPACKET socket: one pickled message per packet (they are rare: one
-# per fork and per worker exit), descriptors attached with SCM_RIGHTS.
-
-
-@dataclass(frozen=True, slots=True)
-class TemplateReady:
-    """Template -> parent: every model is loaded; it forks from now on."""
-
-    pid: int
-    load_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class SpawnSentinel:
-    """Parent -> template: the inode of the pipe whose write end the template
-    holds so that the parent sees it exit (multiprocessing's sentinel): forked
-    workers close it, or the template's death would go unseen."""
-
-    inode: int
-
-
-@dataclass(frozen=True, slots=True)
-class Fork:
-    """Parent -> template: fork a worker; its end of the worker's socket comes
-    along. ``env``: set in the worker's environment after the fork (worker_env)."""
-
-    worker_id: int
-    env: dict[str, str] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Forked:
-    """Template -> parent: the worker's pid; its death handle comes along (a
-    pidfd, which no descendant of the worker can hold open; a pipe only the
-    worker holds where pidfds are missing). ``threads``: native threads the
-    template ran at the fork (libraries' pools), for a warning."""
-
-    worker_id: int
-    pid: int
-    threads: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ForkFailed:
-    """Template -> parent: the fork (or its death handle) failed, e.g. out of processes."""
-
-    worker_id: int
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reaped:
-    """Template -> parent: a worker it forked exited; ``exitcode`` as
-    multiprocessing gives it (negative: killed by that signal)."""
-
-    pid: int
-    exitcode: int
-
-
-ToTemplate = Fork | SpawnSentinel
-FromTemplate = TemplateReady | LoadFailed | Forked | ForkFailed | Reaped
 
 
 # Bytes of a model name in a Run message (its length field is 16 bits).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from mlpool._logs import pool_state_changed
+
 
 class PoolState(enum.Enum):
     STARTING = "starting"  # workers are loading models; jobs queue up
@@ -17,6 +19,7 @@ class PoolState(enum.Enum):
         """``new``, if the pool may go there from this state; else a RuntimeError (a bug)."""
         if new not in _POOL_MOVES[self]:
             raise RuntimeError(f"mlpool internal error: the pool cannot go from {self.value} to {new.value}")
+        pool_state_changed(self, new)
         return new
 
 
@@ -67,6 +70,10 @@ class PoolStats:
     latency_sum: float  # seconds, since start
     latency_count: int
     models: dict[str, ModelStats] = field(default_factory=dict)  # the same per model, by name
+    # (jobs running + jobs queued) / worker slots: 1.0 means every worker is
+    # busy and nothing waits; above 1, jobs wait. The autoscaling signal (see
+    # README "Autoscaling"). 0.0 with nb_workers=0 (no workers).
+    saturation: float = 0.0
 
     @property
     def estimated_wait(self) -> float:
@@ -91,3 +98,5 @@ class ModelStats:
     latency_buckets: tuple[tuple[float, int], ...]  # cumulative (upper bound, count) since start
     latency_sum: float
     latency_count: int
+    # (its jobs running + queued) / its group's worker slots (see PoolStats.saturation).
+    saturation: float = 0.0

@@ -39,6 +39,7 @@ from mlpool._forking import ForkLauncher
 from mlpool._groups import WorkerGroup
 from mlpool._launchers import Launched
 from mlpool._loans import Loans
+from mlpool._logs import worker_ready as log_worker_ready
 from mlpool._outcomes import WakeClock
 from mlpool._protocol import LoadFailed, Ready, Stop, encode
 from mlpool._scheduler import Scheduler
@@ -181,7 +182,7 @@ class Supervisor:
         worker.state = worker.state.to(WorkerState.IDLE)
         self._loans.watch_now(worker)
         worker.pid = msg.pid
-        logger.debug("worker %d (pid %d) ready in %.3fs", worker.id, msg.pid, msg.load_seconds)
+        log_worker_ready(worker, msg.load_seconds, replacement=self.state is not PoolState.STARTING)
         if self.state is PoolState.STARTING and self._all_ready():
             self.state = self.state.to(PoolState.RUNNING)
             self._set_started(None)

@@ -40,7 +40,8 @@ import socket
 import time
 from dataclasses import dataclass
 
-from mlpool._protocol import Fork, Forked, ForkFailed, LoadFailed, Reaped, SpawnSentinel, TemplateReady
+from mlpool._protocol import LoadFailed
+from mlpool._protocol_template import Fork, Forked, ForkFailed, Reaped, SpawnSentinel, TemplateReady
 from mlpool._template_main import template_main
 from mlpool._transport import recv_packet, send_packet
 from mlpool._worker_main import WorkerSettings

@@ -35,7 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mlpool._protocol import Fork, Forked, ForkFailed, LoadFailed, Ready, Reaped, SpawnSentinel, TemplateReady, encode
+from mlpool._protocol import LoadFailed, Ready, encode
+from mlpool._protocol_template import Fork, Forked, ForkFailed, Reaped, SpawnSentinel, TemplateReady
 from mlpool._transport import recv_packet, send_packet, write_all
 from mlpool._worker_main import (
     MAX_TRACEBACK,

@@ -18,7 +18,8 @@ import pickle
 import socket
 from collections import deque
 
-from mlpool._protocol import _HEADER, KNOWN_KINDS, FromTemplate, FromWorker, ToTemplate, ToWorker, decode
+from mlpool._protocol import _HEADER, KNOWN_KINDS, FromWorker, ToWorker, decode
+from mlpool._protocol_template import FromTemplate, ToTemplate
 
 # Linux's SCM_MAX_FD: sendmsg refuses more descriptors in one call (EINVAL),
 # so one recvmsg never brings more: a buffer this size is never truncated.

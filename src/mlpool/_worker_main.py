@@ -21,8 +21,9 @@ worker lives on. The pool alone decides when a worker ends (Stop, then
 SIGKILL): a SIGINT or SIGTERM sent to the whole process group is ignored.
 
 This module and what it imports (``_protocol``, ``_serialization``,
-``_errors``, ``_started``, ``_worker_memory``, ``_stream_worker`` and the worker half of ``_shm``) are all a worker
-loads of mlpool: never the parent side.
+``_errors``, ``_started``, ``_worker_memory``, ``_stream_worker``, ``_stacks``
+and the worker half of ``_shm``) are all a worker loads of mlpool: never the
+parent side.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from mlpool._protocol import (
     RunBatch,
     RunStream,
     Setup,
+    StackPipe,
     Stop,
     encode,
     encode_done,
@@ -59,6 +61,7 @@ from mlpool._protocol import (
 )
 from mlpool._serialization import FUNCTION_CACHE_SIZE, describe_exception, format_traceback, pack_exception
 from mlpool._shm_worker import unpack, write_result
+from mlpool._stacks import install as install_stack_dumps
 from mlpool._started import StartedWord
 from mlpool._stream_worker import run_stream
 from mlpool._transport import DescriptorsLost, FrameReader, send_frames, write_all
@@ -294,6 +297,8 @@ def serve(
                     case Setup():
                         started.close()
                         started = StartedWord.attach(msg.started_fd)
+                    case StackPipe():
+                        install_stack_dumps(msg.fd)
                     case Stop():
                         write_all(fd, encode(Exiting()))
                         return
@@ -343,22 +348,27 @@ def stream_function(msg: RunStream, models: dict[str, Any], functions: dict[int,
 Reply = tuple[bytes, list[int]]  # an encoded frame and the descriptors to send with it
 
 
-def _done(job_id: int, seconds: float, result: Any, what: str, settings: WorkerSettings, offer: int = -1) -> Reply:
+Stamps = tuple[float, float]  # time.monotonic() when the call began and ended (0.0: it never began)
+
+
+def _done(
+    job_id: int, seconds: float, result: Any, what: str, settings: WorkerSettings, stamps: Stamps, offer: int = -1
+) -> Reply:
     """The Done of a result, or the Failed of why it cannot be sent (a
     ``__reduce__`` that raises anything, a frame too large)."""
     fd = -1
     try:
         data, spans, where, fd = write_result(result, what, settings.shm_threshold, settings.shm_limit, offer)
-        return encode_done(job_id, seconds, data, spans, where), [fd] if fd >= 0 else []
+        return encode_done(job_id, seconds, data, spans, where, *stamps), [fd] if fd >= 0 else []
     except BaseException as exc:  # the result's own code ran: whatever it raised is this job's error
         if fd >= 0:
             os.close(fd)
-        return _failed(job_id, seconds, exc)
+        return _failed(job_id, seconds, exc, stamps)
 
 
-def _failed(job_id: int, seconds: float, exc: BaseException) -> Reply:
+def _failed(job_id: int, seconds: float, exc: BaseException, stamps: Stamps) -> Reply:
     error, tb = pack_exception(exc)
-    return encode_failed(job_id, seconds, error, tb), []
+    return encode_failed(job_id, seconds, error, tb, *stamps), []
 
 
 def run_message(
@@ -382,16 +392,19 @@ def _run(
     """Run one job; its encoded Done or Failed. ``buffers``: its arguments'
     out-of-band buffers when they did not come in shared memory (Ray)."""
     started = time.perf_counter()
+    began = 0.0
     try:
         try:
             fn, model = _function_and_model(msg, models, functions)
             args, kwargs = unpack(msg.payload, msg.fd, msg.spans, "the job's arguments", buffers)
+            began = time.monotonic()
             result = fn(model, *args, **kwargs)
             del args, kwargs  # lets the arguments' shared memory go
         except BaseException as exc:  # the job's error, whatever it is; the worker serves on
-            return [_failed(msg.job_id, time.perf_counter() - started, exc)]
+            return [_failed(msg.job_id, time.perf_counter() - started, exc, (began, time.monotonic()))]
+        stamps = (began, time.monotonic())
         seconds = time.perf_counter() - started
-        return [_done(msg.job_id, seconds, result, f"the result of {_name(fn)}", settings, msg.offer_fd)]
+        return [_done(msg.job_id, seconds, result, f"the result of {_name(fn)}", settings, stamps, msg.offer_fd)]
     finally:
         if msg.offer_fd >= 0:
             os.close(msg.offer_fd)
@@ -407,6 +420,7 @@ def _run_batch(
     """Call a batched function once over every job's item; a Done or Failed per
     job, in order. ``buffers``: per job, as for :func:`_run`."""
     started = time.perf_counter()
+    began = 0.0
     spans = msg.spans or ((),) * len(msg.job_ids)
     fds = msg.fds or (-1,) * len(msg.job_ids)
     job_buffers = buffers or [None] * len(msg.job_ids)
@@ -421,6 +435,7 @@ def _run_batch(
                     if unused >= 0:
                         os.close(unused)
                 raise
+        began = time.monotonic()
         results = list(fn(model, items))
         del items
         if len(results) != len(msg.job_ids):
@@ -431,10 +446,12 @@ def _run_batch(
     except BaseException as exc:  # every job's error, whatever it is; the worker serves on
         seconds = time.perf_counter() - started
         error, tb = pack_exception(exc)
-        return [(encode_failed(job_id, seconds, error, tb), []) for job_id in msg.job_ids]
+        ended = time.monotonic()
+        return [(encode_failed(job_id, seconds, error, tb, began, ended), []) for job_id in msg.job_ids]
+    stamps = (began, time.monotonic())
     seconds = time.perf_counter() - started
     return [
-        _done(job_id, seconds, result, f"a result of {_name(fn)}", settings)
+        _done(job_id, seconds, result, f"a result of {_name(fn)}", settings, stamps)
         for job_id, result in zip(msg.job_ids, results, strict=True)
     ]
 

@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from mlpool._protocol import setup_frame
+from mlpool._stacks import StackReader
 from mlpool._started import StartedWord
 from mlpool._transport import FrameReader, send_frames
 from mlpool._worker_main import WorkerSettings, worker_main
@@ -67,12 +68,22 @@ class WorkerHandle:
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
         "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
-        "forked", "started", "fault", "group", "index",
+        "forked", "started", "fault", "group", "index", "stacks",
     )  # fmt: skip
 
     def __init__(
-        self, process: Any, conn: Any, pidfd: int = -1, *, forked: bool = False, started: StartedWord | None = None
+        self,
+        process: Any,
+        conn: Any,
+        pidfd: int = -1,
+        *,
+        forked: bool = False,
+        started: StartedWord | None = None,
+        stacks: bool = False,
     ) -> None:
+        """``stacks``: give the worker a pipe for its stack dumps (see ``_stacks``:
+        a spawned or forked worker, not a Ray actor). Raises OSError (out of
+        descriptors, a dead worker)."""
         self.id = int(process.name.rsplit("-", 1)[1])
         self.process = process
         self.conn = conn
@@ -115,6 +126,13 @@ class WorkerHandle:
         # caller threads polling. The last to leave closes a reaped worker.
         self.watchers: set[Any] = set()
         self.closed = False
+        self.stacks: StackReader | None = None  # where its stack dumps come (see _stacks)
+        if stacks:
+            try:
+                self.stacks = StackReader.open(self.sock)
+            except BaseException:
+                self.sock.close()
+                raise
 
     def __repr__(self) -> str:
         return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
@@ -152,6 +170,8 @@ class WorkerHandle:
             return
         self.closed = True
         self.reader.close()
+        if self.stacks is not None:
+            self.stacks.close()
         self.sock.close()
         self.conn.close()
         if self.pidfd >= 0:
@@ -191,7 +211,7 @@ def spawn_worker(
     finally:
         child_conn.close()
     try:
-        return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started)
+        return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started, stacks=True)
     except BaseException:  # out of descriptors for its handle: leave no process behind
         process.kill()
         process.join(_REAP_PATIENCE)

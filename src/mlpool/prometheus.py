@@ -39,6 +39,7 @@ _GAUGES = (
     ("queue_depth", "Jobs waiting for a worker."),
     ("jobs_running", "Jobs held by workers."),
     ("results_unfetched", "Finished job-id results waiting for get_result."),
+    ("saturation", "(Jobs running + jobs queued) / worker slots; 1 = every worker busy, nothing waiting."),
 )
 _COUNTERS = (
     ("jobs_retried", "Crashed jobs run again."),
@@ -52,11 +53,11 @@ class PoolCollector:
 
     Metrics (``prefix`` defaults to ``mlpool``): ``_workers_alive``,
     ``_workers_busy``, ``_queue_depth``, ``_jobs_running``,
-    ``_results_unfetched``, ``_healthy`` (gauges); ``_jobs_total`` by
+    ``_results_unfetched``, ``_saturation``, ``_healthy`` (gauges); ``_jobs_total`` by
     ``outcome``, ``_jobs_retried_total``, ``_worker_restarts_total``,
     ``_workers_recycled_total`` (counters); ``_job_latency_seconds``, from
     submission to outcome (histogram). Every sample has a ``pool`` label.
-    Per model, with a ``model`` label too: ``_model_queue_depth``,
+    Per model, with a ``model`` label too: ``_model_saturation``, ``_model_queue_depth``,
     ``_model_workers`` (gauges), ``_model_jobs_total`` by ``outcome``
     (``completed``, ``failed``) and ``_model_job_latency_seconds`` (histogram).
 
@@ -198,6 +199,7 @@ def _model_families(p: str, snapshots: list[tuple[str, Any, bool]]) -> Iterator[
     for field, help_text in (
         ("queue_depth", "Jobs of the model waiting for a worker."),
         ("workers", "Workers alive that load the model."),
+        ("saturation", "(The model's jobs running + queued) / its group's worker slots."),
     ):
         gauge = GaugeMetricFamily(f"{p}_model_{field}", help_text, labels=labels)
         for name, model, figures in models:

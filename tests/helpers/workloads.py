@@ -305,3 +305,26 @@ def own_actor(model: dict):
     import ray
 
     return ray.get_runtime_context().current_actor
+
+
+def hang_on_fifo(model: dict, fifo: str) -> int:
+    """Block on ``fifo`` (the line a stack dump must show); the pid goes to ``fifo + ".pid"``."""
+    Path(fifo + ".pid").write_text(str(os.getpid()))
+    with open(fifo) as f:  # hang_on_fifo: waiting here (until the test opens the other end)
+        f.read()
+    return os.getpid()
+
+
+def abort(model: dict) -> None:
+    os.abort()
+
+
+def busy_until(model: dict, fifo: str, marker: str) -> int:
+    """Say it runs (the test's read end of ``fifo`` opens), then burn CPU in
+    Python, holding the GIL, until ``marker`` exists."""
+    with open(fifo, "w"):  # returns once the test opened the other end
+        pass
+    n = 0
+    while not os.path.exists(marker):
+        n += 1
+    return n
