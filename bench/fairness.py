@@ -16,9 +16,7 @@ served. Every job burns ``--job-ms`` of CPU. Side by side, in one run:
 - Memory of 3 models x 4 workers: one shared group where every worker loads
   the 3 models (4 workers, 12 copies), against a group per model (2 + 1 + 1
   workers, 4 copies), each model ``--model-mb`` of weights; the proportional
-  set size of the worker processes. This part needs worker groups in the
-  engine (``Model(workers=N)`` spawning its own workers); without them it
-  fails within ``--start-timeout`` and says so (``--no-memory`` skips it).
+  set size of the worker processes (``--no-memory`` skips it).
 """
 
 from __future__ import annotations
@@ -168,8 +166,8 @@ def main() -> None:
     try:
         for name, (count, mib) in memory(args.model_mb, args.start_timeout).items():
             print(f"{name:40} {count:3d} processes {mib:9.0f} MiB")
-    except Exception as exc:  # the engine without groups: say so, do not hang
-        print(f"memory part failed ({type(exc).__name__}: {exc}); it needs worker groups", file=sys.stderr)
+    except Exception as exc:  # say which part failed, and why
+        print(f"memory part failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)
 
 

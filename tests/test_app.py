@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -38,7 +40,8 @@ def demo():
 @pytest.fixture(scope="module")
 def slow_demo(tmp_path_factory):
     """The example app with about 2 s of work per request, a 1 s default job
-    timeout, and its own copy of the model files (a test deletes them)."""
+    timeout, two workers for the XGBoost models (beside the image's own), and
+    its own copy of the model files (a test deletes them)."""
     models.train_if_missing(with_cnn=True)
     model_dir = tmp_path_factory.mktemp("models")
     for path in (models.IRIS_PATH, models.DIABETES_PATH, models.CNN_PATH):
@@ -47,6 +50,7 @@ def slow_demo(tmp_path_factory):
         "MLPOOL_DEMO_MODEL_DIR": str(model_dir),
         "MLPOOL_DEMO_FEATURE_WORK": "20000000",
         "MLPOOL_DEMO_JOB_TIMEOUT": "1",
+        "MLPOOL_DEMO_WORKERS": "2",
     }
     server = UvicornServer("app.main:app", EXAMPLES, env=env)
     server.model_dir = model_dir
@@ -76,6 +80,75 @@ def png(width: int, height: int, mode: str = "RGB") -> bytes:
 
 def ws_url(server: UvicornServer) -> str:
     return server.url.replace("http", "ws") + "/ws"
+
+
+def workers_alive(server: UvicornServer) -> list[psutil.Process]:
+    """The server's worker processes still running (a worker just killed may
+    linger a moment as a zombie, until the pool reaps it)."""
+    alive = []
+    for process in server.children():
+        try:
+            if "spawn_main" in " ".join(process.cmdline()):
+                alive.append(process)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return alive
+
+
+def loaded_torch(process: psutil.Process) -> bool:
+    """Whether the process has PyTorch's library mapped: it loaded the image CNN."""
+    with open(f"/proc/{process.pid}/maps") as maps:
+        return "libtorch" in maps.read()
+
+
+# ------------------------------------------------------------------ modes (#16)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("mode", "image_workers", "xgboost_workers", "with_torch"),
+    [(None, 1, 1, 1), ("shared", 2, 2, 2)],
+    ids=["groups-by-default", "one-shared-pool"],
+)
+def test_app_serves_the_three_models_from_its_mode_s_workers(mode, image_workers, xgboost_workers, with_torch):
+    """By default the image CNN has a worker of its own and the XGBoost models
+    share the other (only one worker loads PyTorch); "shared" is one pool of
+    the same 2 workers, each loading every model."""
+    models.train_if_missing(with_cnn=True)
+    started = time.monotonic()
+    server = UvicornServer("app.main:app", EXAMPLES, env={"MLPOOL_DEMO_MODE": mode} if mode else None)
+    try:
+        assert time.monotonic() - started < 150  # the lifespan ends once every worker has loaded its models
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            assert isinstance(client.post("/iris", json={"features": IRIS}).json()["class"], int)
+            diabetes = client.post("/diabetes", json={"features": models.diabetes_example()})
+            assert isinstance(diabetes.json()["class"], int)
+            image = client.post("/image", files={"file": ("black.png", png(200, 100), "image/png")}).json()
+            assert isinstance(image["class"], int) and 0 < image["probability"] <= 1
+            assert metric(client, "mlpool_workers_alive", pool="demo") == 2
+            assert metric(client, "mlpool_model_workers", pool="demo", model="image") == image_workers
+            for name in ("iris", "diabetes"):
+                assert metric(client, "mlpool_model_workers", pool="demo", model=name) == xgboost_workers
+        workers = workers_alive(server)
+        assert len(workers) == 2
+        assert sum(loaded_torch(worker) for worker in workers) == with_torch
+    finally:
+        assert not server.stop()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [("MLPOOL_DEMO_MODE", "pool", "MLPOOL_DEMO_MODE='pool': choose one of groups, shared, inprocess"),
+     ("MLPOOL_DEMO_IMAGE_WORKERS", "0", "MLPOOL_DEMO_IMAGE_WORKERS='0': give a whole number of workers"),
+     ("MLPOOL_DEMO_WORKERS", "two", "MLPOOL_DEMO_WORKERS='two': give a whole number of workers")],
+)  # fmt: skip
+def test_a_bad_mode_or_worker_count_stops_the_app_with_an_error_naming_it(setting, value, named):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
+           setting: value}  # fmt: skip
+    started = subprocess.run([sys.executable, "-c", "import app.main"], env=env, capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert started.returncode != 0
+    assert f"ValueError: {named}" in started.stderr
 
 
 # ------------------------------------------------------------------ bodies
@@ -234,7 +307,7 @@ def test_metrics_are_served_without_a_redirect(demo):
 def test_deleting_running_jobs_restarts_at_most_one_worker(slow_demo):
     with httpx.Client(base_url=slow_demo.url, timeout=60) as client:
         restarts = metric(client, "mlpool_worker_restarts_total")
-        for _ in range(3):  # 6 deletes; the first two jobs run on the two idle workers
+        for _ in range(3):  # 6 deletes; the first two jobs run on the two idle (shared) workers
             ids = [client.post("/jobs", json={"model": "iris", "features": IRIS}).json()["job_id"] for _ in range(2)]
             for job_id in ids:
                 assert client.delete(f"/jobs/{job_id}").json() == {"cancelled": True}
@@ -261,7 +334,7 @@ def test_healthz_is_503_once_the_pool_is_broken_for_good(slow_demo):
         mark = slow_demo.log_mark()
         for path in slow_demo.model_dir.iterdir():  # replacements cannot load the models any more
             path.unlink()
-        workers = [p for p in slow_demo.children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = workers_alive(slow_demo)
         assert workers
         for worker in workers:
             worker.send_signal(signal.SIGKILL)

@@ -59,3 +59,23 @@ def test_inline_pool_reports_zero():
     with MLPool(models_to_load={"m": workloads.load_constant}, nb_workers=0) as pool:
         assert pool.score("m", workloads.add, 1) == 11
         assert pool.stats().saturation == 0.0
+
+
+def test_saturation_per_model_is_over_its_own_groups_slots(fifo, worker_mode):
+    from mlpool import Model
+
+    models = {"shared": workloads.load_constant, "own": Model(workloads.load_constant, workers=1)}
+    with make_pool(models_to_load=models, nb_workers=2) as pool:
+        gates = [fifo() for _ in range(3)]
+        futures = [pool.submit("own", workloads.wait_for_release, str(gate)) for gate in gates]
+        gates[0].wait_running()
+        stats = pool.stats()
+        assert stats.models["own"].saturation == 3.0  # one running, two queued, on its one worker
+        assert stats.models["shared"].saturation == 0.0
+        assert stats.saturation == 1.0  # three jobs over the pool's three workers
+        gates[0].release_opened()
+        for gate in gates[1:]:
+            gate.release()
+        for future in futures:
+            future.result(timeout=30)
+        assert pool.stats().models["own"].saturation == 0.0

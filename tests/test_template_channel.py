@@ -128,8 +128,9 @@ def test_threads_left_by_loaders_are_refused_unless_declared_fork_safe(fork_with
 
 
 CHILD_SIDE = {
-    "_errors", "_protocol", "_serialization", "_shm_worker", "_started", "_transport",
-    "_worker_main", "_worker_memory", "_template_main", "_stream_worker", "_protocol_template", "_stacks",
+    "_errors", "_protocol", "_protocol_template", "_serialization", "_shm_worker", "_started", "_transport",
+    "_worker_main", "_worker_memory", "_template_main", "_stream_worker",
+    "_stacks",  # both halves of the stack pipe; imports only the protocol and the transport
 }
 
 

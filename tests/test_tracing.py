@@ -160,3 +160,16 @@ def test_inline_pool_traces_too(tracer, spans):
             assert pool.score("m", workloads.add, 1) == 11
     (job,) = _by_name(spans)["add"]
     assert job.parent.span_id == request.get_span_context().span_id
+
+
+def test_a_stream_gets_one_span_from_its_start_to_its_end(pool, tracer, spans):
+    from helpers import stream_workloads
+
+    with tracer.start_as_current_span("request") as request:
+        with pool.stream("m", stream_workloads.count, 5) as items:
+            assert list(items) == [0, 1, 2, 3, 4]
+    (job,) = _by_name(spans)["count"]
+    assert job.parent.span_id == request.get_span_context().span_id
+    assert job.attributes["mlpool.outcome"] == "completed"
+    assert job.attributes["mlpool.worker.pid"] in pool.worker_stacks()
+    assert [e.name for e in job.events] == ["mlpool.dispatched", "mlpool.returned"]

@@ -1,7 +1,15 @@
 """The demo API: two XGBoost models and a CNN served over HTTP and WebSockets.
 
-    uvicorn app.main:app --app-dir examples          # scoring on an mlpool
+    uvicorn app.main:app --app-dir examples          # scoring on an mlpool, in worker groups
+    MLPOOL_DEMO_MODE=shared uvicorn ...              # one shared pool: every worker loads every model
     MLPOOL_DEMO_MODE=inprocess uvicorn ...           # scoring in the API process (the baseline)
+
+Worker groups (the default, "groups"): the CPU-heavy image CNN has
+``MLPOOL_DEMO_IMAGE_WORKERS`` workers of its own (1) that load only it, and
+the cheap XGBoost models share ``MLPOOL_DEMO_WORKERS`` workers (1) that
+load only them: an iris request never waits for a worker busy with an
+image. "shared" runs the same total of workers (2), each loading all three
+models, as a pool without groups does: the comparison ``examples/demo.py`` draws.
 
 Endpoints: ``POST /iris``, ``POST /diabetes`` (JSON features), ``POST /image``
 (an uploaded PNG or JPEG), the job API ``POST /jobs``, ``GET /jobs/{id}``,
@@ -38,7 +46,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from app import models
 from app.guards import BodyLimit, InterruptBudget
-from mlpool import JobTimeoutError, MLPool, MLPoolError, PoolStats, ResultNotReadyError
+from mlpool import JobTimeoutError, MLPool, MLPoolError, Model, PoolStats, ResultNotReadyError
 from mlpool.fastapi import cancel_on_disconnect, error_body, get_pool, install_error_handlers, stream_response
 from mlpool.prometheus import PoolCollector, metrics_app
 
@@ -46,8 +54,21 @@ logger = logging.getLogger("app")
 if not logging.getLogger().handlers:  # the app's log, and mlpool's, next to uvicorn's
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
 
-MODE = os.environ.get("MLPOOL_DEMO_MODE", "pool")  # "pool" or "inprocess"
-NB_WORKERS = int(os.environ.get("MLPOOL_DEMO_WORKERS", "2"))
+
+def positive_int(name: str, default: int) -> int:
+    """The environment variable ``name`` as a count of at least 1; a clear error otherwise."""
+    text = os.environ.get(name, str(default))
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text!r}: give a whole number of workers, at least 1")
+    return int(text)
+
+
+MODES = ("groups", "shared", "inprocess")
+MODE = os.environ.get("MLPOOL_DEMO_MODE", "groups")
+if MODE not in MODES:
+    raise ValueError(f"MLPOOL_DEMO_MODE={MODE!r}: choose one of {', '.join(MODES)}")
+NB_WORKERS = positive_int("MLPOOL_DEMO_WORKERS", 1)  # the workers the XGBoost models share
+IMAGE_WORKERS = positive_int("MLPOOL_DEMO_IMAGE_WORKERS", 1)  # the image CNN's own, in "groups"
 # "local" (worker processes) or "ray" (actors on the Ray instance RAY_ADDRESS
 # names, or a new local one): see "More than one machine" in docs/reference.md.
 BACKEND = os.environ.get("MLPOOL_BACKEND", "local")
@@ -87,6 +108,15 @@ registry = CollectorRegistry()
 interrupts = InterruptBudget(INTERRUPT_INTERVAL)
 
 
+def pool_layout(loaders: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The pool's ``models_to_load`` and ``nb_workers`` in this MODE: the
+    image CNN in a group of its own ("groups"), or every model on every
+    worker of one pool of the same size ("shared")."""
+    if MODE == "shared":
+        return loaders, NB_WORKERS + IMAGE_WORKERS
+    return {**loaders, "image": Model(loaders["image"], workers=IMAGE_WORKERS)}, NB_WORKERS
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     models.train_if_missing(with_cnn=True)
@@ -95,12 +125,13 @@ async def lifespan(app: FastAPI):
         app.state.inprocess = {name: load() for name, load in loaders.items()}
         yield
         return
+    models_to_load, nb_workers = pool_layout(loaders)
     backend: dict = {}
     if BACKEND == "ray":  # the actors import app.models from this checkout
         runtime_env = {"env_vars": {"PYTHONPATH": str(APP_PARENT)}}
         backend = {"backend": "ray", "ray_options": {"runtime_env": runtime_env}}
     async with MLPool(
-        loaders, nb_workers=NB_WORKERS, max_retries=1, job_timeout=JOB_TIMEOUT,
+        models_to_load, nb_workers=nb_workers, max_retries=1, job_timeout=JOB_TIMEOUT,
         max_memory_per_worker=MAX_WORKER_MEMORY, start_timeout=120.0, **backend,
     ) as pool:  # fmt: skip
         app.state.mlpool = pool

@@ -25,19 +25,32 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Any
 
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError
 from mlpool._jobs import Job, JobState, running_loop
-from mlpool._loans import Loans
+from mlpool._loans import Loans, ProtocolBroken
 from mlpool._outcomes import Outcomes, WakeClock
-from mlpool._protocol import NOWHERE, Done, Failed, StreamEnd, encode_run, encode_run_batch
+from mlpool._protocol import (
+    NOWHERE,
+    Done,
+    Exiting,
+    Failed,
+    Item,
+    LoadFailed,
+    OverMemory,
+    Ready,
+    StreamEnd,
+    encode_run,
+    encode_run_batch,
+)
 from mlpool._registry import Registry
 from mlpool._scheduler import Scheduler
 from mlpool._serialization import FUNCTION_CACHE_SIZE
 from mlpool._shm import RegionPool
 from mlpool._state import PoolState
-from mlpool._streams import run_frame
+from mlpool._streams import on_item, run_frame
 from mlpool._supervisor import Supervisor
 from mlpool._transport import send_frames
 from mlpool._workers import WorkerHandle, WorkerState
@@ -210,6 +223,8 @@ class Dispatcher:
         fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
         if first.stream is not None:
             frame = run_frame(first, fn)
+            if first.trace is not None:
+                first.trace.sent(worker.pid)
         elif first.batch_policy is None:
             p = first.payload
             offer = self._scheduler.result_size(first.fn_id)
@@ -265,3 +280,25 @@ class Dispatcher:
                     self._scheduler.requeue(job)
                 else:
                     self._refuse([job], exc)
+
+    def on_message(self, worker: WorkerHandle, msg: Any) -> None:
+        """What ``worker`` sent, read by whoever reads its pipe (under the lock)."""
+        match msg:
+            case Item():
+                on_item(worker, msg)
+            case Done() | Failed() | StreamEnd():
+                self.answered(worker, msg)
+                self._supervisor.answered(worker)
+            case Ready():
+                self._supervisor.on_ready(worker, msg)
+            case LoadFailed():
+                worker.load_failure = msg
+            case OverMemory(rss):
+                self._supervisor.retire(
+                    worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker"
+                )
+            case Exiting():
+                pass
+            case ProtocolBroken(reason):
+                worker.fault = reason
+                worker.kill(f"protocol error: {reason}")

@@ -1,18 +1,23 @@
 """The engine's one lock, and what happens each time it is released.
 
-``with lock:`` is the only way the engine holds it. Leaving the block
-releases the lock and then, outside it:
+Code that callers' threads run holds it as ``with lock.plain:`` (the C
+lock's own ``with``: no exception can arrive between taking the lock and
+the block that releases it) followed by ``lock.deliver()`` in a ``finally``;
+the manager thread, which no KeyboardInterrupt reaches, uses ``with lock:``,
+which does both. After each critical section, ``deliver`` (outside the lock):
 - wakes the manager thread if a part asked for it (an earlier deadline, a
   shutdown) and this is another thread;
 - wakes callers waiting for room in a full queue once there is room;
-- delivers the outcomes decided under the lock (``Outcomes.take``): decoded
-  here, then settled (``_jobs.settle``). Done-callbacks of futures the
-  manager thread settles run on a callback thread: a callback may wait on
-  the pool, which only the manager thread can serve.
+- delivers the outcomes decided under the lock (``Outcomes.pending``):
+  decoded here, then settled (``_jobs.settle``). Done-callbacks of futures
+  the manager thread settles run on a callback thread: a callback may wait
+  on the pool, which only the manager thread can serve.
 
-The lock is released whatever exception arrives meanwhile (a signal handler
-raising in the main thread): taking the outcomes has no call in it, so no
-handler runs between that and the release.
+An exception that arrives meanwhile (a signal handler raising in the main
+thread: Ctrl-C) never leaves the lock held, and outcomes it interrupts go
+back for the manager thread to deliver. A Python-level ``__enter__`` could
+not promise the first: the handler may run between the lock's acquire and
+the ``with`` block that would release it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from mlpool._admission import ModelBounds
-from mlpool._jobs import CallbackRunner, Job, running_loop, settle
+from mlpool._jobs import CallbackRunner, Job, Outcome, running_loop, settle
 from mlpool._outcomes import Outcomes, WakeClock
 from mlpool._registry import Registry
 
@@ -54,43 +59,69 @@ class EngineLock:
         os.set_blocking(self._wake_w, False)
 
     def __enter__(self) -> None:
-        self._acquire()
+        """For the manager thread (no KeyboardInterrupt reaches it); code that
+        callers' threads run uses ``with lock.plain:`` and ``deliver()`` in a
+        ``finally`` (see the module's docstring)."""
+        self.plain.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        outcomes = self._outcomes.take()
-        waiters: list[Future] | None = None
-        wake = False
+        self.plain.release()
+        self.deliver()
+
+    def deliver(self) -> None:
+        """After a critical section, outside the lock: wake the manager if asked,
+        wake callers waiting for room, decode and settle the outcomes decided.
+
+        Outcomes taken and not yet delivered when an exception arrives (a
+        Ctrl-C in the main thread) go back for the manager thread to deliver:
+        decoding is done in place, once, and settling twice is harmless."""
+        outcomes = self._outcomes
+        if not (outcomes.pending or self._clock.need_wake or self._space_waiters
+                or (self._bounds is not None and self._bounds.waiters)):  # fmt: skip
+            return  # a stale read only means the next deliver() does it: every section has one
+        taken: list[Outcome] = []
         on_manager = self.manager is not None and threading.get_ident() == self.manager.ident
         try:
-            if self._space_waiters and self._has_space():
-                waiters, self._space_waiters = self._space_waiters, []
-            if self._bounds is not None and self._bounds.waiters:
-                waiters = self._bounds.due() + (waiters or [])
-            wake = self._clock.need_wake and not on_manager
-            self._clock.need_wake = False
+            waiters: list[Future] | None = None
+            with self.plain:
+                taken, outcomes.pending = outcomes.pending, taken  # no call in between
+                wake = self._clock.need_wake and not on_manager
+                self._clock.need_wake = False
+                if self._space_waiters and self._has_space():
+                    waiters, self._space_waiters = self._space_waiters, []
+                if self._bounds is not None and self._bounds.waiters:
+                    waiters = self._bounds.due() + (waiters or [])
+            if wake:
+                self.wake()
+            if waiters:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            if taken:
+                for index, outcome in enumerate(taken):
+                    taken[index] = outcomes.decode(outcome)
+                settle(taken, self.callbacks if on_manager else None)
+                self._keep_outcomes(taken)
+                taken = []
         finally:
-            self.plain.release()
-        if wake:
-            self.wake()
-        if waiters:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-        if outcomes:
-            decoded = [self._outcomes.decode(outcome) for outcome in outcomes]
-            settle(decoded, self.callbacks if on_manager else None)
-            # Unfetched results of the job-id API keep only their outcome; one a
-            # get_result_async of this loop waits for is fetched at once.
-            here = running_loop()
-            keyed = [
-                outcome for outcome in decoded
-                if outcome.job.key is not None and not outcome.cancelled
-                and (outcome.job.fetcher is None or outcome.job.loop is not here)
-            ]  # fmt: skip
-            if keyed:
+            if taken:
                 with self.plain:
-                    for job, ok, value, _ in keyed:
-                        self._registry.settled(job, ok, value)
+                    outcomes.pending[:0] = taken
+                self.wake()
+
+    def _keep_outcomes(self, delivered: list[Outcome]) -> None:
+        """Unfetched results of the job-id API keep only their outcome; one a
+        get_result_async of this loop waits for is fetched at once."""
+        here = running_loop()
+        keyed = [
+            outcome for outcome in delivered
+            if outcome.job.key is not None and not outcome.cancelled
+            and (outcome.job.fetcher is None or outcome.job.loop is not here)
+        ]  # fmt: skip
+        if keyed:
+            with self.plain:
+                for job, ok, value, _ in keyed:
+                    self._registry.settled(job, ok, value)
 
     def wait_for_space(self) -> Future:
         """A future resolved when the full queue may have room (under the lock)."""

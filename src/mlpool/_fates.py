@@ -39,6 +39,7 @@ class Fates:
         self._registry = registry
         self._regions = regions
         self.retried = 0
+        self._late: list[Job] = []  # running jobs past their deadline, until their stacks are taken
 
     def worker_died(
         self, worker: WorkerHandle, how: str, exitcode: int | None, intended: bool, state: PoolState
@@ -92,7 +93,9 @@ class Fates:
             self._outcomes.finish(job, False, with_crash_dump(error, worker))
 
     def expire(self, now: float) -> None:
-        """Fail jobs whose deadline passed; kill a worker running one."""
+        """Fail jobs whose deadline passed. A job its worker is running is only
+        noted (``take_late``): its worker's stack is taken outside the lock,
+        then ``time_out`` fails it and kills the worker."""
         for job in self._registry.due(now):
             if job.state is JobState.QUEUED:
                 self._scheduler.left(job)
@@ -101,20 +104,35 @@ class Fates:
             elif job.state is JobState.RUNNING:
                 worker = job.worker
                 assert worker is not None
-                unit = running_unit(worker.inflight)
-                running = job in unit
-                stop = running and last_alive(job, unit)
-                if stop:
-                    message = f"job {job.id} ({job.fn_name}) timed out while running; worker {worker.id} was replaced"
-                elif running:
-                    message = (f"job {job.id} ({job.fn_name}) timed out while running in a batch; the others of its "
-                               "batch run on")  # fmt: skip
-                else:
-                    message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
-                error = JobTimeoutError(message, while_running=running)  # with the line it hung on, if it ran
-                self._outcomes.finish(job, False, with_worker_stack(error, worker, job) if running else error)
-                if stop:
-                    worker.kill(f"job {job.id} passed its timeout")
+                if job in running_unit(worker.inflight):
+                    self._late.append(job)
+                    continue
+                message = f"job {job.id} ({job.fn_name}) timed out waiting in worker {worker.id}; it never ran"
+                self._outcomes.finish(job, False, JobTimeoutError(message, while_running=False))
+
+    def take_late(self) -> list[tuple[Job, WorkerHandle]]:
+        """The running jobs past their deadline, with their workers (each once)."""
+        late, self._late = self._late, []
+        return [(job, job.worker) for job in late if job.state is JobState.RUNNING and job.worker is not None]
+
+    def time_out(self, late: list[tuple[Job, WorkerHandle]], stacks: dict[int, str]) -> None:
+        """Fail the late jobs still running, each error with its worker's stack
+        (``stacks``, by pid, taken just before), and kill a worker once no job
+        of its running batch is alive."""
+        for job, worker in late:
+            if job.state is not JobState.RUNNING or job.worker is not worker:
+                continue  # it finished meanwhile
+            unit = running_unit(worker.inflight)
+            stop = last_alive(job, unit)
+            if stop:
+                message = f"job {job.id} ({job.fn_name}) timed out while running; worker {worker.id} was replaced"
+            else:
+                message = (f"job {job.id} ({job.fn_name}) timed out while running in a batch; the others of its "
+                           "batch run on")  # fmt: skip
+            error = with_worker_stack(JobTimeoutError(message, while_running=True), worker, job, stacks.get(worker.pid))
+            self._outcomes.finish(job, False, error)
+            if stop:
+                worker.kill(f"job {job.id} passed its timeout")
 
     def fail_queued(self, error: BaseException | None) -> None:
         """Every queued job fails with ``error`` (None: is cancelled)."""

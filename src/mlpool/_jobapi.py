@@ -38,6 +38,7 @@ from mlpool._options import JobOptions, check_priority
 from mlpool._registry import Settled
 from mlpool._streams import AsyncStream, Stream, StreamEngine, check_streamable, open_channel
 from mlpool._waiting import (
+    check_wait,
     concurrent_future,
     done_handle,
     job_key,
@@ -210,6 +211,7 @@ class JobAPI:
             RuntimeError: it would have to wait on the thread of the event
                 loop that reads the job's result (use :meth:`get_result_async`).
         """
+        check_wait(timeout)
         job = self._lookup(job_id)
         if isinstance(job, Settled):
             return self._take_settled(job_id, job)
@@ -235,6 +237,7 @@ class JobAPI:
         """:meth:`get_result` for coroutines. Cancelling the awaiting task does
         not cancel the job (use :meth:`cancel_job`); a wait that ends (result,
         timeout or cancellation) leaves nothing behind on the job."""
+        check_wait(timeout)
         job = self._lookup(job_id)
         if isinstance(job, Settled):
             return self._take_settled(job_id, job)

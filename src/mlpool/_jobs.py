@@ -280,6 +280,8 @@ def _settle_async(items: list[Outcome]) -> None:
                     afut.set_exception(outcome.value)
             except RuntimeError:  # a closed loop cannot schedule its callbacks; the outcome is set
                 pass
+            if job.key is not None and not outcome.ok and not outcome.cancelled:
+                afut.exception()  # fetched through the registry: no "exception was never retrieved" log
         fetcher = job.fetcher
         if fetcher is not None and not fetcher.done():
             fetcher.set_result(None)

@@ -254,10 +254,19 @@ class Loans:
         if worker.registered is wanted:
             return
         with self._selector_lock:
-            if wanted:
+            try:
+                if wanted:
+                    self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
+                else:
+                    self._selector.unregister(worker.fd)
+            except KeyError:  # already so: a change interrupted (Ctrl-C) before the flag below
+                pass
+            except FileExistsError:  # the kernel's set has it and the map not: an unregister cut half-way
+                poller = getattr(self._selector, "_selector", None)  # the epoll object (Linux)
+                if poller is None:
+                    raise
+                poller.unregister(worker.fd)
                 self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
-            else:
-                self._selector.unregister(worker.fd)
         worker.registered = wanted
 
     def watch_now(self, worker: WorkerHandle) -> None:

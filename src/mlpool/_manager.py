@@ -33,7 +33,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -44,20 +43,14 @@ from mlpool._dispatch import Dispatcher
 from mlpool._engine_lock import EngineLock
 from mlpool._errors import PoolClosedError, PoolFullError
 from mlpool._fates import Fates, last_alive
-from mlpool._groups import WorkerGroup, build_groups
+from mlpool._groups import build_groups
 from mlpool._jobmaker import JobMaker
 from mlpool._jobs import Job, JobState, running_loop, running_unit, shared_future
-from mlpool._loans import Loans, ProtocolBroken
+from mlpool._loans import Loans
+from mlpool._manager_thread import ManagerThread
 from mlpool._outcomes import Outcomes, WakeClock
 from mlpool._protocol import (
-    Done,
-    Exiting,
-    Failed,
     Item,
-    LoadFailed,
-    OverMemory,
-    Ready,
-    StreamEnd,
     check_model_name,
     encode,
 )
@@ -66,7 +59,7 @@ from mlpool._scheduler import Scheduler
 from mlpool._shm import RegionPool, read_result
 from mlpool._stacks import collect_stacks
 from mlpool._state import PoolState, PoolStats, refusal
-from mlpool._streams import close_stream, holder, on_item, send_to_worker
+from mlpool._streams import close_stream, holder, send_to_worker
 from mlpool._supervisor import Supervisor
 from mlpool._workers import WorkerHandle, WorkerState
 
@@ -74,6 +67,10 @@ logger = logging.getLogger(__name__)
 
 # Workers whose stack-dump handler is in place and who are not being killed.
 _DUMPABLE = frozenset({WorkerState.IDLE, WorkerState.RETIRING, WorkerState.STOPPING})
+
+
+# Seconds shutdown() waits for the lock before leaving the request to the manager thread.
+SHUTDOWN_LOCK_PATIENCE = 1.0
 
 
 class Manager:
@@ -99,6 +96,7 @@ class Manager:
         )
         self._locked = EngineLock(self._outcomes, self._registry, self._clock, self._has_space, self._bounds)
         self._lock = self._locked.plain
+        self._deliver = self._locked.deliver
         self._fates = Fates(self._scheduler, self._outcomes, self._registry, self._regions)
         self._loans = Loans(self._on_loop_messages)
         self._supervisor = Supervisor(
@@ -109,10 +107,14 @@ class Manager:
             config, self._scheduler, self._supervisor, self._loans, self._outcomes, self._registry, self._regions,
             self._clock,
         )
-        self._loans.register(self._locked.wake_r, ("wake", None))
+        self._loop = ManagerThread(
+            self._locked, clock=self._clock, scheduler=self._scheduler, registry=self._registry,
+            regions=self._regions, fates=self._fates, loans=self._loans, supervisor=self._supervisor,
+            dispatcher=self._dispatcher,
+        )  # fmt: skip
+        self._thread = self._loop.thread
         self.started: Future[None] = self._supervisor.started  # result: ready; exception: start failed
-        self.finished: Future[None] = Future()  # the manager thread is done, every worker reaped
-        self._thread = self._locked.manager = threading.Thread(target=self._run, name="mlpool-manager", daemon=True)
+        self.finished: Future[None] = self._loop.finished  # the manager thread is done, every worker reaped
 
     def locked(self) -> EngineLock:
         """Hold the engine's lock: ``with self.locked():``. Leaving releases
@@ -137,17 +139,23 @@ class Manager:
         loop = running_loop()
         if loop is None or os.getpid() != self._pid:
             return
-        with self._locked:
-            for worker in self._supervisor.workers.values():
-                if worker.borrower is loop:
-                    self._take_back(worker, loop)
+        try:
+            with self._lock:
+                for worker in self._supervisor.workers.values():
+                    if worker.borrower is loop:
+                        self._loop.take_back(worker, loop)
+        finally:
+            self._deliver()
 
     def start(self) -> None:
         self._thread.start()
 
     @property
     def state(self) -> PoolState:
-        return self._supervisor.state
+        state = self._supervisor.state
+        if self._loop.shutdown_asked is not None and state in (PoolState.STARTING, PoolState.RUNNING):
+            return PoolState.CLOSING  # asked; the manager thread applies it at once
+        return state
 
     def make_job(
         self,
@@ -172,28 +180,31 @@ class Manager:
         """Accept ``job``: None, or a future that resolves when the full queue
         has room (call again then). Without ``wait`` a full queue raises
         PoolFullError. ``register`` gives the job a string id (``job.key``)."""
-        with self._locked:
-            if job.state is not JobState.NEW:  # cancelled while it waited for room
+        try:
+            with self._lock:
+                if job.state is not JobState.NEW:  # cancelled while it waited for room
+                    return None
+                self._check_accepting()
+                if self._scheduler.queued >= self.config.max_queue_size:
+                    if not wait:
+                        raise PoolFullError(
+                            f"the queue is full ({self._scheduler.queued} jobs waiting, max_queue_size="
+                            f"{self.config.max_queue_size}); retry later or create the job with "
+                            "block_until_scheduled=True"
+                        )
+                    return self._locked.wait_for_space()
+                if self._bounds.full(job.model):  # its model's own max_queue_size (#16)
+                    if not wait:
+                        raise self._bounds.refuse(job.model)
+                    return self._bounds.wait(job.model)
+                if register:
+                    self._registry.add(job)
+                self._scheduler.push(job)
+                self._dispatcher.watch_deadline(job)
+                self._dispatcher.dispatch()
                 return None
-            self._check_accepting()
-            if self._scheduler.queued >= self.config.max_queue_size:
-                if not wait:
-                    raise PoolFullError(
-                        f"the queue is full ({self._scheduler.queued} jobs waiting, max_queue_size="
-                        f"{self.config.max_queue_size}); retry later or create the job with "
-                        "block_until_scheduled=True"
-                    )
-                return self._locked.wait_for_space()
-            if self._bounds.full(job.model):  # its model's own max_queue_size (#16)
-                if not wait:
-                    raise self._bounds.refuse(job.model)
-                return self._bounds.wait(job.model)
-            if register:
-                self._registry.add(job)
-            self._scheduler.push(job)
-            self._dispatcher.watch_deadline(job)
-            self._dispatcher.dispatch()
-            return None
+        finally:
+            self._deliver()
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
         """Cancel ``job``: True if it will never report an outcome.
@@ -202,27 +213,30 @@ class Manager:
         ``interrupt`` its worker is killed now (and replaced).
         """
         self._check_process()
-        with self._locked:
-            if job.state is JobState.NEW:  # not admitted yet (waiting for room): it never will be
-                self._outcomes.cancel(job)
-                return True
-            if job.state is JobState.QUEUED:
-                self._scheduler.left(job)
-                self._outcomes.cancel(job)
-                return True
-            if job.state is JobState.RUNNING:
-                worker = job.worker
-                assert worker is not None
-                unit = running_unit(worker.inflight)
-                # A batch runs on while any of its jobs still wants a result.
-                stop = interrupt and job in unit and last_alive(job, unit)
-                self._outcomes.cancel(job)
-                if stop:
-                    worker.kill(f"job {job.id} was cancelled with interrupt=True")
-                elif job.stream is not None:
-                    close_stream(worker, job)
-                return True
-            return False
+        try:
+            with self._lock:
+                if job.state is JobState.NEW:  # not admitted yet (waiting for room): it never will be
+                    self._outcomes.cancel(job)
+                    return True
+                if job.state is JobState.QUEUED:
+                    self._scheduler.left(job)
+                    self._outcomes.cancel(job)
+                    return True
+                if job.state is JobState.RUNNING:
+                    worker = job.worker
+                    assert worker is not None
+                    unit = running_unit(worker.inflight)
+                    # A batch runs on while any of its jobs still wants a result.
+                    stop = interrupt and job in unit and last_alive(job, unit)
+                    self._outcomes.cancel(job)
+                    if stop:
+                        worker.kill(f"job {job.id} was cancelled with interrupt=True")
+                    elif job.stream is not None:
+                        close_stream(worker, job)
+                    return True
+                return False
+        finally:
+            self._deliver()
 
     def lookup(self, key: str) -> Job | Settled | None:
         self._check_process()
@@ -236,18 +250,31 @@ class Manager:
         Attached once, under the lock; settled with the same outcome as the
         job's asyncio handle (see ``_jobs.settle``). If the job finished
         before, its asyncio handle is done, or this Future is settled when
-        the outcome on its way reaches it."""
-        with self._lock:
-            return shared_future(job)
+        the outcome on its way reaches it.
+
+        A loop that borrows the job's worker's pipe gives it back: this caller
+        must not depend on that loop running (it may stop while we wait)."""
+        try:
+            with self._lock:
+                worker = job.worker
+                if job.state is JobState.RUNNING and worker is not None and worker.borrower is job.loop:
+                    self._loop.take_back(worker, running_loop())
+                    self._clock.soon()  # the manager watches the pipe from now on
+                return shared_future(job)
+        finally:
+            self._deliver()
 
     def reclaim_stopped_loans(self) -> None:
         """Take worker pipes back from event loops that stopped running, so the
         manager thread reads them: for a caller about to wait on a job made in
         a coroutine whose loop ended (a job id fetched after ``asyncio.run``
         returned), whose result only that loop would otherwise read."""
-        with self._locked:
-            if self._loans.reclaim_stopped(list(self._supervisor.workers.values())):
-                self._clock.soon()
+        try:
+            with self._lock:
+                if self._loans.reclaim_stopped(list(self._supervisor.workers.values())):
+                    self._clock.soon()
+        finally:
+            self._deliver()
 
     def forget(self, key: str, job: Job | Settled) -> bool:
         """Drop a fetched or cancelled job from the registry; False if already gone."""
@@ -255,19 +282,24 @@ class Manager:
             return self._registry.forget(key, job)
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
-        """Stop taking jobs and start the shutdown sequence; returns at once.
+        """Stop taking jobs and start the shutdown sequence; returns at once,
+        queued jobs already cancelled with ``cancel_pending``.
 
-        In a process forked from the pool's own it does nothing: the workers
-        belong to the parent, which shuts them down."""
+        A signal handler may call it, even one that interrupted this very
+        thread inside the pool: if the lock does not come within a moment,
+        the manager thread applies the request (new jobs are refused at once
+        all the same). In a process forked from the pool's own it does
+        nothing: the workers belong to the parent."""
         if os.getpid() != self._pid:
             return
-        with self._locked:
-            # Event loops cannot read while they wait for this shutdown, nor
-            # once they have stopped: the manager reads every pipe from now on.
-            for worker in self._supervisor.workers.values():
-                if isinstance(worker.borrower, asyncio.AbstractEventLoop):
-                    self._take_back(worker, running_loop())
-            self._supervisor.shutdown(cancel_pending=cancel_pending, timeout=timeout)
+        self._loop.ask_shutdown(cancel_pending, timeout)
+        if not self._lock.acquire(timeout=SHUTDOWN_LOCK_PATIENCE):
+            return
+        try:
+            self._loop.apply_shutdown()
+        finally:
+            self._lock.release()
+            self._deliver()
 
     def join(self, timeout: float | None) -> bool:
         """Wait for the manager thread to finish; False on timeout."""
@@ -329,26 +361,35 @@ class Manager:
         token = object()
         lent: list[WorkerHandle] = []  # the worker whose pipe this thread reads, once it does
         try:
-            with self._locked:
-                self._check_accepting()
-                sent = self._dispatcher.send_lent(job, token, lent)
+            try:
+                with self._lock:
+                    self._check_accepting()
+                    sent = self._dispatcher.send_lent(job, token, lent)
+            finally:
+                self._deliver()
             if sent is not None:
                 return sent
             worker = lent[0]
             while (read := self._loans.wait_lent(worker, token)) is not None:
                 messages, died = read
-                with self._locked:
-                    for msg in messages:
-                        self._on_message(worker, msg)
-                    if died or job not in worker.inflight:
-                        self._end_loan(worker, token)
-                        break
+                try:
+                    with self._lock:
+                        for msg in messages:
+                            self._dispatcher.on_message(worker, msg)
+                        if died or job not in worker.inflight:
+                            self._end_loan(worker, token)
+                            break
+                finally:
+                    self._deliver()
             return True
         finally:
             if lent:
                 if lent[0].borrower is token:  # an interrupted wait: the manager reads from now on
-                    with self._locked:
-                        self._end_loan(lent[0], token)
+                    try:
+                        with self._lock:
+                            self._end_loan(lent[0], token)
+                    finally:
+                        self._deliver()
                 self._loans.leave(lent[0], token)
 
     def _end_loan(self, worker: WorkerHandle, token: object) -> None:
@@ -359,18 +400,15 @@ class Manager:
 
     def _on_loop_messages(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop, messages: list) -> None:
         """In ``loop``, which borrows ``worker``'s pipe: settle here, keep the worker busy."""
-        with self._locked:
-            for msg in messages:
-                self._on_message(worker, msg)
-            self._dispatcher.dispatch()
-            if not worker.inflight and self.state is not PoolState.RUNNING:
-                self._take_back(worker, loop)  # shutdown waits for this worker
-
-    def _take_back(self, worker: WorkerHandle, here: asyncio.AbstractEventLoop | None) -> None:
-        if self._loans.take_back(worker, here) and self.state is not PoolState.RUNNING:
-            self._clock.soon()
-
-    # ------------------------------------------------------------ lock helpers
+        try:
+            with self._lock:
+                for msg in messages:
+                    self._dispatcher.on_message(worker, msg)
+                self._dispatcher.dispatch()
+                if not worker.inflight and self.state is not PoolState.RUNNING:
+                    self._loop.take_back(worker, loop)  # shutdown waits for this worker
+        finally:
+            self._deliver()
 
     def _has_space(self) -> bool:
         """Whether callers waiting for room should try again (room, or a refusal to hear)."""
@@ -385,105 +423,3 @@ class Manager:
             raise error
 
     # ----------------------------------------------------------- manager loop
-
-    def _run(self) -> None:
-        """The manager thread: start workers, then serve until every worker is gone."""
-        try:
-            self._supervisor.prepare()
-            while not self._serve_once():
-                pass
-        except BaseException as exc:  # a bug in mlpool: fail every job rather than hang them
-            logger.exception("mlpool manager thread failed; the pool is broken")
-            with self._locked:
-                self._supervisor.break_pool(f"internal error in the manager thread: {exc!r}")
-            for worker in list(self._supervisor.workers.values()):
-                worker.reap()
-                worker.close()
-        finally:
-            self._close()
-
-    def _serve_once(self) -> bool:
-        """One wake-up of the manager; True when it is time to exit."""
-        supervisor = self._supervisor
-        supervisor.start_templates()
-        supervisor.spawn_due()
-        with self._locked:
-            if supervisor.done():  # broken or closed while starting: nothing left to wait for
-                return True
-            timeout = self._clock.plan(
-                self._registry.next_deadline(), supervisor.next_deadline(), self._scheduler.hold_until
-            )
-        arrivals, exits, templates = self._receive(self._loans.select(timeout))
-        with self._locked:
-            for worker, messages in arrivals:
-                for msg in messages:
-                    self._on_message(worker, msg)
-            for group, events, death in templates:
-                exits += supervisor.template_events(group, events, death)
-            now = time.monotonic()
-            exits += supervisor.overdue_exits(now)
-            for worker, exitcode in exits:
-                supervisor.on_exit(worker, exitcode)
-            self._registry.expire(now)
-            supervisor.check(now)
-            self._dispatcher.dispatch()
-            done = supervisor.done()
-        for worker, _ in exits:
-            self._loans.dispose(worker)
-        return done
-
-    def _receive(self, ready: list[tuple[str, Any]]) -> tuple[list, list, list]:
-        """Read what select() reported (outside the lock): messages, deaths, template events."""
-        arrivals: list[tuple[WorkerHandle, list]] = []
-        exits: list[tuple[WorkerHandle, int | None]] = []
-        templates: list[tuple[WorkerGroup, list, tuple[int | None] | None]] = []
-        now = time.monotonic()
-        for kind, subject in ready:
-            if kind == "read":
-                arrivals.append((subject, self._loans.read(subject)))
-            elif kind == "exit":
-                arrivals.append((subject, self._loans.read_remaining(subject)))
-                if (death := self._supervisor.death_seen(subject, now)) is not None:
-                    exits.append(death)
-            elif kind == "template":
-                group, template = subject
-                templates.append((group, template.receive(), None))
-            elif kind == "template-exit":
-                group, template = subject
-                events = template.receive()
-                templates.append((group, events, (self._supervisor.template_died(group, template),)))
-            else:
-                self._locked.drain_wakeups()
-        return arrivals, exits, templates
-
-    def _close(self) -> None:
-        """The manager thread ends: release what the engine holds."""
-        self._supervisor.close()
-        self._regions.close()
-        self._loans.close()
-        self._locked.close()
-        if not self.finished.done():
-            self.finished.set_result(None)
-
-    # ----------------------------------------------- manager: under the lock
-
-    def _on_message(self, worker: WorkerHandle, msg: Any) -> None:
-        match msg:
-            case Item():
-                on_item(worker, msg)
-            case Done() | Failed() | StreamEnd():
-                self._dispatcher.answered(worker, msg)
-                self._supervisor.answered(worker)
-            case Ready():
-                self._supervisor.on_ready(worker, msg)
-            case LoadFailed():
-                worker.load_failure = msg
-            case OverMemory(rss):
-                self._supervisor.retire(
-                    worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker"
-                )
-            case Exiting():
-                pass
-            case ProtocolBroken(reason):
-                worker.fault = reason
-                worker.kill(f"protocol error: {reason}")

@@ -80,7 +80,7 @@ class Outcomes:
         self._registry = registry
         self._regions = regions
         self._clock = clock
-        self._pending: list[Outcome] = []
+        self.pending: list[Outcome] = []  # decided, not delivered yet (see EngineLock.deliver)
         self.latency = LatencyRecorder()
         self.per_model = ModelRecorders(model_groups or {}, self.latency)  # PoolStats.models (#16)
         self.counts = dict.fromkeys(("completed", "failed", "crashed", "timed_out", "cancelled"), 0)
@@ -90,7 +90,7 @@ class Outcomes:
         job.state = JobState.FINISHED
         if job.worker is None:  # never sent, or back in the queue: nobody reads its memory
             self.release_memory(job)
-        self._pending.append(Outcome(job, ok, value))
+        self.pending.append(Outcome(job, ok, value))
         now = time.monotonic()
         self.counts[_kind(ok, value)] += 1
         run = value.seconds if type(value) is Done or type(value) is Failed else None
@@ -105,14 +105,9 @@ class Outcomes:
         job.state = JobState.FINISHED
         if job.worker is None:
             self.release_memory(job)
-        self._pending.append(Outcome(job, False, None, cancelled=True))
+        self.pending.append(Outcome(job, False, None, cancelled=True))
         self.counts["cancelled"] += 1
         self._registry.finished(job, time.monotonic(), keep_result=False)
-
-    def take(self) -> list[Outcome]:
-        """The outcomes decided so far, to deliver once the lock is released."""
-        taken, self._pending = self._pending, []
-        return taken
 
     def release_memory(self, job: Job, *, keep_offer: bool = False) -> None:
         """Give the job's shared memory back to the pool; no process reads it now."""

@@ -237,8 +237,11 @@ class Payload:
 
 def pickle_payload(obj: Any, what: str, threshold: int | None, limit: int | None) -> Payload:
     """Pickle ``obj`` keeping its buffers of ``threshold`` bytes or more aside
-    (parent side: they are placed in shared memory at dispatch)."""
-    return Payload(*pickle_out_of_band(obj, what, threshold, limit))
+    (parent side: placed in shared memory at dispatch). The buffers are copied
+    now: the job's arguments are what they were when it was made, whatever the
+    caller does to its arrays while the job waits (as pickling them would)."""
+    data, buffers = pickle_out_of_band(obj, what, threshold, limit)
+    return Payload(data, [pickle.PickleBuffer(bytearray(buffer.raw())) for buffer in buffers] if buffers else None)
 
 
 def read_result(

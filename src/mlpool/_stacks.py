@@ -56,7 +56,7 @@ __all__ = [
 
 DUMP_SIGNAL = signal.SIGUSR2
 STACKS_TIMEOUT = 1.0  # seconds a worker has to answer a dump request
-# Before a timed-out job's worker is killed: the engine's lock is held meanwhile.
+# Before a timed-out job's worker is killed (on the manager thread, outside the engine's lock).
 KILL_STACK_TIMEOUT = 0.5
 _END = bytes([DUMP_SIGNAL])  # written by Python's signal handler after faulthandler's dump
 _ACK = b"\x06"  # the worker's handlers are in place
@@ -281,13 +281,12 @@ def _text(data: bytes) -> str:
 # ------------------------------------------------------- the errors that carry them
 
 
-def with_worker_stack(error: E, worker: Any, job: Any) -> E:
-    """``error``, for ``job`` that ``worker`` (a WorkerHandle) runs now, with
-    the worker's stacks taken now (bounded by STACKS_TIMEOUT) as a note: a
-    printed traceback shows the line the job is on. Call before killing it."""
-    reader: StackReader | None = worker.stacks
-    if reader is not None:
-        text = reader.dump(worker.pid, KILL_STACK_TIMEOUT)
+def with_worker_stack(error: E, worker: Any, job: Any, text: str | None) -> E:
+    """``error``, for ``job`` that ``worker`` (a WorkerHandle) ran when it
+    timed out, with ``text``, the worker's stacks taken then (see
+    :func:`collect_stacks`), as a note: a printed traceback shows the line
+    the job is on."""
+    if text is not None:
         _add_note(error, f"Worker {worker.id} (pid {worker.pid}) was running job {job.id} when it timed out:\n{text}")
     return error
 

@@ -31,8 +31,9 @@ that fall outside the job's life (a Ray actor on another machine) are not
 used: the job's span alone is recorded.
 
 One span per job, batched jobs included (their execution spans share the
-batch's call). Streams: ``begin`` at creation and ``end`` at the end of the
-stream, with the last item's stamps (the hook a stream needs is those two calls).
+batch's call). A stream is one job: its span runs from its creation to
+its StreamEnd (or error), with the dispatched and returned events; StreamEnd
+carries no call stamps, so there is no ``mlpool.execute`` child.
 """
 
 from __future__ import annotations

@@ -246,3 +246,13 @@ def never_queued(job: Job) -> PoolClosedError:
 
 def still_running(job_id: str, timeout: float | None) -> TimeoutError:
     return TimeoutError(f"job {job_id} did not finish within {timeout}s; it goes on and can be fetched later")
+
+
+def check_wait(timeout: float | None) -> None:
+    """A caller's wait bound: None or a number of seconds >= 0 (not NaN)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds (or None), got {timeout!r}")
