@@ -430,3 +430,28 @@ def test_worker_env_is_seen_by_loaders_scoring_functions_and_replacements(tmp_pa
     if worker_mode == "spawned":  # each worker ran the loader under its own index, the replacement too
         envs = [env for _, _, env in loaded(log)]
         assert len(envs) == 3 and set(envs[:2]) == {"0", "1"} and envs[2] in {"0", "1"}
+
+
+@needs_groups
+def test_a_group_that_cannot_load_goes_down_alone_and_the_other_groups_serve_on(tmp_path, worker_mode):
+    from functools import partial
+
+    from helpers.workloads import add, load_unless_flagged, sigkill_self
+
+    if worker_mode == "forked":
+        pytest.skip("forked replacements load nothing: the group's template holds the model")
+    flag = tmp_path / "storage-gone"
+    models = {
+        "a": Model(partial(load_unless_flagged, str(flag), "raise"), workers=1),
+        "b": Model(load_constant, workers=1),
+    }
+    with make_pool(models) as pool:
+        flag.touch()  # a's replacements cannot load from now on
+        with pytest.raises(mlpool.WorkerCrashedError):
+            pool.submit("a", sigkill_self).result(timeout=30)
+        waiting = pool.submit("a", add, 1)  # no worker of a can serve it: it fails once a is down
+        with pytest.raises(mlpool.PoolBrokenError, match="model 'a'"):
+            waiting.result(timeout=30)
+        with pytest.raises(mlpool.PoolBrokenError, match="storage is gone|failed to load"):
+            pool.submit("a", add, 1)
+        assert pool.score("b", add, 1) == 11 and pool.healthy

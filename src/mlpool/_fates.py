@@ -143,6 +143,18 @@ class Fates:
                 else:
                     self._outcomes.finish(job, False, error)
 
+    def fail_queued_of(self, models: tuple[str, ...], error: BaseException) -> None:
+        """The queued jobs of ``models`` fail with ``error``; the others keep their turn."""
+        keep = []
+        for job in self._scheduler.drain():
+            if job.state is JobState.QUEUED:
+                if job.model in models:
+                    self._outcomes.finish(job, False, error)
+                else:
+                    keep.append(job)
+        for job in keep:
+            self._scheduler.push(job)
+
     def fail_running(self, workers: list[WorkerHandle], error: BaseException) -> None:
         """Every job the workers run fails with ``error`` (the pool broke)."""
         for worker in workers:

@@ -21,6 +21,16 @@ from mlpool._launchers import EnvFor, Launcher, RayLauncher, no_env
 from mlpool._serialization import dumps_by_value
 from mlpool._worker_main import WorkerSettings
 
+# Consecutive worker failures of a group (a failed start, a death while idle)
+# before the pool gives up, and the back-off between the restarts that lead
+# there. Past that many, a group with no worker that can serve goes down (or the
+# pool breaks, see Supervisor._give_up); while some serve, a failing restart only delays the
+# replacement, and retries slow down to DEGRADED_BACKOFF_MAX.
+MAX_CONSECUTIVE_FAILURES = 5
+RESTART_BACKOFF_FIRST = 0.05
+RESTART_BACKOFF_MAX = 2.0
+DEGRADED_BACKOFF_MAX = 30.0
+
 
 @dataclass(slots=True)
 class WorkerGroup:
@@ -82,3 +92,9 @@ def _env_for(worker_env: WorkerEnv | None, workers: int) -> EnvFor:
         return lambda index: env
     envs = [dict(worker_env(index)) for index in range(workers)]
     return lambda index: envs[index]
+
+
+def backoff(failures: int) -> float:
+    """Seconds before the next try after ``failures`` failures in a row."""
+    ceiling = RESTART_BACKOFF_MAX if failures < MAX_CONSECUTIVE_FAILURES else DEGRADED_BACKOFF_MAX
+    return min(ceiling, RESTART_BACKOFF_FIRST * 2 ** min(failures - 1, 30))

@@ -41,7 +41,7 @@ from mlpool._admission import ModelBounds
 from mlpool._config import PoolConfig
 from mlpool._dispatch import Dispatcher
 from mlpool._engine_lock import EngineLock
-from mlpool._errors import PoolClosedError, PoolFullError
+from mlpool._errors import PoolBrokenError, PoolClosedError, PoolFullError
 from mlpool._fates import Fates, last_alive
 from mlpool._groups import build_groups
 from mlpool._jobmaker import JobMaker
@@ -185,6 +185,9 @@ class Manager:
                 if job.state is not JobState.NEW:  # cancelled while it waited for room
                     return None
                 self._check_accepting()
+                down = self._supervisor.down
+                if down and job.model in down:  # its group cannot serve (the others do)
+                    raise PoolBrokenError(down[job.model])
                 if self._scheduler.queued >= self.config.max_queue_size:
                     if not wait:
                         raise PoolFullError(

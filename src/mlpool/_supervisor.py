@@ -11,8 +11,9 @@ A death settles exactly the jobs the worker held: the one it was running
 fails with WorkerCrashedError (or is retried), those behind it never started
 and go back to the front of the queue. Deaths by our hand (a timeout, an
 interrupt, a shutdown) are not failures; a failed start or a death while
-idle is, and too many in a row break the pool when the group can no longer
-serve.
+idle is. Too many in a row, with no worker of the group left to serve, take
+the group down (its models' jobs fail, restarts go on slowly) while other
+groups serve; the pool breaks when none can.
 
 The supervisor owns the pool's state, the workers, their groups (each with
 its launcher: spawned processes, a fork template or Ray actors, chosen once;
@@ -36,7 +37,7 @@ from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError, ModelLoadError, PoolBrokenError, PoolClosedError
 from mlpool._fates import Fates
 from mlpool._forking import ForkLauncher
-from mlpool._groups import WorkerGroup
+from mlpool._groups import MAX_CONSECUTIVE_FAILURES, WorkerGroup, backoff
 from mlpool._launchers import Launched
 from mlpool._loans import Loans
 from mlpool._logs import worker_ready as log_worker_ready
@@ -50,15 +51,6 @@ from mlpool._workers import WorkerHandle, WorkerState, describe_exit
 
 logger = logging.getLogger("mlpool._manager")
 
-# Consecutive worker failures of a group (a failed start, a death while idle)
-# before the pool gives up, and the back-off between the restarts that lead
-# there. The pool breaks only when, past that many, the group has no worker
-# that can serve: while some serve, a failing restart only delays the
-# replacement, and retries slow down to DEGRADED_BACKOFF_MAX.
-MAX_CONSECUTIVE_FAILURES = 5
-RESTART_BACKOFF_FIRST = 0.05
-RESTART_BACKOFF_MAX = 2.0
-DEGRADED_BACKOFF_MAX = 30.0
 # Seconds for the workers killed at the end of a timed-out shutdown to be reaped.
 TERMINATE_GRACE = 1.0
 
@@ -88,6 +80,8 @@ class Supervisor:
         self.state = PoolState.STARTING
         self.broken_reason = ""
         self.workers: dict[int, WorkerHandle] = {}
+        self.down: dict[str, str] = {}  # model -> why its group cannot serve (the others still do)
+        self._down_groups: set[str] = set()
         self.counts = dict.fromkeys(("restarts", "recycled"), 0)
         self.started: Future[None] = Future()  # result: ready; exception: start failed
         self._start_deadline = time.monotonic() + config.start_timeout
@@ -181,6 +175,10 @@ class Supervisor:
             return
         worker.state = worker.state.to(WorkerState.IDLE)
         self._loans.watch_now(worker)
+        if worker.group in self._down_groups:  # it serves again
+            self._down_groups.discard(worker.group)
+            for model in self.groups[worker.group].models:
+                self.down.pop(model, None)
         worker.pid = msg.pid
         log_worker_ready(worker, msg.load_seconds, replacement=self.state is not PoolState.STARTING)
         if self.state is PoolState.STARTING and self._all_ready():
@@ -224,9 +222,9 @@ class Supervisor:
         if not intended and not jobs:
             group.failures += 1
             if group.failures >= MAX_CONSECUTIVE_FAILURES and not self.can_serve(group):
-                self.break_pool(self._failure_reason(group, worker, how))
-                return
-            delay = _backoff(group.failures)
+                if self._give_up(group, self._failure_reason(group, worker, how)):
+                    return
+            delay = backoff(group.failures)
             logger.warning("worker %d %s (%d failures in a row); restarting in %.2fs",
                            worker.id, how, group.failures, delay)  # fmt: skip
         self.counts["restarts"] += 1
@@ -286,20 +284,29 @@ class Supervisor:
     def _start_failed(self, group: WorkerGroup, index: int, reason: str) -> None:
         """A worker could not be started: try again after a back-off, or give up if the group cannot serve."""
         group.failures += 1
-        if self.state is PoolState.STARTING or (
-            group.failures >= MAX_CONSECUTIVE_FAILURES and not self.can_serve(group)
-        ):
+        if self.state is PoolState.STARTING:
             self.break_pool(reason, start_error=ModelLoadError(reason))
-        else:
-            heapq.heappush(group.spawn_at, (time.monotonic() + _backoff(group.failures), index))
+        elif group.failures < MAX_CONSECUTIVE_FAILURES or self.can_serve(group) or not self._give_up(group, reason):
+            heapq.heappush(group.spawn_at, (time.monotonic() + backoff(group.failures), index))
+
+    def _give_up(self, group: WorkerGroup, reason: str) -> bool:
+        """``group`` failed too often and cannot serve. With no other group
+        serving, the pool breaks (True). Else only its models are down: their
+        queued jobs fail, new ones are refused (``down``), and its restarts go
+        on at the slowest back-off until a worker of it is ready again."""
+        if not any(self.can_serve(other) for other in self.groups.values() if other is not group):
+            self.break_pool(reason)
+            return True
+        if group.name not in self._down_groups:
+            logger.error("%s cannot serve (the other models still do): %s", group.describe(), reason)
+        self._down_groups.add(group.name)
+        self.down.update(dict.fromkeys(group.models, f"{group.describe()} cannot serve: {reason}"))
+        self._fates.fail_queued_of(group.models, PoolBrokenError(f"{group.describe()} cannot serve: {reason}"))
+        return False
 
     def _set_started(self, error: BaseException | None) -> None:
-        if self.started.done():
-            return
-        if error is None:
-            self.started.set_result(None)
-        else:
-            self.started.set_exception(error)
+        if not self.started.done():
+            self.started.set_result(None) if error is None else self.started.set_exception(error)
 
     def break_pool(self, reason: str, start_error: BaseException | None = None) -> None:
         """Give up: fail every job, kill every worker, refuse new jobs."""
@@ -478,9 +485,10 @@ class Supervisor:
         # Workers it forked keep serving: without a template only their
         # replacements wait. The pool breaks when none is left to serve.
         if launcher.failures >= MAX_CONSECUTIVE_FAILURES and not self.can_serve(group):
-            self.break_pool(f"the model template failed {launcher.failures} times in a row; the last time: {reason}")
-            return
-        delay = _backoff(launcher.failures)
+            why = f"the model template failed {launcher.failures} times in a row; the last time: {reason}"
+            if self._give_up(group, why):
+                return
+        delay = backoff(launcher.failures)
         logger.warning("loading the models in a new template in %.2fs: %s", delay, reason)
         self.counts["restarts"] += 1
         launcher.schedule_restart(delay)
@@ -490,9 +498,3 @@ class Supervisor:
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
         for group in self.groups.values():
             group.launcher.close()
-
-
-def _backoff(failures: int) -> float:
-    """Seconds before the next try after ``failures`` failures in a row."""
-    ceiling = RESTART_BACKOFF_MAX if failures < MAX_CONSECUTIVE_FAILURES else DEGRADED_BACKOFF_MAX
-    return min(ceiling, RESTART_BACKOFF_FIRST * 2 ** min(failures - 1, 30))
