@@ -49,7 +49,7 @@ def mlpool_app() -> FastAPI:  # uvicorn --factory streaming_apps:mlpool_app
     @app.get("/stream")
     async def stream(n: int, work: float, request: Request):
         items = get_pool(request).stream_async("m", ticks, n, work)
-        return stream_response(items, request)
+        return await stream_response(items, request)
 
     @app.get("/pid")
     async def worker_pid(request: Request) -> dict:

@@ -194,3 +194,40 @@ def test_a_job_timeout_still_replaces_a_worker_that_did_not_answer(fifo):
         with pytest.raises(JobTimeoutError):
             pool.options(timeout=0.5).submit("m", wait_for_release, str(gate)).result(timeout=30)
         assert pool.score("m", add, 1) == 11
+
+
+def count_up(model: dict):
+    n = 0
+    while True:
+        yield n
+        n += 1
+
+
+@pytest.mark.timeout(60)
+def test_an_inline_stream_lets_the_loops_other_tasks_run_between_items():
+    async def main(pool: MLPool) -> int:
+        other = asyncio.Event()
+
+        async def other_task() -> None:
+            other.set()
+
+        task = asyncio.ensure_future(other_task())
+        taken = 0
+        async with pool.stream_async("m", count_up) as items:
+            async for _ in items:
+                taken += 1
+                if other.is_set() or taken == 10_000:
+                    break
+        await task
+        return taken
+
+    with MLPool({"m": load_constant}, nb_workers=0) as pool:
+        assert asyncio.run(main(pool)) < 10_000  # the other task ran while the stream went on
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e12, float("nan"), 0])
+def test_worker_stacks_refuses_a_wait_it_cannot_make(timeout):
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        with pytest.raises(ValueError, match="timeout"):
+            pool.worker_stacks(timeout=timeout)
+        assert list(pool.worker_stacks()) and pool.score("m", add, 1) == 11

@@ -52,6 +52,13 @@ def test_an_error_mid_stream_ends_it_with_an_error_event(server):
     assert json.loads(events[2].split("data: ", 1)[1])["error"] == "ValueError"
 
 
+def test_a_stream_that_fails_before_its_first_item_gets_the_error_status(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        failed = client.get("/fails", params={"n": 0})
+    assert failed.status_code == 500, failed.text  # the app's status for the error, not 200 and a frame
+    assert "text/event-stream" not in failed.headers.get("content-type", "")
+
+
 def test_a_websocket_client_that_disconnects_stops_the_generator(server, markers):
     async def main() -> None:
         url = server.url.replace("http", "ws") + f"/ws?markers={markers}"

@@ -313,7 +313,7 @@ async def stream_diabetes(body: Rows, request: Request, format: Literal["ndjson"
         lines = (json.dumps(item) + "\n" for item in models.predict_rows(model, body.rows))
         return StreamingResponse(lines, media_type="application/x-ndjson")
     pool: MLPool = get_pool(request)
-    return stream_response(pool.stream_async("diabetes", models.predict_rows, body.rows), request, format=format)
+    return await stream_response(pool.stream_async("diabetes", models.predict_rows, body.rows), request, format=format)
 
 
 @app.websocket("/ws/stream")

@@ -236,8 +236,8 @@ class MLPool(JobAPI):
         ``backend="ray"`` (actors, perhaps on other machines: use ``ray stack``)
         it returns ``{}``.
         """
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise ValueError(f"timeout must be a number of seconds in (0, 3600], got {timeout!r}")
         return self._manager.worker_stacks(timeout)
 
     def _wait_started(self) -> None:

@@ -438,8 +438,9 @@ class AsyncStream(_StreamBase):
                 return self._item(item)
             if channel.ended:
                 raise self._end()
-            if channel.pump is not None:  # inline mode: runs here, blocking the loop
+            if channel.pump is not None:  # inline mode: one item runs here, blocking the loop
                 channel.pump()
+                await asyncio.sleep(0)  # then the loop's other tasks get their turn
                 continue
             waiter = channel.waiter(asyncio.get_running_loop())
             if waiter is None:

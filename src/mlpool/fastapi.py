@@ -372,7 +372,7 @@ _STREAM_FORMATS: dict[str, tuple[str, Callable[[str], str], Callable[[str], str]
 }
 
 
-def stream_response(
+async def stream_response(
     items: AsyncStream,
     request: Request | None = None,
     *,
@@ -384,26 +384,44 @@ def stream_response(
     """A ``StreamingResponse`` sending each item of ``pool.stream_async(...)``
     as it comes: server-sent events (``format="sse"``: ``data: <json>``) or
     NDJSON (one JSON document per line); ``encode`` turns an item into text.
+    ``return await stream_response(...)`` in an endpoint.
 
-    The stream is closed, which stops its generator in the worker at its
-    next ``yield``, when the response ends for any reason: the last item
-    sent, a send failing, Starlette cancelling the response, or (with
-    ``request``) the client disconnecting while the response waits for the
-    next item. An error after the first byte cannot change the status: it
-    ends the stream with one last frame, :func:`error_body` as JSON (an
-    ``event: error`` in SSE), and is logged.
+    It waits for the first item: a stream that fails before it (the pool
+    full or closed, the generator raising at once, its timeout) raises here,
+    so the app's error handlers give the response its status (503, 504...:
+    see :func:`install_error_handlers`). The stream is closed, which stops its
+    generator in the worker at its next ``yield``, when the response ends for
+    any reason: the last item sent, a send failing, Starlette cancelling the
+    response, or (with ``request``) the client disconnecting while the
+    response waits for the next item. An error after the first item cannot
+    change the status: it ends the stream with one last frame,
+    :func:`error_body` as JSON (an ``event: error`` in SSE), and is logged.
     """
     if format not in _STREAM_FORMATS:
+        items.close()
         raise ValueError(f"format must be one of {sorted(_STREAM_FORMATS)}, not {format!r}")
     media_type, frame, error_frame = _STREAM_FORMATS[format]
     extra = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} if format == "sse" else {}
+    watcher = None if request is None else asyncio.ensure_future(_close_on_disconnect(request, items))
+    first: list[Any] = []
+    try:
+        await items.__aenter__()
+        async for item in items:
+            first.append(item)
+            break
+    except BaseException:
+        items.close()
+        if watcher is not None:
+            watcher.cancel()
+        raise
 
     async def body() -> AsyncIterator[str]:
-        watcher = None if request is None else asyncio.ensure_future(_close_on_disconnect(request, items))
         try:
-            async with items:
-                async for item in items:
-                    yield frame(encode(item))
+            for item in first:
+                yield frame(encode(item))
+            first.clear()
+            async for item in items:
+                yield frame(encode(item))
         except Exception as exc:  # the status is sent: the last frame says it failed
             logger.warning("stream on %s ended by %s: %s", "?" if request is None else request.url.path,
                            type(exc).__name__, exc)  # fmt: skip

@@ -18,12 +18,12 @@ install_error_handlers(app)
 
 @app.get("/stream")
 async def stream(markers: str, request: Request, format: str = "ndjson", pool: MLPool = Depends(get_pool)):
-    return stream_response(pool.stream_async("m", sw.marked_forever, markers), request, format=format)
+    return await stream_response(pool.stream_async("m", sw.marked_forever, markers), request, format=format)
 
 
 @app.get("/fails")
-async def fails(pool: MLPool = Depends(get_pool)):
-    return stream_response(pool.stream_async("m", sw.raise_after, 2), format="sse")
+async def fails(n: int = 2, timeout: float | None = None, pool: MLPool = Depends(get_pool)):
+    return await stream_response(pool.options(timeout=timeout).stream_async("m", sw.raise_after, n), format="sse")
 
 
 @app.get("/pid")
