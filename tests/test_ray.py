@@ -160,3 +160,16 @@ def test_bad_ray_arguments_are_refused():
         make_pool({"m": load_constant}, nb_workers=1, ray_address="auto")
     with pytest.raises(ValueError, match="share_models"):
         make_pool({"m": load_constant}, nb_workers=1, backend="ray", share_models=True)
+
+
+def test_a_model_with_workers_of_its_own_is_a_set_of_actors_of_its_own(ray_cluster):
+    from mlpool import Model
+
+    models = {"shared": load_constant, "own": Model(load_constant, workers=1, ray_options={"num_cpus": 0.25})}
+    with make_pool(models, nb_workers=1, **RAY) as pool:
+        shared = pool.score("shared", workloads.pid)
+        own = pool.score("own", workloads.pid)
+        assert shared != own  # two actors: the group's own, and the shared one
+        assert pool.score("own", add, 1) == 11 and pool.score("shared", add, 2) == 12
+        stats = pool.stats().models
+        assert (stats["own"].workers, stats["shared"].workers) == (1, 1)
