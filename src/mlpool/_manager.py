@@ -259,8 +259,8 @@ class Manager:
         must not depend on that loop running (it may stop while we wait)."""
         try:
             with self._lock:
-                worker = job.worker
-                if job.state is JobState.RUNNING and worker is not None and worker.borrower is job.loop:
+                worker, loop = job.worker, job.loop
+                if worker is not None and loop is not None and worker.borrower is loop:
                     self._loop.take_back(worker, running_loop())
                     self._clock.soon()  # the manager watches the pipe from now on
                 return shared_future(job)
