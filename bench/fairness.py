@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import psutil
+from memory import pss_mib  # bench/memory.py (this script's directory is on sys.path)
 
 from mlpool import MLPool, Model
 
@@ -112,14 +113,6 @@ def load_weights(megabytes: int) -> Callable[[], bytes]:
         return os.urandom(megabytes * 2**20)  # private pages, as loaded weights are
 
     return load
-
-
-def pss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no Pss for pid {pid}")
 
 
 def workers_pss() -> tuple[int, float]:

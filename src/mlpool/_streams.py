@@ -440,7 +440,7 @@ class AsyncStream(_StreamBase):
                 raise self._end()
             if channel.pump is not None:  # inline mode: one item runs here, blocking the loop
                 channel.pump()
-                await asyncio.sleep(0)  # then the loop's other tasks get their turn
+                await asyncio.sleep(0)  # sleep-ok: a turn for the loop's other tasks, not a wait
                 continue
             waiter = channel.waiter(asyncio.get_running_loop())
             if waiter is None:
