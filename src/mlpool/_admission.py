@@ -19,7 +19,7 @@ from mlpool._errors import PoolFullError
 class ModelBounds:
     """Whether a model's queue is full, and who waits for room in it."""
 
-    __slots__ = ("_limits", "_queued_of", "_accepting", "waiters")
+    __slots__ = ("_limits", "_queued_of", "_accepting", "waiters", "bounded")
 
     def __init__(
         self,
@@ -33,6 +33,7 @@ class ModelBounds:
         pool's (``pool_limit``) are never checked here: the pool's own bound
         is reached first."""
         self._limits = {name: s.max_queue_size for name, s in settings.items() if s.max_queue_size < pool_limit}
+        self.bounded = bool(self._limits)  # False: full() is always False
         self._queued_of = queued_of
         self._accepting = accepting
         self.waiters: dict[str, list[Future]] = {}  # model -> callers waiting for room in it (read: "any?")

@@ -95,7 +95,7 @@ class Dispatcher:
         """Hand queued jobs to workers that can take them."""
         scheduler = self._scheduler
         scheduler.hold_until = None  # set again by plan() if a batch still waits for more items
-        if not scheduler:
+        if not scheduler.queued:
             return
         limits = self._limits
         workers = [
@@ -111,7 +111,10 @@ class Dispatcher:
         running = self._supervisor.state is PoolState.RUNNING
         plan = scheduler.plan(workers, here, time.monotonic(), self._others_busy, self._reclaim_stopped)
         for worker, taken, estimate in plan:
-            jobs = [job for job in taken if self._start(job)]
+            if len(taken) == 1:
+                jobs = taken if self._start(taken[0]) else []
+            else:
+                jobs = [job for job in taken if self._start(job)]
             if not jobs:
                 continue
             # The message first: if it cannot be built, nothing was recorded.
@@ -123,7 +126,7 @@ class Dispatcher:
             limit = limits[worker.group]
             if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
                 workers.remove(worker)  # its last jobs before it is recycled
-            loop = jobs[0].loop if all(job.loop is jobs[0].loop for job in jobs) else None
+            loop = jobs[0].loop if len(jobs) == 1 or all(job.loop is jobs[0].loop for job in jobs) else None
             if worker.borrower is not None and (worker.borrower is not loop or loop is None):
                 self._loans.take_back(worker, here)  # an idle loan to another reader
             if worker.borrower is None and loop is not None and loop is here and not worker.inflight and running:
@@ -146,7 +149,7 @@ class Dispatcher:
         """Lend an idle worker's pipe to the calling thread (noted in ``lent``
         at once) and send it ``job``. None: wait for the result; False: not
         here (enqueue it); True: settled already (refused, or requeued)."""
-        if self._scheduler or job.state is not JobState.NEW:
+        if self._scheduler.queued or job.state is not JobState.NEW:
             return False
         group = self._model_group[job.model]
         for worker in self._supervisor.workers.values():
@@ -162,7 +165,8 @@ class Dispatcher:
             return True
         self._loans.lend_to_thread(worker, token)
         lent.append(worker)
-        self.watch_deadline(job)
+        if job.deadline is not None:
+            self.watch_deadline(job)
         job.mark_running()
         job.state = JobState.RUNNING
         job.worker = worker
@@ -190,7 +194,8 @@ class Dispatcher:
         if job.stream is None:  # a stream's length says nothing of the next one's: none pipelines behind it
             self._scheduler.observe(job.fn_id, msg.seconds, shared)
         # The worker is done with its arguments; the offer is read in Outcomes.decode.
-        self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
+        if job.payload.buffers or job.result_offer is not None:
+            self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
         if not worker.inflight and worker.registered:
             self._loans.watch_now(worker)
         if job.state is JobState.RUNNING:
@@ -210,7 +215,7 @@ class Dispatcher:
         return any(w.inflight for w in self._supervisor.workers.values())
 
     def _reclaim_stopped(self) -> bool:
-        return self._loans.reclaim_stopped(list(self._supervisor.workers.values()))
+        return self._loans.reclaim_stopped(self._supervisor.workers.values(), running_loop())
 
     def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]:
         """One Run (or RunBatch) frame for ``jobs``, all of one function, and
@@ -220,7 +225,7 @@ class Dispatcher:
         fn = b"" if first.fn_id in known else first.fn_pickle
         # Copied into shared memory at its first dispatch (under the lock: a
         # memcpy, about 0.3 ms for 8 MB); a retry sends the same region.
-        fds = [fd for fd in (job.payload.place(self._regions) for job in jobs) if fd >= 0]
+        fds = [job.payload.place(self._regions) for job in jobs if job.payload.buffers]
         if first.stream is not None:
             frame = run_frame(first, fn)
             if first.trace is not None:

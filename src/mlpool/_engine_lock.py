@@ -53,7 +53,7 @@ class EngineLock:
         self._space_waiters: list[Future] = []
         self._bounds = bounds  # callers waiting for room in a full model (#16)
         self.callbacks = CallbackRunner()
-        self.manager: threading.Thread | None = None  # the manager thread, which needs no wake-up
+        self.manager_ident: int | None = None  # the manager thread's (set as it starts): it needs no wake-up
         self.wake_r, self._wake_w = os.pipe()  # the manager's select() watches wake_r
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -80,7 +80,7 @@ class EngineLock:
                 or (self._bounds is not None and self._bounds.waiters)):  # fmt: skip
             return  # a stale read only means the next deliver() does it: every section has one
         taken: list[Outcome] = []
-        on_manager = self.manager is not None and threading.get_ident() == self.manager.ident
+        on_manager = threading.get_ident() == self.manager_ident
         try:
             waiters: list[Future] | None = None
             with self.plain:
@@ -98,10 +98,13 @@ class EngineLock:
                     if not waiter.done():
                         waiter.set_result(None)
             if taken:
+                keyed = False  # any job of the job-id API?
                 for index, outcome in enumerate(taken):
                     taken[index] = outcomes.decode(outcome)
+                    keyed = keyed or outcome.job.key is not None
                 settle(taken, self.callbacks if on_manager else None)
-                self._keep_outcomes(taken)
+                if keyed:
+                    self._keep_outcomes(taken)
                 taken = []
         finally:
             if taken:

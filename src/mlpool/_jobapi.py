@@ -292,13 +292,16 @@ class JobAPI:
         ``async def``), it blocks that loop for the whole job: a
         RuntimeWarning, once per call site, names :meth:`score_async`.
         """
-        warn_if_loop_blocked("score", "score_async", stacklevel=3)
+        if running_loop() is not None:
+            warn_if_loop_blocked("score", "score_async", stacklevel=3)
         job = self._new_job(fn, model_name, args, kwargs, None, None, None)
         # An idle worker's pipe is read by this thread (one hop fewer); a
         # session's jobs go through the queue, where the session tracks them.
         if self._group is not None or not self._engine.run_lent(job):
             self._admit(job, wait=True)
-        return concurrent_future(job).result()
+        future = job.future
+        assert future is not None  # made outside a coroutine
+        return future.result()
 
     async def score_async(self, model_name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(model, *args, **kwargs)`` in a worker; the event loop stays free.
@@ -368,21 +371,27 @@ class JobAPI:
         """A job from a caller's arguments (pickled now). ``loop``: made in a
         coroutine of that loop, which reads its result; its handle is an
         asyncio future of that loop. Unset options: this view's."""
-        if args is None:
-            args = ()
-        elif not isinstance(args, (tuple, list)):
-            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
-        if kwargs is None:
-            kwargs = {}
-        elif not isinstance(kwargs, Mapping):
-            raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
+        if type(args) is not tuple:
+            if args is None:
+                args = ()
+            elif isinstance(args, (tuple, list)):
+                args = tuple(args)
+            else:
+                raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+        if type(kwargs) is not dict:
+            if kwargs is None:
+                kwargs = {}
+            elif isinstance(kwargs, Mapping):
+                kwargs = dict(kwargs)
+            else:
+                raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
         options = self._options
         if priority is None:
             priority = options.priority or 0
         else:
             check_priority(priority)
         return self._engine.make_job(
-            model_name, fn, tuple(args), dict(kwargs),
+            model_name, fn, args, kwargs,
             timeout=options.timeout if timeout is None else timeout,
             retries=options.max_retries if max_retries is None else max_retries,
             loop=loop, priority=priority, lane=self._group,

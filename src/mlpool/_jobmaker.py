@@ -11,26 +11,57 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from mlpool._batching import batch_policy
 from mlpool._config import PoolConfig
-from mlpool._errors import UnknownModelError
+from mlpool._errors import PoolClosedError, UnknownModelError
 from mlpool._jobs import Job, JobOwner
 from mlpool._serialization import FunctionTable
-from mlpool._shm import pickle_payload
+from mlpool._shm import pickle_call
 from mlpool._tracing import begin as begin_trace
+
+
+class _Process:
+    """This process's id, kept current across ``os.fork()`` without a system
+    call per job (a pool refuses use from a process forked from its own)."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.pid = os.getpid()
+
+
+this_process = _Process
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_Process.forked)
+
+
+def forked_error(pid: int) -> PoolClosedError:
+    """The error for using the pool of process ``pid`` from a process forked from it."""
+    return PoolClosedError(
+        f"this pool belongs to process {pid}, and this process ({os.getpid()}) was forked "
+        "from it; create a pool in this process (for gunicorn --preload: in a post_fork hook "
+        "or the app's lifespan, not at import)"
+    )
 
 
 class JobMaker:
     """Validates a job's options and pickles it; thread-safe."""
 
-    def __init__(self, config: PoolConfig, models: Iterable[str], owner: JobOwner | None = None) -> None:
-        """``owner``: the engine a job's future tells when it is cancelled (see JobFuture)."""
+    def __init__(
+        self, config: PoolConfig, models: Iterable[str], owner: JobOwner | None = None, pid: int = 0
+    ) -> None:
+        """``owner``: the engine a job's future tells when it is cancelled (see
+        JobFuture). ``pid``: jobs are refused (PoolClosedError) in any other
+        process (0: in none), such as one forked from the pool's own."""
         self.config = config
         self._owner = owner
+        self._pid = pid
         self.models = frozenset(models)
         # Each model's defaults of timeout and max_retries (a Model's own, else the pool's).
         self._defaults = {
@@ -57,8 +88,11 @@ class JobMaker:
         model's defaults.
 
         Raises TypeError (not callable, bad batched call), UnknownModelError,
-        ValueError (bad timeout or max_retries), SerializationError.
+        ValueError (bad timeout or max_retries), SerializationError,
+        PoolClosedError (in a process forked from the pool's own).
         """
+        if self._pid and this_process.pid != self._pid:
+            raise forked_error(self._pid)
         config = self.config
         if not callable(fn):
             raise _not_callable(model, fn)
@@ -82,9 +116,7 @@ class JobMaker:
                 f"arguments), got {len(args)} positional and {len(kwargs)} keyword arguments"
             )
         fn_id, fn_pickle = self._functions.lookup(fn)
-        payload = pickle_payload(
-            (args, kwargs), f"the arguments of {name}", config.shared_memory_threshold, config.shared_memory_limit
-        )
+        payload = pickle_call(args, kwargs, name, config.shared_memory_threshold, config.shared_memory_limit)
         deadline = None if timeout is None else time.monotonic() + timeout
         job = Job(
             next(self._ids), model, fn_id, fn_pickle, payload, name,

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
+from functools import partial
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -89,13 +90,15 @@ class JobFuture(Future):
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
         with self._condition:
             callbacks = self._callbacks
-            if callbacks is not None:
+            if callbacks is not None and not super().done():
                 callbacks.append(fn)
                 return
         _call(fn, self)  # done already: now, in this thread, as Future does
 
     def run_callbacks(self, runner: CallbackRunner | None) -> None:
         """Once the future is done: run its callbacks here, or on ``runner``."""
+        if not self._callbacks:  # none came before it was done, and none can come now
+            return
         with self._condition:
             callbacks, self._callbacks = self._callbacks, None
         if not callbacks:
@@ -107,12 +110,12 @@ class JobFuture(Future):
                 _call(fn, self)
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
+        if running_loop() is not None and not self.done():
             self._owner.before_blocking()
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
+        if running_loop() is not None and not self.done():
             self._owner.before_blocking()
         return super().exception(timeout)
 
@@ -226,6 +229,11 @@ class Outcome(NamedTuple):
     ok: bool
     value: Any
     cancelled: bool = False
+
+
+# ``new_outcome((job, ok, value, cancelled))``: an Outcome without the Python
+# frame of a NamedTuple's ``__new__`` (two per job on the hot path).
+new_outcome = partial(tuple.__new__, Outcome)
 
 
 def settle(outcomes: list[Outcome], callbacks: CallbackRunner | None = None) -> None:

@@ -34,7 +34,7 @@ import asyncio
 import select
 import selectors
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,13 +160,16 @@ class Loans:
             self.watch(worker)
         return True
 
-    def reclaim_stopped(self, workers: list[WorkerHandle]) -> bool:
+    def reclaim_stopped(self, workers: Iterable[WorkerHandle], here: asyncio.AbstractEventLoop | None) -> bool:
         """Take pipes back from event loops that stopped running (under the
-        engine's lock). A stopped loop still has its reader; when it runs
-        again, the reader sees it no longer borrows and removes itself."""
+        engine's lock); ``here``: the loop running in this thread, if any. A
+        stopped loop still has its reader; when it runs again, the reader
+        sees it no longer borrows and removes itself."""
         reclaimed = False
         for worker in workers:
             loop = worker.borrower
+            if loop is None or loop is here:  # the manager's, or a loop that runs: it is ours
+                continue
             if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
                 with worker.read_lock:
                     if worker.borrower is loop:

@@ -41,10 +41,10 @@ from mlpool._admission import ModelBounds
 from mlpool._config import PoolConfig
 from mlpool._dispatch import Dispatcher
 from mlpool._engine_lock import EngineLock
-from mlpool._errors import PoolBrokenError, PoolClosedError, PoolFullError
+from mlpool._errors import PoolBrokenError, PoolFullError
 from mlpool._fates import Fates, last_alive
 from mlpool._groups import build_groups
-from mlpool._jobmaker import JobMaker
+from mlpool._jobmaker import JobMaker, forked_error, this_process
 from mlpool._jobs import Job, JobState, running_loop, running_unit, shared_future
 from mlpool._loans import Loans
 from mlpool._manager_thread import ManagerThread
@@ -73,6 +73,7 @@ _DUMPABLE = frozenset({WorkerState.IDLE, WorkerState.RETIRING, WorkerState.STOPP
 SHUTDOWN_LOCK_PATIENCE = 1.0
 
 
+
 class Manager:
     """Owns the lock, the parts of the engine, and the manager thread."""
 
@@ -81,8 +82,10 @@ class Manager:
         for name in loaders:
             check_model_name(name)
         self.models = frozenset(loaders)
-        self._jobs_maker = JobMaker(config, loaders, owner=self)
         self._pid = os.getpid()  # the process this pool belongs to (see _check_process)
+        self._jobs_maker = JobMaker(config, loaders, owner=self, pid=self._pid)
+        # A new job (see JobMaker.make), refused in a process forked from the pool's own.
+        self.make_job = self._jobs_maker.make
         # The parts, each the owner of its state (under the lock).
         self._clock = WakeClock()
         groups = build_groups(config, loaders)
@@ -126,18 +129,14 @@ class Manager:
     def _check_process(self) -> None:
         """Refuse use from a process forked from the pool's own: the workers,
         their pipes and the manager thread belong to the parent."""
-        if os.getpid() != self._pid:
-            raise PoolClosedError(
-                f"this pool belongs to process {self._pid}, and this process ({os.getpid()}) was forked "
-                "from it; create a pool in this process (for gunicorn --preload: in a post_fork hook "
-                "or the app's lifespan, not at import)"
-            )
+        if this_process.pid != self._pid:
+            raise forked_error(self._pid)
 
     def before_blocking(self) -> None:
         """The calling thread is about to block: take back the worker pipes its
         own event loop reads, which that loop cannot read while it waits."""
         loop = running_loop()
-        if loop is None or os.getpid() != self._pid:
+        if loop is None or this_process.pid != self._pid:
             return
         try:
             with self._lock:
@@ -157,25 +156,6 @@ class Manager:
             return PoolState.CLOSING  # asked; the manager thread applies it at once
         return state
 
-    def make_job(
-        self,
-        model: str,
-        fn: Callable,
-        args: tuple,
-        kwargs: dict,
-        *,
-        timeout: float | None,
-        retries: int | None,
-        loop: asyncio.AbstractEventLoop | None = None,
-        priority: int = 0,
-        lane: object | None = None,
-    ) -> Job:
-        """A new job (see JobMaker), refused in a process forked from the pool's own."""
-        self._check_process()
-        return self._jobs_maker.make(
-            model, fn, args, kwargs, timeout=timeout, retries=retries, loop=loop, priority=priority, lane=lane
-        )
-
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
         """Accept ``job``: None, or a future that resolves when the full queue
         has room (call again then). Without ``wait`` a full queue raises
@@ -184,7 +164,8 @@ class Manager:
             with self._lock:
                 if job.state is not JobState.NEW:  # cancelled while it waited for room
                     return None
-                self._check_accepting()
+                if self._supervisor.state is not PoolState.RUNNING or self._loop.shutdown_asked is not None:
+                    self._check_accepting()
                 down = self._supervisor.down
                 if down and job.model in down:  # its group cannot serve (the others do)
                     raise PoolBrokenError(down[job.model])
@@ -196,14 +177,15 @@ class Manager:
                             "block_until_scheduled=True"
                         )
                     return self._locked.wait_for_space()
-                if self._bounds.full(job.model):  # its model's own max_queue_size (#16)
+                if self._bounds.bounded and self._bounds.full(job.model):  # its model's own max_queue_size (#16)
                     if not wait:
                         raise self._bounds.refuse(job.model)
                     return self._bounds.wait(job.model)
                 if register:
                     self._registry.add(job)
                 self._scheduler.push(job)
-                self._dispatcher.watch_deadline(job)
+                if job.deadline is not None:
+                    self._dispatcher.watch_deadline(job)
                 self._dispatcher.dispatch()
                 return None
         finally:
@@ -274,7 +256,7 @@ class Manager:
         returned), whose result only that loop would otherwise read."""
         try:
             with self._lock:
-                if self._loans.reclaim_stopped(list(self._supervisor.workers.values())):
+                if self._loans.reclaim_stopped(self._supervisor.workers.values(), running_loop()):
                     self._clock.soon()
         finally:
             self._deliver()
@@ -293,7 +275,7 @@ class Manager:
         the manager thread applies the request (new jobs are refused at once
         all the same). In a process forked from the pool's own it does
         nothing: the workers belong to the parent."""
-        if os.getpid() != self._pid:
+        if this_process.pid != self._pid:
             return
         self._loop.ask_shutdown(cancel_pending, timeout)
         if not self._lock.acquire(timeout=SHUTDOWN_LOCK_PATIENCE):
@@ -360,13 +342,15 @@ class Manager:
         """
         if job.batch_policy is not None:
             return False
-        self.before_blocking()
+        if running_loop() is not None:
+            self.before_blocking()
         token = object()
         lent: list[WorkerHandle] = []  # the worker whose pipe this thread reads, once it does
         try:
             try:
                 with self._lock:
-                    self._check_accepting()
+                    if self._supervisor.state is not PoolState.RUNNING or self._loop.shutdown_asked is not None:
+                        self._check_accepting()
                     sent = self._dispatcher.send_lent(job, token, lent)
             finally:
                 self._deliver()
@@ -399,7 +383,8 @@ class Manager:
         """Under the lock: the manager reads ``worker``'s pipe again; what waits may go to it."""
         if self._loans.end(worker, token) and self.state is not PoolState.RUNNING:
             self._clock.soon()  # shutdown may wait for this worker
-        self._dispatcher.dispatch()
+        if self._scheduler.queued:
+            self._dispatcher.dispatch()
 
     def _on_loop_messages(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop, messages: list) -> None:
         """In ``loop``, which borrows ``worker``'s pipe: settle here, keep the worker busy."""

@@ -62,7 +62,7 @@ class ManagerThread:
         self.shutdown_asked: tuple[bool, float] | None = None  # (cancel_pending, timeout)
         self._shutdown_applied: tuple[bool, float] | None = None
         self.finished: Future[None] = Future()  # the thread is done, every worker reaped
-        self.thread = lock.manager = threading.Thread(target=self.run, name="mlpool-manager", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="mlpool-manager", daemon=True)
         loans.register(lock.wake_r, ("wake", None))
 
     def ask_shutdown(self, cancel_pending: bool, timeout: float) -> None:
@@ -75,6 +75,7 @@ class ManagerThread:
 
     def run(self) -> None:
         """Start workers, then serve until every worker is gone."""
+        self._lock.manager_ident = threading.get_ident()
         try:
             self._supervisor.prepare()
             while not self._serve_once():

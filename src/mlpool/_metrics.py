@@ -75,13 +75,13 @@ class ModelRecorders:
     are the pool's (``pool`` and the pool's counts, read at ``stats``).
     """
 
-    __slots__ = ("_groups", "_pool", "_recorders", "_counts")
+    __slots__ = ("_groups", "_pool", "_recorders", "_counts", "several")
 
     def __init__(self, model_groups: Mapping[str, str], pool: LatencyRecorder) -> None:
         """``model_groups``: model name -> the name of the group that loads it."""
         self._groups = dict(model_groups)
         self._pool = pool
-        several = len(self._groups) > 1
+        self.several = several = len(self._groups) > 1  # else observe() records nothing
         self._recorders = {name: LatencyRecorder(512) for name in self._groups} if several else {}
         self._counts = {name: [0, 0] for name in self._groups} if several else {}  # completed, failed
 

@@ -16,17 +16,18 @@ a part that sets an earlier deadline asks for a wake-up.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from mlpool._errors import JobTimeoutError, WorkerCrashedError
-from mlpool._jobs import Job, JobState, Outcome
+from mlpool._jobs import Job, JobState, Outcome, new_outcome
 from mlpool._metrics import LatencyRecorder, ModelRecorders
-from mlpool._protocol import Done, Failed
+from mlpool._protocol import NOWHERE, Done, Failed
 from mlpool._registry import Registry
 from mlpool._scheduler import Scheduler
-from mlpool._serialization import unpack_exception
+from mlpool._serialization import unpack_exception, unpickling_error
 from mlpool._shm import RegionPool, read_result
 from mlpool._state import PoolState, PoolStats
 from mlpool._tracing import end as end_trace
@@ -90,22 +91,24 @@ class Outcomes:
         job.state = JobState.FINISHED
         if job.worker is None:  # never sent, or back in the queue: nobody reads its memory
             self.release_memory(job)
-        self.pending.append(Outcome(job, ok, value))
+        self.pending.append(new_outcome((job, ok, value, False)))
         now = time.monotonic()
-        self.counts[_kind(ok, value)] += 1
+        self.counts["completed" if ok else _kind(ok, value)] += 1
         run = value.seconds if type(value) is Done or type(value) is Failed else None
         self.latency.observe(now - job.submitted_at, run)
-        self.per_model.observe(job.model, now - job.submitted_at, ok)
-        expiry = self._registry.finished(job, now, keep_result=True)
-        if expiry is not None:
-            self._clock.note(expiry)
+        if self.per_model.several:
+            self.per_model.observe(job.model, now - job.submitted_at, ok)
+        if job.deadline is not None or job.key is not None:  # else the registry has nothing of it
+            expiry = self._registry.finished(job, now, keep_result=True)
+            if expiry is not None:
+                self._clock.note(expiry)
 
     def cancel(self, job: Job) -> None:
         """``job`` was cancelled: its caller gets CancelledError; its id is forgotten."""
         job.state = JobState.FINISHED
         if job.worker is None:
             self.release_memory(job)
-        self.pending.append(Outcome(job, False, None, cancelled=True))
+        self.pending.append(new_outcome((job, False, None, True)))
         self.counts["cancelled"] += 1
         self._registry.finished(job, time.monotonic(), keep_result=False)
 
@@ -157,20 +160,31 @@ class Outcomes:
         kind = type(value)
         if kind is Done:
             offer, job.result_offer = job.result_offer, None
-            try:
-                what = f"the result of job {job.id} ({job.fn_name})"
-                result = read_result(value.result, value.spans, value.where, value.fd, offer, self._regions, what)
-                decoded = Outcome(job, True, result)
-            except Exception as exc:  # its buffers are garbage now: the region went back
-                decoded = Outcome(job, False, exc)
+            if value.where == NOWHERE and offer is None:  # all in the pipe: the common small result
+                try:
+                    decoded = new_outcome((job, True, pickle.loads(value.result), False))
+                except BaseException as exc:  # as read_result: nothing from the other side ends this process
+                    decoded = new_outcome((job, False, unpickling_error(_result_of(job), exc), False))
+            else:
+                try:
+                    result = read_result(
+                        value.result, value.spans, value.where, value.fd, offer, self._regions, _result_of(job)
+                    )
+                    decoded = new_outcome((job, True, result, False))
+                except Exception as exc:  # its buffers are garbage now: the region went back
+                    decoded = new_outcome((job, False, exc, False))
         elif kind is Failed:
-            decoded = Outcome(job, False, unpack_exception(value.error, value.traceback))
+            decoded = new_outcome((job, False, unpack_exception(value.error, value.traceback), False))
         else:
             decoded = outcome
         if job.trace is not None:
             kind_name = "cancelled" if decoded.cancelled else _kind(decoded.ok, decoded.value)
             end_trace(job, value, decoded.ok, decoded.value, kind_name)
         return decoded
+
+
+def _result_of(job: Job) -> str:
+    return f"the result of job {job.id} ({job.fn_name})"
 
 
 def _kind(ok: bool, value: Any) -> str:

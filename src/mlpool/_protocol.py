@@ -236,13 +236,15 @@ _PICKLED_KINDS: dict[type, int] = {Credit: _CREDIT_KIND, CloseStream: _CLOSE_STR
 
 
 def _frame(kind: int, *parts: bytes) -> bytes:
-    length = sum(len(p) for p in parts)
+    length = sum(map(len, parts))
     if length > MAX_FRAME:
         raise ValueError(f"message of {length} bytes is larger than the pipe frame limit of {MAX_FRAME} bytes")
     return b"".join((_HEADER.pack(length, kind), *parts))
 
 
 def _spans(spans: Spans) -> bytes:
+    if not spans:  # most frames: no shared memory
+        return b""
     return b"".join(_SPAN.pack(offset, length) for offset, length in spans)
 
 
@@ -323,7 +325,7 @@ def encode_run(
     """``encode(Run(...))`` without building the message first (the dispatch hot path)."""
     name = model.encode("utf-8", _TEXT)
     head = _RUN.pack(job_id, fn_id, len(name), len(fn), len(spans), offer)
-    return _frame(_RUN_KIND, head, _spans(spans), name, fn, payload)
+    return _frame(_RUN_KIND, head, _spans(spans) if spans else b"", name, fn, payload)
 
 
 def encode_run_stream(

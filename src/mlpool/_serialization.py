@@ -129,9 +129,16 @@ def loads(data: bytes, what: str, buffers: Any = None) -> Any:
     try:
         return pickle.loads(data, buffers=buffers)
     except BaseException as exc:  # a process boundary: nothing from the other side ends this one
-        raise SerializationError(
-            f"{what} cannot be unpickled: {type(exc).__name__}: {_safe_str(exc)}"
-        ) from (exc if isinstance(exc, Exception) else None)
+        raise unpickling_error(what, exc) from (exc if isinstance(exc, Exception) else None)
+
+
+def unpickling_error(what: str, exc: BaseException) -> SerializationError:
+    """The error for ``what`` that could not be unpickled, raising ``exc``
+    (its cause when it is an Exception: a BaseException such as SystemExit
+    is not chained, so nothing re-raises it)."""
+    error = SerializationError(f"{what} cannot be unpickled: {type(exc).__name__}: {_safe_str(exc)}")
+    error.__cause__ = exc if isinstance(exc, Exception) else None
+    return error
 
 
 class FunctionTable:

@@ -46,7 +46,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from mlpool._serialization import loads
+from mlpool._serialization import PROTOCOL, loads
 from mlpool._shm_worker import (
     ALIGN,
     AVAILABLE,
@@ -54,14 +54,15 @@ from mlpool._shm_worker import (
     NOWHERE,
     OFFERED,
     POPULATE,
+    SCALAR_TYPES,
     Spans,
     layout,
     nbytes,
     pickle_out_of_band,
 )
 
-__all__ = ["AVAILABLE", "NEW_FILE", "NOWHERE", "OFFERED", "Payload", "Region", "RegionPool", "pickle_payload",
-           "read_result"]  # fmt: skip
+__all__ = ["AVAILABLE", "NEW_FILE", "NOWHERE", "OFFERED", "Payload", "Region", "RegionPool", "pickle_call",
+           "pickle_payload", "read_result"]  # fmt: skip
 
 # Results smaller than this are copied out of shared memory (about 0.2 ms
 # for 4 MiB), so that holding one pins no region and no descriptor.
@@ -202,7 +203,7 @@ class Payload:
     """A pickle and its large buffers (parent side), placed in a region when
     first sent. The region is the job's until :meth:`release`."""
 
-    __slots__ = ("data", "buffers", "region", "spans", "nbytes")
+    __slots__ = ("data", "buffers", "region", "spans", "nbytes", "size")
 
     def __init__(self, data: bytes, buffers: list[pickle.PickleBuffer] | None = None) -> None:
         self.data = data
@@ -210,10 +211,7 @@ class Payload:
         self.region: Region | None = None
         self.spans: Spans = ()
         self.nbytes = sum(nbytes(b) for b in self.buffers) if self.buffers else 0
-
-    @property
-    def size(self) -> int:
-        return len(self.data) + self.nbytes
+        self.size = len(data) + self.nbytes  # bytes in all: the pickle and its buffers
 
     def place(self, pool: RegionPool) -> int:
         """Copy the buffers into a region (once); the descriptor to send, or -1."""
@@ -233,6 +231,22 @@ class Payload:
         if self.region is not None:
             pool.give(self.region)
             self.region = None
+
+
+def pickle_call(args: tuple, kwargs: dict, fn_name: str, threshold: int | None, limit: int | None) -> Payload:
+    """The arguments of a call of ``fn_name`` as a :class:`Payload` (see :func:`pickle_payload`).
+    Scalars only, the common small job, take the short way: they hold no
+    buffer and name nothing by reference, so one plain pickle does."""
+    for arg in args:
+        if type(arg) not in SCALAR_TYPES:
+            break
+    else:
+        for arg in kwargs.values():
+            if type(arg) not in SCALAR_TYPES:
+                break
+        else:
+            return Payload(pickle.dumps((args, kwargs), PROTOCOL))
+    return pickle_payload((args, kwargs), f"the arguments of {fn_name}", threshold, limit)
 
 
 def pickle_payload(obj: Any, what: str, threshold: int | None, limit: int | None) -> Payload:

@@ -85,7 +85,7 @@ def write_result(
     """Worker side: pickle a result, its large buffers into the offered file
     if they fit, else into a new one. ``(data, spans, where, fd_to_send)``
     with ``where`` one of NOWHERE, OFFERED, NEW_FILE."""
-    if threshold is None or not AVAILABLE or type(obj) in _SCALARS:  # the common small result
+    if threshold is None or not AVAILABLE or type(obj) in SCALAR_TYPES:  # the common small result
         return _dumps(obj, what, None)[0], (), NOWHERE, -1
     data, buffers = pickle_out_of_band(obj, what, threshold, limit)
     if not buffers:
@@ -252,7 +252,7 @@ def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memory
 
 
 _MAY_HOLD_BYTES = frozenset((bytes, bytearray, memoryview, tuple, list, dict))
-_SCALARS = frozenset((int, float, bool, str, type(None), complex))  # never hold a large buffer
+SCALAR_TYPES = frozenset((int, float, bool, str, type(None), complex))  # never hold a large buffer
 
 
 def _wrap_large_bytes(obj: Any, threshold: int, depth: int = 2) -> Any:

@@ -64,7 +64,8 @@ class FrameReader:
 
         Raises BlockingIOError when there is nothing to read.
         """
-        with self._room() as room:
+        # Between frames (the usual case) the scratch buffer fits any start of one.
+        with memoryview(self._scratch) if not self._buf else self._room() as room:
             n, ancillary, msg_flags, _ = sock.recvmsg_into([room], _ANCILLARY, flags)
             self._buf += room[:n]
         if ancillary:
