@@ -44,6 +44,7 @@ from typing import Any
 
 from mlpool._errors import MLPoolError, SerializationError, UnknownModelError
 from mlpool._protocol import (
+    NOWHERE,
     CloseStream,
     Credit,
     Exiting,
@@ -59,8 +60,14 @@ from mlpool._protocol import (
     encode_done,
     encode_failed,
 )
-from mlpool._serialization import FUNCTION_CACHE_SIZE, describe_exception, format_traceback, pack_exception
-from mlpool._shm_worker import unpack, write_result
+from mlpool._serialization import (
+    FUNCTION_CACHE_SIZE,
+    PROTOCOL,
+    describe_exception,
+    format_traceback,
+    pack_exception,
+)
+from mlpool._shm_worker import SCALAR_TYPES, unpack, write_result
 from mlpool._stacks import install as install_stack_dumps
 from mlpool._started import StartedWord
 from mlpool._stream_worker import run_stream
@@ -275,12 +282,15 @@ def serve(
                         begun = time.monotonic()
                         replies = run_message(msg, models, functions, settings)
                         del msg  # lets the arguments' shared memory go
-                        busy = time.monotonic() - begun
-                        if memory.long_job(busy):
-                            _send_replies(sock, replies + memory.check(busy))
+                        if memory.watching:
+                            busy = time.monotonic() - begun
+                            if memory.long_job(busy):
+                                _send_replies(sock, replies + memory.check(busy))
+                            else:
+                                _send_replies(sock, replies)
+                                _send_replies(sock, memory.check(busy))
                         else:
                             _send_replies(sock, replies)
-                            _send_replies(sock, memory.check(busy))
                     case RunStream():
                         started.write(msg.job_id)
                         begun = time.monotonic()
@@ -352,12 +362,16 @@ Stamps = tuple[float, float]  # time.monotonic() when the call began and ended (
 
 
 def _done(
-    job_id: int, seconds: float, result: Any, what: str, settings: WorkerSettings, stamps: Stamps, offer: int = -1
-) -> Reply:
-    """The Done of a result, or the Failed of why it cannot be sent (a
+    job_id: int, seconds: float, result: Any, fn: Callable, settings: WorkerSettings, stamps: Stamps, offer: int = -1,
+    *, batched: bool = False,
+) -> Reply:  # fmt: skip
+    """The Done of ``fn``'s result, or the Failed of why it cannot be sent (a
     ``__reduce__`` that raises anything, a frame too large)."""
     fd = -1
     try:
+        if type(result) in SCALAR_TYPES:  # the common small result: nothing by reference, no buffer
+            return encode_done(job_id, seconds, pickle.dumps(result, PROTOCOL), (), NOWHERE, *stamps), []
+        what = f"{'a' if batched else 'the'} result of {_name(fn)}"
         data, spans, where, fd = write_result(result, what, settings.shm_threshold, settings.shm_limit, offer)
         return encode_done(job_id, seconds, data, spans, where, *stamps), [fd] if fd >= 0 else []
     except BaseException as exc:  # the result's own code ran: whatever it raised is this job's error
@@ -404,7 +418,7 @@ def _run(
             return [_failed(msg.job_id, time.perf_counter() - started, exc, (began, time.monotonic()))]
         stamps = (began, time.monotonic())
         seconds = time.perf_counter() - started
-        return [_done(msg.job_id, seconds, result, f"the result of {_name(fn)}", settings, stamps, msg.offer_fd)]
+        return [_done(msg.job_id, seconds, result, fn, settings, stamps, msg.offer_fd)]
     finally:
         if msg.offer_fd >= 0:
             os.close(msg.offer_fd)
@@ -451,7 +465,7 @@ def _run_batch(
     stamps = (began, time.monotonic())
     seconds = time.perf_counter() - started
     return [
-        _done(job_id, seconds, result, f"a result of {_name(fn)}", settings, stamps)
+        _done(job_id, seconds, result, fn, settings, stamps, batched=True)
         for job_id, result in zip(msg.job_ids, results, strict=True)
     ]
 

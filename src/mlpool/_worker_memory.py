@@ -43,6 +43,11 @@ class MemoryWatch:
         self._cost = 0.0  # seconds the last reading took
         self._last = float("-inf")  # monotonic time of the last reading
 
+    @property
+    def watching(self) -> bool:
+        """Whether readings are taken at all (a limit set, and not passed yet)."""
+        return self._read is not None
+
     def long_job(self, job_seconds: float) -> bool:
         """Whether a job this long is worth a reading before its result goes."""
         return self._read is not None and job_seconds >= self.COST_RATIO * self._cost
