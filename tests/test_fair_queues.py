@@ -33,7 +33,7 @@ def worker(group: str = "") -> SimpleNamespace:
 
 def place(scheduler: Scheduler, workers: list) -> list[tuple[SimpleNamespace, list[Job]]]:
     placed = []
-    for chosen, jobs, _ in scheduler.plan(workers, None, 0.0, lambda: False, lambda: False):
+    for chosen, jobs, _ in scheduler.plan(workers, None, 0.0, lambda: False, lambda here: False):
         for taken in jobs:
             taken.state = JobState.RUNNING
             chosen.inflight.append(taken)

@@ -27,7 +27,7 @@ def worker(borrower=None) -> SimpleNamespace:
 def run_plan(scheduler: Scheduler, workers: list, *, now: float = 0.0, busy: bool = False) -> list:
     """Place what can be placed, doing what the engine does with each assignment."""
     placed = []
-    for chosen, jobs, estimate in scheduler.plan(workers, None, now, lambda: busy, lambda: False):
+    for chosen, jobs, estimate in scheduler.plan(workers, None, now, lambda: busy, lambda here: False):
         for taken in jobs:
             taken.state = JobState.RUNNING
             chosen.inflight.append(taken)

@@ -22,6 +22,7 @@ manager only when they move a deadline earlier or ask for shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -214,8 +215,8 @@ class Dispatcher:
     def _others_busy(self) -> bool:
         return any(w.inflight for w in self._supervisor.workers.values())
 
-    def _reclaim_stopped(self) -> bool:
-        return self._loans.reclaim_stopped(self._supervisor.workers.values(), running_loop())
+    def _reclaim_stopped(self, here: asyncio.AbstractEventLoop | None) -> bool:
+        return self._loans.reclaim_stopped(self._supervisor.workers.values(), here)
 
     def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]:
         """One Run (or RunBatch) frame for ``jobs``, all of one function, and

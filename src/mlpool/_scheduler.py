@@ -230,11 +230,11 @@ class Scheduler:
         here: asyncio.AbstractEventLoop | None,
         now: float,
         others_busy: Callable[[], bool],
-        unstick: Callable[[], bool],
+        unstick: Callable[[asyncio.AbstractEventLoop | None], bool],
     ) -> Iterator[tuple[W, list[Job], float]]:
         """Assignments ``(worker, jobs, estimate)`` in turn order, group by
         group, while a worker of the group can take its next entry; the jobs
-        left the queue (QUEUED still: the engine starts them). ``unstick()``
+        left the queue (QUEUED still: the engine starts them). ``unstick(here)``
         is asked when nothing fits (it may free a worker, e.g. a stopped
         loop's pipe); ``workers`` may shrink between assignments. Held
         batches keep their place."""
@@ -260,7 +260,7 @@ class Scheduler:
                         estimate = self._estimates.get(entry.fn_id)
                         worker = pick_worker(workers, name, entry.loop, estimate, entry.payload.size)
                         if worker is None:
-                            if unstick():
+                            if unstick(here):
                                 continue
                             break
                     else:
@@ -273,7 +273,7 @@ class Scheduler:
                             continue
                         worker = pick_worker(workers, name, head.loop, None, 0)
                         if worker is None:
-                            if unstick():
+                            if unstick(here):
                                 continue
                             break
                         if busy is None:
