@@ -22,10 +22,10 @@ manager only when they move a deadline earlier or ask for shutdown.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
+from functools import partial
 from typing import Any
 
 from mlpool._config import PoolConfig
@@ -47,7 +47,7 @@ from mlpool._protocol import (
     encode_run_batch,
 )
 from mlpool._registry import Registry
-from mlpool._scheduler import Scheduler
+from mlpool._scheduler import MAX_INFLIGHT, Scheduler
 from mlpool._serialization import FUNCTION_CACHE_SIZE
 from mlpool._shm import RegionPool
 from mlpool._state import PoolState
@@ -86,6 +86,8 @@ class Dispatcher:
         self._model_group = supervisor.model_group
         # Each group's max_jobs_per_worker.
         self._limits = {name: group.max_jobs_per_worker for name, group in supervisor.groups.items()}
+        # When no worker can take a job: reclaim the pipes of loops that stopped (a live view of the workers).
+        self._unstick = partial(loans.reclaim_stopped, supervisor.workers.values())
 
     def watch_deadline(self, job: Job) -> None:
         """Expire ``job`` at its deadline, if it has one."""
@@ -103,14 +105,16 @@ class Dispatcher:
             w
             for w in self._supervisor.workers.values()
             if w.state is WorkerState.IDLE
+            and len(w.inflight) < MAX_INFLIGHT
             and ((limit := limits[w.group]) is None or w.jobs_done + len(w.inflight) < limit)
         ]
-        if not workers:
-            return
         here = running_loop()
+        if not workers:  # all busy (the common case under load): nothing to plan
+            self._unstick(here)  # but a full worker lent to a stopped loop is read by the manager from now on
+            return
         frames: dict[WorkerHandle, list[Frame]] = {}
         running = self._supervisor.state is PoolState.RUNNING
-        plan = scheduler.plan(workers, here, time.monotonic(), self._others_busy, self._reclaim_stopped)
+        plan = scheduler.plan(workers, here, time.monotonic(), self._others_busy, self._unstick)
         for worker, taken, estimate in plan:
             if len(taken) == 1:
                 jobs = taken if self._start(taken[0]) else []
@@ -215,9 +219,6 @@ class Dispatcher:
     def _others_busy(self) -> bool:
         return any(w.inflight for w in self._supervisor.workers.values())
 
-    def _reclaim_stopped(self, here: asyncio.AbstractEventLoop | None) -> bool:
-        return self._loans.reclaim_stopped(self._supervisor.workers.values(), here)
-
     def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]:
         """One Run (or RunBatch) frame for ``jobs``, all of one function, and
         the descriptors of their shared memory to send with it."""
@@ -226,7 +227,10 @@ class Dispatcher:
         fn = b"" if first.fn_id in known else first.fn_pickle
         # Copied into shared memory at its first dispatch (under the lock: a
         # memcpy, about 0.3 ms for 8 MB); a retry sends the same region.
-        fds = [job.payload.place(self._regions) for job in jobs if job.payload.buffers]
+        if len(jobs) == 1:
+            fds = [first.payload.place(self._regions)] if first.payload.buffers else []
+        else:
+            fds = [job.payload.place(self._regions) for job in jobs if job.payload.buffers]
         if first.stream is not None:
             frame = run_frame(first, fn)
             if first.trace is not None:

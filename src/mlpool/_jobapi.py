@@ -189,10 +189,11 @@ class JobAPI:
         """
         loop = asyncio.get_running_loop()
         job = self._new_job(score_model_function, model_name, args, kwargs, timeout, max_retries, priority, loop=loop)
-        try:
-            await self._admit_async(job, wait=block_until_scheduled, register=True)
-        except CancelledError:
-            raise never_queued(job) from None
+        if not self._admit_now(job, wait=block_until_scheduled, register=True):
+            try:
+                await self._admit_async(job, wait=block_until_scheduled, register=True)
+            except CancelledError:
+                raise never_queued(job) from None
         return job_key(job)
 
     def get_result(self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None) -> Any:
@@ -310,10 +311,11 @@ class JobAPI:
         """
         loop = asyncio.get_running_loop()
         job = self._new_job(fn, model_name, args, kwargs, None, None, None, loop=loop)
-        try:
-            await self._admit_async(job, wait=True)
-        except CancelledError as exc:  # its session closed while it waited for room
-            raise asyncio.CancelledError(*exc.args) from None
+        if not self._admit_now(job, wait=True):
+            try:
+                await self._admit_async(job, wait=True)
+            except CancelledError as exc:  # its session closed while it waited for room
+                raise asyncio.CancelledError(*exc.args) from None
         afut = job.afut
         assert afut is not None  # a job made with a loop
         try:
@@ -421,12 +423,27 @@ class JobAPI:
                 f"job {job.id} was cancelled (its session closed) while it waited for room in the queue"
             )
 
+    def _admit_now(self, job: Job, *, wait: bool, register: bool = False) -> bool:
+        """Admit ``job`` if the queue has room now and no session tracks it
+        (the common case, without the steps of :meth:`_admission`); False:
+        admit it with :meth:`_admit` or :meth:`_admit_async`. Raises what
+        they raise without waiting (PoolFullError without ``wait``...)."""
+        if self._group is not None:
+            return False
+        room = self._engine.enqueue(job, wait=wait, register=register)
+        if room is None:
+            return True
+        room.cancel()  # the slow path asks again, and waits
+        return False
+
     def _admit(
         self, job: Job, *, wait: bool, register: bool = False, blocking: tuple[str, str] | None = None
     ) -> None:
         """Admit ``job``, waiting for room in this thread. ``blocking``: the
         caller's method and its async twin, named in the warning if this waits
         on the thread of a running event loop."""
+        if self._admit_now(job, wait=wait, register=register):
+            return
         handle = concurrent_future(job)
         steps = self._admission(job, wait=wait, register=register)
         try:
@@ -439,6 +456,7 @@ class JobAPI:
             steps.close()
 
     async def _admit_async(self, job: Job, *, wait: bool, register: bool = False) -> None:
+        """:meth:`_admit` for a coroutine (hot paths try :meth:`_admit_now` first)."""
         handle: Future | asyncio.Future = job.afut if job.afut is not None else concurrent_future(job)
         steps = self._admission(job, wait=wait, register=register)
         try:

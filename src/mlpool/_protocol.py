@@ -366,12 +366,12 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
     if kind == _DONE_KIND:
         job_id, seconds, began, ended, count, where = _DONE.unpack_from(body)
         start = _DONE.size + count * _SPAN.size
-        spans = _read_spans(body, _DONE.size, count)
+        spans = _read_spans(body, _DONE.size, count) if count else ()
         fd = _take_fd(fds) if where == NEW_FILE else -1
         return Done(job_id, seconds, body[start:], spans, where, fd, began, ended)
     if kind == _RUN_KIND:
         job_id, fn_id, name_len, fn_len, count, offer = _RUN.unpack_from(body)
-        spans = _read_spans(body, _RUN.size, count)
+        spans = _read_spans(body, _RUN.size, count) if count else ()
         start = _RUN.size + count * _SPAN.size
         model = body[start : start + name_len].decode("utf-8", _TEXT)
         start += name_len
