@@ -30,7 +30,7 @@ from typing import Any
 
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError
-from mlpool._jobs import Job, JobState, running_loop
+from mlpool._jobs import PIPELINE_BUDGET, Job, JobState, running_loop
 from mlpool._loans import Loans, ProtocolBroken
 from mlpool._outcomes import Outcomes, WakeClock
 from mlpool._protocol import (
@@ -105,7 +105,8 @@ class Dispatcher:
             w
             for w in self._supervisor.workers.values()
             if w.state is WorkerState.IDLE
-            and len(w.inflight) < MAX_INFLIGHT
+            # What pick_worker needs of a worker that holds jobs (else nothing is planned for it):
+            and (not w.inflight or (len(w.inflight) < MAX_INFLIGHT and w.backlog < PIPELINE_BUDGET))
             and ((limit := limits[w.group]) is None or w.jobs_done + len(w.inflight) < limit)
         ]
         here = running_loop()

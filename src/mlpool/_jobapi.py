@@ -238,14 +238,15 @@ class JobAPI:
         """:meth:`get_result` for coroutines. Cancelling the awaiting task does
         not cancel the job (use :meth:`cancel_job`); a wait that ends (result,
         timeout or cancellation) leaves nothing behind on the job."""
-        check_wait(timeout)
+        if timeout is not None:
+            check_wait(timeout)
         job = self._lookup(job_id)
         if isinstance(job, Settled):
             return self._take_settled(job_id, job)
-        if done_handle(job) is None:
+        afut = job.afut
+        if (afut is None or not afut.done()) and done_handle(job) is None:
             if not wait_if_unavailable:
                 raise ResultNotReadyError(f"job {job_id} has not finished yet")
-            afut = job.afut
             if afut is not None and job.loop is running_loop():  # made here: no Future, no thread hop
                 done = await wait_here_async(job, timeout)
             else:

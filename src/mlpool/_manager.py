@@ -224,7 +224,8 @@ class Manager:
             self._deliver()
 
     def lookup(self, key: str) -> Job | Settled | None:
-        self._check_process()
+        if this_process.pid != self._pid:
+            raise forked_error(self._pid)
         with self._lock:
             return self._registry.lookup(key)
 
