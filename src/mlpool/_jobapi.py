@@ -194,7 +194,7 @@ class JobAPI:
                 await self._admit_async(job, wait=block_until_scheduled, register=True)
             except CancelledError:
                 raise never_queued(job) from None
-        return job_key(job)
+        return job.key if job.key is not None else job_key(job)
 
     def get_result(self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None) -> Any:
         """Return the job's result and forget the job.
@@ -503,7 +503,8 @@ class JobAPI:
 
     def _take(self, job_id: str, job: Job) -> Any:
         """The result of a finished job (or its error), forgetting the job."""
-        handle = done_handle(job)
+        afut = job.afut
+        handle = afut if afut is not None and afut.done() else done_handle(job)
         assert handle is not None  # callers waited until it is done
         forgotten = self._engine.forget(job_id, job)
         try:

@@ -224,10 +224,11 @@ class Manager:
             self._deliver()
 
     def lookup(self, key: str) -> Job | Settled | None:
+        """The job of id ``key``, its outcome, or None. Without the lock: one
+        dict read is atomic, and what it finds may change right after either way."""
         if this_process.pid != self._pid:
             raise forked_error(self._pid)
-        with self._lock:
-            return self._registry.lookup(key)
+        return self._registry.lookup(key)
 
     def share(self, job: Job) -> Future:
         """A concurrent Future of ``job``'s outcome, for a caller in another
