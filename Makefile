@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test bench bench-overhead bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
+.PHONY: demo quickstart test bench bench-overhead bench-instructions bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench: $(BENCH_STAMP)
 ## Per-job overhead against the raw pipe and ProcessPoolExecutor.
 bench-overhead: $(DEV_STAMP)
 	$(BIN)/python bench/overhead.py
+
+## The hot path against another commit (OLD=<rev>, default 7ddd685): instructions per job
+## under callgrind (deterministic; needs valgrind), then 5 interleaved timed rounds.
+OLD ?= 7ddd685
+bench-instructions: $(DEV_STAMP)
+	$(BIN)/python bench/instructions.py $(OLD) --timed 5
 
 ## Batched against unbatched scoring of a scikit-learn RandomForest.
 bench-batching: $(DEV_STAMP)

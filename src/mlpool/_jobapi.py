@@ -32,7 +32,8 @@ from concurrent.futures import CancelledError, Future
 from functools import partial
 from typing import Any, Protocol
 
-from mlpool._errors import ResultNotReadyError, UnknownJobError
+from mlpool._errors import ResultNotReadyError
+from mlpool._fetching import JobIds, handle_elsewhere, lookup, take, take_settled
 from mlpool._jobs import Job, running_loop
 from mlpool._options import JobOptions, check_priority
 from mlpool._registry import Settled
@@ -54,7 +55,7 @@ from mlpool._waiting import (
 )  # fmt: skip
 
 
-class Engine(StreamEngine, Protocol):
+class Engine(StreamEngine, JobIds, Protocol):
     """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
 
     def make_job(
@@ -76,14 +77,6 @@ class Engine(StreamEngine, Protocol):
     def run_lent(self, job: Job) -> bool: ...
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool: ...
-
-    def lookup(self, key: str) -> Job | Settled | None: ...
-
-    def forget(self, key: str, job: Job | Settled) -> bool: ...
-
-    def share(self, job: Job) -> Future: ...
-
-    def reclaim_stopped_loans(self) -> None: ...
 
     config: Any  # stream_buffer, stream_buffer_bytes
 
@@ -213,9 +206,9 @@ class JobAPI:
                 loop that reads the job's result (use :meth:`get_result_async`).
         """
         check_wait(timeout)
-        job = self._lookup(job_id)
+        job = lookup(self._engine, job_id)
         if isinstance(job, Settled):
-            return self._take_settled(job_id, job)
+            return take_settled(self._engine, job_id, job)
         handle = done_handle(job)
         if handle is None:
             if not wait_if_unavailable:
@@ -225,12 +218,12 @@ class JobAPI:
                     f"get_result({job_id!r}) would block the event loop that reads this job's result; "
                     "in a coroutine, use await get_result_async(...)"
                 )
-            future = self._handle_elsewhere(job)
+            future = handle_elsewhere(self._engine, job)
             if future is not None:
                 warn_if_loop_blocked("get_result", "get_result_async", stacklevel=3)
             if future is not None and not wait_any([future], timeout):
                 raise still_running(job_id, timeout)
-        return self._take(job_id, job)
+        return take(self._engine, job_id, job)
 
     async def get_result_async(
         self, job_id: str, *, wait_if_unavailable: bool = True, timeout: float | None = None
@@ -240,9 +233,9 @@ class JobAPI:
         timeout or cancellation) leaves nothing behind on the job."""
         if timeout is not None:
             check_wait(timeout)
-        job = self._lookup(job_id)
+        job = lookup(self._engine, job_id)
         if isinstance(job, Settled):
-            return self._take_settled(job_id, job)
+            return take_settled(self._engine, job_id, job)
         afut = job.afut
         if (afut is None or not afut.done()) and done_handle(job) is None:
             if not wait_if_unavailable:
@@ -250,11 +243,11 @@ class JobAPI:
             if afut is not None and job.loop is running_loop():  # made here: no Future, no thread hop
                 done = await wait_here_async(job, timeout)
             else:
-                future = self._handle_elsewhere(job)
+                future = handle_elsewhere(self._engine, job)
                 done = future is None or await wait_done_async(future, timeout)
             if not done:
                 raise still_running(job_id, timeout)
-        return self._take(job_id, job)
+        return take(self._engine, job_id, job)
 
     def cancel_job(self, job_id: str, *, interrupt: bool = False) -> bool:
         """Cancel a job; True if it was queued or running, False if already finished.
@@ -265,7 +258,7 @@ class JobAPI:
         :meth:`get_result` raises :class:`UnknownJobError`); a finished job
         keeps its result. Raises :class:`UnknownJobError` for an unknown id.
         """
-        job = self._lookup(job_id)
+        job = lookup(self._engine, job_id)
         if isinstance(job, Settled):
             return False
         cancelled = self._engine.cancel(job, interrupt=interrupt)
@@ -466,55 +459,3 @@ class JobAPI:
                     raise no_room(job)
         finally:
             steps.close()
-
-    def _lookup(self, job_id: str) -> Job | Settled:
-        if not isinstance(job_id, str):
-            raise TypeError(f"job_id must be a str, not {type(job_id).__name__}")
-        job = self._engine.lookup(job_id)
-        if job is None:
-            raise UnknownJobError(f"unknown job {job_id!r}: never created, already fetched, cancelled or expired")
-        return job
-
-    def _handle_elsewhere(self, job: Job) -> Future | None:
-        """The concurrent Future a thread (or another loop) waits on for
-        ``job``; None if its outcome can be read already."""
-        afut = job.afut
-        if afut is None:
-            return concurrent_future(job)
-        self._read_elsewhere(job)
-        future = self._engine.share(job)
-        # Checked after sharing: an outcome settled before has reached the asyncio handle.
-        return None if afut.done() else future
-
-    def _read_elsewhere(self, job: Job) -> None:
-        """Before waiting, from another thread or loop, on a job made in a
-        coroutine: if its loop stopped (``asyncio.run`` returned), the manager
-        takes the worker's pipe back, or nobody would read the result. (A loop
-        that stops later, while we wait, is seen at the engine's next dispatch.)"""
-        loop = job.loop
-        if loop is not None and not loop.is_running():
-            self._engine.reclaim_stopped_loans()
-
-    def _take_settled(self, job_id: str, settled: Settled) -> Any:
-        """The outcome the registry kept for a finished job, forgetting it."""
-        if not self._engine.forget(job_id, settled):
-            raise UnknownJobError(f"job {job_id!r} was already fetched")
-        return settled.result()
-
-    def _take(self, job_id: str, job: Job) -> Any:
-        """The result of a finished job (or its error), forgetting the job."""
-        afut = job.afut
-        handle = afut if afut is not None and afut.done() else done_handle(job)
-        assert handle is not None  # callers waited until it is done
-        forgotten = self._engine.forget(job_id, job)
-        try:
-            value = handle.result()
-        except (CancelledError, asyncio.CancelledError):
-            raise UnknownJobError(f"job {job_id!r} was cancelled") from None
-        except BaseException:
-            if not forgotten:
-                raise UnknownJobError(f"job {job_id!r} was already fetched") from None
-            raise
-        if not forgotten:
-            raise UnknownJobError(f"job {job_id!r} was already fetched")
-        return value
