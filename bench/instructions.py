@@ -76,7 +76,10 @@ def timed_rounds(sides: dict[str, Path], rounds: int, seconds: float) -> None:
                 capture_output=True, text=True, check=True, timeout=600,
             )  # fmt: skip
             results[label].append(json.loads(out.stdout.splitlines()[-1]))
-        print(f"timed round {r + 1}/{rounds}", flush=True)
+        old, new = (side[-1] for side in results.values())
+        print(f"timed round {r + 1}/{rounds}: sync p50 {old['sync_p50_us']:.0f} / {new['sync_p50_us']:.0f} µs, "
+              f"ratio to ProcessPoolExecutor {old['ratio_to_ppe']:.2f} / {new['ratio_to_ppe']:.2f} (old / new)",
+              flush=True)  # fmt: skip
     med = statistics.median
     keys = list(next(iter(results.values()))[0])
     print(f"\n{'median of ' + str(rounds) + ' rounds':<22} " + " ".join(f"{label:>24}" for label in results)
