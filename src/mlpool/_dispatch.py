@@ -271,7 +271,10 @@ class Dispatcher:
     def _send(self, worker: WorkerHandle, frames: list[Frame]) -> None:
         """Write frames to ``worker``."""
         try:
-            send_frames(worker.sock, [(frame, fds) for frame, fds, _ in frames])
+            if len(frames) == 1:
+                send_frames(worker.sock, [frames[0][:2]])
+            else:
+                send_frames(worker.sock, [(frame, fds) for frame, fds, _ in frames])
         except OSError as exc:
             # A dead worker (its sentinel will tell us how): these jobs never
             # reached it, back to the front of the queue. Any other error may

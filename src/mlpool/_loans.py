@@ -104,7 +104,7 @@ class Loans:
             if worker.borrower is not token:
                 return None
             messages = self._read_locked(worker)
-        return messages, worker.eof or any(fd == worker.sentinel for fd, _ in events)
+        return messages, worker.eof or worker.sentinel in dict(events)
 
     def end(self, worker: WorkerHandle, token: object) -> bool:
         """End ``token``'s loan, if it is still open (under the engine's lock): the manager reads the pipe again."""

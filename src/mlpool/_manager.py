@@ -383,7 +383,9 @@ class Manager:
 
     def _end_loan(self, worker: WorkerHandle, token: object) -> None:
         """Under the lock: the manager reads ``worker``'s pipe again; what waits may go to it."""
-        if self._loans.end(worker, token) and self.state is not PoolState.RUNNING:
+        if self._loans.end(worker, token) and (
+            self._supervisor.state is not PoolState.RUNNING or self._loop.shutdown_asked is not None
+        ):
             self._clock.soon()  # shutdown may wait for this worker
         if self._scheduler.queued:
             self._dispatcher.dispatch()
