@@ -12,7 +12,7 @@ import time
 
 import cloudpickle
 import pytest
-from helpers.workloads import load_constant
+from helpers.workloads import load_constant, load_raises
 from test_template_processes import load_with_thread_pool
 
 from mlpool._protocol import LoadFailed, Ready
@@ -111,6 +111,20 @@ def test_a_template_that_exits_ends_its_channel_with_an_event():
     assert template.gone and template.pending_since() is None
     wait_readable(template.sentinel)
     assert template.reap() == -signal.SIGKILL
+
+
+@pytest.mark.timeout(60)
+def test_a_load_failure_read_after_the_template_exited_is_not_lost():
+    """The template exits without reading what the parent sent it (the
+    SpawnSentinel): the kernel then reports ECONNRESET on the parent's end
+    before the packets queued there. The LoadFailed must still be read."""
+    for _ in range(3):
+        template = start(load_raises)
+        wait_readable(template.sentinel)  # it sent LoadFailed and exited; nothing was read yet
+        events = template.receive()
+        assert [type(event) for event in events] == [LoadFailed, TemplateClosed], events
+        assert template.load_failure is not None and "weights file is corrupt" in template.load_failure.error
+        template.reap()
 
 
 @pytest.mark.parametrize("fork_with_threads", [False, True])

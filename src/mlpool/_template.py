@@ -185,11 +185,21 @@ class Template:
 
     def _read_events(self) -> list[TemplateEvent]:
         events: list[TemplateEvent] = []
+        reset = False
         while not self.gone:
             try:
                 msg, fds = recv_packet(self.sock, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
+            except ConnectionResetError:
+                # The template exited with packets of ours unread (the SpawnSentinel,
+                # while it was loading): the kernel says so once, before the packets
+                # it sent last (a LoadFailed), which are read next.
+                if reset:
+                    msg, fds = None, []
+                else:
+                    reset = True
+                    continue
             except OSError as exc:
                 logger.debug("template %d: %s", self.id, exc)
                 msg, fds = None, []
