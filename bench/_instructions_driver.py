@@ -14,18 +14,10 @@ import multiprocessing
 import sys
 import time
 
+from overhead import CONCURRENCY as CALLERS
+from overhead import _ppe_init, load_model, load_test, percentiles, ppe_tiny, tiny
+
 from mlpool import MLPool
-
-CALLERS = 64
-_MODEL = None
-
-
-def load_model() -> dict:
-    return {"bias": 1}
-
-
-def tiny(model: dict, x: int) -> int:
-    return x + model["bias"]
 
 
 async def by_score_async(pool: MLPool, jobs: int) -> None:
@@ -45,40 +37,6 @@ async def by_job_ids(pool: MLPool, jobs: int) -> None:
     await asyncio.gather(*(caller(i) for i in range(CALLERS)))
 
 
-def _ppe_init() -> None:
-    global _MODEL
-    _MODEL = load_model()
-
-
-def ppe_tiny(x: int) -> int:
-    return tiny(_MODEL, x)  # type: ignore[arg-type]
-
-
-async def rate(call, seconds: float) -> tuple[float, float]:
-    """Jobs/s of CALLERS coroutines calling ``call(i)`` for ``seconds``, and the
-    p99 of how late a 1 ms sleep of the same loop wakes meanwhile (seconds)."""
-    stop = time.perf_counter() + seconds
-    done = 0
-    lags: list[float] = []
-
-    async def caller(i: int) -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            await call(i)
-            done += 1
-
-    async def ticker() -> None:
-        while time.perf_counter() < stop:
-            start = time.perf_counter()
-            await asyncio.sleep(0.001)
-            lags.append(time.perf_counter() - start - 0.001)
-
-    began = time.perf_counter()
-    await asyncio.gather(ticker(), *(caller(i) for i in range(CALLERS)))
-    lags.sort()
-    return done / (time.perf_counter() - began), lags[int(len(lags) * 0.99)]
-
-
 def timed(seconds: float) -> dict:
     """One round: sync score p50, then score_async and ProcessPoolExecutor throughput."""
     context = multiprocessing.get_context("spawn")
@@ -96,12 +54,13 @@ def timed(seconds: float) -> dict:
 
         async def both() -> tuple:
             loop = asyncio.get_running_loop()
-            await rate(lambda i: pool.score_async("m", tiny, i), 0.5)  # warm-up
-            ours = await rate(lambda i: pool.score_async("m", tiny, i), seconds)
-            theirs = await rate(lambda i: loop.run_in_executor(ppe, ppe_tiny, i), seconds)
+            await load_test(lambda i: pool.score_async("m", tiny, i), 0.5)  # warm-up
+            ours = await load_test(lambda i: pool.score_async("m", tiny, i), seconds)
+            theirs = await load_test(lambda i: loop.run_in_executor(ppe, ppe_tiny, i), seconds)
             return ours, theirs
 
-        (ours, lag), (theirs, _) = asyncio.run(both())
+        (ours, _, lags), (theirs, _, _) = asyncio.run(both())
+        lag = percentiles(lags)[1]
     return {"sync_p50_us": samples[len(samples) // 2] * 1e6, "async_jobs_s": ours, "ppe_jobs_s": theirs,
             "ratio_to_ppe": ours / theirs, "loop_lag_p99_ms": lag * 1e3}  # fmt: skip
 
