@@ -173,3 +173,24 @@ def test_a_stream_gets_one_span_from_its_start_to_its_end(pool, tracer, spans):
     assert job.attributes["mlpool.outcome"] == "completed"
     assert job.attributes["mlpool.worker.pid"] in pool.worker_stacks()
     assert [e.name for e in job.events] == ["mlpool.dispatched", "mlpool.returned"]
+
+
+def test_a_runtime_context_replaced_after_import_still_finds_the_callers_span(pool, tracer, spans):
+    """The check "is a span current?" reads the API's context variable directly
+    only while the API's runtime context is the one it was at import."""
+    from opentelemetry import context as otel_context
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+    class Replacement(ContextVarsRuntimeContext):  # what OTEL_PYTHON_CONTEXT would load
+        pass
+
+    original = otel_context._RUNTIME_CONTEXT
+    otel_context._RUNTIME_CONTEXT = Replacement()
+    try:
+        with tracer.start_as_current_span("request") as request:
+            assert pool.score("m", workloads.add, 1) == 11
+        assert pool.score("m", workloads.add, 2) == 12  # no span current: no job span
+    finally:
+        otel_context._RUNTIME_CONTEXT = original
+    (job,) = _by_name(spans)["add"]
+    assert job.parent.span_id == request.get_span_context().span_id

@@ -53,17 +53,18 @@ except ImportError:  # the extra is not installed: begin() is a constant
 
 
 def _span_lookup() -> Any:
-    """``(context variable, span key)`` where the API keeps the current span
-    in a context variable (its default runtime context), else None. With
-    them, "is a span current?" costs two C calls instead of six Python
-    calls per job; any other runtime context takes the public path."""
+    """``(runtime context, its context variable, span key)`` where the API
+    keeps the current span in a context variable (its default runtime
+    context), else None. With them, "is a span current?" costs two C calls
+    instead of six Python calls per job, for as long as that runtime context
+    is the API's (one replaced later takes the public path)."""
     try:
         from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
         from opentelemetry.trace.propagation import _SPAN_KEY
 
         runtime = otel_context._RUNTIME_CONTEXT
         if type(runtime) is ContextVarsRuntimeContext:
-            return runtime._current_context, _SPAN_KEY
+            return runtime, runtime._current_context, _SPAN_KEY
     except (ImportError, AttributeError):  # another version of the API
         pass
     return None
@@ -104,8 +105,10 @@ def begin(retries: int) -> JobTrace | None:
     ``is None``). ``retries``: the job's max_retries."""
     if otel_trace is None:
         return None
-    if _lookup is not None and _lookup[0].get().get(_lookup[1]) is None:
-        return None  # no span current: the common case
+    if _lookup is not None:
+        runtime, current, key = _lookup
+        if otel_context._RUNTIME_CONTEXT is runtime and current.get().get(key) is None:
+            return None  # no span current: the common case
     if not otel_trace.get_current_span().is_recording():
         return None
     return JobTrace(otel_context.get_current(), retries)
