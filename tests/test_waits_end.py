@@ -4,6 +4,7 @@ call back in, forked processes, cancelled jobs that held a place."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -157,6 +158,51 @@ def test_a_forked_child_gets_a_clear_error_and_the_parent_pool_is_unaffected():
         for i in range(3):
             assert pool.score("m", add, i) == 10 + i
             assert pool.submit("m", add, i).result(timeout=30) == 10 + i
+
+
+def c_fork() -> int:
+    """fork(2) called from C, as uWSGI forks its workers: no os.register_at_fork hook runs."""
+    return ctypes.CDLL(None).fork()
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_in_c_gets_the_same_clear_error():
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        assert pool.score("m", add, 1) == 11
+        pid = c_fork()
+        if pid == 0:  # the child: never return into pytest
+            code = 3
+            try:
+                pool.score("m", add, 1)
+                code = 1
+            except PoolClosedError as exc:
+                code = 0 if "forked" in str(exc) else 2
+            except BaseException:
+                code = 4
+            finally:
+                os._exit(code)
+        assert psutil.Process(pid).wait(timeout=30) == 0
+        for i in range(3):  # nothing of the child's crossed into the parent's pool
+            assert pool.submit("m", add, i).result(timeout=30) == 10 + i
+
+
+@pytest.mark.timeout(90)
+def test_a_pool_made_in_a_child_forked_in_c_serves_and_shuts_down():
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:  # the parent has used a pool
+        assert pool.score("m", add, 1) == 11
+    pid = c_fork()
+    if pid == 0:
+        code = 3
+        try:
+            with MLPool({"m": load_constant}, nb_workers=1) as child_pool:
+                code = 0 if child_pool.score("m", add, 2) == 12 else 1
+            if psutil.Process().children():
+                code = 5  # its workers outlived the shutdown
+        except BaseException:
+            code = 4
+        finally:
+            os._exit(code)
+    assert psutil.Process(pid).wait(timeout=60) == 0
 
 
 @pytest.mark.timeout(60)

@@ -44,7 +44,7 @@ from mlpool._engine_lock import EngineLock
 from mlpool._errors import PoolBrokenError, PoolFullError
 from mlpool._fates import Fates, last_alive
 from mlpool._groups import build_groups
-from mlpool._jobmaker import JobMaker, forked_error, this_process
+from mlpool._jobmaker import JobMaker, forked_error
 from mlpool._jobs import Job, JobState, running_loop, running_unit, shared_future
 from mlpool._loans import Loans
 from mlpool._manager_thread import ManagerThread
@@ -129,14 +129,14 @@ class Manager:
     def _check_process(self) -> None:
         """Refuse use from a process forked from the pool's own: the workers,
         their pipes and the manager thread belong to the parent."""
-        if this_process.pid != self._pid:
+        if os.getpid() != self._pid:
             raise forked_error(self._pid)
 
     def before_blocking(self) -> None:
         """The calling thread is about to block: take back the worker pipes its
         own event loop reads, which that loop cannot read while it waits."""
         loop = running_loop()
-        if loop is None or this_process.pid != self._pid:
+        if loop is None or os.getpid() != self._pid:
             return
         try:
             with self._lock:
@@ -226,7 +226,7 @@ class Manager:
     def lookup(self, key: str) -> Job | Settled | None:
         """The job of id ``key``, its outcome, or None. Without the lock: one
         dict read is atomic, and what it finds may change right after either way."""
-        if this_process.pid != self._pid:
+        if os.getpid() != self._pid:
             raise forked_error(self._pid)
         return self._registry.lookup(key)
 
@@ -277,7 +277,7 @@ class Manager:
         the manager thread applies the request (new jobs are refused at once
         all the same). In a process forked from the pool's own it does
         nothing: the workers belong to the parent."""
-        if this_process.pid != self._pid:
+        if os.getpid() != self._pid:
             return
         self._loop.ask_shutdown(cancel_pending, timeout)
         if not self._lock.acquire(timeout=SHUTDOWN_LOCK_PATIENCE):
