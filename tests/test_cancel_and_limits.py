@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 
 import pytest
@@ -181,3 +182,24 @@ def test_pool_wide_job_timeout():
             pool.score("m", workloads.spin, 600.0)
         # The replacement may take longer than 0.2 s to start: this job gets its own deadline.
         assert pool.get_result(pool.create_job(add, "m", args=(1,), timeout=60), timeout=60) == 11
+
+
+@pytest.mark.timeout(60)
+def test_a_cancelled_queued_future_is_done_for_wait_and_as_completed(pool, fifo):
+    """As with an executor: concurrent.futures.wait() and as_completed() see a
+    future cancelled before it ran as done (they wait for its notification)."""
+    gate = fifo()
+    blocker = pool.submit("m", wait_for_release, str(gate))
+    gate.wait_running()
+    queued = [pool.submit("m", add, i) for i in range(20)]
+    by_session = pool.session()
+    in_session = by_session.submit("m", add, 100)
+    assert all(future.cancel() for future in queued[::2])
+    by_session.close()  # its queued job is cancelled by the session
+    cancelled = [*queued[::2], in_session]
+    done, not_done = concurrent.futures.wait(cancelled, timeout=10)
+    assert not not_done and done == set(cancelled)
+    assert set(concurrent.futures.as_completed(cancelled, timeout=10)) == set(cancelled)
+    gate.release_opened()
+    assert [f.result(timeout=30) for f in queued[1::2]] == [10 + i for i in range(1, 20, 2)]
+    assert blocker.result(timeout=30) is not None

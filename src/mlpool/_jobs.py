@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED as _CANCELLED
 from functools import partial
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -300,7 +301,9 @@ def _settle_async(items: list[Outcome]) -> None:
 def _settle_future(future: Future, outcome: Outcome) -> None:
     try:
         if outcome.cancelled:
-            if not Future.cancel(future):  # already running: tell waiters all the same
+            if Future.cancel(future):
+                _notify_cancelled(future)
+            else:  # already running: tell waiters all the same
                 future.set_exception(CancelledError())
         elif outcome.ok:
             future.set_result(outcome.value)
@@ -308,6 +311,16 @@ def _settle_future(future: Future, outcome: Outcome) -> None:
             future.set_exception(outcome.value)
     except InvalidStateError:  # the caller cancelled it meanwhile, or it was settled already
         pass
+
+
+def _notify_cancelled(future: Future) -> None:
+    """Move a cancelled Future on to CANCELLED_AND_NOTIFIED, as an executor
+    does with a work item it skips: only then do ``concurrent.futures.wait``
+    and ``as_completed`` count it as done. (Already so if the dispatcher
+    skipped it: ``mark_running``.)"""
+    with future._condition:
+        if future._state == _CANCELLED:
+            future.set_running_or_notify_cancel()
 
 
 class CallbackRunner:
