@@ -79,6 +79,42 @@ def test_stopped_loop_with_a_job_in_flight_does_not_hang_other_callers(fifo):
         assert pool.score("m", add, 3) == 13
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["asyncio.run returns", "the loop stops"])
+def test_a_loop_that_stops_holding_a_busy_workers_pipe_hangs_no_one(fifo, how):
+    """Callers who were already waiting when the loop stopped (a thread's job
+    queued behind the loop's, a job id fetched from a thread): nothing they
+    do later can take the pipe back, so the manager does."""
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        gate = fifo()
+        ids: list[str] = []
+        made, loop_may_stop = threading.Event(), threading.Event()
+
+        async def leave_jobs_running() -> None:
+            ids.append(await pool.create_job_async(wait_for_release, "m", args=(str(gate),)))
+            ids.append(await pool.create_job_async(add, "m", args=(2,)))
+            made.set()
+            await asyncio.get_running_loop().run_in_executor(None, loop_may_stop.wait)
+
+        loop = asyncio.new_event_loop()
+        run = asyncio.run if how == "asyncio.run returns" else loop.run_until_complete
+        runner = threading.Thread(target=run, args=(leave_jobs_running(),))
+        runner.start()
+        assert made.wait(30)
+        gate.wait_running()  # the loop reads the worker's pipe, busy with its job
+        queued = pool.submit("m", add, 1)  # behind it, while the loop runs
+        fetched = concurrent.futures.ThreadPoolExecutor(1)
+        second = fetched.submit(pool.get_result, ids[1], timeout=30)
+        loop_may_stop.set()
+        runner.join(30)
+        gate.release_opened()  # its answer waits in a pipe only the stopped loop would read
+        assert queued.result(timeout=30) == 11
+        assert second.result(timeout=30) == 12
+        assert pool.get_result(ids[0], timeout=30) > 0
+        fetched.shutdown()
+        loop.close()
+
+
 def test_idle_loan_is_taken_back_by_a_thread():
     with MLPool({"m": load_constant}, nb_workers=1) as pool:
         loop = asyncio.new_event_loop()

@@ -31,7 +31,7 @@ from typing import Any
 from mlpool._config import PoolConfig
 from mlpool._errors import MLPoolError
 from mlpool._jobs import PIPELINE_BUDGET, Job, JobState, running_loop
-from mlpool._loans import Loans, ProtocolBroken
+from mlpool._loans import LOAN_CHECK, Loans, ProtocolBroken
 from mlpool._outcomes import Outcomes, WakeClock
 from mlpool._protocol import (
     NOWHERE,
@@ -137,6 +137,7 @@ class Dispatcher:
                 self._loans.take_back(worker, here)  # an idle loan to another reader
             if worker.borrower is None and loop is not None and loop is here and not worker.inflight and running:
                 self._loans.lend_to_loop(worker, here)
+                self._clock.note(time.monotonic() + LOAN_CHECK)  # the manager checks that this loop runs
             for job in jobs:
                 job.state = JobState.RUNNING
                 job.worker = worker

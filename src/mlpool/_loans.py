@@ -40,6 +40,10 @@ from typing import Any
 
 from mlpool._workers import WorkerHandle, WorkerState
 
+# Seconds between the manager's checks that the event loops reading busy
+# workers' pipes still run (a loop that stops sends no event; see _manager_thread).
+LOAN_CHECK = 0.25
+
 
 @dataclass(frozen=True, slots=True)
 class ProtocolBroken:

@@ -9,6 +9,11 @@
            deadline: read their pipes, take their workers' stacks (outside the
            lock), fail them, kill their workers
 
+An event loop that stops while it reads a busy worker's pipe (``asyncio.run``
+returning, ``loop.stop()``) sends no event: while a loop holds such a pipe,
+the wait ends every ``LOAN_CHECK`` seconds at the latest, and a stopped
+loop's pipes are taken back, so callers waiting behind it are served.
+
 It owns the shutdown request (``ask_shutdown`` takes no lock: a signal
 handler may call it) and applies it under the lock at its next turn. It is
 never interrupted by KeyboardInterrupt (signal handlers run in the main
@@ -30,7 +35,7 @@ from mlpool._engine_lock import EngineLock
 from mlpool._fates import Fates
 from mlpool._groups import WorkerGroup
 from mlpool._jobs import Job, JobState
-from mlpool._loans import Loans
+from mlpool._loans import LOAN_CHECK, Loans
 from mlpool._outcomes import WakeClock
 from mlpool._registry import Registry
 from mlpool._scheduler import Scheduler
@@ -99,8 +104,9 @@ class ManagerThread:
             if supervisor.done():  # broken or closed while starting: nothing left to wait for
                 return True
             timeout = self._clock.plan(
-                self._registry.next_deadline(), supervisor.next_deadline(), self._scheduler.hold_until
-            )
+                self._registry.next_deadline(), supervisor.next_deadline(), self._scheduler.hold_until,
+                self._next_loan_check(),
+            )  # fmt: skip
         arrivals, exits, templates = self._receive(self._loans.select(timeout))
         with self._lock:
             self.apply_shutdown()  # asked from any thread; its wake-up ended the select()
@@ -115,6 +121,7 @@ class ManagerThread:
                 supervisor.on_exit(worker, exitcode)
             self._registry.expire(now)
             supervisor.check(now)
+            self._loans.reclaim_stopped(supervisor.workers.values(), None)
             self._dispatcher.dispatch()
             done = supervisor.done()
             late = self._fates.take_late()
@@ -125,6 +132,13 @@ class ManagerThread:
         if late:
             self._time_out(late)
         return done
+
+    def _next_loan_check(self) -> float | None:
+        """When to check the loops reading busy workers' pipes (under the lock); None: none does."""
+        for worker in self._supervisor.workers.values():
+            if worker.inflight and isinstance(worker.borrower, asyncio.AbstractEventLoop):
+                return time.monotonic() + LOAN_CHECK
+        return None
 
     def take_back(self, worker: WorkerHandle, here: asyncio.AbstractEventLoop | None) -> None:
         """End ``worker``'s loan, if any (under the lock); a shutdown may wait for it."""
