@@ -86,6 +86,7 @@ def test_a_str_subclass_and_containers_take_the_general_path(pool):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["raise", "exit"])
 def test_a_result_that_cannot_be_rebuilt_here_fails_its_job_only(pool, how):
+    before = pool.stats()
     with pytest.raises(SerializationError, match=r"the result of job \d+ \(unpicklable_here\) cannot be unpickled"):
         pool.score("m", unpicklable_here, how)
     with pytest.raises(SerializationError, match="cannot be unpickled"):
@@ -94,6 +95,32 @@ def test_a_result_that_cannot_be_rebuilt_here_fails_its_job_only(pool, how):
     with pytest.raises(SerializationError, match="cannot be unpickled"):
         pool.get_result(job_id, timeout=30)
     assert pool.score("m", add, 1) == 11  # the same worker serves on
+    after = pool.stats()
+    assert after.jobs_failed - before.jobs_failed == 3
+    assert after.jobs_completed - before.jobs_completed == 1
+
+
+def shrink_frames_then_return(model: dict, limit: int, result: object) -> object:
+    """Lower this worker's frame limit (a 4 GiB result costs too much memory to test with)."""
+    from mlpool import _protocol
+
+    _protocol.MAX_FRAME = limit
+    return result
+
+
+@pytest.mark.timeout(60)
+def test_a_result_too_large_for_a_message_is_a_clear_error_and_the_worker_serves_on(worker_mode):
+    with make_pool({"m": load_constant}, nb_workers=1) as small:
+        worker = small.score("m", os_pid)
+        for result in ("x" * (2 << 20), ["y" * (2 << 20)]):  # the scalar short way and the general one
+            with pytest.raises(SerializationError, match="cannot be sent: one message between processes holds"):
+                small.score("m", shrink_frames_then_return, 1 << 20, result)
+        assert small.score("m", os_pid) == worker  # no restart
+        assert small.stats().jobs_failed == 2
+
+
+def os_pid(model: dict) -> int:
+    return os.getpid()
 
 
 class CallbackLog:

@@ -99,9 +99,15 @@ class EngineLock:
                         waiter.set_result(None)
             if taken:
                 keyed = False  # any job of the job-id API?
+                undecodable: list[Job] = []  # results counted as completed whose unpickling failed
                 for index, outcome in enumerate(taken):
-                    taken[index] = outcomes.decode(outcome)
+                    taken[index] = decoded = outcomes.decode(outcome)
                     keyed = keyed or outcome.job.key is not None
+                    if outcome.ok and not decoded.ok:
+                        undecodable.append(outcome.job)
+                if undecodable:
+                    with self.plain:
+                        outcomes.count_failed(undecodable)
                 settle(taken, self.callbacks if on_manager else None)
                 if keyed:
                     self._keep_outcomes(taken)

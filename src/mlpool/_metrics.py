@@ -92,6 +92,13 @@ class ModelRecorders:
             recorder.observe(latency, None)
             self._counts[model][0 if ok else 1] += 1
 
+    def count_failed(self, model: str) -> None:
+        """A job of ``model`` counted as completed failed after all (its result could not be unpickled)."""
+        counts = self._counts.get(model)
+        if counts is not None:
+            counts[0] -= 1
+            counts[1] += 1
+
     def stats(
         self, queued_of: Callable[[str], int], worker_groups: Iterable[str], pool_counts: Mapping[str, int],
         running_of: Mapping[str, int], slots_of: Mapping[str, int],

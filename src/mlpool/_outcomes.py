@@ -103,6 +103,14 @@ class Outcomes:
             if expiry is not None:
                 self._clock.note(expiry)
 
+    def count_failed(self, jobs: list[Job]) -> None:
+        """These jobs, counted as completed, failed after all: their results
+        could not be unpickled here (under the lock)."""
+        self.counts["completed"] -= len(jobs)
+        self.counts["failed"] += len(jobs)
+        for job in jobs:
+            self.per_model.count_failed(job.model)
+
     def cancel(self, job: Job) -> None:
         """``job`` was cancelled: its caller gets CancelledError; its id is forgotten."""
         job.state = JobState.FINISHED

@@ -39,6 +39,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import final
 
+from mlpool._errors import SerializationError
+
 _HEADER = struct.Struct("<IB")
 _RUN = struct.Struct("<QIHIIB")  # job id, function id, name length, function pickle length, spans, offer
 # job id, seconds the call took, the call's start and end (time.monotonic(), for traces: see _tracing),
@@ -235,10 +237,18 @@ FromWorker = Ready | LoadFailed | Done | Failed | OverMemory | Exiting | Item | 
 _PICKLED_KINDS: dict[type, int] = {Credit: _CREDIT_KIND, CloseStream: _CLOSE_STREAM_KIND, StreamEnd: _STREAM_END_KIND}
 
 
+class FrameTooLarge(SerializationError):
+    """A message larger than a frame can carry (``MAX_FRAME`` bytes): a job's
+    arguments or result that pickle to more, outside shared memory."""
+
+
 def _frame(kind: int, *parts: bytes) -> bytes:
     length = sum(map(len, parts))
     if length > MAX_FRAME:
-        raise ValueError(f"message of {length} bytes is larger than the pipe frame limit of {MAX_FRAME} bytes")
+        raise FrameTooLarge(
+            f"a message of {length} bytes cannot be sent: one message between processes holds at most "
+            f"{MAX_FRAME} bytes (large bytes-like buffers and arrays go through shared memory, not the message)"
+        )
     return b"".join((_HEADER.pack(length, kind), *parts))
 
 
