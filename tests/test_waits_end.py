@@ -138,38 +138,17 @@ def test_a_done_callback_that_uses_the_pool_does_not_block_it(fifo):
         assert blocker.result(timeout=30) is not None and behind.result(timeout=30) is not None
 
 
-@pytest.mark.timeout(60)
-def test_a_forked_child_gets_a_clear_error_and_the_parent_pool_is_unaffected():
-    with MLPool({"m": load_constant}, nb_workers=1) as pool:
-        assert pool.score("m", add, 1) == 11
-        pid = os.fork()
-        if pid == 0:  # the child: never return into pytest
-            code = 3
-            try:
-                pool.score("m", add, 1)
-                code = 1
-            except PoolClosedError as exc:
-                code = 0 if "forked" in str(exc) else 2
-            except BaseException:
-                code = 4
-            finally:
-                os._exit(code)
-        assert psutil.Process(pid).wait(timeout=30) == 0
-        for i in range(3):
-            assert pool.score("m", add, i) == 10 + i
-            assert pool.submit("m", add, i).result(timeout=30) == 10 + i
-
-
 def c_fork() -> int:
     """fork(2) called from C, as uWSGI forks its workers: no os.register_at_fork hook runs."""
     return ctypes.CDLL(None).fork()
 
 
 @pytest.mark.timeout(60)
-def test_a_child_forked_in_c_gets_the_same_clear_error():
+@pytest.mark.parametrize("fork", [os.fork, c_fork], ids=["os.fork", "fork in C"])
+def test_a_forked_child_gets_a_clear_error_and_the_parent_pool_is_unaffected(fork):
     with MLPool({"m": load_constant}, nb_workers=1) as pool:
         assert pool.score("m", add, 1) == 11
-        pid = c_fork()
+        pid = fork()
         if pid == 0:  # the child: never return into pytest
             code = 3
             try:
@@ -183,6 +162,7 @@ def test_a_child_forked_in_c_gets_the_same_clear_error():
                 os._exit(code)
         assert psutil.Process(pid).wait(timeout=30) == 0
         for i in range(3):  # nothing of the child's crossed into the parent's pool
+            assert pool.score("m", add, i) == 10 + i
             assert pool.submit("m", add, i).result(timeout=30) == 10 + i
 
 
