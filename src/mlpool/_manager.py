@@ -73,7 +73,6 @@ _DUMPABLE = frozenset({WorkerState.IDLE, WorkerState.RETIRING, WorkerState.STOPP
 SHUTDOWN_LOCK_PATIENCE = 1.0
 
 
-
 class Manager:
     """Owns the lock, the parts of the engine, and the manager thread."""
 
@@ -410,6 +409,8 @@ class Manager:
         return self.state in (PoolState.RUNNING, PoolState.STARTING)
 
     def _check_accepting(self) -> None:
+        """Raise the refusal of the pool's state, if it takes no jobs. Hot paths
+        call it only when the pool is not plainly running (no shutdown asked)."""
         error = refusal(self.state, self._supervisor.broken_reason)
         if error is not None:
             raise error
