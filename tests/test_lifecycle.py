@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import subprocess
 import sys
 import textwrap
@@ -146,6 +147,49 @@ def test_forgotten_pool_is_shut_down_when_collected():
     gc.collect()
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ending", ["return", "raise KeyboardInterrupt"])
+def test_a_script_that_never_shuts_its_pool_down_exits_and_leaves_no_worker(tmp_path, ending):
+    """The pool's exit hook must run before multiprocessing's, which joins
+    (forever) the workers: not daemons. Here nothing imported
+    multiprocessing.util before the pool was made."""
+    script = tmp_path / "forgetful.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from helpers.workloads import add, load_constant
+            from mlpool import MLPool
+
+            def main():
+                assert "multiprocessing.util" not in sys.modules
+                pool = MLPool({{"m": load_constant}}, nb_workers=2)
+                futures = [pool.submit("m", add, i) for i in range(50)]
+                print(pool.score("m", add, 1), flush=True)
+                {ending}
+
+            if __name__ == "__main__":
+                main()
+            """
+        )
+    )
+    owner = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert owner.stdout.readline().strip() == "11"
+        workers = psutil.Process(owner.pid).children()
+        # It exits (an uncaught KeyboardInterrupt ends Python by SIGINT).
+        assert owner.wait(30) == (0 if ending == "return" else -signal.SIGINT)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+    finally:
+        owner.kill()
+        owner.wait(10)
+        owner.stdout.close()
 
 
 def test_workers_exit_when_the_api_process_is_killed(tmp_path):

@@ -58,13 +58,13 @@ STORM = """
             except Exception as exc:
                 others.append(repr(exc))
         stop.set()
-        pelter.join()
         while True:  # the last signals may still come
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 break
             except KeyboardInterrupt:
                 pass
+        pelter.join()
         results = [(i, future.result(timeout=10)) for i, future in futures]
         after = [pool.submit("m", add, i).result(timeout=10) for i in range(4)]
         print(interrupts, len(futures), sum(r != i + 10 for i, r in results), others, after, pool.healthy)
