@@ -163,8 +163,7 @@ class Manager:
             with self._lock:
                 if job.state is not JobState.NEW:  # cancelled while it waited for room
                     return None
-                if self._supervisor.state is not PoolState.RUNNING or self._loop.shutdown_asked is not None:
-                    self._check_accepting()
+                self._check_accepting()
                 down = self._supervisor.down
                 if down and job.model in down:  # its group cannot serve (the others do)
                     raise PoolBrokenError(down[job.model])
@@ -350,8 +349,7 @@ class Manager:
         try:
             try:
                 with self._lock:
-                    if self._supervisor.state is not PoolState.RUNNING or self._loop.shutdown_asked is not None:
-                        self._check_accepting()
+                    self._check_accepting()
                     sent = self._dispatcher.send_lent(job, token, lent)
             finally:
                 self._deliver()
@@ -382,9 +380,7 @@ class Manager:
 
     def _end_loan(self, worker: WorkerHandle, token: object) -> None:
         """Under the lock: the manager reads ``worker``'s pipe again; what waits may go to it."""
-        if self._loans.end(worker, token) and (
-            self._supervisor.state is not PoolState.RUNNING or self._loop.shutdown_asked is not None
-        ):
+        if self._loans.end(worker, token) and not self._plainly_running():
             self._clock.soon()  # shutdown may wait for this worker
         if self._scheduler.queued:
             self._dispatcher.dispatch()
@@ -408,9 +404,14 @@ class Manager:
     def _accepting(self) -> bool:
         return self.state in (PoolState.RUNNING, PoolState.STARTING)
 
+    def _plainly_running(self) -> bool:
+        """RUNNING, and no shutdown asked (the common case, read without the ``state`` property)."""
+        return self._supervisor.state is PoolState.RUNNING and self._loop.shutdown_asked is None
+
     def _check_accepting(self) -> None:
-        """Raise the refusal of the pool's state, if it takes no jobs. Hot paths
-        call it only when the pool is not plainly running (no shutdown asked)."""
+        """Raise the refusal of the pool's state, if it takes no jobs."""
+        if self._plainly_running():
+            return
         error = refusal(self.state, self._supervisor.broken_reason)
         if error is not None:
             raise error
