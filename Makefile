@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test bench bench-overhead bench-instructions bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
+.PHONY: demo quickstart test dist bench bench-overhead bench-instructions bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test: $(DEV_STAMP)
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy src/mlpool
 	$(BIN)/python -m pytest
+
+## The release: the sdist and the wheel in dist/ (python -m build), their metadata checked
+## (twine check). `make test` installs such a wheel in a fresh virtualenv (tests/test_wheel.py).
+dist: $(DEV_STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 $(BENCH_STAMP): pyproject.toml $(DEV_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
@@ -87,4 +94,4 @@ chaos: $(DEV_STAMP)
 	$(BIN)/python bench/chaos.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache examples/models $(PEERS)
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache examples/models $(PEERS)
