@@ -18,6 +18,8 @@ import httpx
 import psutil
 import pytest
 import websockets
+from helpers import held_iris
+from helpers.held_iris import HOLD_FOREVER, HOLD_UNTIL_RELEASED
 from helpers.server import EXAMPLES, UvicornServer
 
 sys.path.insert(0, str(EXAMPLES))
@@ -39,25 +41,39 @@ def demo():
 
 @pytest.fixture(scope="module")
 def slow_demo(tmp_path_factory):
-    """The example app with about 2 s of work per request, a 1 s default job
-    timeout, two workers for the XGBoost models (beside the image's own), and
-    its own copy of the model files (a test deletes them)."""
+    """The example app with a 1 s default job timeout, two workers for the
+    XGBoost models (beside the image's own), its own copy of the model files
+    (a test deletes them), and a test-only iris scorer that holds a request
+    on a named pipe when its first feature says so (``helpers.held_iris``):
+    ``held(HOLD_FOREVER)`` outlasts any timeout, ``held(HOLD_UNTIL_RELEASED)``
+    runs until the test opens ``slow_demo.release()``."""
     models.train_if_missing(with_cnn=True)
     model_dir = tmp_path_factory.mktemp("models")
     for path in (models.IRIS_PATH, models.DIABETES_PATH, models.CNN_PATH):
         shutil.copy(path, model_dir / path.name)
+    gates = tmp_path_factory.mktemp("gates")
+    held_iris.make_gates(gates)
     env = {
         "MLPOOL_DEMO_MODEL_DIR": str(model_dir),
-        "MLPOOL_DEMO_FEATURE_WORK": "20000000",
         "MLPOOL_DEMO_JOB_TIMEOUT": "1",
         "MLPOOL_DEMO_WORKERS": "2",
+        "HELD_IRIS_DIR": str(gates),
     }
-    server = UvicornServer("app.main:app", EXAMPLES, env=env)
+    server = UvicornServer("helpers.held_demo_app:app", EXAMPLES, env=env)
     server.model_dir = model_dir
+    released: list[int] = []
+    server.release = lambda: released.append(held_iris.open_release(gates))
     try:
         yield server
     finally:
+        for fd in released:
+            os.close(fd)
         assert not server.stop()
+
+
+def held(code: float) -> list[float]:
+    """Iris features whose job the held scorer keeps waiting (see ``slow_demo``)."""
+    return [code, *IRIS[1:]]
 
 
 def metric(client: httpx.Client, name: str, **labels: str) -> float:
@@ -308,10 +324,12 @@ def test_deleting_running_jobs_restarts_at_most_one_worker(slow_demo):
     with httpx.Client(base_url=slow_demo.url, timeout=60) as client:
         restarts = metric(client, "mlpool_worker_restarts_total")
         for _ in range(3):  # 6 deletes; the first two jobs run on the two idle (shared) workers
-            ids = [client.post("/jobs", json={"model": "iris", "features": IRIS}).json()["job_id"] for _ in range(2)]
+            ids = [client.post("/jobs", json={"model": "iris", "features": held(HOLD_UNTIL_RELEASED)}).json()["job_id"]
+                   for _ in range(2)]
             for job_id in ids:
                 assert client.delete(f"/jobs/{job_id}").json() == {"cancelled": True}
                 assert client.get(f"/jobs/{job_id}").status_code == 404
+        slow_demo.release()  # the held jobs whose workers were not killed end
         # a job served from start to end: whatever the deletes killed has been replaced by now
         job_id = client.post("/jobs", json={"model": "iris", "features": IRIS}).json()["job_id"]
         assert client.get(f"/jobs/{job_id}", params={"wait": 30}).json()["status"] == "done"
@@ -321,7 +339,8 @@ def test_deleting_running_jobs_restarts_at_most_one_worker(slow_demo):
 def test_a_failing_websocket_job_is_answered_with_an_error(slow_demo):
     async def main_():
         async with websockets.connect(ws_url(slow_demo)) as ws:
-            await ws.send(json.dumps({"id": "slow", "model": "iris", "features": IRIS}))  # 2 s of work, 1 s timeout
+            # the job waits on a pipe nobody writes: it outlasts the app's 1 s job timeout
+            await ws.send(json.dumps({"id": "slow", "model": "iris", "features": held(HOLD_FOREVER)}))
             return json.loads(await asyncio.wait_for(ws.recv(), 30))
 
     answer = asyncio.run(main_())
