@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from app import main
+
 from helpers import held_iris
 
 main.SCORERS["iris"] = held_iris.score_iris
