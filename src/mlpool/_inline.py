@@ -162,30 +162,35 @@ class InlineEngine:
         would make it (pickled both ways), or its end."""
         channel = job.stream
         assert channel is not None
-        outcome: tuple[bool, Any] | None = None
+        outcome = None
         with self._run_lock:
-            if job.state is not JobState.RUNNING:
-                channel.end()  # its handle's callback may not have run yet (a loop's comes later)
-                return
-            try:
-                if channel.source is None:
-                    channel.source = self._start_stream(job)
-                item = next(channel.source, _END)
-                if item is _END:
-                    outcome = (True, None)
-                else:
-                    channel.push(Item(job.id, dumps(item, f"an item of {job.fn_name}")))
-            except BaseException as exc:  # the boundary a worker has
-                _close_source(channel)
-                outcome = (False, _as_caller_error(exc, job))
+            settled_elsewhere = job.state is not JobState.RUNNING
+            if not settled_elsewhere:
+                outcome = self._next_item(job, channel)
+        if settled_elsewhere:  # cancelled: the thread that did it settles it, which ends the channel
+            channel.wait()
+            return
         if outcome is not None:
             with self._lock:
                 finished = job.state is JobState.RUNNING
                 if finished:
                     self._finish(job, *outcome)
-            if finished:
+            if finished:  # settle ends the channel; else the thread that cancelled it does
                 settle([Outcome(job, *outcome)])
-            channel.end()
+
+    def _next_item(self, job: Job, channel: StreamChannel) -> tuple[bool, Any] | None:
+        """Push the stream's next item (under the run lock); its outcome once it ended."""
+        try:
+            if channel.source is None:
+                channel.source = self._start_stream(job)
+            item = next(channel.source, _END)
+            if item is _END:
+                return True, None
+            channel.push(Item(job.id, dumps(item, f"an item of {job.fn_name}")))
+            return None
+        except BaseException as exc:  # the boundary a worker has
+            _close_source(channel)
+            return False, _as_caller_error(exc, job)
 
     def _start_stream(self, job: Job) -> Iterator:
         fn = self._functions.get(job.fn_id)

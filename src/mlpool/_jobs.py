@@ -248,6 +248,8 @@ def settle(outcomes: list[Outcome], callbacks: CallbackRunner | None = None) -> 
     by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
     for outcome in outcomes:
         job = outcome.job
+        if job.stream is not None:  # its end, from here: the loop that made it may have stopped (#24.6)
+            job.stream.end(outcome)
         if job.afut is not None:
             by_loop.setdefault(job.loop, []).append(outcome)  # type: ignore[arg-type]
             continue
@@ -289,8 +291,8 @@ def _settle_async(items: list[Outcome]) -> None:
                     afut.set_exception(outcome.value)
             except RuntimeError:  # a closed loop cannot schedule its callbacks; the outcome is set
                 pass
-            if job.key is not None and not outcome.ok and not outcome.cancelled:
-                afut.exception()  # fetched through the registry: no "exception was never retrieved" log
+            if not outcome.ok and not outcome.cancelled and (job.key is not None or job.stream is not None):
+                afut.exception()  # read through the registry or the stream: no "exception was never retrieved" log
         fetcher = job.fetcher
         if fetcher is not None and not fetcher.done():
             fetcher.set_result(None)

@@ -8,14 +8,16 @@
             │ every half window taken: Credit ─────────────────────────────────────────►│
             │ close / aclose / with / drop / task cancelled / session closed:           │
             │   engine.cancel(job) ─► CloseStream ─────────────────────────────────────►│
-            └ the job's handle settles: StreamEnd (done), Failed (the generator raised),
-              WorkerCrashedError, JobTimeoutError, cancelled ─► after the buffered items
+            └ the job settles (_jobs.settle ─► end): StreamEnd (done), Failed (the generator
+              raised), WorkerCrashedError, JobTimeoutError, cancelled ─► after the buffered items
 
 A stream is an ordinary job whose ``stream`` field holds its channel: it is
 queued, placed, timed out, retried, crashes and is cancelled as any job; its
-outcome (the job's handle) is the stream's end, read after the items the
-channel still holds. The engine's hooks are the few functions below
-(``on_item``, ``run_frame``, ``close_stream``, ``may_retry``).
+outcome is the stream's end, read after the items the channel still holds.
+The engine hands it to the channel itself when it settles the job, never
+through the event loop that made the stream (another may read it). The
+engine's hooks are the few functions below (``on_item``, ``run_frame``,
+``close_stream``, ``may_retry``) and ``StreamChannel.end``.
 
 Backpressure: the worker runs at most ``stream_buffer`` items and
 ``stream_buffer_bytes`` bytes (at least one item) ahead of what the consumer
@@ -34,11 +36,11 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mlpool._batching import batch_policy
-from mlpool._jobs import Job, JobState, running_loop
+from mlpool._jobs import Job, JobState, Outcome, running_loop
 from mlpool._protocol import CloseStream, Credit, Item, encode, encode_run_stream
 from mlpool._transport import send_frames
 
@@ -69,7 +71,7 @@ class StreamChannel:
     whatever thread reads the worker's pipe) and the consumer (``pop``)."""
 
     __slots__ = (
-        "window_items", "window_bytes", "delivered", "pump", "source", "ended",
+        "window_items", "window_bytes", "delivered", "pump", "source", "ended", "outcome",
         "_cond", "_items", "_waiter", "_taken_items", "_taken_bytes",
     )  # fmt: skip
 
@@ -80,7 +82,8 @@ class StreamChannel:
         # Inline mode (nb_workers=0): produce the next item in the consumer's thread.
         self.pump: Callable[[], None] | None = None
         self.source: Any = None  # inline mode: the generator
-        self.ended = False  # the job's handle settled (set by its done-callback)
+        self.ended = False  # the job settled (set by the engine: see end)
+        self.outcome: Outcome | None = None  # how it ended, once ended
         self._cond = threading.Condition(threading.Lock())
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future | None = None  # an async consumer waiting
@@ -97,9 +100,16 @@ class StreamChannel:
         if waiter is not None:
             _wake(waiter)
 
-    def end(self, _: object = None) -> None:
-        """The job's handle settled: the consumer reads what is left, then the end."""
+    def end(self, outcome: Outcome) -> None:
+        """The job settled (``_jobs.settle``, in the thread that settles it, before
+        any event loop hears of it): the consumer reads what is left, then
+        ``outcome``. Not through a callback of the job's handle: an asyncio
+        handle belongs to the loop that made the stream, which may have
+        stopped while another loop reads it (#24.6)."""
         with self._cond:
+            if self.ended:
+                return
+            self.outcome = outcome
             self.ended = True
             waiter, self._waiter = self._waiter, None
             self._cond.notify_all()
@@ -249,8 +259,6 @@ class _StreamBase:
         self._channel = channel
         self._closed = False  # closed by its consumer
         self._over = False  # the end was read (or raised)
-        handle: Any = job.afut if job.afut is not None else job.future
-        handle.add_done_callback(channel.end)
 
     @property
     def closed(self) -> bool:
@@ -276,13 +284,12 @@ class _StreamBase:
         """The stream's end, once every item was read: the exception to raise
         (StopIteration / StopAsyncIteration stand for a normal end)."""
         self._over = True
-        job = self._job
-        handle: Any = job.afut if job.afut is not None else job.future
-        if handle.cancelled() or _cancelled_error(handle):
+        outcome = self._channel.outcome
+        assert outcome is not None  # read once the channel ended
+        if outcome.cancelled:
             return self._cancelled()
-        error = handle.exception()
-        if error is not None:
-            return error
+        if not outcome.ok:
+            return outcome.value
         return self._stop()
 
     def _cancelled(self) -> BaseException:
@@ -331,13 +338,6 @@ class _Abandoned:
         if not self.channel.ended:
             self.engine.cancel(self.job)
         self.channel.discard()
-
-
-def _cancelled_error(handle: Any) -> bool:
-    """A concurrent Future cancelled once it ran holds a CancelledError (see _jobs._settle_future)."""
-    if isinstance(handle, Future) and handle.done() and not handle.cancelled():
-        return isinstance(handle.exception(), CancelledError)
-    return False
 
 
 class Stream(_StreamBase):
