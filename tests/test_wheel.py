@@ -109,7 +109,7 @@ def test_the_sdist_and_the_wheel_hold_what_they_should(dist: dict[str, Path]) ->
 
 # Run by the fresh virtualenv's python, from a directory outside the repository.
 INSTALLED_SCRIPT = textwrap.dedent(
-    '''
+    """
     import asyncio
     import hashlib
     import importlib
@@ -198,7 +198,7 @@ INSTALLED_SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         main()
-    '''
+    """
 )
 
 
