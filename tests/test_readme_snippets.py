@@ -5,7 +5,7 @@ all in one directory, so later snippets import earlier ones as a reader's
 would; each runs as a script. ``print(...)  # 1`` states what it prints: the
 test checks it. A snippet that serves on ``port=8000`` runs on a free
 loopback port instead, and the ``curl`` lines of the shell block after it are
-sent to it, their output checked against the ``# ...`` line that follows.
+sent to it, their output checked against the ``# ...`` lines that follow (one per line of output).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 
 import pytest
@@ -59,9 +60,10 @@ def collect() -> list[Snippet]:
                 snippets.append(last)
             elif language == "sh" and last is not None and last.serves:
                 lines = body.splitlines()
-                for line, after in zip(lines, [*lines[1:], ""], strict=True):
-                    if line.startswith("curl "):
-                        last.curls.append((line, after[1:].strip() if after.startswith("#") else ""))
+                for n, line in enumerate(lines):
+                    if line.startswith("curl "):  # its output: the "# ..." lines after it (a stream: several)
+                        shown = [after[1:].strip() for after in takewhile(lambda s: s.startswith("#"), lines[n + 1 :])]
+                        last.curls.append((line, "\n".join(shown)))
                 last = None
             else:
                 last = None
