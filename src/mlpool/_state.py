@@ -72,7 +72,7 @@ class PoolStats:
     models: dict[str, ModelStats] = field(default_factory=dict)  # the same per model, by name
     # (jobs running + jobs queued) / worker slots: 1.0 means every worker is
     # busy and nothing waits; above 1, jobs wait. The autoscaling signal (see
-    # README "Autoscaling"). 0.0 with nb_workers=0 (no workers).
+    # docs/reference.md "Autoscaling"). 0.0 with nb_workers=0 (no workers).
     saturation: float = 0.0
 
     @property
