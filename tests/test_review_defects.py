@@ -5,13 +5,21 @@ cancelled queued jobs of a session. Each test failed on the code before its fix.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import threading
 
 import pytest
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from helpers import leaving
 from helpers import stream_workloads as sw
+from helpers.markers import Markers
 from helpers.pools import make_pool
 from helpers.workloads import load_constant
 
 from mlpool import MLPool
+from mlpool.fastapi import get_pool, install_error_handlers, pool_lifespan, stream_response
 
 # Bounds a wait that must not hang; the end comes long before it on any machine.
 HANG = 60.0
@@ -70,3 +78,100 @@ def test_an_inline_async_stream_read_on_another_loop_ends():
         make = lambda: inline.stream_async("m", sw.count, 5)  # noqa: E731
         stream, first = _made_on_a_loop_that_stops(make, close=True, started=True)
         assert [first, *asyncio.run(_drain(stream))] == list(range(5))
+
+
+# ------------------------------------- 2. a streaming client that leaves
+
+
+@pytest.fixture
+def markers(tmp_path):
+    m = Markers(tmp_path / "markers")
+    yield m
+    m.close()
+
+
+class _Served:
+    """A FastAPI app with a streaming endpoint, served by uvicorn on loopback in
+    a thread of this process (its log records reach caplog); ``finished`` is
+    set when the ASGI call of a request to ``/s`` returned."""
+
+    def __init__(self) -> None:
+        app = FastAPI(lifespan=pool_lifespan({"m": load_constant}, nb_workers=1))
+        install_error_handlers(app)
+
+        @app.get("/s")
+        async def stream(markers: str, gate: str, request: Request, pool: MLPool = Depends(get_pool)):
+            return await stream_response(pool.stream_async("m", leaving.gated, markers, gate), request)
+
+        @app.get("/ready")
+        async def ready() -> str:
+            return "ready"
+
+        self.finished = threading.Event()
+
+        async def tracked(scope, receive, send) -> None:
+            try:
+                await app(scope, receive, send)
+            finally:
+                if scope["type"] == "http" and scope["path"] == "/s":
+                    self.finished.set()
+
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)  # a client connects at once; uvicorn accepts once its lifespan started
+        self.port = self._sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(tracked, log_level="debug", access_log=False, lifespan="on"))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread.start()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=60) as client:  # served once started
+            client.sendall(b"GET /ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert client.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(60)
+        self._sock.close()
+        assert not self._thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture
+def served():
+    served = _Served()
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+def _leave(served: _Served, markers: Markers, gate, *, first: bool) -> None:
+    """A client asks for a stream and drops the connection once its generator
+    started (blocked before its first item on ``gate``), or once the first item
+    came (``first``: the generator then yields for ever); the test waits
+    until the generator stopped and the server is done with the request."""
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as client:
+        query = f"markers={markers}&gate={'' if first else gate}"
+        client.sendall(f"GET /s?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        markers.until("started")
+        if first:
+            received = b""
+            while b"first" not in received:
+                chunk = client.recv(4096)
+                assert chunk, "the server closed the connection before the first item"
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200")
+    if not first:
+        gate.release()  # the generator runs on to its first yield, where the closed stream stops it
+    markers.until("finally")
+    assert served.finished.wait(30), "the server never finished the request of the client that left"
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["before-the-first-item", "after-it"])
+def test_a_streaming_client_that_leaves_is_a_normal_end_logged_at_debug_at_most(served, markers, fifo, caplog, first):
+    caplog.set_level(logging.DEBUG)
+    for _ in range(3):
+        served.finished.clear()
+        mark = len(caplog.records)
+        _leave(served, markers, fifo(), first=first)
+        # uvicorn's access log (INFO) is the server's, for every request
+        loud = [r for r in caplog.records[mark:] if r.levelno > logging.DEBUG and r.name != "uvicorn.access"]
+        assert not loud, [f"{r.name} {r.levelname}: {r.getMessage()}" for r in loud]

@@ -380,7 +380,7 @@ async def stream_response(
     encode: Callable[[Any], str] = json.dumps,
     expose_details: bool = False,
     headers: Mapping[str, str] | None = None,
-) -> StreamingResponse:
+) -> Response:
     """A ``StreamingResponse`` sending each item of ``pool.stream_async(...)``
     as it comes: server-sent events (``format="sse"``: ``data: <json>``) or
     NDJSON (one JSON document per line); ``encode`` turns an item into text.
@@ -393,9 +393,12 @@ async def stream_response(
     generator in the worker at its next ``yield``, when the response ends for
     any reason: the last item sent, a send failing, Starlette cancelling the
     response, or (with ``request``) the client disconnecting while the
-    response waits for the next item. An error after the first item cannot
-    change the status: it ends the stream with one last frame,
-    :func:`error_body` as JSON (an ``event: error`` in SSE), and is logged.
+    response waits for the next item. A client that leaves is a normal end,
+    logged at DEBUG at most; one that left before the first item gets an empty
+    499 (nginx's "client closed request", as :class:`ClientDisconnected`),
+    which nobody reads. An error after the first item cannot change the
+    status: it ends the stream with one last frame, :func:`error_body` as
+    JSON (an ``event: error`` in SSE), and is logged.
     """
     if format not in _STREAM_FORMATS:
         items.close()
@@ -409,18 +412,33 @@ async def stream_response(
         async for item in items:
             first.append(item)
             break
-    except BaseException:
+    except BaseException as exc:
         items.close()
+        if isinstance(exc, Exception) and _client_left(watcher):  # it closed the stream under us
+            return Response(status_code=499)
         if watcher is not None:
             watcher.cancel()
         raise
+    if not first and _client_left(watcher):  # not a stream without items: the client left
+        return Response(status_code=499)
 
     async def body() -> AsyncIterator[str]:
         try:
             for item in first:
                 yield frame(encode(item))
             first.clear()
-            async for item in items:
+            while True:
+                # A turn for the server between buffered items, which need no
+                # wait: it sees a lost connection before the next write, and
+                # the disconnect reaches the watcher, which closes the stream.
+                await asyncio.sleep(0)  # sleep-ok: a turn for the loop, not a wait
+                if items.closed:  # by the watcher: the client left, a normal end
+                    logger.debug("the client of the stream on %s left", request.url.path if request else "?")
+                    return
+                try:
+                    item = await items.__anext__()
+                except StopAsyncIteration:
+                    return
                 yield frame(encode(item))
         except Exception as exc:  # the status is sent: the last frame says it failed
             logger.warning("stream on %s ended by %s: %s", "?" if request is None else request.url.path,
@@ -432,6 +450,11 @@ async def stream_response(
                 watcher.cancel()
 
     return StreamingResponse(body(), media_type=media_type, headers={**extra, **(headers or {})})
+
+
+def _client_left(watcher: asyncio.Future | None) -> bool:
+    """Whether the disconnect watcher of a stream saw its client leave (and closed the stream)."""
+    return watcher is not None and watcher.done() and not watcher.cancelled() and watcher.exception() is None
 
 
 async def _close_on_disconnect(request: Request, items: AsyncStream) -> None:
