@@ -179,3 +179,83 @@ def test_threshold_none_keeps_everything_in_the_pipe():
     with MLPool({"m": load_constant}, nb_workers=1, shared_memory_threshold=None) as pool:
         total, _, _, writeable, _ = pool.score("m", array_summary, np.ones(500_000, dtype=np.uint8))
         assert total == 500_000 and writeable  # unpickled from the pipe: the worker's own writable copy
+
+
+def memfd_files() -> set[int]:
+    """The inodes of the shared-memory files this process holds open."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "memfd:mlpool" in os.readlink(f"/proc/self/fd/{fd}"):
+                inodes.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        except OSError:
+            pass
+    return inodes
+
+
+def test_a_64_mb_argument_reuses_one_region_from_job_to_job():
+    """Every job sends its 64 MB array through the same shared-memory file:
+    none is made, mapped and filled anew per job (each cost about 20 ms)."""
+    array = np.ones(64 * 2**20, dtype=np.uint8)
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        before = memfd_files()
+        assert pool.score("m", array_summary, array)[0] == array.nbytes
+        files = memfd_files() - before
+        assert len(files) == 1  # the job's region, idle now, kept
+        for _ in range(4):
+            assert pool.score("m", array_summary, array)[0] == array.nbytes
+            assert memfd_files() - before == files
+
+
+def test_shared_memory_cache_zero_keeps_no_idle_region():
+    with MLPool({"m": load_constant}, nb_workers=1, shared_memory_cache=0) as pool:
+        before = memfd_files()
+        for _ in range(3):
+            assert pool.score("m", array_summary, np.ones(8 * 2**20, dtype=np.uint8))[0] == 8 * 2**20
+            assert memfd_files() == before
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), ("1GB", TypeError), (1.5, TypeError), (True, TypeError)])
+def test_a_bad_shared_memory_cache_is_refused_naming_it(value, error):
+    with pytest.raises(error, match="shared_memory_cache"):
+        MLPool({"m": load_constant}, nb_workers=1, shared_memory_cache=value)
+
+
+def test_a_job_gets_its_arguments_as_they_were_when_it_was_made(fifo):
+    """The array is copied into shared memory when the job is made: the
+    caller changing it while the job waits in the queue changes nothing."""
+    with MLPool({"m": load_constant}, nb_workers=1) as pool:
+        gate = fifo()
+        blocker = pool.submit("m", workloads.wait_for_release, str(gate))
+        gate.wait_running()
+        array = np.ones(8 * 2**20, dtype=np.uint8)
+        queued = pool.submit("m", array_summary, array)
+        array[:] = 3
+        gate.release_opened()
+        blocker.result(timeout=30)
+        assert queued.result(timeout=30)[0] == array.nbytes  # ones, not threes
+
+
+def test_jobs_refused_or_cancelled_before_they_ran_give_their_region_back(fifo):
+    """A job made and then refused (full queue) or cancelled in the queue
+    holds its region no longer: the same few files serve every attempt."""
+    from mlpool import PoolFullError
+
+    with MLPool({"m": load_constant}, nb_workers=1, max_queue_size=1) as pool:
+        gate = fifo()
+        blocker = pool.submit("m", workloads.wait_for_release, str(gate))
+        gate.wait_running()
+        array = np.ones(8 * 2**20, dtype=np.uint8)
+        before = memfd_files()
+        queued = pool.submit("m", array_summary, array)
+        for _ in range(20):
+            with pytest.raises(PoolFullError):
+                pool.create_job(array_summary, "m", args=(array,), block_until_scheduled=False)
+        assert len(memfd_files() - before) <= 2  # the queued job's region, and one the refusals share
+        assert queued.cancel()
+        for _ in range(20):
+            pool.submit("m", array_summary, array).cancel()
+        assert len(memfd_files() - before) <= 2
+        gate.release_opened()
+        blocker.result(timeout=30)
+        assert pool.score("m", array_summary, array)[0] == array.nbytes

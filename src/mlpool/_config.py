@@ -124,6 +124,7 @@ class PoolConfig:
     worker_nice: int
     shared_memory_threshold: int | None
     shared_memory_limit: int | None
+    shared_memory_cache: int = 256 * 2**20  # idle shared memory kept for reuse, bytes
     backend: str = "local"
     ray_address: str | None = None
     ray_options: tuple[tuple[str, object], ...] = ()  # extra actor options, as items
@@ -157,6 +158,7 @@ class PoolConfig:
         worker_nice: int = 0,
         shared_memory_threshold: int | None = 65536,
         shared_memory_limit: int | None = None,
+        shared_memory_cache: int = 256 * 2**20,
         backend: str = "local",
         ray_address: str | None = None,
         ray_options: dict | None = None,
@@ -220,6 +222,7 @@ class PoolConfig:
             _check_int("shared_memory_threshold", shared_memory_threshold, minimum=1)
         if shared_memory_limit is not None:
             _check_int("shared_memory_limit", shared_memory_limit, minimum=0)
+        _check_int("shared_memory_cache", shared_memory_cache, minimum=0)
         _check_int("stream_buffer", stream_buffer, minimum=1)
         _check_int("stream_buffer_bytes", stream_buffer_bytes, minimum=1)
         if backend not in BACKENDS:
@@ -261,6 +264,7 @@ class PoolConfig:
             worker_nice=worker_nice,
             shared_memory_threshold=shared_memory_threshold,
             shared_memory_limit=shared_memory_limit,
+            shared_memory_cache=shared_memory_cache,
             backend=backend,
             ray_address=ray_address,
             ray_options=tuple((ray_options or {}).items()),

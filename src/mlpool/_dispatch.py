@@ -201,7 +201,7 @@ class Dispatcher:
         if job.stream is None:  # a stream's length says nothing of the next one's: none pipelines behind it
             self._scheduler.observe(job.fn_id, msg.seconds, shared)
         # The worker is done with its arguments; the offer is read in Outcomes.decode.
-        if job.payload.buffers or job.result_offer is not None:
+        if job.payload.shared or job.result_offer is not None:
             self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
         if not worker.inflight and worker.registered:
             self._loans.watch_now(worker)
@@ -227,12 +227,12 @@ class Dispatcher:
         first = jobs[0]
         known = worker.known_functions
         fn = b"" if first.fn_id in known else first.fn_pickle
-        # Copied into shared memory at its first dispatch (under the lock: a
-        # memcpy, about 0.3 ms for 8 MB); a retry sends the same region.
+        # The buffers went into shared memory when the job was made (see
+        # Payload); a retry sends the same region.
         if len(jobs) == 1:
-            fds = [first.payload.place(self._regions)] if first.payload.buffers else []
+            fds = [first.payload.place(self._regions)] if first.payload.shared else []
         else:
-            fds = [job.payload.place(self._regions) for job in jobs if job.payload.buffers]
+            fds = [job.payload.place(self._regions) for job in jobs if job.payload.shared]
         if first.stream is not None:
             frame = run_frame(first, fn)
             if first.trace is not None:

@@ -99,6 +99,9 @@ class InlineEngine:
 
     # ---------------------------------------------------------------- jobs
 
+    def discard(self, job: Job) -> None:
+        """Nothing to give back: an inline job's arguments are in private memory."""
+
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> None:
         """Run ``job`` now, in this thread; the queue is never full here."""
         with self._lock:

@@ -74,6 +74,8 @@ class Engine(StreamEngine, JobIds, Protocol):
 
     def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None: ...
 
+    def discard(self, job: Job) -> None: ...
+
     def run_lent(self, job: Job) -> bool: ...
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool: ...
@@ -410,6 +412,7 @@ class JobAPI:
         except BaseException:
             if group is not None:
                 group.leave(job)
+            self._engine.discard(job)
             raise
         # Only a session cancels a job before it has an id: no group, no race.
         if group is not None and not group.admit(job):

@@ -21,7 +21,7 @@ from mlpool._config import PoolConfig
 from mlpool._errors import PoolClosedError, UnknownModelError
 from mlpool._jobs import Job, JobOwner
 from mlpool._serialization import FunctionTable
-from mlpool._shm import pickle_call
+from mlpool._shm import RegionPool, pickle_call
 from mlpool._tracing import begin as begin_trace
 
 
@@ -38,11 +38,19 @@ class JobMaker:
     """Validates a job's options and pickles it; thread-safe."""
 
     def __init__(
-        self, config: PoolConfig, models: Iterable[str], owner: JobOwner | None = None, pid: int = 0
+        self,
+        config: PoolConfig,
+        models: Iterable[str],
+        owner: JobOwner | None = None,
+        pid: int = 0,
+        regions: RegionPool | None = None,
     ) -> None:
         """``owner``: the engine a job's future tells when it is cancelled (see
         JobFuture). ``pid``: jobs are refused (PoolClosedError) in any other
-        process (0: in none), such as one forked from the pool's own."""
+        process (0: in none), such as one forked from the pool's own.
+        ``regions``: where large arguments are copied when a job is made
+        (None: into private memory, for the inline engine)."""
+        self._regions = regions
         self.config = config
         self._owner = owner
         self._pid = pid
@@ -102,7 +110,9 @@ class JobMaker:
                 f"arguments), got {len(args)} positional and {len(kwargs)} keyword arguments"
             )
         fn_id, fn_pickle = self._functions.lookup(fn)
-        payload = pickle_call(args, kwargs, name, config.shared_memory_threshold, config.shared_memory_limit)
+        payload = pickle_call(
+            args, kwargs, name, config.shared_memory_threshold, config.shared_memory_limit, self._regions
+        )
         deadline = None if timeout is None else time.monotonic() + timeout
         job = Job(
             next(self._ids), model, fn_id, fn_pickle, payload, name,

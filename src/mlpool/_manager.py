@@ -82,7 +82,8 @@ class Manager:
             check_model_name(name)
         self.models = frozenset(loaders)
         self._pid = os.getpid()  # the process this pool belongs to (see _check_process)
-        self._jobs_maker = JobMaker(config, loaders, owner=self, pid=self._pid)
+        self._regions = RegionPool(config.shared_memory_cache)  # shared memory kept for reuse
+        self._jobs_maker = JobMaker(config, loaders, owner=self, pid=self._pid, regions=self._regions)
         # A new job (see JobMaker.make), refused in a process forked from the pool's own.
         self.make_job = self._jobs_maker.make
         # The parts, each the owner of its state (under the lock).
@@ -91,7 +92,6 @@ class Manager:
         model_group = {model: group.name for group in groups for model in group.models}
         self._scheduler = Scheduler(model_group)
         self._registry: Registry[Job] = Registry(config.result_ttl)
-        self._regions = RegionPool()  # shared memory kept for reuse
         self._outcomes = Outcomes(self._registry, self._regions, self._clock, model_group)
         self._bounds = ModelBounds(  # each model's own max_queue_size (#16)
             config.model_settings, self._scheduler.queued_of, config.max_queue_size, self._accepting
@@ -161,33 +161,49 @@ class Manager:
         PoolFullError. ``register`` gives the job a string id (``job.key``)."""
         try:
             with self._lock:
-                if job.state is not JobState.NEW:  # cancelled while it waited for room
+                try:
+                    if job.state is not JobState.NEW:  # cancelled while it waited for room
+                        return None
+                    self._check_accepting()
+                    down = self._supervisor.down
+                    if down and job.model in down:  # its group cannot serve (the others do)
+                        raise PoolBrokenError(down[job.model])
+                    if self._scheduler.queued >= self.config.max_queue_size:
+                        if not wait:
+                            raise PoolFullError(
+                                f"the queue is full ({self._scheduler.queued} jobs waiting, max_queue_size="
+                                f"{self.config.max_queue_size}); retry later or create the job with "
+                                "block_until_scheduled=True"
+                            )
+                        return self._locked.wait_for_space()
+                    if self._bounds.bounded and self._bounds.full(job.model):  # its model's own max_queue_size (#16)
+                        if not wait:
+                            raise self._bounds.refuse(job.model)
+                        return self._bounds.wait(job.model)
+                    if register:
+                        self._registry.add(job)
+                    self._scheduler.push(job)
+                    if job.deadline is not None:
+                        self._dispatcher.watch_deadline(job)
+                    self._dispatcher.dispatch()
                     return None
-                self._check_accepting()
-                down = self._supervisor.down
-                if down and job.model in down:  # its group cannot serve (the others do)
-                    raise PoolBrokenError(down[job.model])
-                if self._scheduler.queued >= self.config.max_queue_size:
-                    if not wait:
-                        raise PoolFullError(
-                            f"the queue is full ({self._scheduler.queued} jobs waiting, max_queue_size="
-                            f"{self.config.max_queue_size}); retry later or create the job with "
-                            "block_until_scheduled=True"
-                        )
-                    return self._locked.wait_for_space()
-                if self._bounds.bounded and self._bounds.full(job.model):  # its model's own max_queue_size (#16)
-                    if not wait:
-                        raise self._bounds.refuse(job.model)
-                    return self._bounds.wait(job.model)
-                if register:
-                    self._registry.add(job)
-                self._scheduler.push(job)
-                if job.deadline is not None:
-                    self._dispatcher.watch_deadline(job)
-                self._dispatcher.dispatch()
-                return None
+                except BaseException:  # refused: its shared memory goes back now, not when collected
+                    self._discard(job)
+                    raise
         finally:
             self._deliver()
+
+    def discard(self, job: Job) -> None:
+        """``job`` will never be admitted (refused, or its caller stopped
+        waiting for room): its shared memory goes back to the pool now, not
+        when the garbage collector finds it (a job and its future refer to
+        each other)."""
+        with self._lock:
+            self._discard(job)
+
+    def _discard(self, job: Job) -> None:
+        if job.state is JobState.NEW:  # else it was admitted, or cancelled (which released it)
+            self._outcomes.release_memory(job)
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
         """Cancel ``job``: True if it will never report an outcome.

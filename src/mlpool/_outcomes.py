@@ -122,7 +122,7 @@ class Outcomes:
 
     def release_memory(self, job: Job, *, keep_offer: bool = False) -> None:
         """Give the job's shared memory back to the pool; no process reads it now."""
-        if job.payload.buffers:
+        if job.payload.shared:
             job.payload.release(self._regions)
         if job.result_offer is not None and not keep_offer:
             self._regions.give(job.result_offer)

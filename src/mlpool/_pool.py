@@ -104,6 +104,11 @@ class MLPool(JobAPI):
         shared_memory_limit: bytes of shared memory one message may use; a
             larger one goes through the pipe, with one log line. None: no limit.
         backend: ``"local"`` (worker processes on this machine) or ``"ray"``:
+        shared_memory_cache: bytes of idle shared memory the API process keeps
+            for reuse (at most 16 regions; 256 MiB by default): a region
+            kept costs no page faults the next time (a new 64 MB one costs
+            about 20 ms to map and fill). What a burst leaves beyond this is
+            given back to the system. 0 keeps none.
             each worker is a Ray actor (``pip install "mlpool[ray]"``), on
             this machine or a cluster, behind the same scheduler and API.
             Each actor asks for ``threads_per_worker`` CPUs.
@@ -152,6 +157,7 @@ class MLPool(JobAPI):
         shared_memory_threshold: int | None = 65536,
         shared_memory_limit: int | None = None,
         backend: str = "local",
+        shared_memory_cache: int = 256 * 2**20,
         ray_address: str | None = None,
         ray_options: dict[str, Any] | None = None,
         worker_env: WorkerEnv | None = None,
@@ -176,6 +182,7 @@ class MLPool(JobAPI):
             shared_memory_threshold=shared_memory_threshold,
             shared_memory_limit=shared_memory_limit,
             backend=backend,
+            shared_memory_cache=shared_memory_cache,
             ray_address=ray_address,
             ray_options=ray_options,
             models_to_load=models_to_load,

@@ -2,8 +2,9 @@
 
 Arguments and results are pickled with protocol 5. Every out-of-band buffer
 of at least ``threshold`` bytes (NumPy arrays, pandas and PyArrow data, and
-large ``bytes``/``bytearray``/``memoryview`` objects) is copied once into an
-anonymous shared-memory file (``memfd_create``, Linux), whose descriptor goes
+large ``bytes``/``bytearray``/``memoryview`` objects) is copied once, when
+the job is made and in the caller's thread, into an anonymous shared-memory
+file (``memfd_create``, Linux), whose descriptor goes
 to the other process with the message (``SCM_RIGHTS`` on the worker's Unix
 socket). The receiver maps it and unpickles with the buffers pointing into
 that mapping. The half a worker runs is ``_shm_worker``.
@@ -15,13 +16,14 @@ Docker), and it needs no resource tracker.
 
 Fresh shared pages are expensive (allocating and zeroing 8 MB of them took
 6 ms on our machine, 25 times the copy), so the parent keeps the files it
-made in a :class:`RegionPool` and reuses them: for a job's arguments (from
-its first dispatch until its worker has answered it or died, so no region
-is rewritten while a worker can read it), and as an offer of room for a
-result (the worker writes its result there if it fits). A result that did
-not fit comes in a file the worker made, which the parent adopts.
+made in a :class:`RegionPool` and reuses them, within a bound on idle
+memory that the user sets: for a job's arguments (from when the job is made
+until its worker has answered it or died, or it was cancelled before it ran:
+no region is rewritten while a worker can read it), and as an offer of room
+for a result (the worker writes its result there if it fits). A result that
+did not fit comes in a file the worker made, which the parent adopts.
 
-What a held result costs (#13.15): a result under ``COPY_BELOW`` bytes is
+What a held result costs: a result under ``COPY_BELOW`` bytes is
 copied out of its region, which goes back to the pool at once: it holds no
 descriptor and costs its own size. A larger one is a view on its region
 (no copy), which goes back to the pool when the result is garbage: one
@@ -59,6 +61,7 @@ from mlpool._shm_worker import (
     layout,
     nbytes,
     pickle_out_of_band,
+    warn_once,
 )
 
 __all__ = ["AVAILABLE", "NEW_FILE", "NOWHERE", "OFFERED", "Payload", "Region", "RegionPool", "pickle_call",
@@ -67,8 +70,8 @@ __all__ = ["AVAILABLE", "NEW_FILE", "NOWHERE", "OFFERED", "Payload", "Region", "
 # Results smaller than this are copied out of shared memory (about 0.2 ms
 # for 4 MiB), so that holding one pins no region and no descriptor.
 COPY_BELOW = 4 << 20
-# What the pool keeps idle (see RegionPool).
-IDLE_BYTES = 64 << 20
+# What the pool keeps idle by default (see RegionPool; MLPool's shared_memory_cache).
+IDLE_BYTES = 256 << 20
 IDLE_REGIONS = 16
 _GRANULE = 1 << 20  # regions grow by whole MiB, so nearby sizes share them
 
@@ -107,6 +110,10 @@ class Region:
             self.view[start : start + size] = buffer.raw()
         return spans
 
+    def views(self, spans: Spans) -> list[memoryview]:
+        """Views on the spans (valid while the region is open)."""
+        return [self.view[offset : offset + length] for offset, length in spans]
+
     def lend(self, spans: Spans, pool: RegionPool) -> list[memoryview]:
         """Writable views on the spans: the region goes back to ``pool`` when
         the last view (and whatever was built on it) is garbage, so a result
@@ -121,10 +128,12 @@ class RegionPool:
     """The parent's idle regions, kept for reuse. Thread-safe.
 
     At most ``keep`` bytes and ``max_regions`` regions stay idle (by default
-    64 MiB and 16). Reuse matters in the steady state, where each busy worker
-    holds about two regions (its job's arguments and the room offered for its
-    result) and gives them back within a job: only a few are idle at any time.
-    What a burst leaves beyond that would cost the API process memory and
+    256 MiB and 16; MLPool's ``shared_memory_cache``), the largest first.
+    Reuse matters in the steady state, where each job holds about two regions
+    (its arguments, from when it is made until its worker answered, and the
+    room offered for its result) and gives them back within a job: only a few
+    are idle at any time, but for 64 MB arrays those few are large. What a
+    burst leaves beyond the bound would cost the API process memory and
     descriptors for nothing until the next burst.
     """
 
@@ -200,10 +209,19 @@ class RegionPool:
 
 
 class Payload:
-    """A pickle and its large buffers (parent side), placed in a region when
-    first sent. The region is the job's until :meth:`release`."""
+    """A pickle and its large buffers (parent side).
 
-    __slots__ = ("data", "buffers", "region", "spans", "nbytes", "size")
+    Made with a :class:`RegionPool` (the process engine), the buffers are
+    copied once, when the job is made, straight into a region: the job's
+    arguments are what they were then, whatever the caller does to its
+    arrays while the job waits, and dispatch sends the region's descriptor
+    with no copy. Made without one (the inline engine), they are copied into
+    private memory. The region is the job's until :meth:`release`; a payload
+    dropped without it (a job refused after it was made) gives its region
+    back when it is garbage.
+    """
+
+    __slots__ = ("data", "buffers", "region", "spans", "nbytes", "size", "_return", "__weakref__")
 
     def __init__(self, data: bytes, buffers: list[pickle.PickleBuffer] | None = None) -> None:
         self.data = data
@@ -212,28 +230,51 @@ class Payload:
         self.spans: Spans = ()
         self.nbytes = sum(nbytes(b) for b in self.buffers) if self.buffers else 0
         self.size = len(data) + self.nbytes  # bytes in all: the pickle and its buffers
+        self._return: weakref.finalize | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether it has buffers that cross in shared memory (a region to send and release)."""
+        return self.nbytes > 0
 
     def place(self, pool: RegionPool) -> int:
-        """Copy the buffers into a region (once); the descriptor to send, or -1."""
-        if not self.buffers:
-            return -1
-        if self.region is None:
-            self.region = pool.take(self.nbytes + ALIGN * len(self.buffers))
-            self.spans = self.region.place(self.buffers)
-        return self.region.fd
+        """The descriptor of the region holding the buffers (copied in now if
+        they are not yet), or -1 if there are none."""
+        region = self.region
+        if region is None:
+            if not self.buffers:
+                return -1
+            region = pool.take(self.nbytes + ALIGN * len(self.buffers))
+            try:
+                self.spans = region.place(self.buffers)
+            except BaseException:
+                pool.give(region)
+                raise
+            self.buffers = []
+            self.region = region
+            self._return = weakref.finalize(self, pool.give_later, region)
+            self._return.atexit = False  # at exit (or in a forked child) there is nothing to give back to
+        return region.fd
 
     def loads(self, what: str) -> Any:
         """Unpickle in this process (the inline pool): the buffers as they are."""
+        if self.region is not None:
+            return loads(self.data, what, [view.toreadonly() for view in self.region.views(self.spans)])
         return loads(self.data, what, [b.raw().toreadonly() for b in self.buffers])
 
     def release(self, pool: RegionPool) -> None:
+        """Give the region back to ``pool``: no process reads it any more."""
         self.buffers = []
+        self.nbytes = 0
         if self.region is not None:
+            self._return.detach()  # type: ignore[union-attr]
             pool.give(self.region)
             self.region = None
 
 
-def pickle_call(args: tuple, kwargs: dict, fn_name: str, threshold: int | None, limit: int | None) -> Payload:
+def pickle_call(
+    args: tuple, kwargs: dict, fn_name: str, threshold: int | None, limit: int | None, pool: RegionPool | None = None
+) -> Payload:
     """The arguments of a call of ``fn_name`` as a :class:`Payload` (see :func:`pickle_payload`).
     Scalars only, the common small job, take the short way: they hold no
     buffer and name nothing by reference, so one plain pickle does."""
@@ -246,16 +287,29 @@ def pickle_call(args: tuple, kwargs: dict, fn_name: str, threshold: int | None, 
                 break
         else:
             return Payload(pickle.dumps((args, kwargs), PROTOCOL))
-    return pickle_payload((args, kwargs), f"the arguments of {fn_name}", threshold, limit)
+    return pickle_payload((args, kwargs), f"the arguments of {fn_name}", threshold, limit, pool)
 
 
-def pickle_payload(obj: Any, what: str, threshold: int | None, limit: int | None) -> Payload:
-    """Pickle ``obj`` keeping its buffers of ``threshold`` bytes or more aside
-    (parent side: placed in shared memory at dispatch). The buffers are copied
-    now: the job's arguments are what they were when it was made, whatever the
-    caller does to its arrays while the job waits (as pickling them would)."""
+def pickle_payload(
+    obj: Any, what: str, threshold: int | None, limit: int | None, pool: RegionPool | None = None
+) -> Payload:
+    """Pickle ``obj`` keeping its buffers of ``threshold`` bytes or more aside,
+    copied now (see :class:`Payload`): into a region of ``pool`` if given,
+    else into private memory. Shared memory that cannot be had (out of
+    memory or descriptors) sends everything through the pipe, with one log
+    line saying so."""
     data, buffers = pickle_out_of_band(obj, what, threshold, limit)
-    return Payload(data, [pickle.PickleBuffer(bytearray(buffer.raw())) for buffer in buffers] if buffers else None)
+    if not buffers:
+        return Payload(data)
+    if pool is None:
+        return Payload(data, [pickle.PickleBuffer(bytearray(buffer.raw())) for buffer in buffers])
+    payload = Payload(data, buffers)
+    try:
+        payload.place(pool)
+    except OSError as exc:
+        warn_once("memfd", "mlpool: shared memory unavailable (%s); large buffers go through the pipe", exc)
+        return Payload(pickle_out_of_band(obj, what, None, None)[0])
+    return payload
 
 
 def read_result(

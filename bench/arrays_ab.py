@@ -1,0 +1,81 @@
+"""Large arrays through a worker, two revisions side by side (interleaved).
+
+    python bench/arrays_ab.py OLD_REV [NEW_REV] [--rounds 5] [--repeats 15]
+
+Each round runs ``_arrays_driver.py`` once per revision (old, new, old,
+new...; a fresh process each time, the revision imported from a temporary
+git worktree's ``src``; NEW_REV defaults to the working tree). A driver
+times REPEATS round trips of each case through one worker and keeps the
+median:
+
+- ``in``: an array of 8 MB or 64 MB goes to the worker, which sums it;
+- ``out``: the worker returns an array of that size (made once);
+- the in-process floor: a copy of the array plus the same sum (``in``), a
+  copy alone (``out``).
+
+Printed: the median over the rounds of each side's medians, and the median
+of the per-round new/old ratios. Timings on a shared machine move between
+rounds; the interleaving puts both sides under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from instructions import ROOT, checkout
+
+DRIVER = Path(__file__).resolve().parent / "_arrays_driver.py"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", help="the revision to compare against")
+    parser.add_argument("new", nargs="?", default=None, help="the revision measured (default: the working tree)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="round trips per case in each round (median)")
+    opts = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="mlpool-arrays-ab-"))
+    trees: list[Path] = []
+    try:
+        sides: dict[str, Path] = {}
+        for name, rev in (("old", opts.old), ("new", opts.new)):
+            if rev is None:
+                sides["new (working tree)"] = ROOT / "src"
+            else:
+                tree = scratch / name
+                sides[f"{name} ({rev})"] = checkout(rev, tree)
+                trees.append(tree)
+        results: dict[str, list[dict[str, float]]] = {label: [] for label in sides}
+        for r in range(opts.rounds):
+            for label, src in sides.items():
+                out = subprocess.run(
+                    [sys.executable, str(DRIVER), str(opts.repeats)], env=dict(os.environ, PYTHONPATH=str(src)),
+                    capture_output=True, text=True, check=True, timeout=600,
+                )  # fmt: skip
+                results[label].append(json.loads(out.stdout.splitlines()[-1]))
+            print(f"round {r + 1}/{opts.rounds} done", flush=True)
+        med = statistics.median
+        old, new = results.values()
+        labels = list(results)
+        print(f"\n| median of {opts.rounds} rounds (ms) | " + " | ".join(labels) + " | new / old |")
+        print("|---|" + "---:|" * (len(labels) + 1))
+        for key in old[0]:
+            figures = [med(r[key] for r in side) * 1e3 for side in results.values()]
+            ratio = med(n[key] / o[key] for o, n in zip(old, new, strict=True))
+            print(f"| {key} | " + " | ".join(f"{f:.2f}" for f in figures) + f" | {ratio:.2f} |")
+    finally:
+        for tree in trees:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
