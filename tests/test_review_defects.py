@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -21,6 +25,8 @@ from helpers.workloads import load_constant
 from mlpool import MLPool
 from mlpool.fastapi import get_pool, install_error_handlers, pool_lifespan, stream_response
 
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
 # Bounds a wait that must not hang; the end comes long before it on any machine.
 HANG = 60.0
 
@@ -175,3 +181,57 @@ def test_a_streaming_client_that_leaves_is_a_normal_end_logged_at_debug_at_most(
         # uvicorn's access log (INFO) is the server's, for every request
         loud = [r for r in caplog.records[mark:] if r.levelno > logging.DEBUG and r.name != "uvicorn.access"]
         assert not loud, [f"{r.name} {r.levelname}: {r.getMessage()}" for r in loud]
+
+
+# --------------------------- 3. a process forked after the pool started
+
+_FORKING_SCRIPT = """
+import ctypes, os, sys
+import numpy as np
+from mlpool import MLPool
+from helpers.workloads import add, echo_plus_one, load_constant, pid
+
+SHARE, SHUTDOWN, HOW = sys.argv[1] == "share", sys.argv[2] == "shutdown", sys.argv[3]
+
+
+def main() -> None:
+    pool = MLPool({"m": load_constant}, 2, share_models=SHARE)
+    workers = {pool.score("m", pid) for _ in range(8)}
+    big = np.arange(2**20)  # crosses in shared memory, both ways
+    assert (pool.score("m", echo_plus_one, big) == big + 1).all()
+    # "c": forked in C (an extension, ctypes), which runs no at-fork hook
+    child = ctypes.CDLL(None).fork() if HOW == "c" else os.fork()
+    if child == 0:  # the child of a server or helper that forks: it exits normally
+        if HOW != "return":
+            pool.shutdown(timeout=3600)  # the parent's pool: nothing to stop, nothing to wait for
+            sys.exit(0)
+        return  # off the end of the script
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    assert pool.score("m", add, 2, 3) == 15  # the pool serves on, its workers untouched
+    assert (pool.score("m", echo_plus_one, big) == big + 1).all()
+    for worker in workers:
+        os.kill(worker, 0)
+    print("parent done", flush=True)
+    if SHUTDOWN:
+        pool.shutdown()
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "return", "c"])
+@pytest.mark.parametrize("shutdown", ["shutdown", "never-shut-down"])
+@pytest.mark.parametrize("share", ["spawn", "share"])
+def test_a_child_forked_after_the_pool_started_exits_silently(tmp_path, share, shutdown, how):
+    script = tmp_path / "forks.py"
+    script.write_text(_FORKING_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(SRC), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(script), share, shutdown, how],
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "parent done\n"
+    for symptom in ("Exception ignored", "AssertionError", "process object is closed", "Traceback"):
+        assert symptom not in run.stderr, run.stderr

@@ -303,7 +303,12 @@ class Manager:
             self._deliver()
 
     def join(self, timeout: float | None) -> bool:
-        """Wait for the manager thread to finish; False on timeout."""
+        """Wait for the manager thread to finish; False on timeout. In a
+        process forked from the pool's own, True at once: the thread is the
+        parent's (after a fork made in C, which runs no at-fork hook, it
+        still looks alive here, and the exit hook would wait for it)."""
+        if os.getpid() != self._pid:
+            return True
         if threading.current_thread() is self._thread:
             return False
         if self._thread.is_alive():

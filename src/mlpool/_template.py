@@ -45,6 +45,7 @@ from mlpool._protocol_template import Fork, Forked, ForkFailed, Reaped, SpawnSen
 from mlpool._template_main import template_main
 from mlpool._transport import recv_packet, send_packet
 from mlpool._worker_main import WorkerSettings
+from mlpool._workers import untrack
 
 __all__ = ["ForkFailed", "ForkedProcess", "LoadFailed", "Reaped", "Template", "TemplateClosed", "TemplateEvent",
            "TemplateGone", "TemplateReady", "WorkerForked"]  # fmt: skip
@@ -124,6 +125,7 @@ class Template:
         )
         try:
             self.process.start()
+            untrack(self.process)
         except BaseException:
             self.sock.close()
             raise

@@ -204,6 +204,7 @@ def spawn_worker(
     )
     try:
         process.start()
+        untrack(process)
     except BaseException:
         parent_conn.close()
         started.close()
@@ -218,6 +219,22 @@ def spawn_worker(
         parent_conn.close()
         started.close()
         raise
+
+
+def untrack(process: multiprocessing.process.BaseProcess) -> None:
+    """Take a started process of the pool out of ``multiprocessing``'s table
+    of children, right after ``start()``: the pool reaps its processes itself.
+
+    Left there, a process forked from this one later (``os.fork`` in a server
+    or a helper, even one made in C, which runs no at-fork hook) inherits the
+    entry, and ``multiprocessing``'s exit hook in that child joins the
+    parent's worker: "AssertionError: can only join a child process". In this
+    process, the same hook would join, at exit, a process the pool may be
+    closing meanwhile ("process object is closed"). The table is private to
+    CPython's ``multiprocessing.process``; without it there is nothing to do."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        children.discard(process)
 
 
 def send_started_word(sock: socket.socket, *, close: bool = True) -> StartedWord:
