@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test dist bench bench-overhead bench-instructions bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
+.PHONY: demo quickstart test soak dist bench bench-overhead bench-instructions bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: $(DEV_STAMP)
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy src/mlpool
 	$(BIN)/python -m pytest
+
+## The soak tests the default run leaves out: the same checks as some of `make test`'s at
+## 3 to 10 times the count (200 worker restarts, 100,000 unfetched results); a few minutes.
+soak: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m soak
 
 ## The release: the sdist and the wheel in dist/ (python -m build), their metadata checked
 ## (twine check). `make test` installs such a wheel in a fresh virtualenv (tests/test_wheel.py).
