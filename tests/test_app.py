@@ -174,14 +174,12 @@ def test_oversized_json_body_is_refused_with_413_before_it_is_read(demo):
     rss_before = psutil.Process(demo.process.pid).memory_info().rss
     body = b'{"features": [' + b"1.0, " * (8 * 2**20) + b"1.0]}"  # 40 MiB
     with httpx.Client(base_url=demo.url, timeout=30) as client:
-        started = time.monotonic()
         response = client.post("/iris", content=body, headers={"content-type": "application/json"})
-        elapsed = time.monotonic() - started
         assert response.status_code == 413
         assert response.json()["error"] == "request body too large"
         assert str(main.MAX_JSON_BYTES) in response.json()["detail"]
         assert client.post("/iris", json={"features": IRIS}).status_code == 200
-    assert elapsed < 5
+    # Not read: the server did not hold the body (its 40 MiB, nor the list parsed from it).
     assert psutil.Process(demo.process.pid).memory_info().rss - rss_before < 30 * 2**20
 
 
@@ -213,12 +211,11 @@ def test_decompression_bomb_is_refused_with_422_from_its_header(demo):
     bomb = png(13_000, 13_000, mode="1")  # tiny on the wire, 480 MiB decoded as RGB
     assert len(bomb) < 2**20
     with httpx.Client(base_url=demo.url, timeout=30) as client:
-        started = time.monotonic()
         response = client.post("/image", files={"file": ("bomb.png", bomb, "image/png")})
-        elapsed = time.monotonic() - started
     assert response.status_code == 422
-    assert response.json()["error"] == "invalid image" and "pixels" in response.json()["detail"]
-    assert elapsed < 1.0
+    # From its header: that sentence is the header check's (models.image_size), made before any decoding.
+    assert response.json()["detail"] == f"images are limited to {models.MAX_PIXELS} pixels, this one has 13000 x 13000"
+    assert response.json()["error"] == "invalid image"
 
 
 def test_undecodable_image_is_422_and_the_cause_is_only_in_the_log(demo):

@@ -63,8 +63,8 @@ def test_every_api_family_and_job_ids(pool):
 def test_a_lone_job_does_not_wait_for_max_wait(pool):
     started = time.monotonic()
     assert pool.score("m", workloads.slow_to_fill, 1) == (1, 1)
-    # max_wait_ms is 2 s: an idle pool must not hold a lone job for more items.
-    assert time.monotonic() - started < 1.0
+    # max_wait_ms is 60 s: an idle pool must not hold a lone job for more items.
+    assert time.monotonic() - started < 30
 
 
 def test_batch_that_raises_fails_every_job_in_it(pool):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.workloads import add, array_summary, load_constant, raise_value_error, wait_for_release
+from helpers.workloads import add, add_then_say, array_summary, load_constant, raise_value_error, wait_for_release
 
 from mlpool import JobTimeoutError, MLPool
 
@@ -113,12 +113,15 @@ def test_a_sigterm_handler_may_shut_the_pool_down_while_the_main_thread_is_insid
 
 
 @pytest.mark.timeout(60)
-def test_a_result_waiting_on_a_blocked_loops_pipe_beats_the_jobs_deadline():
+def test_a_result_waiting_on_a_blocked_loops_pipe_beats_the_jobs_deadline(fifo):
+    said = fifo()
+
     async def main(pool: MLPool) -> int:
-        job_id = await pool.create_job_async(add, "m", args=(1,))
-        # The handler blocks its loop (CPU work, a sync call) past the job's
-        # deadline; the worker answered long before, into the loop's pipe.
-        time.sleep(1.5)  # noqa: ASYNC251  (the fault: a blocked loop)
+        job_id = await pool.create_job_async(add_then_say, "m", args=(1, str(said)))
+        # The handler blocks its loop (a sync call) until the job has run and
+        # answered into the loop's pipe, then (CPU work) past the job's deadline.
+        said.path.read_text()  # the fault: a blocked loop
+        time.sleep(1.0)  # noqa: ASYNC251  (the fault: a blocked loop, not synchronisation)
         return await pool.get_result_async(job_id)
 
     with MLPool({"m": load_constant}, nb_workers=1, job_timeout=0.5) as pool:

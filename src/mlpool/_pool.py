@@ -25,6 +25,7 @@ from mlpool._session import Session
 from mlpool._stacks import STACKS_TIMEOUT
 from mlpool._state import PoolState, PoolStats
 from mlpool._supervisor import TERMINATE_GRACE
+from mlpool._waiting import warn_loop_blocked
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 # A shutdown's timeout: a day is more than any drain needs, and waits past it overflow.
@@ -289,6 +290,14 @@ class MLPool(JobAPI):
         )
 
     def __enter__(self) -> MLPool:
+        """Wait until every worker is ready (ModelLoadError if a loader fails).
+
+        In a coroutine (a running event loop in this thread), it blocks that
+        loop while the workers load, and ``__exit__`` while they stop: a
+        RuntimeWarning, once per call site, names ``async with``.
+        """
+        if _in_event_loop():
+            warn_loop_blocked("`with MLPool(...)`", "`async with MLPool(...)`", stacklevel=2)
         self._wait_started()
         return self
 

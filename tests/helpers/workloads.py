@@ -92,6 +92,13 @@ def wait_for_release(model: dict, fifo: str) -> int:
     return os.getpid()
 
 
+def add_then_say(model: dict, x: int, fifo: str) -> int:
+    """``add``, after saying so on ``fifo`` (its writer opens and closes: the test's read returns)."""
+    with open(fifo, "w"):
+        pass
+    return model["bias"] + x
+
+
 def touch(model: dict, path: str) -> str:
     Path(path).touch()
     return path
@@ -200,7 +207,7 @@ def double_all(model: dict, items: list) -> list:
     return [(item * 2, len(items)) for item in items]
 
 
-@mlpool.batched(max_batch_size=16, max_wait_ms=2000.0)
+@mlpool.batched(max_batch_size=16, max_wait_ms=60_000.0)
 def slow_to_fill(model: dict, items: list) -> list:
     return [(item, len(items)) for item in items]
 
