@@ -166,8 +166,8 @@ def test_sigint_while_a_loader_hangs_stops_the_server_and_its_workers_at_once(fi
         assert workers
         started = time.monotonic()
         server.process.send_signal(2)
-        server.process.wait(10)  # not the 600 s start timeout
-        assert time.monotonic() - started < 4
+        server.process.wait(60)
+        assert time.monotonic() - started < 20  # not the 600 s start timeout, nor a 30 s shutdown wait
         gone, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, f"workers left behind: {alive}"
         server.wait_for_log("SIGINT while the pool's workers loaded their models")
