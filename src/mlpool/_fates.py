@@ -42,17 +42,20 @@ class Fates:
         self._late: list[Job] = []  # running jobs past their deadline, until their stacks are taken
 
     def worker_died(
-        self, worker: WorkerHandle, how: str, exitcode: int | None, intended: bool, state: PoolState
-    ) -> list[Job]:
+        self, worker: WorkerHandle, how: str, exitcode: int | None, intended: bool, state: PoolState,
+        *, logged: bool = True,
+    ) -> list[Job]:  # fmt: skip
         """Settle the jobs ``worker`` held when it died; returns them.
-        ``intended``: we killed it (a timeout, an interrupt, a shutdown)."""
+        ``intended``: we killed it (a timeout, an interrupt, a shutdown).
+        ``logged=False``: the caller logs the death its own way."""
         jobs = list(worker.inflight)
         worker.inflight.clear()
         running = running_unit(jobs)  # the job (or batch) it was running...
         begun = worker.started.read()
         if running and begun >= 0 and begun != running[0].id:
             running = []  # ...unless it died before it took it: then none of them ran
-        log_worker_exited(worker, how, running, intended=intended)
+        if logged:
+            log_worker_exited(worker, how, running, intended=intended)
         for job in jobs:
             job.worker = None
             if job.result_offer is not None:  # it may have half-written it: just take it back

@@ -130,7 +130,7 @@ def _not_callable(model: Any, fn: Any) -> TypeError:
         name = getattr(model, "__qualname__", None) or type(model).__name__
         return TypeError(
             f"the scoring function and the model name are swapped (got the model name {fn!r} where the function "
-            f"goes): create_job takes the function first, create_job({name}, {fn!r}, args=(...)); score, submit "
-            f"and score_async take the model name first, score({fn!r}, {name}, ...)"
+            f"goes): create_job takes the function first, create_job({name}, {fn!r}, args=(...)); score, submit, "
+            f"stream and their async twins take the model name first, score({fn!r}, {name}, ...)"
         )
     return TypeError(f"the scoring function must be callable, got {type(fn).__name__}")

@@ -66,6 +66,7 @@ class ManagerThread:
         self._dispatcher = dispatcher
         self.shutdown_asked: tuple[bool, float] | None = None  # (cancel_pending, timeout)
         self._shutdown_applied: tuple[bool, float] | None = None
+        self._said_waiting = False  # the shutdown's warning that it waits for jobs
         self.finished: Future[None] = Future()  # the thread is done, every worker reaped
         self.thread = threading.Thread(target=self.run, name="mlpool-manager", daemon=True)
         loans.register(lock.wake_r, ("wake", None))
@@ -157,6 +158,24 @@ class ManagerThread:
             if isinstance(worker.borrower, asyncio.AbstractEventLoop):
                 self.take_back(worker, None)
         self._supervisor.shutdown(cancel_pending=asked[0], timeout=asked[1])
+        self._say_shutdown_waits(asked[1])
+
+    def _say_shutdown_waits(self, timeout: float) -> None:
+        """Under the lock: warn, once, that the shutdown waits for jobs, and how to wait less."""
+        running = sum(len(worker.inflight) for worker in self._supervisor.workers.values())
+        queued = self._scheduler.queued
+        closing = self._supervisor.state is PoolState.CLOSING
+        if self._said_waiting or not closing or timeout <= 0 or not (running or queued):
+            return
+        self._said_waiting = True
+        jobs = f"{running} running job{'s' * (running != 1)}"
+        if queued:
+            jobs += f" and {queued} queued (shutdown(cancel_pending=True) drops queued jobs)"
+        logger.warning(
+            "shutdown is waiting up to %gs for %s, then kills the workers; to wait less, call "
+            "pool.shutdown(timeout=SECONDS) (from any thread, or before leaving `with MLPool(...)`), "
+            "or cancel a job with pool.cancel_job(job_id, interrupt=True)", timeout, jobs,
+        )  # fmt: skip
 
     def _time_out(self, late: list[tuple[Job, WorkerHandle]]) -> None:
         """Running jobs past their deadline. An answer already on the worker's

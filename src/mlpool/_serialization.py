@@ -89,14 +89,29 @@ def _refuse_file(file: io.IOBase) -> Any:
 
 
 def _refuse_generator(generator: Any) -> Any:
-    raise TypeError(
-        f"a {type(generator).__name__} cannot cross to another process (its state lives in this one); "
-        "return a list of its items instead"
-    )
+    kind = type(generator).__name__
+    if kind == "coroutine":
+        advice = "pass or return its result instead"
+    else:
+        advice = ("pass or return a list of its items instead; a scoring function that yields its results "
+                  "runs with pool.stream(...) or pool.stream_async(...)")  # fmt: skip
+    raise TypeError(f"a {kind} cannot cross to another process (its state lives in this one); {advice}")
+
+
+_cloud_code_reduce = cloudpickle.Pickler.dispatch_table[types.CodeType]
+
+
+def _code_reduce(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, with its own file name
+    (cloudpickle >= 3.1 writes "<dynamic-code>"): a worker's tracebacks and
+    stacks name the caller's file and line, and show the source line when
+    the worker can read that file."""
+    rebuild, args = _cloud_code_reduce(code)
+    return rebuild, tuple(code.co_filename if isinstance(arg, str) and arg == "<dynamic-code>" else arg for arg in args)
 
 
 class _ByValuePickler(cloudpickle.Pickler):
-    """cloudpickle, refusing what it would not send faithfully."""
+    """cloudpickle, refusing what it would not send faithfully, keeping code's file names."""
 
     dispatch_table = ChainMap(
         {
@@ -108,6 +123,7 @@ class _ByValuePickler(cloudpickle.Pickler):
             types.GeneratorType: _refuse_generator,
             types.AsyncGeneratorType: _refuse_generator,
             types.CoroutineType: _refuse_generator,
+            types.CodeType: _code_reduce,
         },
         cloudpickle.Pickler.dispatch_table,
     )
@@ -203,7 +219,7 @@ class FunctionTable:
                 self._remember(fn, key)
                 return entry.fn_id, entry.data
         try:
-            data = cloudpickle.dumps(fn, PROTOCOL)
+            data = by_value(fn)
         except Exception as exc:
             raise SerializationError(
                 f"scoring function {_safe_repr(fn)} cannot be pickled: {type(exc).__name__}: {_safe_str(exc)}"

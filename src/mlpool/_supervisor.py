@@ -31,10 +31,10 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 
 from mlpool._config import PoolConfig
-from mlpool._errors import MLPoolError, ModelLoadError, PoolBrokenError, PoolClosedError
+from mlpool._errors import ModelLoadError, PoolBrokenError, PoolClosedError
 from mlpool._fates import Fates
 from mlpool._forking import ForkLauncher
 from mlpool._groups import MAX_CONSECUTIVE_FAILURES, WorkerGroup, backoff
@@ -202,15 +202,18 @@ class Supervisor:
             how = f"did not load its models within start_timeout={self.config.start_timeout:g}s"
         if worker.fault is not None:
             how = f"was killed: {worker.fault}"
+        if (failure := worker.load_failure) is not None:  # it exits (code 0) after saying so
+            how = f"failed to load model {failure.model!r}: {failure.error}"
         was = worker.state
         worker.state = worker.state.to(WorkerState.EXITED)
         # A start that timed out, or a worker that broke the protocol, is a failure though we killed it.
         blamed = worker.start_timed_out or worker.fault is not None
         intended = (worker.kill_reason is not None and not blamed) or was is WorkerState.STOPPING
-        jobs = self._fates.worker_died(worker, how, exitcode, intended, self.state)
+        quiet = failure is not None and self.state is PoolState.STARTING  # the pool's break logs it
+        jobs = self._fates.worker_died(worker, how, exitcode, intended, self.state, logged=not quiet)
         if self.state is PoolState.STARTING:
             who = f"worker {worker.id} (pid {worker.pid})" if worker.pid else f"worker {worker.id}"
-            self._fail_start(who, worker.load_failure, how)
+            self._fail_start(who, failure, how)
             return
         if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self.state is PoolState.BROKEN:
             return  # a retiring worker's replacement is already on its way
@@ -255,10 +258,8 @@ class Supervisor:
 
     def _stop_worker(self, worker: WorkerHandle) -> None:
         worker.state = worker.state.to(WorkerState.STOPPING)
-        try:
+        with suppress(OSError):
             write_all(worker.fd, encode(Stop()))
-        except OSError:
-            pass
 
     def _failure_reason(self, group: WorkerGroup, worker: WorkerHandle, how: str) -> str:
         failure = worker.load_failure
@@ -268,18 +269,16 @@ class Supervisor:
         return f"{group.describe()} died {group.failures} times in a row without finishing a job; the last {how}"
 
     def _fail_start(self, who: str, failure: LoadFailed | None, how: str) -> None:
-        """``who`` ("worker 3 (pid 123)", "the model template (pid 120)") died
-        while the pool was starting: the pool cannot start."""
-        if failure is not None:
-            error: MLPoolError = ModelLoadError(
-                f"{who} failed to load model {failure.model!r}: {failure.error}\n"
-                f"Worker traceback:\n{failure.traceback}",
-                model_name=failure.model,
-                remote_traceback=failure.traceback,
-            )
-        else:
+        """``who`` ("worker 3 (pid 123)", "the model template (pid 120)") died while the pool was
+        starting: it cannot. A loader's error is logged once, its traceback only raised."""
+        said: str | None = None
+        if failure is None:
             error = ModelLoadError(f"{who} {how} while loading models")
-        self.break_pool(str(error), start_error=error)
+        else:
+            said = f"{who} failed to load model {failure.model!r}: {failure.error}"
+            error = ModelLoadError(f"{said}\nWorker traceback:\n{failure.traceback}",
+                                   model_name=failure.model, remote_traceback=failure.traceback)  # fmt: skip
+        self.break_pool(str(error), start_error=error, said=said)
 
     def _start_failed(self, group: WorkerGroup, index: int, reason: str) -> None:
         """A worker could not be started: try again after a back-off, or give up if the group cannot serve."""
@@ -308,13 +307,13 @@ class Supervisor:
         if not self.started.done():
             self.started.set_result(None) if error is None else self.started.set_exception(error)
 
-    def break_pool(self, reason: str, start_error: BaseException | None = None) -> None:
-        """Give up: fail every job, kill every worker, refuse new jobs."""
+    def break_pool(self, reason: str, start_error: BaseException | None = None, said: str | None = None) -> None:
+        """Give up: fail every job, kill every worker, refuse new jobs. ``said``: the log's shorter reason."""
         if self.state in (PoolState.BROKEN, PoolState.CLOSED):
             return
         self.state = self.state.to(PoolState.BROKEN)
         self.broken_reason = reason
-        logger.error("mlpool is broken: %s", reason)
+        logger.error("mlpool is broken: %s", said or reason)
         self._set_started(start_error or PoolBrokenError(reason))
         error = PoolBrokenError(f"the pool broke: {reason}")
         self._fates.fail_queued(error)
@@ -359,12 +358,13 @@ class Supervisor:
                 template.kill()
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
-        """Stop taking jobs; start the ladder (drain, Stop, wait, SIGKILL)."""
+        """Stop taking jobs; start the ladder (drain, Stop, wait, SIGKILL). Asked again, a shorter timeout wins."""
         if self.state in (PoolState.CLOSED, PoolState.BROKEN):
             return
         if self.state is not PoolState.CLOSING:
-            self.state = self.state.to(PoolState.CLOSING)
-            self._stop_deadline = time.monotonic() + timeout
+            self.state, self._stop_deadline = self.state.to(PoolState.CLOSING), time.monotonic() + timeout
+        elif self._stop_deadline is not None:  # None: it timed out already
+            self._stop_deadline = min(self._stop_deadline, time.monotonic() + timeout)
         if cancel_pending:
             self._fates.fail_queued(None)
         self._clock.soon()

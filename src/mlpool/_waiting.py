@@ -193,12 +193,19 @@ def warn_if_loop_blocked(method: str, twin: str, *, stacklevel: int) -> None:
     loop: every other coroutine of that loop stops until the job ends.
     ``stacklevel`` counts from this function's caller to the user's call."""
     if running_loop() is not None:  # the cheap check: no exception, one C call
-        warnings.warn(
-            f"pool.{method}() blocks the event loop running in this thread (every other request of it waits); "
-            f"in a coroutine, use `await pool.{twin}(...)`",
-            RuntimeWarning,
-            stacklevel=stacklevel,
-        )
+        warn_loop_blocked(f"pool.{method}()", f"`await pool.{twin}(...)`", stacklevel=stacklevel)
+
+
+def warn_loop_blocked(call: str, instead: str, *, stacklevel: int) -> None:
+    """The warning of :func:`warn_if_loop_blocked`, for a caller that saw a
+    running loop: ``call`` ("pool.score()") blocks it; use ``instead``.
+    ``stacklevel``: as ``warnings.warn`` would take it in the caller."""
+    warnings.warn(
+        f"{call} blocks the event loop running in this thread (every other request of it waits); "
+        f"in a coroutine, use {instead}",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def done_handle(job: Job) -> Future | asyncio.Future | None:
