@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers.workloads import load_constant, load_raises, load_unless_flagged, pid, wait_for_release
 
-from mlpool import MLPool, ModelLoadError
+from mlpool import MLPool, ModelLoadError, SerializationError
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -250,3 +250,34 @@ def test_the_worker_prints_no_traceback_of_its_own(tmp_path):
     # Python's last-resort handler prints mlpool's warnings and errors: the error once, no traceback
     assert done.stderr.count("no weights here") == 1, done.stderr
     assert "Traceback" not in done.stderr and "exited with code" not in done.stderr, done.stderr
+
+
+# ------------------------------------------------- generators point at pool.stream
+
+
+def count_to(model: dict, n: int):
+    yield from range(n)
+
+
+def test_a_generator_returned_to_score_submit_or_get_result_points_at_pool_stream():
+    with MLPool({"m": load_constant}, nb_workers=1, start_timeout=60) as pool:
+        with pytest.raises(SerializationError, match=r"pool\.stream\(\.\.\.\) or pool\.stream_async\(\.\.\.\)"):
+            pool.score("m", count_to, 3)
+        with pytest.raises(SerializationError, match=r"yields its results runs with pool\.stream"):
+            pool.submit("m", count_to, 3).result(timeout=30)
+        with pytest.raises(SerializationError, match=r"pool\.stream\(\.\.\.\)"):
+            pool.get_result(pool.create_job(count_to, "m", args=(3,)), timeout=30)
+        assert list(pool.stream("m", count_to, 3)) == [0, 1, 2]  # what the message points at works
+
+
+def test_swapped_arguments_of_stream_list_stream_among_the_model_first_methods():
+    with MLPool({"m": load_constant}, nb_workers=1, start_timeout=60) as pool:
+        with pytest.raises(TypeError, match="swapped") as info:
+            pool.stream(count_to, "m", 3)
+        assert "score, submit, stream and their async twins take the model name first" in str(info.value)
+
+        async def read_swapped() -> list:
+            return [item async for item in pool.stream_async(count_to, "m", 3)]
+
+        with pytest.raises(TypeError, match="stream and their async twins"):
+            asyncio.run(read_swapped())
