@@ -11,8 +11,10 @@ installs the peers first.
 
 Workloads (``suite_workloads``): a tiny job (pure overhead); a hungry job
 (pure-Python CPU holding the GIL, calibrated to ~20 ms here); a
-scikit-learn RandomForest (100 trees) scoring one row; an 8 MB NumPy array
-argument; the forest with dynamic batching where the system has it.
+scikit-learn RandomForest (100 trees) scoring one row; NumPy arrays of 8 MB
+and 64 MB both ways (``array_*``: the argument, which the worker sums;
+``array_*_out``: the result, an array the worker made once); the forest with
+dynamic batching where the system has it.
 
 Figures: sequential latency p50/p99 and its overhead over the direct call;
 jobs per second with 64 concurrent async callers; for the hungry job, that
@@ -52,6 +54,9 @@ BUDGETS = {  # per workload: sequential calls, concurrent jobs, seconds each pha
     "hungry": {"calls": 30, "jobs": 150, "seconds": 4.0},
     "forest": {"calls": 200, "jobs": 1500, "seconds": 4.0},
     "array_8mb": {"calls": 100, "jobs": 400, "seconds": 4.0},
+    "array_64mb": {"calls": 30, "jobs": 100, "seconds": 4.0},
+    "array_8mb_out": {"calls": 100, "jobs": 400, "seconds": 4.0},
+    "array_64mb_out": {"calls": 30, "jobs": 100, "seconds": 4.0},
     "forest_batched": {"calls": 200, "jobs": 5000, "seconds": 4.0},
 }
 PACKAGES = ("mlpool", "loky", "mpire", "ray", "numpy", "scikit-learn", "cloudpickle")

@@ -30,10 +30,12 @@ def argument(workload: str, config: dict) -> Any:
         return config["hungry_rounds"]
     if workload in ("forest", "forest_batched"):
         return config["forest_row"]
-    if workload == "array_8mb":
+    if workload in w.ARRAY_BYTES:
         import numpy as np
 
-        return np.ones(w.ARRAY_BYTES // 8)
+        return np.ones(w.ARRAY_BYTES[workload] // 8)
+    if workload.endswith("_out"):
+        return w.ARRAY_BYTES[workload.removesuffix("_out")]
     return 1
 
 

@@ -14,9 +14,17 @@ from typing import Any
 
 import mlpool
 
-WORKLOADS = ("tiny", "hungry", "forest", "array_8mb", "forest_batched")
-MODEL_OF = {"tiny": "none", "hungry": "none", "forest": "forest", "array_8mb": "none", "forest_batched": "forest"}
-ARRAY_BYTES = 8 * 2**20
+WORKLOADS = (
+    "tiny", "hungry", "forest", "array_8mb", "array_64mb", "array_8mb_out", "array_64mb_out", "forest_batched",
+)  # fmt: skip
+MODEL_OF = {
+    "tiny": "none", "hungry": "none", "forest": "forest", "array_8mb": "none", "array_64mb": "none",
+    "array_8mb_out": "none", "array_64mb_out": "none", "forest_batched": "forest",
+}  # fmt: skip
+# Large arrays both ways: "array_*" sends one to the worker, which sums it;
+# "array_*_out" sends its size and gets an array of that size back.
+ARRAY_BYTES = {"array_8mb": 8 * 2**20, "array_64mb": 64 * 2**20}
+_MADE: dict[int, Any] = {}  # per worker: the arrays returned, made once (the figure is the transfer)
 FOREST_FEATURES = 20
 
 MODELS: dict[str, Any] = {}  # per worker process, for the systems that call ``call``
@@ -60,8 +68,16 @@ def forest(model: Any, row: list[float]) -> int:
     return int(model.predict([row])[0])
 
 
-def array_8mb(model: Any, array: Any) -> float:
+def array_sum(model: Any, array: Any) -> float:
     return float(array.sum())
+
+
+def array_made(model: Any, nbytes: int) -> Any:
+    if nbytes not in _MADE:
+        import numpy as np
+
+        _MADE[nbytes] = np.ones(nbytes // 8)
+    return _MADE[nbytes]
 
 
 @mlpool.batched(max_batch_size=32, max_wait_ms=2.0)
@@ -69,7 +85,10 @@ def forest_batched(model: Any, rows: list[list[float]]) -> list[int]:
     return [int(c) for c in model.predict(rows)]
 
 
-FUNCTIONS = {"tiny": tiny, "hungry": hungry, "forest": forest, "array_8mb": array_8mb}
+FUNCTIONS = {
+    "tiny": tiny, "hungry": hungry, "forest": forest, "array_8mb": array_sum, "array_64mb": array_sum,
+    "array_8mb_out": array_made, "array_64mb_out": array_made,
+}  # fmt: skip
 
 
 def call(workload: str, arg: Any) -> Any:
