@@ -281,3 +281,45 @@ def test_swapped_arguments_of_stream_list_stream_among_the_model_first_methods()
 
         with pytest.raises(TypeError, match="stream and their async twins"):
             asyncio.run(read_swapped())
+
+
+# -------------------------------------- FastAPI: a 4xx names the model, and is logged
+
+
+@pytest.fixture
+def errors_server():
+    from helpers.server import TESTS, UvicornServer
+
+    server = UvicornServer("helpers.errors_app:app", TESTS)
+    try:
+        yield server
+    finally:
+        assert not server.stop()
+
+
+def test_an_unknown_model_is_a_404_naming_it_and_plain_uvicorn_logs_why(errors_server):
+    import httpx
+
+    with httpx.Client(base_url=errors_server.url, timeout=30) as client:
+        answer = client.post("/model/iris-v2")
+        assert answer.status_code == 404
+        assert answer.json() == {"error": "UnknownModelError", "detail": "no such model: 'iris-v2'"}
+        # the log has the whole message (the models served), which the client is not shown
+        line = errors_server.wait_for_log("404 on /model/iris-v2")
+        assert "UnknownModelError: unknown model 'iris-v2'; this pool serves 'm'" in line
+        long = client.post("/model/" + "x" * 500).json()["detail"]
+        assert long.startswith("no such model: 'xxx") and long.endswith("...") and len(long) < 100
+        assert client.post("/model/m").json() == {"result": 11}
+
+
+def test_a_500_is_logged_at_error_with_its_traceback_and_answered_without_it(errors_server):
+    import httpx
+
+    with httpx.Client(base_url=errors_server.url, timeout=30) as client:
+        mark = errors_server.log_mark()
+        answer = client.post("/generator")
+        assert answer.status_code == 500
+        assert answer.json()["error"] == "SerializationError"
+        assert "Traceback" not in answer.text and "count_to" not in answer.text
+        errors_server.wait_for_log("500 on /generator: SerializationError", since=mark)
+        errors_server.wait_for_log("Traceback (most recent call last)", since=mark)

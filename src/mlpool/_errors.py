@@ -63,7 +63,17 @@ class ModelLoadError(MLPoolError):
 
 
 class UnknownModelError(MLPoolError, ValueError):
-    """Raised at submission when ``model_name`` is not one the pool loaded."""
+    """Raised at submission when ``model_name`` is not one the pool loaded.
+
+    ``model_name`` is the name asked for (None if unknown).
+    """
+
+    def __init__(self, message: str, *, model_name: object = None) -> None:
+        super().__init__(message)
+        self.model_name = model_name
+
+    def __reduce__(self):  # keyword-only fields survive pickling
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class UnknownJobError(MLPoolError, KeyError):

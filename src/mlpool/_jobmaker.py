@@ -92,7 +92,7 @@ class JobMaker:
             raise _not_callable(model, fn)
         if model not in self.models:
             known = ", ".join(repr(m) for m in sorted(self.models))
-            raise UnknownModelError(f"unknown model {model!r}; this pool serves {known}")
+            raise UnknownModelError(f"unknown model {model!r}; this pool serves {known}", model_name=model)
         default_timeout, default_retries = self._defaults.get(model) or (config.job_timeout, config.max_retries)
         if timeout is None:
             timeout = default_timeout

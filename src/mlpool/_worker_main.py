@@ -347,7 +347,7 @@ def _function_and_model(
     try:
         return fn, models[msg.model]
     except KeyError:
-        raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker") from None
+        raise UnknownModelError(f"model {msg.model!r} is not loaded in this worker", model_name=msg.model) from None
 
 
 def stream_function(msg: RunStream, models: dict[str, Any], functions: dict[int, Callable]) -> tuple:

@@ -263,6 +263,9 @@ def error_body(exc: BaseException, *, expose_details: bool = False) -> dict[str,
 
 
 def _public_detail(exc: BaseException, expose: bool) -> str:
+    if isinstance(exc, UnknownModelError) and exc.model_name is not None and not expose:
+        name = repr(exc.model_name)  # the client's own words, in a JSON string: cut, not trusted
+        return f"no such model: {name if len(name) <= 80 else name[:77] + '...'}"
     if expose:
         lines = str(exc).strip().splitlines()
         if lines:
@@ -278,8 +281,10 @@ def install_error_handlers(app: Any, *, pool: MLPool | None = None, expose_detai
 
     The body is ``{"error": <class name>, "detail": <sentence>}``. The detail
     is a fixed sentence per class unless ``expose_details`` (then the first
-    line of the message, which can name pids, functions and OS errors); the
-    log (``mlpool.fastapi``) always has the whole message.
+    line of the message, which can name pids, functions and OS errors), and
+    names what the client asked for where it can act on it (the model of an
+    ``UnknownModelError``). The log (``mlpool.fastapi``) always has the whole
+    message: at WARNING, and a 500 at ERROR with its traceback.
 
     ``PoolFullError``, and a ``JobTimeoutError`` that ran out waiting for
     room in a full queue, are 503 with ``Retry-After`` (:func:`retry_after`:
@@ -297,8 +302,10 @@ def install_error_handlers(app: Any, *, pool: MLPool | None = None, expose_detai
 
     async def handle(connection: HTTPConnection, exc: Exception) -> Response | None:
         status = error_status(exc)
-        log = logger.warning if status >= 500 else logger.info
-        log("%s on %s: %s: %s", status, connection.url.path, type(exc).__name__, exc)
+        # At WARNING, so that a default setup shows it (plain uvicorn configures only its own loggers);
+        # a 500 (mlpool or the app went wrong) at ERROR with the traceback.
+        logger.log(logging.ERROR if status == 500 else logging.WARNING, "%s on %s: %s: %s", status,
+                   connection.url.path, type(exc).__name__, exc, exc_info=exc if status == 500 else None)  # fmt: skip
         detail = _public_detail(exc, expose_details)
         if isinstance(connection, WebSocket):
             await _close_websocket(connection, websocket_close_code(exc), f"{type(exc).__name__}: {detail}")

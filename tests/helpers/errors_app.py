@@ -50,6 +50,22 @@ async def run(fn: str, arg: str | None = None, pool: MLPool = Depends(get_pool))
     return {"result": await pool.score_async("m", FUNCTIONS[fn], *args)}
 
 
+@app.post("/model/{model}")
+async def score_model(model: str, pool: MLPool = Depends(get_pool)) -> dict:
+    """Score a model the client names (UnknownModelError for one the pool does not serve)."""
+    return {"result": await pool.score_async(model, add, 1)}
+
+
+@app.post("/generator")
+async def generator(pool: MLPool = Depends(get_pool)) -> dict:
+    """A scoring function that returns a generator: its result cannot cross (a 500)."""
+    return {"result": await pool.score_async("m", count_to, 3)}
+
+
+def count_to(model: dict, n: int):
+    yield from range(n)
+
+
 @app.post("/fill")
 async def fill(n: int, pool: MLPool = Depends(get_pool)) -> dict:
     """Queue ``n`` tiny jobs without waiting for room."""
