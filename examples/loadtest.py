@@ -16,9 +16,10 @@ The load, the same whatever serves it:
   responsive the API stays.
 
 Before the clock starts, a few requests of each kind warm the server up (not
-counted). A progress line goes to stderr; the figures go to stdout as one
-JSON object. HTTP/1.1 is spoken directly over asyncio streams: a full client
-library would spend more CPU than the server we are measuring.
+counted). Progress goes to stderr: one line redrawn on a terminal, else (a
+log file, a pipe) a line every 5 s and a last one. The figures go to stdout
+as one JSON object. HTTP/1.1 is spoken directly over asyncio streams: a full
+client library would spend more CPU than the server we are measuring.
 """
 
 from __future__ import annotations
@@ -155,17 +156,26 @@ async def run(port: int, rate: float, clients: int, image_clients: int, seconds:
         finally:
             conn.close()
 
+    # A terminal redraws one line; a log file or a pipe gets one line per step and the last one.
+    redraw = sys.stderr.isatty()
+
+    def show_progress() -> None:
+        elapsed = min(seconds, time.perf_counter() - start)
+        line = (f"  [{label}] {elapsed:4.1f}/{seconds:.0f} s  {len(latencies):5d} cheap, "
+                f"{len(image_latencies):4d} image requests, {errors} errors")  # fmt: skip
+        print("\r" + line if redraw else line, end="" if redraw else "\n", file=sys.stderr, flush=True)
+
     async def progress() -> None:
         while time.perf_counter() < stop:
-            await asyncio.sleep(0.5)  # redraw pace
-            elapsed = min(seconds, time.perf_counter() - start)
-            print(f"\r  [{label}] {elapsed:4.1f}/{seconds:.0f} s  {len(latencies):5d} cheap, "
-                  f"{len(image_latencies):4d} image requests, {errors} errors",
-                  end="", file=sys.stderr, flush=True)  # fmt: skip
+            await asyncio.sleep(min(0.5 if redraw else 5.0, max(0.0, stop - time.perf_counter())))  # the pace
+            if time.perf_counter() < stop:
+                show_progress()
 
     await asyncio.gather(prober(), progress(), *(cheap_client(i) for i in range(clients)),
                          *(image_client() for _ in range(image_clients)))  # fmt: skip
-    print(file=sys.stderr)
+    show_progress()
+    if redraw:
+        print(file=sys.stderr)
     elapsed = time.perf_counter() - start
     return {"label": label, "seconds": elapsed, "requests": len(latencies), "images": len(image_latencies),
             "errors": errors, "latencies": latencies, "image_latencies": image_latencies,

@@ -323,3 +323,56 @@ def test_a_500_is_logged_at_error_with_its_traceback_and_answered_without_it(err
         assert "Traceback" not in answer.text and "count_to" not in answer.text
         errors_server.wait_for_log("500 on /generator: SerializationError", since=mark)
         errors_server.wait_for_log("Traceback (most recent call last)", since=mark)
+
+
+# ----------------------------------- the demo's progress in a log file: whole lines
+
+
+class AnswerEverything:
+    """A keep-alive HTTP/1.1 server on loopback answering 200 ``{}`` to every request, in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readline():
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def test_the_demos_load_generator_writes_whole_lines_when_its_stderr_is_not_a_terminal():
+    pytest.importorskip("PIL")
+    server = AnswerEverything()
+    try:  # stderr as bytes: text mode would turn each carriage return into a newline
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "loadtest.py"),
+             "--port", str(server.port), "--seconds", "1", "--rate", "20", "--clients", "2", "--image-clients", "0",
+             "--label", "logged"],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stderr
+    assert b"\r" not in done.stderr
+    lines = done.stderr.decode().splitlines()
+    assert lines and all(line.startswith("  [logged] ") for line in lines), lines
+    assert lines[-1].startswith("  [logged]  1.0/1 s")
