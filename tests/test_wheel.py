@@ -247,8 +247,14 @@ def test_the_wheel_installed_alone_scores_jobs(
 
     # Without their extras, the integrations say what to install.
     assert report["extras"] == {
-        "mlpool.fastapi": "mlpool.fastapi needs FastAPI or Starlette: pip install 'mlpool[fastapi]'",
-        "mlpool.prometheus": "mlpool.prometheus needs prometheus_client: pip install 'mlpool[metrics]'",
+        "mlpool.fastapi": 'mlpool.fastapi needs FastAPI or Starlette, which is not installed: '
+        'pip install "fastapi>=0.110" (or install mlpool with its "fastapi" extra)',
+        "mlpool.prometheus": "mlpool.prometheus needs prometheus_client, which is not installed: "
+        'pip install "prometheus-client>=0.20" (or install mlpool with its "metrics" extra)',
     }
-    # The Ray backend fails at construction (a ModelLoadError today), naming the extra.
-    assert 'pip install "mlpool[ray]"' in report["ray"][1], report["ray"]
+    # The Ray backend is refused at construction, before any process starts, naming what to install.
+    assert report["ray"] == [
+        "ImportError",
+        'backend="ray" needs Ray, which is not installed: pip install "ray>=2.40" (or install mlpool with its "ray" '
+        'extra)',
+    ], report["ray"]

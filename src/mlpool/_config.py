@@ -8,6 +8,7 @@ and one group per model with ``workers``) and per-model settings
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
+from mlpool._errors import ray_missing
 from mlpool._resources import usable_cpu_count
 
 DEFAULT_MAX_QUEUE_SIZE = 10_000
@@ -230,6 +232,8 @@ class PoolConfig:
         if backend == "local" and (ray_address is not None or ray_options):
             raise ValueError('ray_address and ray_options need backend="ray"')
         if backend == "ray":
+            if importlib.util.find_spec("ray") is None:
+                raise ray_missing()
             if share_models:
                 raise ValueError('share_models forks local processes; it does not apply to backend="ray"')
             if ray_address is not None and not isinstance(ray_address, str):

@@ -171,3 +171,18 @@ def _rebuild(cls: type[BaseException], args: tuple, state: dict) -> BaseExceptio
     Exception.__init__(exc, *args)
     exc.__dict__.update(state)
     return exc
+
+
+def missing_dependency(feature: str, package: str, requirement: str, extra: str) -> ImportError:
+    """The error for ``feature`` used without the optional ``package``. It names
+    the package to install, not ``mlpool[extra]``: that name on the package
+    index is another library (the original mlpool 0.1.0)."""
+    return ImportError(
+        f'{feature} needs {package}, which is not installed: pip install "{requirement}" '
+        f'(or install mlpool with its "{extra}" extra)'
+    )
+
+
+def ray_missing() -> ImportError:
+    """``backend="ray"`` without Ray (raised at construction)."""
+    return missing_dependency('backend="ray"', "Ray", "ray>=2.40", "ray")

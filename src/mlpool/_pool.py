@@ -110,7 +110,8 @@ class MLPool(JobAPI):
             kept costs no page faults the next time (a new 64 MB one costs
             about 20 ms to map and fill). What a burst leaves beyond this is
             given back to the system. 0 keeps none.
-            each worker is a Ray actor (``pip install "mlpool[ray]"``), on
+        backend: ``"local"`` (worker processes on this machine) or ``"ray"``:
+            each worker is a Ray actor (Ray: the ``ray`` extra), on
             this machine or a cluster, behind the same scheduler and API.
             Each actor asks for ``threads_per_worker`` CPUs.
         ray_address: with ``backend="ray"``: None joins the Ray instance this

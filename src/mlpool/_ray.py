@@ -46,6 +46,7 @@ import threading
 import time
 from typing import Any
 
+from mlpool._errors import ray_missing
 from mlpool._protocol import (
     CloseStream,
     Credit,
@@ -88,7 +89,7 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ImportError('backend="ray" needs Ray: pip install "mlpool[ray]"') from None
+        raise ray_missing() from None
     return ray
 
 

@@ -14,7 +14,7 @@ HTTP errors, and cancelling work for clients that went away.
     async def iris(body: Features, request: Request, pool: MLPool = Depends(get_pool)):
         return {"class": await cancel_on_disconnect(request, pool.score_async("iris", score_iris, body.features))}
 
-Needs the ``fastapi`` extra (``pip install 'mlpool[fastapi]'``). Only
+Needs FastAPI or Starlette (the ``fastapi`` extra). Only
 Starlette is imported, so plain Starlette apps can use it too.
 """
 
@@ -33,12 +33,14 @@ from functools import partial
 from types import FrameType
 from typing import Any, TypeVar
 
+from mlpool._errors import missing_dependency
+
 try:
     from starlette.requests import HTTPConnection, Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.websockets import WebSocket, WebSocketState
 except ImportError as exc:  # pragma: no cover - exercised without the extra
-    raise ImportError("mlpool.fastapi needs FastAPI or Starlette: pip install 'mlpool[fastapi]'") from exc
+    raise missing_dependency("mlpool.fastapi", "FastAPI or Starlette", "fastapi>=0.110", "fastapi") from exc
 
 from mlpool._errors import (
     JobTimeoutError,

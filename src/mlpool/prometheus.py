@@ -12,7 +12,7 @@ sample per pool, told apart by the ``pool`` label. A registry gets one
 hidden collector per metric prefix, which reads every pool registered in it
 (prometheus_client rejects two collectors that output the same names).
 
-Needs the ``metrics`` extra (``pip install 'mlpool[metrics]'``).
+Needs prometheus_client (the ``metrics`` extra).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mlpool._errors import missing_dependency
+
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 except ImportError as exc:  # pragma: no cover - exercised without the extra
-    raise ImportError("mlpool.prometheus needs prometheus_client: pip install 'mlpool[metrics]'") from exc
+    raise missing_dependency("mlpool.prometheus", "prometheus_client", "prometheus-client>=0.20", "metrics") from exc
 
 from mlpool._pool import MLPool
 
