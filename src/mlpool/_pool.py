@@ -104,7 +104,6 @@ class MLPool(JobAPI):
             shared memory instead of the pipe (Linux; see ``_shm``). None: never.
         shared_memory_limit: bytes of shared memory one message may use; a
             larger one goes through the pipe, with one log line. None: no limit.
-        backend: ``"local"`` (worker processes on this machine) or ``"ray"``:
         shared_memory_cache: bytes of idle shared memory the API process keeps
             for reuse (at most 16 regions; 256 MiB by default): a region
             kept costs no page faults the next time (a new 64 MB one costs
@@ -158,8 +157,8 @@ class MLPool(JobAPI):
         worker_nice: int = 5,
         shared_memory_threshold: int | None = 65536,
         shared_memory_limit: int | None = None,
-        backend: str = "local",
         shared_memory_cache: int = 256 * 2**20,
+        backend: str = "local",
         ray_address: str | None = None,
         ray_options: dict[str, Any] | None = None,
         worker_env: WorkerEnv | None = None,
@@ -183,8 +182,8 @@ class MLPool(JobAPI):
             worker_nice=worker_nice,
             shared_memory_threshold=shared_memory_threshold,
             shared_memory_limit=shared_memory_limit,
-            backend=backend,
             shared_memory_cache=shared_memory_cache,
+            backend=backend,
             ray_address=ray_address,
             ray_options=ray_options,
             models_to_load=models_to_load,
