@@ -107,3 +107,39 @@ def test_bad_constructor_arguments():
     with pytest.raises(SerializationError, match="models_to_load"):
         lock = threading.Lock()
         make_pool({"m": lambda: lock}, nb_workers=1)
+
+
+async def async_score(model: dict, x: int) -> int:
+    return x
+
+
+async def async_items(model: dict, n: int):
+    yield n
+
+
+def test_an_async_scoring_function_is_refused_at_submission_and_the_pool_serves_on(pool):
+    """A worker calls scoring functions without an event loop: an async one
+    would return a coroutine that never runs (and a misleading pickling error)."""
+    for call in (
+        lambda: pool.score("m", async_score, 1),
+        lambda: pool.submit("m", async_score, 1),
+        lambda: pool.create_job(async_score, "m", args=(1,)),
+        lambda: pool.stream("m", async_items, 1),
+    ):
+        with pytest.raises(TypeError, match="is an async function.*make it a plain def"):
+            call()
+    assert pool.score("m", add, 1, 2) == add(load_constant(), 1, 2)
+
+
+def test_an_async_function_is_refused_inline_and_as_a_loader():
+    with make_pool({"m": load_constant}, nb_workers=0) as inline:
+        with pytest.raises(TypeError, match="is an async function"):
+            inline.score("m", async_score, 1)
+
+    async def load_async() -> dict:
+        return {}
+
+    before = len(worker_children())
+    with pytest.raises(TypeError, match="the loader of model 'm' is an async function"):
+        make_pool({"m": load_async}, nb_workers=1)
+    assert len(worker_children()) == before

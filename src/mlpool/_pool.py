@@ -346,6 +346,11 @@ def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
             raise TypeError(f"model names must be str, got {name!r}")
         if not callable(loader):
             raise TypeError(f"the loader of model {name!r} must be callable, got {type(loader).__name__}")
+        if inspect.iscoroutinefunction(loader) or inspect.isasyncgenfunction(loader):
+            raise TypeError(
+                f"the loader of model {name!r} is an async function; each worker calls it once, without an event "
+                "loop, and would get a coroutine instead of a model: make it a plain def"
+            )
         required = _required_parameters(loader)
         if required:
             listed = ", ".join(required)

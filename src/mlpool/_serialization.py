@@ -21,6 +21,7 @@ parent gets an :class:`Exception`, never a ``SystemExit`` or
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import itertools
 import pickle
@@ -195,7 +196,8 @@ class FunctionTable:
         return self._bytes
 
     def lookup(self, fn: Callable) -> tuple[int, bytes]:
-        """``(fn_id, pickle)`` for ``fn``; raises SerializationError if it cannot be pickled."""
+        """``(fn_id, pickle)`` for ``fn``; raises SerializationError if it cannot be
+        pickled, TypeError if it is an async function."""
         if self._dead:
             self._purge()
         seen = self._seen.get(id(fn))
@@ -218,6 +220,12 @@ class FunctionTable:
                 self._entries.move_to_end(key)
                 self._remember(fn, key)
                 return entry.fn_id, entry.data
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):  # once per function: here
+            raise TypeError(
+                f"scoring function {_safe_repr(fn)} is an async function; a worker calls it without an event loop "
+                "and would get a coroutine that never runs: make it a plain def (a generator function, for "
+                "pool.stream)"
+            )
         try:
             data = by_value(fn)
         except Exception as exc:
