@@ -296,7 +296,7 @@ class MLPool(JobAPI):
         loop while the workers load, and ``__exit__`` while they stop: a
         RuntimeWarning, once per call site, names ``async with``.
         """
-        if _in_event_loop():
+        if not self._config.inline and _in_event_loop():  # inline: the models are loaded already
             warn_loop_blocked("`with MLPool(...)`", "`async with MLPool(...)`", stacklevel=2)
         self._wait_started()
         return self
