@@ -141,6 +141,47 @@ def test_async_with_and_a_sync_with_outside_a_loop_do_not_warn():
             assert pool.score("m", pid) > 0
 
 
+SHUTDOWN_BLOCKS = (
+    "pool.shutdown() blocks the event loop running in this thread (every other request of it waits); "
+    "in a coroutine, use `await pool.shutdown_async(...)`"
+)
+
+
+def test_a_sync_shutdown_inside_a_coroutine_warns_at_its_line_naming_shutdown_async():
+    pool = MLPool({"m": load_constant}, nb_workers=1, start_timeout=60)
+    worker = pool.score("m", pid)
+    lines: list[int] = []
+
+    async def handler() -> None:
+        lines.append(sys._getframe().f_lineno + 1)
+        pool.shutdown(timeout=10)  # blocks this loop until the worker is reaped
+        pool.shutdown(timeout=10)  # the pool has finished: nothing to wait for, nothing said
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a second warning of the same line would show too
+        asyncio.run(handler())
+    said = [(str(w.message), w.filename, w.lineno) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert said == [(SHUTDOWN_BLOCKS, __file__, lines[0])]
+    with pytest.raises(ProcessLookupError):  # it did wait: the worker is reaped
+        os.kill(worker, 0)
+
+
+def test_a_shutdown_that_does_not_wait_or_runs_outside_a_loop_does_not_warn():
+    pool = MLPool({"m": load_constant}, nb_workers=1, start_timeout=60)
+    other = MLPool({"m": load_constant}, nb_workers=1, start_timeout=60)
+
+    async def handler() -> None:
+        pool.shutdown(wait=False, timeout=10)  # returns at once: the loop is not blocked
+        await pool.shutdown_async(timeout=10)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        asyncio.run(handler())
+        assert other.score("m", pid) > 0
+        other.shutdown(timeout=10)  # no loop runs in this thread
+    assert not pool.healthy and not other.healthy
+
+
 # ---------------------------- functions of the main script: their file and line
 
 

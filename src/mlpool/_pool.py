@@ -25,7 +25,7 @@ from mlpool._session import Session
 from mlpool._stacks import STACKS_TIMEOUT
 from mlpool._state import PoolState, PoolStats
 from mlpool._supervisor import TERMINATE_GRACE
-from mlpool._waiting import warn_loop_blocked
+from mlpool._waiting import warn_if_loop_blocked, warn_loop_blocked
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 # A shutdown's timeout: a day is more than any drain needs, and waits past it overflow.
@@ -252,7 +252,7 @@ class MLPool(JobAPI):
         try:
             self._manager.started.result(timeout=self._config.start_timeout + _JOIN_MARGIN)
         except BaseException:
-            self.shutdown(wait=True, cancel_pending=True, timeout=5.0)
+            self._shutdown(True, True, 5.0)  # __enter__ warned already, or no loop runs here
             raise
 
     async def wait_ready(self) -> None:
@@ -274,9 +274,18 @@ class MLPool(JobAPI):
         cancelled. Then each worker is asked to stop. After ``timeout``
         seconds (finite, >= 0: else ValueError, and nothing changes), what
         still runs is killed and its jobs fail with :class:`PoolClosedError`.
-        With ``wait``, returns once every worker process is reaped.
+        With ``wait``, returns once every worker process is reaped; called
+        so in a coroutine (a running event loop in this thread) it blocks
+        that loop meanwhile: a RuntimeWarning, once per call site, names
+        :meth:`shutdown_async` (not when the pool has already finished).
         """
         _check_shutdown_timeout(timeout)
+        if wait and not self._config.inline and not self._manager.finished.done():
+            warn_if_loop_blocked("shutdown", "shutdown_async", stacklevel=3)
+        self._shutdown(wait, cancel_pending, timeout)
+
+    def _shutdown(self, wait: bool, cancel_pending: bool, timeout: float) -> None:
+        """:meth:`shutdown` without its warning: for callers that gave their own."""
         self._manager.shutdown(cancel_pending=cancel_pending, timeout=timeout)
         if wait:
             self._manager.join(timeout + TERMINATE_GRACE + _JOIN_MARGIN)
@@ -302,7 +311,7 @@ class MLPool(JobAPI):
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.shutdown(wait=True)
+        self._shutdown(True, False, 30.0)  # in a coroutine, __enter__ warned already
 
     async def __aenter__(self) -> MLPool:
         await self.wait_ready()
