@@ -5,12 +5,16 @@ cancelled queued jobs of a session. Each test failed on the code before its fix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from helpers import leaving
 from helpers import stream_workloads as sw
 from helpers.markers import Markers
 from helpers.pools import make_pool
-from helpers.workloads import load_constant
+from helpers.workloads import batch_echo, echo, load_constant, wait_for_release
 
 from mlpool import MLPool
 from mlpool.fastapi import get_pool, install_error_handlers, pool_lifespan, stream_response
@@ -235,3 +239,77 @@ def test_a_child_forked_after_the_pool_started_exits_silently(tmp_path, share, s
     assert run.stdout == "parent done\n"
     for symptom in ("Exception ignored", "AssertionError", "process object is closed", "Traceback"):
         assert symptom not in run.stderr, run.stderr
+
+
+# ------------------------------ 4. cancelled queued jobs leave the queue
+
+BIG = 1_000_000  # bytes of each job's argument: a payload worth freeing
+
+
+def _payloads(futures) -> list[weakref.ref]:
+    """Weak references to the payloads (the pickled arguments) of the jobs of ``futures``."""
+    return [weakref.ref(future._job.payload) for future in futures]
+
+
+def _alive(payloads: list[weakref.ref]) -> int:
+    gc.collect()
+    return sum(ref() is not None for ref in payloads)
+
+
+@contextlib.contextmanager
+def _worker_held(pool, fifo):
+    """The pool's one worker blocked on a job until the block ends: what is
+    submitted meanwhile waits in the queue."""
+    gate = fifo()
+    blocker = pool.submit("m", wait_for_release, str(gate))
+    gate.wait_running()
+    try:
+        yield
+    finally:
+        gate.release_opened()
+        blocker.result(HANG)
+
+
+@pytest.mark.parametrize("fn", [echo, batch_echo], ids=["plain", "batched"])
+def test_a_closed_sessions_queued_jobs_leave_the_queue_with_their_payloads(pool, fifo, fn):
+    with _worker_held(pool, fifo):
+        others = [pool.submit("m", fn, i) for i in range(3)]  # live jobs of no session, queued before and after
+        session = pool.session()
+        futures = [session.submit("m", fn, bytes(BIG)) for _ in range(20)]
+        others += [pool.submit("m", fn, i) for i in range(3, 6)]
+        payloads = _payloads(futures)
+        assert _alive(payloads) == 20
+        assert session.close() == 20
+        del futures
+        assert _alive(payloads) == 0  # was 20: the lanes held them until a plan walked past
+        assert pool.stats().queue_depth == 6
+    results = [future.result(HANG) for future in others]
+    assert results == (list(range(6)) if fn is echo else [(i, results[i][1]) for i in range(6)])
+
+
+@pytest.mark.parametrize("fn", [echo, batch_echo], ids=["plain", "batched"])
+def test_queued_jobs_cancelled_in_any_order_leave_an_idle_queue_empty(pool, fifo, fn):
+    with _worker_held(pool, fifo):
+        futures = [pool.submit("m", fn, bytes(BIG)) for _ in range(20)]
+        payloads = _payloads(futures)
+        for future in random.Random(24).sample(futures, len(futures)):
+            assert future.cancel()
+        del futures, future
+        assert _alive(payloads) == 0
+        assert pool.stats().queue_depth == 0
+
+
+@pytest.mark.parametrize("fn", [echo, batch_echo], ids=["plain", "batched"])
+def test_queued_jobs_cancelled_between_live_ones_never_outnumber_them(pool, fifo, fn):
+    with _worker_held(pool, fifo):
+        futures = [pool.submit("m", fn, bytes(BIG)) for _ in range(40)]
+        payloads = _payloads(futures)
+        live, cancelled = futures[0::4], [f for i, f in enumerate(futures) if i % 4]
+        for future in cancelled:  # each one between two live jobs, or next to another cancelled one
+            assert future.cancel()
+        del futures, cancelled, future
+        # Dropped once they make up half of their FIFO (amortised O(1) a cancel).
+        assert _alive(payloads) - len(live) <= len(live)  # was 30 cancelled ones held, for 10 live
+        assert pool.stats().queue_depth == 10
+    results = [future.result(HANG) for future in live]
+    assert [r if fn is echo else r[0] for r in results] == [bytes(BIG)] * 10

@@ -68,13 +68,14 @@ class ModelQueue:
 class Lane:
     """The FIFO of one session's (or no session's) entries for one model and priority."""
 
-    __slots__ = ("queue", "token", "entries", "linked")
+    __slots__ = ("queue", "token", "entries", "linked", "dead")
 
     def __init__(self, queue: ModelQueue, token: object) -> None:
         self.queue = queue
         self.token = token
         self.entries: deque[Job | Batch] = deque()
         self.linked = False  # in its model queue's ring
+        self.dead = 0  # entries of jobs that left, still in ``entries`` (see forget)
 
 
 class ModelRecord:
@@ -105,7 +106,7 @@ class Batch:
     one FIFO per lane, taken in turn. Its place is one entry in the lane it is
     ``anchor``-ed to (None: not in any lane)."""
 
-    __slots__ = ("key", "policy", "lanes", "ring", "anchor")
+    __slots__ = ("key", "policy", "lanes", "ring", "anchor", "dead")
 
     def __init__(self, key: tuple[str, int, int], policy: BatchPolicy) -> None:
         self.key = key
@@ -113,6 +114,7 @@ class Batch:
         self.lanes: dict[object, deque[Job]] = {}
         self.ring: deque[object] = deque()  # lane tokens with jobs; whose turn: ring[0]
         self.anchor: Lane | None = None
+        self.dead: dict[object, int] | None = None  # lane token -> jobs that left, still in it (see forget)
 
     def head(self) -> Job | None:
         """The next live job in turn (dead ones are dropped); None if none is left."""
@@ -146,3 +148,31 @@ class Batch:
             if job.state is JobState.QUEUED:
                 taken.append(job)
         return taken
+
+
+def forget(fifo: deque[Any], leaving: object, dead: int) -> int:
+    """``leaving``, a job of ``fifo`` (a lane's entries, a batch's lane), left
+    the queue: drop it, with the entries of jobs that left before it, from
+    both ends of ``fifo``; drop every such entry at once when they make up
+    more than half of it (amortised O(1) a job). ``dead``: how many it held
+    before; returns how many it holds now. So the payloads of cancelled jobs
+    do not wait for a plan to walk past them, and a FIFO whose jobs all left
+    is empty. Batches are never dropped here (see ``Scheduler.left``)."""
+    dead += 1
+    while fifo and (fifo[0] is leaving or _left(fifo[0])):
+        fifo.popleft()
+        dead -= 1
+    while fifo and (fifo[-1] is leaving or _left(fifo[-1])):
+        fifo.pop()
+        dead -= 1
+    if dead * 2 > len(fifo):
+        live = [entry for entry in fifo if entry is not leaving and not _left(entry)]
+        fifo.clear()
+        fifo.extend(live)
+        return 0
+    return max(dead, 0)
+
+
+def _left(entry: object) -> bool:
+    """A job's entry whose job left the queue (a batch's, never)."""
+    return type(entry) is not Batch and entry.state is not JobState.QUEUED  # type: ignore[attr-defined]

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from mlpool._fairqueue import Batch, GroupQueue, Lane, Level, ModelRecord, descending, to_front
+from mlpool._fairqueue import Batch, GroupQueue, Lane, Level, ModelRecord, descending, forget, to_front
 from mlpool._jobs import PIPELINE_BUDGET, Job, JobState
 
 # At most this many jobs held by one worker at once.
@@ -142,9 +142,35 @@ class Scheduler:
 
     def left(self, job: Job) -> None:
         """A queued job left the queue without being taken (cancelled, timed
-        out): its place is free now; its entry is skipped when it comes up."""
+        out): its place is free now, and its entry goes now or, between live
+        jobs, soon after (see ``_fairqueue.forget``); never on the hot path."""
         self.queued -= 1
-        self._models[job.model].queued -= 1
+        model = self._models[job.model]
+        model.queued -= 1
+        if job.batch_policy is None:
+            queue = model.queues.get(job.priority)
+            lane = None if queue is None else queue.lanes.get(job.lane)
+            if lane is not None:
+                lane.dead = forget(lane.entries, job, lane.dead)
+            return
+        batch = self._batches.get((job.model, job.fn_id, job.priority))
+        token = job.lane
+        jobs = None if batch is None else batch.lanes.get(token)
+        if batch is None or jobs is None:
+            return
+        dead = batch.dead or {}
+        dead[token] = forget(jobs, job, dead.get(token, 0))
+        batch.dead = dead
+        if jobs:
+            return
+        del batch.lanes[token], dead[token]
+        batch.ring.remove(token)  # tokens with jobs: one per session with batched jobs queued
+        anchor = batch.anchor
+        if not batch.ring and anchor is not None and (anchor.entries[0] is batch or anchor.entries[-1] is batch):
+            # Every job of it left: its place goes too (in the middle of its lane, the plan drops it).
+            anchor.entries.remove(batch)  # at an end: O(1)
+            batch.anchor = None
+            self._drop_batch(batch)
 
     def drain(self) -> Iterator[Job]:
         """Every job still queued, emptying the queue."""
