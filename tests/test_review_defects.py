@@ -76,11 +76,32 @@ def test_an_async_stream_read_on_another_loop_ends(pool, close, started):
     assert ([first] if started else []) + rest == list(range(10))
 
 
-def test_an_async_stream_read_on_another_loop_raises_its_generators_error(pool):
+def test_an_async_stream_read_on_another_loop_raises_its_generators_error(pool, caplog):
     make = lambda: pool.stream_async("m", sw.raise_after, 3)  # noqa: E731
     stream, first = _made_on_a_loop_that_stops(make, close=True, started=True)
     with pytest.raises(ValueError, match="after 3"):
         asyncio.run(_drain(stream))
+    del stream
+    gc.collect()
+    assert "never retrieved" not in caplog.text  # the job's asyncio handle: read through the stream
+
+
+def test_an_async_stream_read_on_another_loop_ends_when_its_session_closes(pool, fifo):
+    gate = fifo()
+    session = pool.session()
+    make = lambda: session.stream_async("m", sw.first_then_gate, str(gate))  # noqa: E731
+    stream, first = _made_on_a_loop_that_stops(make, close=True, started=True)
+    assert first == "first"
+
+    async def read() -> list:
+        reading = asyncio.ensure_future(_drain(stream))
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait_running)
+        session.close()  # from this loop's thread; the stream's end must reach this loop
+        return await reading
+
+    with pytest.raises(asyncio.CancelledError, match="session closed"):
+        asyncio.run(read())
+    gate.release_opened()
 
 
 def test_an_inline_async_stream_read_on_another_loop_ends():
