@@ -1,12 +1,15 @@
 """The third outside review (#24.6): a stream read on another event loop, a
 streaming client that leaves, a process forked after the pool started, and
-cancelled queued jobs of a session. Each test failed on the code before its fix."""
+cancelled queued jobs of a session. Each test failed on the code before its
+fix, except the last two: they guard what the fix of the last one added
+(a batch whose jobs all left)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import random
@@ -16,6 +19,7 @@ import sys
 import threading
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import uvicorn
@@ -27,6 +31,10 @@ from helpers.pools import make_pool
 from helpers.workloads import batch_echo, echo, load_constant, wait_for_release
 
 from mlpool import MLPool
+from mlpool._batching import BatchPolicy
+from mlpool._jobs import Job, JobState
+from mlpool._scheduler import Scheduler
+from mlpool._shm import Payload
 from mlpool.fastapi import get_pool, install_error_handlers, pool_lifespan, stream_response
 
 TESTS = Path(__file__).resolve().parent
@@ -334,3 +342,56 @@ def test_queued_jobs_cancelled_between_live_ones_never_outnumber_them(pool, fifo
         assert pool.stats().queue_depth == 10
     results = [future.result(HANG) for future in live]
     assert [r if fn is echo else r[0] for r in results] == [bytes(BIG)] * 10
+
+
+_job_ids = itertools.count(1)
+
+
+def _queued(lane_token: object = None, *, policy=None) -> Job:
+    made = Job(next(_job_ids), "m", 1, b"", Payload(b"args"), "f", deadline=None, retries=0,
+               batch_policy=policy, lane=lane_token)  # fmt: skip
+    return made
+
+
+def _cancel(scheduler: Scheduler, job: Job) -> None:
+    """What the engine does with a queued job that is cancelled."""
+    scheduler.left(job)
+    job.state = JobState.FINISHED
+
+
+def _plan_all(scheduler: Scheduler) -> list[int]:
+    """Every job the plan hands out, to workers that take anything."""
+    taken: list[int] = []
+    while scheduler:
+        free = SimpleNamespace(inflight=[], backlog=0.0, borrower=None, group="")
+        for _, jobs, _ in scheduler.plan([free], None, 0.0, lambda: False, lambda here: False):
+            taken += [job.id for job in jobs]
+            for job in jobs:
+                job.state = JobState.RUNNING
+    return taken
+
+
+def test_an_emptied_batch_between_live_jobs_keeps_its_place_and_takes_new_jobs():
+    scheduler = Scheduler()
+    policy = BatchPolicy(max_batch_size=4, max_wait=0.0)
+    before, batched, after = _queued(), _queued(policy=policy), _queued()
+    for job in (before, batched, after):
+        scheduler.push(job)
+    _cancel(scheduler, batched)  # its batch, in the middle of the lane, is left empty there
+    again = _queued(policy=policy)
+    scheduler.push(again)  # goes to that batch, which still has its place
+    assert _plan_all(scheduler) == [before.id, again.id, after.id]
+
+
+def test_an_emptied_batch_at_the_end_of_its_lane_goes_and_a_new_one_forms():
+    scheduler = Scheduler()
+    policy = BatchPolicy(max_batch_size=4, max_wait=0.0)
+    before, batched = _queued(), _queued(policy=policy)
+    scheduler.push(before)
+    scheduler.push(batched)
+    _cancel(scheduler, batched)
+    lane = scheduler._models["m"].default
+    assert list(lane.entries) == [before]  # the batch went with its last job
+    again = _queued(policy=policy)
+    scheduler.push(again)
+    assert _plan_all(scheduler) == [before.id, again.id]
