@@ -26,6 +26,7 @@ sys.path.insert(0, str(EXAMPLES))
 from app import main, models
 
 IRIS = [6.2, 2.2, 4.5, 1.5]
+DIABETES = [0.038, 0.05, 0.062, 0.022, -0.044, -0.035, -0.043, -0.003, 0.02, -0.018]
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +127,18 @@ def loaded_torch(process: psutil.Process) -> bool:
     [(None, 1, 1, 1), ("shared", 2, 2, 2)],
     ids=["groups-by-default", "one-shared-pool"],
 )
-def test_app_serves_the_three_models_from_its_mode_s_workers(mode, image_workers, xgboost_workers, with_torch):
+def test_app_serves_the_three_models_from_its_mode_s_workers(request, mode, image_workers, xgboost_workers,
+                                                             with_torch):  # fmt: skip
     """By default the image CNN has a worker of its own and the XGBoost models
     share the other (only one worker loads PyTorch); "shared" is one pool of
-    the same 2 workers, each loading every model."""
+    the same 2 workers, each loading every model. (The default is the module's
+    ``demo`` server, started here if no test did yet.)"""
     models.train_if_missing(with_cnn=True)
     started = time.monotonic()
-    server = UvicornServer("app.main:app", EXAMPLES, env={"MLPOOL_DEMO_MODE": mode} if mode else None)
+    if mode is None:
+        server = request.getfixturevalue("demo")
+    else:
+        server = UvicornServer("app.main:app", EXAMPLES, env={"MLPOOL_DEMO_MODE": mode})
     try:
         assert time.monotonic() - started < 150  # the lifespan ends once every worker has loaded its models
         with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -149,7 +155,8 @@ def test_app_serves_the_three_models_from_its_mode_s_workers(mode, image_workers
         assert len(workers) == 2
         assert sum(loaded_torch(worker) for worker in workers) == with_torch
     finally:
-        assert not server.stop()
+        if mode is not None:
+            assert not server.stop()
 
 
 @pytest.mark.parametrize(
@@ -317,6 +324,105 @@ def test_metrics_are_served_without_a_redirect(demo):
         assert 'mlpool_workers_alive{pool="demo"} 2.0' in response.text
 
 
+# ------------------------------------------------------------------ serving (moved from test_serving: one demo server)
+
+
+def test_models_answer_as_they_do_in_process(demo):
+    iris, diabetes = models.load_iris(), models.load_diabetes()
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        response = client.post("/iris", json={"features": IRIS})
+        assert response.status_code == 200
+        assert response.json() == {"class": models.score_iris(iris, IRIS)}
+        response = client.post("/diabetes", json={"features": DIABETES})
+        assert response.json() == {"class": models.score_diabetes(diabetes, DIABETES)}
+
+
+def test_torch_model_scores_an_uploaded_image_in_a_worker(demo):
+    from PIL import Image
+
+    picture = Image.new("RGB", (120, 90))
+    picture.putdata([((x * 7) % 256, (y * 3) % 256, (x * y) % 256) for y in range(90) for x in range(120)])
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    expected = models.score_image(models.load_cnn(), png.getvalue())
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        response = client.post("/image", files={"file": ("picture.png", png.getvalue(), "image/png")})
+    assert response.status_code == 200
+    assert response.json() == expected
+
+
+def test_job_endpoints(demo):
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        created = client.post("/jobs", json={"model": "iris", "features": IRIS})
+        assert created.status_code == 202
+        job_id = created.json()["job_id"]
+        done = client.get(f"/jobs/{job_id}", params={"wait": 20})
+        assert done.status_code == 200 and done.json()["status"] == "done"
+        gone = client.get(f"/jobs/{job_id}")
+        assert gone.status_code == 404 and gone.json()["error"] == "UnknownJobError"
+        assert client.delete("/jobs/no-such-job").status_code == 404
+
+
+def test_bad_inputs_get_4xx_and_the_pool_keeps_serving(demo):
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        assert client.post("/iris", json={"features": [1.0, 2.0]}).status_code == 422
+        assert client.post("/iris", json={"features": ["a", "b", "c", "d"]}).status_code == 422
+        nan = b'{"features": [NaN, 1, 2, 3]}'
+        assert client.post("/iris", content=nan, headers={"content-type": "application/json"}).status_code == 422
+        assert client.post("/jobs", json={"model": "nope", "features": IRIS}).status_code == 422
+        big = b"\x89PNG" + b"\0" * (3 * 2**20)
+        assert client.post("/image", files={"file": ("big.png", big, "image/png")}).status_code == 413
+        assert client.post("/image", files={"file": ("x.txt", b"hello", "text/plain")}).status_code == 422
+        assert client.post("/iris", json={"features": IRIS}).status_code == 200
+
+
+def test_metrics_are_exposed_and_count(demo):
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        before = metric(client, "mlpool_jobs_total", outcome="completed")
+        for _ in range(3):
+            assert client.post("/iris", json={"features": IRIS}).status_code == 200
+        assert metric(client, "mlpool_jobs_total", outcome="completed") == before + 3
+        assert metric(client, "mlpool_workers_alive") == 2
+        assert metric(client, "mlpool_job_latency_seconds_count") >= before + 3
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").json()["ready"] is True
+
+
+def test_websocket_streams_results(demo):
+    async def main():
+        async with websockets.connect(demo.url.replace("http", "ws") + "/ws") as ws:
+            for i in range(6):
+                await ws.send(json.dumps({"id": i, "model": "iris" if i % 2 else "diabetes",
+                                          "features": IRIS if i % 2 else DIABETES}))  # fmt: skip
+            await ws.send(json.dumps({"id": 99, "model": "iris", "features": [1]}))
+            return [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(7)]
+
+    answers = {a["id"]: a for a in asyncio.run(main())}
+    assert set(answers) == {0, 1, 2, 3, 4, 5, 99}
+    assert "error" in answers[99]
+    assert all(isinstance(answers[i]["class"], int) for i in range(6))
+
+
+def test_demo_websocket_client_leaving_cancels_jobs(demo):
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        before = metric(client, "mlpool_jobs_total", outcome="cancelled")
+    mark = demo.log_mark()
+
+    async def send_and_leave():
+        async with websockets.connect(demo.url.replace("http", "ws") + "/ws") as ws:
+            for i in range(40):  # 40 x 15 ms of work for 2 workers
+                await ws.send(json.dumps({"id": i, "model": "iris", "features": IRIS}))
+
+    asyncio.run(send_and_leave())
+    # Messages are read in order, at most 8 jobs in flight: the server sees the
+    # close after the last message and cancels what is still in flight.
+    demo.wait_for_log("WebSocket client left", since=mark)
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        assert client.post("/iris", json={"features": IRIS}).status_code == 200
+        after = metric(client, "mlpool_jobs_total", outcome="cancelled")
+    assert after > before
+
+
 # ------------------------------------------------------------------ restarts, health (slow app)
 
 
@@ -324,8 +430,8 @@ def test_deleting_running_jobs_restarts_at_most_one_worker(slow_demo):
     with httpx.Client(base_url=slow_demo.url, timeout=60) as client:
         restarts = metric(client, "mlpool_worker_restarts_total")
         for _ in range(3):  # 6 deletes; the first two jobs run on the two idle (shared) workers
-            ids = [client.post("/jobs", json={"model": "iris", "features": held(HOLD_UNTIL_RELEASED)}).json()["job_id"]
-                   for _ in range(2)]
+            held_job = {"model": "iris", "features": held(HOLD_UNTIL_RELEASED)}
+            ids = [client.post("/jobs", json=held_job).json()["job_id"] for _ in range(2)]
             for job_id in ids:
                 assert client.delete(f"/jobs/{job_id}").json() == {"cancelled": True}
                 assert client.get(f"/jobs/{job_id}").status_code == 404

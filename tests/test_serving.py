@@ -1,36 +1,18 @@
-"""End to end: real uvicorn servers on loopback, a real HTTP client, a real WebSocket client."""
+"""End to end: a real uvicorn server on loopback, a real HTTP client, a real WebSocket client
+(the example app's own end-to-end tests are in test_app.py, on its one server)."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import re
-import sys
 import threading
 
 import httpx
 import pytest
 import websockets
-from helpers.server import EXAMPLES, TESTS, UvicornServer
-
-sys.path.insert(0, str(EXAMPLES))
-from app import models
+from helpers.server import TESTS, UvicornServer
 
 IRIS = [6.2, 2.2, 4.5, 1.5]
-DIABETES = [0.038, 0.05, 0.062, 0.022, -0.044, -0.035, -0.043, -0.003, 0.02, -0.018]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    """The example app, scoring on a pool of 2 workers."""
-    models.train_if_missing(with_cnn=True)
-    server = UvicornServer("app.main:app", EXAMPLES)
-    try:
-        yield server
-    finally:
-        left = server.stop()
-        assert not left, f"processes left behind by the example app: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -49,91 +31,6 @@ def post_block(url: str, gate) -> None:
         client.post("/block", params={"fifo": str(gate)})
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    selector = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{[^}]*" + re.escape(selector) + r"[^}]*\}" if labels else r"(\{[^}]*\})?")
-    found = re.search(r"^" + pattern + r" ([0-9.e+-]+)$", text, re.M)
-    assert found, f"{name} {labels} not in /metrics"
-    return float(found.group(found.lastindex))
-
-
-def test_models_answer_as_they_do_in_process(demo):
-    iris, diabetes = models.load_iris(), models.load_diabetes()
-    with httpx.Client(base_url=demo.url, timeout=30) as client:
-        response = client.post("/iris", json={"features": IRIS})
-        assert response.status_code == 200
-        assert response.json() == {"class": models.score_iris(iris, IRIS)}
-        response = client.post("/diabetes", json={"features": DIABETES})
-        assert response.json() == {"class": models.score_diabetes(diabetes, DIABETES)}
-
-
-def test_torch_model_scores_an_uploaded_image_in_a_worker(demo):
-    from PIL import Image
-
-    picture = Image.new("RGB", (120, 90))
-    picture.putdata([((x * 7) % 256, (y * 3) % 256, (x * y) % 256) for y in range(90) for x in range(120)])
-    png = io.BytesIO()
-    picture.save(png, format="PNG")
-    expected = models.score_image(models.load_cnn(), png.getvalue())
-    with httpx.Client(base_url=demo.url, timeout=30) as client:
-        response = client.post("/image", files={"file": ("picture.png", png.getvalue(), "image/png")})
-    assert response.status_code == 200
-    assert response.json() == expected
-
-
-def test_job_endpoints(demo):
-    with httpx.Client(base_url=demo.url, timeout=30) as client:
-        created = client.post("/jobs", json={"model": "iris", "features": IRIS})
-        assert created.status_code == 202
-        job_id = created.json()["job_id"]
-        done = client.get(f"/jobs/{job_id}", params={"wait": 20})
-        assert done.status_code == 200 and done.json()["status"] == "done"
-        gone = client.get(f"/jobs/{job_id}")
-        assert gone.status_code == 404 and gone.json()["error"] == "UnknownJobError"
-        assert client.delete("/jobs/no-such-job").status_code == 404
-
-
-def test_bad_inputs_get_4xx_and_the_pool_keeps_serving(demo):
-    with httpx.Client(base_url=demo.url, timeout=30) as client:
-        assert client.post("/iris", json={"features": [1.0, 2.0]}).status_code == 422
-        assert client.post("/iris", json={"features": ["a", "b", "c", "d"]}).status_code == 422
-        nan = b'{"features": [NaN, 1, 2, 3]}'
-        assert client.post("/iris", content=nan, headers={"content-type": "application/json"}).status_code == 422
-        assert client.post("/jobs", json={"model": "nope", "features": IRIS}).status_code == 422
-        big = b"\x89PNG" + b"\0" * (3 * 2**20)
-        assert client.post("/image", files={"file": ("big.png", big, "image/png")}).status_code == 413
-        assert client.post("/image", files={"file": ("x.txt", b"hello", "text/plain")}).status_code == 422
-        assert client.post("/iris", json={"features": IRIS}).status_code == 200
-
-
-def test_metrics_are_exposed_and_count(demo):
-    with httpx.Client(base_url=demo.url, timeout=30) as client:
-        before = metric(client.get("/metrics").text, "mlpool_jobs_total", outcome="completed")
-        for _ in range(3):
-            assert client.post("/iris", json={"features": IRIS}).status_code == 200
-        text = client.get("/metrics").text
-        assert metric(text, "mlpool_jobs_total", outcome="completed") == before + 3
-        assert metric(text, "mlpool_workers_alive") == 2
-        assert metric(text, "mlpool_job_latency_seconds_count") >= before + 3
-        assert client.get("/healthz").json() == {"status": "ok"}
-        assert client.get("/readyz").json()["ready"] is True
-
-
-def test_websocket_streams_results(demo):
-    async def main():
-        async with websockets.connect(demo.url.replace("http", "ws") + "/ws") as ws:
-            for i in range(6):
-                await ws.send(json.dumps({"id": i, "model": "iris" if i % 2 else "diabetes",
-                                          "features": IRIS if i % 2 else DIABETES}))  # fmt: skip
-            await ws.send(json.dumps({"id": 99, "model": "iris", "features": [1]}))
-            return [json.loads(await asyncio.wait_for(ws.recv(), 30)) for _ in range(7)]
-
-    answers = {a["id"]: a for a in asyncio.run(main())}
-    assert set(answers) == {0, 1, 2, 3, 4, 5, 99}
-    assert "error" in answers[99]
-    assert all(isinstance(answers[i]["class"], int) for i in range(6))
-
-
 def test_websocket_client_leaving_cancels_its_jobs(small, fifo, tmp_path):
     gate = fifo()
     markers = [tmp_path / f"ran-{i}" for i in range(5)]
@@ -150,26 +47,6 @@ def test_websocket_client_leaving_cancels_its_jobs(small, fifo, tmp_path):
     with httpx.Client(base_url=small.url, timeout=30) as client:
         assert client.post("/add", params={"x": 1}).json() == {"sum": 11}  # runs after anything queued
     assert not any(marker.exists() for marker in markers)
-
-
-def test_demo_websocket_client_leaving_cancels_jobs(demo):
-    with httpx.Client(base_url=demo.url, timeout=30) as client:
-        before = metric(client.get("/metrics").text, "mlpool_jobs_total", outcome="cancelled")
-    mark = demo.log_mark()
-
-    async def send_and_leave():
-        async with websockets.connect(demo.url.replace("http", "ws") + "/ws") as ws:
-            for i in range(40):  # 40 x 15 ms of work for 2 workers
-                await ws.send(json.dumps({"id": i, "model": "iris", "features": IRIS}))
-
-    asyncio.run(send_and_leave())
-    # Messages are read in order, at most 8 jobs in flight: the server sees the
-    # close after the last message and cancels what is still in flight.
-    demo.wait_for_log("WebSocket client left", since=mark)
-    with httpx.Client(base_url=demo.url, timeout=30) as client:
-        assert client.post("/iris", json={"features": IRIS}).status_code == 200
-        after = metric(client.get("/metrics").text, "mlpool_jobs_total", outcome="cancelled")
-    assert after > before
 
 
 def test_pool_errors_map_to_http(small, fifo, tmp_path):
