@@ -411,10 +411,10 @@ def _track(manager: _Engine) -> None:
         _live.add(manager)
         if not _atexit_registered:
             # Registered after multiprocessing's own exit hook, so it runs
-            # before it: workers are stopped before multiprocessing joins
-            # them (forever: they are not daemons). Its hook is registered
-            # when multiprocessing.util is first imported, which the manager
-            # thread may not have done yet: import it here, first.
+            # before it (which joins the processes in its table of children:
+            # the pool's are kept out of it, see _workers.untrack). Its hook
+            # is registered when multiprocessing.util is first imported,
+            # which the manager thread may not have done yet: import it here, first.
             import multiprocessing.util  # noqa: F401
 
             atexit.register(_shutdown_all)
