@@ -37,6 +37,9 @@ STORM = """
     from mlpool import MLPool
 
     if __name__ == "__main__":
+        # Ctrl-C raises KeyboardInterrupt even if this script inherited SIGINT ignored
+        # (a background job of a shell without job control, as some CI runners start the tests).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         random.seed(SEED)
         pool = MLPool({"m": load_constant}, nb_workers=2, share_models=SHARE)
         stop = threading.Event()
