@@ -83,7 +83,7 @@ class StreamChannel:
         self.pump: Callable[[], None] | None = None
         self.source: Any = None  # inline mode: the generator
         self.ended = False  # the job settled (set by the engine: see end)
-        self.outcome: Outcome | None = None  # how it ended, once ended
+        self.outcome: tuple[bool, Any, bool] | None = None  # once ended: ok, result or error, cancelled
         self._cond = threading.Condition(threading.Lock())
         self._items: deque[Item] = deque()
         self._waiter: asyncio.Future | None = None  # an async consumer waiting
@@ -109,7 +109,7 @@ class StreamChannel:
         with self._cond:
             if self.ended:
                 return
-            self.outcome = outcome
+            self.outcome = (outcome.ok, outcome.value, outcome.cancelled)  # not the job: no cycle through it
             self.ended = True
             waiter, self._waiter = self._waiter, None
             self._cond.notify_all()
@@ -286,10 +286,11 @@ class _StreamBase:
         self._over = True
         outcome = self._channel.outcome
         assert outcome is not None  # read once the channel ended
-        if outcome.cancelled:
+        ok, value, cancelled = outcome
+        if cancelled:
             return self._cancelled()
-        if not outcome.ok:
-            return outcome.value
+        if not ok:
+            return value
         return self._stop()
 
     def _cancelled(self) -> BaseException:
