@@ -14,14 +14,15 @@ from helpers import pools
 
 def worker_children() -> list[psutil.Process]:
     """Live descendants of this test process that are mlpool workers (or
-    templates): not multiprocessing's resource tracker, nor the processes of
+    templates): not multiprocessing's resource tracker or fork server (each a
+    singleton that lives as long as this process, by design), nor the processes of
     the Ray instance the ray_cluster fixture started, with everything under
     them (Ray starts its worker processes at any time; test_ray checks actors)."""
     out = []
     for child in psutil.Process().children():
         try:
             command = " ".join(child.cmdline())
-            if "resource_tracker" in command or _is_ray(child, command):
+            if "resource_tracker" in command or "multiprocessing.forkserver" in command or _is_ray(child, command):
                 continue
             family = [child, *child.children(recursive=True)]
         except psutil.NoSuchProcess:
