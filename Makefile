@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test soak dist bench bench-overhead bench-instructions bench-batching bench-payload bench-memory bench-fairness bench-streaming chaos clean
+.PHONY: demo quickstart test soak dist bench bench-overhead bench-instructions bench-batching bench-payload bench-arrays bench-memory bench-fairness bench-streaming chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,10 @@ bench-batching: $(DEV_STAMP)
 ## Large arrays in and out: shared memory against the pipe.
 bench-payload: $(DEV_STAMP)
 	$(BIN)/python bench/payload.py
+
+## Large arrays (8 MB, 64 MB, both ways) against another commit (OLD=<rev>), interleaved.
+bench-arrays: $(DEV_STAMP)
+	$(BIN)/python bench/arrays_ab.py $(OLD) --rounds 7
 
 ## Memory and restart time of share_models against spawned workers.
 bench-memory: $(DEV_STAMP)
