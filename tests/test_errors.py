@@ -117,16 +117,22 @@ async def async_items(model: dict, n: int):
     yield n
 
 
+class AsyncCall:
+    async def __call__(self, model: dict, x: int) -> int:
+        return x
+
+
 def test_an_async_scoring_function_is_refused_at_submission_and_the_pool_serves_on(pool):
     """A worker calls scoring functions without an event loop: an async one
     would return a coroutine that never runs (and a misleading pickling error)."""
-    for call in (
-        lambda: pool.score("m", async_score, 1),
-        lambda: pool.submit("m", async_score, 1),
-        lambda: pool.create_job(async_score, "m", args=(1,)),
-        lambda: pool.stream("m", async_items, 1),
+    for call, kind in (
+        (lambda: pool.score("m", async_score, 1), "async function"),
+        (lambda: pool.submit("m", async_score, 1), "async function"),
+        (lambda: pool.create_job(async_score, "m", args=(1,)), "async function"),
+        (lambda: pool.score("m", AsyncCall(), 1), "async function"),
+        (lambda: pool.stream("m", async_items, 1), "async generator function"),
     ):
-        with pytest.raises(TypeError, match="is an async function.*make it a plain def"):
+        with pytest.raises(TypeError, match=f"is an {kind};.*make it a plain def"):
             call()
     assert pool.score("m", add, 1, 2) == add(load_constant(), 1, 2)
 

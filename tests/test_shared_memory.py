@@ -259,3 +259,34 @@ def test_jobs_refused_or_cancelled_before_they_ran_give_their_region_back(fifo):
         gate.release_opened()
         blocker.result(timeout=30)
         assert pool.score("m", array_summary, array)[0] == array.nbytes
+
+
+def test_calls_refused_by_a_closed_session_or_pool_give_their_region_back_at_once():
+    """Refused before the queue (a closed session; a sync call on a shut-down
+    pool): with the garbage collector off, the regions are back all the same."""
+    import gc
+
+    from mlpool import PoolClosedError
+
+    array = np.ones(8 * 2**20, dtype=np.uint8)
+    pool = MLPool({"m": load_constant}, nb_workers=1)
+    session = pool.session()
+    session.close()
+    before = memfd_files()
+    gc.disable()
+    try:
+        refused = (lambda: session.score("m", array_summary, array), lambda: session.submit("m", array_summary, array))
+        for call in refused:
+            for _ in range(10):
+                with pytest.raises(PoolClosedError):
+                    call()
+        assert len(memfd_files() - before) <= 1
+        pool.shutdown()
+        for _ in range(10):
+            with pytest.raises(PoolClosedError):
+                pool.score("m", array_summary, array)
+        assert len(memfd_files() - before) <= 1
+    finally:
+        gc.enable()
+        pool.shutdown()
+

@@ -401,9 +401,9 @@ class JobAPI:
         job's own handle, which a closing session cancels); returns once
         admitted. Raises CancelledError if the job was cancelled first."""
         group = self._group
-        if group is not None:
-            group.enter(job)
         try:
+            if group is not None:
+                group.enter(job)
             while (room := self._engine.enqueue(job, wait=wait, register=register)) is not None:
                 try:
                     yield room

@@ -370,7 +370,11 @@ class Manager:
         try:
             try:
                 with self._lock:
-                    self._check_accepting()
+                    try:
+                        self._check_accepting()
+                    except BaseException:  # refused: its shared memory goes back now, not when collected
+                        self._discard(job)
+                        raise
                     sent = self._dispatcher.send_lent(job, token, lent)
             finally:
                 self._deliver()

@@ -21,6 +21,7 @@ from mlpool._jobapi import JobAPI
 from mlpool._mainguard import check_main_guard
 from mlpool._manager import Manager
 from mlpool._options import JobOptions
+from mlpool._serialization import async_kind
 from mlpool._session import Session
 from mlpool._stacks import STACKS_TIMEOUT
 from mlpool._state import PoolState, PoolStats
@@ -355,10 +356,10 @@ def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
             raise TypeError(f"model names must be str, got {name!r}")
         if not callable(loader):
             raise TypeError(f"the loader of model {name!r} must be callable, got {type(loader).__name__}")
-        if inspect.iscoroutinefunction(loader) or inspect.isasyncgenfunction(loader):
+        if (kind := async_kind(loader)) is not None:
             raise TypeError(
-                f"the loader of model {name!r} is an async function; each worker calls it once, without an event "
-                "loop, and would get a coroutine instead of a model: make it a plain def"
+                f"the loader of model {name!r} is an {kind}; each worker calls it once, without an event "
+                "loop, and would not get a model: make it a plain def"
             )
         required = _required_parameters(loader)
         if required:

@@ -158,6 +158,18 @@ def unpickling_error(what: str, exc: BaseException) -> SerializationError:
     return error
 
 
+def async_kind(fn: Any) -> str | None:
+    """"async function" or "async generator function" if calling ``fn`` gives
+    a coroutine or an async generator (an object whose ``__call__`` is one
+    too), else None."""
+    for target in (fn, type(fn).__call__):
+        if inspect.iscoroutinefunction(target):
+            return "async function"
+        if inspect.isasyncgenfunction(target):
+            return "async generator function"
+    return None
+
+
 class FunctionTable:
     """Gives each scoring function an id and its pickle, computed once.
 
@@ -220,11 +232,10 @@ class FunctionTable:
                 self._entries.move_to_end(key)
                 self._remember(fn, key)
                 return entry.fn_id, entry.data
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):  # once per function: here
+        if (kind := async_kind(fn)) is not None:  # once per function: here
             raise TypeError(
-                f"scoring function {_safe_repr(fn)} is an async function; a worker calls it without an event loop "
-                "and would get a coroutine that never runs: make it a plain def (a generator function, for "
-                "pool.stream)"
+                f"scoring function {_safe_repr(fn)} is an {kind}; a worker calls it without an event loop, "
+                "and what it returns would never run: make it a plain def (a generator function, for pool.stream)"
             )
         try:
             data = by_value(fn)
