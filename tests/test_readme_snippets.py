@@ -10,6 +10,7 @@ sent to it, their output checked against the ``# ...`` lines that follow (one pe
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
 import queue
@@ -101,15 +102,31 @@ def missing_module(code: str) -> str | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def runs(workdir, request):
+    """Every selected snippet started at once, two at a time (each is its own
+    process tree, as a reader's would be: they share nothing but the files);
+    each test waits for its own snippet's outcome."""
+    selected = [item.callspec.params["snippet"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        yield {
+            snippet.name: threads.submit(serve_and_query if snippet.serves else run_script, snippet, workdir)
+            for snippet in selected
+            if missing_module(snippet.code) is None
+        }
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: f"{s.doc}:{s.name}")
-def test_snippet_runs_as_written(snippet, workdir):
+def test_snippet_runs_as_written(snippet, runs):
     module = missing_module(snippet.code)
     if module is not None:
         pytest.skip(f"{module} is not installed here (its extra)")
-    if snippet.serves:
-        serve_and_query(snippet, workdir)
-        return
+    runs[snippet.name].result()  # its assertion, if one failed
+
+
+def run_script(snippet: Snippet, workdir: Path) -> None:
     done = subprocess.run(
         [sys.executable, snippet.name], cwd=workdir, env=environment(),
         capture_output=True, text=True, timeout=RUN_TIMEOUT,
