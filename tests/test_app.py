@@ -159,19 +159,32 @@ def test_app_serves_the_three_models_from_its_mode_s_workers(request, mode, imag
             assert not server.stop()
 
 
-@pytest.mark.parametrize(
-    ("setting", "value", "named"),
-    [("MLPOOL_DEMO_MODE", "pool", "MLPOOL_DEMO_MODE='pool': choose one of groups, shared, inprocess"),
-     ("MLPOOL_DEMO_IMAGE_WORKERS", "0", "MLPOOL_DEMO_IMAGE_WORKERS='0': give a whole number of workers"),
-     ("MLPOOL_DEMO_WORKERS", "two", "MLPOOL_DEMO_WORKERS='two': give a whole number of workers")],
-)  # fmt: skip
-def test_a_bad_mode_or_worker_count_stops_the_app_with_an_error_naming_it(setting, value, named):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
-           setting: value}  # fmt: skip
-    started = subprocess.run([sys.executable, "-c", "import app.main"], env=env, capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
-    assert started.returncode != 0
-    assert f"ValueError: {named}" in started.stderr
+BAD_SETTINGS = [
+    ("MLPOOL_DEMO_MODE", "pool", "MLPOOL_DEMO_MODE='pool': choose one of groups, shared, inprocess"),
+    ("MLPOOL_DEMO_IMAGE_WORKERS", "0", "MLPOOL_DEMO_IMAGE_WORKERS='0': give a whole number of workers"),
+    ("MLPOOL_DEMO_WORKERS", "two", "MLPOOL_DEMO_WORKERS='two': give a whole number of workers"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_starts():
+    """``import app.main`` with each bad setting, the three processes at once:
+    {setting: (exit code, stderr)}."""
+    started = {}
+    for setting, value, _ in BAD_SETTINGS:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")]),
+               setting: value}  # fmt: skip
+        started[setting] = subprocess.Popen([sys.executable, "-c", "import app.main"], env=env, text=True,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    stderrs = {setting: process.communicate(timeout=60)[1] for setting, process in started.items()}
+    return {setting: (process.returncode, stderrs[setting]) for setting, process in started.items()}
+
+
+@pytest.mark.parametrize(("setting", "value", "named"), BAD_SETTINGS)
+def test_a_bad_mode_or_worker_count_stops_the_app_with_an_error_naming_it(bad_starts, setting, value, named):
+    returncode, stderr = bad_starts[setting]
+    assert returncode != 0
+    assert f"ValueError: {named}" in stderr
 
 
 # ------------------------------------------------------------------ bodies
