@@ -28,6 +28,17 @@ def server():
         assert not server.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_server():
+    """errors_app as ``server`` has it, one for the tests that do not depend on the
+    recent pace; each leaves its worker serving (a crashed one is replaced)."""
+    server = UvicornServer("helpers.errors_app:app", TESTS)
+    try:
+        yield server
+    finally:
+        assert not server.stop()
+
+
 def post_block(url: str, fifo) -> None:
     with httpx.Client(base_url=url, timeout=60) as client:
         client.post("/run/block", params={"arg": str(fifo)})
@@ -55,18 +66,19 @@ def close_of(server: UvicornServer, *messages: dict) -> tuple[int, str, list]:
     return asyncio.run(main())
 
 
-def test_websocket_pool_error_closes_with_1011_and_a_reason(server):
+def test_websocket_pool_error_closes_with_1011_and_a_reason(shared_server):
+    server, mark = shared_server, shared_server.log_mark()
     code, reason, answers = close_of(server, {"fn": "add", "arg": 1}, {"fn": "crash"})
     assert answers == [{"result": 11}]
     assert code == 1011
     assert reason.startswith("WorkerCrashedError:") and "pid" not in reason
-    server.wait_for_log("WorkerCrashedError")  # the detail is in the log
+    server.wait_for_log("WorkerCrashedError", since=mark)  # the detail is in the log
     with httpx.Client(base_url=server.url, timeout=30) as client:  # a replacement serves
         assert client.post("/run/add", params={"arg": 2}).json() == {"result": 12}
 
 
-def test_websocket_full_queue_closes_with_1013(server, fifo):
-    gate = fifo()
+def test_websocket_full_queue_closes_with_1013(shared_server, fifo):
+    server, gate = shared_server, fifo()
     blocked = threading.Thread(target=post_block, args=(server.url, gate), daemon=True)
     blocked.start()
     gate.wait_running()
@@ -120,16 +132,16 @@ def test_retry_after_never_exceeds_the_cap(server, fifo):
             blocked.join(30)
 
 
-def test_caller_wait_timing_out_is_504(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+def test_caller_wait_timing_out_is_504(shared_server):
+    with httpx.Client(base_url=shared_server.url, timeout=30) as client:
         response = client.post("/caller-timeout", params={"seconds": 0.5})
         assert response.status_code == 504
         assert response.json()["error"] == "TimeoutError"
 
 
-def test_error_bodies_name_no_pid_or_function(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        pids = {str(p.pid) for p in server.children()}
+def test_error_bodies_name_no_pid_or_function(shared_server):
+    with httpx.Client(base_url=shared_server.url, timeout=30) as client:
+        pids = {str(p.pid) for p in shared_server.children()}
         crashed = client.post("/run/crash")
         assert crashed.status_code == 503
         body = crashed.text
