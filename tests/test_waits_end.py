@@ -108,7 +108,8 @@ def test_a_sync_shutdown_on_a_loop_that_reads_a_busy_pipe_is_prompt(fifo, caplog
         task = asyncio.ensure_future(pool.score_async("m", wait_for_release, str(gate)))
         await loop.run_in_executor(None, gate.wait_running)
         threading.Thread(target=gate.release_opened).start()
-        pool.shutdown(timeout=10)  # blocks the loop that reads the pipe
+        with pytest.warns(RuntimeWarning, match="blocks the event loop"):  # it does, on purpose
+            pool.shutdown(timeout=10)  # blocks the loop that reads the pipe
         return await task
 
     assert _run_in_thread(lambda: asyncio.run(main())) is not None
