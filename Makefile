@@ -34,10 +34,13 @@ quickstart: $(DEMO_STAMP)
 	$(BIN)/python examples/quickstart.py
 
 ## Lint and type checks (configured in pyproject.toml), then the whole test suite (real worker processes).
+## The test files run in TEST_PROCESSES processes at once (pytest-xdist), each file's tests in one of them
+## in order, so a module's shared pool or server is started once; most tests wait on their workers.
+TEST_PROCESSES ?= 2
 test: $(DEV_STAMP)
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy src/mlpool
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 ## The soak tests the default run leaves out: the same checks as some of `make test`'s at
 ## 3 to 10 times the count (200 worker restarts, 100,000 unfetched results); a few minutes.
