@@ -1,10 +1,10 @@
-"""Large arrays through a worker, two revisions side by side (interleaved).
+"""Large arrays through a worker, revisions side by side (interleaved).
 
-    python bench/arrays_ab.py OLD_REV [NEW_REV] [--rounds 5] [--repeats 15]
+    python bench/arrays_ab.py REV [REV...] [--rounds 5] [--repeats 15]
 
-Each round runs ``_arrays_driver.py`` once per revision (old, new, old,
-new...; a fresh process each time, the revision imported from a temporary
-git worktree's ``src``; NEW_REV defaults to the working tree). A driver
+Each round runs ``_arrays_driver.py`` once per revision given, then once for
+the working tree (a fresh process each time, a revision imported from a
+temporary git worktree's ``src``). A driver
 times REPEATS round trips of each case through one worker and keeps the
 median:
 
@@ -14,7 +14,7 @@ median:
   copy alone (``out``).
 
 Printed: the median over the rounds of each side's medians, and the median
-of the per-round new/old ratios. Timings on a shared machine move between
+of the per-round ratios of the working tree to the first revision. Timings on a shared machine move between
 rounds; the interleaving puts both sides under the same load.
 """
 
@@ -37,8 +37,7 @@ DRIVER = Path(__file__).resolve().parent / "_arrays_driver.py"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("old", help="the revision to compare against")
-    parser.add_argument("new", nargs="?", default=None, help="the revision measured (default: the working tree)")
+    parser.add_argument("revs", nargs="+", help="the revisions to compare the working tree against")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15, help="round trips per case in each round (median)")
     opts = parser.parse_args()
@@ -46,13 +45,11 @@ def main() -> None:
     trees: list[Path] = []
     try:
         sides: dict[str, Path] = {}
-        for name, rev in (("old", opts.old), ("new", opts.new)):
-            if rev is None:
-                sides["new (working tree)"] = ROOT / "src"
-            else:
-                tree = scratch / name
-                sides[f"{name} ({rev})"] = checkout(rev, tree)
-                trees.append(tree)
+        for i, rev in enumerate(opts.revs):
+            tree = scratch / f"rev{i}"
+            sides[rev] = checkout(rev, tree)
+            trees.append(tree)
+        sides["working tree"] = ROOT / "src"
         results: dict[str, list[dict[str, float]]] = {label: [] for label in sides}
         for r in range(opts.rounds):
             for label, src in sides.items():
@@ -63,13 +60,13 @@ def main() -> None:
                 results[label].append(json.loads(out.stdout.splitlines()[-1]))
             print(f"round {r + 1}/{opts.rounds} done", flush=True)
         med = statistics.median
-        old, new = results.values()
+        first, new = results[opts.revs[0]], results["working tree"]
         labels = list(results)
-        print(f"\n| median of {opts.rounds} rounds (ms) | " + " | ".join(labels) + " | new / old |")
+        print(f"\n| median of {opts.rounds} rounds (ms) | " + " | ".join(labels) + f" | working tree / {labels[0]} |")
         print("|---|" + "---:|" * (len(labels) + 1))
-        for key in old[0]:
+        for key in first[0]:
             figures = [med(r[key] for r in side) * 1e3 for side in results.values()]
-            ratio = med(n[key] / o[key] for o, n in zip(old, new, strict=True))
+            ratio = med(n[key] / o[key] for o, n in zip(first, new, strict=True))
             print(f"| {key} | " + " | ".join(f"{f:.2f}" for f in figures) + f" | {ratio:.2f} |")
     finally:
         for tree in trees:
