@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,12 +63,16 @@ class UvicornServer:
         with self._logged:
             return len(self.log)
 
-    def wait_for_log(self, text: str, timeout: float = 30.0, *, since: int = 0) -> str:
-        """Return the first line (after line ``since``) containing ``text``, once the server wrote it."""
+    def wait_for_log(self, text: str | re.Pattern[str], timeout: float = 30.0, *, since: int = 0) -> str:
+        """Return the first line (after line ``since``) containing ``text`` (or
+        matching it, a regular expression), once the server wrote it."""
         found: list[str] = []
 
+        def has(line: str) -> bool:
+            return text in line if isinstance(text, str) else text.search(line) is not None
+
         def seen() -> bool:
-            found[:] = [line for line in self.log[since:] if text in line][:1]
+            found[:] = [line for line in self.log[since:] if has(line)][:1]
             return bool(found)
 
         with self._logged:
