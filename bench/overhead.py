@@ -237,7 +237,7 @@ def compare_job_ids(pool: MLPool, rounds: int, duration: float, job_id_load) -> 
 def tracing_costs(pool: MLPool, rounds: int, n: int) -> None:
     """Sync tiny-job p50 without the otel extra, with tracing off, with tracing on;
     interleaved in each round, medians of rounds; the differences are the cost."""
-    from mlpool import _tracing
+    from mlpool._engine import tracing as _tracing
 
     try:
         from opentelemetry import trace

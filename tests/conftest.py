@@ -11,6 +11,8 @@ import psutil
 import pytest
 from helpers import pools
 
+import mlpool
+
 
 def worker_children() -> list[psutil.Process]:
     """Live descendants of this test process that are mlpool workers (or
@@ -117,7 +119,9 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     ray.init(
         num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}},
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+            [str(Path(mlpool.__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+        )}},
     )
     yield ray
     ray.shutdown()

@@ -5,7 +5,7 @@ its arguments) and get results back through job ids, futures or coroutines.
 See :class:`MLPool`.
 
 The errors are loaded with the package; everything else on first use (PEP
-562), so that a worker process, which imports ``mlpool._worker_main``, loads
+562), so that a worker process, which imports ``mlpool._worker.main``, loads
 no parent-side module (the pool, the engine, asyncio, integrations).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from mlpool._errors import (
+from mlpool.errors import (
     JobTimeoutError,
     MLPoolError,
     ModelLoadError,
@@ -31,12 +31,12 @@ from mlpool._errors import (
 )
 
 if TYPE_CHECKING:
-    from mlpool._batching import batched
-    from mlpool._config import Model
-    from mlpool._pool import MLPool
-    from mlpool._resources import usable_cpu_count
-    from mlpool._state import PoolStats
-    from mlpool._streams import AsyncStream, Stream
+    from mlpool._api.config import Model
+    from mlpool._api.pool import MLPool
+    from mlpool._api.resources import usable_cpu_count
+    from mlpool._api.streams import AsyncStream, Stream
+    from mlpool._engine.batching import batched
+    from mlpool._engine.state import PoolStats
 
 __version__ = "0.2.0.dev0"
 
@@ -65,21 +65,21 @@ __all__ = [
 
 # Loaded on first use: the name and the private module that defines it.
 _LAZY = {
-    "MLPool": "mlpool._pool",
-    "Model": "mlpool._config",
-    "PoolStats": "mlpool._state",
-    "Stream": "mlpool._streams",
-    "AsyncStream": "mlpool._streams",
-    "batched": "mlpool._batching",
-    "usable_cpu_count": "mlpool._resources",
+    "MLPool": "mlpool._api.pool",
+    "Model": "mlpool._api.config",
+    "PoolStats": "mlpool._engine.state",
+    "Stream": "mlpool._api.streams",
+    "AsyncStream": "mlpool._api.streams",
+    "batched": "mlpool._engine.batching",
+    "usable_cpu_count": "mlpool._api.resources",
 }
 
 
 def _public(obj: Any) -> Any:
     # Show the public path in reprs, docs and tracebacks (mlpool.MLPool, not
-    # mlpool._pool.MLPool). Pickles still resolve: each private module keeps
+    # mlpool._api.pool.MLPool). Pickles still resolve: each private module keeps
     # its name bound, and this module finds every public name.
-    if getattr(obj, "__module__", "").startswith("mlpool._"):
+    if getattr(obj, "__module__", "").startswith(("mlpool._", "mlpool.errors")):
         obj.__module__ = "mlpool"
     return obj
 

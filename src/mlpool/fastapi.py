@@ -33,7 +33,7 @@ from functools import partial
 from types import FrameType
 from typing import Any, TypeVar
 
-from mlpool._errors import missing_dependency
+from mlpool.errors import missing_dependency
 
 try:
     from starlette.requests import HTTPConnection, Request
@@ -42,7 +42,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise missing_dependency("mlpool.fastapi", "FastAPI or Starlette", "fastapi>=0.110", "fastapi") from exc
 
-from mlpool._errors import (
+from mlpool._api.pool import MLPool
+from mlpool._api.streams import AsyncStream
+from mlpool.errors import (
     JobTimeoutError,
     MLPoolError,
     ModelLoadError,
@@ -55,8 +57,6 @@ from mlpool._errors import (
     UnknownModelError,
     WorkerCrashedError,
 )
-from mlpool._pool import MLPool
-from mlpool._streams import AsyncStream
 
 __all__ = [
     "RETRY_AFTER_MAX",

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mlpool._errors import missing_dependency
+from mlpool.errors import missing_dependency
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
@@ -30,7 +30,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise missing_dependency("mlpool.prometheus", "prometheus_client", "prometheus-client>=0.20", "metrics") from exc
 
-from mlpool._pool import MLPool
+from mlpool._api.pool import MLPool
 
 __all__ = ["PoolCollector", "metrics_app"]
 

@@ -1,0 +1,319 @@
+"""Jobs to workers, and their answers back (under the engine's lock).
+
+::
+
+    dispatch: Scheduler.plan ─► (worker, jobs) ─► build the Run frame first
+              ─► record who holds what ─► send; a frame that cannot be built
+              fails its jobs, a pipe that breaks requeues them
+    send_lent: the same for one job on an idle worker whose pipe the caller reads
+    answered: a Done/Failed for the worker's oldest job ─► Outcomes
+
+A job's message is built before anything is recorded: if it cannot be built
+(out of descriptors or memory for shared memory), nothing changed but the
+job's failure. Which worker's pipe an event loop reads, and when it is
+taken back, is decided here with the loans (see ``_loans``).
+
+Callers dispatch themselves when a worker is free (one thread hop fewer on
+the idle path); the manager dispatches whenever capacity frees up, which
+only ever happens on its own thread (a result, a Ready, a death). So a job
+left in the queue by a caller never needs a wake-up. Callers wake the
+manager only when they move a deadline earlier or ask for shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+from typing import Any
+
+from mlpool._api.config import PoolConfig
+from mlpool._engine.jobs import PIPELINE_BUDGET, Job, JobState, running_loop
+from mlpool._engine.outcomes import Outcomes, WakeClock
+from mlpool._engine.regions import RegionPool
+from mlpool._engine.registry import Registry
+from mlpool._engine.scheduler import MAX_INFLIGHT, Scheduler
+from mlpool._engine.state import PoolState
+from mlpool._engine.streams import on_item, run_frame
+from mlpool._processes.readers import LOAN_CHECK, Loans, ProtocolBroken
+from mlpool._processes.supervisor import Supervisor
+from mlpool._processes.workers import WorkerHandle, WorkerState
+from mlpool._wire.protocol import (
+    NOWHERE,
+    Done,
+    Exiting,
+    Failed,
+    Item,
+    LoadFailed,
+    OverMemory,
+    Ready,
+    StreamEnd,
+    encode_run,
+    encode_run_batch,
+)
+from mlpool._wire.serialization import FUNCTION_CACHE_SIZE
+from mlpool._wire.transport import send_frames
+from mlpool.errors import MLPoolError
+
+logger = logging.getLogger("mlpool._engine.engine")
+
+# A frame, its descriptors, and how many jobs it carries.
+Frame = tuple[bytes, list[int], int]
+
+
+class Dispatcher:
+    """Hands queued jobs to workers and takes their answers."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        scheduler: Scheduler,
+        supervisor: Supervisor,
+        loans: Loans,
+        outcomes: Outcomes,
+        registry: Registry[Job],
+        regions: RegionPool,
+        clock: WakeClock,
+    ) -> None:
+        self._scheduler = scheduler
+        self._supervisor = supervisor
+        self._loans = loans
+        self._outcomes = outcomes
+        self._regions = regions
+        self._clock = clock
+        self._registry = registry
+        self._model_group = supervisor.model_group
+        # Each group's max_jobs_per_worker.
+        self._limits = {name: group.max_jobs_per_worker for name, group in supervisor.groups.items()}
+        # When no worker can take a job: reclaim the pipes of loops that stopped (a live view of the workers).
+        self._unstick = partial(loans.reclaim_stopped, supervisor.workers.values())
+
+    def watch_deadline(self, job: Job) -> None:
+        """Expire ``job`` at its deadline, if it has one."""
+        if self._registry.watch(job):
+            self._clock.note(job.deadline)  # type: ignore[arg-type]
+
+    def dispatch(self) -> None:
+        """Hand queued jobs to workers that can take them."""
+        scheduler = self._scheduler
+        scheduler.hold_until = None  # set again by plan() if a batch still waits for more items
+        if not scheduler.queued:
+            return
+        limits = self._limits
+        workers = [
+            w
+            for w in self._supervisor.workers.values()
+            if w.state is WorkerState.IDLE
+            # What pick_worker needs of a worker that holds jobs (else nothing is planned for it):
+            and (not w.inflight or (len(w.inflight) < MAX_INFLIGHT and w.backlog < PIPELINE_BUDGET))
+            and ((limit := limits[w.group]) is None or w.jobs_done + len(w.inflight) < limit)
+        ]
+        here = running_loop()
+        if not workers:  # all busy (the common case under load): nothing to plan
+            self._unstick(here)  # but a full worker lent to a stopped loop is read by the manager from now on
+            return
+        frames: dict[WorkerHandle, list[Frame]] = {}
+        running = self._supervisor.state is PoolState.RUNNING
+        plan = scheduler.plan(workers, here, time.monotonic(), self._others_busy, self._unstick)
+        for worker, taken, estimate in plan:
+            if len(taken) == 1:
+                jobs = taken if self._start(taken[0]) else []
+            else:
+                jobs = [job for job in taken if self._start(job)]
+            if not jobs:
+                continue
+            # The message first: if it cannot be built, nothing was recorded.
+            try:
+                frame, fds = self._run_frame(worker, jobs)
+            except Exception as exc:
+                self._refuse(jobs, exc)
+                continue
+            limit = limits[worker.group]
+            if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
+                workers.remove(worker)  # its last jobs before it is recycled
+            loop = jobs[0].loop if len(jobs) == 1 or all(job.loop is jobs[0].loop for job in jobs) else None
+            if worker.borrower is not None and (worker.borrower is not loop or loop is None):
+                self._loans.take_back(worker, here)  # an idle loan to another reader
+            if worker.borrower is None and loop is not None and loop is here and not worker.inflight and running:
+                self._loans.lend_to_loop(worker, here)
+                self._clock.note(time.monotonic() + LOAN_CHECK)  # the manager checks that this loop runs
+            for job in jobs:
+                job.state = JobState.RUNNING
+                job.worker = worker
+                job.estimate = estimate
+                worker.inflight.append(job)
+                worker.backlog += estimate
+            if not worker.registered and worker.borrower is None:
+                self._loans.watch_now(worker)
+            frames.setdefault(worker, []).append((frame, fds, len(jobs)))
+        if scheduler.hold_until is not None:
+            self._clock.note(scheduler.hold_until)
+        for worker, batch in frames.items():
+            self._send(worker, batch)
+
+    def send_lent(self, job: Job, token: object, lent: list[WorkerHandle]) -> bool | None:
+        """Lend an idle worker's pipe to the calling thread (noted in ``lent``
+        at once) and send it ``job``. None: wait for the result; False: not
+        here (enqueue it); True: settled already (refused, or requeued)."""
+        if self._scheduler.queued or job.state is not JobState.NEW:
+            return False
+        group = self._model_group[job.model]
+        for worker in self._supervisor.workers.values():
+            if worker.state is WorkerState.IDLE and not worker.inflight and worker.group == group:
+                break
+        else:
+            return False
+        try:
+            frame, fds = self._run_frame(worker, [job])
+        except Exception as exc:
+            job.mark_running()
+            self._refuse([job], exc)
+            return True
+        self._loans.lend_to_thread(worker, token)
+        lent.append(worker)
+        if job.deadline is not None:
+            self.watch_deadline(job)
+        job.mark_running()
+        job.state = JobState.RUNNING
+        job.worker = worker
+        job.estimate = self._scheduler.estimate(job.fn_id)
+        worker.inflight.append(job)
+        worker.backlog += job.estimate
+        self._send(worker, [(frame, fds, 1)])
+        if job.state is not JobState.RUNNING:  # the pipe failed: requeued or refused
+            self._loans.end(worker, token)
+            if self._supervisor.state is not PoolState.RUNNING:
+                self._clock.soon()
+            self.dispatch()
+            return True
+        return None
+
+    def answered(self, worker: WorkerHandle, msg: Done | Failed | StreamEnd) -> None:
+        """``worker`` answered its oldest job."""
+        if not worker.inflight or worker.inflight[0].id != msg.job_id:
+            worker.kill(f"protocol error: answered job {msg.job_id} out of order")
+            return
+        job = worker.inflight.popleft()
+        worker.backlog -= job.estimate
+        worker.jobs_done += 1
+        shared = sum(length for _, length in msg.spans) if type(msg) is Done and msg.where != NOWHERE else None
+        if job.stream is None:  # a stream's length says nothing of the next one's: none pipelines behind it
+            self._scheduler.observe(job.fn_id, msg.seconds, shared)
+        # The worker is done with its arguments; the offer is read in Outcomes.decode.
+        if job.payload.shared or job.result_offer is not None:
+            self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
+        if not worker.inflight and worker.registered:
+            self._loans.watch_now(worker)
+        if job.state is JobState.RUNNING:
+            self._outcomes.finish(job, type(msg) is not Failed, msg)
+        elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
+            os.close(msg.fd)
+            self._outcomes.release_memory(job)
+
+    def _start(self, job: Job) -> bool:
+        """Move a job taken from the queue to running; False (and cancelled) if its caller cancelled it."""
+        if job.mark_running():
+            return True
+        self._outcomes.cancel(job)
+        return False
+
+    def _others_busy(self) -> bool:
+        return any(w.inflight for w in self._supervisor.workers.values())
+
+    def _run_frame(self, worker: WorkerHandle, jobs: list[Job]) -> tuple[bytes, list[int]]:
+        """One Run (or RunBatch) frame for ``jobs``, all of one function, and
+        the descriptors of their shared memory to send with it."""
+        first = jobs[0]
+        known = worker.known_functions
+        fn = b"" if first.fn_id in known else first.fn_pickle
+        # The buffers went into shared memory when the job was made (see
+        # Payload); a retry sends the same region.
+        if len(jobs) == 1:
+            fds = [first.payload.place(self._regions)] if first.payload.shared else []
+        else:
+            fds = [job.payload.place(self._regions) for job in jobs if job.payload.shared]
+        if first.stream is not None:
+            frame = run_frame(first, fn)
+            if first.trace is not None:
+                first.trace.sent(worker.pid)
+        elif first.batch_policy is None:
+            p = first.payload
+            offer = self._scheduler.result_size(first.fn_id)
+            if offer is not None:  # its results came in shared memory: offer room for the next
+                first.result_offer = self._regions.take(offer)
+                fds.append(first.result_offer.fd)
+            frame = encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans, offer is not None)
+            if first.trace is not None:
+                first.trace.sent(worker.pid)
+        else:
+            ids = tuple(job.id for job in jobs)
+            payloads = tuple(job.payload.data for job in jobs)
+            spans = tuple(job.payload.spans for job in jobs) if fds else ()
+            frame = encode_run_batch(ids, first.fn_id, first.model, fn, payloads, spans)
+            for job in jobs:
+                if job.trace is not None:
+                    job.trace.sent(worker.pid)
+        if fn:
+            if len(known) >= FUNCTION_CACHE_SIZE:  # the worker clears its cache at the same message
+                known.clear()
+            known.add(first.fn_id)
+        return frame, fds
+
+    def _refuse(self, jobs: list[Job], exc: Exception) -> None:
+        """Fail jobs whose message could not be built (out of descriptors or
+        memory for shared memory, ...); the worker never saw them."""
+        for job in jobs:
+            error = MLPoolError(f"job {job.id} ({job.fn_name}) could not be sent to a worker: {exc!r}")
+            error.__cause__ = exc
+            job.worker = None
+            self._outcomes.finish(job, False, error)
+
+    def _send(self, worker: WorkerHandle, frames: list[Frame]) -> None:
+        """Write frames to ``worker``."""
+        try:
+            if len(frames) == 1:
+                send_frames(worker.sock, [frames[0][:2]])
+            else:
+                send_frames(worker.sock, [(frame, fds) for frame, fds, _ in frames])
+        except OSError as exc:
+            # A dead worker (its sentinel will tell us how): these jobs never
+            # reached it, back to the front of the queue. Any other error may
+            # have left half a message in the pipe: the worker is killed, and
+            # these jobs fail (sending them again would fail again).
+            dead = isinstance(exc, (BrokenPipeError, ConnectionResetError))
+            unsent = sum(count for _, _, count in frames)
+            logger.debug("worker %d: could not send %d jobs: %r", worker.id, unsent, exc)
+            worker.kill(f"its pipe failed: {exc!r}")
+            for _ in range(unsent):
+                job = worker.inflight.pop()
+                worker.backlog -= job.estimate
+                if job.result_offer is not None:
+                    self._regions.give(job.result_offer)
+                    job.result_offer = None
+                if dead:
+                    self._scheduler.requeue(job)
+                else:
+                    self._refuse([job], exc)
+
+    def on_message(self, worker: WorkerHandle, msg: Any) -> None:
+        """What ``worker`` sent, read by whoever reads its pipe (under the lock)."""
+        match msg:
+            case Item():
+                on_item(worker, msg)
+            case Done() | Failed() | StreamEnd():
+                self.answered(worker, msg)
+                self._supervisor.answered(worker)
+            case Ready():
+                self._supervisor.on_ready(worker, msg)
+            case LoadFailed():
+                worker.load_failure = msg
+            case OverMemory(rss):
+                self._supervisor.retire(
+                    worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker"
+                )
+            case Exiting():
+                pass
+            case ProtocolBroken(reason):
+                worker.fault = reason
+                worker.kill(f"protocol error: {reason}")

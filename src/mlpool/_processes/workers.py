@@ -1,0 +1,301 @@
+"""Worker processes as the parent sees them: spawn, state, the jobs each holds, death.
+
+A :class:`WorkerHandle` is owned by the manager (see ``_manager``): its
+state and ``inflight`` jobs change only under the manager's lock. Who reads
+its pipe (``borrower``) and the pipe's buffer change only under its own
+``read_lock``.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from mlpool._processes.stacks import StackReader
+from mlpool._wire.protocol import setup_frame
+from mlpool._wire.started import StartedWord
+from mlpool._wire.transport import FrameReader, send_frames
+from mlpool._worker.main import WorkerSettings, worker_main
+
+if TYPE_CHECKING:
+    from mlpool._engine.jobs import Job
+
+logger = logging.getLogger(__name__)
+
+_worker_ids = itertools.count(1)
+# How long reap() waits, without a pidfd, for an exit its sentinel announced.
+_REAP_PATIENCE = 1.0
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # spawned; loading models, no Ready yet
+    IDLE = "idle"  # ready; takes jobs (it may hold some: see WorkerHandle.inflight)
+    RETIRING = "retiring"  # takes no more jobs; gets Stop once its jobs are done
+    STOPPING = "stopping"  # sent Stop; waiting for it to exit
+    KILLED = "killed"  # we sent SIGKILL (timeout, interrupt, shutdown); waiting for its sentinel
+    EXITED = "exited"  # reaped
+
+    def to(self, new: WorkerState) -> WorkerState:
+        """``new``, if a worker may go there from this state; else a RuntimeError (a bug)."""
+        if new not in _WORKER_MOVES[self]:
+            raise RuntimeError(f"mlpool internal error: a worker cannot go from {self.value} to {new.value}")
+        return new
+
+
+_WORKER_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.IDLE, WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.IDLE: frozenset({WorkerState.RETIRING, WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.RETIRING: frozenset({WorkerState.STOPPING, WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.STOPPING: frozenset({WorkerState.KILLED, WorkerState.EXITED}),
+    WorkerState.KILLED: frozenset({WorkerState.EXITED}),
+    WorkerState.EXITED: frozenset(),
+}
+
+
+class WorkerHandle:
+    """One worker process, its pipe, and the jobs it holds in the order it runs them."""
+
+    __slots__ = (
+        "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
+        "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
+        "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
+        "forked", "started", "fault", "group", "index", "stacks",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        process: Any,
+        conn: Any,
+        pidfd: int = -1,
+        *,
+        forked: bool = False,
+        started: StartedWord | None = None,
+        stacks: bool = False,
+    ) -> None:
+        """``stacks``: give the worker a pipe for its stack dumps (see ``_stacks``:
+        a spawned or forked worker, not a Ray actor). Raises OSError (out of
+        descriptors, a dead worker)."""
+        self.id = int(process.name.rsplit("-", 1)[1])
+        self.process = process
+        self.conn = conn
+        self.fd: int = conn.fileno()
+        # A pidfd when we have one: readable once the process has exited,
+        # whoever else holds its pipes (a child it forked inherits those).
+        self.pidfd = pidfd
+        self.sentinel: int = pidfd if pidfd >= 0 else process.sentinel
+        # Forked from a template (see _forking): its sentinel is a pidfd, and
+        # its exit code comes from the template, maybe after the sentinel fired.
+        self.forked = forked
+        # The id of the job it last began, which it writes itself: after its
+        # death, tells a job it was running from one it never took (see _started).
+        self.started = started or StartedWord()
+        self.reader = FrameReader()
+        self.group = ""  # the worker group it belongs to ("": the shared workers)
+        self.index = 0  # its place in the group (worker_env); a replacement takes the same
+        self.state = WorkerState.STARTING
+        self.inflight: deque[Job] = deque()
+        self.backlog = 0.0  # estimated seconds of work in ``inflight``
+        self.known_functions: set[int] = set()
+        self.jobs_done = 0
+        self.started_at = time.monotonic()
+        self.pid: int = process.pid
+        self.kill_reason: str | None = None
+        self.start_timed_out = False  # killed for not loading its models within start_timeout
+        self.fault: str | None = None  # killed for something it did (its bytes broke the protocol): how
+        self.load_failure: Any = None  # the LoadFailed message, if it sent one
+        self.eof = False
+        # Reads use recv(MSG_DONTWAIT) on a second handle of the same socket,
+        # so a reader woken for data another reader took never blocks, while
+        # writes on ``fd`` stay blocking.
+        self.sock = socket.socket(fileno=os.dup(self.fd))
+        self.read_lock = threading.Lock()
+        # Who reads the pipe: None (the manager thread), a caller thread's
+        # token, or an event loop (see Manager: "loans").
+        self.borrower: Any = None
+        self.registered = False  # in the manager's selector
+        # Who may still wait on fd or the sentinel: loops with an add_reader,
+        # caller threads polling. The last to leave closes a reaped worker.
+        self.watchers: set[Any] = set()
+        self.closed = False
+        self.stacks: StackReader | None = None  # where its stack dumps come (see _stacks)
+        if stacks:
+            try:
+                self.stacks = StackReader.open(self.sock)
+            except BaseException:
+                self.sock.close()
+                raise
+
+    def __repr__(self) -> str:
+        return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker (it may be running user code that never returns)."""
+        if self.state in (WorkerState.KILLED, WorkerState.EXITED):
+            return
+        logger.info("killing worker %d (pid %d): %s", self.id, self.pid, reason)
+        self.kill_reason = reason
+        self.state = self.state.to(WorkerState.KILLED)
+        self.process.kill()
+
+    def terminate(self) -> None:
+        self.process.terminate()
+
+    def reap(self) -> int | None:
+        """The exit code, once the sentinel has fired. Negative: killed by that signal.
+
+        Never blocks: a pidfd fires once the process is a zombie, so its exit
+        code is there (``exitcode`` is a ``waitpid(WNOHANG)``); a forked
+        worker's code may still be on its way from the template (None: ask
+        again then). Without a pidfd (other platforms, Ray actors) the sentinel
+        fires when its descriptors close, at most a moment before the exit:
+        then this waits for that moment, briefly."""
+        code = self.process.exitcode
+        if code is None and self.pidfd < 0 and not self.forked:
+            self.process.join(timeout=_REAP_PATIENCE)
+            code = self.process.exitcode
+        return code
+
+    def close(self) -> None:
+        """Close the pipe and release the process (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reader.close()
+        if self.stacks is not None:
+            self.stacks.close()
+        self.sock.close()
+        self.conn.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.started.close()
+        try:
+            self.process.close()
+        except ValueError:  # still running (join timed out): leave it to the OS
+            logger.warning("worker %d (pid %d) could not be reaped", self.id, self.pid)
+
+
+def spawn_worker(
+    context: multiprocessing.context.BaseContext, loaders_pickle: bytes, settings: WorkerSettings
+) -> WorkerHandle:
+    """Start one worker process. Call from the manager thread (see ``_die_with_parent``)."""
+    worker_id = new_worker_id()
+    parent_conn, child_conn = context.Pipe(duplex=True)
+    try:
+        started = send_started_word(socket.socket(fileno=os.dup(parent_conn.fileno())))
+    except BaseException:
+        parent_conn.close()
+        child_conn.close()
+        raise
+    process = context.Process(  # type: ignore[attr-defined]  # typeshed: only concrete contexts have it
+        target=worker_main,
+        args=(child_conn, worker_id, loaders_pickle, settings),
+        name=f"mlpool-worker-{worker_id}",
+        daemon=False,
+    )
+    try:
+        process.start()
+        untrack(process)
+    except BaseException:
+        parent_conn.close()
+        started.close()
+        raise
+    finally:
+        child_conn.close()
+    try:
+        return WorkerHandle(process, parent_conn, open_pidfd(process.pid), started=started, stacks=True)
+    except BaseException:  # out of descriptors for its handle: leave no process behind
+        process.kill()
+        process.join(_REAP_PATIENCE)
+        parent_conn.close()
+        started.close()
+        raise
+
+
+def untrack(process: multiprocessing.process.BaseProcess) -> None:
+    """Take a started process of the pool out of ``multiprocessing``'s table
+    of children, right after ``start()``: the pool reaps its processes itself.
+
+    Left there, a process forked from this one later (``os.fork`` in a server
+    or a helper, even one made in C, which runs no at-fork hook) inherits the
+    entry, and ``multiprocessing``'s exit hook in that child joins the
+    parent's worker: "AssertionError: can only join a child process". In this
+    process, the same hook would join, at exit, a process the pool may be
+    closing meanwhile ("process object is closed"). The table is private to
+    CPython's ``multiprocessing.process``; without it there is nothing to do."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if isinstance(children, set):
+        children.discard(process)
+
+
+def send_started_word(sock: socket.socket, *, close: bool = True) -> StartedWord:
+    """Create a worker's started word and send it as the first message on
+    its socket (it waits there until the worker reads it). ``close``: close
+    ``sock`` afterwards (a duplicate made for this)."""
+    fd, word = StartedWord.create()
+    try:
+        if fd >= 0:
+            send_frames(sock, [setup_frame(fd)])
+    except BaseException:
+        word.close()
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if close:
+            sock.close()
+    return word
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd of our child ``pid`` (Linux 5.3+), or -1 where there is none.
+
+    Opened right after the child started: it is not reaped (so its pid not
+    reused) before we wait for it."""
+    if not hasattr(os, "pidfd_open"):
+        return -1
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # an old kernel or seccomp (ENOSYS), or a pid already reaped
+        return -1
+
+
+def new_worker_id() -> int:
+    """A worker id unique in this process (its processes are named for it)."""
+    return next(_worker_ids)
+
+
+def ray_worker(loaders_pickle: bytes, settings: WorkerSettings, options: dict) -> WorkerHandle:
+    """Start one worker as a Ray actor (backend="ray"); see ``_ray``."""
+    from mlpool._processes.ray import spawn_ray_worker
+
+    process, sock = spawn_ray_worker(new_worker_id(), loaders_pickle, settings, options)
+    return WorkerHandle(process, sock)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'killed by SIGKILL (-9)', 'exited with code 3'..."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = {
+            "SIGKILL": " (killed, possibly by the out-of-memory killer)",
+            "SIGSEGV": " (segmentation fault)",
+            "SIGBUS": " (bus error)",
+            "SIGABRT": " (aborted)",
+        }.get(name, "")
+        return f"killed by {name} ({exitcode}){hint}"
+    return f"exited with code {exitcode}"
