@@ -9,7 +9,8 @@ import sys
 import pytest
 from helpers.workloads import load_numpy_model, thread_settings
 
-from mlpool import MLPool, _resources
+from mlpool import MLPool
+from mlpool._api import resources as _resources
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")

@@ -4,7 +4,7 @@
 
     lookup(job_id) ──► the Job (not finished, or its outcome not delivered yet)
                    └─► its Settled outcome (kept by the registry once delivered)
-    waiting, from the job's own loop: its asyncio handle (``_waiting.wait_here_async``)
+    waiting, from the job's own loop: its asyncio handle (``_api.waiting.wait_here_async``)
              from elsewhere: handle_elsewhere() ──► a concurrent Future of the same outcome
     take() / take_settled(): the result (or the job's error), and the id forgotten
 
@@ -25,7 +25,7 @@ from mlpool.errors import UnknownJobError
 
 
 class JobIds(Protocol):
-    """What fetching asks of the engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
+    """What fetching asks of the engine (``_engine.engine.Manager``, ``_engine.inline.InlineEngine``)."""
 
     def lookup(self, key: str) -> Job | Settled | None: ...
 

@@ -57,7 +57,7 @@ from mlpool.errors import ResultNotReadyError
 
 
 class Engine(StreamEngine, JobIds, Protocol):
-    """What the facade asks of an engine (``_manager.Manager``, ``_inline.InlineEngine``)."""
+    """What the facade asks of an engine (``_engine.engine.Manager``, ``_engine.inline.InlineEngine``)."""
 
     def make_job(
         self,
@@ -85,7 +85,7 @@ class Engine(StreamEngine, JobIds, Protocol):
 
 
 class Group(Protocol):
-    """What the job methods ask of a session's group (``_session.JobGroup``)."""
+    """What the job methods ask of a session's group (``_api.session.JobGroup``)."""
 
     def enter(self, job: Job) -> None: ...
 
@@ -423,7 +423,7 @@ class JobAPI:
 
     def _admit_now(self, job: Job, *, wait: bool, register: bool = False) -> bool:
         """Admit ``job`` if the queue has room now and no session tracks it
-        (the common case, without the steps of :meth:`_admission`); False:
+        (the common case, without the steps of :meth:`_engine.admission`); False:
         admit it with :meth:`_admit` or :meth:`_admit_async`. Raises what
         they raise without waiting (PoolFullError without ``wait``...)."""
         if self._group is not None:

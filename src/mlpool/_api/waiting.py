@@ -8,7 +8,7 @@ caller polling an unfinished job with a timeout (``get_result_async(job_id,
 timeout=1)`` in a loop) must not add a callback per poll, each holding its
 event loop and waiter until the job ends (#19.10). So each future gets at most
 one callback, :func:`_wake_waiters`, installed by the first wait on it; waits
-register a *waker* in :data:`_waiting` and remove it when they end, whatever
+register a *waker* in :data:`_api.waiting` and remove it when they end, whatever
 ends them (the future, the timeout, the task's cancellation). A coroutine's
 waker sets its waiter directly when it runs on that waiter's loop (the loop
 read the worker's pipe: no thread hop), else through ``call_soon_threadsafe``;

@@ -11,7 +11,7 @@
 A job's message is built before anything is recorded: if it cannot be built
 (out of descriptors or memory for shared memory), nothing changed but the
 job's failure. Which worker's pipe an event loop reads, and when it is
-taken back, is decided here with the loans (see ``_loans``).
+taken back, is decided here with the loans (see ``_processes.readers``).
 
 Callers dispatch themselves when a worker is free (one thread hop fewer on
 the idle path); the manager dispatches whenever capacity frees up, which

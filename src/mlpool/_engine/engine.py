@@ -249,7 +249,7 @@ class Manager:
         thread or loop than the one a job made in a coroutine belongs to.
 
         Attached once, under the lock; settled with the same outcome as the
-        job's asyncio handle (see ``_jobs.settle``). If the job finished
+        job's asyncio handle (see ``_engine.jobs.settle``). If the job finished
         before, its asyncio handle is done, or this Future is settled when
         the outcome on its way reaches it.
 
@@ -316,7 +316,7 @@ class Manager:
         return not self._thread.is_alive()
 
     def worker_stacks(self, timeout: float) -> dict[int, str]:
-        """Every serving worker's stacks by pid (see ``_stacks``); waits at most ``timeout``."""
+        """Every serving worker's stacks by pid (see ``_processes.stacks``); waits at most ``timeout``."""
         with self._lock:
             workers = self._supervisor.workers.values()
             targets = [(w.pid, w.stacks) for w in workers if w.stacks is not None and w.state in _DUMPABLE]

@@ -224,7 +224,7 @@ def shared_future(job: Job) -> Future:
 class Outcome(NamedTuple):
     """What a job ended with, handed to its caller by :func:`settle`: its
     result (``ok``), its exception, or ``cancelled``. Until decoded (see
-    ``_outcomes``), ``value`` may be the worker's raw Done or Failed."""
+    ``_engine.outcomes``), ``value`` may be the worker's raw Done or Failed."""
 
     job: Job
     ok: bool

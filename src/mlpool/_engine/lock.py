@@ -9,7 +9,7 @@ which does both. After each critical section, ``deliver`` (outside the lock):
   shutdown) and this is another thread;
 - wakes callers waiting for room in a full queue once there is room;
 - delivers the outcomes decided under the lock (``Outcomes.pending``):
-  decoded here, then settled (``_jobs.settle``). Done-callbacks of futures
+  decoded here, then settled (``_engine.jobs.settle``). Done-callbacks of futures
   the manager thread settles run on a callback thread: a callback may wait
   on the pool, which only the manager thread can serve.
 

@@ -18,7 +18,7 @@ It owns the shutdown request (``ask_shutdown`` takes no lock: a signal
 handler may call it) and applies it under the lock at its next turn. It is
 never interrupted by KeyboardInterrupt (signal handlers run in the main
 thread), so it holds the engine's lock with ``with lock:``, which releases
-and delivers outcomes (see ``_engine_lock``).
+and delivers outcomes (see ``_engine.lock``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ the job is made and in the caller's thread, into an anonymous shared-memory
 file (``memfd_create``, Linux), whose descriptor goes
 to the other process with the message (``SCM_RIGHTS`` on the worker's Unix
 socket). The receiver maps it and unpickles with the buffers pointing into
-that mapping. The half a worker runs is ``_shm_worker``.
+that mapping. The half a worker runs is ``_wire.shm``.
 
 Why memfd rather than ``/dev/shm`` segments: it has no name, so nothing can
 be left behind (a killed process's descriptors and mappings go with it), it

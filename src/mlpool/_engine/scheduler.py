@@ -143,7 +143,7 @@ class Scheduler:
     def left(self, job: Job) -> None:
         """A queued job left the queue without being taken (cancelled, timed
         out): its place is free now, and its entry goes now or, between live
-        jobs, soon after (see ``_fairqueue.forget``); never on the hot path."""
+        jobs, soon after (see ``_engine.fairqueue.forget``); never on the hot path."""
         self.queued -= 1
         model = self._models[job.model]
         model.queued -= 1

@@ -67,7 +67,7 @@ class StreamChannel:
             _wake(waiter)
 
     def end(self, outcome: Outcome) -> None:
-        """The job settled (``_jobs.settle``, in the thread that settles it, before
+        """The job settled (``_engine.jobs.settle``, in the thread that settles it, before
         any event loop hears of it): the consumer reads what is left, then
         ``outcome``. Not through a callback of the job's handle: an asyncio
         handle belongs to the loop that made the stream, which may have

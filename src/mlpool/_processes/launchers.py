@@ -124,7 +124,7 @@ class Launcher:
 
 
 class RayLauncher(Launcher):
-    """Workers as Ray actors (backend="ray"), each behind a local bridge (see ``_ray``)."""
+    """Workers as Ray actors (backend="ray"), each behind a local bridge (see ``_processes.ray``)."""
 
     def __init__(
         self, group: str, loaders_pickle: bytes, settings: WorkerSettings, *,

@@ -1,7 +1,7 @@
 """Workers as Ray actors (``backend="ray"``): the same scheduler, another transport.
 
 The manager talks to every worker through a local socket and the frames of
-``_protocol``; it does not know where the worker runs. For a Ray worker, the
+``_wire.protocol``; it does not know where the worker runs. For a Ray worker, the
 other end of that socket is a *bridge* in this process:
 
 ::

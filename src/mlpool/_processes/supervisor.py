@@ -17,7 +17,7 @@ groups serve; the pool breaks when none can.
 
 The supervisor owns the pool's state, the workers, their groups (each with
 its launcher: spawned processes, a fork template or Ray actors, chosen once;
-see ``_launchers``) and the deadlines of starts and of shutdown. It runs
+see ``_processes.launchers``) and the deadlines of starts and of shutdown. It runs
 under the engine's lock, except ``spawn_due`` and ``start_templates``, which
 run on the manager thread outside it and take the lock to record what they
 started. It acts on its sibling parts (the scheduler, the outcomes, the

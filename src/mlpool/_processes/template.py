@@ -3,7 +3,7 @@
 With ``share_models=True`` the parent spawns one clean *template* process
 (the same start-up as a worker: signals, niceness, thread caps), which runs
 every loader once, freezes the loaded objects out of the garbage collector's
-reach, and then only forks (its code is ``_template_main``). Each worker is
+reach, and then only forks (its code is ``_worker.template_main``). Each worker is
 a fork of the template: its models are the template's pages, shared until
 written, so N workers cost about one copy of the models, and a replacement
 is serving in milliseconds.

@@ -1,6 +1,6 @@
 """Worker processes as the parent sees them: spawn, state, the jobs each holds, death.
 
-A :class:`WorkerHandle` is owned by the manager (see ``_manager``): its
+A :class:`WorkerHandle` is owned by the manager (see ``_engine.engine``): its
 state and ``inflight`` jobs change only under the manager's lock. Who reads
 its pipe (``borrower``) and the pipe's buffer change only under its own
 ``read_lock``.
@@ -81,7 +81,7 @@ class WorkerHandle:
         started: StartedWord | None = None,
         stacks: bool = False,
     ) -> None:
-        """``stacks``: give the worker a pipe for its stack dumps (see ``_stacks``:
+        """``stacks``: give the worker a pipe for its stack dumps (see ``_processes.stacks``:
         a spawned or forked worker, not a Ray actor). Raises OSError (out of
         descriptors, a dead worker)."""
         self.id = int(process.name.rsplit("-", 1)[1])
@@ -275,7 +275,7 @@ def new_worker_id() -> int:
 
 
 def ray_worker(loaders_pickle: bytes, settings: WorkerSettings, options: dict) -> WorkerHandle:
-    """Start one worker as a Ray actor (backend="ray"); see ``_ray``."""
+    """Start one worker as a Ray actor (backend="ray"); see ``_processes.ray``."""
     from mlpool._processes.ray import spawn_ray_worker
 
     process, sock = spawn_ray_worker(new_worker_id(), loaders_pickle, settings, options)

@@ -1,14 +1,16 @@
-"""Wire messages between the parent and a worker, and their framing (the template's channel: ``_protocol_template``).
+"""Wire messages between the parent and a worker, and their framing.
 
-Sending and reading them over sockets, with descriptors, is ``_transport``.
+The template's channel has its own: ``_wire.template_protocol``.
+
+Sending and reading them over sockets, with descriptors, is ``_wire.transport``.
 
 Each worker has one duplex pipe. Every message is one frame::
 
     [body length: u32][kind: u8][body]
 
 Parent -> worker (``ToWorker``): ``Setup`` (first, optional: the worker's
-"started" word, see ``_started``), ``StackPipe`` (where the worker writes its
-stacks, see ``_stacks``), ``Run`` (one job), ``RunBatch`` (jobs of a batched
+"started" word, see ``_wire.started``), ``StackPipe`` (where the worker writes its
+stacks, see ``_processes.stacks``), ``Run`` (one job), ``RunBatch`` (jobs of a batched
 function, one call), ``Stop``; for a stream (``pool.stream``, #17):
 ``RunStream``, ``Credit``, ``CloseStream``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
@@ -20,7 +22,7 @@ trip, struct about 1 µs, and a job crosses the pipe twice. The rare control
 messages are pickled whole. This module imports nothing from mlpool, so the
 worker's side can import it cheaply.
 
-A payload's large buffers travel in a shared-memory file (see ``_shm``):
+A payload's large buffers travel in a shared-memory file (see ``_engine.regions``):
 the frame lists their ``spans`` (offset, length) and the file's descriptor
 rides along as ``SCM_RIGHTS`` ancillary data, sent with the frame's first
 byte, one descriptor per payload that has spans, in frame order. The reader
@@ -75,7 +77,7 @@ MAX_FRAME = 2**32 - 1
 @dataclass(frozen=True, slots=True)
 class Setup:
     """Sent first, before the worker starts (it waits in the socket):
-    ``started_fd`` is the worker's "started" word (see ``_started``)."""
+    ``started_fd`` is the worker's "started" word (see ``_wire.started``)."""
 
     started_fd: int = field(default=-1, compare=False)
 
@@ -83,7 +85,7 @@ class Setup:
 @dataclass(frozen=True, slots=True)
 class StackPipe:
     """The write end of the pipe where the worker's stack dumps go (see
-    ``_stacks``); sent once, after ``Setup``."""
+    ``_processes.stacks``); sent once, after ``Setup``."""
 
     fd: int = field(default=-1, compare=False)
 

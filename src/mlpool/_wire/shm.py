@@ -11,7 +11,7 @@ out-of-band buffers: NumPy arrays, pandas and PyArrow data, large
   offered (``OFFERED``) if they fit, else into a file of its own that goes
   with the reply (``NEW_FILE``), else everything goes in-band (``NOWHERE``).
 
-The parent's side (its regions, their reuse, reading results) is ``_shm``;
+The parent's side (its regions, their reuse, reading results) is ``_engine.regions``;
 this module imports nothing from the parent's side, so a worker (or a
 template) does not load it.
 """

@@ -2,7 +2,7 @@
 
 The parent makes one 8-byte shared-memory file per worker
 (:meth:`StartedWord.create`) and sends its descriptor as the worker's first
-message (``Setup``, see ``_protocol``), before the worker even starts. Each
+message (``Setup``, see ``_wire.protocol``), before the worker even starts. Each
 time the worker takes a job off its queue to begin it (before unpickling the
 arguments), it stores the job id there (little-endian uint64 at offset 0; for
 a batch, its first job's id). When the worker dies, the parent reads the word:

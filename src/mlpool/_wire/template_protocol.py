@@ -1,11 +1,11 @@
-"""Wire messages of the model template's channel (share_models): see ``_template``
-(the parent's handle) and ``_template_main`` (the template's side).
+"""Wire messages of the model template's channel (share_models): see ``_processes.template``
+(the parent's handle) and ``_worker.template_main`` (the template's side).
 
 A ``SOCK_SEQPACKET`` socket: one pickled message per packet (they are rare:
 one per fork and per worker exit), descriptors attached with ``SCM_RIGHTS``
-(``_transport.send_packet`` / ``recv_packet``). The template also sends
-``_protocol.LoadFailed`` when a loader raises. Imports nothing from mlpool
-but ``_protocol``: the template's side imports it cheaply.
+(``_wire.transport.send_packet`` / ``recv_packet``). The template also sends
+``_wire.protocol.LoadFailed`` when a loader raises. Imports nothing from mlpool
+but ``_wire.protocol``: the template's side imports it cheaply.
 """
 
 from __future__ import annotations

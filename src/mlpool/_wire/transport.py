@@ -1,4 +1,4 @@
-"""Moving wire messages (see ``_protocol``) over sockets, with descriptors.
+"""Moving wire messages (see ``_wire.protocol``) over sockets, with descriptors.
 
 - Worker pipes: a byte stream of frames. :func:`send_frames` writes frames
   and the descriptors of their shared memory (``SCM_RIGHTS``); a
@@ -7,7 +7,7 @@
 - The template's channel: a ``SOCK_SEQPACKET`` socket, one pickled message
   per packet (:func:`send_packet`, :func:`recv_packet`).
 
-Imports nothing from mlpool but ``_protocol``: both sides of every pipe use it.
+Imports nothing from mlpool but ``_wire.protocol``: both sides of every pipe use it.
 """
 
 from __future__ import annotations

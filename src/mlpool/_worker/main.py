@@ -20,10 +20,9 @@ SystemExit, one that cannot be pickled or printed), goes back as a value; the
 worker lives on. The pool alone decides when a worker ends (Stop, then
 SIGKILL): a SIGINT or SIGTERM sent to the whole process group is ignored.
 
-This module and what it imports (``_protocol``, ``_serialization``,
-``_errors``, ``_started``, ``_worker_memory``, ``_stream_worker``, ``_stacks``
-and the worker half of ``_shm``) are all a worker loads of mlpool: never the
-parent side.
+This module and what it imports (``_wire``, ``errors``, ``_worker.memory``,
+``_worker.stream``, ``_worker.stacks``) are all a worker loads of mlpool:
+never the API process's side.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ each worker through a pidfd the template opens right after the fork: unlike
 a pipe end, no process the worker starts can hold it open (#13.7).
 
 Imports only the protocol, the worker's code and the worker half of shared
-memory, never the parent's side (the parent's handle is ``_template``).
+memory, never the parent's side (the parent's handle is ``_processes.template``).
 """
 
 from __future__ import annotations
