@@ -15,6 +15,7 @@ import pytest
 from helpers import stream_workloads as sw
 from helpers.markers import Markers
 from helpers.pools import make_pool
+from helpers.structure import child_side, mlpool_imports
 from helpers.workloads import load_constant
 
 from mlpool import JobTimeoutError, MLPool, Model, WorkerCrashedError, batched
@@ -316,8 +317,6 @@ def test_inline_mode_streams_lazily_and_closes_the_generator(markers):
 
 
 def test_the_worker_half_of_streams_imports_only_the_child_side():
-    from test_template_channel import child_side, mlpool_imports
-
     assert sorted(name for name in mlpool_imports("_worker.stream") if not child_side(name)) == []
     assert "_worker.stream" in mlpool_imports("_worker.main")
 

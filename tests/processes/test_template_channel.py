@@ -13,6 +13,7 @@ import time
 
 import cloudpickle
 import pytest
+from helpers.structure import child_side, mlpool_imports
 from helpers.workloads import load_constant, load_raises
 from test_template_processes import load_with_thread_pool
 
@@ -144,35 +145,6 @@ def test_threads_left_by_loaders_are_refused_unless_declared_fork_safe(fork_with
             assert "'loader-pool_0'" in event.error and "load_with_thread_pool" in event.traceback
     finally:
         finish(template)
-
-
-def child_side(name: str) -> bool:
-    """What a worker or the template may load of mlpool: its own package, the wire, the errors."""
-    return name == "errors" or name.startswith(("_worker.", "_wire."))
-
-
-def mlpool_imports(module: str) -> set[str]:
-    """The mlpool modules ``module`` imports (any depth), read from the source."""
-    import ast
-    from pathlib import Path
-
-    import mlpool
-
-    package = Path(mlpool.__file__).parent
-    seen: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse((package / (name.replace(".", "/") + ".py")).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mlpool."):
-                todo.append(node.module.split(".", 1)[1])
-            elif isinstance(node, ast.Import):
-                todo += [a.name.split(".", 1)[1] for a in node.names if a.name.startswith("mlpool.")]
-    return seen
 
 
 @pytest.mark.parametrize("module", ["_worker.template_main", "_wire.shm", "_worker.main", "_worker.ray_actor"])
