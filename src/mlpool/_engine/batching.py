@@ -21,13 +21,12 @@ applies it.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from mlpool._engine.jobs import Job
+    pass
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,17 +89,3 @@ def batch_policy(fn: Callable) -> BatchPolicy | None:
     """The policy ``fn`` was marked with, or None."""
     policy = getattr(fn, _MARK, None)
     return policy if isinstance(policy, BatchPolicy) else None
-
-
-@final  # the manager tells it from a Job by `type(entry) is BatchQueue`
-@dataclass(slots=True, eq=False)
-class BatchQueue:
-    """Queued jobs of one (model, function), waiting to go as a batch.
-
-    The manager's queue holds the BatchQueue itself (once) where its first
-    job stood, so batches keep their place among other jobs.
-    """
-
-    policy: BatchPolicy
-    jobs: deque[Job] = field(default_factory=deque)
-    in_queue: bool = False  # whether the manager's queue holds this BatchQueue

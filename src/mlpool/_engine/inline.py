@@ -35,9 +35,9 @@ from typing import Any
 
 from mlpool._api.config import PoolConfig
 from mlpool._engine.jobmaker import JobMaker
-from mlpool._engine.jobs import Job, JobState, Outcome, new_job_key, settle, shared_future
+from mlpool._engine.jobs import Job, JobState, Outcome, settle, shared_future
 from mlpool._engine.metrics import LatencyRecorder, ModelRecorders
-from mlpool._engine.registry import Settled
+from mlpool._engine.registry import Settled, new_job_key
 from mlpool._engine.state import PoolState, PoolStats, refusal
 from mlpool._engine.streams import StreamChannel
 from mlpool._engine.tracing import end as end_trace

@@ -30,6 +30,13 @@ logger = logging.getLogger("mlpool")
 _COMPACT_MIN = 64
 
 
+def new_job_key() -> str:
+    """A job id for the job-id API: 128 random bits in hex, as ``uuid4().hex``
+    is, without building a UUID (about 1 µs against 5-8: it is on the hot path
+    of ``create_job_async``)."""
+    return os.urandom(16).hex()
+
+
 class Settled:
     """A finished job's outcome, kept for ``get_result`` in place of the job:
     what fetching needs and nothing more (the job, its future, its arguments
@@ -71,7 +78,7 @@ class Registry(Generic[J]):
 
     def add(self, job: J) -> str:
         """Give ``job`` a string id and keep it until fetched, forgotten or expired."""
-        key = job.key = os.urandom(16).hex()  # 128 random bits, as uuid4, in a fifth of the time
+        key = job.key = new_job_key()
         self._by_key[key] = job
         return key
 
