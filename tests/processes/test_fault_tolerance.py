@@ -137,7 +137,8 @@ def test_restarts_leak_no_fds_or_threads(restarts):
     with make_pool({"m": load_constant}, nb_workers=2, max_jobs_per_worker=1) as pool:
         # Every job recycles its worker. Workers come and go, so compare like
         # moments: right after a job, early and late in the run. A descriptor
-        # leaked per restart would be 40 (or 180) more late than early.
+        # leaked per restart would be 40 (or 180) more late than early; the
+        # two workers in flux at either moment hold up to about 8 each.
         assert [pool.score("m", add, i) for i in range(20)] == [10 + i for i in range(20)]
         fds_early = _open_fds()
         futures = [pool.submit("m", add, i) for i in range(restarts - 20)]
@@ -145,7 +146,7 @@ def test_restarts_leak_no_fds_or_threads(restarts):
         assert pool.score("m", add, 0) == 10
         assert pool.stats().workers_recycled >= restarts
         fds_late = _open_fds()
-        assert fds_late - fds_early < 15, "a restart leaks file descriptors"  # 3 per worker in flux
+        assert fds_late - fds_early < (restarts - 20) // 2, "a restart leaks file descriptors"
     assert _open_fds() == fds_before
     assert threading.active_count() == threads_before
 
