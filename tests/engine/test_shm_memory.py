@@ -141,3 +141,22 @@ def test_held_large_results_are_views_holding_one_descriptor_each(pool):
     # Dropped: the regions went back to the pool, which keeps little of them idle.
     assert open_fds() - fds <= 16
     assert rss() - memory < (64 << 20) + (16 << 20)
+
+
+def test_of_idle_regions_of_one_size_the_last_given_back_is_taken_first():
+    """No process: several regions of the same size idle (left by a burst of
+    64 MB jobs), one job at a time must keep using the same one, which its
+    worker still has mapped; going round them made each job map 64 MB anew."""
+    regions = RegionPool(keep=2**30)
+    try:
+        burst = [regions.take(8 << 20) for _ in range(4)]
+        for region in burst:
+            regions.give(region)
+        first = regions.take(8 << 20)
+        assert first is burst[-1]
+        for _ in range(5):
+            regions.give(first)
+            assert regions.take(8 << 20) is first
+        regions.give(first)
+    finally:
+        regions.close()

@@ -147,7 +147,8 @@ class RegionPool:
 
     def take(self, size: int) -> Region:
         """An idle region that fits ``size`` bytes without wasting more than a
-        quarter (plus the 1 MiB granule), the smallest such; else a new one."""
+        quarter (plus the 1 MiB granule), the smallest such (of equal sizes,
+        the one given back last); else a new one."""
         self._reclaim()
         size = max(size, 1)
         largest = size + size // 4 + _GRANULE
@@ -155,7 +156,9 @@ class RegionPool:
         with self._lock:
             fits = [r for r in self._free if size <= r.size <= largest]
             if fits:
-                region = min(fits, key=lambda r: r.size)
+                # Of equal sizes, the one given back last: a worker still has it
+                # mapped (mapping 64 MB again costs more than the copy).
+                region = min(reversed(fits), key=lambda r: r.size)
                 self._free.remove(region)
         self._reclaim()
         return region or Region(-(-size // _GRANULE) * _GRANULE)
