@@ -183,10 +183,21 @@ def fmt_seconds(s: float | None) -> str:
     return f"{s:.2f} s"
 
 
+def commit() -> str:
+    """The commit measured (short hash; "+ changes" when the work tree differs from it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "../src", "../bench")
+    return f"{head} + changes" if dirty else head
+
+
 def markdown(report: dict) -> str:
     results = report["results"]
     lines = [
-        f"{report['date']}, {report['cores']} cores ({report['machine']}), {WORKERS} workers per system; "
+        f"{report['date']}, mlpool at {report.get('commit', 'an unrecorded commit')}, "
+        f"{report['cores']} cores ({report['machine']}), {WORKERS} workers per system; "
         f"hungry job calibrated to {report['hungry_ms']:.1f} ms in-process.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
@@ -320,6 +331,7 @@ def main() -> None:
     derive(results, rounds)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "machine": f"{platform.system()} {platform.machine()}",
         "versions": versions(),
