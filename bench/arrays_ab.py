@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from instructions import ROOT, checkout
+from instructions import ROOT, checkouts
 
 DRIVER = Path(__file__).resolve().parent / "_arrays_driver.py"
 
@@ -41,14 +39,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15, help="round trips per case in each round (median)")
     opts = parser.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="mlpool-arrays-ab-"))
-    trees: list[Path] = []
-    try:
-        sides: dict[str, Path] = {}
-        for i, rev in enumerate(opts.revs):
-            tree = scratch / f"rev{i}"
-            sides[rev] = checkout(rev, tree)
-            trees.append(tree)
+    with checkouts(opts.revs) as srcs:
+        sides = dict(zip(opts.revs, srcs, strict=True))
         sides["working tree"] = ROOT / "src"
         results: dict[str, list[dict[str, float]]] = {label: [] for label in sides}
         for r in range(opts.rounds):
@@ -68,10 +60,6 @@ def main() -> None:
             figures = [med(r[key] for r in side) * 1e3 for side in results.values()]
             ratio = med(n[key] / o[key] for o, n in zip(first, new, strict=True))
             print(f"| {key} | " + " | ".join(f"{f:.2f}" for f in figures) + f" | {ratio:.2f} |")
-    finally:
-        for tree in trees:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +99,24 @@ def checkout(rev: str, into: Path) -> Path:
     return into / "src"
 
 
+@contextmanager
+def checkouts(revs: list[str]) -> Iterator[list[Path]]:
+    """The ``src`` of each revision, each checked out in a temporary git
+    worktree that is removed afterwards, whatever happens."""
+    scratch = Path(tempfile.mkdtemp(prefix="mlpool-revs-"))
+    trees: list[Path] = []
+    try:
+        srcs = []
+        for i, rev in enumerate(revs):
+            trees.append(scratch / f"rev{i}")
+            srcs.append(checkout(rev, trees[-1]))
+        yield srcs
+    finally:
+        for tree in trees:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", help="the revision to compare against (a commit, tag or branch)")
@@ -107,17 +127,11 @@ def main() -> None:
     opts = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian: apt-get install valgrind)")
-    scratch = Path(tempfile.mkdtemp(prefix="mlpool-instructions-"))
-    trees: list[Path] = []
-    try:
-        sides = {}
-        for name, rev in (("old", opts.old), ("new", opts.new)):
-            if rev is None:
-                sides["new (working tree)"] = ROOT / "src"
-            else:
-                tree = scratch / name
-                sides[f"{name} ({rev})"] = checkout(rev, tree)
-                trees.append(tree)
+    revs = [rev for rev in (opts.old, opts.new) if rev is not None]
+    with checkouts(revs) as srcs:
+        sides = {f"{name} ({rev})": src for name, rev, src in zip(("old", "new"), revs, srcs, strict=False)}
+        if opts.new is None:
+            sides["new (working tree)"] = ROOT / "src"
         if opts.modes:
             header = " ".join(f"{label:>24}" for label in sides)
             print(f"{'instructions per job':<22} {header} {'new / old':>10}", flush=True)
@@ -127,10 +141,6 @@ def main() -> None:
                   flush=True)  # fmt: skip
         if opts.timed:
             timed_rounds(sides, opts.timed, opts.seconds)
-    finally:
-        for tree in trees:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,6 @@ class Region:
             self.view[start : start + size] = buffer.raw()
         return spans
 
-    def views(self, spans: Spans) -> list[memoryview]:
-        """Views on the spans (valid while the region is open)."""
-        return [self.view[offset : offset + length] for offset, length in spans]
-
     def lend(self, spans: Spans, pool: RegionPool) -> list[memoryview]:
         """Writable views on the spans: the region goes back to ``pool`` when
         the last view (and whatever was built on it) is garbage, so a result
@@ -260,9 +256,8 @@ class Payload:
         return region.fd
 
     def loads(self, what: str) -> Any:
-        """Unpickle in this process (the inline pool): the buffers as they are."""
-        if self.region is not None:
-            return loads(self.data, what, [view.toreadonly() for view in self.region.views(self.spans)])
+        """Unpickle in this process (the inline pool, whose payloads hold their
+        buffers in private memory): the buffers as they are."""
         return loads(self.data, what, [b.raw().toreadonly() for b in self.buffers])
 
     def release(self, pool: RegionPool) -> None:
