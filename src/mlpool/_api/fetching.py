@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from mlpool._api.waiting import concurrent_future, done_handle
 from mlpool._engine.jobs import Job
 from mlpool._engine.registry import Settled
+from mlpool._engine.results import opened
 from mlpool.errors import UnknownJobError
 
 
@@ -82,7 +83,7 @@ def take(engine: JobIds, job_id: str, job: Job) -> Any:
     assert handle is not None  # callers waited until it is done
     forgotten = engine.forget(job_id, job)
     try:
-        value = handle.result()
+        value = opened(handle.result())
     except (CancelledError, asyncio.CancelledError):
         raise UnknownJobError(f"job {job_id!r} was cancelled") from None
     except BaseException:

@@ -52,6 +52,7 @@ from mlpool._api.waiting import (
 )  # fmt: skip
 from mlpool._engine.jobs import Job, running_loop
 from mlpool._engine.registry import Settled
+from mlpool._engine.results import PickledResult
 from mlpool._engine.streams import check_streamable, open_channel
 from mlpool.errors import ResultNotReadyError
 
@@ -316,10 +317,11 @@ class JobAPI:
         afut = job.afut
         assert afut is not None  # a job made with a loop
         try:
-            return await afut
+            value = await afut
         except asyncio.CancelledError:
             self._engine.cancel(job)
             raise
+        return value.open() if type(value) is PickledResult else value
 
     # -------------------------------------------------------------- streams
 
@@ -434,9 +436,7 @@ class JobAPI:
         room.cancel()  # the slow path asks again, and waits
         return False
 
-    def _admit(
-        self, job: Job, *, wait: bool, register: bool = False, blocking: tuple[str, str] | None = None
-    ) -> None:
+    def _admit(self, job: Job, *, wait: bool, register: bool = False, blocking: tuple[str, str] | None = None) -> None:
         """Admit ``job``, waiting for room in this thread. ``blocking``: the
         caller's method and its async twin, named in the warning if this waits
         on the thread of a running event loop."""

@@ -1,4 +1,4 @@
-"""Jobs to workers, and their answers back (under the engine's lock).
+"""Jobs to workers (under the engine's lock); their answers come back through ``_engine.replies``.
 
 ::
 
@@ -6,7 +6,6 @@
               ─► record who holds what ─► send; a frame that cannot be built
               fails its jobs, a pipe that breaks requeues them
     send_lent: the same for one job on an idle worker whose pipe the caller reads
-    answered: a Done/Failed for the worker's oldest job ─► Outcomes
 
 A job's message is built before anything is recorded: if it cannot be built
 (out of descriptors or memory for shared memory), nothing changed but the
@@ -23,10 +22,8 @@ manager only when they move a deadline earlier or ask for shutdown.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from functools import partial
-from typing import Any
 
 from mlpool._api.config import PoolConfig
 from mlpool._engine.jobs import PIPELINE_BUDGET, Job, JobState, running_loop
@@ -35,20 +32,11 @@ from mlpool._engine.regions import RegionPool
 from mlpool._engine.registry import Registry
 from mlpool._engine.scheduler import MAX_INFLIGHT, Scheduler
 from mlpool._engine.state import PoolState
-from mlpool._engine.streams import on_item, run_frame
-from mlpool._processes.readers import LOAN_CHECK, Loans, ProtocolBroken
+from mlpool._engine.streams import run_frame
+from mlpool._processes.readers import LOAN_CHECK, Loans
 from mlpool._processes.supervisor import Supervisor
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import (
-    NOWHERE,
-    Done,
-    Exiting,
-    Failed,
-    Item,
-    LoadFailed,
-    OverMemory,
-    Ready,
-    StreamEnd,
     encode_run,
     encode_run_batch,
 )
@@ -63,7 +51,7 @@ Frame = tuple[bytes, list[int], int]
 
 
 class Dispatcher:
-    """Hands queued jobs to workers and takes their answers."""
+    """Hands queued jobs to workers."""
 
     def __init__(
         self,
@@ -189,28 +177,6 @@ class Dispatcher:
             return True
         return None
 
-    def answered(self, worker: WorkerHandle, msg: Done | Failed | StreamEnd) -> None:
-        """``worker`` answered its oldest job."""
-        if not worker.inflight or worker.inflight[0].id != msg.job_id:
-            worker.kill(f"protocol error: answered job {msg.job_id} out of order")
-            return
-        job = worker.inflight.popleft()
-        worker.backlog -= job.estimate
-        worker.jobs_done += 1
-        shared = sum(length for _, length in msg.spans) if type(msg) is Done and msg.where != NOWHERE else None
-        if job.stream is None:  # a stream's length says nothing of the next one's: none pipelines behind it
-            self._scheduler.observe(job.fn_id, msg.seconds, shared)
-        # The worker is done with its arguments; the offer is read in Outcomes.decode.
-        if job.payload.shared or job.result_offer is not None:
-            self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
-        if not worker.inflight and worker.registered:
-            self._loans.watch_now(worker)
-        if job.state is JobState.RUNNING:
-            self._outcomes.finish(job, type(msg) is not Failed, msg)
-        elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory
-            os.close(msg.fd)
-            self._outcomes.release_memory(job)
-
     def _start(self, job: Job) -> bool:
         """Move a job taken from the queue to running; False (and cancelled) if its caller cancelled it."""
         if job.mark_running():
@@ -295,25 +261,3 @@ class Dispatcher:
                     self._scheduler.requeue(job)
                 else:
                     self._refuse([job], exc)
-
-    def on_message(self, worker: WorkerHandle, msg: Any) -> None:
-        """What ``worker`` sent, read by whoever reads its pipe (under the lock)."""
-        match msg:
-            case Item():
-                on_item(worker, msg)
-            case Done() | Failed() | StreamEnd():
-                self.answered(worker, msg)
-                self._supervisor.answered(worker)
-            case Ready():
-                self._supervisor.on_ready(worker, msg)
-            case LoadFailed():
-                worker.load_failure = msg
-            case OverMemory(rss):
-                self._supervisor.retire(
-                    worker, f"its resident memory, {rss / 2**20:.0f} MiB, passed max_memory_per_worker"
-                )
-            case Exiting():
-                pass
-            case ProtocolBroken(reason):
-                worker.fault = reason
-                worker.kill(f"protocol error: {reason}")

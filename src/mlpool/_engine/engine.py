@@ -14,18 +14,20 @@
                       ├─ Fates       what deaths and deadlines do to    the wake-up pipe,
                       │              jobs                               with the next
                       ├─ Loans       who reads each worker's pipe       deadline as its
-                      └─ Outcomes    outcomes, counts, latency          timeout
+                      ├─ Dispatcher  jobs to workers                    timeout
+                      ├─ Replies     what workers send
+                      └─ Outcomes    outcomes, counts, latency
 
     run(): start what is due ─► wait for the next event or deadline
          ─► read messages and deaths ─► settle them, expire, dispatch
 
 Each part owns its state and the rules that change it; the Manager owns the
-lock and what joins the parts: dispatching (build a job's message first,
-then record who holds it), the messages workers send, and the callers'
-entry points. ``locked()`` is the only way to hold the lock: leaving it
-releases the lock, then delivers the outcomes decided under it (user
-callbacks never run under our lock; those of futures the manager thread
-settles run on a callback thread).
+lock and the callers' entry points. Its methods hold the lock as
+``with self._lock:`` (the C lock) and deliver in a ``finally``; the manager
+thread and the Supervisor use ``with locked():``, which does both (see
+``_engine.lock``). Delivering, after the lock, settles the outcomes decided
+under it: user callbacks never run under our lock, and those of futures the
+manager thread settles run on a callback thread.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from mlpool._engine.outcomes import Outcomes, WakeClock
 from mlpool._engine.recovery import Fates, last_alive
 from mlpool._engine.regions import RegionPool, read_result
 from mlpool._engine.registry import Registry, Settled
+from mlpool._engine.replies import Replies
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState, PoolStats, refusal
 from mlpool._engine.streams import close_stream, holder, send_to_worker
@@ -92,11 +95,12 @@ class Manager:
         model_group = {model: group.name for group in groups for model in group.models}
         self._scheduler = Scheduler(model_group)
         self._registry: Registry[Job] = Registry(config.result_ttl)
-        self._outcomes = Outcomes(self._registry, self._regions, self._clock, model_group)
+        lock = threading.Lock()  # the engine's one lock (see _engine.lock)
+        self._outcomes = Outcomes(self._registry, self._regions, self._clock, model_group, lock)
         self._bounds = ModelBounds(  # each model's own max_queue_size (#16)
             config.model_settings, self._scheduler.queued_of, config.max_queue_size, self._accepting
         )
-        self._locked = EngineLock(self._outcomes, self._registry, self._clock, self._has_space, self._bounds)
+        self._locked = EngineLock(lock, self._outcomes, self._registry, self._clock, self._has_space, self._bounds)
         self._lock = self._locked.plain
         self._deliver = self._locked.deliver
         self._fates = Fates(self._scheduler, self._outcomes, self._registry, self._regions)
@@ -108,11 +112,12 @@ class Manager:
         self._dispatcher = Dispatcher(
             config, self._scheduler, self._supervisor, self._loans, self._outcomes, self._registry, self._regions,
             self._clock,
-        )
+        )  # fmt: skip
+        self._replies = Replies(self._scheduler, self._supervisor, self._loans, self._outcomes)
         self._loop = ManagerThread(
             self._locked, clock=self._clock, scheduler=self._scheduler, registry=self._registry,
             regions=self._regions, fates=self._fates, loans=self._loans, supervisor=self._supervisor,
-            dispatcher=self._dispatcher,
+            dispatcher=self._dispatcher, replies=self._replies,
         )  # fmt: skip
         self._thread = self._loop.thread
         self.started: Future[None] = self._supervisor.started  # result: ready; exception: start failed
@@ -385,8 +390,7 @@ class Manager:
                 messages, died = read
                 try:
                     with self._lock:
-                        for msg in messages:
-                            self._dispatcher.on_message(worker, msg)
+                        self._replies.take(worker, messages)
                         if died or job not in worker.inflight:
                             self._end_loan(worker, token)
                             break
@@ -414,8 +418,7 @@ class Manager:
         """In ``loop``, which borrows ``worker``'s pipe: settle here, keep the worker busy."""
         try:
             with self._lock:
-                for msg in messages:
-                    self._dispatcher.on_message(worker, msg)
+                self._replies.take(worker, messages)
                 self._dispatcher.dispatch()
                 if not worker.inflight and self.state is not PoolState.RUNNING:
                     self._loop.take_back(worker, loop)  # shutdown waits for this worker

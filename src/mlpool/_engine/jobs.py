@@ -35,7 +35,8 @@ from functools import partial
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from mlpool.errors import MLPoolError
+from mlpool._engine.results import PickledResult
+from mlpool.errors import MLPoolError, SerializationError
 
 if TYPE_CHECKING:
     from mlpool._engine.batching import BatchPolicy
@@ -58,7 +59,28 @@ class JobOwner(Protocol):
     def before_blocking(self) -> None: ...
 
 
-class JobFuture(Future):
+class ResultFuture(Future):
+    """A :class:`concurrent.futures.Future` of a job's result, which arrives
+    pickled (see ``_engine.results``): unpickled by the first thread that
+    asks for it with :meth:`result` or :meth:`exception`. A result that
+    cannot be unpickled is that future's exception."""
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)
+        return value.open() if type(value) is PickledResult else value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error = super().exception(timeout)
+        value = self._result  # set before the state changed, read after: no lock needed
+        if error is None and type(value) is PickledResult:
+            try:
+                value.open()
+            except SerializationError as exc:
+                return exc
+        return error
+
+
+class JobFuture(ResultFuture):
     """The caller's :class:`concurrent.futures.Future` of one job.
 
     Cancelling it frees the job's place in the queue at once (the engine
@@ -187,7 +209,7 @@ class Job:
         # woken by the call that settles it (see _settle_async).
         self.fetcher: asyncio.Future | None = None
         if loop is None:
-            self.future: Future | None = Future() if owner is None else JobFuture(self, owner)
+            self.future: Future | None = ResultFuture() if owner is None else JobFuture(self, owner)
             self.afut: asyncio.Future | None = None
         else:
             self.future = None
@@ -213,7 +235,7 @@ def shared_future(job: Job) -> Future:
     :func:`settle`). Call under the engine's lock."""
     future = job.future
     if future is None:
-        future = job.future = Future()
+        future = job.future = ResultFuture()
         if job.state is JobState.RUNNING:
             future.set_running_or_notify_cancel()
             job.future_running = True
@@ -223,7 +245,8 @@ def shared_future(job: Job) -> Future:
 class Outcome(NamedTuple):
     """What a job ended with, handed to its caller by :func:`settle`: its
     result (``ok``), its exception, or ``cancelled``. Until decoded (see
-    ``_engine.outcomes``), ``value`` may be the worker's raw Done or Failed."""
+    ``_engine.outcomes``), ``value`` may be the worker's raw Done or Failed;
+    after, a result from a worker is a ``PickledResult`` its caller opens."""
 
     job: Job
     ok: bool

@@ -9,7 +9,8 @@ which does both. After each critical section, ``deliver`` (outside the lock):
   shutdown) and this is another thread;
 - wakes callers waiting for room in a full queue once there is room;
 - delivers the outcomes decided under the lock (``Outcomes.pending``):
-  decoded here, then settled (``_engine.jobs.settle``). Done-callbacks of futures
+  decoded here (a result stays pickled for its caller's thread: see
+  ``_engine.results``), then settled (``_engine.jobs.settle``). Done-callbacks of futures
   the manager thread settles run on a callback thread: a callback may wait
   on the pool, which only the manager thread can serve.
 
@@ -38,13 +39,14 @@ class EngineLock:
 
     def __init__(
         self,
+        lock: threading.Lock,
         outcomes: Outcomes,
         registry: Registry[Job],
         clock: WakeClock,
         has_space: Callable[[], bool],
         bounds: ModelBounds | None = None,
     ) -> None:
-        self.plain = threading.Lock()  # held without delivering: for reads that decide nothing
+        self.plain = lock  # held without delivering: for reads that decide nothing
         self._acquire = self.plain.acquire
         self._outcomes = outcomes
         self._registry = registry
@@ -99,15 +101,9 @@ class EngineLock:
                         waiter.set_result(None)
             if taken:
                 keyed = False  # any job of the job-id API?
-                undecodable: list[Job] = []  # results counted as completed whose unpickling failed
                 for index, outcome in enumerate(taken):
-                    taken[index] = decoded = outcomes.decode(outcome)
+                    taken[index] = outcomes.decode(outcome)
                     keyed = keyed or outcome.job.key is not None
-                    if outcome.ok and not decoded.ok:
-                        undecodable.append(outcome.job)
-                if undecodable:
-                    with self.plain:
-                        outcomes.count_failed(undecodable)
                 settle(taken, self.callbacks if on_manager else None)
                 if keyed:
                     self._keep_outcomes(taken)

@@ -37,6 +37,7 @@ from mlpool._engine.outcomes import WakeClock
 from mlpool._engine.recovery import Fates
 from mlpool._engine.regions import RegionPool
 from mlpool._engine.registry import Registry
+from mlpool._engine.replies import Replies
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState
 from mlpool._processes.groups import WorkerGroup
@@ -54,6 +55,7 @@ class ManagerThread:
     def __init__(
         self, lock: EngineLock, *, clock: WakeClock, scheduler: Scheduler, registry: Registry[Job],
         regions: RegionPool, fates: Fates, loans: Loans, supervisor: Supervisor, dispatcher: Dispatcher,
+        replies: Replies,
     ) -> None:  # fmt: skip
         self._lock = lock
         self._clock = clock
@@ -64,6 +66,7 @@ class ManagerThread:
         self._loans = loans
         self._supervisor = supervisor
         self._dispatcher = dispatcher
+        self._replies = replies
         self.shutdown_asked: tuple[bool, float] | None = None  # (cancel_pending, timeout)
         self._shutdown_applied: tuple[bool, float] | None = None
         self._said_waiting = False  # the shutdown's warning that it waits for jobs
@@ -112,8 +115,7 @@ class ManagerThread:
         with self._lock:
             self.apply_shutdown()  # asked from any thread; its wake-up ended the select()
             for worker, messages in arrivals:
-                for msg in messages:
-                    self._dispatcher.on_message(worker, msg)
+                self._replies.take(worker, messages)
             for group, events, death in templates:
                 exits += supervisor.template_events(group, events, death)
             now = time.monotonic()
@@ -185,8 +187,7 @@ class ManagerThread:
         arrivals = [(worker, self._loans.read(worker)) for worker in workers.values()]
         with self._lock:
             for worker, messages in arrivals:
-                for msg in messages:
-                    self._dispatcher.on_message(worker, msg)
+                self._replies.take(worker, messages)
             late = [(job, worker) for job, worker in late if job.state is JobState.RUNNING and job.worker is worker]
         if late:
             readers = [(pid, worker.stacks) for pid, worker in workers.items() if worker.stacks is not None]

@@ -2,35 +2,39 @@
 
 ::
 
-    engine parts (under the lock) ── finish(job, ok, value) / cancel(job) ──► Outcomes
+    engine parts (under the lock) ── finish(job, ok, value) / cancel(job) ──► Outcomes.pending
                                           counts, latency, result expiry, memory back
-    Manager.locked() on exit ── take() ──► decode (outside the lock) ──► _jobs.settle
+    EngineLock.deliver (after the lock) ── decode ──► _engine.jobs.settle
+    the caller, when it asks ── PickledResult.open ──► the result (_engine.results)
 
 :class:`Outcomes` owns the outcomes decided and not yet delivered, the counts
 and latencies ``stats()`` reports, and the shared memory a finished job
 gives back. A result arrives as the worker's raw ``Done`` (or ``Failed``)
-message and is unpickled by :meth:`Outcomes.decode` after the lock is
-released. :class:`WakeClock` is when the manager's wait ends at the latest:
-a part that sets an earlier deadline asks for a wake-up.
+message; :meth:`Outcomes.decode`, after the lock is released, maps its
+shared memory and unpickles a worker's exception, and leaves the result
+pickled for its caller's thread. :class:`WakeClock` is when the manager's
+wait ends at the latest: a part that sets an earlier deadline asks for a
+wake-up.
 """
 
 from __future__ import annotations
 
-import pickle
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from mlpool._engine.jobs import Job, JobState, Outcome, new_outcome
 from mlpool._engine.metrics import LatencyRecorder, ModelRecorders
-from mlpool._engine.regions import RegionPool, read_result
+from mlpool._engine.regions import RegionPool, result_buffers
 from mlpool._engine.registry import Registry
+from mlpool._engine.results import PickledResult
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState, PoolStats
 from mlpool._engine.tracing import end as end_trace
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import NOWHERE, Done, Failed
-from mlpool._wire.serialization import unpack_exception, unpickling_error
+from mlpool._wire.serialization import unpack_exception
 from mlpool.errors import JobTimeoutError, WorkerCrashedError
 
 # The manager's longest wait: deadlines may be further, the OS's timeouts may not.
@@ -76,8 +80,11 @@ class Outcomes:
         regions: RegionPool,
         clock: WakeClock,
         model_groups: Mapping[str, str] | None = None,
+        lock: threading.Lock | None = None,
     ) -> None:
-        """``model_groups``: model name -> its group's name, for the per-model figures."""
+        """``model_groups``: model name -> its group's name, for the per-model
+        figures; ``lock``: the engine's (counts also change outside it)."""
+        self.lock = lock or threading.Lock()
         self._registry = registry
         self._regions = regions
         self._clock = clock
@@ -85,6 +92,7 @@ class Outcomes:
         self.latency = LatencyRecorder()
         self.per_model = ModelRecorders(model_groups or {}, self.latency)  # PoolStats.models (#16)
         self.counts = dict.fromkeys(("completed", "failed", "crashed", "timed_out", "cancelled"), 0)
+        self._undecodable = self._count_undecodable  # bound once: every result carries it
 
     def finish(self, job: Job, ok: bool, value: Any) -> None:
         """Decide ``job``'s outcome: its result, its error, or its worker's raw Done/Failed."""
@@ -103,13 +111,13 @@ class Outcomes:
             if expiry is not None:
                 self._clock.note(expiry)
 
-    def count_failed(self, jobs: list[Job]) -> None:
-        """These jobs, counted as completed, failed after all: their results
-        could not be unpickled here (under the lock)."""
-        self.counts["completed"] -= len(jobs)
-        self.counts["failed"] += len(jobs)
-        for job in jobs:
-            self.per_model.count_failed(job.model)
+    def _count_undecodable(self, model: str) -> None:
+        """A job counted as completed failed after all: its caller could not
+        unpickle its result (in the caller's thread, without the lock)."""
+        with self.lock:
+            self.counts["completed"] -= 1
+            self.counts["failed"] += 1
+            self.per_model.count_failed(model)
 
     def cancel(self, job: Job) -> None:
         """``job`` was cancelled: its caller gets CancelledError; its id is forgotten."""
@@ -163,24 +171,11 @@ class Outcomes:
         )
 
     def decode(self, outcome: Outcome) -> Outcome:
-        """Turn a worker's raw Done/Failed into the result or the exception (outside the lock)."""
+        """Turn a worker's raw Done/Failed into a PickledResult or the exception (outside the lock)."""
         job, _, value = outcome[:3]
         kind = type(value)
         if kind is Done:
-            offer, job.result_offer = job.result_offer, None
-            if value.where == NOWHERE and offer is None:  # all in the pipe: the common small result
-                try:
-                    decoded = new_outcome((job, True, pickle.loads(value.result), False))
-                except BaseException as exc:  # as read_result: nothing from the other side ends this process
-                    decoded = new_outcome((job, False, unpickling_error(_result_of(job), exc), False))
-            else:
-                try:
-                    result = read_result(
-                        value.result, value.spans, value.where, value.fd, offer, self._regions, _result_of(job)
-                    )
-                    decoded = new_outcome((job, True, result, False))
-                except Exception as exc:  # its buffers are garbage now: the region went back
-                    decoded = new_outcome((job, False, exc, False))
+            decoded = self._pickled(job, value)
         elif kind is Failed:
             decoded = new_outcome((job, False, unpack_exception(value.error, value.traceback), False))
         else:
@@ -190,9 +185,19 @@ class Outcomes:
             end_trace(job, value, decoded.ok, decoded.value, kind_name)
         return decoded
 
-
-def _result_of(job: Job) -> str:
-    return f"the result of job {job.id} ({job.fn_name})"
+    def _pickled(self, job: Job, done: Done) -> Outcome:
+        """``done``'s result, its shared memory mapped, left pickled for its caller."""
+        offer, job.result_offer = job.result_offer, None
+        buffers = None
+        if done.where != NOWHERE or offer is not None:
+            try:
+                buffers = result_buffers(done.spans, done.where, done.fd, offer, self._regions)
+            except Exception as exc:  # out of memory or descriptors to map it
+                self._count_undecodable(job.model)
+                return new_outcome((job, False, exc, False))
+        return new_outcome(
+            (job, True, PickledResult(done.result, buffers, job.id, job.fn_name, job.model, self._undecodable), False)
+        )
 
 
 def _kind(ok: bool, value: Any) -> str:

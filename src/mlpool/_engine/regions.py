@@ -313,12 +313,21 @@ def pickle_payload(
 def read_result(
     data: bytes, spans: Spans, where: int, fd: int, offered: Region | None, pool: RegionPool, what: str
 ) -> Any:
-    """Parent side: unpickle a result. ``offered`` (the room offered for it,
-    if any) and ``fd`` (the file the worker made, for NEW_FILE) are this
-    function's to release, whatever happens. Buffers under COPY_BELOW bytes
-    in all are copied out and their region goes back to ``pool`` at once;
-    larger ones are views on their region (no copy), which goes back when
-    the result is garbage."""
+    """Parent side: unpickle a result (see :func:`result_buffers`)."""
+    # On failure (any BaseException becomes a SerializationError there) its
+    # buffers are garbage at once: a lent region goes back.
+    return loads(data, what, result_buffers(spans, where, fd, offered, pool))
+
+
+def result_buffers(
+    spans: Spans, where: int, fd: int, offered: Region | None, pool: RegionPool
+) -> list[memoryview] | None:
+    """Parent side: a result's out-of-band buffers, None if it has none.
+    ``offered`` (the room offered for it, if any) and ``fd`` (the file the
+    worker made, for NEW_FILE) are this function's to release, whatever
+    happens. Buffers under COPY_BELOW bytes in all are copied out and their
+    region goes back to ``pool`` at once; larger ones are views on their
+    region (no copy), which goes back when the views are garbage."""
     region: Region | None = None
     if where == NEW_FILE:
         try:
@@ -330,18 +339,14 @@ def read_result(
         region = offered
     elif offered is not None:
         pool.give(offered)
-    buffers: list[memoryview] | None = None
-    if region is not None:
-        extent = spans[-1][0] + spans[-1][1] if spans else 0
-        if extent >= COPY_BELOW:
-            buffers = region.lend(spans, pool)
-        else:
-            copy = memoryview(bytearray(region.view[:extent]))
-            pool.give(region)
-            buffers = [copy[offset : offset + length] for offset, length in spans]
-    # On failure (any BaseException becomes a SerializationError there) its
-    # buffers are garbage at once: a lent region goes back.
-    return loads(data, what, buffers)
+    if region is None:
+        return None
+    extent = spans[-1][0] + spans[-1][1] if spans else 0
+    if extent >= COPY_BELOW:
+        return region.lend(spans, pool)
+    copy = memoryview(bytearray(region.view[:extent]))
+    pool.give(region)
+    return [copy[offset : offset + length] for offset, length in spans]
 
 
 _PROT = mmap.PROT_READ | mmap.PROT_WRITE

@@ -24,6 +24,8 @@ import os
 from collections import OrderedDict
 from typing import Any, Generic, Protocol, TypeVar
 
+from mlpool._engine.results import opened
+
 logger = logging.getLogger("mlpool")
 
 # Below this many heap entries, stale ones are not worth a rebuild.
@@ -50,8 +52,9 @@ class Settled:
         self.value = value
 
     def result(self) -> Any:
+        """The result, unpickled here (see ``_engine.results``), or raise the job's error."""
         if self.ok:
-            return self.value
+            return opened(self.value)
         raise self.value
 
 
