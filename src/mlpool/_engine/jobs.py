@@ -134,7 +134,8 @@ class JobFuture(ResultFuture):
     def result(self, timeout: float | None = None) -> Any:
         if running_loop() is not None and not self.done():
             self._owner.before_blocking()
-        return super().result(timeout)
+        value = Future.result(self, timeout)
+        return value.open() if type(value) is PickledResult else value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if running_loop() is not None and not self.done():

@@ -174,8 +174,19 @@ class Outcomes:
         """Turn a worker's raw Done/Failed into a PickledResult or the exception (outside the lock)."""
         job, _, value = outcome[:3]
         kind = type(value)
-        if kind is Done:
-            decoded = self._pickled(job, value)
+        if kind is Done:  # the result stays pickled for its caller; its shared memory is mapped now
+            offer, job.result_offer = job.result_offer, None
+            try:
+                buffers = (
+                    None if value.where == NOWHERE and offer is None
+                    else result_buffers(value.spans, value.where, value.fd, offer, self._regions)
+                )  # fmt: skip
+            except Exception as exc:  # out of memory or descriptors to map it
+                self._count_undecodable(job.model)
+                decoded = new_outcome((job, False, exc, False))
+            else:
+                pickled = PickledResult(value.result, buffers, job.id, job.fn_name, job.model, self._undecodable)
+                decoded = new_outcome((job, True, pickled, False))
         elif kind is Failed:
             decoded = new_outcome((job, False, unpack_exception(value.error, value.traceback), False))
         else:
@@ -184,20 +195,6 @@ class Outcomes:
             kind_name = "cancelled" if decoded.cancelled else _kind(decoded.ok, decoded.value)
             end_trace(job, value, decoded.ok, decoded.value, kind_name)
         return decoded
-
-    def _pickled(self, job: Job, done: Done) -> Outcome:
-        """``done``'s result, its shared memory mapped, left pickled for its caller."""
-        offer, job.result_offer = job.result_offer, None
-        buffers = None
-        if done.where != NOWHERE or offer is not None:
-            try:
-                buffers = result_buffers(done.spans, done.where, done.fd, offer, self._regions)
-            except Exception as exc:  # out of memory or descriptors to map it
-                self._count_undecodable(job.model)
-                return new_outcome((job, False, exc, False))
-        return new_outcome(
-            (job, True, PickledResult(done.result, buffers, job.id, job.fn_name, job.model, self._undecodable), False)
-        )
 
 
 def _kind(ok: bool, value: Any) -> str:

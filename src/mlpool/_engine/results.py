@@ -15,20 +15,30 @@ must see it as an exception.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import Any
 
-from mlpool._wire.serialization import loads
+from mlpool._wire.serialization import unpickling_error
 from mlpool.errors import SerializationError
 
 _UNSET: Any = object()
+
+
+class _Unopenable:
+    """What a result that cannot be unpickled opens to: its error, raised to every reader."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: SerializationError) -> None:
+        self.error = error
 
 
 class PickledResult:
     """A result's pickle and its out-of-band buffers (views on shared memory,
     which go back to the pool when the result is garbage)."""
 
-    __slots__ = ("_data", "_buffers", "_job_id", "_fn_name", "_model", "_on_error", "_value", "_error")
+    __slots__ = ("_data", "_buffers", "_job_id", "_fn_name", "_model", "_on_error", "_value")
 
     def __init__(
         self, data: bytes, buffers: list[memoryview] | None, job_id: int, fn_name: str, model: str,
@@ -42,8 +52,7 @@ class PickledResult:
         self._fn_name = fn_name
         self._model = model
         self._on_error = on_error
-        self._value = _UNSET
-        self._error: SerializationError | None = None
+        self._value = _UNSET  # the result, or _Unopenable, once opened
 
     def open(self) -> Any:
         """The result, unpickled at the first call in the calling thread; later
@@ -52,25 +61,25 @@ class PickledResult:
 
         Two threads that open it at once may both unpickle; both get the
         object stored first."""
-        if self._value is not _UNSET:
-            return self._value
-        data, buffers = self._data, self._buffers
-        if data is not None:
-            try:
-                value = loads(data, f"the result of job {self._job_id} ({self._fn_name})", buffers)
-            except SerializationError as exc:
-                if self._error is None and self._value is _UNSET:
-                    self._error = exc
-                    self._data = self._buffers = None
-                    self._on_error(self._model)
+        value = self._value
+        if value is _UNSET:
+            data = self._data
+            if data is None:  # another thread stored it between our two reads
+                value = self._value
             else:
+                try:
+                    value = pickle.loads(data, buffers=self._buffers)
+                except BaseException as exc:  # a process boundary: nothing from the other side ends this one
+                    value = _Unopenable(unpickling_error(f"the result of job {self._job_id} ({self._fn_name})", exc))
+                    if self._value is _UNSET:
+                        self._on_error(self._model)
                 if self._value is _UNSET:
                     self._value = value
                     self._data = self._buffers = None
-                return self._value
-        if self._error is not None:
-            raise self._error
-        return self._value
+                value = self._value
+        if type(value) is _Unopenable:
+            raise value.error
+        return value
 
 
 def opened(value: Any) -> Any:
