@@ -127,11 +127,8 @@ class Dispatcher:
                 self._loans.lend_to_loop(worker, here)
                 self._clock.note(time.monotonic() + LOAN_CHECK)  # the manager checks that this loop runs
             for job in jobs:
-                job.state = JobState.RUNNING
-                job.worker = worker
-                job.estimate = estimate
-                worker.inflight.append(job)
-                worker.backlog += estimate
+                job.to(JobState.RUNNING)
+                worker.assign(job, estimate)
             if not worker.registered and worker.borrower is None:
                 self._loans.watch_now(worker)
             frames.setdefault(worker, []).append((frame, fds, len(jobs)))
@@ -163,11 +160,8 @@ class Dispatcher:
         if job.deadline is not None:
             self.watch_deadline(job)
         job.mark_running()
-        job.state = JobState.RUNNING
-        job.worker = worker
-        job.estimate = self._scheduler.estimate(job.fn_id)
-        worker.inflight.append(job)
-        worker.backlog += job.estimate
+        job.to(JobState.RUNNING)
+        worker.assign(job, self._scheduler.estimate(job.fn_id))
         self._send(worker, [(frame, fds, 1)])
         if job.state is not JobState.RUNNING:  # the pipe failed: requeued or refused
             self._loans.end(worker, token)
@@ -252,8 +246,7 @@ class Dispatcher:
             logger.debug("worker %d: could not send %d jobs: %r", worker.id, unsent, exc)
             worker.kill(f"its pipe failed: {exc!r}")
             for _ in range(unsent):
-                job = worker.inflight.pop()
-                worker.backlog -= job.estimate
+                job = worker.unsend()
                 if job.result_offer is not None:
                     self._regions.give(job.result_offer)
                     job.result_offer = None

@@ -116,7 +116,7 @@ class InlineEngine:
             if not job.mark_running():
                 self._cancelled(job)
                 return None
-            job.state = JobState.RUNNING
+            job.to(JobState.RUNNING)
             if job.stream is not None:  # runs item by item as its consumer asks (_pump)
                 job.stream.pump = partial(self._pump, job)
                 return None
@@ -238,12 +238,12 @@ class InlineEngine:
         return True
 
     def _cancelled(self, job: Job) -> None:
-        job.state = JobState.FINISHED
+        job.to(JobState.FINISHED)
         self._counts["cancelled"] += 1
 
     def _finish(self, job: Job, ok: bool, value: Any, seconds: float | None = None) -> None:
         """Record ``job``'s outcome (under the lock); the caller settles it after."""
-        job.state = JobState.FINISHED
+        job.to(JobState.FINISHED)
         now = time.monotonic()
         self._counts["completed" if ok else "failed"] += 1
         self._latency.observe(now - job.submitted_at, seconds)

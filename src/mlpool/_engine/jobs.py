@@ -157,6 +157,17 @@ class JobState(enum.Enum):
     FINISHED = "finished"  # outcome decided (result, error, cancelled, timed out)
 
 
+# Where a job may go from each state (see Job.to).
+_JOB_MOVES: dict[JobState, frozenset[JobState]] = {
+    # Admitted into the queue, sent at once to an idle worker, or refused or cancelled before.
+    JobState.NEW: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FINISHED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FINISHED}),
+    # Back to the queue when it never started (its worker died first, its pipe broke).
+    JobState.RUNNING: frozenset({JobState.QUEUED, JobState.FINISHED}),
+    JobState.FINISHED: frozenset(),
+}
+
+
 class Job:
     """One scoring call, from submission to outcome."""
 
@@ -193,10 +204,12 @@ class Job:
         self.fn_name = fn_name
         self.deadline = deadline
         self.retries_left = retries
+        # Changed only through to(), under the engine's lock. RUNNING: ``worker``
+        # holds it (in its ``inflight``); QUEUED: in the Scheduler, ``worker`` None.
         self.state = JobState.NEW
-        self.worker: WorkerHandle | None = None
+        self.worker: WorkerHandle | None = None  # who holds it, set by WorkerHandle.assign
         self.future_running = False
-        self.estimate = 0.0
+        self.estimate = 0.0  # seconds it is expected to run: its share of its worker's backlog
         self.submitted_at = time.monotonic()
         self.batch_policy = batch_policy  # set for a batched function's job
         self.batch_id: int | None = None  # while running: the id shared by its batch
@@ -218,6 +231,14 @@ class Job:
 
     def __repr__(self) -> str:
         return f"<job {self.id} {self.fn_name} on {self.model!r} {self.state.value}>"
+
+    def to(self, new: JobState) -> None:
+        """Move to ``new`` (under the engine's lock); a RuntimeError if a job
+        may not go there from its state (a bug in mlpool: an outcome decided
+        twice, a finished job queued again)."""
+        if new not in _JOB_MOVES[self.state]:
+            raise RuntimeError(f"mlpool internal error: job {self.id} cannot go from {self.state.value} to {new.value}")
+        self.state = new
 
     def mark_running(self) -> bool:
         """Move the caller's handles to running; False if the caller cancelled it."""

@@ -96,7 +96,7 @@ class Outcomes:
 
     def finish(self, job: Job, ok: bool, value: Any) -> None:
         """Decide ``job``'s outcome: its result, its error, or its worker's raw Done/Failed."""
-        job.state = JobState.FINISHED
+        job.to(JobState.FINISHED)
         if job.worker is None:  # never sent, or back in the queue: nobody reads its memory
             self.release_memory(job)
         self.pending.append(new_outcome((job, ok, value, False)))
@@ -121,7 +121,7 @@ class Outcomes:
 
     def cancel(self, job: Job) -> None:
         """``job`` was cancelled: its caller gets CancelledError; its id is forgotten."""
-        job.state = JobState.FINISHED
+        job.to(JobState.FINISHED)
         if job.worker is None:
             self.release_memory(job)
         self.pending.append(new_outcome((job, False, None, True)))

@@ -48,8 +48,7 @@ class Fates:
         """Settle the jobs ``worker`` held when it died; returns them.
         ``intended``: we killed it (a timeout, an interrupt, a shutdown).
         ``logged=False``: the caller logs the death its own way."""
-        jobs = list(worker.inflight)
-        worker.inflight.clear()
+        jobs = worker.release_all()
         running = running_unit(jobs)  # the job (or batch) it was running...
         begun = worker.started.read()
         if running and begun >= 0 and begun != running[0].id:
@@ -57,7 +56,6 @@ class Fates:
         if logged:
             log_worker_exited(worker, how, running, intended=intended)
         for job in jobs:
-            job.worker = None
             if job.result_offer is not None:  # it may have half-written it: just take it back
                 self._regions.give(job.result_offer)
                 job.result_offer = None

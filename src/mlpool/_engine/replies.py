@@ -58,9 +58,7 @@ class Replies:
         if not worker.inflight or worker.inflight[0].id != msg.job_id:
             worker.kill(f"protocol error: answered job {msg.job_id} out of order")
             return
-        job = worker.inflight.popleft()
-        worker.backlog -= job.estimate
-        worker.jobs_done += 1
+        job = worker.answered()
         shared = sum(length for _, length in msg.spans) if type(msg) is Done and msg.where != NOWHERE else None
         if job.stream is None:  # a stream's length says nothing of the next one's: none pipelines behind it
             self._scheduler.observe(job.fn_id, msg.seconds, shared)

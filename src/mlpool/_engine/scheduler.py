@@ -107,7 +107,7 @@ class Scheduler:
 
     def push(self, job: Job, *, front: bool = False) -> None:
         """Queue ``job`` in its lane (a batched one in its batch); ``front``: it goes next."""
-        job.state = JobState.QUEUED
+        job.to(JobState.QUEUED)
         self.queued += 1
         model = self._models.get(job.model) or self._model(job.model)
         model.queued += 1

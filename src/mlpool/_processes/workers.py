@@ -102,10 +102,14 @@ class WorkerHandle:
         self.group = ""  # the worker group it belongs to ("": the shared workers)
         self.index = 0  # its place in the group (worker_env); a replacement takes the same
         self.state = WorkerState.STARTING
+        # The jobs sent to it, in the order it runs them; each has ``worker``
+        # set to it. ``backlog`` is the sum of their ``estimate``; ``jobs_done``
+        # counts those it answered. All three change only through assign(),
+        # answered(), unsend() and release_all(), under the engine's lock.
         self.inflight: deque[Job] = deque()
-        self.backlog = 0.0  # estimated seconds of work in ``inflight``
-        self.known_functions: set[int] = set()
+        self.backlog = 0.0
         self.jobs_done = 0
+        self.known_functions: set[int] = set()
         self.started_at = time.monotonic()
         self.pid: int = process.pid
         self.kill_reason: str | None = None
@@ -136,6 +140,35 @@ class WorkerHandle:
 
     def __repr__(self) -> str:
         return f"<worker {self.id} pid={self.pid} {self.state.value} holding {len(self.inflight)}>"
+
+    def assign(self, job: Job, estimate: float) -> None:
+        """``job`` is sent to it (the caller moved it to RUNNING): it runs after those it holds."""
+        job.worker = self
+        job.estimate = estimate
+        self.inflight.append(job)
+        self.backlog += estimate
+
+    def answered(self) -> Job:
+        """It answered its oldest job, which it no longer holds."""
+        job = self.inflight.popleft()
+        self.backlog -= job.estimate
+        self.jobs_done += 1
+        return job
+
+    def unsend(self) -> Job:
+        """Its newest job never reached it (the pipe failed): no longer its."""
+        job = self.inflight.pop()
+        self.backlog -= job.estimate
+        return job
+
+    def release_all(self) -> list[Job]:
+        """It died: the jobs it held, oldest first, no longer its."""
+        jobs = list(self.inflight)
+        self.inflight.clear()
+        self.backlog = 0.0
+        for job in jobs:
+            job.worker = None
+        return jobs
 
     def kill(self, reason: str) -> None:
         """SIGKILL the worker (it may be running user code that never returns)."""
