@@ -2,9 +2,9 @@
 
 ::
 
-    run(): start what is due (templates, workers) ─► select() on every watched
+    run(): start what is due (a launcher's, workers) ─► select() on every watched
            pipe, death handle and the wake-up pipe, until the next deadline ─►
-           read (outside the lock) ─► under the lock: messages, template events,
+           read (outside the lock) ─► under the lock: messages, launchers' news,
            deaths, result expiry, deadlines, dispatch ─► running jobs past their
            deadline: read their pipes, take their workers' stacks (outside the
            lock), fail them, kill their workers
@@ -40,7 +40,6 @@ from mlpool._engine.registry import Registry
 from mlpool._engine.replies import Replies
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState
-from mlpool._processes.groups import WorkerGroup
 from mlpool._processes.readers import LOAN_CHECK, Loans
 from mlpool._processes.stacks import KILL_STACK_TIMEOUT, collect_stacks
 from mlpool._processes.supervisor import Supervisor
@@ -102,8 +101,7 @@ class ManagerThread:
     def _serve_once(self) -> bool:
         """One wake-up; True when it is time to exit."""
         supervisor = self._supervisor
-        supervisor.start_templates()
-        supervisor.spawn_due()
+        supervisor.start_due()
         with self._lock:
             if supervisor.done():  # broken or closed while starting: nothing left to wait for
                 return True
@@ -111,15 +109,13 @@ class ManagerThread:
                 self._registry.next_deadline(), supervisor.next_deadline(), self._scheduler.hold_until,
                 self._next_loan_check(),
             )  # fmt: skip
-        arrivals, exits, templates = self._receive(self._loans.select(timeout))
+        arrivals, exits = self._receive(self._loans.select(timeout))
         with self._lock:
             self.apply_shutdown()  # asked from any thread; its wake-up ended the select()
             for worker, messages in arrivals:
                 self._replies.take(worker, messages)
-            for group, events, death in templates:
-                exits += supervisor.template_events(group, events, death)
+            exits += supervisor.launcher_events()
             now = time.monotonic()
-            exits += supervisor.overdue_exits(now)
             for worker, exitcode in exits:
                 supervisor.on_exit(worker, exitcode)
             self._registry.expire(now)
@@ -195,11 +191,11 @@ class ManagerThread:
             with self._lock:
                 self._fates.time_out(late, stacks)
 
-    def _receive(self, ready: list[tuple[str, Any]]) -> tuple[list, list, list]:
-        """Read what select() reported (outside the lock): messages, deaths, template events."""
+    def _receive(self, ready: list[tuple[str, Any]]) -> tuple[list, list]:
+        """Read what select() reported (outside the lock): messages, deaths; a
+        launcher's own process (a fork template) is read by its launcher."""
         arrivals: list[tuple[WorkerHandle, list]] = []
         exits: list[tuple[WorkerHandle, int | None]] = []
-        templates: list[tuple[WorkerGroup, list, tuple[int | None] | None]] = []
         now = time.monotonic()
         for kind, subject in ready:
             if kind == "read":
@@ -208,16 +204,11 @@ class ManagerThread:
                 arrivals.append((subject, self._loans.read_remaining(subject)))
                 if (death := self._supervisor.death_seen(subject, now)) is not None:
                     exits.append(death)
-            elif kind == "template":
-                group, template = subject
-                templates.append((group, template.receive(), None))
-            elif kind == "template-exit":
-                group, template = subject
-                events = template.receive()
-                templates.append((group, events, (self._supervisor.template_died(group, template),)))
+            elif kind == "launcher":
+                self._supervisor.launcher_readable(subject, now)
             else:
                 self._lock.drain_wakeups()
-        return arrivals, exits, templates
+        return arrivals, exits
 
     def _close(self) -> None:
         """The thread ends: release what the engine holds."""

@@ -2,33 +2,38 @@
 
 ::
 
-    manager thread                                  template process (see _template_main)
-      start_if_due ──── spawn ─────────────────────► loads every model once ─► TemplateReady
-      request ───────── Fork(worker id) + socket ──► fork ─► WorkerForked (pid, pidfd)
-      events(...) ◄──── WorkerForked | ForkFailed | Reaped(pid, code) | TemplateClosed
-      (sentinel fires: it died) ─► reap, maybe load a new one after a back-off
+    manager thread                                  template process (see _worker.template_main)
+      due(now) ──────── spawn ─────────────────────► loads every model once ─► TemplateReady
+      launch(index) ─── Fork(worker id) + socket ──► fork ─► WorkerForked (pid, pidfd)
+      _on_read(...) ◄── WorkerForked | ForkFailed | Reaped(pid, code) | TemplateClosed
+      _on_exit(...) ◄── its sentinel fires: reap it, a Setback, a new one after a back-off
 
 Nothing here blocks: a fork is a request whose answer arrives later on the
 template's channel, and a forked worker's exit code arrives as ``Reaped``
 from the template (its parent), after the worker's pidfd fired. A template
-that answers nothing within ``start_timeout`` is killed; an exit code it does
-not report within ``EXIT_REPORT_PATIENCE`` is reported unknown.
+that loads nothing or answers no fork request within ``start_timeout`` is
+killed; an exit code it does not report within ``EXIT_REPORT_PATIENCE`` is
+reported unknown.
 
-One owner: :class:`ForkLauncher` keeps the template, its restarts, the fork
-requests in flight and the exits waiting for their code. It runs on the
-manager thread; the engine acts on what it returns (workers to add, deaths
-to settle, failures to count).
+One owner: :class:`ForkLauncher` keeps the template, its restarts (each
+failure in a row doubles the back-off, see ``launchers.backoff``), its
+timeouts, the fork requests in flight and the exits waiting for their code.
+It runs on the manager thread; the supervisor acts on what it returns
+(:class:`~mlpool._processes.launchers.Launched`: workers to add, deaths to
+settle, failed starts, a setback that may take the group down).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import socket
 import time
 
-from mlpool._processes.launchers import EnvFor, Launched, Launcher, no_env
+from mlpool._processes.launchers import EnvFor, Exit, Launched, Setback, Watched, backoff, no_env
 from mlpool._processes.template import (
+    LoadFailed,
     Template,
     TemplateClosed,
     TemplateEvent,
@@ -36,7 +41,7 @@ from mlpool._processes.template import (
     TemplateState,
     WorkerForked,
 )
-from mlpool._processes.workers import WorkerHandle, new_worker_id, send_started_word
+from mlpool._processes.workers import WorkerHandle, describe_exit, new_worker_id, send_started_word
 from mlpool._wire.started import StartedWord
 from mlpool._wire.template_protocol import ForkFailed, Reaped
 from mlpool._worker.main import WorkerSettings
@@ -47,8 +52,8 @@ logger = logging.getLogger("mlpool._engine.engine")
 EXIT_REPORT_PATIENCE = 2.0
 
 
-class ForkLauncher(Launcher):
-    """The template of one worker group and the workers it is asked to fork."""
+class ForkLauncher:
+    """The template of one worker group, its restarts, and the workers it is asked to fork."""
 
     def __init__(
         self,
@@ -61,7 +66,11 @@ class ForkLauncher(Launcher):
         fork_with_threads: bool,
         env_for: EnvFor = no_env,
     ) -> None:
-        super().__init__(group, context, loaders_pickle, settings, env_for)
+        self.group = group
+        self._context = context
+        self._loaders_pickle = loaders_pickle
+        self._settings = settings
+        self._env_for = env_for
         self._start_timeout = start_timeout
         self._fork_with_threads = fork_with_threads
         self.template: Template | None = None
@@ -73,44 +82,96 @@ class ForkLauncher(Launcher):
         self._forks: dict[int, tuple[socket.socket, StartedWord, int]] = {}
         self._exits: dict[int, tuple[WorkerHandle, float]] = {}  # pid -> dead worker, until when we wait
 
+    def prepare(self) -> None:
+        """Nothing to prepare: the first template starts when ``due``."""
+
+    def describe(self, worker: WorkerHandle, exitcode: int | None) -> str:
+        return describe_exit(exitcode)
+
     # ------------------------------------------------- the template itself
-
-    def start_if_due(self, now: float) -> Template | None:
-        """Start a template if one is due: the new one (its fd and sentinel
-        need watching), or None. Raises what spawning raised."""
-        if self.start_at is None or self.start_at > now:
-            return None
-        self.start_at = None
-        self.announced = False
-        self.template = Template(
-            self._context, self._loaders_pickle, self._settings, fork_with_threads=self._fork_with_threads
-        )
-        return self.template
-
-    def schedule_restart(self, delay: float) -> None:
-        self.start_at = time.monotonic() + delay
-
-    def hurry(self) -> None:
-        """Start the next template now (no worker serves while it waits)."""
-        if self.template is None and self.start_at is not None:
-            self.start_at = min(self.start_at, time.monotonic())
 
     @property
     def ready(self) -> bool:
+        """Whether a template takes fork requests now."""
         template = self.template
         return template is not None and template.state is TemplateState.READY
 
-    def died(self) -> Launched:
-        """The template is gone: forks it never answered will be asked of the
-        next one; exits it never reported are settled with an unknown code."""
+    def due(self, now: float, *, may_start: bool) -> Launched | None:
+        """Kill a template past its timeouts; settle the deaths whose code did
+        not come in time; start a template if one is due (and ``may_start``)."""
+        self._check_timeouts(now)
+        overdue = [pid for pid, (_, until) in self._exits.items() if until <= now]
+        launched = Launched(exits=[(self._exits.pop(pid)[0], None) for pid in overdue]) if overdue else None
+        if not may_start:  # the pool broke or closed: no template starts again
+            self.start_at = None
+        elif self.start_at is not None and self.start_at <= now:
+            launched = launched or Launched()
+            self._start(launched)
+        return launched
+
+    def _start(self, launched: Launched) -> None:
+        self.start_at = None
+        self.announced = False
+        try:
+            template = self.template = Template(
+                self._context, self._loaders_pickle, self._settings, fork_with_threads=self._fork_with_threads
+            )
+        except Exception as exc:
+            logger.exception("could not start the model template process")
+            launched.setback = self._failed(f"could not start the model template process: {exc!r}")
+            return
+        on_read, on_exit = functools.partial(self._on_read, template), functools.partial(self._on_exit, template)
+        launched.watch.append(Watched(template.fd, template.sentinel, on_read, on_exit))
+
+    def _check_timeouts(self, now: float) -> None:
+        """A template that loads nothing, or answers no fork request, within start_timeout is killed."""
+        template = self.template
+        if template is None:
+            return
+        loading = template.state is TemplateState.LOADING
+        if loading and not template.start_timed_out and now - template.started_at >= self._start_timeout:
+            template.start_timed_out = True
+            template.kill()  # its exit counts as a failure (_on_exit)
+        elif (since := template.pending_since()) is not None and now - since >= self._start_timeout:
+            logger.warning("the model template (pid %d) answered no fork request within start_timeout=%gs; "
+                           "killing it", template.pid, self._start_timeout)  # fmt: skip
+            template.kill()
+
+    def _failed(self, reason: str, unloaded: tuple[str, str, LoadFailed | None] | None = None) -> Setback:
+        """A template failed: the next one starts after a back-off that grows with the failures in a row."""
+        self.failures += 1
+        delay = backoff(self.failures)
+        self.start_at = time.monotonic() + delay
+        return Setback(reason, self.failures, delay, "the model template", "loading the models in a new template",
+                       unloaded)  # fmt: skip
+
+    def _on_read(self, template: Template, now: float) -> Launched | None:
+        """The template's channel is readable: what it sent."""
+        launched = self._events(template.receive())
+        if self.ready and not self.announced:  # it just became ready: the requests that waited go now
+            launched.launch = self._take_awaiting()
+        return launched
+
+    def _on_exit(self, template: Template, now: float) -> Launched:
+        """The template exited: reap it. Workers it forked keep serving; the
+        deaths it never reported are settled now, with an unknown code."""
+        launched = self._events(template.receive())
+        how = describe_exit(template.reap())
+        if template.start_timed_out:
+            how = f"did not load the models within start_timeout={self._start_timeout:g}s"
         self.template = None
         self.announced = False
-        outcome = Launched()
         self._abandon_forks()
-        for pid in list(self._exits):
-            worker, _ = self._exits.pop(pid)
-            outcome.exits.append((worker, worker.process.exitcode))
-        return outcome
+        launched.exits += [(worker, worker.process.exitcode) for worker, _ in self._exits.values()]
+        self._exits.clear()
+        who = f"the model template (pid {template.pid})"
+        failure = template.load_failure
+        if failure is not None:
+            reason = f"{who} failed to load model {failure.model!r}: {failure.error}\n{failure.traceback}"
+        else:
+            reason = f"{who} {how}"
+        launched.setback = self._failed(reason, (who, how, failure) if template.load_seconds is None else None)
+        return launched
 
     def close(self) -> None:
         """At the end of the pool: no worker is left; end the template now."""
@@ -123,14 +184,17 @@ class ForkLauncher(Launcher):
 
     # ---------------------------------------------------------------- forks
 
-    def launch(self, index: int) -> None:
-        """Ask the template for the worker at ``index``: it arrives through
-        ``events``. Without a ready template the request waits for one
-        (``awaiting``). Raises OSError when this process is short of
-        descriptors or memory for it (a failed start, retried after a back-off)."""
+    def launch(self, index: int, *, serving: bool) -> None:
+        """Ask the template for the worker at ``index``: it arrives in a
+        Launched from the template's channel. Without a ready template the
+        request waits for one (``awaiting``), which starts at once if nothing
+        serves. Raises OSError when this process is short of descriptors or
+        memory for it (a failed start, retried after a back-off)."""
         template = self.template
         if template is None or template.state is not TemplateState.READY:
             self.awaiting.append(index)
+            if not serving and template is None and self.start_at is not None:  # no need to wait out a back-off
+                self.start_at = min(self.start_at, time.monotonic())
             return None
         worker_id = new_worker_id()
         ours, theirs = socket.socketpair()
@@ -155,14 +219,14 @@ class ForkLauncher(Launcher):
         self._forks[worker_id] = (ours, started, index)
         return None
 
-    def take_awaiting(self) -> list[int]:
+    def _take_awaiting(self) -> list[int]:
         """The template is ready: the indices of the workers to request now."""
         indices, self.awaiting = self.awaiting, []
         self.announced = True
         self.failures = 0
         return indices
 
-    def events(self, events: list[TemplateEvent]) -> Launched:
+    def _events(self, events: list[TemplateEvent]) -> Launched:
         """Act on what the template sent (``Template.receive``)."""
         outcome = Launched()
         for event in events:
@@ -200,6 +264,7 @@ class ForkLauncher(Launcher):
         return outcome
 
     def _abandon_forks(self) -> None:
+        """Forks the template will never answer: asked of the next one."""
         for ours, started, index in self._forks.values():
             ours.close()
             started.close()
@@ -208,32 +273,26 @@ class ForkLauncher(Launcher):
 
     # ------------------------------------------------------ deaths, deadlines
 
-    def await_exit_code(self, worker: WorkerHandle, now: float) -> bool:
+    def reap(self, worker: WorkerHandle, now: float) -> Exit | None:
         """A forked worker died: its code comes from its template (Reaped), if that still runs."""
-        if self.template is None:
-            return False
+        exitcode = worker.reap()
+        if exitcode is not None or self.template is None:
+            return worker, exitcode
         self._exits[worker.pid] = (worker, now + EXIT_REPORT_PATIENCE)
-        return True
-
-    def overdue_exits(self, now: float) -> list[tuple[WorkerHandle, int | None]]:
-        """Deaths whose code did not come in time: settled as unknown."""
-        overdue = [pid for pid, (_, until) in self._exits.items() if until <= now]
-        return [(self._exits.pop(pid)[0], None) for pid in overdue]
-
-    def hung(self, now: float) -> bool:
-        """A fork request was not answered within start_timeout: kill the template."""
-        template = self.template
-        since = None if template is None else template.pending_since()
-        return since is not None and now - since >= self._start_timeout
+        return None
 
     def next_deadline(self) -> float | None:
+        """The earliest of: an exit code's patience, the next template's start, a template's start_timeout."""
         candidates = [until for _, until in self._exits.values()]
         if self.start_at is not None:
             candidates.append(self.start_at)
         template = self.template
-        since = None if template is None else template.pending_since()
-        if since is not None:
-            candidates.append(since + self._start_timeout)
+        if template is not None:
+            if template.state is TemplateState.LOADING and not template.start_timed_out:
+                candidates.append(template.started_at + self._start_timeout)
+            since = template.pending_since()
+            if since is not None:
+                candidates.append(since + self._start_timeout)
         return min(candidates, default=None)
 
 

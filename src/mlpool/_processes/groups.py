@@ -2,9 +2,9 @@
 
 A group is the workers that load the same models, with its own launcher
 (spawned processes, a fork template, Ray actors: chosen here, once, from
-the configuration), its own size, and its own failures in a row. The
-supervisor keeps every group at its size; the scheduler gives a job only to
-a worker of its model's group.
+the configuration; see ``_processes.launchers``), its own size, and its own
+failures in a row. The supervisor keeps every group at its size; the
+scheduler gives a job only to a worker of its model's group.
 """
 
 from __future__ import annotations
@@ -17,19 +17,9 @@ from typing import Any
 
 from mlpool._api.config import PoolConfig, WorkerEnv
 from mlpool._processes.forking import ForkLauncher
-from mlpool._processes.launchers import EnvFor, Launcher, RayLauncher, no_env
+from mlpool._processes.launchers import EnvFor, Launcher, RayLauncher, SpawnLauncher, no_env
 from mlpool._wire.serialization import dumps_by_value
 from mlpool._worker.main import WorkerSettings
-
-# Consecutive worker failures of a group (a failed start, a death while idle)
-# before the pool gives up, and the back-off between the restarts that lead
-# there. Past that many, a group with no worker that can serve goes down (or the
-# pool breaks, see Supervisor._give_up); while some serve, a failing restart only delays the
-# replacement, and retries slow down to DEGRADED_BACKOFF_MAX.
-MAX_CONSECUTIVE_FAILURES = 5
-RESTART_BACKOFF_FIRST = 0.05
-RESTART_BACKOFF_MAX = 2.0
-DEGRADED_BACKOFF_MAX = 30.0
 
 
 @dataclass(slots=True)
@@ -42,7 +32,7 @@ class WorkerGroup:
     launcher: Launcher
     max_jobs_per_worker: int | None = None
     spawn_at: list[tuple[float, int]] = field(default_factory=list)  # heap: (when, index)
-    failures: int = 0  # failed starts and idle deaths in a row
+    failures: int = 0  # failed starts and idle deaths in a row (see launchers.MAX_CONSECUTIVE_FAILURES)
 
     def describe(self) -> str:
         return "the workers" if not self.name else f"the workers of model {self.name!r}"
@@ -77,7 +67,7 @@ def build_groups(config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> l
                 fork_with_threads=config.fork_with_threads, env_for=env_for,
             )  # fmt: skip
         else:
-            launcher = Launcher(group.name, context, loaders_pickle, settings, env_for)
+            launcher = SpawnLauncher(group.name, context, loaders_pickle, settings, env_for)
         groups.append(WorkerGroup(group.name, group.models, group.workers, launcher, group.max_jobs_per_worker))
     return groups
 
@@ -92,9 +82,3 @@ def _env_for(worker_env: WorkerEnv | None, workers: int) -> EnvFor:
         return lambda index: env
     envs = [dict(worker_env(index)) for index in range(workers)]
     return lambda index: envs[index]
-
-
-def backoff(failures: int) -> float:
-    """Seconds before the next try after ``failures`` failures in a row."""
-    ceiling = RESTART_BACKOFF_MAX if failures < MAX_CONSECUTIVE_FAILURES else DEGRADED_BACKOFF_MAX
-    return min(ceiling, RESTART_BACKOFF_FIRST * 2 ** min(failures - 1, 30))

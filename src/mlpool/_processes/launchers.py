@@ -2,20 +2,28 @@
 
 ::
 
-    Supervisor ── launch(index) ──► Launcher          spawned process (default)
-               ◄── a WorkerHandle   RayLauncher       a Ray actor behind a bridge
-               ◄── or None, then    ForkLauncher      a fork of the group's model
-                   events(...)                        template (share_models, _forking)
+    Supervisor ── launch(index) ──► SpawnLauncher   a spawned process (default)
+               ◄── a WorkerHandle   RayLauncher     a Ray actor behind a bridge
+               ◄── or None: later   ForkLauncher    a fork of the group's model template
+                   in a Launched                    (share_models, ``_processes.forking``)
+               ── due(now), next_deadline() ──► what the launcher has to do at a time
+               ── reap(worker, now) ──► the exit to settle, or None: reported later
+               ◄── Launched: workers started, starts failed, exits, processes of its
+                   own to watch, a setback (its template died)
 
-The supervisor never asks which kind it has: every launcher answers the same
-calls. Spawned processes and Ray actors are ready to watch when ``launch``
-returns; a fork is a request whose worker arrives later in ``events``. Only
-the fork launcher has a template, so the calls about it (``start_if_due``,
-``events``, ``await_exit_code``...) do nothing here.
+Every launcher answers the :class:`Launcher` protocol, and the supervisor never
+asks which kind it has. Spawned processes and Ray actors are ready to watch
+when ``launch`` returns and have nothing due; a fork launcher keeps a process
+of its own (the template) with its restarts, back-off and timeouts, and its
+workers arrive later, in a :class:`Launched` from the template's channel.
 
 ``index`` is the worker's place in its group (0 .. workers-1); a replacement
 gets the index of the worker it replaces, so ``worker_env(index)`` pins it
 to the same device.
+
+The restart policy is here too, shared by the supervisor (a group's workers)
+and the fork launcher (its templates): ``backoff`` and the failures in a row
+after which a group that cannot serve is given up.
 """
 
 from __future__ import annotations
@@ -24,35 +32,124 @@ import dataclasses
 import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from mlpool._processes.workers import WorkerHandle, describe_exit, spawn_worker
+from mlpool._wire.protocol import LoadFailed
 from mlpool._worker.main import WorkerSettings
 
-if TYPE_CHECKING:
-    from mlpool._processes.template import Template, TemplateEvent
+# Consecutive failures of a group's workers (a failed start, a death while
+# idle) or of its template before the pool gives up, and the back-off between
+# the restarts that lead there. Past that many, a group with no worker that can
+# serve goes down (or the pool breaks, see Supervisor._give_up); while some
+# serve, a failing restart only delays the replacement, and retries slow down
+# to DEGRADED_BACKOFF_MAX.
+MAX_CONSECUTIVE_FAILURES = 5
+RESTART_BACKOFF_FIRST = 0.05
+RESTART_BACKOFF_MAX = 2.0
+DEGRADED_BACKOFF_MAX = 30.0
 
 # The environment a group's worker at an index gets (worker_env, resolved).
 EnvFor = Callable[[int], "dict[str, str] | None"]
+# A death to settle: the worker and its exit code (None: unknown).
+Exit = tuple[WorkerHandle, int | None]
 
 
 def no_env(index: int) -> dict[str, str] | None:
     return None
 
 
+def backoff(failures: int) -> float:
+    """Seconds before the next try after ``failures`` failures in a row."""
+    ceiling = RESTART_BACKOFF_MAX if failures < MAX_CONSECUTIVE_FAILURES else DEGRADED_BACKOFF_MAX
+    return min(ceiling, RESTART_BACKOFF_FIRST * 2 ** min(failures - 1, 30))
+
+
+@dataclass(frozen=True, slots=True)
+class Setback:
+    """What a launcher starts its workers with failed (a fork template died or
+    could not start): the workers it started serve on, their replacements wait
+    for its next try, which it scheduled ``delay`` seconds from now."""
+
+    reason: str  # what happened, in words
+    failures: int  # setbacks in a row
+    delay: float  # seconds until the next try
+    what: str  # what failed ("the model template")
+    retry: str  # what the next try does ("loading the models in a new template")
+    # (who, how, what a loader raised) if it failed before the models were ever
+    # loaded: then a pool still starting cannot start.
+    unloaded: tuple[str, str, LoadFailed | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """A process of a launcher's own (a fork template) for the supervisor to
+    watch: ``fd`` readable calls ``on_read(now)``; ``sentinel`` readable (it
+    exited) unwatches both, then calls ``on_exit(now)``. Each returns what it
+    means for the supervisor. Both run on the manager thread, outside the lock."""
+
+    fd: int
+    sentinel: int
+    on_read: Callable[[float], Launched | None]
+    on_exit: Callable[[float], Launched | None]
+
+
 @dataclass(slots=True)
 class Launched:
-    """What a launcher's events mean for the supervisor."""
+    """What a launcher has for the supervisor, from ``due`` or a process it watches."""
 
     started: list[WorkerHandle] = field(default_factory=list)  # to add to the group
     failed: list[tuple[int, str]] = field(default_factory=list)  # failed starts (index, why): each a failure
-    exits: list[tuple[WorkerHandle, int | None]] = field(default_factory=list)  # deaths to settle now
+    exits: list[Exit] = field(default_factory=list)  # deaths to settle now
+    launch: list[int] = field(default_factory=list)  # indices to launch now (requests that waited)
+    watch: list[Watched] = field(default_factory=list)  # acted on at once, outside the lock
+    setback: Setback | None = None
+
+    def for_the_lock(self) -> bool:
+        """Whether it holds anything the supervisor acts on under the engine's lock (all but ``watch``)."""
+        return bool(self.started or self.failed or self.exits or self.launch or self.setback)
 
 
-class Launcher:
-    """Workers as spawned processes (the default backend)."""
+class Launcher(Protocol):
+    """What the supervisor asks of a group's launcher. Every call comes from
+    the manager thread; ``describe`` runs under the engine's lock, the others
+    outside it."""
 
-    template: Template | None = None  # the fork template (ForkLauncher only)
+    def prepare(self) -> None:
+        """Once, before the first launch; raises if the backend is unusable (Ray cannot connect)."""
+
+    def launch(self, index: int, *, serving: bool) -> WorkerHandle | None:
+        """Start the worker at ``index`` of the group: its handle, or None if it
+        arrives later, in a Launched. ``serving``: whether some worker of the
+        group serves (if none does, nothing waits out a back-off for it).
+        Raises when the OS refuses (out of processes, memory, descriptors)."""
+
+    def reap(self, worker: WorkerHandle, now: float) -> Exit | None:
+        """``worker``'s death handle fired: reap it; the exit to settle now, or
+        None if its exit code comes later, in a Launched (``exits``)."""
+
+    def describe(self, worker: WorkerHandle, exitcode: int | None) -> str:
+        """How ``worker`` died, in words ("killed by SIGSEGV (-11) ...")."""
+
+    def due(self, now: float, *, may_start: bool) -> Launched | None:
+        """Do what is due at ``now`` (start a template, kill one past its
+        timeout; deaths whose code did not come in time); None: nothing to
+        report. ``may_start``: False once the pool starts no more workers."""
+
+    def next_deadline(self) -> float | None:
+        """When ``due`` has something to do next (monotonic), or None."""
+
+    def close(self) -> None:
+        """At the end of the pool, once no worker is left: end what the launcher holds."""
+
+
+def _settings_for(settings: WorkerSettings, env_for: EnvFor, index: int) -> WorkerSettings:
+    env = env_for(index)
+    return settings if env is None else dataclasses.replace(settings, env=env)
+
+
+class SpawnLauncher:
+    """Workers as spawned processes (the default backend): nothing of its own to watch or time."""
 
     def __init__(
         self,
@@ -69,88 +166,75 @@ class Launcher:
         self._env_for = env_for
 
     def prepare(self) -> None:
-        """Once, on the manager thread, before the first launch; raises if the backend is unusable."""
+        """Nothing to prepare: a spawn needs no service."""
 
-    def launch(self, index: int) -> WorkerHandle | None:
-        """Start the worker at ``index`` of the group (manager thread, outside
-        the engine's lock): its handle, or None if it arrives later through
-        ``events``. Raises when the OS refuses (out of processes, memory, fds)."""
-        worker = spawn_worker(self._context, self._loaders_pickle, self.settings_for(index))
+    def launch(self, index: int, *, serving: bool) -> WorkerHandle:
+        worker = spawn_worker(self._context, self._loaders_pickle, _settings_for(self._settings, self._env_for, index))
         worker.group, worker.index = self.group, index
         return worker
 
-    def settings_for(self, index: int) -> WorkerSettings:
-        env = self._env_for(index)
-        return self._settings if env is None else dataclasses.replace(self._settings, env=env)
+    def reap(self, worker: WorkerHandle, now: float) -> Exit:
+        """The worker is our child: its exit code is ours to read."""
+        return worker, worker.reap()
 
     def describe(self, worker: WorkerHandle, exitcode: int | None) -> str:
-        """How ``worker`` died, in words ("killed by SIGSEGV (-11) ...")."""
         return describe_exit(exitcode)
 
+    def due(self, now: float, *, may_start: bool) -> None:
+        """Nothing is ever due: spawned workers are started by ``launch`` alone."""
+        return None
+
+    def next_deadline(self) -> None:
+        return None
+
     def close(self) -> None:
-        """At the end of the pool, once no worker is left."""
-
-    # ---------------------------------- the fork template's; nothing here
-
-    @property
-    def ready(self) -> bool:
-        """Whether ``launch`` starts a worker now (a fork launcher's template may not be ready)."""
-        return True
-
-    def start_if_due(self, now: float) -> Template | None:
-        """A template started now (its descriptors need watching), or None."""
-        return None
-
-    def hurry(self) -> None:
-        """Nothing serves: start the next template now, not after its back-off."""
-
-    def hung(self, now: float) -> bool:
-        """Whether the template answered no fork request within start_timeout."""
-        return False
-
-    def events(self, events: list[TemplateEvent]) -> Launched:
-        return Launched()
-
-    def await_exit_code(self, worker: WorkerHandle, now: float) -> bool:
-        """``worker``'s exit code comes later (from its template): True, and
-        it is settled through ``events`` or ``overdue_exits``."""
-        return False
-
-    def overdue_exits(self, now: float) -> list[tuple[WorkerHandle, int | None]]:
-        return []
-
-    def next_deadline(self) -> float | None:
-        return None
+        """Nothing to end: every worker is gone."""
 
 
-class RayLauncher(Launcher):
+class RayLauncher:
     """Workers as Ray actors (backend="ray"), each behind a local bridge (see ``_processes.ray``)."""
 
     def __init__(
         self, group: str, loaders_pickle: bytes, settings: WorkerSettings, *,
         address: str | None, options: dict[str, Any], env_for: EnvFor = no_env,
     ) -> None:  # fmt: skip
-        super().__init__(group, multiprocessing.get_context(), loaders_pickle, settings, env_for)
         from mlpool._processes.ray import RaySession
 
+        self.group = group
+        self._loaders_pickle = loaders_pickle
+        self._settings = settings
+        self._env_for = env_for
         self._session = RaySession(address)
         self._options = options
 
     def prepare(self) -> None:
+        """Join (or start) the Ray instance."""
         self._session.connect()
 
-    def launch(self, index: int) -> WorkerHandle:
+    def launch(self, index: int, *, serving: bool) -> WorkerHandle:
         from mlpool._processes.ray import spawn_ray_worker
         from mlpool._processes.workers import new_worker_id
 
-        settings = self.settings_for(index)
+        settings = _settings_for(self._settings, self._env_for, index)
         process, sock = spawn_ray_worker(new_worker_id(), self._loaders_pickle, settings, self._options)
         worker = WorkerHandle(process, sock)
         worker.group, worker.index = self.group, index
         return worker
 
+    def reap(self, worker: WorkerHandle, now: float) -> Exit:
+        """The bridge knows how its actor ended (its exit code is ours to read)."""
+        return worker, worker.reap()
+
     def describe(self, worker: WorkerHandle, exitcode: int | None) -> str:
         return worker.process.death or describe_exit(exitcode)
 
+    def due(self, now: float, *, may_start: bool) -> None:
+        """Nothing is ever due: Ray places and watches the actors."""
+        return None
+
+    def next_deadline(self) -> None:
+        return None
+
     def close(self) -> None:
+        """Leave the Ray instance as we found it."""
         self._session.close()

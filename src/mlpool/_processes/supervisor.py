@@ -2,7 +2,8 @@
 
 ::
 
-    spawn_due ─► group.launcher.launch(index) ─► add ─► (Ready) on_ready ─► IDLE
+    start_due ─► group.launcher.launch(index) ─► add ─► (Ready) on_ready ─► IDLE
+    a launcher's news (a fork template's events, its death) ─► launcher_events
     death ─► on_exit: settle exactly the jobs it held ─► replace after a back-off
     check(now): job deadlines, start_timeout, the shutdown ladder
     shutdown ─► CLOSING: drain, Stop, wait, SIGKILL ─► CLOSED
@@ -17,11 +18,15 @@ groups serve; the pool breaks when none can.
 
 The supervisor owns the pool's state, the workers, their groups (each with
 its launcher: spawned processes, a fork template or Ray actors, chosen once;
-see ``_processes.launchers``) and the deadlines of starts and of shutdown. It runs
-under the engine's lock, except ``spawn_due`` and ``start_templates``, which
-run on the manager thread outside it and take the lock to record what they
-started. It acts on its sibling parts (the scheduler, the outcomes, the
-loans), never on the engine.
+see ``_processes.launchers``) and the deadlines of starts and of shutdown. It
+never asks which launcher a group has: what a launcher reports (workers
+started, starts failed, deaths, a setback such as its template's death) comes
+as a ``Launched``, and a launcher keeps its own processes, restarts and
+timeouts. It runs under the engine's lock, except ``start_due``,
+``death_seen`` and ``launcher_readable``, which run on the manager thread
+outside it (``start_due`` takes the lock to record what it started). It acts
+on its sibling parts (the scheduler, the outcomes, the loans), never on the
+engine.
 """
 
 from __future__ import annotations
@@ -38,13 +43,11 @@ from mlpool._engine.outcomes import WakeClock
 from mlpool._engine.recovery import Fates
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState
-from mlpool._processes.forking import ForkLauncher
-from mlpool._processes.groups import MAX_CONSECUTIVE_FAILURES, WorkerGroup, backoff
-from mlpool._processes.launchers import Launched
+from mlpool._processes.groups import WorkerGroup
+from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Exit, Launched, Setback, Watched, backoff
 from mlpool._processes.logs import worker_ready as log_worker_ready
 from mlpool._processes.readers import Loans
-from mlpool._processes.template import Template, TemplateState
-from mlpool._processes.workers import WorkerHandle, WorkerState, describe_exit
+from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import LoadFailed, Ready, Stop, encode
 from mlpool._wire.transport import write_all
 from mlpool.errors import ModelLoadError, PoolBrokenError, PoolClosedError
@@ -53,6 +56,9 @@ logger = logging.getLogger("mlpool._engine.engine")
 
 # Seconds for the workers killed at the end of a timed-out shutdown to be reaped.
 TERMINATE_GRACE = 1.0
+
+# The pool's states in which it starts workers (and launchers their own processes).
+_STARTS = frozenset({PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING})
 
 
 class Supervisor:
@@ -86,6 +92,7 @@ class Supervisor:
         self.started: Future[None] = Future()  # result: ready; exception: start failed
         self._start_deadline = time.monotonic() + config.start_timeout
         self._stop_deadline: float | None = None
+        self._news: list[tuple[WorkerGroup, Launched]] = []  # what launchers reported, for launcher_events
         now = time.monotonic()
         for group in groups:
             group.spawn_at = [(now, index) for index in range(group.size)]
@@ -104,32 +111,25 @@ class Supervisor:
                     self.state = self.state.to(PoolState.CLOSED)
                 return
 
-    def start_templates(self) -> None:
-        """Start the fork templates (share_models) that are due."""
-        for group in self.groups.values():
-            if self.state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
-                return
-            try:
-                template = group.launcher.start_if_due(time.monotonic())
-            except Exception as exc:
-                logger.exception("could not start the model template process")
-                with self._locked():
-                    self._template_failed(group, f"could not start the model template process: {exc!r}")
-                continue
-            if template is not None:
-                self._loans.register(template.fd, ("template", (group, template)))
-                self._loans.register(template.sentinel, ("template-exit", (group, template)))
-
-    def spawn_due(self) -> None:
-        """Start the workers that are due; a fork template's arrive later as events."""
+    def start_due(self) -> None:
+        """Do what is due: each launcher's own (a fork template to start), then
+        the workers; a fork template's workers arrive later, as its news."""
         now = time.monotonic()
         for group in self.groups.values():
+            launched = group.launcher.due(now, may_start=self.state in _STARTS)
+            if launched is not None:
+                self._take(group, launched)
+        for group in self.groups.values():
+            if not group.spawn_at or group.spawn_at[0][0] > now:
+                continue
+            with self._locked():
+                serving = self.can_serve(group)
             while group.spawn_at and group.spawn_at[0][0] <= now:
                 _, index = heapq.heappop(group.spawn_at)
-                if self.state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+                if self.state not in _STARTS:
                     continue
                 try:
-                    worker = group.launcher.launch(index)
+                    worker = group.launcher.launch(index, serving=serving)
                 except Exception as exc:  # out of processes, memory or file descriptors
                     logger.exception("could not start a worker process")
                     with self._locked():
@@ -138,25 +138,31 @@ class Supervisor:
                 if worker is not None:
                     with self._locked():
                         self.add(worker)
-                elif not group.launcher.ready:  # the request waits for a template
-                    with self._locked():
-                        idle = not self.can_serve(group)
-                    if idle:  # nothing serves: the next template need not wait out its back-off
-                        group.launcher.hurry()
 
-    def death_seen(self, worker: WorkerHandle, now: float) -> tuple[WorkerHandle, int | None] | None:
+    def death_seen(self, worker: WorkerHandle, now: float) -> Exit | None:
         """``worker``'s death handle fired: reap it; the exit to settle, or
-        None if its code comes later (from its template)."""
+        None if its launcher reports it later (a fork template, its parent)."""
         self._loans.unregister(worker.sentinel)
-        exitcode = worker.reap()
-        if exitcode is None and self.groups[worker.group].launcher.await_exit_code(worker, now):
-            return None
-        return worker, exitcode
+        return self.groups[worker.group].launcher.reap(worker, now)
 
-    def template_died(self, group: WorkerGroup, template: Template) -> int | None:
-        """A template's death handle fired: stop watching it, reap it."""
-        self._loans.unregister(template.fd, template.sentinel)
-        return template.reap()
+    def launcher_readable(self, subject: tuple[WorkerGroup, Watched, bool], now: float) -> None:
+        """A process a launcher asked to be watched (a fork template) sent
+        something, or exited (then it is watched no more): the launcher reads
+        it; what it means is acted on in ``launcher_events``."""
+        group, watched, exited = subject
+        if exited:
+            self._loans.unregister(watched.fd, watched.sentinel)
+        launched = (watched.on_exit if exited else watched.on_read)(now)
+        if launched is not None:
+            self._take(group, launched)
+
+    def _take(self, group: WorkerGroup, launched: Launched) -> None:
+        """Watch the processes a launcher started; keep the rest for ``launcher_events``."""
+        for watched in launched.watch:
+            self._loans.register(watched.fd, ("launcher", (group, watched, False)))
+            self._loans.register(watched.sentinel, ("launcher", (group, watched, True)))
+        if launched.for_the_lock():
+            self._news.append((group, launched))
 
     # ------------------------------------------------------------ under the lock
 
@@ -344,18 +350,6 @@ class Supervisor:
             if worker.state is WorkerState.STARTING and now - worker.started_at >= limit:
                 worker.start_timed_out = True
                 worker.kill(f"it did not load its models within start_timeout={limit:g}s")
-        for group in self.groups.values():
-            template = group.launcher.template
-            if template is None:
-                continue
-            loading = template.state is TemplateState.LOADING
-            if loading and not template.start_timed_out and now - template.started_at >= limit:
-                template.start_timed_out = True
-                template.kill()  # its exit counts as a failure (template_exited)
-            elif group.launcher.hung(now):
-                logger.warning("the model template (pid %d) answered no fork request within start_timeout=%gs; "
-                               "killing it", template.pid, limit)  # fmt: skip
-                template.kill()
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
         """Stop taking jobs; start the ladder (drain, Stop, wait, SIGKILL). Asked again, a shorter timeout wins."""
@@ -401,17 +395,15 @@ class Supervisor:
         self._stop_deadline = None
 
     def next_deadline(self) -> float | None:
-        """The supervisor's next deadline: a start due, a start_timeout, the shutdown's."""
-        candidates = []
+        """The supervisor's next deadline: a start due, a launcher's, a start_timeout,
+        the shutdown's; now if launchers reported something before the wait."""
+        candidates = [time.monotonic()] if self._news else []
         for group in self.groups.values():
             if group.spawn_at:
                 candidates.append(group.spawn_at[0][0])
             due = group.launcher.next_deadline()
             if due is not None:
                 candidates.append(due)
-            template = group.launcher.template
-            if template is not None and template.state is TemplateState.LOADING and not template.start_timed_out:
-                candidates.append(template.started_at + self.config.start_timeout)
         if self.state is PoolState.STARTING:
             candidates.append(self._start_deadline)
         else:
@@ -426,72 +418,48 @@ class Supervisor:
         """Whether the manager thread has nothing left to do."""
         return self.state in (PoolState.CLOSED, PoolState.BROKEN) and not self.workers
 
-    # ------------------------------------------------------ the fork templates
+    # ------------------------------------------------------ the launchers' news
 
-    def template_events(self, group: WorkerGroup, events: list, death: tuple[int | None] | None = None) -> list:
-        """What a group's template sent, and its death if ``death`` holds its
-        exit code: add forked workers, count failures; the deaths to settle now."""
-        launcher = group.launcher
-        assert isinstance(launcher, ForkLauncher)  # only a fork launcher has a template
-        launched = launcher.events(events)
-        if death is not None:
-            launched.exits += self._template_exited(group, death[0])
-        elif launcher.ready and not launcher.announced:
-            now = time.monotonic()
-            for index in launcher.take_awaiting():
-                heapq.heappush(group.spawn_at, (now, index))
-        return self._launched(group, launched)
-
-    def overdue_exits(self, now: float) -> list:
-        """Deaths whose exit code their template did not report in time."""
-        return [exit for group in self.groups.values() for exit in group.launcher.overdue_exits(now)]
-
-    def _launched(self, group: WorkerGroup, launched: Launched) -> list:
-        for worker in launched.started:
-            self.add(worker)
-        for index, reason in launched.failed:
-            logger.warning("%s", reason)
-            self._start_failed(group, index, reason)
-        return launched.exits
-
-    def _template_exited(self, group: WorkerGroup, exitcode: int | None) -> list:
-        """The template died. Workers it forked keep serving; the deaths it
-        never reported are settled now (returned)."""
-        launcher = group.launcher
-        template = launcher.template
-        assert isinstance(launcher, ForkLauncher) and template is not None
-        exits = launcher.died().exits
-        how = describe_exit(exitcode)
-        if template.start_timed_out:
-            how = f"did not load the models within start_timeout={self.config.start_timeout:g}s"
-        who = f"the model template (pid {template.pid})"
-        if self.state is PoolState.STARTING and template.load_seconds is None:
-            self._fail_start(who, template.load_failure, how)
-            return exits
-        failure = template.load_failure
-        if failure is not None:
-            reason = f"{who} failed to load model {failure.model!r}: {failure.error}\n{failure.traceback}"
-        else:
-            reason = f"{who} {how}"
-        self._template_failed(group, reason)
+    def launcher_events(self) -> list[Exit]:
+        """Act on what the launchers reported since the last turn (workers
+        started, starts failed, setbacks, requests to launch now); the deaths
+        to settle now."""
+        if not self._news:
+            return []
+        exits: list[Exit] = []
+        news, self._news = self._news, []
+        for group, launched in news:
+            if launched.setback is not None:
+                self._setback(group, launched.setback)
+            for worker in launched.started:
+                self.add(worker)
+            for index, reason in launched.failed:
+                logger.warning("%s", reason)
+                self._start_failed(group, index, reason)
+            if launched.launch:
+                now = time.monotonic()
+                for index in launched.launch:
+                    heapq.heappush(group.spawn_at, (now, index))
+            exits += launched.exits
         return exits
 
-    def _template_failed(self, group: WorkerGroup, reason: str) -> None:
-        launcher = group.launcher
-        assert isinstance(launcher, ForkLauncher)
-        if self.state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.CLOSING):
+    def _setback(self, group: WorkerGroup, setback: Setback) -> None:
+        """What starts ``group``'s workers failed (its launcher already
+        scheduled the next try): a pool still starting cannot start if the
+        models never loaded; a group that fails too often and cannot serve
+        is given up. The workers it started keep serving."""
+        if setback.unloaded is not None and self.state is PoolState.STARTING:
+            who, how, failure = setback.unloaded
+            self._fail_start(who, failure, how)
             return
-        launcher.failures += 1
-        # Workers it forked keep serving: without a template only their
-        # replacements wait. The pool breaks when none is left to serve.
-        if launcher.failures >= MAX_CONSECUTIVE_FAILURES and not self.can_serve(group):
-            why = f"the model template failed {launcher.failures} times in a row; the last time: {reason}"
+        if self.state not in _STARTS:
+            return
+        if setback.failures >= MAX_CONSECUTIVE_FAILURES and not self.can_serve(group):
+            why = f"{setback.what} failed {setback.failures} times in a row; the last time: {setback.reason}"
             if self._give_up(group, why):
                 return
-        delay = backoff(launcher.failures)
-        logger.warning("loading the models in a new template in %.2fs: %s", delay, reason)
+        logger.warning("%s in %.2fs: %s", setback.retry, setback.delay, setback.reason)
         self.counts["restarts"] += 1
-        launcher.schedule_restart(delay)
 
     def close(self) -> None:
         """The manager thread ends: no worker is left."""
