@@ -12,19 +12,21 @@ and latencies ``stats()`` reports, and the shared memory a finished job
 gives back. A result arrives as the worker's raw ``Done`` (or ``Failed``)
 message; :meth:`Outcomes.decode`, after the lock is released, maps its
 shared memory and unpickles a worker's exception, and leaves the result
-pickled for its caller's thread. :class:`WakeClock` is when the manager's
+pickled for its caller's thread (unpickled at once only when this is that
+thread: a coroutine's loop that read its own job's reply). :class:`WakeClock` is when the manager's
 wait ends at the latest: a part that sets an earlier deadline asks for a
 wake-up.
 """
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from mlpool._engine.jobs import Job, JobState, Outcome, new_outcome
+from mlpool._engine.jobs import Job, JobState, Outcome, new_outcome, running_loop
 from mlpool._engine.metrics import LatencyRecorder, ModelRecorders
 from mlpool._engine.regions import RegionPool, result_buffers
 from mlpool._engine.registry import Registry
@@ -34,7 +36,7 @@ from mlpool._engine.state import PoolState, PoolStats
 from mlpool._engine.tracing import end as end_trace
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import NOWHERE, Done, Failed
-from mlpool._wire.serialization import unpack_exception
+from mlpool._wire.serialization import unpack_exception, unpickling_error
 from mlpool.errors import JobTimeoutError, WorkerCrashedError
 
 # The manager's longest wait: deadlines may be further, the OS's timeouts may not.
@@ -174,19 +176,27 @@ class Outcomes:
         """Turn a worker's raw Done/Failed into a PickledResult or the exception (outside the lock)."""
         job, _, value = outcome[:3]
         kind = type(value)
-        if kind is Done:  # the result stays pickled for its caller; its shared memory is mapped now
+        if kind is Done:
             offer, job.result_offer = job.result_offer, None
-            try:
-                buffers = (
-                    None if value.where == NOWHERE and offer is None
-                    else result_buffers(value.spans, value.where, value.fd, offer, self._regions)
-                )  # fmt: skip
-            except Exception as exc:  # out of memory or descriptors to map it
-                self._count_undecodable(job.model)
-                decoded = new_outcome((job, False, exc, False))
-            else:
-                pickled = PickledResult(value.result, buffers, job.id, job.fn_name, job.model, self._undecodable)
-                decoded = new_outcome((job, True, pickled, False))
+            if value.where == NOWHERE and offer is None and job.loop is not None and job.loop is running_loop():
+                # Delivered in its caller's own thread (the coroutine's loop read it): unpickled now, in place.
+                try:
+                    decoded = new_outcome((job, True, pickle.loads(value.result), False))
+                except BaseException as exc:  # a process boundary: nothing from the other side ends this one
+                    self._count_undecodable(job.model)
+                    decoded = new_outcome((job, False, unpickling_error(_result_of(job), exc), False))
+            else:  # left pickled for its caller's thread; its shared memory is mapped now
+                try:
+                    buffers = (
+                        None if value.where == NOWHERE and offer is None
+                        else result_buffers(value.spans, value.where, value.fd, offer, self._regions)
+                    )  # fmt: skip
+                except Exception as exc:  # out of memory or descriptors to map it
+                    self._count_undecodable(job.model)
+                    decoded = new_outcome((job, False, exc, False))
+                else:
+                    pickled = PickledResult(value.result, buffers, job.id, job.fn_name, job.model, self._undecodable)
+                    decoded = new_outcome((job, True, pickled, False))
         elif kind is Failed:
             decoded = new_outcome((job, False, unpack_exception(value.error, value.traceback), False))
         else:
@@ -195,6 +205,10 @@ class Outcomes:
             kind_name = "cancelled" if decoded.cancelled else _kind(decoded.ok, decoded.value)
             end_trace(job, value, decoded.ok, decoded.value, kind_name)
         return decoded
+
+
+def _result_of(job: Job) -> str:
+    return f"the result of job {job.id} ({job.fn_name})"
 
 
 def _kind(ok: bool, value: Any) -> str:
