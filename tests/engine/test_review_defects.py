@@ -355,7 +355,7 @@ def _queued(lane_token: object = None, *, policy=None) -> Job:
 
 def _cancel(scheduler: Scheduler, job: Job) -> None:
     """What the engine does with a queued job that is cancelled."""
-    scheduler.left(job)
+    scheduler.withdraw(job)
     job.state = JobState.FINISHED
 
 
@@ -363,7 +363,7 @@ def _plan_all(scheduler: Scheduler) -> list[int]:
     """Every job the plan hands out, to workers that take anything."""
     taken: list[int] = []
     while scheduler:
-        free = SimpleNamespace(inflight=[], backlog=0.0, borrower=None, group="")
+        free = SimpleNamespace(inflight=[], backlog=0.0, read_by=None, group="")
         for _, jobs, _ in scheduler.plan([free], None, 0.0, lambda: False, lambda here: False):
             taken += [job.id for job in jobs]
             for job in jobs:

@@ -15,7 +15,7 @@ from helpers import worker_probe
 
 from mlpool._wire.protocol import Done, Exiting, Ready, Stop, encode, encode_run, encode_run_batch, setup_frame
 from mlpool._wire.serialization import dumps_by_value
-from mlpool._wire.started import StartedWord
+from mlpool._wire.started import LastStarted
 from mlpool._wire.transport import FrameReader, send_frames
 from mlpool._worker.main import WorkerSettings, worker_main
 
@@ -35,9 +35,9 @@ class DirectWorker:
         self.sock.settimeout(60)
         self.reader = FrameReader()
         self._messages: deque = deque()
-        self.word = StartedWord()
+        self.word = LastStarted()
         if setup:  # as the engine does: written before the worker starts, waiting in the socket
-            fd, self.word = StartedWord.create()
+            fd, self.word = LastStarted.create()
             send_frames(self.sock, [setup_frame(fd)])
             os.close(fd)
         options = {"parent_pid": os.getpid(), "threads": 1, "memory_limit": None, "nice": 0, "shm_threshold": None,

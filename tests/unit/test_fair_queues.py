@@ -28,7 +28,7 @@ def job(model: str = "m", *, lane: object = None, priority: int = 0, fn_id: int 
 
 
 def worker(group: str = "") -> SimpleNamespace:
-    return SimpleNamespace(inflight=[], backlog=0.0, borrower=None, group=group)
+    return SimpleNamespace(inflight=[], backlog=0.0, read_by=None, group=group)
 
 
 def place(scheduler: Scheduler, workers: list) -> list[tuple[SimpleNamespace, list[Job]]]:
@@ -186,7 +186,7 @@ def test_the_per_model_count_follows_push_take_and_leave():
     scheduler.push(job("b"))
     assert (scheduler.queued_of("a"), scheduler.queued_of("b"), scheduler.queued) == (3, 1, 4)
     jobs_a[1].state = JobState.FINISHED
-    scheduler.left(jobs_a[1])
+    scheduler.withdraw(jobs_a[1])
     assert scheduler.queued_of("a") == 2
     place(scheduler, [worker("")])
     assert (scheduler.queued_of("a"), scheduler.queued_of("b"), scheduler.queued) == (1, 1, 2)
@@ -237,7 +237,7 @@ def test_drain_gives_every_live_job_of_every_lane_group_and_batch_once():
     for queued in jobs:
         scheduler.push(queued)
     jobs[4].state = JobState.FINISHED
-    scheduler.left(jobs[4])
+    scheduler.withdraw(jobs[4])
     assert sorted(j.id for j in scheduler.drain()) == sorted(j.id for j in jobs[:4])
     assert not scheduler and scheduler.queued_of("a") == 0
     scheduler.push(again := job("a"))

@@ -20,8 +20,8 @@ def job(fn_id: int = 1, *, policy: BatchPolicy | None = None, submitted_at: floa
     return made
 
 
-def worker(borrower=None) -> SimpleNamespace:
-    return SimpleNamespace(inflight=[], backlog=0.0, borrower=borrower, group="")
+def worker(read_by=None) -> SimpleNamespace:
+    return SimpleNamespace(inflight=[], backlog=0.0, read_by=read_by, group="")
 
 
 def run_plan(scheduler: Scheduler, workers: list, *, now: float = 0.0, busy: bool = False) -> list:
@@ -72,7 +72,7 @@ def test_a_hungry_job_never_waits_behind_another_in_a_worker():
 def test_a_worker_reading_for_a_loop_takes_only_that_loops_jobs_while_busy():
     scheduler = Scheduler()
     scheduler.observe(1, PIPELINE_BUDGET / 100, None)
-    lent = worker(borrower=object())
+    lent = worker(read_by=object())
     lent.inflight.append(job())
     scheduler.push(job())  # a thread's job
     assert run_plan(scheduler, [lent]) == []
@@ -107,7 +107,7 @@ def test_cancelled_jobs_free_their_place_at_once_and_are_skipped():
     scheduler.push(gone)
     scheduler.push(kept)
     gone.state = JobState.FINISHED
-    scheduler.left(gone)
+    scheduler.withdraw(gone)
     assert scheduler.queued == 1
     idle = worker()
     assert run_plan(scheduler, [idle]) == [(idle, [kept.id])]
@@ -130,7 +130,7 @@ def test_drain_gives_each_live_job_once_and_empties_the_queue():
     for queued in jobs:
         scheduler.push(queued)
     jobs[2].state = JobState.FINISHED
-    scheduler.left(jobs[2])
+    scheduler.withdraw(jobs[2])
     assert sorted(j.id for j in scheduler.drain()) == sorted(j.id for j in (jobs[0], jobs[1], jobs[3]))
     assert scheduler.queued == 0 and not scheduler
 

@@ -23,7 +23,7 @@ from mlpool._wire.serialization import (
     pack_exception,
     unpack_exception,
 )
-from mlpool._wire.started import UNKNOWN, StartedWord
+from mlpool._wire.started import UNKNOWN, LastStarted
 from mlpool._wire.transport import MAX_FDS_PER_SEND, DescriptorsLost, FrameReader, send_frames
 
 linux_only = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd and SCM_RIGHTS (Linux)")
@@ -108,7 +108,7 @@ def test_failed_message_carries_any_text():
 
 @linux_only
 def test_started_word_crosses_with_setup_and_records_the_job():
-    fd, parent_word = StartedWord.create()
+    fd, parent_word = LastStarted.create()
     left, right = socket.socketpair()
     right.settimeout(30)
     reader = FrameReader()
@@ -119,7 +119,7 @@ def test_started_word_crosses_with_setup_and_records_the_job():
         os.close(fd)  # the parent keeps its mapping only
         (msg,) = _receive(reader, right)
         assert type(msg) is Setup
-        worker_word = StartedWord.attach(msg.started_fd)
+        worker_word = LastStarted.attach(msg.started_fd)
         # Each side keeps one descriptor (its mapping's); the one sent, and
         # the one received, are closed.
         assert _open_fds() == before
@@ -135,7 +135,7 @@ def test_started_word_crosses_with_setup_and_records_the_job():
         left.close()
         right.close()
     assert parent_word.read() == UNKNOWN
-    assert StartedWord().read() == UNKNOWN
+    assert LastStarted().read() == UNKNOWN
 
 
 # ------------------------------------------------------------- exceptions

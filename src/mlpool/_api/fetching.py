@@ -26,7 +26,7 @@ from mlpool.errors import UnknownJobError
 
 
 class JobIds(Protocol):
-    """What fetching asks of the engine (``_engine.engine.Manager``, ``_engine.inline.InlineEngine``)."""
+    """What fetching asks of the engine (``_engine.engine.ProcessEngine``, ``_engine.inline.InlineEngine``)."""
 
     def lookup(self, key: str) -> Job | Settled | None: ...
 

@@ -7,13 +7,13 @@
                                            ▼                 ▲ the only sync/async difference
       _new_job: the engine's make_job ── _admission: enqueue until admitted,
                                          yielding each "room in the queue" future
-                                           │ (a session tracks the job: _session.JobGroup)
+                                           │ (a session tracks the job: _session.SessionJobs)
                                            ▼
       the job's handle: a concurrent Future (made in a thread) or an asyncio
       future of the caller's loop (made in a coroutine: score_async, create_job_async)
 
 A job's options come from the call, else its view or session (:meth:`JobAPI.options`),
-else its model; a session's jobs carry its lane (its :class:`Group`).
+else its model; a session's jobs carry its lane (its :class:`JobTracker`, the session's jobs).
 
 A sync method and its ``_async`` twin share every step but the wait, which
 goes through :mod:`mlpool._api.waiting` (a wait that ends removes what it added).
@@ -58,7 +58,7 @@ from mlpool.errors import ResultNotReadyError
 
 
 class Engine(StreamEngine, JobIds, Protocol):
-    """What the facade asks of an engine (``_engine.engine.Manager``, ``_engine.inline.InlineEngine``)."""
+    """What the facade asks of an engine (``_engine.engine.ProcessEngine``, ``_engine.inline.InlineEngine``)."""
 
     def make_job(
         self,
@@ -78,15 +78,15 @@ class Engine(StreamEngine, JobIds, Protocol):
 
     def discard(self, job: Job) -> None: ...
 
-    def run_lent(self, job: Job) -> bool: ...
+    def run_direct(self, job: Job) -> bool: ...
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool: ...
 
     config: Any  # stream_buffer, stream_buffer_bytes
 
 
-class Group(Protocol):
-    """What the job methods ask of a session's group (``_api.session.JobGroup``)."""
+class JobTracker(Protocol):
+    """What the job methods ask of the session that tracks their jobs (``_api.session.SessionJobs``)."""
 
     def enter(self, job: Job) -> None: ...
 
@@ -106,9 +106,9 @@ class JobAPI:
     Every method is safe to call from any thread.
     """
 
-    def __init__(self, engine: Engine, group: Group | None = None, options: JobOptions | None = None) -> None:
+    def __init__(self, engine: Engine, tracker: JobTracker | None = None, options: JobOptions | None = None) -> None:
         self._engine = engine
-        self._group = group
+        self._tracker = tracker
         self._options = options or _NO_OPTIONS
 
     def options(
@@ -125,7 +125,7 @@ class JobAPI:
         Through a session's view, jobs are still the session's.
         """
         options = JobOptions.checked(priority, timeout, max_retries).over(self._options)
-        return JobAPI(self._engine, self._group, options)
+        return JobAPI(self._engine, self._tracker, options)
 
     # -------------------------------------------------------------- job ids
 
@@ -296,7 +296,7 @@ class JobAPI:
         job = self._new_job(fn, model_name, args, kwargs, None, None, None)
         # An idle worker's pipe is read by this thread (one hop fewer); a
         # session's jobs go through the queue, where the session tracks them.
-        if self._group is not None or not self._engine.run_lent(job):
+        if self._tracker is not None or not self._engine.run_direct(job):
             self._admit(job, wait=True)
         future = job.future
         assert future is not None  # made outside a coroutine
@@ -395,7 +395,7 @@ class JobAPI:
             model_name, fn, args, kwargs,
             timeout=options.timeout if timeout is None else timeout,
             retries=options.max_retries if max_retries is None else max_retries,
-            loop=loop, priority=priority, lane=self._group,
+            loop=loop, priority=priority, lane=self._tracker,
         )  # fmt: skip
 
     def _admission(self, job: Job, *, wait: bool, register: bool) -> Generator[Future, None, None]:
@@ -403,22 +403,22 @@ class JobAPI:
         resolves when the full queue has room (the driver waits on it or on the
         job's own handle, which a closing session cancels); returns once
         admitted. Raises CancelledError if the job was cancelled first."""
-        group = self._group
+        tracker = self._tracker
         try:
-            if group is not None:
-                group.enter(job)
+            if tracker is not None:
+                tracker.enter(job)
             while (room := self._engine.enqueue(job, wait=wait, register=register)) is not None:
                 try:
                     yield room
                 finally:
                     room.cancel()  # no one waits for it any more (a no-op once it resolved)
         except BaseException:
-            if group is not None:
-                group.leave(job)
+            if tracker is not None:
+                tracker.leave(job)
             self._engine.discard(job)
             raise
-        # Only a session cancels a job before it has an id: no group, no race.
-        if group is not None and not group.admit(job):
+        # Only a session cancels a job before it has an id: no tracker, no race.
+        if tracker is not None and not tracker.admit(job):
             raise CancelledError(
                 f"job {job.id} was cancelled (its session closed) while it waited for room in the queue"
             )
@@ -428,7 +428,7 @@ class JobAPI:
         (the common case, without the steps of :meth:`_engine.admission`); False:
         admit it with :meth:`_admit` or :meth:`_admit_async`. Raises what
         they raise without waiting (PoolFullError without ``wait``...)."""
-        if self._group is not None:
+        if self._tracker is not None:
             return False
         room = self._engine.enqueue(job, wait=wait, register=register)
         if room is None:

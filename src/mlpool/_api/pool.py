@@ -21,7 +21,7 @@ from mlpool._api.mainguard import check_main_guard
 from mlpool._api.options import JobOptions
 from mlpool._api.session import Session
 from mlpool._api.waiting import warn_if_loop_blocked, warn_loop_blocked
-from mlpool._engine.engine import Manager
+from mlpool._engine.engine import ProcessEngine
 from mlpool._engine.inline import InlineEngine
 from mlpool._engine.state import PoolState, PoolStats
 from mlpool._processes.stacks import STACKS_TIMEOUT
@@ -194,11 +194,11 @@ class MLPool(JobAPI):
         )
         if not self._config.inline and self._config.backend == "local":
             check_main_guard()
-        engine: InlineEngine | Manager
+        engine: InlineEngine | ProcessEngine
         if self._config.inline:
             engine = InlineEngine(self._config, loaders)
         else:
-            engine = Manager(self._config, loaders)
+            engine = ProcessEngine(self._config, loaders)
         super().__init__(engine)
         self._manager = engine  # the same engine as self._engine, with its lifecycle methods
         engine.start()
@@ -399,7 +399,7 @@ def _in_event_loop() -> bool:
     return True
 
 
-_Engine = Manager | InlineEngine
+_Engine = ProcessEngine | InlineEngine
 _live: weakref.WeakSet[_Engine] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
 _atexit_registered = False

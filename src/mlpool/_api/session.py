@@ -11,7 +11,7 @@ costing anything::
     # every job of the session that has not finished
 
 A :class:`Session` is the pool's job methods (:class:`~mlpool._api.jobapi.JobAPI`)
-with a :class:`JobGroup`, which owns the session's state under its own lock:
+with a :class:`SessionJobs`, which owns the session's state under its own lock:
 a job enters the group when a call starts admitting it, belongs to it once
 the engine admitted it (a job refused with :class:`PoolFullError` never
 does), and leaves it when it finishes, by a done-callback on its handle. So
@@ -32,7 +32,7 @@ from mlpool._engine.jobs import Job
 from mlpool.errors import PoolClosedError
 
 
-class JobGroup:
+class SessionJobs:
     """The unfinished jobs of one session; thread-safe by construction (one lock,
     and ``close`` decides under it which jobs are the session's to cancel)."""
 
@@ -117,7 +117,7 @@ class Session(JobAPI):
     """
 
     def __init__(self, engine: Engine, *, interrupt: bool = False, options: JobOptions | None = None) -> None:
-        self._jobs = JobGroup(engine, interrupt=interrupt)
+        self._jobs = SessionJobs(engine, interrupt=interrupt)
         super().__init__(engine, self._jobs, options)
 
     def __repr__(self) -> str:

@@ -46,7 +46,7 @@ __all__ = [
 
 
 class StreamEngine(Protocol):
-    """What a stream asks of its engine (``_engine.engine.Manager``, ``_engine.inline.InlineEngine``)."""
+    """What a stream asks of its engine (``_engine.engine.ProcessEngine``, ``_engine.inline.InlineEngine``)."""
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool: ...
 

@@ -1,6 +1,6 @@
 """The API process's engine: queues, workers' jobs, outcomes; one lock.
 
-``engine.Manager`` owns the parts and the callers' entry points;
+``engine.ProcessEngine`` owns the parts and the callers' entry points;
 ``manager_thread`` is its one wait on every pipe, death handle and wake-up
 pipe. The parts, each the owner of its state: ``scheduler`` and ``fairqueue``
 (lanes per priority, model and session; batches; pure), ``registry`` (job ids,

@@ -5,7 +5,7 @@
     dispatch: Scheduler.plan ─► (worker, jobs) ─► build the Run frame first
               ─► record who holds what ─► send; a frame that cannot be built
               fails its jobs, a pipe that breaks requeues them
-    send_lent: the same for one job on an idle worker whose pipe the caller reads
+    send_direct: the same for one job on an idle worker whose pipe the caller reads
 
 A job's message is built before anything is recorded: if it cannot be built
 (out of descriptors or memory for shared memory), nothing changed but the
@@ -27,13 +27,13 @@ from functools import partial
 
 from mlpool._api.config import PoolConfig
 from mlpool._engine.jobs import PIPELINE_BUDGET, Job, JobState, running_loop
-from mlpool._engine.outcomes import Outcomes, WakeClock
+from mlpool._engine.outcomes import ManagerAlarm, Outcomes
 from mlpool._engine.regions import RegionPool
 from mlpool._engine.registry import Registry
 from mlpool._engine.scheduler import MAX_INFLIGHT, Scheduler
 from mlpool._engine.state import PoolState
 from mlpool._engine.streams import run_frame
-from mlpool._processes.readers import LOAN_CHECK, Loans
+from mlpool._processes.readers import LOAN_CHECK, PipeReaders
 from mlpool._processes.supervisor import Supervisor
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import (
@@ -58,29 +58,29 @@ class Dispatcher:
         config: PoolConfig,
         scheduler: Scheduler,
         supervisor: Supervisor,
-        loans: Loans,
+        readers: PipeReaders,
         outcomes: Outcomes,
         registry: Registry[Job],
         regions: RegionPool,
-        clock: WakeClock,
+        alarm: ManagerAlarm,
     ) -> None:
         self._scheduler = scheduler
         self._supervisor = supervisor
-        self._loans = loans
+        self._readers = readers
         self._outcomes = outcomes
         self._regions = regions
-        self._clock = clock
+        self._alarm = alarm
         self._registry = registry
         self._model_group = supervisor.model_group
         # Each group's max_jobs_per_worker.
         self._limits = {name: group.max_jobs_per_worker for name, group in supervisor.groups.items()}
         # When no worker can take a job: reclaim the pipes of loops that stopped (a live view of the workers).
-        self._unstick = partial(loans.reclaim_stopped, supervisor.workers.values())
+        self._unstick = partial(readers.reclaim_stopped, supervisor.workers.values())
 
     def watch_deadline(self, job: Job) -> None:
         """Expire ``job`` at its deadline, if it has one."""
         if self._registry.watch(job):
-            self._clock.note(job.deadline)  # type: ignore[arg-type]
+            self._alarm.note(job.deadline)  # type: ignore[arg-type]
 
     def dispatch(self) -> None:
         """Hand queued jobs to workers that can take them."""
@@ -121,23 +121,23 @@ class Dispatcher:
             if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
                 workers.remove(worker)  # its last jobs before it is recycled
             loop = jobs[0].loop if len(jobs) == 1 or all(job.loop is jobs[0].loop for job in jobs) else None
-            if worker.borrower is not None and (worker.borrower is not loop or loop is None):
-                self._loans.take_back(worker, here)  # an idle loan to another reader
-            if worker.borrower is None and loop is not None and loop is here and not worker.inflight and running:
-                self._loans.lend_to_loop(worker, here)
-                self._clock.note(time.monotonic() + LOAN_CHECK)  # the manager checks that this loop runs
+            if worker.read_by is not None and (worker.read_by is not loop or loop is None):
+                self._readers.take_back(worker, here)  # an idle loan to another reader
+            if worker.read_by is None and loop is not None and loop is here and not worker.inflight and running:
+                self._readers.lend_to_loop(worker, here)
+                self._alarm.note(time.monotonic() + LOAN_CHECK)  # the manager checks that this loop runs
             for job in jobs:
                 job.to(JobState.RUNNING)
                 worker.assign(job, estimate)
-            if not worker.registered and worker.borrower is None:
-                self._loans.watch_now(worker)
+            if not worker.registered and worker.read_by is None:
+                self._readers.watch_now(worker)
             frames.setdefault(worker, []).append((frame, fds, len(jobs)))
         if scheduler.hold_until is not None:
-            self._clock.note(scheduler.hold_until)
+            self._alarm.note(scheduler.hold_until)
         for worker, batch in frames.items():
             self._send(worker, batch)
 
-    def send_lent(self, job: Job, token: object, lent: list[WorkerHandle]) -> bool | None:
+    def send_direct(self, job: Job, token: object, lent: list[WorkerHandle]) -> bool | None:
         """Lend an idle worker's pipe to the calling thread (noted in ``lent``
         at once) and send it ``job``. None: wait for the result; False: not
         here (enqueue it); True: settled already (refused, or requeued)."""
@@ -155,7 +155,7 @@ class Dispatcher:
             job.mark_running()
             self._refuse([job], exc)
             return True
-        self._loans.lend_to_thread(worker, token)
+        self._readers.lend_to_thread(worker, token)
         lent.append(worker)
         if job.deadline is not None:
             self.watch_deadline(job)
@@ -164,9 +164,9 @@ class Dispatcher:
         worker.assign(job, self._scheduler.estimate(job.fn_id))
         self._send(worker, [(frame, fds, 1)])
         if job.state is not JobState.RUNNING:  # the pipe failed: requeued or refused
-            self._loans.end(worker, token)
+            self._readers.end(worker, token)
             if self._supervisor.state is not PoolState.RUNNING:
-                self._clock.soon()
+                self._alarm.soon()
             self.dispatch()
             return True
         return None

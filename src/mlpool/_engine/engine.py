@@ -7,13 +7,13 @@
       │ enqueue: under the lock, into the queue ────────────────┘ Run    │ Ready, Done,
       │   and dispatch at once if a worker can take it                   │ Failed, ...
       ▼                                                                  ▼
-    Manager ── lock ──┬─ Scheduler   the queue, who takes what (pure)   manager thread:
+    ProcessEngine ── lock ──┬─ Scheduler   the queue, who takes what (pure)   manager thread:
                       ├─ Registry    job ids, deadlines, expiry (pure)  one select() on
                       ├─ Supervisor  pool state, workers, groups and    every watched pipe,
                       │              their launchers, deaths, shutdown  death handle and
-                      ├─ Fates       what deaths and deadlines do to    the wake-up pipe,
+                      ├─ JobRecovery       what deaths and deadlines do to    the wake-up pipe,
                       │              jobs                               with the next
-                      ├─ Loans       who reads each worker's pipe       deadline as its
+                      ├─ PipeReaders       who reads each worker's pipe       deadline as its
                       ├─ Dispatcher  jobs to workers                    timeout
                       ├─ Replies     what workers send
                       └─ Outcomes    outcomes, counts, latency
@@ -21,7 +21,7 @@
     run(): start what is due ─► wait for the next event or deadline
          ─► read messages and deaths ─► settle them, expire, dispatch
 
-Each part owns its state and the rules that change it; the Manager owns the
+Each part owns its state and the rules that change it; the ProcessEngine owns the
 lock and the callers' entry points. Its methods hold the lock as
 ``with self._lock:`` (the C lock) and deliver in a ``finally``; the manager
 thread and the Supervisor use ``with locked():``, which does both (see
@@ -46,8 +46,8 @@ from mlpool._engine.jobmaker import JobMaker, forked_error
 from mlpool._engine.jobs import Job, JobState, running_loop, running_unit, shared_future
 from mlpool._engine.lock import EngineLock
 from mlpool._engine.manager_thread import ManagerThread
-from mlpool._engine.outcomes import Outcomes, WakeClock
-from mlpool._engine.recovery import Fates, last_alive
+from mlpool._engine.outcomes import ManagerAlarm, Outcomes
+from mlpool._engine.recovery import JobRecovery, last_alive
 from mlpool._engine.regions import RegionPool, read_result
 from mlpool._engine.registry import Registry, Settled
 from mlpool._engine.replies import Replies
@@ -55,7 +55,7 @@ from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState, PoolStats, refusal
 from mlpool._engine.streams import close_stream, holder, send_to_worker
 from mlpool._processes.groups import build_groups
-from mlpool._processes.readers import Loans
+from mlpool._processes.readers import PipeReaders
 from mlpool._processes.stacks import collect_stacks
 from mlpool._processes.supervisor import Supervisor
 from mlpool._processes.workers import WorkerHandle, WorkerState
@@ -76,7 +76,7 @@ _DUMPABLE = frozenset({WorkerState.IDLE, WorkerState.RETIRING, WorkerState.STOPP
 SHUTDOWN_LOCK_PATIENCE = 1.0
 
 
-class Manager:
+class ProcessEngine:
     """Owns the lock, the parts of the engine, and the manager thread."""
 
     def __init__(self, config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> None:
@@ -90,38 +90,38 @@ class Manager:
         # A new job (see JobMaker.make), refused in a process forked from the pool's own.
         self.make_job = self._jobs_maker.make
         # The parts, each the owner of its state (under the lock).
-        self._clock = WakeClock()
+        self._alarm = ManagerAlarm()
         groups = build_groups(config, loaders)
         model_group = {model: group.name for group in groups for model in group.models}
         self._scheduler = Scheduler(model_group)
         self._registry: Registry[Job] = Registry(config.result_ttl)
         lock = threading.Lock()  # the engine's one lock (see _engine.lock)
-        self._outcomes = Outcomes(self._registry, self._regions, self._clock, model_group, lock)
+        self._outcomes = Outcomes(self._registry, self._regions, self._alarm, model_group, lock)
         self._bounds = ModelBounds(  # each model's own max_queue_size (#16)
             config.model_settings, self._scheduler.queued_of, config.max_queue_size, self._accepting
         )
-        self._locked = EngineLock(lock, self._outcomes, self._registry, self._clock, self._has_space, self._bounds)
-        self._lock = self._locked.plain
-        self._deliver = self._locked.deliver
-        self._fates = Fates(self._scheduler, self._outcomes, self._registry, self._regions)
-        self._loans = Loans(self._on_loop_messages)
+        self._locked = EngineLock(lock, self._outcomes, self._registry, self._alarm, self._has_space, self._bounds)
+        self._lock = self._locked.mutex
+        self._after_release = self._locked.after_release
+        self._recovery = JobRecovery(self._scheduler, self._outcomes, self._registry, self._regions)
+        self._readers = PipeReaders(self._on_loop_messages)
         self._supervisor = Supervisor(
-            config, groups, scheduler=self._scheduler, fates=self._fates,
-            loans=self._loans, clock=self._clock, locked=self.locked,
+            config, groups, scheduler=self._scheduler, recovery=self._recovery,
+            readers=self._readers, alarm=self._alarm, locked=self.locked,
         )  # fmt: skip
         self._dispatcher = Dispatcher(
-            config, self._scheduler, self._supervisor, self._loans, self._outcomes, self._registry, self._regions,
-            self._clock,
+            config, self._scheduler, self._supervisor, self._readers, self._outcomes, self._registry, self._regions,
+            self._alarm,
         )  # fmt: skip
-        self._replies = Replies(self._scheduler, self._supervisor, self._loans, self._outcomes)
-        self._loop = ManagerThread(
-            self._locked, clock=self._clock, scheduler=self._scheduler, registry=self._registry,
-            regions=self._regions, fates=self._fates, loans=self._loans, supervisor=self._supervisor,
+        self._replies = Replies(self._scheduler, self._supervisor, self._readers, self._outcomes)
+        self._manager = ManagerThread(
+            self._locked, alarm=self._alarm, scheduler=self._scheduler, registry=self._registry,
+            regions=self._regions, recovery=self._recovery, readers=self._readers, supervisor=self._supervisor,
             dispatcher=self._dispatcher, replies=self._replies,
         )  # fmt: skip
-        self._thread = self._loop.thread
+        self._thread = self._manager.thread
         self.started: Future[None] = self._supervisor.started  # result: ready; exception: start failed
-        self.finished: Future[None] = self._loop.finished  # the manager thread is done, every worker reaped
+        self.finished: Future[None] = self._manager.finished  # the manager thread is done, every worker reaped
 
     def locked(self) -> EngineLock:
         """Hold the engine's lock: ``with self.locked():``. Leaving releases
@@ -145,10 +145,10 @@ class Manager:
         try:
             with self._lock:
                 for worker in self._supervisor.workers.values():
-                    if worker.borrower is loop:
-                        self._loop.take_back(worker, loop)
+                    if worker.read_by is loop:
+                        self._manager.take_back(worker, loop)
         finally:
-            self._deliver()
+            self._after_release()
 
     def start(self) -> None:
         self._thread.start()
@@ -156,7 +156,7 @@ class Manager:
     @property
     def state(self) -> PoolState:
         state = self._supervisor.state
-        if self._loop.shutdown_asked is not None and state in (PoolState.STARTING, PoolState.RUNNING):
+        if self._manager.shutdown_asked is not None and state in (PoolState.STARTING, PoolState.RUNNING):
             return PoolState.CLOSING  # asked; the manager thread applies it at once
         return state
 
@@ -170,7 +170,7 @@ class Manager:
                     if job.state is not JobState.NEW:  # cancelled while it waited for room
                         return None
                     self._check_accepting()
-                    down = self._supervisor.down
+                    down = self._supervisor.unservable
                     if down and job.model in down:  # its group cannot serve (the others do)
                         raise PoolBrokenError(down[job.model])
                     if self._scheduler.queued >= self.config.max_queue_size:
@@ -196,7 +196,7 @@ class Manager:
                     self._discard(job)
                     raise
         finally:
-            self._deliver()
+            self._after_release()
 
     def discard(self, job: Job) -> None:
         """``job`` will never be admitted (refused, or its caller stopped
@@ -223,7 +223,7 @@ class Manager:
                     self._outcomes.cancel(job)
                     return True
                 if job.state is JobState.QUEUED:
-                    self._scheduler.left(job)
+                    self._scheduler.withdraw(job)
                     self._outcomes.cancel(job)
                     return True
                 if job.state is JobState.RUNNING:
@@ -240,7 +240,7 @@ class Manager:
                     return True
                 return False
         finally:
-            self._deliver()
+            self._after_release()
 
     def lookup(self, key: str) -> Job | Settled | None:
         """The job of id ``key``, its outcome, or None. Without the lock: one
@@ -263,12 +263,12 @@ class Manager:
         try:
             with self._lock:
                 worker, loop = job.worker, job.loop
-                if worker is not None and loop is not None and worker.borrower is loop:
-                    self._loop.take_back(worker, running_loop())
-                    self._clock.soon()  # the manager watches the pipe from now on
+                if worker is not None and loop is not None and worker.read_by is loop:
+                    self._manager.take_back(worker, running_loop())
+                    self._alarm.soon()  # the manager watches the pipe from now on
                 return shared_future(job)
         finally:
-            self._deliver()
+            self._after_release()
 
     def reclaim_stopped_loans(self) -> None:
         """Take worker pipes back from event loops that stopped running, so the
@@ -277,10 +277,10 @@ class Manager:
         returned), whose result only that loop would otherwise read."""
         try:
             with self._lock:
-                if self._loans.reclaim_stopped(self._supervisor.workers.values(), running_loop()):
-                    self._clock.soon()
+                if self._readers.reclaim_stopped(self._supervisor.workers.values(), running_loop()):
+                    self._alarm.soon()
         finally:
-            self._deliver()
+            self._after_release()
 
     def forget(self, key: str, job: Job | Settled) -> bool:
         """Drop a fetched or cancelled job from the registry; False if already gone."""
@@ -298,14 +298,14 @@ class Manager:
         nothing: the workers belong to the parent."""
         if os.getpid() != self._pid:
             return
-        self._loop.ask_shutdown(cancel_pending, timeout)
+        self._manager.ask_shutdown(cancel_pending, timeout)
         if not self._lock.acquire(timeout=SHUTDOWN_LOCK_PATIENCE):
             return
         try:
-            self._loop.apply_shutdown()
+            self._manager.apply_shutdown()
         finally:
             self._lock.release()
-            self._deliver()
+            self._after_release()
 
     def join(self, timeout: float | None) -> bool:
         """Wait for the manager thread to finish; False on timeout. In a
@@ -332,7 +332,7 @@ class Manager:
             supervisor = self._supervisor
             slots = {name: group.size for name, group in supervisor.groups.items()}
             return self._outcomes.snapshot(
-                self.state, list(supervisor.workers.values()), self._scheduler, slots, retried=self._fates.retried,
+                self.state, list(supervisor.workers.values()), self._scheduler, slots, retried=self._recovery.retried,
                 restarts=supervisor.counts["restarts"], recycled=supervisor.counts["recycled"],
                 unfetched=self._registry.unfetched,
             )  # fmt: skip
@@ -357,7 +357,7 @@ class Manager:
 
     # ------------------------------------------------------ a caller's loan
 
-    def run_lent(self, job: Job) -> bool:
+    def run_direct(self, job: Job) -> bool:
         """Run ``job`` on an idle worker, reading its pipe in this thread.
 
         False, with nothing done, when no worker is free or jobs are queued
@@ -380,13 +380,13 @@ class Manager:
                     except BaseException:  # refused: its shared memory goes back now, not when collected
                         self._discard(job)
                         raise
-                    sent = self._dispatcher.send_lent(job, token, lent)
+                    sent = self._dispatcher.send_direct(job, token, lent)
             finally:
-                self._deliver()
+                self._after_release()
             if sent is not None:
                 return sent
             worker = lent[0]
-            while (read := self._loans.wait_lent(worker, token)) is not None:
+            while (read := self._readers.wait_lent(worker, token)) is not None:
                 messages, died = read
                 try:
                     with self._lock:
@@ -395,22 +395,22 @@ class Manager:
                             self._end_loan(worker, token)
                             break
                 finally:
-                    self._deliver()
+                    self._after_release()
             return True
         finally:
             if lent:
-                if lent[0].borrower is token:  # an interrupted wait: the manager reads from now on
+                if lent[0].read_by is token:  # an interrupted wait: the manager reads from now on
                     try:
                         with self._lock:
                             self._end_loan(lent[0], token)
                     finally:
-                        self._deliver()
-                self._loans.leave(lent[0], token)
+                        self._after_release()
+                self._readers.leave(lent[0], token)
 
     def _end_loan(self, worker: WorkerHandle, token: object) -> None:
         """Under the lock: the manager reads ``worker``'s pipe again; what waits may go to it."""
-        if self._loans.end(worker, token) and not self._plainly_running():
-            self._clock.soon()  # shutdown may wait for this worker
+        if self._readers.end(worker, token) and not self._plainly_running():
+            self._alarm.soon()  # shutdown may wait for this worker
         if self._scheduler.queued:
             self._dispatcher.dispatch()
 
@@ -421,9 +421,9 @@ class Manager:
                 self._replies.take(worker, messages)
                 self._dispatcher.dispatch()
                 if not worker.inflight and self.state is not PoolState.RUNNING:
-                    self._loop.take_back(worker, loop)  # shutdown waits for this worker
+                    self._manager.take_back(worker, loop)  # shutdown waits for this worker
         finally:
-            self._deliver()
+            self._after_release()
 
     def _has_space(self) -> bool:
         """Whether callers waiting for room should try again (room, or a refusal to hear)."""
@@ -434,7 +434,7 @@ class Manager:
 
     def _plainly_running(self) -> bool:
         """RUNNING, and no shutdown asked (the common case, read without the ``state`` property)."""
-        return self._supervisor.state is PoolState.RUNNING and self._loop.shutdown_asked is None
+        return self._supervisor.state is PoolState.RUNNING and self._manager.shutdown_asked is None
 
     def _check_accepting(self) -> None:
         """Raise the refusal of the pool's state, if it takes no jobs."""

@@ -221,7 +221,7 @@ class InlineEngine:
     def before_blocking(self) -> None:
         pass
 
-    def run_lent(self, job: Job) -> bool:
+    def run_direct(self, job: Job) -> bool:
         return False  # no pipe to lend: the facade enqueues, which runs it
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
@@ -252,7 +252,7 @@ class InlineEngine:
             self._expiring[job.key] = now + self.config.result_ttl
 
     def share(self, job: Job) -> Future:
-        """A concurrent Future of ``job``'s outcome (see ``Manager.share``)."""
+        """A concurrent Future of ``job``'s outcome (see ``ProcessEngine.share``)."""
         with self._lock:
             return shared_future(job)
 

@@ -9,7 +9,7 @@ bytes). Its caller waits on one of two handles:
   a single ``call_soon_threadsafe`` instead of one per job.
 
 A job made in a coroutine may get a concurrent Future as well, later
-(:meth:`Manager.share`): someone in another thread or loop waits for it (a job
+(:meth:`ProcessEngine.share`): someone in another thread or loop waits for it (a job
 id made with ``create_job_async``). Its outcome then goes to both handles: the
 asyncio one first, then the Future, read again after, so a Future attached
 while the outcome is on its way is settled all the same. An asyncio handle
@@ -156,16 +156,17 @@ class JobState(enum.Enum):
     RUNNING = "running"  # sent to a worker
     FINISHED = "finished"  # outcome decided (result, error, cancelled, timed out)
 
+    moves: tuple[JobState, ...]  # where a job may go from this state (see Job.to)
 
-# Where a job may go from each state (see Job.to).
-_JOB_MOVES: dict[JobState, frozenset[JobState]] = {
-    # Admitted into the queue, sent at once to an idle worker, or refused or cancelled before.
-    JobState.NEW: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FINISHED}),
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FINISHED}),
-    # Back to the queue when it never started (its worker died first, its pipe broke).
-    JobState.RUNNING: frozenset({JobState.QUEUED, JobState.FINISHED}),
-    JobState.FINISHED: frozenset(),
-}
+
+# A tuple per state, not a dict of sets: an Enum's hash is a Python call, and
+# Job.to runs two or three times per job.
+# Admitted into the queue, sent at once to an idle worker, or refused or cancelled before.
+JobState.NEW.moves = (JobState.QUEUED, JobState.RUNNING, JobState.FINISHED)
+JobState.QUEUED.moves = (JobState.RUNNING, JobState.FINISHED)
+# Back to the queue when it never started (its worker died first, its pipe broke).
+JobState.RUNNING.moves = (JobState.QUEUED, JobState.FINISHED)
+JobState.FINISHED.moves = ()
 
 
 class Job:
@@ -236,7 +237,7 @@ class Job:
         """Move to ``new`` (under the engine's lock); a RuntimeError if a job
         may not go there from its state (a bug in mlpool: an outcome decided
         twice, a finished job queued again)."""
-        if new not in _JOB_MOVES[self.state]:
+        if new not in self.state.moves:
             raise RuntimeError(f"mlpool internal error: job {self.id} cannot go from {self.state.value} to {new.value}")
         self.state = new
 
@@ -340,7 +341,7 @@ def _settle_async(items: list[Outcome]) -> None:
         fetcher = job.fetcher
         if fetcher is not None and not fetcher.done():
             fetcher.set_result(None)
-        if job.future is not None:  # read after the asyncio handle: see Manager.share
+        if job.future is not None:  # read after the asyncio handle: see ProcessEngine.share
             _settle_future(job.future, outcome)
 
 

@@ -1,8 +1,8 @@
 """The engine's one lock, and what happens each time it is released.
 
-Code that callers' threads run holds it as ``with lock.plain:`` (the C
+Code that callers' threads run holds it as ``with lock.mutex:`` (the C
 lock's own ``with``: no exception can arrive between taking the lock and
-the block that releases it) followed by ``lock.deliver()`` in a ``finally``;
+the block that releases it) followed by ``lock.after_release()`` in a ``finally``;
 the manager thread, which no KeyboardInterrupt reaches, uses ``with lock:``,
 which does both. After each critical section, ``deliver`` (outside the lock):
 - wakes the manager thread if a part asked for it (an earlier deadline, a
@@ -30,7 +30,7 @@ from concurrent.futures import Future
 
 from mlpool._engine.admission import ModelBounds
 from mlpool._engine.jobs import CallbackRunner, Job, Outcome, running_loop, settle
-from mlpool._engine.outcomes import Outcomes, WakeClock
+from mlpool._engine.outcomes import ManagerAlarm, Outcomes
 from mlpool._engine.registry import Registry
 
 
@@ -42,15 +42,15 @@ class EngineLock:
         lock: threading.Lock,
         outcomes: Outcomes,
         registry: Registry[Job],
-        clock: WakeClock,
+        alarm: ManagerAlarm,
         has_space: Callable[[], bool],
         bounds: ModelBounds | None = None,
     ) -> None:
-        self.plain = lock  # held without delivering: for reads that decide nothing
-        self._acquire = self.plain.acquire
+        self.mutex = lock  # held without delivering: for reads that decide nothing
+        self._acquire = self.mutex.acquire
         self._outcomes = outcomes
         self._registry = registry
-        self._clock = clock
+        self._alarm = alarm
         self._has_space = has_space
         self._space_waiters: list[Future] = []
         self._bounds = bounds  # callers waiting for room in a full model (#16)
@@ -62,15 +62,15 @@ class EngineLock:
 
     def __enter__(self) -> None:
         """For the manager thread (no KeyboardInterrupt reaches it); code that
-        callers' threads run uses ``with lock.plain:`` and ``deliver()`` in a
+        callers' threads run uses ``with lock.mutex:`` and ``deliver()`` in a
         ``finally`` (see the module's docstring)."""
-        self.plain.acquire()
+        self.mutex.acquire()
 
     def __exit__(self, *exc: object) -> None:
-        self.plain.release()
-        self.deliver()
+        self.mutex.release()
+        self.after_release()
 
-    def deliver(self) -> None:
+    def after_release(self) -> None:
         """After a critical section, outside the lock: wake the manager if asked,
         wake callers waiting for room, decode and settle the outcomes decided.
 
@@ -78,17 +78,17 @@ class EngineLock:
         Ctrl-C in the main thread) go back for the manager thread to deliver:
         decoding is done in place, once, and settling twice is harmless."""
         outcomes = self._outcomes
-        if not (outcomes.pending or self._clock.need_wake or self._space_waiters
+        if not (outcomes.pending or self._alarm.need_wake or self._space_waiters
                 or (self._bounds is not None and self._bounds.waiters)):  # fmt: skip
             return  # a stale read only means the next deliver() does it: every section has one
         taken: list[Outcome] = []
         on_manager = threading.get_ident() == self.manager_ident
         try:
             waiters: list[Future] | None = None
-            with self.plain:
+            with self.mutex:
                 taken, outcomes.pending = outcomes.pending, taken  # no call in between
-                wake = self._clock.need_wake and not on_manager
-                self._clock.need_wake = False
+                wake = self._alarm.need_wake and not on_manager
+                self._alarm.need_wake = False
                 if self._space_waiters and self._has_space():
                     waiters, self._space_waiters = self._space_waiters, []
                 if self._bounds is not None and self._bounds.waiters:
@@ -110,7 +110,7 @@ class EngineLock:
                 taken = []
         finally:
             if taken:
-                with self.plain:
+                with self.mutex:
                     outcomes.pending[:0] = taken
                 self.wake()
 
@@ -124,7 +124,7 @@ class EngineLock:
             and (outcome.job.fetcher is None or outcome.job.loop is not here)
         ]  # fmt: skip
         if keyed:
-            with self.plain:
+            with self.mutex:
                 for job, ok, value, _ in keyed:
                     self._registry.settled(job, ok, value)
 

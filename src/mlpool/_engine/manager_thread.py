@@ -33,14 +33,14 @@ from typing import Any
 from mlpool._engine.dispatch import Dispatcher
 from mlpool._engine.jobs import Job, JobState
 from mlpool._engine.lock import EngineLock
-from mlpool._engine.outcomes import WakeClock
-from mlpool._engine.recovery import Fates
+from mlpool._engine.outcomes import ManagerAlarm
+from mlpool._engine.recovery import JobRecovery
 from mlpool._engine.regions import RegionPool
 from mlpool._engine.registry import Registry
 from mlpool._engine.replies import Replies
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState
-from mlpool._processes.readers import LOAN_CHECK, Loans
+from mlpool._processes.readers import LOAN_CHECK, PipeReaders
 from mlpool._processes.stacks import KILL_STACK_TIMEOUT, collect_stacks
 from mlpool._processes.supervisor import Supervisor
 from mlpool._processes.workers import WorkerHandle
@@ -52,17 +52,17 @@ class ManagerThread:
     """The engine's thread: waits on everything, acts under the lock."""
 
     def __init__(
-        self, lock: EngineLock, *, clock: WakeClock, scheduler: Scheduler, registry: Registry[Job],
-        regions: RegionPool, fates: Fates, loans: Loans, supervisor: Supervisor, dispatcher: Dispatcher,
-        replies: Replies,
+        self, lock: EngineLock, *, alarm: ManagerAlarm, scheduler: Scheduler, registry: Registry[Job],
+        regions: RegionPool, recovery: JobRecovery, readers: PipeReaders, supervisor: Supervisor,
+        dispatcher: Dispatcher, replies: Replies,
     ) -> None:  # fmt: skip
         self._lock = lock
-        self._clock = clock
+        self._alarm = alarm
         self._scheduler = scheduler
         self._registry = registry
         self._regions = regions
-        self._fates = fates
-        self._loans = loans
+        self._recovery = recovery
+        self._readers = readers
         self._supervisor = supervisor
         self._dispatcher = dispatcher
         self._replies = replies
@@ -71,7 +71,7 @@ class ManagerThread:
         self._said_waiting = False  # the shutdown's warning that it waits for jobs
         self.finished: Future[None] = Future()  # the thread is done, every worker reaped
         self.thread = threading.Thread(target=self.run, name="mlpool-manager", daemon=True)
-        loans.register(lock.wake_r, ("wake", None))
+        readers.register(lock.wake_r, ("wake", None))
 
     def ask_shutdown(self, cancel_pending: bool, timeout: float) -> None:
         """Ask for a shutdown, from any thread, without a lock; applied at the next turn."""
@@ -105,11 +105,11 @@ class ManagerThread:
         with self._lock:
             if supervisor.done():  # broken or closed while starting: nothing left to wait for
                 return True
-            timeout = self._clock.plan(
+            timeout = self._alarm.plan(
                 self._registry.next_deadline(), supervisor.next_deadline(), self._scheduler.hold_until,
                 self._next_loan_check(),
             )  # fmt: skip
-        arrivals, exits = self._receive(self._loans.select(timeout))
+        arrivals, exits = self._receive(self._readers.select(timeout))
         with self._lock:
             self.apply_shutdown()  # asked from any thread; its wake-up ended the select()
             for worker, messages in arrivals:
@@ -120,14 +120,14 @@ class ManagerThread:
                 supervisor.on_exit(worker, exitcode)
             self._registry.expire(now)
             supervisor.check(now)
-            self._loans.reclaim_stopped(supervisor.workers.values(), None)
+            self._readers.reclaim_stopped(supervisor.workers.values(), None)
             self._dispatcher.dispatch()
             done = supervisor.done()
-            late = self._fates.take_late()
+            late = self._recovery.take_late()
             for _, worker in late:  # read by this thread from now on (see _time_out)
                 self.take_back(worker, None)
         for worker, _ in exits:
-            self._loans.dispose(worker)
+            self._readers.dispose(worker)
         if late:
             self._time_out(late)
         return done
@@ -135,14 +135,14 @@ class ManagerThread:
     def _next_loan_check(self) -> float | None:
         """When to check the loops reading busy workers' pipes (under the lock); None: none does."""
         for worker in self._supervisor.workers.values():
-            if worker.inflight and isinstance(worker.borrower, asyncio.AbstractEventLoop):
+            if worker.inflight and isinstance(worker.read_by, asyncio.AbstractEventLoop):
                 return time.monotonic() + LOAN_CHECK
         return None
 
     def take_back(self, worker: WorkerHandle, here: asyncio.AbstractEventLoop | None) -> None:
         """End ``worker``'s loan, if any (under the lock); a shutdown may wait for it."""
-        if self._loans.take_back(worker, here) and self._supervisor.state is not PoolState.RUNNING:
-            self._clock.soon()
+        if self._readers.take_back(worker, here) and self._supervisor.state is not PoolState.RUNNING:
+            self._alarm.soon()
 
     def apply_shutdown(self) -> None:
         """Under the lock: act on the latest shutdown request."""
@@ -153,7 +153,7 @@ class ManagerThread:
         # Event loops cannot read while they wait for this shutdown, nor once
         # they have stopped: this thread reads every pipe from now on.
         for worker in self._supervisor.workers.values():
-            if isinstance(worker.borrower, asyncio.AbstractEventLoop):
+            if isinstance(worker.read_by, asyncio.AbstractEventLoop):
                 self.take_back(worker, None)
         self._supervisor.shutdown(cancel_pending=asked[0], timeout=asked[1])
         self._say_shutdown_waits(asked[1])
@@ -180,7 +180,7 @@ class ManagerThread:
         pipe counts (a loop that borrowed it may not have read it yet); the
         others fail with their worker's stacks, taken outside the lock."""
         workers = {worker.pid: worker for _, worker in late}
-        arrivals = [(worker, self._loans.read(worker)) for worker in workers.values()]
+        arrivals = [(worker, self._readers.read(worker)) for worker in workers.values()]
         with self._lock:
             for worker, messages in arrivals:
                 self._replies.take(worker, messages)
@@ -189,7 +189,7 @@ class ManagerThread:
             readers = [(pid, worker.stacks) for pid, worker in workers.items() if worker.stacks is not None]
             stacks = collect_stacks(readers, KILL_STACK_TIMEOUT)
             with self._lock:
-                self._fates.time_out(late, stacks)
+                self._recovery.time_out(late, stacks)
 
     def _receive(self, ready: list[tuple[str, Any]]) -> tuple[list, list]:
         """Read what select() reported (outside the lock): messages, deaths; a
@@ -199,9 +199,9 @@ class ManagerThread:
         now = time.monotonic()
         for kind, subject in ready:
             if kind == "read":
-                arrivals.append((subject, self._loans.read(subject)))
+                arrivals.append((subject, self._readers.read(subject)))
             elif kind == "exit":
-                arrivals.append((subject, self._loans.read_remaining(subject)))
+                arrivals.append((subject, self._readers.read_remaining(subject)))
                 if (death := self._supervisor.death_seen(subject, now)) is not None:
                     exits.append(death)
             elif kind == "launcher":
@@ -214,7 +214,7 @@ class ManagerThread:
         """The thread ends: release what the engine holds."""
         self._supervisor.close()
         self._regions.close()
-        self._loans.close()
+        self._readers.close()
         self._lock.close()
         if not self.finished.done():
             self.finished.set_result(None)

@@ -4,7 +4,7 @@
 
     engine parts (under the lock) ── finish(job, ok, value) / cancel(job) ──► Outcomes.pending
                                           counts, latency, result expiry, memory back
-    EngineLock.deliver (after the lock) ── decode ──► _engine.jobs.settle
+    EngineLock.after_release (after the lock) ── decode ──► _engine.jobs.settle
     the caller, when it asks ── PickledResult.open ──► the result (_engine.results)
 
 :class:`Outcomes` owns the outcomes decided and not yet delivered, the counts
@@ -13,7 +13,7 @@ gives back. A result arrives as the worker's raw ``Done`` (or ``Failed``)
 message; :meth:`Outcomes.decode`, after the lock is released, maps its
 shared memory and unpickles a worker's exception, and leaves the result
 pickled for its caller's thread (unpickled at once only when this is that
-thread: a coroutine's loop that read its own job's reply). :class:`WakeClock` is when the manager's
+thread: a coroutine's loop that read its own job's reply). :class:`ManagerAlarm` is when the manager's
 wait ends at the latest: a part that sets an earlier deadline asks for a
 wake-up.
 """
@@ -43,7 +43,7 @@ from mlpool.errors import JobTimeoutError, WorkerCrashedError
 MAX_WAIT = 3600.0
 
 
-class WakeClock:
+class ManagerAlarm:
     """When the manager thread's wait ends at the latest (under the engine's lock)."""
 
     __slots__ = ("wake_at", "need_wake")
@@ -80,7 +80,7 @@ class Outcomes:
         self,
         registry: Registry[Job],
         regions: RegionPool,
-        clock: WakeClock,
+        alarm: ManagerAlarm,
         model_groups: Mapping[str, str] | None = None,
         lock: threading.Lock | None = None,
     ) -> None:
@@ -89,8 +89,8 @@ class Outcomes:
         self.lock = lock or threading.Lock()
         self._registry = registry
         self._regions = regions
-        self._clock = clock
-        self.pending: list[Outcome] = []  # decided, not delivered yet (see EngineLock.deliver)
+        self._alarm = alarm
+        self.pending: list[Outcome] = []  # decided, not delivered yet (see EngineLock.after_release)
         self.latency = LatencyRecorder()
         self.per_model = ModelRecorders(model_groups or {}, self.latency)  # PoolStats.models (#16)
         self.counts = dict.fromkeys(("completed", "failed", "crashed", "timed_out", "cancelled"), 0)
@@ -111,7 +111,7 @@ class Outcomes:
         if job.deadline is not None or job.key is not None:  # else the registry has nothing of it
             expiry = self._registry.finished(job, now, keep_result=True)
             if expiry is not None:
-                self._clock.note(expiry)
+                self._alarm.note(expiry)
 
     def _count_undecodable(self, model: str) -> None:
         """A job counted as completed failed after all: its caller could not

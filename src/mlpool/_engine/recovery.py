@@ -30,7 +30,7 @@ from mlpool.errors import JobTimeoutError, PoolClosedError, WorkerCrashedError
 logger = logging.getLogger("mlpool._engine.engine")
 
 
-class Fates:
+class JobRecovery:
     """Settles the jobs of dead workers, of passed deadlines, of a pool that ends."""
 
     def __init__(self, scheduler: Scheduler, outcomes: Outcomes, registry: Registry[Job], regions: RegionPool) -> None:
@@ -99,7 +99,7 @@ class Fates:
         then ``time_out`` fails it and kills the worker."""
         for job in self._registry.due(now):
             if job.state is JobState.QUEUED:
-                self._scheduler.left(job)
+                self._scheduler.withdraw(job)
                 error = JobTimeoutError(f"job {job.id} ({job.fn_name}) timed out in the queue; it never ran")
                 self._outcomes.finish(job, False, error)
             elif job.state is JobState.RUNNING:

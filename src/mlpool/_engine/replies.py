@@ -26,7 +26,7 @@ from mlpool._engine.jobs import JobState
 from mlpool._engine.outcomes import Outcomes
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.streams import on_item
-from mlpool._processes.readers import Loans, ProtocolBroken
+from mlpool._processes.readers import PipeReaders, ProtocolBroken
 from mlpool._processes.supervisor import Supervisor
 from mlpool._processes.workers import WorkerHandle
 from mlpool._wire.protocol import NOWHERE, Done, Exiting, Failed, Item, LoadFailed, OverMemory, Ready, StreamEnd
@@ -35,10 +35,10 @@ from mlpool._wire.protocol import NOWHERE, Done, Exiting, Failed, Item, LoadFail
 class Replies:
     """Settles what workers send (every method under the engine's lock)."""
 
-    def __init__(self, scheduler: Scheduler, supervisor: Supervisor, loans: Loans, outcomes: Outcomes) -> None:
+    def __init__(self, scheduler: Scheduler, supervisor: Supervisor, readers: PipeReaders, outcomes: Outcomes) -> None:
         self._scheduler = scheduler
         self._supervisor = supervisor
-        self._loans = loans
+        self._readers = readers
         self._outcomes = outcomes
 
     def take(self, worker: WorkerHandle, messages: list) -> None:
@@ -66,7 +66,7 @@ class Replies:
         if job.payload.shared or job.result_offer is not None:
             self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
         if not worker.inflight and worker.registered:
-            self._loans.watch_now(worker)
+            self._readers.watch_now(worker)
         if job.state is JobState.RUNNING:
             self._outcomes.finish(job, type(msg) is not Failed, msg)
         elif type(msg) is Done and msg.fd >= 0:  # a discarded result's shared memory

@@ -62,7 +62,7 @@ _EMPTY: deque[Any] = deque()  # read only: "no ring here"
 # A worker as the scheduler reads it (the engine's WorkerHandle): ``group``
 # (the name of its group: "" for the shared workers), ``inflight`` (the jobs
 # it holds, in the order it runs them), ``backlog`` (estimated seconds of work
-# in them), ``borrower`` (who reads its pipe: None for the manager, a
+# in them), ``read_by`` (who reads its pipe: None for the manager, a
 # thread's token, an event loop).
 W = Any
 
@@ -140,7 +140,7 @@ class Scheduler:
         job.batch_id = None
         self.push(job, front=True)
 
-    def left(self, job: Job) -> None:
+    def withdraw(self, job: Job) -> None:
         """A queued job left the queue without being taken (cancelled, timed
         out): its place is free now, and its entry goes now or, between live
         jobs, soon after (see ``_engine.fairqueue.forget``); never on the hot path."""
@@ -404,12 +404,12 @@ def pick_worker(
     spare = None  # an idle worker lent to another reader: taken back if nothing better
     for worker in workers:
         if not worker.inflight and worker.group == group:
-            if worker.borrower is loop:
+            if worker.read_by is loop:
                 return worker
-            if worker.borrower is None:
+            if worker.read_by is None:
                 if loop is None:
                     return worker
-                spare = worker if spare is None or spare.borrower is not None else spare
+                spare = worker if spare is None or spare.read_by is not None else spare
             elif spare is None:
                 spare = worker
     if spare is not None:
@@ -420,7 +420,7 @@ def pick_worker(
     for worker in workers:
         if (
             worker.group == group
-            and (worker.borrower is None or worker.borrower is loop)
+            and (worker.read_by is None or worker.read_by is loop)
             and len(worker.inflight) < MAX_INFLIGHT
             and worker.backlog + estimate <= PIPELINE_BUDGET
             and (best is None or worker.backlog < best.backlog)

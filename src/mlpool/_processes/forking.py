@@ -42,7 +42,7 @@ from mlpool._processes.template import (
     WorkerForked,
 )
 from mlpool._processes.workers import WorkerHandle, describe_exit, new_worker_id, send_started_word
-from mlpool._wire.started import StartedWord
+from mlpool._wire.started import LastStarted
 from mlpool._wire.template_protocol import ForkFailed, Reaped
 from mlpool._worker.main import WorkerSettings
 
@@ -79,7 +79,7 @@ class ForkLauncher:
         self.announced = False  # the template's readiness was acted on
         self.awaiting: list[int] = []  # indices of the workers due, waiting for a ready template
         # worker id -> our end, its started word and its index in the group, until answered
-        self._forks: dict[int, tuple[socket.socket, StartedWord, int]] = {}
+        self._forks: dict[int, tuple[socket.socket, LastStarted, int]] = {}
         self._exits: dict[int, tuple[WorkerHandle, float]] = {}  # pid -> dead worker, until when we wait
 
     def prepare(self) -> None:

@@ -1,13 +1,13 @@
 """Who reads a worker's pipe: the manager thread, a caller thread, or an event loop.
 
 A worker's pipe is read by the manager thread unless it is lent:
-- to a caller thread, for one job, when the pool is idle (``Manager.run_lent``):
+- to a caller thread, for one job, when the pool is idle (``ProcessEngine.run_direct``):
   the caller waits on the pipe itself, one thread hop fewer;
 - to an event loop (``loop.add_reader``) while that loop's jobs keep the
   worker busy: results reach coroutines with no thread hop, and the
   manager thread, idle, does not compete with the loop for the GIL.
 
-:class:`Loans` owns everything a loan changes: a worker's ``borrower``,
+:class:`PipeReaders` owns everything a loan changes: a worker's ``read_by``,
 ``watchers`` and ``registered``, its ``read_lock``, and the manager's
 selector (the manager thread's one wait, on pipes, deaths and wake-ups).
 Every loan ends here, on every path:
@@ -19,8 +19,8 @@ Every loan ends here, on every path:
   (``take_back``), and so does the manager from a loop that stopped running
   (``reclaim_stopped``) or a worker that died (``read_remaining``).
 
-A borrower reads under ``read_lock`` after checking it still is the
-borrower. Pipes of idle workers are watched by nobody: a loan then costs no
+A read_by reads under ``read_lock`` after checking it still is the
+read_by. Pipes of idle workers are watched by nobody: a loan then costs no
 system call, and a death is seen on the process sentinel. Reads never block
 (``recv`` with ``MSG_DONTWAIT``): a reader woken for data another took just
 finds nothing. A descriptor is closed only once nobody waits on it
@@ -57,7 +57,7 @@ class ProtocolBroken:
 LoopMessages = Callable[[WorkerHandle, asyncio.AbstractEventLoop, list], None]
 
 
-class Loans:
+class PipeReaders:
     """The borrowers of worker pipes, and the manager's selector."""
 
     def __init__(self, on_loop_messages: LoopMessages) -> None:
@@ -88,10 +88,10 @@ class Loans:
 
     def lend_to_thread(self, worker: WorkerHandle, token: object) -> None:
         """Let the calling thread (``token``) read ``worker``'s pipe (under the engine's lock)."""
-        if worker.borrower is not None:
+        if worker.read_by is not None:
             self.take_back(worker, None)
         with worker.read_lock:
-            worker.borrower = token
+            worker.read_by = token
             worker.watchers.add(token)  # until it stops polling: no one closes the fds
             self.watch(worker)
 
@@ -105,7 +105,7 @@ class Loans:
         poller.register(worker.sentinel, select.POLLIN)
         events = poller.poll()
         with worker.read_lock:
-            if worker.borrower is not token:
+            if worker.read_by is not token:
                 return None
             messages = self._read_locked(worker)
         return messages, worker.eof or worker.sentinel in dict(events)
@@ -113,9 +113,9 @@ class Loans:
     def end(self, worker: WorkerHandle, token: object) -> bool:
         """End ``token``'s loan, if it is still open (under the engine's lock): the manager reads the pipe again."""
         with worker.read_lock:
-            if worker.borrower is not token:
+            if worker.read_by is not token:
                 return False
-            worker.borrower = None
+            worker.read_by = None
             self.watch(worker)
         return True
 
@@ -132,7 +132,7 @@ class Loans:
     def lend_to_loop(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Let ``loop`` (running in this thread) read the worker's pipe (under the engine's lock)."""
         with worker.read_lock:
-            worker.borrower = loop
+            worker.read_by = loop
             self.watch(worker)
             if loop not in worker.watchers:
                 loop.add_reader(worker.fd, self._on_loop_readable, worker, loop)
@@ -141,7 +141,7 @@ class Loans:
     def _on_loop_readable(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in ``loop``: read, and hand the messages to the engine."""
         with worker.read_lock:
-            if worker.borrower is not loop:
+            if worker.read_by is not loop:
                 self._remove_loop_reader(worker, loop)
                 return
             messages = self._read_locked(worker)
@@ -155,10 +155,10 @@ class Loans:
         A loop's reader is removed now if that loop runs in this thread, else
         by the loop itself on its next wake-up (it sees it no longer borrows)."""
         with worker.read_lock:
-            loop = worker.borrower
+            loop = worker.read_by
             if loop is None:
                 return False
-            worker.borrower = None
+            worker.read_by = None
             if here is not None and loop is here:
                 self._remove_loop_reader(worker, here)
             self.watch(worker)
@@ -171,13 +171,13 @@ class Loans:
         sees it no longer borrows and removes itself."""
         reclaimed = False
         for worker in workers:
-            loop = worker.borrower
+            loop = worker.read_by
             if loop is None or loop is here:  # the manager's, or a loop that runs: it is ours
                 continue
             if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
                 with worker.read_lock:
-                    if worker.borrower is loop:
-                        worker.borrower = None
+                    if worker.read_by is loop:
+                        worker.read_by = None
                         self.watch(worker)
                         reclaimed = True
         return reclaimed
@@ -200,7 +200,7 @@ class Loans:
     def read(self, worker: WorkerHandle) -> list:
         """The manager's read of a pipe its select() reported readable."""
         with worker.read_lock:
-            if worker.borrower is not None:  # lent since select() returned
+            if worker.read_by is not None:  # lent since select() returned
                 self.watch(worker)
                 return []
             return self._read_locked(worker)
@@ -208,7 +208,7 @@ class Loans:
     def read_remaining(self, worker: WorkerHandle) -> list:
         """Take the pipe of a dead worker back and read what it wrote before dying."""
         with worker.read_lock:
-            worker.borrower = None
+            worker.read_by = None
             while self._recv(worker):  # stops at end of file, or when a grandchild holds it open
                 pass
             worker.eof = True
@@ -255,7 +255,7 @@ class Loans:
         """
         wanted = (
             not worker.eof
-            and worker.borrower is None
+            and worker.read_by is None
             and (worker.state is WorkerState.STARTING or bool(worker.inflight))
         )
         if worker.registered is wanted:

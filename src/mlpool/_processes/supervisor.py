@@ -39,14 +39,14 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, suppress
 
 from mlpool._api.config import PoolConfig
-from mlpool._engine.outcomes import WakeClock
-from mlpool._engine.recovery import Fates
+from mlpool._engine.outcomes import ManagerAlarm
+from mlpool._engine.recovery import JobRecovery
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState
 from mlpool._processes.groups import WorkerGroup
 from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Exit, Launched, Setback, Watched, backoff
 from mlpool._processes.logs import worker_ready as log_worker_ready
-from mlpool._processes.readers import Loans
+from mlpool._processes.readers import PipeReaders
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import LoadFailed, Ready, Stop, encode
 from mlpool._wire.transport import write_all
@@ -70,23 +70,23 @@ class Supervisor:
         groups: list[WorkerGroup],
         *,
         scheduler: Scheduler,
-        fates: Fates,
-        loans: Loans,
-        clock: WakeClock,
+        recovery: JobRecovery,
+        readers: PipeReaders,
+        alarm: ManagerAlarm,
         locked: Callable[[], AbstractContextManager[None]],
     ) -> None:
         self.config = config
         self.groups = {group.name: group for group in groups}
         self.model_group = {model: group.name for group in groups for model in group.models}
         self._scheduler = scheduler
-        self._fates = fates
-        self._loans = loans
-        self._clock = clock
+        self._recovery = recovery
+        self._readers = readers
+        self._alarm = alarm
         self._locked = locked
         self.state = PoolState.STARTING
         self.broken_reason = ""
         self.workers: dict[int, WorkerHandle] = {}
-        self.down: dict[str, str] = {}  # model -> why its group cannot serve (the others still do)
+        self.unservable: dict[str, str] = {}  # model -> why its group cannot serve (the others still do)
         self._down_groups: set[str] = set()
         self.counts = dict.fromkeys(("restarts", "recycled"), 0)
         self.started: Future[None] = Future()  # result: ready; exception: start failed
@@ -142,7 +142,7 @@ class Supervisor:
     def death_seen(self, worker: WorkerHandle, now: float) -> Exit | None:
         """``worker``'s death handle fired: reap it; the exit to settle, or
         None if its launcher reports it later (a fork template, its parent)."""
-        self._loans.unregister(worker.sentinel)
+        self._readers.unregister(worker.sentinel)
         return self.groups[worker.group].launcher.reap(worker, now)
 
     def launcher_readable(self, subject: tuple[WorkerGroup, Watched, bool], now: float) -> None:
@@ -151,7 +151,7 @@ class Supervisor:
         it; what it means is acted on in ``launcher_events``."""
         group, watched, exited = subject
         if exited:
-            self._loans.unregister(watched.fd, watched.sentinel)
+            self._readers.unregister(watched.fd, watched.sentinel)
         launched = (watched.on_exit if exited else watched.on_read)(now)
         if launched is not None:
             self._take(group, launched)
@@ -159,8 +159,8 @@ class Supervisor:
     def _take(self, group: WorkerGroup, launched: Launched) -> None:
         """Watch the processes a launcher started; keep the rest for ``launcher_events``."""
         for watched in launched.watch:
-            self._loans.register(watched.fd, ("launcher", (group, watched, False)))
-            self._loans.register(watched.sentinel, ("launcher", (group, watched, True)))
+            self._readers.register(watched.fd, ("launcher", (group, watched, False)))
+            self._readers.register(watched.sentinel, ("launcher", (group, watched, True)))
         if launched.for_the_lock():
             self._news.append((group, launched))
 
@@ -168,8 +168,8 @@ class Supervisor:
 
     def add(self, worker: WorkerHandle) -> None:
         """A new worker: watch its death and its pipe."""
-        self._loans.register(worker.sentinel, ("exit", worker))
-        self._loans.watch_now(worker)
+        self._readers.register(worker.sentinel, ("exit", worker))
+        self._readers.watch_now(worker)
         self.workers[worker.id] = worker
 
     def can_serve(self, group: WorkerGroup) -> bool:
@@ -180,11 +180,11 @@ class Supervisor:
         if worker.state is not WorkerState.STARTING:
             return
         worker.state = worker.state.to(WorkerState.IDLE)
-        self._loans.watch_now(worker)
+        self._readers.watch_now(worker)
         if worker.group in self._down_groups:  # it serves again
             self._down_groups.discard(worker.group)
             for model in self.groups[worker.group].models:
-                self.down.pop(model, None)
+                self.unservable.pop(model, None)
         worker.pid = msg.pid
         log_worker_ready(worker, msg.load_seconds, replacement=self.state is not PoolState.STARTING)
         if self.state is PoolState.STARTING and self._all_ready():
@@ -216,7 +216,7 @@ class Supervisor:
         blamed = worker.start_timed_out or worker.fault is not None
         intended = (worker.kill_reason is not None and not blamed) or was is WorkerState.STOPPING
         quiet = failure is not None and self.state is PoolState.STARTING  # the pool's break logs it
-        jobs = self._fates.worker_died(worker, how, exitcode, intended, self.state, logged=not quiet)
+        jobs = self._recovery.worker_died(worker, how, exitcode, intended, self.state, logged=not quiet)
         if self.state is PoolState.STARTING:
             who = f"worker {worker.id} (pid {worker.pid})" if worker.pid else f"worker {worker.id}"
             self._fail_start(who, failure, how)
@@ -258,7 +258,7 @@ class Supervisor:
         self.counts["recycled"] += 1
         if self.state is PoolState.RUNNING:
             heapq.heappush(self.groups[worker.group].spawn_at, (time.monotonic(), worker.index))
-            self._clock.soon()
+            self._alarm.soon()
         if not worker.inflight:
             self._stop_worker(worker)
 
@@ -305,8 +305,8 @@ class Supervisor:
         if group.name not in self._down_groups:
             logger.error("%s cannot serve (the other models still do): %s", group.describe(), reason)
         self._down_groups.add(group.name)
-        self.down.update(dict.fromkeys(group.models, f"{group.describe()} cannot serve: {reason}"))
-        self._fates.fail_queued_of(group.models, PoolBrokenError(f"{group.describe()} cannot serve: {reason}"))
+        self.unservable.update(dict.fromkeys(group.models, f"{group.describe()} cannot serve: {reason}"))
+        self._recovery.fail_queued_of(group.models, PoolBrokenError(f"{group.describe()} cannot serve: {reason}"))
         return False
 
     def _set_started(self, error: BaseException | None) -> None:
@@ -322,8 +322,8 @@ class Supervisor:
         logger.error("mlpool is broken: %s", said or reason)
         self._set_started(start_error or PoolBrokenError(reason))
         error = PoolBrokenError(f"the pool broke: {reason}")
-        self._fates.fail_queued(error)
-        self._fates.fail_running(list(self.workers.values()), error)
+        self._recovery.fail_queued(error)
+        self._recovery.fail_running(list(self.workers.values()), error)
         for worker in self.workers.values():
             worker.kill("the pool is broken")
         for group in self.groups.values():
@@ -333,7 +333,7 @@ class Supervisor:
 
     def check(self, now: float) -> None:
         """Act on what is due: job deadlines, starts past start_timeout, the shutdown ladder."""
-        self._fates.expire(now)
+        self._recovery.expire(now)
         self._check_start(now)
         self._advance_shutdown(now)
 
@@ -360,8 +360,8 @@ class Supervisor:
         elif self._stop_deadline is not None:  # None: it timed out already
             self._stop_deadline = min(self._stop_deadline, time.monotonic() + timeout)
         if cancel_pending:
-            self._fates.fail_queued(None)
-        self._clock.soon()
+            self._recovery.fail_queued(None)
+        self._alarm.soon()
 
     def _advance_shutdown(self, now: float) -> None:
         if self.state is not PoolState.CLOSING:
@@ -376,7 +376,7 @@ class Supervisor:
             for group in self.groups.values():
                 group.spawn_at.clear()
         if not self.workers and not any(group.spawn_at for group in self.groups.values()):
-            self._fates.fail_queued(PoolClosedError("the pool shut down before the job could run"))
+            self._recovery.fail_queued(PoolClosedError("the pool shut down before the job could run"))
             self.state = self.state.to(PoolState.CLOSED)
             return
         if self._stop_deadline is None or now < self._stop_deadline:
@@ -386,7 +386,7 @@ class Supervisor:
         # leave a shared queue or lock broken for the others. Workers ignore
         # SIGTERM (a signal to the whole process group must not end them under
         # a draining app): Stop was the polite request.
-        self._fates.fail_queued(PoolClosedError("the pool shut down before the job could run"))
+        self._recovery.fail_queued(PoolClosedError("the pool shut down before the job could run"))
         for group in self.groups.values():
             group.spawn_at.clear()
         logger.warning("shutdown timed out; killing %d workers", len(self.workers))

@@ -2,7 +2,7 @@
 
 A :class:`WorkerHandle` is owned by the manager (see ``_engine.engine``): its
 state and ``inflight`` jobs change only under the manager's lock. Who reads
-its pipe (``borrower``) and the pipe's buffer change only under its own
+its pipe (``read_by``) and the pipe's buffer change only under its own
 ``read_lock``.
 """
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlpool._processes.stacks import StackReader
 from mlpool._wire.protocol import setup_frame
-from mlpool._wire.started import StartedWord
+from mlpool._wire.started import LastStarted
 from mlpool._wire.transport import FrameReader, send_frames
 from mlpool._worker.main import WorkerSettings, worker_main
 
@@ -67,7 +67,7 @@ class WorkerHandle:
     __slots__ = (
         "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
         "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
-        "load_failure", "eof", "sock", "read_lock", "borrower", "registered", "watchers", "closed", "pidfd",
+        "load_failure", "eof", "sock", "read_lock", "read_by", "registered", "watchers", "closed", "pidfd",
         "forked", "started", "fault", "group", "index", "stacks",
     )  # fmt: skip
 
@@ -78,7 +78,7 @@ class WorkerHandle:
         pidfd: int = -1,
         *,
         forked: bool = False,
-        started: StartedWord | None = None,
+        started: LastStarted | None = None,
         stacks: bool = False,
     ) -> None:
         """``stacks``: give the worker a pipe for its stack dumps (see ``_processes.stacks``:
@@ -97,7 +97,7 @@ class WorkerHandle:
         self.forked = forked
         # The id of the job it last began, which it writes itself: after its
         # death, tells a job it was running from one it never took (see _started).
-        self.started = started or StartedWord()
+        self.started = started or LastStarted()
         self.reader = FrameReader()
         self.group = ""  # the worker group it belongs to ("": the shared workers)
         self.index = 0  # its place in the group (worker_env); a replacement takes the same
@@ -123,8 +123,8 @@ class WorkerHandle:
         self.sock = socket.socket(fileno=os.dup(self.fd))
         self.read_lock = threading.Lock()
         # Who reads the pipe: None (the manager thread), a caller thread's
-        # token, or an event loop (see Manager: "loans").
-        self.borrower: Any = None
+        # token, or an event loop (see ProcessEngine: "loans").
+        self.read_by: Any = None
         self.registered = False  # in the manager's selector
         # Who may still wait on fd or the sentinel: loops with an add_reader,
         # caller threads polling. The last to leave closes a reaped worker.
@@ -270,11 +270,11 @@ def untrack(process: multiprocessing.process.BaseProcess) -> None:
         children.discard(process)
 
 
-def send_started_word(sock: socket.socket, *, close: bool = True) -> StartedWord:
+def send_started_word(sock: socket.socket, *, close: bool = True) -> LastStarted:
     """Create a worker's started word and send it as the first message on
     its socket (it waits there until the worker reads it). ``close``: close
     ``sock`` afterwards (a duplicate made for this)."""
-    fd, word = StartedWord.create()
+    fd, word = LastStarted.create()
     try:
         if fd >= 0:
             send_frames(sock, [setup_frame(fd)])

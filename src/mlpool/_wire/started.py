@@ -1,7 +1,7 @@
 """The "started" word: which job a worker last began, readable after it died.
 
 The parent makes one 8-byte shared-memory file per worker
-(:meth:`StartedWord.create`) and sends its descriptor as the worker's first
+(:meth:`LastStarted.create`) and sends its descriptor as the worker's first
 message (``Setup``, see ``_wire.protocol``), before the worker even starts. Each
 time the worker takes a job off its queue to begin it (before unpickling the
 arguments), it stores the job id there (little-endian uint64 at offset 0; for
@@ -11,7 +11,7 @@ whatever its retries say (issue #13.19).
 
 Job ids start at 1, so 0 means "no job started yet". A word costs each side
 one descriptor while mapped (Python's mmap keeps a duplicate). Where memfd is missing
-(not Linux) the word is a no-op and :meth:`StartedWord.read` returns -1
+(not Linux) the word is a no-op and :meth:`LastStarted.read` returns -1
 (unknown). Imported by both sides; imports nothing from mlpool.
 """
 
@@ -21,13 +21,13 @@ import mmap
 import os
 import struct
 
-__all__ = ["StartedWord", "UNKNOWN"]
+__all__ = ["LastStarted", "UNKNOWN"]
 
 UNKNOWN = -1  # read() where there is no shared word
 _WORD = struct.Struct("<Q")
 
 
-class StartedWord:
+class LastStarted:
     """An 8-byte shared word holding the id of the job a worker last began."""
 
     __slots__ = ("_map",)
@@ -39,7 +39,7 @@ class StartedWord:
             self._map = mmap.mmap(fd, _WORD.size, flags=mmap.MAP_SHARED)
 
     @classmethod
-    def create(cls) -> tuple[int, StartedWord]:
+    def create(cls) -> tuple[int, LastStarted]:
         """Parent side: a new word (0: nothing started) and its descriptor.
 
         Send the descriptor to the worker (``setup_frame(fd)``), then close
@@ -57,7 +57,7 @@ class StartedWord:
             raise
 
     @classmethod
-    def attach(cls, fd: int) -> StartedWord:
+    def attach(cls, fd: int) -> LastStarted:
         """Worker side: map the word the parent sent, and close its descriptor."""
         try:
             return cls(fd)

@@ -66,7 +66,7 @@ from mlpool._wire.serialization import (
     pack_exception,
 )
 from mlpool._wire.shm import SCALAR_TYPES, unpack, write_result
-from mlpool._wire.started import StartedWord
+from mlpool._wire.started import LastStarted
 from mlpool._wire.transport import DescriptorsLost, FrameReader, send_frames, write_all
 from mlpool._worker.memory import MemoryWatch
 from mlpool._worker.stacks import install as install_stack_dumps
@@ -270,7 +270,7 @@ def serve(
     messages = early if early is not None else deque()
     functions: dict[int, Callable] = {}
     memory = MemoryWatch(settings)
-    started = StartedWord()  # a no-op until the parent sends one
+    started = LastStarted()  # a no-op until the parent sends one
     try:
         while True:
             while messages:
@@ -305,7 +305,7 @@ def serve(
                         pass  # for a stream that already ended
                     case Setup():
                         started.close()
-                        started = StartedWord.attach(msg.started_fd)
+                        started = LastStarted.attach(msg.started_fd)
                     case StackPipe():
                         install_stack_dumps(msg.fd)
                     case Stop():
