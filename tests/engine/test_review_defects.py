@@ -363,7 +363,7 @@ def _plan_all(scheduler: Scheduler) -> list[int]:
     """Every job the plan hands out, to workers that take anything."""
     taken: list[int] = []
     while scheduler:
-        free = SimpleNamespace(inflight=[], backlog=0.0, read_by=None, group="")
+        free = SimpleNamespace(inflight=[], backlog=0.0, pipe=SimpleNamespace(read_by=None), group="")
         for _, jobs, _ in scheduler.plan([free], None, 0.0, lambda: False, lambda here: False):
             taken += [job.id for job in jobs]
             for job in jobs:

@@ -28,7 +28,7 @@ def job(model: str = "m", *, lane: object = None, priority: int = 0, fn_id: int 
 
 
 def worker(group: str = "") -> SimpleNamespace:
-    return SimpleNamespace(inflight=[], backlog=0.0, read_by=None, group=group)
+    return SimpleNamespace(inflight=[], backlog=0.0, pipe=SimpleNamespace(read_by=None), group=group)
 
 
 def place(scheduler: Scheduler, workers: list) -> list[tuple[SimpleNamespace, list[Job]]]:

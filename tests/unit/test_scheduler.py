@@ -21,7 +21,7 @@ def job(fn_id: int = 1, *, policy: BatchPolicy | None = None, submitted_at: floa
 
 
 def worker(read_by=None) -> SimpleNamespace:
-    return SimpleNamespace(inflight=[], backlog=0.0, read_by=read_by, group="")
+    return SimpleNamespace(inflight=[], backlog=0.0, pipe=SimpleNamespace(read_by=read_by), group="")
 
 
 def run_plan(scheduler: Scheduler, workers: list, *, now: float = 0.0, busy: bool = False) -> list:

@@ -121,15 +121,15 @@ class Dispatcher:
             if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
                 workers.remove(worker)  # its last jobs before it is recycled
             loop = jobs[0].loop if len(jobs) == 1 or all(job.loop is jobs[0].loop for job in jobs) else None
-            if worker.read_by is not None and (worker.read_by is not loop or loop is None):
+            if worker.pipe.read_by is not None and (worker.pipe.read_by is not loop or loop is None):
                 self._readers.take_back(worker, here)  # an idle loan to another reader
-            if worker.read_by is None and loop is not None and loop is here and not worker.inflight and running:
+            if worker.pipe.read_by is None and loop is not None and loop is here and not worker.inflight and running:
                 self._readers.lend_to_loop(worker, here)
                 self._alarm.note(time.monotonic() + LOAN_CHECK)  # the manager checks that this loop runs
             for job in jobs:
                 job.to(JobState.RUNNING)
                 worker.assign(job, estimate)
-            if not worker.registered and worker.read_by is None:
+            if not worker.pipe.registered and worker.pipe.read_by is None:
                 self._readers.watch_now(worker)
             frames.setdefault(worker, []).append((frame, fds, len(jobs)))
         if scheduler.hold_until is not None:
@@ -233,9 +233,9 @@ class Dispatcher:
         """Write frames to ``worker``."""
         try:
             if len(frames) == 1:
-                send_frames(worker.sock, [frames[0][:2]])
+                send_frames(worker.pipe.sock, [frames[0][:2]])
             else:
-                send_frames(worker.sock, [(frame, fds) for frame, fds, _ in frames])
+                send_frames(worker.pipe.sock, [(frame, fds) for frame, fds, _ in frames])
         except OSError as exc:
             # A dead worker (its sentinel will tell us how): these jobs never
             # reached it, back to the front of the queue. Any other error may

@@ -145,7 +145,7 @@ class ProcessEngine:
         try:
             with self._lock:
                 for worker in self._supervisor.workers.values():
-                    if worker.read_by is loop:
+                    if worker.pipe.read_by is loop:
                         self._manager.take_back(worker, loop)
         finally:
             self._after_release()
@@ -263,7 +263,7 @@ class ProcessEngine:
         try:
             with self._lock:
                 worker, loop = job.worker, job.loop
-                if worker is not None and loop is not None and worker.read_by is loop:
+                if worker is not None and loop is not None and worker.pipe.read_by is loop:
                     self._manager.take_back(worker, running_loop())
                     self._alarm.soon()  # the manager watches the pipe from now on
                 return shared_future(job)
@@ -399,7 +399,7 @@ class ProcessEngine:
             return True
         finally:
             if lent:
-                if lent[0].read_by is token:  # an interrupted wait: the manager reads from now on
+                if lent[0].pipe.read_by is token:  # an interrupted wait: the manager reads from now on
                     try:
                         with self._lock:
                             self._end_loan(lent[0], token)

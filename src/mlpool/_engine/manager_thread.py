@@ -135,7 +135,7 @@ class ManagerThread:
     def _next_loan_check(self) -> float | None:
         """When to check the loops reading busy workers' pipes (under the lock); None: none does."""
         for worker in self._supervisor.workers.values():
-            if worker.inflight and isinstance(worker.read_by, asyncio.AbstractEventLoop):
+            if worker.inflight and isinstance(worker.pipe.read_by, asyncio.AbstractEventLoop):
                 return time.monotonic() + LOAN_CHECK
         return None
 
@@ -153,7 +153,7 @@ class ManagerThread:
         # Event loops cannot read while they wait for this shutdown, nor once
         # they have stopped: this thread reads every pipe from now on.
         for worker in self._supervisor.workers.values():
-            if isinstance(worker.read_by, asyncio.AbstractEventLoop):
+            if isinstance(worker.pipe.read_by, asyncio.AbstractEventLoop):
                 self.take_back(worker, None)
         self._supervisor.shutdown(cancel_pending=asked[0], timeout=asked[1])
         self._say_shutdown_waits(asked[1])

@@ -65,7 +65,7 @@ class Replies:
         # The worker is done with its arguments; the offer is read when the outcome is delivered.
         if job.payload.shared or job.result_offer is not None:
             self._outcomes.release_memory(job, keep_offer=job.state is JobState.RUNNING and type(msg) is Done)
-        if not worker.inflight and worker.registered:
+        if not worker.inflight and worker.pipe.registered:
             self._readers.watch_now(worker)
         if job.state is JobState.RUNNING:
             self._outcomes.finish(job, type(msg) is not Failed, msg)

@@ -404,12 +404,12 @@ def pick_worker(
     spare = None  # an idle worker lent to another reader: taken back if nothing better
     for worker in workers:
         if not worker.inflight and worker.group == group:
-            if worker.read_by is loop:
+            if worker.pipe.read_by is loop:
                 return worker
-            if worker.read_by is None:
+            if worker.pipe.read_by is None:
                 if loop is None:
                     return worker
-                spare = worker if spare is None or spare.read_by is not None else spare
+                spare = worker if spare is None or spare.pipe.read_by is not None else spare
             elif spare is None:
                 spare = worker
     if spare is not None:
@@ -420,7 +420,7 @@ def pick_worker(
     for worker in workers:
         if (
             worker.group == group
-            and (worker.read_by is None or worker.read_by is loop)
+            and (worker.pipe.read_by is None or worker.pipe.read_by is loop)
             and len(worker.inflight) < MAX_INFLIGHT
             and worker.backlog + estimate <= PIPELINE_BUDGET
             and (best is None or worker.backlog < best.backlog)

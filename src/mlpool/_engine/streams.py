@@ -193,7 +193,7 @@ def send_to_worker(worker: WorkerHandle, frame: bytes) -> None:
     """Write a small control frame (under the engine's lock). A dead worker's
     pipe fails: its sentinel tells the engine, which settles the job."""
     try:
-        send_frames(worker.sock, [(frame, [])])
+        send_frames(worker.pipe.sock, [(frame, [])])
     except OSError:
         pass
 

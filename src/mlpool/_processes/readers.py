@@ -7,8 +7,9 @@ A worker's pipe is read by the manager thread unless it is lent:
   worker busy: results reach coroutines with no thread hop, and the
   manager thread, idle, does not compete with the loop for the GIL.
 
-:class:`PipeReaders` owns everything a loan changes: a worker's ``read_by``,
-``watchers`` and ``registered``, its ``read_lock``, and the manager's
+:class:`PipeReaders` owns everything a loan changes: a worker's pipe
+(``worker.pipe``, see ``_processes.pipes``: who reads it, who watches it,
+what was read), and the manager's
 selector (the manager thread's one wait, on pipes, deaths and wake-ups).
 Every loan ends here, on every path:
 
@@ -19,8 +20,8 @@ Every loan ends here, on every path:
   (``take_back``), and so does the manager from a loop that stopped running
   (``reclaim_stopped``) or a worker that died (``read_remaining``).
 
-A read_by reads under ``read_lock`` after checking it still is the
-read_by. Pipes of idle workers are watched by nobody: a loan then costs no
+A reader reads under the pipe's ``read_lock`` after checking it still is
+its ``read_by``. Pipes of idle workers are watched by nobody: a loan then costs no
 system call, and a death is seen on the process sentinel. Reads never block
 (``recv`` with ``MSG_DONTWAIT``): a reader woken for data another took just
 finds nothing. A descriptor is closed only once nobody waits on it
@@ -88,11 +89,11 @@ class PipeReaders:
 
     def lend_to_thread(self, worker: WorkerHandle, token: object) -> None:
         """Let the calling thread (``token``) read ``worker``'s pipe (under the engine's lock)."""
-        if worker.read_by is not None:
+        if worker.pipe.read_by is not None:
             self.take_back(worker, None)
-        with worker.read_lock:
-            worker.read_by = token
-            worker.watchers.add(token)  # until it stops polling: no one closes the fds
+        with worker.pipe.read_lock:
+            worker.pipe.read_by = token
+            worker.pipe.watchers.add(token)  # until it stops polling: no one closes the fds
             self.watch(worker)
 
     def wait_lent(self, worker: WorkerHandle, token: object) -> tuple[list, bool] | None:
@@ -101,51 +102,51 @@ class PipeReaders:
 
         No timeout: a job's deadline kills the worker, which wakes this."""
         poller = select.poll()
-        poller.register(worker.fd, select.POLLIN)
+        poller.register(worker.pipe.fd, select.POLLIN)
         poller.register(worker.sentinel, select.POLLIN)
         events = poller.poll()
-        with worker.read_lock:
-            if worker.read_by is not token:
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not token:
                 return None
             messages = self._read_locked(worker)
-        return messages, worker.eof or worker.sentinel in dict(events)
+        return messages, worker.pipe.eof or worker.sentinel in dict(events)
 
     def end(self, worker: WorkerHandle, token: object) -> bool:
         """End ``token``'s loan, if it is still open (under the engine's lock): the manager reads the pipe again."""
-        with worker.read_lock:
-            if worker.read_by is not token:
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not token:
                 return False
-            worker.read_by = None
+            worker.pipe.read_by = None
             self.watch(worker)
         return True
 
     def leave(self, worker: WorkerHandle, token: object) -> None:
         """The thread ``token`` no longer waits on the pipe (outside the engine's
         lock, after ``end``): it closes a worker reaped while it polled."""
-        with worker.read_lock:
-            worker.watchers.discard(token)
-            if not worker.watchers and worker.state is WorkerState.EXITED:
+        with worker.pipe.read_lock:
+            worker.pipe.watchers.discard(token)
+            if not worker.pipe.watchers and worker.state is WorkerState.EXITED:
                 worker.close()
 
     # -------------------------------------------------- an event loop's loan
 
     def lend_to_loop(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Let ``loop`` (running in this thread) read the worker's pipe (under the engine's lock)."""
-        with worker.read_lock:
-            worker.read_by = loop
+        with worker.pipe.read_lock:
+            worker.pipe.read_by = loop
             self.watch(worker)
-            if loop not in worker.watchers:
-                loop.add_reader(worker.fd, self._on_loop_readable, worker, loop)
-                worker.watchers.add(loop)
+            if loop not in worker.pipe.watchers:
+                loop.add_reader(worker.pipe.fd, self._on_loop_readable, worker, loop)
+                worker.pipe.watchers.add(loop)
 
     def _on_loop_readable(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in ``loop``: read, and hand the messages to the engine."""
-        with worker.read_lock:
-            if worker.read_by is not loop:
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not loop:
                 self._remove_loop_reader(worker, loop)
                 return
             messages = self._read_locked(worker)
-            if worker.eof:  # it died: the manager settles its jobs (sentinel)
+            if worker.pipe.eof:  # it died: the manager settles its jobs (sentinel)
                 self._remove_loop_reader(worker, loop)
         self._on_loop_messages(worker, loop, messages)
 
@@ -154,11 +155,11 @@ class PipeReaders:
 
         A loop's reader is removed now if that loop runs in this thread, else
         by the loop itself on its next wake-up (it sees it no longer borrows)."""
-        with worker.read_lock:
-            loop = worker.read_by
+        with worker.pipe.read_lock:
+            loop = worker.pipe.read_by
             if loop is None:
                 return False
-            worker.read_by = None
+            worker.pipe.read_by = None
             if here is not None and loop is here:
                 self._remove_loop_reader(worker, here)
             self.watch(worker)
@@ -171,137 +172,137 @@ class PipeReaders:
         sees it no longer borrows and removes itself."""
         reclaimed = False
         for worker in workers:
-            loop = worker.read_by
+            loop = worker.pipe.read_by
             if loop is None or loop is here:  # the manager's, or a loop that runs: it is ours
                 continue
             if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_running():
-                with worker.read_lock:
-                    if worker.read_by is loop:
-                        worker.read_by = None
+                with worker.pipe.read_lock:
+                    if worker.pipe.read_by is loop:
+                        worker.pipe.read_by = None
                         self.watch(worker)
                         reclaimed = True
         return reclaimed
 
     def _remove_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
-        """In ``loop``, holding worker.read_lock."""
-        if loop in worker.watchers:
-            loop.remove_reader(worker.fd)
-            worker.watchers.discard(loop)
-            if not worker.watchers and worker.state is WorkerState.EXITED:
+        """In ``loop``, holding worker.pipe.read_lock."""
+        if loop in worker.pipe.watchers:
+            loop.remove_reader(worker.pipe.fd)
+            worker.pipe.watchers.discard(loop)
+            if not worker.pipe.watchers and worker.state is WorkerState.EXITED:
                 worker.close()
 
     def _drop_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Scheduled in ``loop`` by ``dispose``."""
-        with worker.read_lock:
+        with worker.pipe.read_lock:
             self._remove_loop_reader(worker, loop)
 
     # ------------------------------------------------------------ reading
 
     def read(self, worker: WorkerHandle) -> list:
         """The manager's read of a pipe its select() reported readable."""
-        with worker.read_lock:
-            if worker.read_by is not None:  # lent since select() returned
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not None:  # lent since select() returned
                 self.watch(worker)
                 return []
             return self._read_locked(worker)
 
     def read_remaining(self, worker: WorkerHandle) -> list:
         """Take the pipe of a dead worker back and read what it wrote before dying."""
-        with worker.read_lock:
-            worker.read_by = None
+        with worker.pipe.read_lock:
+            worker.pipe.read_by = None
             while self._recv(worker):  # stops at end of file, or when a grandchild holds it open
                 pass
-            worker.eof = True
+            worker.pipe.eof = True
             self.watch(worker)
             return self._messages(worker)
 
     def _read_locked(self, worker: WorkerHandle) -> list:
-        """Read what the pipe holds, without blocking (hold worker.read_lock)."""
+        """Read what the pipe holds, without blocking (hold worker.pipe.read_lock)."""
         self._recv(worker)
         return self._messages(worker)
 
     def _messages(self, worker: WorkerHandle) -> list:
-        """The messages read so far (hold worker.read_lock). Bytes that are no
+        """The messages read so far (hold worker.pipe.read_lock). Bytes that are no
         message (code in the worker wrote to its pipe) end the reading: the
         worker is killed for it (see ProtocolBroken)."""
         try:
-            return worker.reader.messages()
+            return worker.pipe.frames.messages()
         except Exception as exc:
-            worker.eof = True
+            worker.pipe.eof = True
             self.watch(worker)
             return [ProtocolBroken(f"its pipe carried bytes that are no message: {exc!r}")]
 
     def _recv(self, worker: WorkerHandle) -> bool:
         """One non-blocking read into the worker's buffer; False if it got nothing."""
-        if worker.eof:
+        if worker.pipe.eof:
             return False
         try:
-            if worker.reader.recv_from(worker.sock):
+            if worker.pipe.frames.recv_from(worker.pipe.sock):
                 return True
         except BlockingIOError:  # another reader took it, or a spurious wake-up
             return False
         except OSError:
             pass
-        worker.eof = True
+        worker.pipe.eof = True
         self.watch(worker)
         return False
 
     def watch(self, worker: WorkerHandle) -> None:
         """Have the manager's select() watch the pipe exactly when it expects a
-        message there and nobody else reads it (hold worker.read_lock).
+        message there and nobody else reads it (hold worker.pipe.read_lock).
 
         An idle worker's pipe is not watched: lending it costs no system call,
         and its death is seen on the process sentinel.
         """
         wanted = (
-            not worker.eof
-            and worker.read_by is None
+            not worker.pipe.eof
+            and worker.pipe.read_by is None
             and (worker.state is WorkerState.STARTING or bool(worker.inflight))
         )
-        if worker.registered is wanted:
+        if worker.pipe.registered is wanted:
             return
         with self._selector_lock:
             try:
                 if wanted:
-                    self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
+                    self._selector.register(worker.pipe.fd, selectors.EVENT_READ, ("read", worker))
                 else:
-                    self._selector.unregister(worker.fd)
+                    self._selector.unregister(worker.pipe.fd)
             except KeyError:  # already so: a change interrupted (Ctrl-C) before the flag below
                 pass
             except FileExistsError:  # the kernel's set has it and the map not: an unregister cut half-way
                 poller = getattr(self._selector, "_selector", None)  # the epoll object (Linux)
                 if poller is None:
                     raise
-                poller.unregister(worker.fd)
-                self._selector.register(worker.fd, selectors.EVENT_READ, ("read", worker))
-        worker.registered = wanted
+                poller.unregister(worker.pipe.fd)
+                self._selector.register(worker.pipe.fd, selectors.EVENT_READ, ("read", worker))
+        worker.pipe.registered = wanted
 
     def watch_now(self, worker: WorkerHandle) -> None:
         """``watch``, taking the worker's read lock (under the engine's lock)."""
-        with worker.read_lock:
+        with worker.pipe.read_lock:
             self.watch(worker)
 
     # ------------------------------------------------------------ the end
 
     def dispose(self, worker: WorkerHandle) -> None:
         """Close a reaped worker's pipe and death handle, once nobody waits on them."""
-        with worker.read_lock:
-            loops = [w for w in worker.watchers if isinstance(w, asyncio.AbstractEventLoop)]
+        with worker.pipe.read_lock:
+            loops = [w for w in worker.pipe.watchers if isinstance(w, asyncio.AbstractEventLoop)]
         for loop in loops:
             if loop.is_closed():  # its selector is gone, and our reader with it
-                with worker.read_lock:
-                    worker.watchers.discard(loop)
+                with worker.pipe.read_lock:
+                    worker.pipe.watchers.discard(loop)
             elif loop.is_running():
                 try:
                     loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
                 except RuntimeError:  # closed meanwhile
-                    with worker.read_lock:
-                        worker.watchers.discard(loop)
+                    with worker.pipe.read_lock:
+                        worker.pipe.watchers.discard(loop)
             else:
                 # Stopped (maybe for good: an abandoned loop): nothing runs in
                 # it to remove the reader, so it is removed from here.
-                with worker.read_lock:
+                with worker.pipe.read_lock:
                     self._remove_loop_reader(worker, loop)
-        with worker.read_lock:
-            if not worker.watchers:  # else the last watcher to leave closes it
+        with worker.pipe.read_lock:
+            if not worker.pipe.watchers:  # else the last watcher to leave closes it
                 worker.close()

@@ -265,7 +265,7 @@ class Supervisor:
     def _stop_worker(self, worker: WorkerHandle) -> None:
         worker.state = worker.state.to(WorkerState.STOPPING)
         with suppress(OSError):
-            write_all(worker.fd, encode(Stop()))
+            write_all(worker.pipe.fd, encode(Stop()))
 
     def _failure_reason(self, group: WorkerGroup, worker: WorkerHandle, how: str) -> str:
         failure = worker.load_failure

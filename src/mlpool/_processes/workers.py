@@ -15,15 +15,15 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from mlpool._processes.pipes import WorkerPipe
 from mlpool._processes.stacks import StackReader
 from mlpool._wire.protocol import setup_frame
 from mlpool._wire.started import LastStarted
-from mlpool._wire.transport import FrameReader, send_frames
+from mlpool._wire.transport import send_frames
 from mlpool._worker.main import WorkerSettings, worker_main
 
 if TYPE_CHECKING:
@@ -62,13 +62,17 @@ _WORKER_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
 
 
 class WorkerHandle:
-    """One worker process, its pipe, and the jobs it holds in the order it runs them."""
+    """One worker process and the jobs it holds in the order it runs them;
+    its pipe is ``pipe`` (the readers', see ``_processes.pipes``).
+
+    The process's fields (state, pid, sentinel, why it was killed) are the
+    Supervisor's, changed under the engine's lock; so are the jobs'.
+    """
 
     __slots__ = (
-        "id", "process", "conn", "fd", "sentinel", "reader", "state", "inflight",
-        "backlog", "known_functions", "jobs_done", "started_at", "pid", "kill_reason", "start_timed_out",
-        "load_failure", "eof", "sock", "read_lock", "read_by", "registered", "watchers", "closed", "pidfd",
-        "forked", "started", "fault", "group", "index", "stacks",
+        "id", "process", "pipe", "sentinel", "state", "inflight", "backlog", "known_functions", "jobs_done",
+        "started_at", "pid", "kill_reason", "start_timed_out", "load_failure", "closed", "pidfd", "forked",
+        "started", "fault", "group", "index", "stacks",
     )  # fmt: skip
 
     def __init__(
@@ -86,8 +90,6 @@ class WorkerHandle:
         descriptors, a dead worker)."""
         self.id = int(process.name.rsplit("-", 1)[1])
         self.process = process
-        self.conn = conn
-        self.fd: int = conn.fileno()
         # A pidfd when we have one: readable once the process has exited,
         # whoever else holds its pipes (a child it forked inherits those).
         self.pidfd = pidfd
@@ -98,7 +100,6 @@ class WorkerHandle:
         # The id of the job it last began, which it writes itself: after its
         # death, tells a job it was running from one it never took (see _started).
         self.started = started or LastStarted()
-        self.reader = FrameReader()
         self.group = ""  # the worker group it belongs to ("": the shared workers)
         self.index = 0  # its place in the group (worker_env); a replacement takes the same
         self.state = WorkerState.STARTING
@@ -116,26 +117,14 @@ class WorkerHandle:
         self.start_timed_out = False  # killed for not loading its models within start_timeout
         self.fault: str | None = None  # killed for something it did (its bytes broke the protocol): how
         self.load_failure: Any = None  # the LoadFailed message, if it sent one
-        self.eof = False
-        # Reads use recv(MSG_DONTWAIT) on a second handle of the same socket,
-        # so a reader woken for data another reader took never blocks, while
-        # writes on ``fd`` stay blocking.
-        self.sock = socket.socket(fileno=os.dup(self.fd))
-        self.read_lock = threading.Lock()
-        # Who reads the pipe: None (the manager thread), a caller thread's
-        # token, or an event loop (see ProcessEngine: "loans").
-        self.read_by: Any = None
-        self.registered = False  # in the manager's selector
-        # Who may still wait on fd or the sentinel: loops with an add_reader,
-        # caller threads polling. The last to leave closes a reaped worker.
-        self.watchers: set[Any] = set()
         self.closed = False
+        self.pipe = WorkerPipe(conn)
         self.stacks: StackReader | None = None  # where its stack dumps come (see _stacks)
         if stacks:
             try:
-                self.stacks = StackReader.open(self.sock)
+                self.stacks = StackReader.open(self.pipe.sock)
             except BaseException:
-                self.sock.close()
+                self.pipe.sock.close()
                 raise
 
     def __repr__(self) -> str:
@@ -202,11 +191,9 @@ class WorkerHandle:
         if self.closed:
             return
         self.closed = True
-        self.reader.close()
         if self.stacks is not None:
             self.stacks.close()
-        self.sock.close()
-        self.conn.close()
+        self.pipe.close()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
