@@ -294,14 +294,6 @@ def new_worker_id() -> int:
     return next(_worker_ids)
 
 
-def ray_worker(loaders_pickle: bytes, settings: WorkerSettings, options: dict) -> WorkerHandle:
-    """Start one worker as a Ray actor (backend="ray"); see ``_processes.ray``."""
-    from mlpool._processes.ray import spawn_ray_worker
-
-    process, sock = spawn_ray_worker(new_worker_id(), loaders_pickle, settings, options)
-    return WorkerHandle(process, sock)
-
-
 def describe_exit(exitcode: int | None) -> str:
     """'killed by SIGKILL (-9)', 'exited with code 3'..."""
     if exitcode is None:
