@@ -195,7 +195,7 @@ def _families(p: str, pools: list[tuple[str, MLPool]]) -> Iterator[Any]:
 
 
 def _model_families(p: str, snapshots: list[tuple[str, Any, bool]]) -> Iterator[Any]:
-    """The per-model series (#16), labelled ``pool`` and ``model``."""
+    """The per-model series, labelled ``pool`` and ``model``."""
     labels = ["pool", "model"]
     models = [(name, model, figures) for name, stats, _ in snapshots for model, figures in stats.models.items()]
     for field, help_text in (

@@ -138,7 +138,7 @@ class PoolConfig:
     def model_groups(self) -> dict[str, str]:
         """Model name -> the name of the group whose workers load it."""
         return {name: settings.group for name, settings in self.model_settings.items()}
-    stream_buffer: int = 16  # items a stream's worker may run ahead of its consumer (#17)
+    stream_buffer: int = 16  # items a stream's worker may run ahead of its consumer
     stream_buffer_bytes: int = 8 * 2**20  # and bytes (at least one item)
 
     @classmethod

@@ -15,9 +15,9 @@ with a :class:`SessionJobs`, which owns the session's state under its own lock:
 a job enters the group when a call starts admitting it, belongs to it once
 the engine admitted it (a job refused with :class:`PoolFullError` never
 does), and leaves it when it finishes, by a done-callback on its handle. So
-the group holds only unfinished jobs and costs O(1) per job (#19.9), and
+the group holds only unfinished jobs and costs O(1) per job, and
 ``close()`` cancels exactly those, also the calls still waiting for room in
-the queue, which wake at once (#19.7, #19.8).
+the queue, which wake at once.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A done-callback on a :class:`concurrent.futures.Future` cannot be removed, and
 cancelled (only once an executor calls ``set_running_or_notify_cancel``). A
 caller polling an unfinished job with a timeout (``get_result_async(job_id,
 timeout=1)`` in a loop) must not add a callback per poll, each holding its
-event loop and waiter until the job ends (#19.10). So each future gets at most
+event loop and waiter until the job ends. So each future gets at most
 one callback, :func:`_wake_waiters`, installed by the first wait on it; waits
 register a *waker* in :data:`_api.waiting` and remove it when they end, whatever
 ends them (the future, the timeout, the task's cancellation). A coroutine's

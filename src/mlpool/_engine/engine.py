@@ -97,7 +97,7 @@ class ProcessEngine:
         self._registry: Registry[Job] = Registry(config.result_ttl)
         lock = threading.Lock()  # the engine's one lock (see _engine.lock)
         self._outcomes = Outcomes(self._registry, self._regions, self._alarm, model_group, lock)
-        self._bounds = ModelBounds(  # each model's own max_queue_size (#16)
+        self._bounds = ModelBounds(  # each model's own max_queue_size
             config.model_settings, self._scheduler.queued_of, config.max_queue_size, self._accepting
         )
         self._locked = EngineLock(lock, self._outcomes, self._registry, self._alarm, self._has_space, self._bounds)
@@ -181,7 +181,7 @@ class ProcessEngine:
                                 "block_until_scheduled=True"
                             )
                         return self._locked.wait_for_space()
-                    if self._bounds.bounded and self._bounds.full(job.model):  # its model's own max_queue_size (#16)
+                    if self._bounds.bounded and self._bounds.full(job.model):  # its model's own max_queue_size
                         if not wait:
                             raise self._bounds.refuse(job.model)
                         return self._bounds.wait(job.model)
@@ -337,7 +337,7 @@ class ProcessEngine:
                 unfetched=self._registry.unfetched,
             )  # fmt: skip
 
-    # ------------------------------------------------------------ streams (#17)
+    # ------------------------------------------------------------ streams
 
     def send_control(self, job: Job, msg: Any) -> None:
         """Send a stream's Credit to the worker running it, if one still does."""

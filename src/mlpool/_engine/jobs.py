@@ -293,7 +293,7 @@ def settle(outcomes: list[Outcome], callbacks: CallbackRunner | None = None) -> 
     by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
     for outcome in outcomes:
         job = outcome.job
-        if job.stream is not None:  # its end, from here: the loop that made it may have stopped (#24.6)
+        if job.stream is not None:  # its end, from here: the loop that made it may have stopped
             job.stream.end(outcome)
         if job.afut is not None:
             by_loop.setdefault(job.loop, []).append(outcome)  # type: ignore[arg-type]

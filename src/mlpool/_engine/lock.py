@@ -53,7 +53,7 @@ class EngineLock:
         self._alarm = alarm
         self._has_space = has_space
         self._space_waiters: list[Future] = []
-        self._bounds = bounds  # callers waiting for room in a full model (#16)
+        self._bounds = bounds  # callers waiting for room in a full model
         self.callbacks = CallbackRunner()
         self.manager_ident: int | None = None  # the manager thread's (set as it starts): it needs no wake-up
         self.wake_r, self._wake_w = os.pipe()  # the manager's select() watches wake_r

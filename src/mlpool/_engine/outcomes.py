@@ -92,7 +92,7 @@ class Outcomes:
         self._alarm = alarm
         self.pending: list[Outcome] = []  # decided, not delivered yet (see EngineLock.after_release)
         self.latency = LatencyRecorder()
-        self.per_model = ModelRecorders(model_groups or {}, self.latency)  # PoolStats.models (#16)
+        self.per_model = ModelRecorders(model_groups or {}, self.latency)  # PoolStats.models
         self.counts = dict.fromkeys(("completed", "failed", "crashed", "timed_out", "cancelled"), 0)
         self._undecodable = self._count_undecodable  # bound once: every result carries it
 

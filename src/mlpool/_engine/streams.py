@@ -71,7 +71,7 @@ class StreamChannel:
         any event loop hears of it): the consumer reads what is left, then
         ``outcome``. Not through a callback of the job's handle: an asyncio
         handle belongs to the loop that made the stream, which may have
-        stopped while another loop reads it (#24.6)."""
+        stopped while another loop reads it."""
         with self._cond:
             if self.ended:
                 return

@@ -19,7 +19,7 @@ raises, and the bridge closes the socket and the worker's *sentinel* (a
 pipe only it holds), which is how the manager sees any worker die: the jobs
 it held fail or retry as after a crash.
 
-A stream (``RunStream``, #17) is a Ray streaming generator
+A stream (``RunStream``) is a Ray streaming generator
 (``num_returns="streaming"``): the actor yields each item's frame, the
 writer forwards them while the consumer's credits allow (the actor itself
 runs at most ``_generator_backpressure_num_objects`` items ahead of the
@@ -88,7 +88,7 @@ class RaySession:
 
     A Ray instance the pools started (``ray.init`` with no instance running)
     is shared by every pool of this process that joins it afterwards, and shut
-    down by the last of them to close (#19.5: shutting down the pool that
+    down by the last of them to close (shutting down the pool that
     started it must not take it from the others). An instance the
     application started, or a cluster it connected to, is never shut down.
     """

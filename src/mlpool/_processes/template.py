@@ -16,7 +16,7 @@ is serving in milliseconds.
        │  receive() ◄── Reaped(pid, exit code)              ─► Reaped event
        │  (the template is the workers' parent and reaps them)
 
-Nothing here waits for the template (#13.20): :meth:`Template.request_fork`
+Nothing here waits for the template: :meth:`Template.request_fork`
 sends and returns; answers come as events from :meth:`Template.receive`,
 which the manager calls when :attr:`Template.fd` is readable; a stopped or
 hung template shows as a request left unanswered (:meth:`Template.pending_since`).
@@ -25,7 +25,7 @@ Workers outlive their template: if it dies they keep serving (their death
 is still seen, through their pidfd; their exit code is then unknown), and a
 new template (models loaded once more) forks their replacements. A worker
 watches the pool's process itself (see ``watch_parent``): the template is
-its parent. The pool's process never adopts orphans (#13.18).
+its parent. The pool's process never adopts orphans.
 """
 
 from __future__ import annotations

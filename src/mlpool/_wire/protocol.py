@@ -11,7 +11,7 @@ Each worker has one duplex pipe. Every message is one frame::
 Parent -> worker (``ToWorker``): ``Setup`` (first, optional: the worker's
 "started" word, see ``_wire.started``), ``StackPipe`` (where the worker writes its
 stacks, see ``_processes.stacks``), ``Run`` (one job), ``RunBatch`` (jobs of a batched
-function, one call), ``Stop``; for a stream (``pool.stream``, #17):
+function, one call), ``Stop``; for a stream (``pool.stream``):
 ``RunStream``, ``Credit``, ``CloseStream``.
 Worker -> parent (``FromWorker``): ``Ready``, ``LoadFailed``, ``Done``,
 ``Failed``, ``OverMemory``, ``Exiting``; for a stream: ``Item`` each, then ``StreamEnd`` or ``Failed``.
@@ -56,7 +56,7 @@ _RUN_BATCH = struct.Struct("<IIHI")  # job count, function id, model name length
 Spans = tuple[tuple[int, int], ...]
 _READY_KIND, _LOAD_FAILED_KIND, _DONE_KIND, _FAILED_KIND, _EXITING_KIND, _OVER_MEMORY_KIND = 10, 11, 12, 13, 14, 15
 _OVER_MEMORY = struct.Struct("<Q")  # resident bytes
-# Streams (#17): RunStream is the window, then a Run's body; Item is laid out as Done;
+# Streams: RunStream is the window, then a Run's body; Item is laid out as Done;
 # Credit, CloseStream and StreamEnd (one per half window at most) are pickled whole.
 _RUN_STREAM_KIND, _CREDIT_KIND, _CLOSE_STREAM_KIND, _ITEM_KIND, _STREAM_END_KIND = 6, 7, 8, 16, 17
 _WINDOW = struct.Struct("<IQ")  # items, bytes the worker may run ahead of the consumer
@@ -437,7 +437,7 @@ def decode(kind: int, body: bytes, fds: deque[int] | None = None) -> ToWorker | 
 
 
 def _decode_stream(kind: int, body: bytes, fds: deque[int] | None) -> ToWorker | FromWorker:
-    """The stream messages (#17), kept off the decoding path of ordinary jobs."""
+    """The stream messages, kept off the decoding path of ordinary jobs."""
     if kind == _ITEM_KIND:
         job_id, count, where = _ITEM.unpack_from(body)
         spans = _read_spans(body, _ITEM.size, count)

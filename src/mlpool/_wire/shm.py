@@ -198,7 +198,7 @@ def _dumps(obj: Any, what: str, threshold: int | None) -> tuple[bytes, list[pick
     what it cannot do and for a pickle that names ``__main__`` (an instance of
     a class defined there: the other process's ``__main__`` is not this
     one's), refusing open files and generators (``by_value``). Each attempt collects its buffers in a list of its own:
-    a failed attempt may have handed out some already (#13.1), and the pickle
+    a failed attempt may have handed out some already, and the pickle
     that is kept refers to its buffers by their order in that list."""
     big: list[pickle.PickleBuffer] = []
     callback = None if threshold is None else _out_of_band(big, threshold)

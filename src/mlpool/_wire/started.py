@@ -7,7 +7,7 @@ time the worker takes a job off its queue to begin it (before unpickling the
 arguments), it stores the job id there (little-endian uint64 at offset 0; for
 a batch, its first job's id). When the worker dies, the parent reads the word:
 a job it holds whose id is past the word never started, and can be requeued
-whatever its retries say (issue #13.19).
+whatever its retries say.
 
 Job ids start at 1, so 0 means "no job started yet". A word costs each side
 one descriptor while mapped (Python's mmap keeps a duplicate). Where memfd is missing

@@ -142,7 +142,7 @@ def prepare_process(settings: WorkerSettings, threads: int) -> None:
     ``threads`` caps BLAS/OpenMP/PyTorch thread pools."""
     # Ctrl-C in a terminal, and SIGTERM from `timeout`, `kill -TERM -PGID` or
     # a process manager, reach the whole process group. The pool decides when
-    # workers stop (Stop, then SIGKILL), so that the app can drain (#13.21).
+    # workers stop (Stop, then SIGKILL), so that the app can drain.
     # A dead parent still ends us: PDEATHSIG is SIGKILL, or a pidfd watch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

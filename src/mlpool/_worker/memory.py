@@ -20,7 +20,7 @@ class MemoryWatch:
     parent then replaces it, once its jobs are done).
 
     A reading costs at most about 1% of the worker's time, whatever it
-    costs (#19.14): reading ``/proc/self/statm`` takes microseconds, reading
+    costs: reading ``/proc/self/statm`` takes microseconds, reading
     ``/proc/self/smaps_rollup`` (``share_models``) 1-5 ms in a process that
     imported torch. With ``cost`` the last reading's duration:
 

@@ -1,4 +1,4 @@
-"""A stream's job in the worker (#17): run a generator, item by item, on credit.
+"""A stream's job in the worker: run a generator, item by item, on credit.
 
 Runs in a worker process (imports only the protocol, serialization and the
 worker half of shared memory)::

@@ -9,9 +9,9 @@
                                                 end of file (the pool is done) ─► exit
 
 The template stays the parent of every worker it forks and reaps them
-itself, so no other process has to adopt them (#13.18). The parent watches
+itself, so no other process has to adopt them. The parent watches
 each worker through a pidfd the template opens right after the fork: unlike
-a pipe end, no process the worker starts can hold it open (#13.7).
+a pipe end, no process the worker starts can hold it open.
 
 Imports only the protocol, the worker's code and the worker half of shared
 memory, never the parent's side (the parent's handle is ``_processes.template``).
