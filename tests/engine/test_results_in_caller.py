@@ -11,14 +11,16 @@ asking caller's thread.
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 
 import pytest
 from helpers.pools import make_pool
 from helpers.workloads import add, load_constant
 
-from mlpool import SerializationError
+from mlpool import SerializationError, UnknownJobError
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
 
@@ -33,12 +35,17 @@ def rebuild(token: str) -> tuple:
     REBUILT_IN[token] = threading.get_ident()
     STARTED.setdefault(token, threading.Event()).set()
     gate = GATES.get(token)
-    if gate is not None and not gate.wait(30):
+    if gate is not None and not token.startswith("ctrl-c") and not gate.wait(30):
         raise TimeoutError(f"gate {token} never opened")
     if token.startswith("reenter"):
         return ("reentered", POOLS[0].score("m", add, 10, 1))
     if token.startswith("broken"):
         raise ValueError("this result cannot be rebuilt here")
+    if token.startswith("ctrl-c") and not gate.is_set():
+        # A real SIGINT to this (the main) thread while it unpickles: a Ctrl-C; its
+        # handler raises KeyboardInterrupt at the next bytecode, before this returns.
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        raise AssertionError("the SIGINT did not interrupt the unpickling")
     return ("rebuilt", token)
 
 
@@ -165,3 +172,35 @@ def test_a_result_is_rebuilt_once_whoever_reads_it(pool):
     assert value == ("rebuilt", "shared")
     future = pool.submit("m", rebuilt, "twice")
     assert future.result(timeout=30) is future.result(timeout=30)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["submit", "get_result"])
+def test_ctrl_c_while_a_result_is_unpickled_changes_nothing(pool, api):
+    """A Ctrl-C in the caller's thread while it unpickles is the caller's
+    KeyboardInterrupt, not the job's failure: asking again gives the result."""
+    token = f"ctrl-c-{api}"
+    gate = _gate(token)
+    before = pool.stats()
+    if api == "submit":
+        future = pool.submit("m", rebuilt, token)
+        wait([future], timeout=30)
+        ask = partial(future.result, timeout=30)
+    else:
+        job_id = pool.create_job(rebuilt, "m", args=(token,))
+        ask = partial(pool.get_result, job_id, timeout=30)
+    assert threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ask()  # its rebuilding is interrupted by a SIGINT
+    finally:
+        gate.set()  # the next rebuilding goes through
+    if api == "submit":
+        assert ask() == ("rebuilt", token)
+    else:
+        assert ask() == ("rebuilt", token)
+        with pytest.raises(UnknownJobError, match="already fetched|unknown job"):
+            ask()
+    after = pool.stats()
+    assert after.jobs_failed == before.jobs_failed
+    assert after.jobs_completed == before.jobs_completed + 1

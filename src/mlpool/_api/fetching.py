@@ -70,26 +70,38 @@ def _read_elsewhere(engine: JobIds, job: Job) -> None:
 
 
 def take_settled(engine: JobIds, job_id: str, settled: Settled) -> Any:
-    """The outcome the registry kept for a finished job, forgetting it."""
+    """The outcome the registry kept for a finished job, forgetting it. A
+    Ctrl-C while its result is unpickled leaves the id for another try."""
+    try:
+        value = settled.result()
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if not engine.forget(job_id, settled):
+            raise UnknownJobError(f"job {job_id!r} was already fetched") from None
+        raise
     if not engine.forget(job_id, settled):
         raise UnknownJobError(f"job {job_id!r} was already fetched")
-    return settled.result()
+    return value
 
 
 def take(engine: JobIds, job_id: str, job: Job) -> Any:
-    """The result of a finished job (or its error), forgetting the job."""
+    """The result of a finished job (or its error), forgetting the job. A
+    Ctrl-C while its result is unpickled leaves the id for another try."""
     afut = job.afut
     handle = afut if afut is not None and afut.done() else done_handle(job)
     assert handle is not None  # callers waited until it is done
-    forgotten = engine.forget(job_id, job)
     try:
         value = opened(handle.result())
+    except KeyboardInterrupt:
+        raise
     except (CancelledError, asyncio.CancelledError):
+        engine.forget(job_id, job)
         raise UnknownJobError(f"job {job_id!r} was cancelled") from None
     except BaseException:
-        if not forgotten:
+        if not engine.forget(job_id, job):
             raise UnknownJobError(f"job {job_id!r} was already fetched") from None
         raise
-    if not forgotten:
+    if not engine.forget(job_id, job):
         raise UnknownJobError(f"job {job_id!r} was already fetched")
     return value

@@ -121,15 +121,16 @@ class Dispatcher:
             if limit is not None and worker.jobs_done + len(worker.inflight) + len(jobs) >= limit:
                 workers.remove(worker)  # its last jobs before it is recycled
             loop = jobs[0].loop if len(jobs) == 1 or all(job.loop is jobs[0].loop for job in jobs) else None
-            if worker.pipe.read_by is not None and (worker.pipe.read_by is not loop or loop is None):
+            pipe = worker.pipe
+            if pipe.read_by is not None and (pipe.read_by is not loop or loop is None):
                 self._readers.take_back(worker, here)  # an idle loan to another reader
-            if worker.pipe.read_by is None and loop is not None and loop is here and not worker.inflight and running:
+            if pipe.read_by is None and loop is not None and loop is here and not worker.inflight and running:
                 self._readers.lend_to_loop(worker, here)
                 self._alarm.note(time.monotonic() + LOAN_CHECK)  # the manager checks that this loop runs
             for job in jobs:
                 job.to(JobState.RUNNING)
                 worker.assign(job, estimate)
-            if not worker.pipe.registered and worker.pipe.read_by is None:
+            if not pipe.registered and pipe.read_by is None:
                 self._readers.watch_now(worker)
             frames.setdefault(worker, []).append((frame, fds, len(jobs)))
         if scheduler.hold_until is not None:

@@ -7,16 +7,17 @@
       │ enqueue: under the lock, into the queue ────────────────┘ Run    │ Ready, Done,
       │   and dispatch at once if a worker can take it                   │ Failed, ...
       ▼                                                                  ▼
-    ProcessEngine ── lock ──┬─ Scheduler   the queue, who takes what (pure)   manager thread:
-                      ├─ Registry    job ids, deadlines, expiry (pure)  one select() on
-                      ├─ Supervisor  pool state, workers, groups and    every watched pipe,
-                      │              their launchers, deaths, shutdown  death handle and
-                      ├─ JobRecovery       what deaths and deadlines do to    the wake-up pipe,
-                      │              jobs                               with the next
-                      ├─ PipeReaders       who reads each worker's pipe       deadline as its
-                      ├─ Dispatcher  jobs to workers                    timeout
-                      ├─ Replies     what workers send
-                      └─ Outcomes    outcomes, counts, latency
+    ProcessEngine ── lock ──┬─ Scheduler     the queue, who takes what     manager thread:
+                            ├─ Registry      job ids, deadlines, expiry    one select() on
+                            ├─ Supervisor    pool state, workers, groups   every watched
+                            │                and their launchers, deaths,  pipe, death
+                            │                shutdown                      handle and the
+                            ├─ JobRecovery   what deaths and deadlines     wake-up pipe,
+                            │                do to jobs                    with the next
+                            ├─ PipeReaders   who reads each worker's pipe  deadline as
+                            ├─ Dispatcher    jobs to workers               its timeout
+                            ├─ Replies       what workers send
+                            └─ Outcomes      outcomes, counts, latency
 
     run(): start what is due ─► wait for the next event or deadline
          ─► read messages and deaths ─► settle them, expire, dispatch

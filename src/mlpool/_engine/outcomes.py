@@ -182,7 +182,8 @@ class Outcomes:
                 # Delivered in its caller's own thread (the coroutine's loop read it): unpickled now, in place.
                 try:
                     decoded = new_outcome((job, True, pickle.loads(value.result), False))
-                except BaseException as exc:  # a process boundary: nothing from the other side ends this one
+                except (Exception, SystemExit) as exc:  # the data's fault: nothing from the other side ends us
+                    # (A Ctrl-C goes through: EngineLock.after_release gives the outcome back to deliver later.)
                     self._count_undecodable(job.model)
                     decoded = new_outcome((job, False, unpickling_error(_result_of(job), exc), False))
             else:  # left pickled for its caller's thread; its shared memory is mapped now

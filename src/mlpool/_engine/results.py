@@ -59,8 +59,10 @@ class PickledResult:
         calls return the same object. Raises SerializationError if it cannot
         be unpickled (every call, the same error).
 
-        Two threads that open it at once may both unpickle; both get the
-        object stored first."""
+        A KeyboardInterrupt (Ctrl-C in this thread while it unpickles) goes
+        through and changes nothing: a later call unpickles it again. Two
+        threads that open it at once may both unpickle; both get the object
+        stored first."""
         value = self._value
         if value is _UNSET:
             data = self._data
@@ -69,7 +71,7 @@ class PickledResult:
             else:
                 try:
                     value = pickle.loads(data, buffers=self._buffers)
-                except BaseException as exc:  # a process boundary: nothing from the other side ends this one
+                except (Exception, SystemExit) as exc:  # the data's fault: nothing from the other side ends us
                     value = _Unopenable(unpickling_error(f"the result of job {self._job_id} ({self._fn_name})", exc))
                     if self._value is _UNSET:
                         self._on_error(self._model)
