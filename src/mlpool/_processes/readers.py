@@ -89,12 +89,11 @@ class PipeReaders:
 
     def lend_to_thread(self, worker: WorkerHandle, token: object) -> None:
         """Let the calling thread (``token``) read ``worker``'s pipe (under the engine's lock)."""
-        pipe = worker.pipe
-        if pipe.read_by is not None:
+        if worker.pipe.read_by is not None:
             self.take_back(worker, None)
-        with pipe.read_lock:
-            pipe.read_by = token
-            pipe.watchers.add(token)  # until it stops polling: no one closes the fds
+        with worker.pipe.read_lock:
+            worker.pipe.read_by = token
+            worker.pipe.watchers.add(token)  # until it stops polling: no one closes the fds
             self.watch(worker)
 
     def wait_lent(self, worker: WorkerHandle, token: object) -> tuple[list, bool] | None:
@@ -102,57 +101,52 @@ class PipeReaders:
         died), or None if the manager took the pipe back meanwhile.
 
         No timeout: a job's deadline kills the worker, which wakes this."""
-        pipe = worker.pipe
         poller = select.poll()
-        poller.register(pipe.fd, select.POLLIN)
+        poller.register(worker.pipe.fd, select.POLLIN)
         poller.register(worker.sentinel, select.POLLIN)
         events = poller.poll()
-        with pipe.read_lock:
-            if pipe.read_by is not token:
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not token:
                 return None
             messages = self._read_locked(worker)
-        return messages, pipe.eof or worker.sentinel in dict(events)
+        return messages, worker.pipe.eof or worker.sentinel in dict(events)
 
     def end(self, worker: WorkerHandle, token: object) -> bool:
         """End ``token``'s loan, if it is still open (under the engine's lock): the manager reads the pipe again."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            if pipe.read_by is not token:
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not token:
                 return False
-            pipe.read_by = None
+            worker.pipe.read_by = None
             self.watch(worker)
         return True
 
     def leave(self, worker: WorkerHandle, token: object) -> None:
         """The thread ``token`` no longer waits on the pipe (outside the engine's
         lock, after ``end``): it closes a worker reaped while it polled."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            pipe.watchers.discard(token)
-            if not pipe.watchers and worker.state is WorkerState.EXITED:
+        with worker.pipe.read_lock:
+            worker.pipe.watchers.discard(token)
+            if not worker.pipe.watchers and worker.state is WorkerState.EXITED:
                 worker.close()
 
     # -------------------------------------------------- an event loop's loan
 
     def lend_to_loop(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Let ``loop`` (running in this thread) read the worker's pipe (under the engine's lock)."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            pipe.read_by = loop
+        with worker.pipe.read_lock:
+            worker.pipe.read_by = loop
             self.watch(worker)
-            if loop not in pipe.watchers:
-                loop.add_reader(pipe.fd, self._on_loop_readable, worker, loop)
-                pipe.watchers.add(loop)
+            if loop not in worker.pipe.watchers:
+                loop.add_reader(worker.pipe.fd, self._on_loop_readable, worker, loop)
+                worker.pipe.watchers.add(loop)
 
     def _on_loop_readable(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """Runs in ``loop``: read, and hand the messages to the engine."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            if pipe.read_by is not loop:
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not loop:
                 self._remove_loop_reader(worker, loop)
                 return
             messages = self._read_locked(worker)
-            if pipe.eof:  # it died: the manager settles its jobs (sentinel)
+            if worker.pipe.eof:  # it died: the manager settles its jobs (sentinel)
                 self._remove_loop_reader(worker, loop)
         self._on_loop_messages(worker, loop, messages)
 
@@ -161,12 +155,11 @@ class PipeReaders:
 
         A loop's reader is removed now if that loop runs in this thread, else
         by the loop itself on its next wake-up (it sees it no longer borrows)."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            loop = pipe.read_by
+        with worker.pipe.read_lock:
+            loop = worker.pipe.read_by
             if loop is None:
                 return False
-            pipe.read_by = None
+            worker.pipe.read_by = None
             if here is not None and loop is here:
                 self._remove_loop_reader(worker, here)
             self.watch(worker)
@@ -192,11 +185,10 @@ class PipeReaders:
 
     def _remove_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
         """In ``loop``, holding worker.pipe.read_lock."""
-        pipe = worker.pipe
-        if loop in pipe.watchers:
-            loop.remove_reader(pipe.fd)
-            pipe.watchers.discard(loop)
-            if not pipe.watchers and worker.state is WorkerState.EXITED:
+        if loop in worker.pipe.watchers:
+            loop.remove_reader(worker.pipe.fd)
+            worker.pipe.watchers.discard(loop)
+            if not worker.pipe.watchers and worker.state is WorkerState.EXITED:
                 worker.close()
 
     def _drop_loop_reader(self, worker: WorkerHandle, loop: asyncio.AbstractEventLoop) -> None:
@@ -208,21 +200,19 @@ class PipeReaders:
 
     def read(self, worker: WorkerHandle) -> list:
         """The manager's read of a pipe its select() reported readable."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            if pipe.read_by is not None:  # lent since select() returned
+        with worker.pipe.read_lock:
+            if worker.pipe.read_by is not None:  # lent since select() returned
                 self.watch(worker)
                 return []
             return self._read_locked(worker)
 
     def read_remaining(self, worker: WorkerHandle) -> list:
         """Take the pipe of a dead worker back and read what it wrote before dying."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            pipe.read_by = None
+        with worker.pipe.read_lock:
+            worker.pipe.read_by = None
             while self._recv(worker):  # stops at end of file, or when a grandchild holds it open
                 pass
-            pipe.eof = True
+            worker.pipe.eof = True
             self.watch(worker)
             return self._messages(worker)
 
@@ -235,27 +225,25 @@ class PipeReaders:
         """The messages read so far (hold worker.pipe.read_lock). Bytes that are no
         message (code in the worker wrote to its pipe) end the reading: the
         worker is killed for it (see ProtocolBroken)."""
-        pipe = worker.pipe
         try:
-            return pipe.frames.messages()
+            return worker.pipe.frames.messages()
         except Exception as exc:
-            pipe.eof = True
+            worker.pipe.eof = True
             self.watch(worker)
             return [ProtocolBroken(f"its pipe carried bytes that are no message: {exc!r}")]
 
     def _recv(self, worker: WorkerHandle) -> bool:
         """One non-blocking read into the worker's buffer; False if it got nothing."""
-        pipe = worker.pipe
-        if pipe.eof:
+        if worker.pipe.eof:
             return False
         try:
-            if pipe.frames.recv_from(pipe.sock):
+            if worker.pipe.frames.recv_from(worker.pipe.sock):
                 return True
         except BlockingIOError:  # another reader took it, or a spurious wake-up
             return False
         except OSError:
             pass
-        pipe.eof = True
+        worker.pipe.eof = True
         self.watch(worker)
         return False
 
@@ -266,29 +254,28 @@ class PipeReaders:
         An idle worker's pipe is not watched: lending it costs no system call,
         and its death is seen on the process sentinel.
         """
-        pipe = worker.pipe
         wanted = (
-            not pipe.eof
-            and pipe.read_by is None
+            not worker.pipe.eof
+            and worker.pipe.read_by is None
             and (worker.state is WorkerState.STARTING or bool(worker.inflight))
         )
-        if pipe.registered is wanted:
+        if worker.pipe.registered is wanted:
             return
         with self._selector_lock:
             try:
                 if wanted:
-                    self._selector.register(pipe.fd, selectors.EVENT_READ, ("read", worker))
+                    self._selector.register(worker.pipe.fd, selectors.EVENT_READ, ("read", worker))
                 else:
-                    self._selector.unregister(pipe.fd)
+                    self._selector.unregister(worker.pipe.fd)
             except KeyError:  # already so: a change interrupted (Ctrl-C) before the flag below
                 pass
             except FileExistsError:  # the kernel's set has it and the map not: an unregister cut half-way
                 poller = getattr(self._selector, "_selector", None)  # the epoll object (Linux)
                 if poller is None:
                     raise
-                poller.unregister(pipe.fd)
-                self._selector.register(pipe.fd, selectors.EVENT_READ, ("read", worker))
-        pipe.registered = wanted
+                poller.unregister(worker.pipe.fd)
+                self._selector.register(worker.pipe.fd, selectors.EVENT_READ, ("read", worker))
+        worker.pipe.registered = wanted
 
     def watch_now(self, worker: WorkerHandle) -> None:
         """``watch``, taking the worker's read lock (under the engine's lock)."""
@@ -299,24 +286,23 @@ class PipeReaders:
 
     def dispose(self, worker: WorkerHandle) -> None:
         """Close a reaped worker's pipe and death handle, once nobody waits on them."""
-        pipe = worker.pipe
-        with pipe.read_lock:
-            loops = [w for w in pipe.watchers if isinstance(w, asyncio.AbstractEventLoop)]
+        with worker.pipe.read_lock:
+            loops = [w for w in worker.pipe.watchers if isinstance(w, asyncio.AbstractEventLoop)]
         for loop in loops:
             if loop.is_closed():  # its selector is gone, and our reader with it
-                with pipe.read_lock:
-                    pipe.watchers.discard(loop)
+                with worker.pipe.read_lock:
+                    worker.pipe.watchers.discard(loop)
             elif loop.is_running():
                 try:
                     loop.call_soon_threadsafe(self._drop_loop_reader, worker, loop)
                 except RuntimeError:  # closed meanwhile
-                    with pipe.read_lock:
-                        pipe.watchers.discard(loop)
+                    with worker.pipe.read_lock:
+                        worker.pipe.watchers.discard(loop)
             else:
                 # Stopped (maybe for good: an abandoned loop): nothing runs in
                 # it to remove the reader, so it is removed from here.
-                with pipe.read_lock:
+                with worker.pipe.read_lock:
                     self._remove_loop_reader(worker, loop)
-        with pipe.read_lock:
-            if not pipe.watchers:  # else the last watcher to leave closes it
+        with worker.pipe.read_lock:
+            if not worker.pipe.watchers:  # else the last watcher to leave closes it
                 worker.close()
