@@ -15,6 +15,7 @@ the other ``UnknownJobError`` ("already fetched").
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any, Protocol
 
@@ -70,38 +71,32 @@ def _read_elsewhere(engine: JobIds, job: Job) -> None:
 
 
 def take_settled(engine: JobIds, job_id: str, settled: Settled) -> Any:
-    """The outcome the registry kept for a finished job, forgetting it. A
-    Ctrl-C while its result is unpickled leaves the id for another try."""
-    try:
-        value = settled.result()
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        if not engine.forget(job_id, settled):
-            raise UnknownJobError(f"job {job_id!r} was already fetched") from None
-        raise
-    if not engine.forget(job_id, settled):
-        raise UnknownJobError(f"job {job_id!r} was already fetched")
-    return value
+    """The outcome the registry kept for a finished job, forgetting it."""
+    return _take_once(engine, job_id, settled, settled.result)
 
 
 def take(engine: JobIds, job_id: str, job: Job) -> Any:
-    """The result of a finished job (or its error), forgetting the job. A
-    Ctrl-C while its result is unpickled leaves the id for another try."""
+    """The result of a finished job (or its error), forgetting the job."""
     afut = job.afut
     handle = afut if afut is not None and afut.done() else done_handle(job)
     assert handle is not None  # callers waited until it is done
+    return _take_once(engine, job_id, job, lambda: opened(handle.result()))
+
+
+def _take_once(engine: JobIds, job_id: str, entry: Job | Settled, read: Callable[[], Any]) -> Any:
+    """``read()`` the outcome, then forget the id: only the first caller gets
+    it. A Ctrl-C while the result is unpickled leaves the id for another try."""
     try:
-        value = opened(handle.result())
+        value = read()
     except KeyboardInterrupt:
         raise
     except (CancelledError, asyncio.CancelledError):
-        engine.forget(job_id, job)
+        engine.forget(job_id, entry)
         raise UnknownJobError(f"job {job_id!r} was cancelled") from None
     except BaseException:
-        if not engine.forget(job_id, job):
+        if not engine.forget(job_id, entry):
             raise UnknownJobError(f"job {job_id!r} was already fetched") from None
         raise
-    if not engine.forget(job_id, job):
+    if not engine.forget(job_id, entry):
         raise UnknownJobError(f"job {job_id!r} was already fetched")
     return value
