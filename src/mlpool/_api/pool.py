@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import inspect
 import threading
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mlpool._api.config import Model, PoolConfig, WorkerEnv, loaders_of
+from mlpool._api.config import Model, PoolConfig, WorkerEnv
 from mlpool._api.jobapi import JobAPI
+from mlpool._api.loaders import check_loaders, check_reload
 from mlpool._api.mainguard import check_main_guard
 from mlpool._api.options import JobOptions
 from mlpool._api.session import Session
@@ -26,7 +26,6 @@ from mlpool._engine.inline import InlineEngine
 from mlpool._engine.state import PoolState, PoolStats
 from mlpool._processes.stacks import STACKS_TIMEOUT
 from mlpool._processes.supervisor import TERMINATE_GRACE
-from mlpool._wire.serialization import async_kind
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 # A shutdown's timeout: a day is more than any drain needs, and waits past it overflow.
@@ -166,7 +165,7 @@ class MLPool(JobAPI):
         stream_buffer: int = 16,
         stream_buffer_bytes: int = 8 * 2**20,
     ) -> None:
-        loaders = _check_loaders(models_to_load)
+        loaders = check_loaders(models_to_load)
         self._config = PoolConfig.resolve(
             nb_workers=nb_workers,
             threads_per_worker=threads_per_worker,
@@ -248,6 +247,69 @@ class MLPool(JobAPI):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
             raise ValueError(f"timeout must be a number of seconds in (0, 3600], got {timeout!r}")
         return self._manager.worker_stacks(timeout)
+
+    def reload_models(
+        self,
+        models_to_load: Mapping[str, Callable[[], Any]] | None = None,
+        *,
+        timeout: float | None = None,
+        surge: int = 1,
+    ) -> None:
+        """Roll a new version of the models out to every worker, one worker at
+        a time per group, with no failed job and no loss of capacity.
+
+        ``models_to_load``: None reruns every model's loader (a new file at the
+        same path); a dict ``{name: loader}`` replaces the loaders of the models
+        it names, each keeping its group and settings (an unknown name is an
+        :class:`UnknownModelError`, and nothing changes). Only the groups that
+        load a named model roll.
+
+        With ``surge=1`` each new worker loads beside an old one, which is
+        retired (no new jobs; stopped after those it holds) once the new one
+        is ready: the pool never has fewer ready workers than it keeps, and at
+        most one more process per group. ``surge=0`` retires first (one fewer
+        worker per group while each loads), for hosts without memory for one
+        more. With ``share_models``, a new template loads the new version once
+        and the new workers are forked from it; the old template ends with
+        its last worker.
+
+        Returns when every worker of every affected group serves the new
+        version and the old ones have exited: jobs made after that run on the
+        new version; jobs made during it run on either, and a job never sees
+        its model change. ``stats().models[name].version`` goes up by one.
+
+        Raises :class:`ModelLoadError` (with the loader's traceback) if the new
+        version raises, crashes, or is not loaded within ``timeout`` seconds
+        (None: ``start_timeout``) on its first worker: the half-started
+        processes are gone and the old version serves on every worker. (A new
+        worker that fails after the first one loaded is retried; 5 failures in
+        a row end the reload with ModelLoadError, the workers not yet rolled
+        keeping the old version.) A second call waits for the first reload to
+        finish, then runs; ``shutdown()`` ends a reload with
+        :class:`PoolClosedError`. An interrupted wait (Ctrl-C) leaves the
+        reload running. With ``nb_workers=0`` the loaders run in this thread
+        and the new models are swapped in between jobs.
+        """
+        loaders = check_reload(models_to_load, self._manager.models, timeout, surge)
+        if not self._config.inline:
+            warn_if_loop_blocked("reload_models", "reload_models_async", stacklevel=3)
+        self._manager.reload(loaders, timeout=timeout, surge=surge).result()
+
+    async def reload_models_async(
+        self,
+        models_to_load: Mapping[str, Callable[[], Any]] | None = None,
+        *,
+        timeout: float | None = None,
+        surge: int = 1,
+    ) -> None:
+        """:meth:`reload_models`, awaited without blocking the event loop. A
+        cancelled await leaves the reload running."""
+        loaders = check_reload(models_to_load, self._manager.models, timeout, surge)
+        if self._config.inline:  # the loaders run in the calling thread: not the loop's
+            future = await asyncio.to_thread(self._manager.reload, loaders, timeout=timeout, surge=surge)
+        else:
+            future = self._manager.reload(loaders, timeout=timeout, surge=surge)
+        await asyncio.shield(asyncio.wrap_future(future))
 
     def _wait_started(self) -> None:
         try:
@@ -343,52 +405,10 @@ class MLPool(JobAPI):
         return Session(self._engine, interrupt=interrupt, options=_options(priority, timeout, max_retries))
 
 
-def _check_loaders(models_to_load: Any) -> dict[str, Callable[[], Any]]:
-    if not isinstance(models_to_load, Mapping):
-        raise TypeError(
-            f"models_to_load must be a mapping of model name to loader, not {type(models_to_load).__name__}"
-        )
-    if not models_to_load:
-        raise ValueError("models_to_load is empty: give at least one {name: loader}")
-    models_to_load = loaders_of(models_to_load)
-    for name, loader in models_to_load.items():
-        if not isinstance(name, str):
-            raise TypeError(f"model names must be str, got {name!r}")
-        if not callable(loader):
-            raise TypeError(f"the loader of model {name!r} must be callable, got {type(loader).__name__}")
-        if (kind := async_kind(loader)) is not None:
-            raise TypeError(
-                f"the loader of model {name!r} is an {kind}; each worker calls it once, without an event "
-                "loop, and would not get a model: make it a plain def"
-            )
-        required = _required_parameters(loader)
-        if required:
-            listed = ", ".join(required)
-            raise TypeError(
-                f"the loader of model {name!r} requires argument(s) {listed}, but each worker calls it with none: "
-                f"bind them with functools.partial, e.g. {{{name!r}: functools.partial({_name(loader)}, ...)}}"
-            )
-    return dict(models_to_load)
-
-
-def _required_parameters(loader: Callable[..., Any]) -> list[str]:
-    """The parameters ``loader()`` would be missing ([] when its signature cannot be read)."""
-    try:
-        signature = inspect.signature(loader)
-    except (TypeError, ValueError):  # some builtins and C callables have none
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in signature.parameters.values() if p.kind in kinds and p.default is p.empty]
-
-
 def _options(priority: int | None, timeout: float | None, max_retries: int | None) -> JobOptions | None:
     if priority is None and timeout is None and max_retries is None:
         return None
     return JobOptions.checked(priority, timeout, max_retries)
-
-
-def _name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _in_event_loop() -> bool:

@@ -57,6 +57,7 @@ from mlpool._engine.state import PoolState, PoolStats, refusal
 from mlpool._engine.streams import close_stream, holder, send_to_worker
 from mlpool._processes.groups import build_groups
 from mlpool._processes.readers import PipeReaders
+from mlpool._processes.rollout import ReloadPlan
 from mlpool._processes.stacks import collect_stacks
 from mlpool._processes.supervisor import Supervisor
 from mlpool._processes.workers import WorkerHandle, WorkerState
@@ -65,12 +66,14 @@ from mlpool._wire.protocol import (
     check_model_name,
     encode,
 )
+from mlpool._wire.serialization import dumps_by_value
 from mlpool.errors import PoolBrokenError, PoolFullError
 
 logger = logging.getLogger(__name__)
 
 # Workers whose stack-dump handler is in place and who are not being killed.
 _DUMPABLE = frozenset({WorkerState.IDLE, WorkerState.RETIRING, WorkerState.STOPPING})
+_NOT_SERVING = frozenset({WorkerState.STARTING, WorkerState.EXITED})  # loading, or gone
 
 
 # Seconds shutdown() waits for the lock before leaving the request to the manager thread.
@@ -332,11 +335,28 @@ class ProcessEngine:
         with self._lock:
             supervisor = self._supervisor
             slots = {name: group.size for name, group in supervisor.groups.items()}
+            workers = list(supervisor.workers.values())
+            serving = [w for w in workers if w.state not in _NOT_SERVING]
+            versions = {m: v for group in supervisor.groups.values() for m, v in group.versions(serving).items()}
             return self._outcomes.snapshot(
-                self.state, list(supervisor.workers.values()), self._scheduler, slots, retried=self._recovery.retried,
+                self.state, workers, self._scheduler, slots, retried=self._recovery.retried,
                 restarts=supervisor.counts["restarts"], recycled=supervisor.counts["recycled"],
-                unfetched=self._registry.unfetched,
+                unfetched=self._registry.unfetched, versions=versions,
             )  # fmt: skip
+
+    def reload(
+        self, loaders: dict[str, Callable[[], Any]] | None, *, timeout: float | None, surge: int
+    ) -> Future[None]:
+        """Roll a new version of the models out (see ``_processes.rollout``):
+        a future, done when every affected worker serves it. The loaders are
+        pickled here, in the caller's thread (a SerializationError names the model)."""
+        pickled = None
+        if loaders is not None:
+            pickled = {name: dumps_by_value(fn, f"the loader of model {name!r}") for name, fn in loaders.items()}
+        plan = ReloadPlan(pickled, self.config.start_timeout if timeout is None else timeout, surge)
+        with self.locked():
+            self._supervisor.reload(plan)
+        return plan.future
 
     # ------------------------------------------------------------ streams
 

@@ -53,10 +53,13 @@ class InlineEngine:
 
     def __init__(self, config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> None:
         self.config = config
+        self.models = frozenset(loaders)
         self._loaders = loaders
         self._maker = JobMaker(config, loaders)
         self.make_job = self._maker.make
         self._models: dict[str, Any] = {}
+        self._versions = dict.fromkeys(loaders, 1)  # model -> its version (reload)
+        self._reload_lock = threading.Lock()  # one reload at a time
         self._functions: dict[int, Callable] = {}
         self._run_lock = threading.Lock()  # one job at a time, as in one worker
         self._lock = threading.Lock()
@@ -76,17 +79,9 @@ class InlineEngine:
 
     def start(self) -> None:
         """Load every model in this thread; ``started`` tells how it went."""
-        name = ""
         try:
-            for name, loader in self._loaders.items():
-                model = loader()
-                if model is None:
-                    raise ValueError(f"the loader of model {name!r} returned None; it must return the model")
-                self._models[name] = model
-        except Exception as exc:
-            tb = traceback.format_exc()
-            error = ModelLoadError(f"failed to load model {name!r}: {type(exc).__name__}: {exc}\n{tb}",
-                                   model_name=name, remote_traceback=tb)  # fmt: skip
+            self._models = _load(self._loaders)
+        except ModelLoadError as error:
             with self._lock:
                 self._state = PoolState.BROKEN
             self.started.set_exception(error)
@@ -96,6 +91,33 @@ class InlineEngine:
             if self._state is PoolState.STARTING:
                 self._state = PoolState.RUNNING
         self.started.set_result(None)
+
+    def reload(
+        self, loaders: dict[str, Callable[[], Any]] | None, *, timeout: float | None, surge: int
+    ) -> Future[None]:
+        """Load the new version in this thread (one reload at a time), then
+        swap it in between jobs: a job holds the model it started with. A
+        done future; ModelLoadError (nothing changes) if a loader fails.
+        ``timeout`` and ``surge`` have no process to apply to."""
+        future: Future[None] = Future()
+        with self._reload_lock:
+            current = dict(self._loaders)
+            chosen = current if loaders is None else {**current, **loaders}
+            try:
+                fresh = _load({name: chosen[name] for name in (current if loaders is None else loaders)})
+            except ModelLoadError as error:
+                future.set_exception(error)
+                return future
+            with self._lock:
+                if (refused := refusal(self._state)) is not None:
+                    future.set_exception(refused)
+                    return future
+                self._models = {**self._models, **fresh}  # one reference swap: a running job keeps its model
+                self._loaders = chosen
+                for name in fresh:
+                    self._versions[name] += 1
+        future.set_result(None)
+        return future
 
     # ---------------------------------------------------------------- jobs
 
@@ -322,11 +344,29 @@ class InlineEngine:
                 workers_recycled=0,
                 results_unfetched=len(self._expiring),
                 **self._latency.stats_fields(),
-                models=self._per_model.stats(lambda model: 0, (), counts, {}, {}),
+                models=self._per_model.stats(
+                    lambda model: 0, (), counts, {}, {}, {m: (v, {}) for m, v in self._versions.items()}
+                ),
             )
 
 
 _END = object()
+
+
+def _load(loaders: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Run each loader here: the models by name, or a ModelLoadError naming the one that failed."""
+    models, name = {}, ""
+    try:
+        for name, loader in loaders.items():
+            model = loader()
+            if model is None:
+                raise ValueError(f"the loader of model {name!r} returned None; it must return the model")
+            models[name] = model
+    except Exception as exc:
+        tb = traceback.format_exc()
+        raise ModelLoadError(f"failed to load model {name!r}: {type(exc).__name__}: {exc}\n{tb}",
+                             model_name=name, remote_traceback=tb) from None  # fmt: skip
+    return models
 
 
 def _close_source(channel: StreamChannel) -> None:

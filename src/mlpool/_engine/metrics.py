@@ -102,10 +102,12 @@ class ModelRecorders:
     def stats(
         self, queued_of: Callable[[str], int], worker_groups: Iterable[str], pool_counts: Mapping[str, int],
         running_of: Mapping[str, int], slots_of: Mapping[str, int],
+        versions: Mapping[str, tuple[int, dict[int, int]]],
     ) -> dict[str, ModelStats]:  # fmt: skip
         """Each model's stats: ``queued_of(model)``, the group of each live
         worker, the pool's outcome counts (for a pool of one model), each
-        model's jobs running and each group's worker slots."""
+        model's jobs running, each group's worker slots, and each model's
+        version and workers per version."""
         alive: dict[str, int] = {}
         for group in worker_groups:
             alive[group] = alive.get(group, 0) + 1
@@ -120,9 +122,10 @@ class ModelRecorders:
                 completed, failed = self._counts[name]
             p50, _, p99 = recorder.percentiles()
             queued, slots = queued_of(name), slots_of.get(group, 0)
+            version, by_version = versions.get(name, (1, {}))
             out[name] = ModelStats(
                 group, queued, alive.get(group, 0), completed, failed, p50, p99,
                 recorder.cumulative_buckets(), recorder.total, recorder.count,
-                (running_of.get(name, 0) + queued) / slots if slots else 0.0,
+                (running_of.get(name, 0) + queued) / slots if slots else 0.0, version, by_version,
             )  # fmt: skip
         return out

@@ -141,6 +141,7 @@ class Outcomes:
     def snapshot(
         self, state: PoolState, workers: list[WorkerHandle], scheduler: Scheduler, slots: Mapping[str, int], *,
         retried: int, restarts: int, recycled: int, unfetched: int,
+        versions: Mapping[str, tuple[int, dict[int, int]]],
     ) -> PoolStats:  # fmt: skip
         """``pool.stats()``: the counts and latencies here, with the engine's
         state, workers, queue and each group's worker slots (under the engine's lock)."""
@@ -168,7 +169,9 @@ class Outcomes:
             workers_recycled=recycled,
             results_unfetched=unfetched,
             **self.latency.stats_fields(),
-            models=self.per_model.stats(scheduler.queued_of, [w.group for w in serving], counts, running_of, slots),
+            models=self.per_model.stats(
+                scheduler.queued_of, [w.group for w in serving], counts, running_of, slots, versions
+            ),
             saturation=(running + scheduler.queued) / total_slots if total_slots else 0.0,
         )
 

@@ -100,3 +100,7 @@ class ModelStats:
     latency_count: int
     # (its jobs running + queued) / its group's worker slots (see PoolStats.saturation).
     saturation: float = 0.0
+    # 1 at start, one more with every reload_models of it that its first new worker survived.
+    version: int = 1
+    # version -> workers alive that serve it: one entry, except while a reload rolls.
+    workers_by_version: dict[int, int] = field(default_factory=dict)

@@ -31,7 +31,7 @@ import multiprocessing
 import socket
 import time
 
-from mlpool._processes.launchers import EnvFor, Exit, Launched, Setback, Watched, backoff, no_env
+from mlpool._processes.launchers import Exit, Launched, Recipe, Setback, Watched, backoff
 from mlpool._processes.template import (
     LoadFailed,
     Template,
@@ -44,7 +44,6 @@ from mlpool._processes.template import (
 from mlpool._processes.workers import WorkerHandle, describe_exit, new_worker_id, send_started_word
 from mlpool._wire.started import LastStarted
 from mlpool._wire.template_protocol import ForkFailed, Reaped
-from mlpool._worker.main import WorkerSettings
 
 logger = logging.getLogger("mlpool._engine.engine")
 
@@ -56,22 +55,11 @@ class ForkLauncher:
     """The template of one worker group, its restarts, and the workers it is asked to fork."""
 
     def __init__(
-        self,
-        group: str,
-        context: multiprocessing.context.BaseContext,
-        loaders_pickle: bytes,
-        settings: WorkerSettings,
-        *,
-        start_timeout: float,
-        fork_with_threads: bool,
-        env_for: EnvFor = no_env,
+        self, recipe: Recipe, context: multiprocessing.context.BaseContext, *, fork_with_threads: bool
     ) -> None:
-        self.group = group
+        self.recipe = recipe
         self._context = context
-        self._loaders_pickle = loaders_pickle
-        self._settings = settings
-        self._env_for = env_for
-        self._start_timeout = start_timeout
+        self._start_timeout = recipe.start_timeout
         self._fork_with_threads = fork_with_threads
         self.template: Template | None = None
         self.start_at: float | None = time.monotonic()  # when to start the next template
@@ -82,8 +70,16 @@ class ForkLauncher:
         self._forks: dict[int, tuple[socket.socket, LastStarted, int]] = {}
         self._exits: dict[int, tuple[WorkerHandle, float]] = {}  # pid -> dead worker, until when we wait
 
+    def renewed(self, recipe: Recipe) -> ForkLauncher:
+        """A launcher of a new version: its template starts at the next ``due``."""
+        return ForkLauncher(recipe, self._context, fork_with_threads=self._fork_with_threads)
+
     def prepare(self) -> None:
         """Nothing to prepare: the first template starts when ``due``."""
+
+    def pending(self) -> list[int]:
+        """Workers waiting for a ready template, and forks asked and not answered."""
+        return self.awaiting + [index for _, _, index in self._forks.values()]
 
     def describe(self, worker: WorkerHandle, exitcode: int | None) -> str:
         return describe_exit(exitcode)
@@ -113,8 +109,9 @@ class ForkLauncher:
         self.start_at = None
         self.announced = False
         try:
+            recipe = self.recipe
             template = self.template = Template(
-                self._context, self._loaders_pickle, self._settings, fork_with_threads=self._fork_with_threads
+                self._context, recipe.loaders_pickle, recipe.settings, fork_with_threads=self._fork_with_threads
             )
         except Exception as exc:
             logger.exception("could not start the model template process")
@@ -205,7 +202,7 @@ class ForkLauncher:
             theirs.close()
             raise
         try:
-            template.request_fork(worker_id, theirs, self._env_for(index))
+            template.request_fork(worker_id, theirs, self.recipe.env_for(index))
         except TemplateGone as exc:
             # Its sentinel brings the restart; a template that hangs is made to die.
             logger.warning("could not ask the model template for a worker: %s", exc)
@@ -241,8 +238,7 @@ class ForkLauncher:
                     ours, started, index = request
                     try:
                         worker = WorkerHandle(event.process, ours, forked=True, started=started, stacks=True)
-                        worker.group, worker.index = self.group, index
-                        outcome.started.append(worker)
+                        outcome.started.append(self.recipe.adopt(worker, index))
                     except OSError as exc:  # out of descriptors for its handle: a failed start
                         event.process.kill()
                         event.process.close()

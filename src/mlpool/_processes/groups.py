@@ -5,21 +5,41 @@ A group is the workers that load the same models, with its own launcher
 the configuration; see ``_processes.launchers``), its own size, and its own
 failures in a row. The supervisor keeps every group at its size; the
 scheduler gives a job only to a worker of its model's group.
+
+A group's models come in generations: the workers started from one version
+of its loaders (one :class:`Generation`, with a launcher of its own). There
+is one, until ``reload_models`` rolls a new one out beside it (see
+``_processes.rollout``); an old generation ends with its last worker.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlpool._api.config import PoolConfig, WorkerEnv
 from mlpool._processes.forking import ForkLauncher
-from mlpool._processes.launchers import EnvFor, Launcher, RayLauncher, SpawnLauncher, no_env
+from mlpool._processes.launchers import EnvFor, Launcher, RayLauncher, Recipe, SpawnLauncher, no_env
+from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.serialization import dumps_by_value
 from mlpool._worker.main import WorkerSettings
+
+_SERVING = (WorkerState.STARTING, WorkerState.IDLE)
+
+
+@dataclass(slots=True)
+class Generation:
+    """One version of a group's models: the loaders its workers ran and the
+    launcher that starts them."""
+
+    number: int  # 1 for the loaders the pool started with, then one more per reload of the group
+    launcher: Launcher
+    loaders: dict[str, bytes]  # model -> its pickled loader
+    versions: dict[str, int]  # model -> the version its workers serve (ModelStats.version)
 
 
 @dataclass(slots=True)
@@ -29,19 +49,77 @@ class WorkerGroup:
     name: str
     models: tuple[str, ...]
     size: int  # workers it keeps
-    launcher: Launcher
+    current: Generation  # what its new workers load
     max_jobs_per_worker: int | None = None
-    spawn_at: list[tuple[float, int]] = field(default_factory=list)  # heap: (when, index)
+    # Starts due, a heap of (when, index, generation): a start of a generation gone since is dropped.
+    spawn_at: list[tuple[float, int, int]] = field(default_factory=list)
     failures: int = 0  # failed starts and idle deaths in a row (see launchers.MAX_CONSECUTIVE_FAILURES)
+    coming: Generation | None = None  # a reload's generation, until it is proven (see _processes.rollout)
+    generations: dict[int, Generation] = field(default_factory=dict)  # every one with workers or starts left
+
+    def __post_init__(self) -> None:
+        self.generations[self.current.number] = self.current
+
+    @property
+    def launcher(self) -> Launcher:
+        """The launcher of its current generation."""
+        return self.current.launcher
+
+    def launcher_of(self, worker: WorkerHandle) -> Launcher:
+        """The launcher that started ``worker``."""
+        return self.generations[worker.generation].launcher
+
+    def may_start(self, generation: Generation) -> bool:
+        """Whether ``generation``'s launcher may start processes: the current one's and a coming one's."""
+        return generation is self.current or generation is self.coming
+
+    def unfilled(self, workers: Iterable[WorkerHandle]) -> set[int]:
+        """The indices with no worker of the current generation serving, loading or asked for."""
+        number = self.current.number
+        held = {w.index for w in workers if w.group == self.name and w.generation == number and w.state in _SERVING}
+        held.update(index for _, index, generation in self.spawn_at if generation == number)
+        held.update(self.launcher.pending())
+        return set(range(self.size)) - held
+
+    def drop_ended(self, workers: Iterable[WorkerHandle]) -> list[Generation]:
+        """Forget the generations that start nothing more and have no worker left: their launchers, to close."""
+        alive = {w.generation for w in workers if w.group == self.name}
+        ended = [g for g in self.generations.values() if not self.may_start(g) and g.number not in alive]
+        for generation in ended:
+            del self.generations[generation.number]
+        return ended
+
+    def versions(self, workers: Iterable[WorkerHandle]) -> dict[str, tuple[int, dict[int, int]]]:
+        """Each of its models' current version, and how many of ``workers``
+        (those past loading) serve each version of it."""
+        served: dict[int, int] = {}  # generation -> workers
+        for worker in workers:
+            if worker.group == self.name:
+                served[worker.generation] = served.get(worker.generation, 0) + 1
+        out = {}
+        for model in self.models:
+            counts: dict[int, int] = {}
+            for number, count in served.items():
+                version = self.generations[number].versions[model]
+                counts[version] = counts.get(version, 0) + count
+            out[model] = (self.current.versions[model], counts)
+        return out
 
     def describe(self) -> str:
         return "the workers" if not self.name else f"the workers of model {self.name!r}"
+
+
+def pack_loaders(loaders: dict[str, bytes]) -> bytes:
+    """What a worker gets to load its models: ``{name: pickled loader}`` pickled
+    (no user code runs here; each loader is unpickled in the worker, by name)."""
+    return pickle.dumps(loaders, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def build_groups(config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> list[WorkerGroup]:
     """The worker groups of a pool (``config.groups``), each with its launcher
     (chosen once, here) and only its own models' loaders."""
     context = multiprocessing.get_context(config.start_method)
+    pickled = {name: dumps_by_value(loader, f"the loader of model {name!r}") for name, loader in loaders.items()}
     groups = []
     for group in config.groups:
         settings = WorkerSettings(
@@ -53,22 +131,19 @@ def build_groups(config: PoolConfig, loaders: dict[str, Callable[[], Any]]) -> l
             shm_limit=config.shared_memory_limit,
             private_memory=group.share_models,
         )
-        loaders_pickle = dumps_by_value({name: loaders[name] for name in group.models}, "models_to_load")
+        own = {name: pickled[name] for name in group.models}
         env_for = _env_for(group.worker_env, group.workers)
+        recipe = Recipe(group.name, 1, pack_loaders(own), settings, config.start_timeout, env_for)
         launcher: Launcher
         if config.backend == "ray":
             options = {"num_cpus": group.threads_per_worker, **dict(config.ray_options), **(group.ray_options or {})}
-            launcher = RayLauncher(
-                group.name, loaders_pickle, settings, address=config.ray_address, options=options, env_for=env_for
-            )
+            launcher = RayLauncher(recipe, address=config.ray_address, options=options)
         elif group.share_models:
-            launcher = ForkLauncher(
-                group.name, context, loaders_pickle, settings, start_timeout=config.start_timeout,
-                fork_with_threads=config.fork_with_threads, env_for=env_for,
-            )  # fmt: skip
+            launcher = ForkLauncher(recipe, context, fork_with_threads=config.fork_with_threads)
         else:
-            launcher = SpawnLauncher(group.name, context, loaders_pickle, settings, env_for)
-        groups.append(WorkerGroup(group.name, group.models, group.workers, launcher, group.max_jobs_per_worker))
+            launcher = SpawnLauncher(recipe, context)
+        first = Generation(1, launcher, own, dict.fromkeys(group.models, 1))
+        groups.append(WorkerGroup(group.name, group.models, group.workers, first, group.max_jobs_per_worker))
     return groups
 
 

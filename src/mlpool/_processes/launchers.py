@@ -21,6 +21,12 @@ workers arrive later, in a :class:`Launched` from the template's channel.
 gets the index of the worker it replaces, so ``worker_env(index)`` pins it
 to the same device.
 
+A launcher starts workers from one :class:`Recipe` (which loaders, which
+settings, how long a load may take). A reload of the models (see
+``_processes.rollout``) asks it for a ``renewed`` launcher of the same kind
+with a new recipe, which starts the new version's workers while this one's
+keep serving.
+
 The restart policy is here too, shared by the supervisor (a group's workers)
 and the fork launcher (its templates): ``backoff`` and the failures in a row
 after which a group that cannot serve is given up.
@@ -112,8 +118,10 @@ class Launched:
 
 class Launcher(Protocol):
     """What the supervisor asks of a group's launcher. Every call comes from
-    the manager thread; ``describe`` runs under the engine's lock, the others
-    outside it."""
+    the manager thread; ``describe``, ``pending`` and ``renewed`` run under
+    the engine's lock, the others outside it."""
+
+    recipe: Recipe  # how its workers start
 
     def prepare(self) -> None:
         """Once, before the first launch; raises if the backend is unusable (Ray cannot connect)."""
@@ -140,38 +148,60 @@ class Launcher(Protocol):
         """When ``due`` has something to do next (monotonic), or None."""
 
     def close(self) -> None:
-        """At the end of the pool, once no worker is left: end what the launcher holds."""
+        """Once none of its workers is left (at the end of the pool, or its
+        version replaced): end what the launcher holds."""
+
+    def pending(self) -> list[int]:
+        """The indices of the workers asked of it that have not arrived yet (a fork requested)."""
+
+    def renewed(self, recipe: Recipe) -> Launcher:
+        """A launcher of the same kind and backend settings that starts workers
+        from ``recipe`` (a new version of the models); it starts nothing yet."""
 
 
-def _settings_for(settings: WorkerSettings, env_for: EnvFor, index: int) -> WorkerSettings:
-    env = env_for(index)
-    return settings if env is None else dataclasses.replace(settings, env=env)
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """How a group's workers start: the loaders of one version of its models,
+    the workers' settings, and how long a load may take."""
+
+    group: str  # the group's name ("": the shared workers)
+    generation: int  # which version of the group's models (see groups.Generation)
+    loaders_pickle: bytes  # see groups.pack_loaders
+    settings: WorkerSettings
+    start_timeout: float  # seconds a worker (a template) has to load the models
+    env_for: EnvFor = no_env
+
+    def settings_for(self, index: int) -> WorkerSettings:
+        """The settings of the worker at ``index`` (its worker_env)."""
+        env = self.env_for(index)
+        return self.settings if env is None else dataclasses.replace(self.settings, env=env)
+
+    def adopt(self, worker: WorkerHandle, index: int) -> WorkerHandle:
+        """Mark ``worker`` as started from this recipe, at ``index`` of the group."""
+        worker.group, worker.index, worker.generation = self.group, index, self.generation
+        worker.start_limit = self.start_timeout
+        return worker
 
 
 class SpawnLauncher:
     """Workers as spawned processes (the default backend): nothing of its own to watch or time."""
 
-    def __init__(
-        self,
-        group: str,
-        context: multiprocessing.context.BaseContext,
-        loaders_pickle: bytes,
-        settings: WorkerSettings,
-        env_for: EnvFor = no_env,
-    ) -> None:
-        self.group = group
+    def __init__(self, recipe: Recipe, context: multiprocessing.context.BaseContext) -> None:
+        self.recipe = recipe
         self._context = context
-        self._loaders_pickle = loaders_pickle
-        self._settings = settings
-        self._env_for = env_for
+
+    def renewed(self, recipe: Recipe) -> SpawnLauncher:
+        return SpawnLauncher(recipe, self._context)
+
+    def pending(self) -> list[int]:
+        return []  # launch() returns the worker
 
     def prepare(self) -> None:
         """Nothing to prepare: a spawn needs no service."""
 
     def launch(self, index: int, *, serving: bool) -> WorkerHandle:
-        worker = spawn_worker(self._context, self._loaders_pickle, _settings_for(self._settings, self._env_for, index))
-        worker.group, worker.index = self.group, index
-        return worker
+        recipe = self.recipe
+        return recipe.adopt(spawn_worker(self._context, recipe.loaders_pickle, recipe.settings_for(index)), index)
 
     def reap(self, worker: WorkerHandle, now: float) -> Exit:
         """The worker is our child: its exit code is ours to read."""
@@ -194,18 +224,23 @@ class SpawnLauncher:
 class RayLauncher:
     """Workers as Ray actors (backend="ray"), each behind a local bridge (see ``_processes.ray``)."""
 
-    def __init__(
-        self, group: str, loaders_pickle: bytes, settings: WorkerSettings, *,
-        address: str | None, options: dict[str, Any], env_for: EnvFor = no_env,
-    ) -> None:  # fmt: skip
+    def __init__(self, recipe: Recipe, *, address: str | None, options: dict[str, Any]) -> None:
         from mlpool._processes.ray import RaySession
 
-        self.group = group
-        self._loaders_pickle = loaders_pickle
-        self._settings = settings
-        self._env_for = env_for
+        self.recipe = recipe
+        self._address = address
         self._session = RaySession(address)
         self._options = options
+
+    def renewed(self, recipe: Recipe) -> RayLauncher:
+        """A launcher of the new version, already joined to the Ray instance
+        (each launcher counts as one of its users, see RaySession)."""
+        launcher = RayLauncher(recipe, address=self._address, options=self._options)
+        launcher.prepare()
+        return launcher
+
+    def pending(self) -> list[int]:
+        return []  # launch() returns the worker
 
     def prepare(self) -> None:
         """Join (or start) the Ray instance."""
@@ -215,11 +250,10 @@ class RayLauncher:
         from mlpool._processes.ray import spawn_ray_worker
         from mlpool._processes.workers import new_worker_id
 
-        settings = _settings_for(self._settings, self._env_for, index)
-        process, sock = spawn_ray_worker(new_worker_id(), self._loaders_pickle, settings, self._options)
-        worker = WorkerHandle(process, sock)
-        worker.group, worker.index = self.group, index
-        return worker
+        recipe = self.recipe
+        settings = recipe.settings_for(index)
+        process, sock = spawn_ray_worker(new_worker_id(), recipe.loaders_pickle, settings, self._options)
+        return recipe.adopt(WorkerHandle(process, sock), index)
 
     def reap(self, worker: WorkerHandle, now: float) -> Exit:
         """The bridge knows how its actor ended (its exit code is ours to read)."""

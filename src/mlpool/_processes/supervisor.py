@@ -42,11 +42,12 @@ from mlpool._api.config import PoolConfig
 from mlpool._engine.outcomes import ManagerAlarm
 from mlpool._engine.recovery import JobRecovery
 from mlpool._engine.scheduler import Scheduler
-from mlpool._engine.state import PoolState
-from mlpool._processes.groups import WorkerGroup
+from mlpool._engine.state import PoolState, refusal
+from mlpool._processes.groups import Generation, WorkerGroup
 from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Exit, Launched, Setback, Watched, backoff
 from mlpool._processes.logs import worker_ready as log_worker_ready
 from mlpool._processes.readers import PipeReaders
+from mlpool._processes.rollout import ReloadPlan, Reloads
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import LoadFailed, Ready, Stop, encode
 from mlpool._wire.transport import write_all
@@ -92,10 +93,13 @@ class Supervisor:
         self.started: Future[None] = Future()  # result: ready; exception: start failed
         self._start_deadline = time.monotonic() + config.start_timeout
         self._stop_deadline: float | None = None
-        self._news: list[tuple[WorkerGroup, Launched]] = []  # what launchers reported, for launcher_events
+        self._news: list[tuple[WorkerGroup, int, Launched]] = []  # (group, generation, news) for launcher_events
+        self.reloads = Reloads(self)  # reload_models, one at a time (see _processes.rollout)
+        self._watching: dict[tuple[str, int], list[Watched]] = {}  # (group, generation) -> its processes watched
+        self._ended: list[tuple[WorkerGroup, Generation]] = []  # generations gone, to close on the manager thread
         now = time.monotonic()
         for group in groups:
-            group.spawn_at = [(now, index) for index in range(group.size)]
+            group.spawn_at = [(now, index, group.current.number) for index in range(group.size)]
 
     # ------------------------------------------- manager thread, outside the lock
 
@@ -115,25 +119,36 @@ class Supervisor:
         """Do what is due: each launcher's own (a fork template to start), then
         the workers; a fork template's workers arrive later, as its news."""
         now = time.monotonic()
+        ended: list[tuple[WorkerGroup, Generation]] = []
+        if self._ended:
+            with self._locked():
+                ended, self._ended = self._ended, []
+        for group, generation in ended:
+            for watched in self._watching.pop((group.name, generation.number), []):
+                self._readers.unregister(watched.fd, watched.sentinel)
+            generation.launcher.close()
         for group in self.groups.values():
-            launched = group.launcher.due(now, may_start=self.state in _STARTS)
-            if launched is not None:
-                self._take(group, launched)
+            for generation in list(group.generations.values()):
+                may_start = self.state in _STARTS and group.may_start(generation)
+                launched = generation.launcher.due(now, may_start=may_start)
+                if launched is not None:
+                    self._take(group, generation.number, launched)
         for group in self.groups.values():
             if not group.spawn_at or group.spawn_at[0][0] > now:
                 continue
             with self._locked():
                 serving = self.can_serve(group)
             while group.spawn_at and group.spawn_at[0][0] <= now:
-                _, index = heapq.heappop(group.spawn_at)
-                if self.state not in _STARTS:
-                    continue
+                _, index, number = heapq.heappop(group.spawn_at)
+                of = group.generations.get(number)
+                if self.state not in _STARTS or of is None or not group.may_start(of):
+                    continue  # a reload that failed took its generation back
                 try:
-                    worker = group.launcher.launch(index, serving=serving)
+                    worker = of.launcher.launch(index, serving=serving)
                 except Exception as exc:  # out of processes, memory or file descriptors
                     logger.exception("could not start a worker process")
                     with self._locked():
-                        self._start_failed(group, index, f"could not start a worker process: {exc!r}")
+                        self._start_failed(group, index, f"could not start a worker process: {exc!r}", number)
                     continue
                 if worker is not None:
                     with self._locked():
@@ -143,26 +158,29 @@ class Supervisor:
         """``worker``'s death handle fired: reap it; the exit to settle, or
         None if its launcher reports it later (a fork template, its parent)."""
         self._readers.unregister(worker.sentinel)
-        return self.groups[worker.group].launcher.reap(worker, now)
+        return self.groups[worker.group].launcher_of(worker).reap(worker, now)
 
-    def launcher_readable(self, subject: tuple[WorkerGroup, Watched, bool], now: float) -> None:
+    def launcher_readable(self, subject: tuple[WorkerGroup, int, Watched, bool], now: float) -> None:
         """A process a launcher asked to be watched (a fork template) sent
         something, or exited (then it is watched no more): the launcher reads
         it; what it means is acted on in ``launcher_events``."""
-        group, watched, exited = subject
+        group, number, watched, exited = subject
         if exited:
             self._readers.unregister(watched.fd, watched.sentinel)
+            self._watching[(group.name, number)].remove(watched)
         launched = (watched.on_exit if exited else watched.on_read)(now)
         if launched is not None:
-            self._take(group, launched)
+            self._take(group, number, launched)
 
-    def _take(self, group: WorkerGroup, launched: Launched) -> None:
-        """Watch the processes a launcher started; keep the rest for ``launcher_events``."""
+    def _take(self, group: WorkerGroup, number: int, launched: Launched) -> None:
+        """Watch the processes the launcher of ``group``'s generation ``number``
+        started; keep the rest for ``launcher_events``."""
         for watched in launched.watch:
-            self._readers.register(watched.fd, ("launcher", (group, watched, False)))
-            self._readers.register(watched.sentinel, ("launcher", (group, watched, True)))
+            self._watching.setdefault((group.name, number), []).append(watched)
+            self._readers.register(watched.fd, ("launcher", (group, number, watched, False)))
+            self._readers.register(watched.sentinel, ("launcher", (group, number, watched, True)))
         if launched.for_the_lock():
-            self._news.append((group, launched))
+            self._news.append((group, number, launched))
 
     # ------------------------------------------------------------ under the lock
 
@@ -190,6 +208,7 @@ class Supervisor:
         if self.state is PoolState.STARTING and self._all_ready():
             self.state = self.state.to(PoolState.RUNNING)
             self._set_started(None)
+        self.reloads.on_ready(worker)
 
     def _all_ready(self) -> bool:
         """Whether every group has all its workers past loading (the pool has started)."""
@@ -203,9 +222,9 @@ class Supervisor:
         """A worker's process is gone: settle the jobs it held, maybe replace it."""
         del self.workers[worker.id]
         group = self.groups[worker.group]
-        how = group.launcher.describe(worker, exitcode)
+        how = group.launcher_of(worker).describe(worker, exitcode)
         if worker.start_timed_out:
-            how = f"did not load its models within start_timeout={self.config.start_timeout:g}s"
+            how = f"did not load its models within {_limit(worker)}"
         if worker.fault is not None:
             how = f"was killed: {worker.fault}"
         if (failure := worker.load_failure) is not None:  # it exits (code 0) after saying so
@@ -221,6 +240,10 @@ class Supervisor:
             who = f"worker {worker.id} (pid {worker.pid})" if worker.pid else f"worker {worker.id}"
             self._fail_start(who, failure, how)
             return
+        if self.reloads.on_exit(worker, how):  # a reload's step: its slot is the reload's to fill
+            self.end_generations(group)
+            return
+        self.end_generations(group)
         if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self.state is PoolState.BROKEN:
             return  # a retiring worker's replacement is already on its way
         if self.state is PoolState.CLOSING and not self._scheduler.queued:
@@ -237,7 +260,7 @@ class Supervisor:
             logger.warning("worker %d %s (%d failures in a row); restarting in %.2fs",
                            worker.id, how, group.failures, delay)  # fmt: skip
         self.counts["restarts"] += 1
-        heapq.heappush(group.spawn_at, (time.monotonic() + delay, worker.index))
+        heapq.heappush(group.spawn_at, (time.monotonic() + delay, worker.index, group.current.number))
 
     def answered(self, worker: WorkerHandle) -> None:
         """``worker`` answered a job: its group serves; recycle it if it is due."""
@@ -248,19 +271,45 @@ class Supervisor:
         if worker.state is WorkerState.RETIRING and not worker.inflight:
             self._stop_worker(worker)
 
-    def retire(self, worker: WorkerHandle, reason: str) -> None:
-        """Replace ``worker`` gracefully: a replacement starts now; the worker
-        takes no more jobs and is stopped once it has answered those it holds."""
+    def retire(self, worker: WorkerHandle, reason: str, *, replace: bool = True) -> None:
+        """Let ``worker`` go gracefully: it takes no more jobs and is stopped
+        once it has answered those it holds. ``replace`` (recycling): a
+        replacement starts now, unless a reload's step replaces it already."""
         if worker.state is not WorkerState.IDLE:
             return
-        logger.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
         worker.state = worker.state.to(WorkerState.RETIRING)
-        self.counts["recycled"] += 1
-        if self.state is PoolState.RUNNING:
-            heapq.heappush(self.groups[worker.group].spawn_at, (time.monotonic(), worker.index))
-            self._alarm.soon()
+        if replace and not self.reloads.replacing(worker):
+            logger.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
+            self.counts["recycled"] += 1
+            if self.state is PoolState.RUNNING:
+                self.launch_soon(self.groups[worker.group], worker.index, self.groups[worker.group].current.number)
         if not worker.inflight:
             self._stop_worker(worker)
+
+    def launch_soon(self, group: WorkerGroup, index: int, generation: int, delay: float = 0.0) -> None:
+        """Start a worker of ``group``'s ``generation`` at ``index``, ``delay`` seconds from now."""
+        heapq.heappush(group.spawn_at, (time.monotonic() + delay, index, generation))
+        self._alarm.soon()
+
+    def refill(self, group: WorkerGroup) -> None:
+        """Start a worker of the current generation at each index of ``group`` that has none coming."""
+        for index in group.unfilled(self.workers.values()):
+            self.launch_soon(group, index, group.current.number)
+
+    def end_generations(self, group: WorkerGroup) -> None:
+        """Close (on the manager thread, see start_due) the launchers of ``group``'s
+        generations that start nothing more and have no worker left."""
+        ended = group.drop_ended(self.workers.values())
+        if ended:
+            self._ended += [(group, generation) for generation in ended]
+            self._alarm.soon()
+
+    def reload(self, plan: ReloadPlan) -> None:
+        """``reload_models``: roll ``plan`` out after the reloads asked before it (see ``_processes.rollout``)."""
+        if (error := refusal(self.state, self.broken_reason)) is not None:
+            plan.future.set_exception(error)
+        else:
+            self.reloads.ask(plan)
 
     def _stop_worker(self, worker: WorkerHandle) -> None:
         worker.state = worker.state.to(WorkerState.STOPPING)
@@ -286,13 +335,15 @@ class Supervisor:
                                    model_name=failure.model, remote_traceback=failure.traceback)  # fmt: skip
         self.break_pool(str(error), start_error=error, said=said)
 
-    def _start_failed(self, group: WorkerGroup, index: int, reason: str) -> None:
+    def _start_failed(self, group: WorkerGroup, index: int, reason: str, generation: int) -> None:
         """A worker could not be started: try again after a back-off, or give up if the group cannot serve."""
+        if self.reloads.start_failed(group, generation, index, reason):
+            return
         group.failures += 1
         if self.state is PoolState.STARTING:
             self.break_pool(reason, start_error=ModelLoadError(reason))
         elif group.failures < MAX_CONSECUTIVE_FAILURES or self.can_serve(group) or not self._give_up(group, reason):
-            heapq.heappush(group.spawn_at, (time.monotonic() + backoff(group.failures), index))
+            heapq.heappush(group.spawn_at, (time.monotonic() + backoff(group.failures), index, group.current.number))
 
     def _give_up(self, group: WorkerGroup, reason: str) -> bool:
         """``group`` failed too often and cannot serve. With no other group
@@ -322,6 +373,7 @@ class Supervisor:
         logger.error("mlpool is broken: %s", said or reason)
         self._set_started(start_error or PoolBrokenError(reason))
         error = PoolBrokenError(f"the pool broke: {reason}")
+        self.reloads.end(error)
         self._recovery.fail_queued(error)
         self._recovery.fail_running(list(self.workers.values()), error)
         for worker in self.workers.values():
@@ -347,9 +399,9 @@ class Supervisor:
         # Replacements get start_timeout too: a loader that hangs (a stuck
         # mount, an actor Ray cannot place) must not leave the pool waiting.
         for worker in self.workers.values():
-            if worker.state is WorkerState.STARTING and now - worker.started_at >= limit:
+            if worker.state is WorkerState.STARTING and now - worker.started_at >= worker.start_limit:
                 worker.start_timed_out = True
-                worker.kill(f"it did not load its models within start_timeout={limit:g}s")
+                worker.kill(f"it did not load its models within {_limit(worker)}")
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
         """Stop taking jobs; start the ladder (drain, Stop, wait, SIGKILL). Asked again, a shorter timeout wins."""
@@ -357,6 +409,7 @@ class Supervisor:
             return
         if self.state is not PoolState.CLOSING:
             self.state, self._stop_deadline = self.state.to(PoolState.CLOSING), time.monotonic() + timeout
+            self.reloads.end(PoolClosedError("the pool shut down during the reload"))
         elif self._stop_deadline is not None:  # None: it timed out already
             self._stop_deadline = min(self._stop_deadline, time.monotonic() + timeout)
         if cancel_pending:
@@ -401,15 +454,15 @@ class Supervisor:
         for group in self.groups.values():
             if group.spawn_at:
                 candidates.append(group.spawn_at[0][0])
-            due = group.launcher.next_deadline()
-            if due is not None:
-                candidates.append(due)
+            for generation in group.generations.values():
+                due = generation.launcher.next_deadline()
+                if due is not None:
+                    candidates.append(due)
         if self.state is PoolState.STARTING:
             candidates.append(self._start_deadline)
         else:
-            starts = [w.started_at for w in self.workers.values() if w.state is WorkerState.STARTING]
-            if starts:
-                candidates.append(min(starts) + self.config.start_timeout)
+            starting = [w for w in self.workers.values() if w.state is WorkerState.STARTING]
+            candidates += [w.started_at + w.start_limit for w in starting]
         if self._stop_deadline is not None and self.state is PoolState.CLOSING:
             candidates.append(self._stop_deadline)
         return min(candidates, default=None)
@@ -428,26 +481,26 @@ class Supervisor:
             return []
         exits: list[Exit] = []
         news, self._news = self._news, []
-        for group, launched in news:
+        for group, number, launched in news:
             if launched.setback is not None:
-                self._setback(group, launched.setback)
+                self._setback(group, number, launched.setback)
             for worker in launched.started:
                 self.add(worker)
             for index, reason in launched.failed:
                 logger.warning("%s", reason)
-                self._start_failed(group, index, reason)
-            if launched.launch:
-                now = time.monotonic()
-                for index in launched.launch:
-                    heapq.heappush(group.spawn_at, (now, index))
+                self._start_failed(group, index, reason, number)
+            for index in launched.launch:
+                self.launch_soon(group, index, number)
             exits += launched.exits
         return exits
 
-    def _setback(self, group: WorkerGroup, setback: Setback) -> None:
+    def _setback(self, group: WorkerGroup, number: int, setback: Setback) -> None:
         """What starts ``group``'s workers failed (its launcher already
         scheduled the next try): a pool still starting cannot start if the
         models never loaded; a group that fails too often and cannot serve
         is given up. The workers it started keep serving."""
+        if self.reloads.setback(group, number, setback):
+            return
         if setback.unloaded is not None and self.state is PoolState.STARTING:
             who, how, failure = setback.unloaded
             self._fail_start(who, failure, how)
@@ -464,5 +517,14 @@ class Supervisor:
     def close(self) -> None:
         """The manager thread ends: no worker is left."""
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
+        self.reloads.end(PoolClosedError("the pool shut down during the reload"))
         for group in self.groups.values():
-            group.launcher.close()
+            for generation in [*group.generations.values(), *(g for grp, g in self._ended if grp is group)]:
+                generation.launcher.close()
+
+
+
+def _limit(worker: WorkerHandle) -> str:
+    """The load timeout ``worker`` had, as the user set it."""
+    setting = "start_timeout" if worker.generation == 1 else "the reload's timeout"
+    return f"{setting}={worker.start_limit:g}s"

@@ -72,7 +72,7 @@ class WorkerHandle:
     __slots__ = (
         "id", "process", "pipe", "sentinel", "state", "inflight", "backlog", "known_functions", "jobs_done",
         "started_at", "pid", "kill_reason", "start_timed_out", "load_failure", "closed", "pidfd", "forked",
-        "started", "fault", "group", "index", "stacks",
+        "started", "fault", "group", "index", "stacks", "generation", "start_limit",
     )  # fmt: skip
 
     def __init__(
@@ -102,6 +102,8 @@ class WorkerHandle:
         self.started = started or LastStarted()
         self.group = ""  # the worker group it belongs to ("": the shared workers)
         self.index = 0  # its place in the group (worker_env); a replacement takes the same
+        self.generation = 1  # the version of its group's models it loads (see groups.Generation)
+        self.start_limit = float("inf")  # seconds it has to load its models (its recipe's start_timeout)
         self.state = WorkerState.STARTING
         # The jobs sent to it, in the order it runs them; each has ``worker``
         # set to it. ``backlog`` is the sum of their ``estimate``; ``jobs_done``

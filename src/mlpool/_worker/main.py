@@ -110,7 +110,7 @@ def worker_main(conn: Any, worker_id: int, loaders_pickle: bytes, settings: Work
     """Entry point of a worker process (runs in the child).
 
     ``conn`` is the child's end of the duplex pipe (kept referenced so its fd
-    stays open); ``loaders_pickle`` is the cloudpickled ``{name: loader}``.
+    stays open); ``loaders_pickle``: see :func:`load_models`.
     """
     prepare_process(settings, settings.threads)
     fd = conn.fileno()
@@ -231,12 +231,17 @@ def cap_threads_after_loading(threads: int) -> None:
 
 
 def load_models(loaders_pickle: bytes) -> dict[str, Any] | LoadFailed:
-    """Run every loader once: the models by name, or what went wrong."""
+    """Run every loader once: the models by name, or what went wrong.
+
+    ``loaders_pickle``: a pickled ``{name: that model's pickled loader}``
+    (``_processes.groups.pack_loaders``), so a loader that cannot be
+    unpickled here is named like one that raises."""
     name = "<all models>"
     try:
-        loaders: dict[str, Callable[[], Any]] = pickle.loads(loaders_pickle)
+        pickled: dict[str, bytes] = pickle.loads(loaders_pickle)
         models = {}
-        for name, loader in loaders.items():
+        for name, data in pickled.items():
+            loader: Callable[[], Any] = pickle.loads(data)
             model = loader()
             if model is None:
                 raise ValueError(f"the loader of model {name!r} returned None; it must return the model")
