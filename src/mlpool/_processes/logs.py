@@ -1,11 +1,13 @@
 """The pool's life in the logs: one structured line per worker start, worker
-death, replacement and pool state change, on the logger ``mlpool``.
+death, replacement, pool state change and reload step, on the logger ``mlpool``.
 
 Each line is readable as text and carries its fields as ``extra`` attributes
 of the record (a JSON formatter shows them): ``event`` (``worker_ready``,
-``worker_replaced``, ``worker_exited``, ``pool_state``), and per event
+``worker_replaced``, ``worker_exited``, ``pool_state``, ``reload_started``,
+``worker_rolled``, ``reload_finished``, ``reload_failed``), and per event
 ``worker_id``, ``worker_pid``, ``seconds``, ``cause``, ``job_id``,
-``function``, ``model``, ``state_from``, ``state_to``. Nothing is logged per
+``function``, ``model``, ``state_from``, ``state_to``, ``models``,
+``versions``. Nothing is logged per
 job at INFO; the library adds no handler. Called under the engine's lock:
 cheap, lazy ``%`` formatting.
 """
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mlpool")
 
-__all__ = ["pool_state_changed", "worker_exited", "worker_ready"]
+__all__ = ["pool_state_changed", "reload_ended", "reload_started", "worker_exited", "worker_ready", "worker_rolled"]
 
 
 def worker_ready(worker: Any, load_seconds: float, *, replacement: bool) -> None:
@@ -61,3 +63,33 @@ def pool_state_changed(old: Any, new: Any) -> None:
         "pool %s -> %s", old.value, new.value,
         extra={"event": "pool_state", "state_from": old.value, "state_to": new.value},
     )  # fmt: skip
+
+
+def reload_started(models: list[str], surge: int, timeout: float) -> None:
+    logger.info(
+        "reload of %s started (surge=%d, timeout=%gs)", ", ".join(map(repr, models)), surge, timeout,
+        extra={"event": "reload_started", "models": models},
+    )  # fmt: skip
+
+
+def worker_rolled(worker: Any, versions: dict[str, int], rolled: int, size: int, group: str) -> None:
+    """``worker`` (a WorkerHandle) of a reload is ready: the ``rolled``-th of the ``size`` of ``group``."""
+    logger.info(
+        "reload: worker %d (pid %d) serves %s (%d of %d of %s rolled)", worker.id, worker.pid,
+        ", ".join(f"{m!r} v{v}" for m, v in versions.items()), rolled, size, group,
+        extra={"event": "worker_rolled", "worker_id": worker.id, "worker_pid": worker.pid, "versions": versions},
+    )  # fmt: skip
+
+
+def reload_ended(models: list[str], seconds: float, versions: dict[str, int], error: BaseException | None) -> None:
+    """A reload finished (``error`` None: every worker serves ``versions``) or failed."""
+    if error is None:
+        logger.info(
+            "reload finished in %.2fs: %s", seconds, ", ".join(f"{m!r} at version {v}" for m, v in versions.items()),
+            extra={"event": "reload_finished", "models": models, "seconds": seconds, "versions": versions},
+        )  # fmt: skip
+    else:
+        logger.error(
+            "reload of %s failed after %.2fs: %s", ", ".join(map(repr, models)), seconds, error,
+            extra={"event": "reload_failed", "models": models, "seconds": seconds, "cause": str(error)},
+        )  # fmt: skip

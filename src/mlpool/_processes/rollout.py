@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from mlpool._engine.state import PoolState
+from mlpool._processes import logs
 from mlpool._processes.groups import Generation, WorkerGroup, pack_loaders
 from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Recipe, Setback, backoff
 from mlpool._processes.workers import WorkerHandle, WorkerState
@@ -80,7 +81,7 @@ class Starts(Protocol):
 
     def end_generations(self, group: WorkerGroup) -> None: ...
 
-    def refill(self, group: WorkerGroup) -> None: ...
+    def refill(self, group: WorkerGroup) -> set[int]: ...
 
 
 class _Roll:
@@ -109,6 +110,9 @@ class Rollout:
         self.plan = plan
         self._on_end = on_end
         self.committed = False
+        # After an abort: the slots it emptied, started again; the error waits until each is ready or failed.
+        self._refilling: set[tuple[str, int]] = set()
+        self._error: BaseException | None = None
         self.rolls: list[_Roll] = []
         self.models: list[str] = []  # the models it reloads
 
@@ -126,8 +130,7 @@ class Rollout:
         except Exception as exc:  # a backend that cannot start the new version (Ray gone)
             self._fail(ModelLoadError(f"could not prepare the reload: {exc!r}"), abort=True)
             return
-        logger.info("reload of %s started (surge=%d, timeout=%gs)", _names(self.models), self.plan.surge,
-                    self.plan.timeout)  # fmt: skip
+        logs.reload_started(self.models, self.plan.surge, self.plan.timeout)
         self._progress()
 
     def _coming(self, group: WorkerGroup, reloaded: list[str]) -> Generation:
@@ -148,7 +151,7 @@ class Rollout:
         for roll in self.rolls:
             if roll.group.coming is roll.new:
                 roll.group.coming = None
-        self._finish(error)
+        self._finish(self._error or error)
 
     def _fail(self, error: ModelLoadError, *, abort: bool) -> None:
         """Stop rolling. ``abort`` (before the commit): let the coming generation go."""
@@ -161,18 +164,20 @@ class Rollout:
                     if worker.group == group.name and worker.generation == roll.new.number:
                         self._let_go(worker, "the reload failed")
             roll.old = None
-            self._starts.refill(group)  # the slots it emptied serve the current version again
+            # The slots it emptied serve the current version again; the error waits for them.
+            self._refilling.update((group.name, index) for index in self._starts.refill(group))
             self._starts.end_generations(group)
-        self._finish(error)
+        self._error = error
+        if not self._refilling:
+            self._finish(error)
 
     def _finish(self, error: BaseException | None) -> None:
         seconds = time.monotonic() - self.plan.asked_at
+        versions = {m: r.group.current.versions[m] for r in self.rolls for m in r.group.models if m in self.models}
+        logs.reload_ended(self.models, seconds, versions, error)
         if error is None:
-            versions = ", ".join(f"{m!r} at version {r.new.versions[m]}" for r in self.rolls for m in r.new.versions)
-            logger.info("reload finished in %.2fs: %s", seconds, versions)
             self.plan.future.set_result(None)
         else:
-            logger.error("reload of %s failed after %.2fs: %s", _names(self.models), seconds, error)
             self.plan.future.set_exception(error)
         self._on_end()
 
@@ -183,6 +188,8 @@ class Rollout:
         for roll in self.rolls:
             if not roll.done and roll.old is None:
                 self._step(roll)
+            if self.plan.future.done():
+                return
         if all(roll.done for roll in self.rolls):
             self._finish(None)
 
@@ -192,9 +199,8 @@ class Rollout:
             olds = [w for w in self._starts.workers.values() if w.group == group.name and w.generation != number]
             waiting = sorted((w for w in olds if w.state in _LIVE), key=lambda w: w.index)
             if not waiting:
-                roll.done = not olds  # else some still finish their jobs: their exits bring the end
-                if roll.done:
-                    self._starts.end_generations(group)
+                if not olds:  # else some still finish their jobs: their exits bring the end
+                    self._until_full(roll)
                 return
         else:
             return  # its first new worker is ready: the others' decide the commit
@@ -204,6 +210,18 @@ class Rollout:
             self._launch(roll)
         else:
             self._let_go(old, f"it makes room for version {_versions(roll.new)}")
+
+    def _until_full(self, roll: _Roll) -> None:
+        """No old worker is left: the group is rolled once as many new ones are ready as it keeps
+        (replacements of those that died meanwhile may still load), or failed if they keep failing."""
+        group = roll.group
+        ready = [w for w in self._starts.workers.values() if w.group == group.name and w.state is WorkerState.IDLE]
+        if len(ready) >= group.size:
+            roll.done = True
+            self._starts.end_generations(group)
+        elif group.failures >= MAX_CONSECUTIVE_FAILURES:
+            reason = f"{group.describe()} failed to start {group.failures} times in a row"
+            self._fail(self._load_error(roll, reason, None), abort=False)
 
     def _launch(self, roll: _Roll, delay: float = 0.0) -> None:
         roll.loading = True
@@ -229,13 +247,26 @@ class Rollout:
         """Whether a step of this reload replaces ``worker`` (its slot is the reload's to fill)."""
         return any(roll.old is worker for roll in self.rolls)
 
+    def _refilled(self, group: str, index: int) -> None:
+        """The start at a slot an abort emptied is ready, or failed: the error is raised after the last."""
+        if (group, index) in self._refilling:
+            self._refilling.discard((group, index))
+            if not self._refilling and self._error is not None:
+                self._finish(self._error)
+
     def on_ready(self, worker: WorkerHandle) -> None:
+        if self._error is not None:
+            self._refilled(worker.group, worker.index)
+            return
         roll = self._roll_of(worker)
-        if roll is None or not roll.loading or worker.index != roll.index or worker.generation != roll.new.number:
+        if roll is None or roll.done:
+            return
+        if not roll.loading or worker.index != roll.index or worker.generation != roll.new.number:
+            if roll.old is None and self.committed:
+                self._progress()  # a replacement is ready: the group may be full
             return
         roll.loading, roll.ready, roll.proven = False, True, True
-        logger.info("reload: worker %d (pid %d) serves %s (%d of %d workers of %s rolled)", worker.id, worker.pid,
-                    _versions(roll.new), roll.rolled + 1, roll.group.size, roll.group.describe())  # fmt: skip
+        logs.worker_rolled(worker, roll.new.versions, roll.rolled + 1, roll.group.size, roll.group.describe())
         if not self.committed:
             if not all(r.proven for r in self.rolls):
                 return
@@ -262,6 +293,9 @@ class Rollout:
 
     def on_exit(self, worker: WorkerHandle, why: str) -> bool:
         """``worker`` is gone: True if this reload fills its slot (the supervisor must not)."""
+        if self._error is not None:
+            self._refilled(worker.group, worker.index)
+            return False
         roll = self._roll_of(worker)
         if roll is None:
             return False
@@ -279,12 +313,15 @@ class Rollout:
         if not self.committed and worker.generation == roll.new.number:
             self._start_failed(roll, f"worker {worker.id} {why}", worker.load_failure)  # the ready canary died
             return True
-        if worker.generation != roll.new.number and roll.old is None and not roll.done:
-            self._progress()  # an old worker it waited for has gone
+        if roll.old is None and not roll.done and self.committed:
+            self._progress()  # an old worker it waited for has gone, or a replacement failed
         return False
 
     def start_failed(self, group: WorkerGroup, generation: int, index: int, reason: str) -> bool:
         """A start the supervisor could not make (or a fork that failed): True if it was this reload's."""
+        if self._error is not None:
+            self._refilled(group.name, index)
+            return False
         roll = self._roll_of_group(group)
         if roll is None or generation != roll.new.number or index != roll.index or not roll.loading:
             return False
@@ -302,23 +339,23 @@ class Rollout:
             return True
         roll.failures += 1
         if roll.failures >= MAX_CONSECUTIVE_FAILURES:
-            self._fail(self._error(roll, setback.reason, failure), abort=False)
+            self._fail(self._load_error(roll, setback.reason, failure), abort=False)
         return False  # the launcher retries (its back-off); the supervisor logs it
 
     def _start_failed(self, roll: _Roll, reason: str, failure: LoadFailed | None) -> None:
         if not self.committed:
-            self._fail(self._error(roll, reason, failure), abort=True)
+            self._fail(self._load_error(roll, reason, failure), abort=True)
             return
         roll.failures += 1
         if roll.failures >= MAX_CONSECUTIVE_FAILURES:
-            self._fail(self._error(roll, reason, failure), abort=False)
+            self._fail(self._load_error(roll, reason, failure), abort=False)
             return
         delay = backoff(roll.failures)
         logger.warning("reload: a new worker of %s failed (%s); trying again in %.2fs", roll.group.describe(),
                        reason, delay)  # fmt: skip
         self._launch(roll, delay)
 
-    def _error(self, roll: _Roll, reason: str, failure: LoadFailed | None) -> ModelLoadError:
+    def _load_error(self, roll: _Roll, reason: str, failure: LoadFailed | None) -> ModelLoadError:
         where = ("on its first worker; the old version keeps serving" if not self.committed else
                  f"{roll.failures} times in a row after {roll.rolled} of {roll.group.size} workers of "
                  f"{roll.group.describe()} were rolled; the others keep the old version")  # fmt: skip

@@ -291,10 +291,12 @@ class Supervisor:
         heapq.heappush(group.spawn_at, (time.monotonic() + delay, index, generation))
         self._alarm.soon()
 
-    def refill(self, group: WorkerGroup) -> None:
-        """Start a worker of the current generation at each index of ``group`` that has none coming."""
-        for index in group.unfilled(self.workers.values()):
+    def refill(self, group: WorkerGroup) -> set[int]:
+        """Start a worker of the current generation at each index of ``group`` that has none coming: those indices."""
+        unfilled = group.unfilled(self.workers.values())
+        for index in unfilled:
             self.launch_soon(group, index, group.current.number)
+        return unfilled
 
     def end_generations(self, group: WorkerGroup) -> None:
         """Close (on the manager thread, see start_due) the launchers of ``group``'s

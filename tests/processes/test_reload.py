@@ -1,0 +1,326 @@
+"""reload_models: a new version rolled out one worker at a time, in both worker modes.
+
+Each load reads its version from a file (``helpers.versions``); a test holds
+a roll at the step it looks at with a FIFO the new version's loader waits
+on, never with time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+from conftest import worker_children
+from helpers.pools import make_pool
+from helpers.versions import ModelFiles, load_constant, version_of, which
+from helpers.workloads import wait_for_release
+
+from mlpool import Model, ModelLoadError, PoolClosedError, SerializationError, UnknownModelError, WorkerCrashedError
+
+pytestmark = pytest.mark.usefixtures("worker_mode")
+
+
+@pytest.fixture
+def files(tmp_path):
+    return ModelFiles(tmp_path / "model")
+
+
+@pytest.fixture
+def rolls():
+    """The ``mlpool`` log records of reloads and worker lives, in order."""
+    class Records(list):
+        changed = threading.Condition()
+
+    records = Records()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with records.changed:
+                records.append(record)
+                records.changed.notify_all()
+
+    handler, logger = Handler(logging.INFO), logging.getLogger("mlpool")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def wait_for(records, event, after=None, timeout=30.0):
+    """The first record of ``event`` (after the record ``after``), waiting on the handler's condition."""
+
+    def found():
+        start = records.index(after) + 1 if after is not None else 0
+        return events(records[start:], event)
+
+    with records.changed:
+        assert records.changed.wait_for(found, timeout), f"no {event} logged"
+        return found()[0]
+
+
+def served(pool, model="m", jobs=40):
+    """The versions (and pids) that ``jobs`` jobs made now ran on."""
+    return {pool.score(model, which) for _ in range(jobs)}
+
+
+def events(records, *names):
+    return [r for r in records if getattr(r, "event", None) in names]
+
+
+def test_a_reload_reruns_the_loaders_on_every_worker_and_leaves_no_old_process(files, rolls):
+    with make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        before = {p.pid for p in worker_children()}
+        assert {v for v, _ in served(pool)} == {"m:1"}
+        assert pool.stats().models["m"].version == 1
+        files.set(2)
+        pool.reload_models()
+        assert {v for v, _ in served(pool)} == {"m:2"}
+        stats = pool.stats().models["m"]
+        assert (stats.version, stats.workers_by_version, stats.workers) == (2, {2: 2}, 2)
+        after = {p.pid for p in worker_children()}
+        assert len(after) == len(before) and not (after & before)  # every process is new, none is left
+        assert [r.event for r in events(rolls, "reload_started", "worker_rolled", "reload_finished")] == [
+            "reload_started", "worker_rolled", "worker_rolled", "reload_finished"]  # fmt: skip
+
+
+def test_surge_1_never_has_fewer_ready_workers_and_surge_0_never_more_processes(files, rolls):
+    with make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        files.set(2)
+        pool.reload_models(surge=1)
+        ready = 2
+        for record in events(rolls, "worker_rolled", "worker_exited"):
+            ready += 1 if record.event == "worker_rolled" else -1
+            assert ready >= 2  # an old worker leaves only after its replacement is ready
+        del rolls[:]
+        files.set(3)
+        pool.reload_models(surge=0)
+        alive = 2
+        for record in events(rolls, "worker_rolled", "worker_exited"):
+            alive += 1 if record.event == "worker_rolled" else -1
+            assert alive <= 2  # each old worker has gone before its replacement loads
+        assert {v for v, _ in served(pool)} == {"m:3"}
+        assert pool.stats().models["m"].version == 3
+
+
+def test_jobs_from_threads_and_a_loop_never_fail_during_a_reload(files):
+    stop = threading.Event()
+    with make_pool({"m": files.loader()}, nb_workers=2) as pool:
+
+        def hammer() -> set[str]:
+            seen = set()
+            while not stop.is_set():
+                seen.add(pool.score("m", version_of))
+            return seen
+
+        async def loop_hammer() -> set[str]:
+            seen = set()
+            while not stop.is_set():
+                seen |= set(await asyncio.gather(*(pool.score_async("m", version_of) for _ in range(8))))
+            return seen
+
+        with ThreadPoolExecutor(4) as executor:
+            threads = [executor.submit(hammer) for _ in range(3)]
+            in_loop = executor.submit(asyncio.run, loop_hammer())
+            for version in (2, 3):
+                files.set(version)
+                pool.reload_models()
+            stop.set()
+            seen = set().union(*(f.result(timeout=60) for f in [*threads, in_loop]))
+        assert "m:3" in seen and seen <= {"m:1", "m:2", "m:3"}  # and nothing raised
+        stats = pool.stats()
+        assert stats.jobs_failed == stats.jobs_crashed == 0
+        assert served(pool) and {v for v, _ in served(pool)} == {"m:3"}
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "crash", "segfault", "hang"])
+def test_a_version_that_fails_to_load_leaves_the_old_one_on_every_worker(files, behaviour):
+    with make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        processes = {p.pid for p in worker_children()}
+        pids = {pid for _, pid in served(pool)}
+        files.set(2, behaviour)
+        with pytest.raises(ModelLoadError) as info:
+            pool.reload_models(timeout=2 if behaviour == "hang" else None)
+        if behaviour == "raise":
+            assert "model file version 2 is corrupt" in str(info.value)
+            assert "load_version" in info.value.remote_traceback
+        if behaviour == "hang":
+            assert "timeout=2s" in str(info.value)
+        assert "first worker" in str(info.value)
+        assert served(pool) == {("m:1", pid) for pid in pids}  # the same workers serve the old version
+        stats = pool.stats().models["m"]
+        assert (stats.version, stats.workers_by_version) == (1, {1: 2})
+        gone, left = psutil.wait_procs([p for p in worker_children() if p.pid not in processes], timeout=10)
+        assert not left, f"half-started processes left: {left}"
+        files.set(3)  # a later reload may try again
+        pool.reload_models()
+        assert {v for v, _ in served(pool)} == {"m:3"}
+        assert pool.stats().models["m"].version == 2
+
+
+def test_a_failed_surge_0_reload_fills_the_slot_it_emptied_with_the_old_version(files, tmp_path):
+    broken = ModelFiles(tmp_path / "broken")
+    broken.set(1, "raise")
+    with make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        with pytest.raises(ModelLoadError, match="corrupt"):
+            pool.reload_models({"m": broken.loader()}, surge=0)
+        # It raised once the slot it emptied served again: with the old loader
+        # (or, forked, the old template), so the old version.
+        assert pool.stats().workers_alive == 2
+        assert {v for v, _ in served(pool)} == {"m:1"}
+
+
+def hold_every_worker(pool, fifo, workers):
+    """A running job on each of ``workers`` workers, blocked on its FIFO: (gates, futures)."""
+    gates = [fifo() for _ in range(workers)]
+    futures = [pool.submit("m", wait_for_release, str(gate)) for gate in gates]
+    for gate in gates:
+        gate.wait_running()
+    assert len({gate.pid for gate in gates}) == workers
+    return gates, futures
+
+
+def test_a_reload_shows_per_version_counts_while_an_old_worker_finishes_its_job(files, fifo, rolls):
+    with ThreadPoolExecutor(1) as executor, make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        gates, jobs = hold_every_worker(pool, fifo, 2)
+        files.set(2)
+        reload = executor.submit(pool.reload_models)
+        wait_for(rolls, "worker_rolled")  # a new worker is ready; its old one holds a running job
+        stats = pool.stats().models["m"]
+        assert (stats.version, stats.workers_by_version) == (2, {1: 2, 2: 1})
+        assert pool.score("m", version_of) == "m:2"  # the retiring worker takes no new job
+        for gate in gates:
+            gate.release_opened()
+        assert {job.result(30) for job in jobs} == {gate.pid for gate in gates}  # they finished on the old one
+        reload.result(60)
+        assert pool.stats().models["m"].workers_by_version == {2: 2}
+
+
+def test_workers_that_die_after_the_commit_are_replaced_with_the_new_version(files, fifo, rolls):
+    # The pool closes first: a failed assert ends the reload instead of waiting on it.
+    with ThreadPoolExecutor(1) as executor, make_pool({"m": files.loader()}, nb_workers=3) as pool:
+        gates, jobs = hold_every_worker(pool, fifo, 3)
+        files.set(2)
+        reload = executor.submit(pool.reload_models)
+        first = wait_for(rolls, "worker_rolled")  # committed: version 2 is the current one
+        for gate in gates:
+            os.kill(gate.pid, signal.SIGKILL)  # the one being rolled, and two waiting their turn
+        for job in jobs:
+            with pytest.raises(WorkerCrashedError):
+                job.result(30)
+        reload.result(60)
+        stats = pool.stats().models["m"]
+        assert (stats.version, stats.workers_by_version, stats.workers) == (2, {2: 3}, 3)
+        assert {v for v, _ in served(pool)} == {"m:2"}
+        assert first.worker_pid in {pid for _, pid in served(pool, jobs=200)} | {p.pid for p in worker_children()}
+
+
+def test_two_reloads_at_once_run_one_after_the_other(files, fifo):
+    with ThreadPoolExecutor(2) as executor, make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        gate = fifo()
+        files.gate(2, gate)
+        files.set(2)
+        if True:
+            first = executor.submit(pool.reload_models)
+            gate.wait_running()
+            second = executor.submit(pool.reload_models, {"m": files.loader()})
+            assert not second.done()
+            gate.release_opened()
+            first.result(60)
+            second.result(60)
+        assert pool.stats().models["m"].version == 3
+
+
+def test_shutdown_during_a_reload_ends_it_and_leaves_no_process(files, fifo):
+    pool = make_pool({"m": files.loader()}, nb_workers=2)
+    pool.wait_ready = None
+    gate = fifo()
+    files.gate(2, gate)
+    files.set(2)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            reload = executor.submit(pool.reload_models)
+            gate.wait_running()
+            pool.shutdown(wait=False, timeout=5)
+            with pytest.raises(PoolClosedError):
+                reload.result(30)
+            gate.release_opened()
+    finally:
+        pool.shutdown(timeout=5)
+    gone, left = psutil.wait_procs(worker_children(), timeout=10)
+    assert not left
+    with pytest.raises(PoolClosedError):
+        pool.reload_models()
+
+
+def test_reload_models_async_keeps_the_loop_serving(files, fifo):
+    async def main():
+        async with make_pool({"m": files.loader()}, nb_workers=2) as pool:
+            gate = fifo()
+            files.gate(2, gate)
+            files.set(2)
+            reload = asyncio.create_task(pool.reload_models_async())
+            # The loop keeps running jobs while the new worker loads: the
+            # release comes from this very loop, after them.
+            assert await pool.score_async("m", version_of) == "m:1"
+            await asyncio.to_thread(gate.wait_running)
+            assert await pool.score_async("m", version_of) == "m:1"
+            gate.release_opened()
+            await asyncio.wait_for(reload, 60)
+            assert await pool.score_async("m", version_of) == "m:2"
+            cancelled = asyncio.create_task(pool.reload_models_async())
+            await asyncio.sleep(0)
+            cancelled.cancel()  # a cancelled await leaves the reload running
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await pool.reload_models_async()  # waits for it, then runs
+            assert pool.stats().models["m"].version == 4
+
+    asyncio.run(main())
+
+
+def test_a_dict_reload_rolls_only_the_groups_of_the_models_it_names(files):
+    loaders = {"a": files.loader("a"), "b": Model(files.loader("b"), workers=1)}
+    with make_pool(loaders, nb_workers=1) as pool:
+        pid_a = pool.score("a", which)[1]
+        pid_b = pool.score("b", which)[1]
+        pool.reload_models({"b": lambda: "b:new"})
+        assert pool.score("b", which)[0] == "b:new" and pool.score("b", which)[1] != pid_b
+        assert pool.score("a", which) == ("a:1", pid_a)  # its group did not roll
+        models = pool.stats().models
+        assert (models["a"].version, models["b"].version) == (1, 2)
+        files.set(2)
+        pool.reload_models()  # None: every model's current loader, "b"'s new one included
+        assert pool.score("a", which)[0] == "a:2" and pool.score("b", which)[0] == "b:new"
+        models = pool.stats().models
+        assert (models["a"].version, models["b"].version) == (2, 3)
+
+
+def test_bad_reload_arguments_are_refused_and_the_pool_serves_on(files):
+    with make_pool({"m": files.loader()}, nb_workers=1) as pool:
+        with pytest.raises(UnknownModelError, match="'x'.*serves 'm'"):
+            pool.reload_models({"x": files.loader()})
+        with pytest.raises(TypeError, match="Model"):
+            pool.reload_models({"m": Model(files.loader())})
+        with pytest.raises(TypeError, match="requires argument"):
+            pool.reload_models({"m": load_constant})
+        with pytest.raises(TypeError, match="callable"):
+            pool.reload_models({"m": "model.pkl"})
+        with pytest.raises(ValueError, match="surge"):
+            pool.reload_models(surge=2)
+        with pytest.raises(ValueError, match="timeout"):
+            pool.reload_models(timeout=0)
+        with pytest.raises(ValueError, match="empty"):
+            pool.reload_models({})
+        lock = threading.Lock()
+        with pytest.raises(SerializationError, match="loader of model 'm'"):
+            pool.reload_models({"m": lambda: lock})
+        assert pool.score("m", version_of) == "m:1"
+        assert pool.stats().models["m"].version == 1
