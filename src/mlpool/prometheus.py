@@ -202,11 +202,20 @@ def _model_families(p: str, snapshots: list[tuple[str, Any, bool]]) -> Iterator[
         ("queue_depth", "Jobs of the model waiting for a worker."),
         ("workers", "Workers alive that load the model."),
         ("saturation", "(The model's jobs running + queued) / its group's worker slots."),
+        ("version", "The model's version: 1 at start, one more per reload_models of it."),
     ):
         gauge = GaugeMetricFamily(f"{p}_model_{field}", help_text, labels=labels)
         for name, model, figures in models:
             gauge.add_metric([name, model], getattr(figures, field))
         yield gauge
+    by_version = GaugeMetricFamily(
+        f"{p}_model_version_workers", "Workers alive that serve each version of the model (two while a reload rolls).",
+        labels=[*labels, "version"],
+    )  # fmt: skip
+    for name, model, figures in models:
+        for version, count in sorted(figures.workers_by_version.items()):
+            by_version.add_metric([name, model, str(version)], count)
+    yield by_version
     jobs = CounterMetricFamily(f"{p}_model_jobs", "The model's jobs finished, by outcome.", labels=[*labels, "outcome"])
     for name, model, figures in models:
         jobs.add_metric([name, model, "completed"], figures.jobs_completed)

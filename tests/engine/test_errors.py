@@ -104,7 +104,7 @@ def test_bad_constructor_arguments():
         make_pool({"m": load_constant}, nb_workers=-1)
     with pytest.raises(ValueError, match="start_method"):
         make_pool({"m": load_constant}, nb_workers=1, start_method="fork")
-    with pytest.raises(SerializationError, match="models_to_load"):
+    with pytest.raises(SerializationError, match="loader of model 'm'"):
         lock = threading.Lock()
         make_pool({"m": lambda: lock}, nb_workers=1)
 

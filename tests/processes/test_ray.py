@@ -17,9 +17,10 @@ import psutil
 import pytest
 from helpers import workloads
 from helpers.pools import make_pool
+from helpers.versions import ModelFiles, version_of
 from helpers.workloads import add, load_constant
 
-from mlpool import JobTimeoutError, WorkerCrashedError
+from mlpool import JobTimeoutError, ModelLoadError, WorkerCrashedError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 RAY = {"backend": "ray", "ray_options": {"num_cpus": 0.5}}
@@ -173,3 +174,19 @@ def test_a_model_with_workers_of_its_own_is_a_set_of_actors_of_its_own(ray_clust
         assert pool.score("own", add, 1) == 11 and pool.score("shared", add, 2) == 12
         stats = pool.stats().models
         assert (stats["own"].workers, stats["shared"].workers) == (1, 1)
+
+
+def test_a_reload_replaces_the_actors_one_at_a_time(tmp_path):
+    files = ModelFiles(tmp_path / "model")
+    with make_pool({"m": files.loader()}, nb_workers=2, **RAY) as pool:
+        actors = {pool.score("m", workloads.pid) for _ in range(20)}
+        files.set(2)
+        pool.reload_models()
+        assert {pool.score("m", version_of) for _ in range(20)} == {"m:2"}
+        assert not actors & {pool.score("m", workloads.pid) for _ in range(20)}
+        stats = pool.stats().models["m"]
+        assert (stats.version, stats.workers_by_version) == (2, {2: 2})
+        files.set(3, "raise")
+        with pytest.raises(ModelLoadError, match="corrupt"):
+            pool.reload_models()
+        assert {pool.score("m", version_of) for _ in range(20)} == {"m:2"}

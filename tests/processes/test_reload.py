@@ -324,3 +324,17 @@ def test_bad_reload_arguments_are_refused_and_the_pool_serves_on(files):
             pool.reload_models({"m": lambda: lock})
         assert pool.score("m", version_of) == "m:1"
         assert pool.stats().models["m"].version == 1
+
+
+def test_prometheus_exports_each_models_version_and_workers_per_version(files):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from mlpool.prometheus import PoolCollector
+
+    registry = prometheus_client.CollectorRegistry()
+    with make_pool({"m": files.loader()}, nb_workers=1) as pool:
+        PoolCollector(pool, pool_name="p").register(registry)
+        files.set(2)
+        pool.reload_models()
+        text = prometheus_client.generate_latest(registry).decode()
+    assert 'mlpool_model_version{model="m",pool="p"} 2.0' in text
+    assert 'mlpool_model_version_workers{model="m",pool="p",version="2"} 1.0' in text

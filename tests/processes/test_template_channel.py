@@ -18,6 +18,7 @@ from helpers.workloads import load_constant, load_raises
 from test_template_processes import load_with_thread_pool
 
 from mlpool._processes import template as _template
+from mlpool._processes.groups import pack_loaders
 from mlpool._processes.template import Template, TemplateClosed, WorkerForked
 from mlpool._wire.protocol import LoadFailed, Ready
 from mlpool._wire.template_protocol import Reaped, TemplateReady
@@ -37,7 +38,7 @@ SETTINGS = WorkerSettings(
 
 def start(loader=load_constant, **options) -> Template:
     context = multiprocessing.get_context("spawn")
-    return Template(context, cloudpickle.dumps({"m": loader}), SETTINGS, **options)
+    return Template(context, pack_loaders({"m": cloudpickle.dumps(loader)}), SETTINGS, **options)
 
 
 def next_events(template: Template, timeout: float = 60.0) -> list:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from helpers import worker_probe
 
+from mlpool._processes.groups import pack_loaders
 from mlpool._wire.protocol import Done, Exiting, Ready, Stop, encode, encode_run, encode_run_batch, setup_frame
 from mlpool._wire.serialization import dumps_by_value
 from mlpool._wire.started import LastStarted
@@ -43,8 +44,8 @@ class DirectWorker:
         options = {"parent_pid": os.getpid(), "threads": 1, "memory_limit": None, "nice": 0, "shm_threshold": None,
                    "shm_limit": None}  # fmt: skip
         options.update(settings)
-        self.process = context.Process(target=worker_main, args=(child, 0, dumps_by_value(loaders, "loaders"),
-                                                                 WorkerSettings(**options)))  # fmt: skip
+        pickled = pack_loaders({name: dumps_by_value(fn, name) for name, fn in loaders.items()})
+        self.process = context.Process(target=worker_main, args=(child, 0, pickled, WorkerSettings(**options)))
         self.process.start()
         child.close()
         assert type(self.receive()) is Ready

@@ -355,7 +355,10 @@ class ProcessEngine:
             pickled = {name: dumps_by_value(fn, f"the loader of model {name!r}") for name, fn in loaders.items()}
         plan = ReloadPlan(pickled, self.config.start_timeout if timeout is None else timeout, surge)
         with self.locked():
-            self._supervisor.reload(plan)
+            if (error := refusal(self.state, self._supervisor.broken_reason)) is not None:
+                plan.future.set_exception(error)
+            else:
+                self._supervisor.reloads.ask(plan)
         return plan.future
 
     # ------------------------------------------------------------ streams

@@ -6,7 +6,8 @@
     a launcher's news (a fork template's events, its death) ─► launcher_events
     death ─► on_exit: settle exactly the jobs it held ─► replace after a back-off
     check(now): job deadlines, start_timeout, the shutdown ladder
-    shutdown ─► CLOSING: drain, Stop, wait, SIGKILL ─► CLOSED
+    shutdown ─► CLOSING: drain, Stop, wait, SIGKILL (_processes.shutdown) ─► CLOSED
+    reload_models ─► reloads: a new generation, rolled one worker at a time (_processes.rollout)
 
 A death settles exactly the jobs the worker held: the one it was running
 fails with WorkerCrashedError (or is retried), those behind it never started
@@ -42,12 +43,13 @@ from mlpool._api.config import PoolConfig
 from mlpool._engine.outcomes import ManagerAlarm
 from mlpool._engine.recovery import JobRecovery
 from mlpool._engine.scheduler import Scheduler
-from mlpool._engine.state import PoolState, refusal
+from mlpool._engine.state import PoolState
 from mlpool._processes.groups import Generation, WorkerGroup
 from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Exit, Launched, Setback, Watched, backoff
 from mlpool._processes.logs import worker_ready as log_worker_ready
 from mlpool._processes.readers import PipeReaders
-from mlpool._processes.rollout import ReloadPlan, Reloads
+from mlpool._processes.rollout import Reloads
+from mlpool._processes.shutdown import ShutdownLadder
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import LoadFailed, Ready, Stop, encode
 from mlpool._wire.transport import write_all
@@ -92,7 +94,7 @@ class Supervisor:
         self.counts = dict.fromkeys(("restarts", "recycled"), 0)
         self.started: Future[None] = Future()  # result: ready; exception: start failed
         self._start_deadline = time.monotonic() + config.start_timeout
-        self._stop_deadline: float | None = None
+        self._ladder = ShutdownLadder(scheduler, recovery)  # drain, Stop, wait, SIGKILL
         self._news: list[tuple[WorkerGroup, int, Launched]] = []  # (group, generation, news) for launcher_events
         self.reloads = Reloads(self)  # reload_models, one at a time (see _processes.rollout)
         self._watching: dict[tuple[str, int], list[Watched]] = {}  # (group, generation) -> its processes watched
@@ -224,7 +226,7 @@ class Supervisor:
         group = self.groups[worker.group]
         how = group.launcher_of(worker).describe(worker, exitcode)
         if worker.start_timed_out:
-            how = f"did not load its models within {_limit(worker)}"
+            how = f"did not load its models within {worker.load_limit()}"
         if worker.fault is not None:
             how = f"was killed: {worker.fault}"
         if (failure := worker.load_failure) is not None:  # it exits (code 0) after saying so
@@ -305,13 +307,6 @@ class Supervisor:
         if ended:
             self._ended += [(group, generation) for generation in ended]
             self._alarm.soon()
-
-    def reload(self, plan: ReloadPlan) -> None:
-        """``reload_models``: roll ``plan`` out after the reloads asked before it (see ``_processes.rollout``)."""
-        if (error := refusal(self.state, self.broken_reason)) is not None:
-            plan.future.set_exception(error)
-        else:
-            self.reloads.ask(plan)
 
     def _stop_worker(self, worker: WorkerHandle) -> None:
         worker.state = worker.state.to(WorkerState.STOPPING)
@@ -403,51 +398,26 @@ class Supervisor:
         for worker in self.workers.values():
             if worker.state is WorkerState.STARTING and now - worker.started_at >= worker.start_limit:
                 worker.start_timed_out = True
-                worker.kill(f"it did not load its models within {_limit(worker)}")
+                worker.kill(f"it did not load its models within {worker.load_limit()}")
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
         """Stop taking jobs; start the ladder (drain, Stop, wait, SIGKILL). Asked again, a shorter timeout wins."""
         if self.state in (PoolState.CLOSED, PoolState.BROKEN):
             return
         if self.state is not PoolState.CLOSING:
-            self.state, self._stop_deadline = self.state.to(PoolState.CLOSING), time.monotonic() + timeout
+            self.state = self.state.to(PoolState.CLOSING)
+            self._ladder.begin(timeout)
             self.reloads.end(PoolClosedError("the pool shut down during the reload"))
-        elif self._stop_deadline is not None:  # None: it timed out already
-            self._stop_deadline = min(self._stop_deadline, time.monotonic() + timeout)
+        else:
+            self._ladder.shorten(timeout)
         if cancel_pending:
             self._recovery.fail_queued(None)
         self._alarm.soon()
 
     def _advance_shutdown(self, now: float) -> None:
-        if self.state is not PoolState.CLOSING:
-            return
-        busy = self._scheduler.queued or any(w.inflight for w in self.workers.values())
-        if not busy:
-            for worker in self.workers.values():
-                if worker.state in (WorkerState.IDLE, WorkerState.RETIRING):
-                    self._stop_worker(worker)
-                elif worker.state is WorkerState.STARTING:
-                    worker.kill("the pool is shutting down")
-            for group in self.groups.values():
-                group.spawn_at.clear()
-        if not self.workers and not any(group.spawn_at for group in self.groups.values()):
-            self._recovery.fail_queued(PoolClosedError("the pool shut down before the job could run"))
+        if self.state is PoolState.CLOSING and self._ladder.advance(now, self.workers, self.groups.values(),
+                                                                    self._stop_worker):  # fmt: skip
             self.state = self.state.to(PoolState.CLOSED)
-            return
-        if self._stop_deadline is None or now < self._stop_deadline:
-            return
-        # Past the deadline: whatever still runs is forced to stop. Force is
-        # safe here: each worker has its own pipe, so a killed worker cannot
-        # leave a shared queue or lock broken for the others. Workers ignore
-        # SIGTERM (a signal to the whole process group must not end them under
-        # a draining app): Stop was the polite request.
-        self._recovery.fail_queued(PoolClosedError("the pool shut down before the job could run"))
-        for group in self.groups.values():
-            group.spawn_at.clear()
-        logger.warning("shutdown timed out; killing %d workers", len(self.workers))
-        for worker in self.workers.values():
-            worker.kill("shutdown timed out")
-        self._stop_deadline = None
 
     def next_deadline(self) -> float | None:
         """The supervisor's next deadline: a start due, a launcher's, a start_timeout,
@@ -465,8 +435,8 @@ class Supervisor:
         else:
             starting = [w for w in self.workers.values() if w.state is WorkerState.STARTING]
             candidates += [w.started_at + w.start_limit for w in starting]
-        if self._stop_deadline is not None and self.state is PoolState.CLOSING:
-            candidates.append(self._stop_deadline)
+        if self._ladder.deadline is not None and self.state is PoolState.CLOSING:
+            candidates.append(self._ladder.deadline)
         return min(candidates, default=None)
 
     def done(self) -> bool:
@@ -523,10 +493,3 @@ class Supervisor:
         for group in self.groups.values():
             for generation in [*group.generations.values(), *(g for grp, g in self._ended if grp is group)]:
                 generation.launcher.close()
-
-
-
-def _limit(worker: WorkerHandle) -> str:
-    """The load timeout ``worker`` had, as the user set it."""
-    setting = "start_timeout" if worker.generation == 1 else "the reload's timeout"
-    return f"{setting}={worker.start_limit:g}s"

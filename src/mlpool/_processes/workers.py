@@ -161,6 +161,11 @@ class WorkerHandle:
             job.worker = None
         return jobs
 
+    def load_limit(self) -> str:
+        """The time it had to load its models, as the user set it."""
+        setting = "start_timeout" if self.generation == 1 else "the reload's timeout"
+        return f"{setting}={self.start_limit:g}s"
+
     def kill(self, reason: str) -> None:
         """SIGKILL the worker (it may be running user code that never returns)."""
         if self.state in (WorkerState.KILLED, WorkerState.EXITED):
