@@ -17,7 +17,9 @@ Endpoints: ``POST /iris``, ``POST /diabetes`` (JSON features), ``POST /image``
 streams results back, per-row predictions of an uploaded batch streamed as
 they are made (``POST /stream/diabetes``, NDJSON or ``?format=sse``, and the
 WebSocket ``/ws/stream``), ``/healthz`` (liveness: 503 once the pool is
-broken for good), ``/readyz`` and ``/metrics``.
+broken for good), ``/readyz``, ``/metrics``, and ``POST /admin/reload``
+(rolls the models out again from their files, worker by worker; off unless
+``MLPOOL_DEMO_ADMIN_TOKEN`` holds the token it asks for).
 
 What one client cannot do to the others: send a body larger than the
 endpoint takes (413 before it is read), an image with more pixels than
@@ -30,6 +32,7 @@ Error bodies carry fixed sentences; the log has the details.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -83,7 +86,10 @@ INTERRUPT_INTERVAL = 10.0  # seconds between two worker restarts that DELETE /jo
 MAX_STREAM_ROWS = 20_000  # rows of one streamed batch (about 5 minutes of work)
 MAX_STREAM_BYTES = 4 * 2**20
 
+# POST /admin/reload answers 404 unless this holds the token it asks for ("Authorization: Bearer <token>").
+ADMIN_TOKEN = os.environ.get("MLPOOL_DEMO_ADMIN_TOKEN", "")
 SCORERS = {"iris": models.score_iris, "diabetes": models.score_diabetes}
+LOADERS = {"iris": models.load_iris, "diabetes": models.load_diabetes, "image": models.load_cnn}
 FEATURE_COUNTS = {"iris": 4, "diabetes": 10}
 
 
@@ -120,7 +126,7 @@ def pool_layout(loaders: dict[str, Any]) -> tuple[dict[str, Any], int]:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     models.train_if_missing(with_cnn=True)
-    loaders = {"iris": models.load_iris, "diabetes": models.load_diabetes, "image": models.load_cnn}
+    loaders = LOADERS
     if MODE == "inprocess":
         app.state.inprocess = {name: load() for name, load in loaders.items()}
         yield
@@ -373,6 +379,29 @@ async def stream_rows(websocket: WebSocket, session: Any, message: dict[str, Any
         await websocket.send_json({"id": request_id, **reply})
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass
+
+
+class Reload(BaseModel):
+    models: list[Literal["iris", "diabetes", "image"]] | None = None  # None: every model
+
+
+@app.post("/admin/reload")
+async def reload_models(request: Request, body: Reload | None = None) -> JSONResponse:
+    """Load the models again from their files (a deployment replaced them),
+    one worker at a time: no request fails and capacity never drops. Answers
+    when every worker serves the new version, with each model's version; a
+    new file that fails to load is a 500 and the old version keeps serving."""
+    if not ADMIN_TOKEN:
+        raise HTTPException(404, "Not Found")
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {ADMIN_TOKEN}".encode()):
+        raise HTTPException(401, "this route needs the admin token", headers={"WWW-Authenticate": "Bearer"})
+    if MODE == "inprocess":
+        raise HTTPException(409, "no pool to reload in the inprocess mode")
+    pool: MLPool = get_pool(request)
+    names = body.models if body is not None and body.models else None
+    await pool.reload_models_async(None if names is None else {name: LOADERS[name] for name in names})
+    return JSONResponse({"versions": {name: figures.version for name, figures in pool.stats().models.items()}})
 
 
 @app.get("/healthz")

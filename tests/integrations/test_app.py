@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -27,6 +28,7 @@ sys.path.insert(0, str(EXAMPLES))
 from app import main, models
 
 IRIS = [6.2, 2.2, 4.5, 1.5]
+ADMIN_TOKEN = "s3cret-for-tests"
 DIABETES = [0.038, 0.05, 0.062, 0.022, -0.044, -0.035, -0.043, -0.003, 0.02, -0.018]
 
 
@@ -59,6 +61,7 @@ def slow_demo(tmp_path_factory):
         "MLPOOL_DEMO_MODEL_DIR": str(model_dir),
         "MLPOOL_DEMO_JOB_TIMEOUT": "1",
         "MLPOOL_DEMO_WORKERS": "2",
+        "MLPOOL_DEMO_ADMIN_TOKEN": ADMIN_TOKEN,
         "HELD_IRIS_DIR": str(gates),
     }
     server = UvicornServer("helpers.held_demo_app:app", EXAMPLES, env=env)
@@ -467,6 +470,39 @@ def test_a_failing_websocket_job_is_answered_with_an_error(slow_demo):
 
     answer = asyncio.run(main_())
     assert answer == {"id": "slow", "error": "JobTimeoutError", "detail": "the job took too long"}
+
+
+def test_the_admin_route_is_off_without_a_token(demo):
+    with httpx.Client(base_url=demo.url, timeout=30) as client:
+        assert client.post("/admin/reload").status_code == 404
+
+
+def test_the_admin_route_reloads_the_models_under_load_with_no_failed_request(slow_demo):
+    with httpx.Client(base_url=slow_demo.url, timeout=60) as client:
+        assert client.post("/admin/reload").status_code == 401
+        assert client.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        stop = False
+
+        async def load() -> list[int]:
+            async with httpx.AsyncClient(base_url=slow_demo.url, timeout=60) as load_client:
+                codes = []
+                while not stop:
+                    replies = await asyncio.gather(*(load_client.post("/iris", json={"features": IRIS})
+                                                     for _ in range(4)))  # fmt: skip
+                    codes += [reply.status_code for reply in replies]
+                return codes
+
+        with ThreadPoolExecutor(1) as executor:
+            codes = executor.submit(asyncio.run, load())
+            first = client.post("/admin/reload", headers=admin, json={"models": ["iris"]})
+            second = client.post("/admin/reload", headers=admin)
+            stop = True
+            codes = codes.result(60)
+        assert first.status_code == 200 and first.json()["versions"]["iris"] == 2
+        assert second.json()["versions"] == {"iris": 3, "diabetes": 2, "image": 2}
+        assert codes and set(codes) == {200}
+        assert metric(client, "mlpool_model_version", pool="demo", model="iris") == 3
 
 
 def test_healthz_is_503_once_the_pool_is_broken_for_good(slow_demo):
