@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test soak dist bench bench-overhead bench-instructions bench-batching bench-payload bench-arrays bench-memory bench-fairness bench-streaming chaos clean
+.PHONY: demo quickstart test soak dist bench bench-overhead bench-instructions bench-batching bench-payload bench-arrays bench-memory bench-reload bench-fairness bench-streaming chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ bench-payload: $(DEV_STAMP)
 ## Large arrays (8 MB, 64 MB, both ways) against another commit (OLD=<rev>), interleaved.
 bench-arrays: $(DEV_STAMP)
 	$(BIN)/python bench/arrays_ab.py $(OLD) --rounds 7
+
+## A new model version under load: reload_models (surge=1, surge=0) against restarting the pool.
+bench-reload: $(DEV_STAMP)
+	$(BIN)/python bench/reload.py
 
 ## Memory and restart time of share_models against spawned workers.
 bench-memory: $(DEV_STAMP)
