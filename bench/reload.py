@@ -63,11 +63,12 @@ def score(model: dict, row: int) -> float:
     return float((weights[start : start + 1024] @ weights[:4].T).sum())
 
 
-def write_weights(path: str, megabytes: int, seed: int) -> None:
+def write_weights(path: str, megabytes: int, seed: int) -> str:
+    """A weights file beside ``path``, to publish with os.replace (atomic: a load never reads half a file)."""
     rows = megabytes * 2**20 // (4096 * 8)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, np.random.default_rng(seed).standard_normal((rows, 4096)))
-    os.replace(tmp, path)  # atomic: a load never reads half a file
+    new = f"{path}.{seed}.npy"
+    np.save(new, np.random.default_rng(seed).standard_normal((rows, 4096)))
+    return new
 
 
 def pss_mib() -> float:
@@ -223,7 +224,7 @@ async def main() -> None:
     args = parser.parse_args()
     directory = tempfile.mkdtemp(prefix="mlpool-reload-")
     path = os.path.join(directory, "weights.npy")
-    write_weights(path, args.model_mb, seed=1)
+    os.replace(write_weights(path, args.model_mb, seed=1), path)
     loaders = {"m": partial(load_model, path)}
 
     async def new_pool() -> MLPool:
@@ -240,17 +241,18 @@ async def main() -> None:
     print(f"{args.workers} workers on {os.cpu_count()} cores, a model of {args.model_mb} MiB loading in "
           f"{load_seconds:.2f}s here; load {rate:.0f} jobs/s ({args.load:.0%} of the capacity)", flush=True)
 
-    seeds = iter(range(2, 100))
+    # Each change publishes a new weights file, written beforehand (a deployment copies it in first).
+    versions = iter([write_weights(path, args.model_mb, seed) for seed in (2, 3, 4)])
 
     def reload(surge: int):
         async def change(holder: dict) -> None:
-            write_weights(path, args.model_mb, seed=next(seeds))
+            os.replace(next(versions), path)
             await holder["pool"].reload_models_async(surge=surge)
 
         return change
 
     async def restart(holder: dict) -> None:
-        write_weights(path, args.model_mb, seed=next(seeds))
+        os.replace(next(versions), path)
         old, holder["pool"] = holder["pool"], None
         await old.shutdown_async()
         holder["pool"] = await new_pool()

@@ -23,6 +23,13 @@ A job never sees a model change under it: a worker loads one version for its
 life, and an old worker is retired (takes no new job, stops after those it
 holds) rather than killed; only one still loading is killed.
 
+Loading costs CPU that the serving workers would use: on a host whose cores
+are busy, jobs queue up while a new worker loads. So a step after the first
+starts once the group's queue is back to where it was when the reload began
+(plus one job per worker), or once it has waited as long as the last load
+took, whichever comes first: jobs never wait for more than one load's backlog,
+and a reload under load takes at most about twice as long.
+
 Runs under the engine's lock, on the supervisor's events: a worker ready
 (``on_ready``), a worker gone (``on_exit``: True when the reload fills its slot,
 so the supervisor does not), a start that failed (``start_failed``), a
@@ -52,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mlpool._engine.engine")
 
 _LIVE = (WorkerState.STARTING, WorkerState.IDLE)  # a worker that serves or will: not on its way out
+PACE_POLL = 0.05  # seconds between two looks at a group's queue while its next step waits for it
 
 
 @dataclass(slots=True)
@@ -87,7 +95,10 @@ class Starts(Protocol):
 class _Roll:
     """One group's part of a reload: the step it is at (an old worker and the new one for its slot)."""
 
-    __slots__ = ("group", "new", "old", "index", "loading", "ready", "proven", "failures", "rolled", "done")
+    __slots__ = (
+        "group", "new", "old", "index", "loading", "ready", "proven", "failures", "rolled", "done", "calm",
+        "launched_at", "last_load", "hold_until",
+    )  # fmt: skip
 
     def __init__(self, group: WorkerGroup, new: Generation) -> None:
         self.group = group
@@ -100,13 +111,20 @@ class _Roll:
         self.failures = 0  # failed starts of the new version in a row
         self.rolled = 0
         self.done = False
+        self.calm = 0  # the group's queue, as calm as it was when the reload began (see the module's docstring)
+        self.launched_at = 0.0  # when the step's new worker was asked for
+        self.last_load = 0.0  # seconds the last step's new worker took to be ready
+        self.hold_until: float | None = None  # the next step waits for the queue until then
 
 
 class Rollout:
     """One reload under way (see the module's docstring)."""
 
-    def __init__(self, starts: Starts, plan: ReloadPlan, on_end: Callable[[], None]) -> None:
+    def __init__(
+        self, starts: Starts, plan: ReloadPlan, on_end: Callable[[], None], queued_of: Callable[[str], int]
+    ) -> None:
         self._starts = starts
+        self._queued_of = queued_of
         self.plan = plan
         self._on_end = on_end
         self.committed = False
@@ -126,7 +144,9 @@ class Rollout:
                 reloaded = [m for m in group.models if named is None or m in named]
                 if reloaded:
                     self.models += reloaded
-                    self.rolls.append(_Roll(group, self._coming(group, reloaded)))
+                    roll = _Roll(group, self._coming(group, reloaded))
+                    roll.calm = self._backlog(group) + group.size
+                    self.rolls.append(roll)
         except Exception as exc:  # a backend that cannot start the new version (Ray gone)
             self._fail(ModelLoadError(f"could not prepare the reload: {exc!r}"), abort=True)
             return
@@ -204,6 +224,8 @@ class Rollout:
                 return
         else:
             return  # its first new worker is ready: the others' decide the commit
+        if roll.rolled and self._busy(roll):
+            return  # check() looks again
         old = roll.old = waiting[0]
         roll.index, roll.loading, roll.ready = old.index, False, False
         if self.plan.surge:
@@ -223,7 +245,35 @@ class Rollout:
             reason = f"{group.describe()} failed to start {group.failures} times in a row"
             self._fail(self._load_error(roll, reason, None), abort=False)
 
+    def _busy(self, roll: _Roll) -> bool:
+        """Whether the group's next step waits: its queue is longer than when
+        the reload began, and it has not waited as long as the last load took."""
+        if self._backlog(roll.group) <= roll.calm:
+            roll.hold_until = None
+            return False
+        now = time.monotonic()
+        if roll.hold_until is None:
+            roll.hold_until = now + roll.last_load
+        if now < roll.hold_until:
+            return True
+        roll.hold_until = None
+        return False
+
+    def _backlog(self, group: WorkerGroup) -> int:
+        return sum(self._queued_of(model) for model in group.models)
+
+    def check(self) -> None:
+        """A step held back by a long queue may start now."""
+        if any(roll.hold_until is not None and roll.old is None for roll in self.rolls):
+            self._progress()
+
+    def next_deadline(self) -> float | None:
+        """When to look at the queue again, if a step waits for it."""
+        holds = [roll.hold_until for roll in self.rolls if roll.hold_until is not None and roll.old is None]
+        return min(min(holds), time.monotonic() + PACE_POLL) if holds else None
+
     def _launch(self, roll: _Roll, delay: float = 0.0) -> None:
+        roll.launched_at = time.monotonic() + delay
         roll.loading = True
         self._starts.launch_soon(roll.group, roll.index, roll.new.number, delay)
 
@@ -266,6 +316,7 @@ class Rollout:
                 self._progress()  # a replacement is ready: the group may be full
             return
         roll.loading, roll.ready, roll.proven = False, True, True
+        roll.last_load = time.monotonic() - roll.launched_at
         logs.worker_rolled(worker, roll.new.versions, roll.rolled + 1, roll.group.size, roll.group.describe())
         if not self.committed:
             if not all(r.proven for r in self.rolls):
@@ -375,8 +426,9 @@ class Rollout:
 class Reloads:
     """The reloads asked of a pool: one rolls at a time, the others wait their turn in order."""
 
-    def __init__(self, starts: Starts) -> None:
+    def __init__(self, starts: Starts, queued_of: Callable[[str], int]) -> None:
         self._starts = starts
+        self._queued_of = queued_of  # jobs of a model waiting in the queue
         self.active: Rollout | None = None
         self._waiting: deque[ReloadPlan] = deque()
 
@@ -387,7 +439,7 @@ class Reloads:
     def begin_due(self) -> None:
         """Begin the next reload, if none rolls and the pool serves."""
         while self.active is None and self._waiting and self._starts.state is PoolState.RUNNING:
-            self.active = Rollout(self._starts, self._waiting.popleft(), self._ended)
+            self.active = Rollout(self._starts, self._waiting.popleft(), self._ended, self._queued_of)
             self.active.begin()
 
     def _ended(self) -> None:
@@ -403,6 +455,13 @@ class Reloads:
 
     def replacing(self, worker: WorkerHandle) -> bool:
         return self.active is not None and self.active.replacing(worker)
+
+    def check(self) -> None:
+        if self.active is not None:
+            self.active.check()
+
+    def next_deadline(self) -> float | None:
+        return None if self.active is None else self.active.next_deadline()
 
     def on_ready(self, worker: WorkerHandle) -> None:
         if self.active is not None:

@@ -96,7 +96,7 @@ class Supervisor:
         self._start_deadline = time.monotonic() + config.start_timeout
         self._ladder = ShutdownLadder(scheduler, recovery)  # drain, Stop, wait, SIGKILL
         self._news: list[tuple[WorkerGroup, int, Launched]] = []  # (group, generation, news) for launcher_events
-        self.reloads = Reloads(self)  # reload_models, one at a time (see _processes.rollout)
+        self.reloads = Reloads(self, scheduler.queued_of)  # reload_models, one at a time (see _processes.rollout)
         self._watching: dict[tuple[str, int], list[Watched]] = {}  # (group, generation) -> its processes watched
         self._ended: list[tuple[WorkerGroup, Generation]] = []  # generations gone, to close on the manager thread
         now = time.monotonic()
@@ -381,10 +381,11 @@ class Supervisor:
     # ----------------------------------------------------------- deadlines
 
     def check(self, now: float) -> None:
-        """Act on what is due: job deadlines, starts past start_timeout, the shutdown ladder."""
+        """Act on what is due: job deadlines, starts past start_timeout, the shutdown ladder, a paced reload."""
         self._recovery.expire(now)
         self._check_start(now)
         self._advance_shutdown(now)
+        self.reloads.check()
 
     def _check_start(self, now: float) -> None:
         limit = self.config.start_timeout
@@ -423,6 +424,8 @@ class Supervisor:
         """The supervisor's next deadline: a start due, a launcher's, a start_timeout,
         the shutdown's; now if launchers reported something before the wait."""
         candidates = [time.monotonic()] if self._news else []
+        if (paced := self.reloads.next_deadline()) is not None:
+            candidates.append(paced)
         for group in self.groups.values():
             if group.spawn_at:
                 candidates.append(group.spawn_at[0][0])
