@@ -2,7 +2,8 @@
 
 A :class:`ModelFiles` directory holds ``version`` (what the next load reads,
 like a model file replaced in place), per version an optional behaviour
-(``raise``, ``crash``, ``segfault``, ``hang``) and an optional gate: a FIFO the
+(``raise``, ``crash``, ``segfault``, ``hang``, ``first-only``: the first load
+succeeds, the others raise) and an optional gate: a FIFO the
 next load of that version blocks on until the test releases it, so a test holds a
 roll at the step it wants to look at without waiting on time.
 """
@@ -45,7 +46,11 @@ def load_version(root: str, name: str) -> str:
         with open(fifo) as f:  # blocks until the test opens the FIFO
             f.read()
     behaviour = Path(root, f"behaviour-{version}").read_text()
-    if behaviour == "raise":
+    with open(Path(root, f"loads-{version}"), "a+") as f:  # one line per load of this version
+        f.write(".\n")
+        f.seek(0)
+        loads = len(f.readlines())
+    if behaviour == "raise" or (behaviour == "first-only" and loads > 1):
         raise RuntimeError(f"model file version {version} is corrupt")
     if behaviour == "crash":
         os._exit(7)

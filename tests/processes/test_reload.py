@@ -215,7 +215,8 @@ def test_workers_that_die_after_the_commit_are_replaced_with_the_new_version(fil
         for job in jobs:
             with pytest.raises(WorkerCrashedError):
                 job.result(30)
-        reload.result(60)
+        reload.result(60)  # the two replacements may still load: of the new version
+        wait_for(rolls, "worker_replaced", after=wait_for(rolls, "worker_replaced", after=first))  # both ready
         stats = pool.stats().models["m"]
         assert (stats.version, stats.workers_by_version, stats.workers) == (2, {2: 3}, 3)
         assert {v for v, _ in served(pool)} == {"m:2"}
@@ -338,3 +339,84 @@ def test_prometheus_exports_each_models_version_and_workers_per_version(files):
         text = prometheus_client.generate_latest(registry).decode()
     assert 'mlpool_model_version{model="m",pool="p"} 2.0' in text
     assert 'mlpool_model_version_workers{model="m",pool="p",version="2"} 1.0' in text
+
+
+# ------------------------------------------------------------- the review's cases
+
+
+def test_a_failed_reload_of_two_groups_leaves_each_its_size(files, tmp_path, fifo):
+    broken, gated = ModelFiles(tmp_path / "broken"), ModelFiles(tmp_path / "gated")
+    broken.set(1, "raise")
+    gate_a, gate_b = fifo(), fifo()
+    broken.gate(1, gate_a)
+    gated.gate(1, gate_b)
+    loaders = {"a": files.loader("a"), "b": Model(files.loader("b"), workers=1)}
+    with ThreadPoolExecutor(1) as executor, make_pool(loaders, nb_workers=1) as pool:
+        # The new "a" fails while the new "b" is still loading: "b"'s new worker is let go.
+        reload = executor.submit(pool.reload_models, {"a": broken.loader("a"), "b": gated.loader("b")})
+        gate_b.wait_running()
+        gate_a.release()
+        with pytest.raises(ModelLoadError, match="corrupt"):
+            reload.result(60)
+        os.close(gate_b._fd)  # its reader was killed
+        files.set(2)
+        pool.reload_models()  # an extra "b" worker left behind would be rolled too
+        models = pool.stats().models
+        assert models["a"].workers_by_version == {2: 1} and models["b"].workers_by_version == {2: 1}
+
+
+def test_old_workers_that_die_before_the_commit_are_replaced_with_the_new_version(files, fifo):
+    with ThreadPoolExecutor(1) as executor, make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        old = {p.pid for p in worker_children()}
+        gate = fifo()
+        files.gate(2, gate)
+        files.set(2)
+        reload = executor.submit(pool.reload_models)
+        gate.wait_running()  # the first new worker loads; the old ones die meanwhile
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        gate.release_opened()
+        reload.result(60)
+        files.set(3)
+        pool.reload_models(timeout=60)  # a slot lost at the commit would leave this one waiting
+        assert pool.stats().models["m"].workers_by_version == {3: 2}
+
+
+def test_a_reload_asked_while_the_only_worker_is_dead_still_rolls(files):
+    with make_pool({"m": files.loader()}, nb_workers=1) as pool:
+        os.kill(pool.score("m", which)[1], signal.SIGKILL)
+        files.set(2)
+        pool.reload_models()
+        assert {v for v, _ in served(pool)} == {"m:2"}
+
+
+def test_failures_after_the_commit_leave_the_unrolled_workers_on_the_old_version(files, worker_mode):
+    if worker_mode == "forked":
+        pytest.skip("forked workers load nothing: their template loaded the new version once")
+    with make_pool({"m": files.loader()}, nb_workers=2) as pool:
+        processes = len(worker_children())
+        files.set(2, "first-only")  # the first new worker loads; every later load raises
+        with pytest.raises(ModelLoadError, match="times in a row"):
+            pool.reload_models()
+        stats = pool.stats().models["m"]
+        assert (stats.version, stats.workers_by_version) == (2, {1: 1, 2: 1})
+        assert len(worker_children()) == processes
+        files.set(3)
+        pool.reload_models()
+        assert pool.stats().models["m"].workers_by_version == {3: 2}
+
+
+def test_the_reload_timeout_bounds_its_own_starts_not_later_restarts(files, fifo, worker_mode):
+    if worker_mode == "forked":
+        pytest.skip("a forked replacement loads nothing")
+    with make_pool({"m": files.loader()}, nb_workers=1, start_timeout=600) as pool:
+        files.set(2)
+        pool.reload_models(timeout=30)
+        gate = fifo()
+        files.gate(2, gate)
+        os.kill(pool.score("m", which)[1], signal.SIGKILL)
+        gate.wait_running()  # its replacement loads
+        supervisor = pool._manager._supervisor  # white box: the limit its start got
+        (loading,) = [w for w in supervisor.workers.values() if w.state.value == "starting"]
+        assert (loading.start_limit, loading.limit_name) == (600, "start_timeout")
+        gate.release_opened()

@@ -81,6 +81,12 @@ class ForkLauncher:
         """Workers waiting for a ready template, and forks asked and not answered."""
         return self.awaiting + [index for _, _, index in self._forks.values()]
 
+    def withdraw(self) -> list[int]:
+        """Forget the forks asked (a WorkerForked for one is killed) and those waiting: their indices."""
+        self._abandon_forks()
+        indices, self.awaiting = self.awaiting, []
+        return indices
+
     def describe(self, worker: WorkerHandle, exitcode: int | None) -> str:
         return describe_exit(exitcode)
 
@@ -155,7 +161,7 @@ class ForkLauncher:
         launched = self._events(template.receive())
         how = describe_exit(template.reap())
         if template.start_timed_out:
-            how = f"did not load the models within start_timeout={self._start_timeout:g}s"
+            how = f"did not load the models within {self.recipe.timeout_name}={self._start_timeout:g}s"
         self.template = None
         self.announced = False
         self._abandon_forks()

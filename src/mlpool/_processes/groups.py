@@ -29,6 +29,9 @@ from mlpool._wire.serialization import dumps_by_value
 from mlpool._worker.main import WorkerSettings
 
 _SERVING = (WorkerState.STARTING, WorkerState.IDLE)
+# A start due of whatever generation is current when it starts (a replacement, a
+# recycling): one asked before a reload's commit starts the new version after it.
+CURRENT = 0
 
 
 @dataclass(slots=True)
@@ -51,11 +54,13 @@ class WorkerGroup:
     size: int  # workers it keeps
     current: Generation  # what its new workers load
     max_jobs_per_worker: int | None = None
-    # Starts due, a heap of (when, index, generation): a start of a generation gone since is dropped.
+    # Starts due, a heap of (when, index, generation or CURRENT): a start of a generation
+    # that may start nothing any more (a failed reload's) is dropped.
     spawn_at: list[tuple[float, int, int]] = field(default_factory=list)
     failures: int = 0  # failed starts and idle deaths in a row (see launchers.MAX_CONSECUTIVE_FAILURES)
     coming: Generation | None = None  # a reload's generation, until it is proven (see _processes.rollout)
     generations: dict[int, Generation] = field(default_factory=dict)  # every one with workers or starts left
+    abandoned: set[int] = field(default_factory=set)  # failed reloads' generations: their workers are not replaced
 
     def __post_init__(self) -> None:
         self.generations[self.current.number] = self.current
@@ -74,10 +79,11 @@ class WorkerGroup:
         return generation is self.current or generation is self.coming
 
     def unfilled(self, workers: Iterable[WorkerHandle]) -> set[int]:
-        """The indices with no worker of the current generation serving, loading or asked for."""
-        number = self.current.number
-        held = {w.index for w in workers if w.group == self.name and w.generation == number and w.state in _SERVING}
-        held.update(index for _, index, generation in self.spawn_at if generation == number)
+        """The indices with no worker serving or loading (of any version that is not
+        abandoned), and no start of the current generation due or asked for."""
+        held = {w.index for w in workers
+                if w.group == self.name and w.state in _SERVING and w.generation not in self.abandoned}  # fmt: skip
+        held.update(index for _, index, generation in self.spawn_at if generation in (CURRENT, self.current.number))
         held.update(self.launcher.pending())
         return set(range(self.size)) - held
 
@@ -87,6 +93,7 @@ class WorkerGroup:
         ended = [g for g in self.generations.values() if not self.may_start(g) and g.number not in alive]
         for generation in ended:
             del self.generations[generation.number]
+            self.abandoned.discard(generation.number)
         return ended
 
     def versions(self, workers: Iterable[WorkerHandle]) -> dict[str, tuple[int, dict[int, int]]]:

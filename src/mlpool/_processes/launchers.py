@@ -154,6 +154,10 @@ class Launcher(Protocol):
     def pending(self) -> list[int]:
         """The indices of the workers asked of it that have not arrived yet (a fork requested)."""
 
+    def withdraw(self) -> list[int]:
+        """Its version was replaced: forget the workers asked of it that have not
+        arrived (one that arrives later is killed); their indices, to start anew."""
+
     def renewed(self, recipe: Recipe) -> Launcher:
         """A launcher of the same kind and backend settings that starts workers
         from ``recipe`` (a new version of the models); it starts nothing yet."""
@@ -170,6 +174,7 @@ class Recipe:
     settings: WorkerSettings
     start_timeout: float  # seconds a worker (a template) has to load the models
     env_for: EnvFor = no_env
+    timeout_name: str = "start_timeout"  # the setting start_timeout comes from, for messages
 
     def settings_for(self, index: int) -> WorkerSettings:
         """The settings of the worker at ``index`` (its worker_env)."""
@@ -179,7 +184,7 @@ class Recipe:
     def adopt(self, worker: WorkerHandle, index: int) -> WorkerHandle:
         """Mark ``worker`` as started from this recipe, at ``index`` of the group."""
         worker.group, worker.index, worker.generation = self.group, index, self.generation
-        worker.start_limit = self.start_timeout
+        worker.start_limit, worker.limit_name = self.start_timeout, self.timeout_name
         return worker
 
 
@@ -195,6 +200,9 @@ class SpawnLauncher:
 
     def pending(self) -> list[int]:
         return []  # launch() returns the worker
+
+    def withdraw(self) -> list[int]:
+        return []
 
     def prepare(self) -> None:
         """Nothing to prepare: a spawn needs no service."""
@@ -241,6 +249,9 @@ class RayLauncher:
 
     def pending(self) -> list[int]:
         return []  # launch() returns the worker
+
+    def withdraw(self) -> list[int]:
+        return []
 
     def prepare(self) -> None:
         """Join (or start) the Ray instance."""

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mlpool._engine.state import PoolState
 from mlpool._processes import logs
-from mlpool._processes.groups import Generation, WorkerGroup, pack_loaders
+from mlpool._processes.groups import CURRENT, Generation, WorkerGroup, pack_loaders
 from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Recipe, Setback, backoff
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool.errors import ModelLoadError
@@ -89,7 +89,7 @@ class Starts(Protocol):
 
     def end_generations(self, group: WorkerGroup) -> None: ...
 
-    def refill(self, group: WorkerGroup) -> set[int]: ...
+    def replaced(self, group: WorkerGroup, generation: Generation) -> None: ...
 
 
 class _Roll:
@@ -160,7 +160,8 @@ class Rollout:
             loaders.update((m, self.plan.loaders[m]) for m in reloaded)
         number = max(group.generations) + 1
         old = current.launcher.recipe
-        recipe = Recipe(group.name, number, pack_loaders(loaders), old.settings, self.plan.timeout, old.env_for)
+        recipe = Recipe(group.name, number, pack_loaders(loaders), old.settings, self.plan.timeout, old.env_for,
+                        "the reload's timeout")  # fmt: skip
         versions = {m: v + (m in reloaded) for m, v in current.versions.items()}
         coming = Generation(number, current.launcher.renewed(recipe), loaders, versions)
         group.generations[number] = group.coming = coming
@@ -179,13 +180,16 @@ class Rollout:
             group = roll.group
             if abort:
                 group.coming = None
+                group.abandoned.add(roll.new.number)
                 group.spawn_at = [start for start in group.spawn_at if start[2] != roll.new.number]
                 for worker in list(self._starts.workers.values()):
                     if worker.group == group.name and worker.generation == roll.new.number:
                         self._let_go(worker, "the reload failed")
             roll.old = None
             # The slots it emptied serve the current version again; the error waits for them.
-            self._refilling.update((group.name, index) for index in self._starts.refill(group))
+            for index in group.unfilled(self._starts.workers.values()):
+                self._starts.launch_soon(group, index, CURRENT)
+                self._refilling.add((group.name, index))
             self._starts.end_generations(group)
         self._error = error
         if not self._refilling:
@@ -234,11 +238,13 @@ class Rollout:
             self._let_go(old, f"it makes room for version {_versions(roll.new)}")
 
     def _until_full(self, roll: _Roll) -> None:
-        """No old worker is left: the group is rolled once as many new ones are ready as it keeps
-        (replacements of those that died meanwhile may still load), or failed if they keep failing."""
+        """No old worker is left: the group is rolled once it has as many new ones, ready or loading
+        (replacements of those that died meanwhile), as it keeps, or failed if they keep failing."""
         group = roll.group
-        ready = [w for w in self._starts.workers.values() if w.group == group.name and w.state is WorkerState.IDLE]
-        if len(ready) >= group.size:
+        if not self.committed:
+            return  # its old workers all died, their replacements not started yet: one will be an old to roll
+        live = [w for w in self._starts.workers.values() if w.group == group.name and w.state in _LIVE]
+        if len(live) >= group.size:
             roll.done = True
             self._starts.end_generations(group)
         elif group.failures >= MAX_CONSECUTIVE_FAILURES:
@@ -312,8 +318,8 @@ class Rollout:
         if roll is None or roll.done:
             return
         if not roll.loading or worker.index != roll.index or worker.generation != roll.new.number:
-            if roll.old is None and self.committed:
-                self._progress()  # a replacement is ready: the group may be full
+            if roll.old is None:
+                self._progress()  # a replacement is ready: the group may be full, or it is an old one to roll
             return
         roll.loading, roll.ready, roll.proven = False, True, True
         roll.last_load = time.monotonic() - roll.launched_at
@@ -330,7 +336,8 @@ class Rollout:
         """Every group's first new worker is ready: the new versions are the groups' current ones."""
         self.committed = True
         for roll in self.rolls:
-            roll.group.current, roll.group.coming = roll.new, None
+            old, roll.group.current, roll.group.coming = roll.group.current, roll.new, None
+            self._starts.replaced(roll.group, old)
 
     def _retire_stepped(self, roll: _Roll) -> None:
         old = roll.old
@@ -345,7 +352,8 @@ class Rollout:
     def on_exit(self, worker: WorkerHandle, why: str) -> bool:
         """``worker`` is gone: True if this reload fills its slot (the supervisor must not)."""
         if self._error is not None:
-            self._refilled(worker.group, worker.index)
+            if worker.generation not in self._starts.groups[worker.group].abandoned:
+                self._refilled(worker.group, worker.index)
             return False
         roll = self._roll_of(worker)
         if roll is None:
@@ -364,7 +372,7 @@ class Rollout:
         if not self.committed and worker.generation == roll.new.number:
             self._start_failed(roll, f"worker {worker.id} {why}", worker.load_failure)  # the ready canary died
             return True
-        if roll.old is None and not roll.done and self.committed:
+        if roll.old is None and not roll.done:
             self._progress()  # an old worker it waited for has gone, or a replacement failed
         return False
 

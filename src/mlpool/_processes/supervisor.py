@@ -18,16 +18,14 @@ the group down (its models' jobs fail, restarts go on slowly) while other
 groups serve; the pool breaks when none can.
 
 The supervisor owns the pool's state, the workers, their groups (each with
-its launcher: spawned processes, a fork template or Ray actors, chosen once;
-see ``_processes.launchers``) and the deadlines of starts and of shutdown. It
-never asks which launcher a group has: what a launcher reports (workers
-started, starts failed, deaths, a setback such as its template's death) comes
-as a ``Launched``, and a launcher keeps its own processes, restarts and
-timeouts. It runs under the engine's lock, except ``start_due``,
-``death_seen`` and ``launcher_readable``, which run on the manager thread
-outside it (``start_due`` takes the lock to record what it started). It acts
-on its sibling parts (the scheduler, the outcomes, the loans), never on the
-engine.
+its launchers: spawned processes, a fork template or Ray actors, chosen once;
+see ``_processes.launchers``) and the deadlines of starts. It never asks which
+launcher a group has: what a launcher reports (workers started, starts
+failed, deaths, a setback such as its template's death) comes as a
+``Launched``. It runs under the engine's lock, except ``start_due``,
+``death_seen`` and ``launcher_readable``, on the manager thread outside it
+(``start_due`` takes the lock to record what it started). It acts on its
+sibling parts (the scheduler, the outcomes, the loans), never on the engine.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ from mlpool._engine.outcomes import ManagerAlarm
 from mlpool._engine.recovery import JobRecovery
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState
-from mlpool._processes.groups import Generation, WorkerGroup
+from mlpool._processes.groups import CURRENT, Generation, WorkerGroup
 from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Exit, Launched, Setback, Watched, backoff
 from mlpool._processes.logs import worker_ready as log_worker_ready
 from mlpool._processes.readers import PipeReaders
@@ -98,10 +96,11 @@ class Supervisor:
         self._news: list[tuple[WorkerGroup, int, Launched]] = []  # (group, generation, news) for launcher_events
         self.reloads = Reloads(self, scheduler.queued_of)  # reload_models, one at a time (see _processes.rollout)
         self._watching: dict[tuple[str, int], list[Watched]] = {}  # (group, generation) -> its processes watched
-        self._ended: list[tuple[WorkerGroup, Generation]] = []  # generations gone, to close on the manager thread
+        # (group, generation, replaced): a generation gone, to close, or replaced, to withdraw (on the manager thread)
+        self._ended: list[tuple[WorkerGroup, Generation, bool]] = []
         now = time.monotonic()
         for group in groups:
-            group.spawn_at = [(now, index, group.current.number) for index in range(group.size)]
+            group.spawn_at = [(now, index, CURRENT) for index in range(group.size)]
 
     # ------------------------------------------- manager thread, outside the lock
 
@@ -121,11 +120,16 @@ class Supervisor:
         """Do what is due: each launcher's own (a fork template to start), then
         the workers; a fork template's workers arrive later, as its news."""
         now = time.monotonic()
-        ended: list[tuple[WorkerGroup, Generation]] = []
+        ended: list[tuple[WorkerGroup, Generation, bool]] = []
         if self._ended:
             with self._locked():
                 ended, self._ended = self._ended, []
-        for group, generation in ended:
+        for group, generation, replaced in ended:
+            if replaced:  # what it was asked for and has not started: the current version's now
+                with self._locked():
+                    for index in generation.launcher.withdraw():
+                        self.launch_soon(group, index, CURRENT)
+                continue
             for watched in self._watching.pop((group.name, generation.number), []):
                 self._readers.unregister(watched.fd, watched.sentinel)
             generation.launcher.close()
@@ -142,11 +146,13 @@ class Supervisor:
                 serving = self.can_serve(group)
             while group.spawn_at and group.spawn_at[0][0] <= now:
                 _, index, number = heapq.heappop(group.spawn_at)
-                of = group.generations.get(number)
+                of = group.generations.get(number or group.current.number)
                 if self.state not in _STARTS or of is None or not group.may_start(of):
                     continue  # a reload that failed took its generation back
                 try:
                     worker = of.launcher.launch(index, serving=serving)
+                    if worker is not None and number == CURRENT:  # not a reload's own start: the pool's limit
+                        worker.start_limit, worker.limit_name = self.config.start_timeout, "start_timeout"
                 except Exception as exc:  # out of processes, memory or file descriptors
                     logger.exception("could not start a worker process")
                     with self._locked():
@@ -163,9 +169,8 @@ class Supervisor:
         return self.groups[worker.group].launcher_of(worker).reap(worker, now)
 
     def launcher_readable(self, subject: tuple[WorkerGroup, int, Watched, bool], now: float) -> None:
-        """A process a launcher asked to be watched (a fork template) sent
-        something, or exited (then it is watched no more): the launcher reads
-        it; what it means is acted on in ``launcher_events``."""
+        """A process a launcher asked to be watched (a fork template) sent something, or exited (then it is
+        watched no more): the launcher reads it; what it means is acted on in ``launcher_events``."""
         group, number, watched, exited = subject
         if exited:
             self._readers.unregister(watched.fd, watched.sentinel)
@@ -175,8 +180,7 @@ class Supervisor:
             self._take(group, number, launched)
 
     def _take(self, group: WorkerGroup, number: int, launched: Launched) -> None:
-        """Watch the processes the launcher of ``group``'s generation ``number``
-        started; keep the rest for ``launcher_events``."""
+        """Watch what the launcher of ``group``'s generation ``number`` started; keep the rest for launcher_events."""
         for watched in launched.watch:
             self._watching.setdefault((group.name, number), []).append(watched)
             self._readers.register(watched.fd, ("launcher", (group, number, watched, False)))
@@ -242,10 +246,11 @@ class Supervisor:
             who = f"worker {worker.id} (pid {worker.pid})" if worker.pid else f"worker {worker.id}"
             self._fail_start(who, failure, how)
             return
-        if self.reloads.on_exit(worker, how):  # a reload's step: its slot is the reload's to fill
-            self.end_generations(group)
-            return
+        # A reload's step fills its slot; a failed reload's worker had it refilled already.
+        claimed = self.reloads.on_exit(worker, how) or worker.generation in group.abandoned
         self.end_generations(group)
+        if claimed:
+            return
         if was in (WorkerState.STOPPING, WorkerState.RETIRING) or self.state is PoolState.BROKEN:
             return  # a retiring worker's replacement is already on its way
         if self.state is PoolState.CLOSING and not self._scheduler.queued:
@@ -262,7 +267,7 @@ class Supervisor:
             logger.warning("worker %d %s (%d failures in a row); restarting in %.2fs",
                            worker.id, how, group.failures, delay)  # fmt: skip
         self.counts["restarts"] += 1
-        heapq.heappush(group.spawn_at, (time.monotonic() + delay, worker.index, group.current.number))
+        heapq.heappush(group.spawn_at, (time.monotonic() + delay, worker.index, CURRENT))
 
     def answered(self, worker: WorkerHandle) -> None:
         """``worker`` answered a job: its group serves; recycle it if it is due."""
@@ -284,7 +289,7 @@ class Supervisor:
             logger.info("recycling worker %d (pid %d): %s", worker.id, worker.pid, reason)
             self.counts["recycled"] += 1
             if self.state is PoolState.RUNNING:
-                self.launch_soon(self.groups[worker.group], worker.index, self.groups[worker.group].current.number)
+                self.launch_soon(self.groups[worker.group], worker.index, CURRENT)
         if not worker.inflight:
             self._stop_worker(worker)
 
@@ -293,20 +298,18 @@ class Supervisor:
         heapq.heappush(group.spawn_at, (time.monotonic() + delay, index, generation))
         self._alarm.soon()
 
-    def refill(self, group: WorkerGroup) -> set[int]:
-        """Start a worker of the current generation at each index of ``group`` that has none coming: those indices."""
-        unfilled = group.unfilled(self.workers.values())
-        for index in unfilled:
-            self.launch_soon(group, index, group.current.number)
-        return unfilled
-
     def end_generations(self, group: WorkerGroup) -> None:
         """Close (on the manager thread, see start_due) the launchers of ``group``'s
         generations that start nothing more and have no worker left."""
         ended = group.drop_ended(self.workers.values())
         if ended:
-            self._ended += [(group, generation) for generation in ended]
+            self._ended += [(group, generation, False) for generation in ended]
             self._alarm.soon()
+
+    def replaced(self, group: WorkerGroup, generation: Generation) -> None:
+        """A reload made ``generation`` no longer current: its launcher's starts asked go to the new one."""
+        self._ended.append((group, generation, True))
+        self._alarm.soon()
 
     def _stop_worker(self, worker: WorkerHandle) -> None:
         worker.state = worker.state.to(WorkerState.STOPPING)
@@ -340,7 +343,7 @@ class Supervisor:
         if self.state is PoolState.STARTING:
             self.break_pool(reason, start_error=ModelLoadError(reason))
         elif group.failures < MAX_CONSECUTIVE_FAILURES or self.can_serve(group) or not self._give_up(group, reason):
-            heapq.heappush(group.spawn_at, (time.monotonic() + backoff(group.failures), index, group.current.number))
+            heapq.heappush(group.spawn_at, (time.monotonic() + backoff(group.failures), index, CURRENT))
 
     def _give_up(self, group: WorkerGroup, reason: str) -> bool:
         """``group`` failed too often and cannot serve. With no other group
@@ -464,8 +467,8 @@ class Supervisor:
             for index, reason in launched.failed:
                 logger.warning("%s", reason)
                 self._start_failed(group, index, reason, number)
-            for index in launched.launch:
-                self.launch_soon(group, index, number)
+            for index in launched.launch:  # a reload's coming version keeps its own; else the current one
+                self.launch_soon(group, index, number if group.coming is group.generations.get(number) else CURRENT)
             exits += launched.exits
         return exits
 
@@ -493,6 +496,6 @@ class Supervisor:
         """The manager thread ends: no worker is left."""
         self._set_started(PoolClosedError("the pool was shut down before it finished starting"))
         self.reloads.end(PoolClosedError("the pool shut down during the reload"))
-        for group in self.groups.values():
-            for generation in [*group.generations.values(), *(g for grp, g in self._ended if grp is group)]:
-                generation.launcher.close()
+        ended = [generation for _, generation, replaced in self._ended if not replaced]
+        for generation in ended + [g for group in self.groups.values() for g in group.generations.values()]:
+            generation.launcher.close()

@@ -72,7 +72,7 @@ class WorkerHandle:
     __slots__ = (
         "id", "process", "pipe", "sentinel", "state", "inflight", "backlog", "known_functions", "jobs_done",
         "started_at", "pid", "kill_reason", "start_timed_out", "load_failure", "closed", "pidfd", "forked",
-        "started", "fault", "group", "index", "stacks", "generation", "start_limit",
+        "started", "fault", "group", "index", "stacks", "generation", "start_limit", "limit_name",
     )  # fmt: skip
 
     def __init__(
@@ -104,6 +104,7 @@ class WorkerHandle:
         self.index = 0  # its place in the group (worker_env); a replacement takes the same
         self.generation = 1  # the version of its group's models it loads (see groups.Generation)
         self.start_limit = float("inf")  # seconds it has to load its models (its recipe's start_timeout)
+        self.limit_name = "start_timeout"  # the setting start_limit comes from
         self.state = WorkerState.STARTING
         # The jobs sent to it, in the order it runs them; each has ``worker``
         # set to it. ``backlog`` is the sum of their ``estimate``; ``jobs_done``
@@ -163,8 +164,7 @@ class WorkerHandle:
 
     def load_limit(self) -> str:
         """The time it had to load its models, as the user set it."""
-        setting = "start_timeout" if self.generation == 1 else "the reload's timeout"
-        return f"{setting}={self.start_limit:g}s"
+        return f"{self.limit_name}={self.start_limit:g}s"
 
     def kill(self, reason: str) -> None:
         """SIGKILL the worker (it may be running user code that never returns)."""
