@@ -473,10 +473,9 @@ class Supervisor:
         return exits
 
     def _setback(self, group: WorkerGroup, number: int, setback: Setback) -> None:
-        """What starts ``group``'s workers failed (its launcher already
-        scheduled the next try): a pool still starting cannot start if the
-        models never loaded; a group that fails too often and cannot serve
-        is given up. The workers it started keep serving."""
+        """What starts ``group``'s workers failed (its launcher scheduled the next try): a pool still
+        starting cannot start if the models never loaded; a group that fails too often and cannot serve
+        is given up (a reload's failure is the reload's). The workers it started keep serving."""
         if self.reloads.setback(group, number, setback):
             return
         if setback.unloaded is not None and self.state is PoolState.STARTING:
