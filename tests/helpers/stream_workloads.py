@@ -69,6 +69,14 @@ def crash_after(model: dict, n: int, how: str):
     os._exit(3)
 
 
+def crash_after_release(model: dict, n: int, fifo: str):
+    """Yield ``n`` items, then exit once the test opens ``fifo`` (it received them)."""
+    yield from range(n)
+    with open(fifo) as f:
+        f.read()
+    os._exit(3)
+
+
 def crash_first_time(model: dict, marker: str, n: int):
     """Crash before the first item the first time (``marker`` does not exist yet)."""
     if not Path(marker).exists():
