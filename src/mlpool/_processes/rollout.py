@@ -221,7 +221,7 @@ class Rollout:
         group, number = roll.group, roll.new.number
         if self.committed or not roll.rolled:
             olds = [w for w in self._starts.workers.values() if w.group == group.name and w.generation != number]
-            waiting = sorted((w for w in olds if w.state in _LIVE), key=lambda w: w.index)
+            waiting = sorted((w for w in olds if w.state in _LIVE), key=lambda w: (len(w.inflight), w.index))
             if not waiting:
                 if not olds:  # else some still finish their jobs: their exits bring the end
                     self._until_full(roll)
