@@ -180,8 +180,7 @@ class Rollout:
             group = roll.group
             if abort:
                 group.coming = None
-                group.abandoned.add(roll.new.number)
-                group.spawn_at = [start for start in group.spawn_at if start[2] != roll.new.number]
+                group.abandoned.add(roll.new.number)  # its starts due are dropped when due (start_due)
                 for worker in list(self._starts.workers.values()):
                     if worker.group == group.name and worker.generation == roll.new.number:
                         self._let_go(worker, "the reload failed")
