@@ -420,3 +420,11 @@ def test_the_reload_timeout_bounds_its_own_starts_not_later_restarts(files, fifo
         (loading,) = [w for w in supervisor.workers.values() if w.state.value == "starting"]
         assert (loading.start_limit, loading.limit_name) == (600, "start_timeout")
         gate.release_opened()
+
+
+def test_after_the_commit_the_new_version_starts_with_the_pools_start_timeout(files):
+    with make_pool({"m": files.loader()}, nb_workers=1, start_timeout=600) as pool:
+        files.set(2)
+        pool.reload_models(timeout=30)
+        launcher = pool._manager._supervisor.groups[""].launcher  # white box: what its next starts get
+        assert (launcher.recipe.start_timeout, launcher.recipe.timeout_name) == (600, "start_timeout")

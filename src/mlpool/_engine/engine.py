@@ -353,7 +353,8 @@ class ProcessEngine:
         pickled = None
         if loaders is not None:
             pickled = {name: dumps_by_value(fn, f"the loader of model {name!r}") for name, fn in loaders.items()}
-        plan = ReloadPlan(pickled, self.config.start_timeout if timeout is None else timeout, surge)
+        plan = ReloadPlan(pickled, self.config.start_timeout if timeout is None else timeout, surge,
+                          self.config.start_timeout)  # fmt: skip
         with self.locked():
             if (error := refusal(self.state, self._supervisor.broken_reason)) is not None:
                 plan.future.set_exception(error)

@@ -59,7 +59,6 @@ class ForkLauncher:
     ) -> None:
         self.recipe = recipe
         self._context = context
-        self._start_timeout = recipe.start_timeout
         self._fork_with_threads = fork_with_threads
         self.template: Template | None = None
         self.start_at: float | None = time.monotonic()  # when to start the next template
@@ -69,6 +68,10 @@ class ForkLauncher:
         # worker id -> our end, its started word and its index in the group, until answered
         self._forks: dict[int, tuple[socket.socket, LastStarted, int]] = {}
         self._exits: dict[int, tuple[WorkerHandle, float]] = {}  # pid -> dead worker, until when we wait
+
+    @property
+    def _start_timeout(self) -> float:
+        return self.recipe.start_timeout  # a reload's own, until it commits (see _processes.rollout)
 
     def renewed(self, recipe: Recipe) -> ForkLauncher:
         """A launcher of a new version: its template starts at the next ``due``."""

@@ -116,6 +116,15 @@ class WorkerGroup:
         return "the workers" if not self.name else f"the workers of model {self.name!r}"
 
 
+def group_surplus(group: WorkerGroup, workers: Iterable[WorkerHandle], allowed: int) -> list[WorkerHandle]:
+    """The idle workers to retire so that ``group`` has no more serving or loading workers than it
+    keeps plus ``allowed`` (a reload's step): those of older versions first, then the least busy."""
+    live = [w for w in workers if w.group == group.name and w.state in _SERVING]
+    idle = [w for w in live if w.state is WorkerState.IDLE]
+    idle.sort(key=lambda w: (w.generation == group.current.number, len(w.inflight), w.index))
+    return idle[: max(0, len(live) - group.size - allowed)]
+
+
 def pack_loaders(loaders: dict[str, bytes]) -> bytes:
     """What a worker gets to load its models: ``{name: pickled loader}`` pickled
     (no user code runs here; each loader is unpickled in the worker, by name)."""

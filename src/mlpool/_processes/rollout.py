@@ -30,7 +30,7 @@ starts once the group's queue is back to where it was when the reload began
 took, whichever comes first: jobs never wait for more than one load's backlog,
 and a reload under load takes at most about twice as long.
 
-Runs under the engine's lock, on the supervisor's events: a worker ready
+Runs under the engine's lock (``_processes.reloads`` queues the reloads), on the supervisor's events: a worker ready
 (``on_ready``), a worker gone (``on_exit``: True when the reload fills its slot,
 so the supervisor does not), a start that failed (``start_failed``), a
 launcher's setback (``setback``). The supervisor starts the processes.
@@ -40,10 +40,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from mlpool._engine.state import PoolState
@@ -67,8 +66,9 @@ class ReloadPlan:
     """One ``reload_models`` call, as the engine gets it."""
 
     loaders: dict[str, bytes] | None  # model -> its new pickled loader; None: rerun every model's loader
-    timeout: float  # seconds each new worker (its template) has to load the models
+    timeout: float  # seconds the first new worker (its template) has to load the models
     surge: int  # 1: a new worker starts beside the old one; 0: once the old one has gone
+    start_timeout: float  # the pool's: the new version's starts get it once it is proven
     future: Future[None] = field(default_factory=Future)  # done when every affected worker is rolled
     asked_at: float = field(default_factory=time.monotonic)
 
@@ -302,6 +302,9 @@ class Rollout:
         """Whether a step of this reload replaces ``worker`` (its slot is the reload's to fill)."""
         return any(roll.old is worker for roll in self.rolls)
 
+    def surge(self, group: str) -> int:
+        return self.plan.surge if any(r.old is not None and r.group.name == group for r in self.rolls) else 0
+
     def _refilled(self, group: str, index: int) -> None:
         """The start at a slot an abort emptied is ready, or failed: the error is raised after the last."""
         if (group, index) in self._refilling:
@@ -337,6 +340,9 @@ class Rollout:
         for roll in self.rolls:
             old, roll.group.current, roll.group.coming = roll.group.current, roll.new, None
             self._starts.replaced(roll.group, old)
+            launcher = roll.new.launcher  # the reload's timeout was for the first load: now the pool's
+            launcher.recipe = replace(launcher.recipe, start_timeout=self.plan.start_timeout,
+                                      timeout_name="start_timeout")  # fmt: skip
 
     def _retire_stepped(self, roll: _Roll) -> None:
         old = roll.old
@@ -388,6 +394,10 @@ class Rollout:
 
     def setback(self, group: WorkerGroup, generation: int, setback: Setback) -> bool:
         """A launcher of a coming generation failed (its template did not load): True if this reload handles it."""
+        if self._error is not None:  # a refill waits on this template: the error need not wait for its next try
+            for waiting in [slot for slot in self._refilling if slot[0] == group.name]:
+                self._refilled(*waiting)
+            return False
         roll = self._roll_of_group(group)
         if roll is None or generation != roll.new.number:
             return False
@@ -428,67 +438,6 @@ class Rollout:
 
     def _roll_of_group(self, group: WorkerGroup) -> _Roll | None:
         return next((roll for roll in self.rolls if roll.group is group), None)
-
-
-class Reloads:
-    """The reloads asked of a pool: one rolls at a time, the others wait their turn in order."""
-
-    def __init__(self, starts: Starts, queued_of: Callable[[str], int]) -> None:
-        self._starts = starts
-        self._queued_of = queued_of  # jobs of a model waiting in the queue
-        self.active: Rollout | None = None
-        self._waiting: deque[ReloadPlan] = deque()
-
-    def ask(self, plan: ReloadPlan) -> None:
-        self._waiting.append(plan)
-        self.begin_due()
-
-    def begin_due(self) -> None:
-        """Begin the next reload, if none rolls and the pool serves."""
-        while self.active is None and self._waiting and self._starts.state is PoolState.RUNNING:
-            self.active = Rollout(self._starts, self._waiting.popleft(), self._ended, self._queued_of)
-            self.active.begin()
-
-    def _ended(self) -> None:
-        self.active = None
-
-    def end(self, error: BaseException) -> None:
-        """The pool closes or broke: every reload ends with ``error`` (those that waited too)."""
-        active, self.active = self.active, None
-        if active is not None:
-            active.end(error)
-        while self._waiting:
-            self._waiting.popleft().future.set_exception(error)
-
-    def replacing(self, worker: WorkerHandle) -> bool:
-        return self.active is not None and self.active.replacing(worker)
-
-    def check(self) -> None:
-        if self.active is not None:
-            self.active.check()
-
-    def next_deadline(self) -> float | None:
-        return None if self.active is None else self.active.next_deadline()
-
-    def on_ready(self, worker: WorkerHandle) -> None:
-        if self.active is not None:
-            self.active.on_ready(worker)
-        self.begin_due()
-
-    def on_exit(self, worker: WorkerHandle, why: str) -> bool:
-        claimed = self.active is not None and self.active.on_exit(worker, why)
-        self.begin_due()
-        return claimed
-
-    def start_failed(self, group: WorkerGroup, generation: int, index: int, reason: str) -> bool:
-        claimed = self.active is not None and self.active.start_failed(group, generation, index, reason)
-        self.begin_due()
-        return claimed
-
-    def setback(self, group: WorkerGroup, generation: int, setback: Setback) -> bool:
-        claimed = self.active is not None and self.active.setback(group, generation, setback)
-        self.begin_due()
-        return claimed
 
 
 def _names(models: list[str]) -> str:

@@ -42,11 +42,11 @@ from mlpool._engine.outcomes import ManagerAlarm
 from mlpool._engine.recovery import JobRecovery
 from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState
-from mlpool._processes.groups import CURRENT, Generation, WorkerGroup
+from mlpool._processes.groups import CURRENT, Generation, WorkerGroup, group_surplus
 from mlpool._processes.launchers import MAX_CONSECUTIVE_FAILURES, Exit, Launched, Setback, Watched, backoff
 from mlpool._processes.logs import worker_ready as log_worker_ready
 from mlpool._processes.readers import PipeReaders
-from mlpool._processes.rollout import Reloads
+from mlpool._processes.reloads import Reloads
 from mlpool._processes.shutdown import ShutdownLadder
 from mlpool._processes.workers import WorkerHandle, WorkerState
 from mlpool._wire.protocol import LoadFailed, Ready, Stop, encode
@@ -151,8 +151,6 @@ class Supervisor:
                     continue  # a reload that failed took its generation back
                 try:
                     worker = of.launcher.launch(index, serving=serving)
-                    if worker is not None and number == CURRENT:  # not a reload's own start: the pool's limit
-                        worker.start_limit, worker.limit_name = self.config.start_timeout, "start_timeout"
                 except Exception as exc:  # out of processes, memory or file descriptors
                     logger.exception("could not start a worker process")
                     with self._locked():
@@ -215,6 +213,8 @@ class Supervisor:
             self.state = self.state.to(PoolState.RUNNING)
             self._set_started(None)
         self.reloads.on_ready(worker)
+        for extra in group_surplus(self.groups[worker.group], self.workers.values(), self.reloads.surge(worker.group)):
+            self.retire(extra, "its group has more workers than it keeps", replace=False)
 
     def _all_ready(self) -> bool:
         """Whether every group has all its workers past loading (the pool has started)."""
