@@ -85,6 +85,9 @@ def test_a_reload_reruns_the_loaders_on_every_worker_and_leaves_no_old_process(f
         assert {v for v, _ in served(pool)} == {"m:2"}
         stats = pool.stats().models["m"]
         assert (stats.version, stats.workers_by_version, stats.workers) == (2, {2: 2}, 2)
+        # The old workers have exited; an old template is closed a moment later, by the manager thread.
+        _, left = psutil.wait_procs([p for p in worker_children() if p.pid in before], timeout=10)
+        assert not left
         after = {p.pid for p in worker_children()}
         assert len(after) == len(before) and not (after & before)  # every process is new, none is left
         assert [r.event for r in events(rolls, "reload_started", "worker_rolled", "reload_finished")] == [

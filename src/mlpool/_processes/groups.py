@@ -78,6 +78,11 @@ class WorkerGroup:
         """Whether ``generation``'s launcher may start processes: the current one's and a coming one's."""
         return generation is self.current or generation is self.coming
 
+    def starts(self, number: int) -> bool:
+        """Whether generation ``number`` exists and may start processes."""
+        generation = self.generations.get(number)
+        return generation is not None and self.may_start(generation)
+
     def unfilled(self, workers: Iterable[WorkerHandle]) -> set[int]:
         """The indices with no worker serving or loading (of any version that is not
         abandoned), and no start of the current generation due or asked for."""

@@ -476,8 +476,8 @@ class Supervisor:
         """What starts ``group``'s workers failed (its launcher scheduled the next try): a pool still
         starting cannot start if the models never loaded; a group that fails too often and cannot serve
         is given up (a reload's failure is the reload's). The workers it started keep serving."""
-        if self.reloads.setback(group, number, setback):
-            return
+        if self.reloads.setback(group, number, setback) or not group.starts(number):
+            return  # a reload's, or a replaced version's launcher: it starts nothing again
         if setback.unloaded is not None and self.state is PoolState.STARTING:
             who, how, failure = setback.unloaded
             self._fail_start(who, failure, how)
