@@ -317,8 +317,9 @@ def test_bad_reload_arguments_are_refused_and_the_pool_serves_on(files):
             pool.reload_models({"m": load_constant})
         with pytest.raises(TypeError, match="callable"):
             pool.reload_models({"m": "model.pkl"})
-        with pytest.raises(ValueError, match="surge"):
-            pool.reload_models(surge=2)
+        for surge in (2, 1.0, True):
+            with pytest.raises(ValueError, match="surge"):
+                pool.reload_models(surge=surge)
         with pytest.raises(ValueError, match="timeout"):
             pool.reload_models(timeout=0)
         with pytest.raises(ValueError, match="empty"):

@@ -38,7 +38,7 @@ def check_reload(
     """``reload_models``' arguments: the new loaders by name (None: rerun the
     current ones). Every model must be one the pool serves, and keeps its
     group and settings, so a :class:`Model` is refused."""
-    if isinstance(surge, bool) or surge not in (0, 1):
+    if isinstance(surge, bool) or not isinstance(surge, int) or surge not in (0, 1):
         raise ValueError(f"surge must be 1 (start each new worker beside the old one) or 0 (replace), got {surge!r}")
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
