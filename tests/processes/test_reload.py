@@ -21,7 +21,15 @@ from helpers.pools import make_pool
 from helpers.versions import ModelFiles, load_constant, version_of, which
 from helpers.workloads import wait_for_release
 
-from mlpool import Model, ModelLoadError, PoolClosedError, SerializationError, UnknownModelError, WorkerCrashedError
+from mlpool import (
+    MLPoolError,
+    Model,
+    ModelLoadError,
+    PoolClosedError,
+    SerializationError,
+    UnknownModelError,
+    WorkerCrashedError,
+)
 
 pytestmark = pytest.mark.usefixtures("worker_mode")
 
@@ -432,3 +440,17 @@ def test_after_the_commit_the_new_version_starts_with_the_pools_start_timeout(fi
         pool.reload_models(timeout=30)
         launcher = pool._manager._supervisor.groups[""].launcher  # white box: what its next starts get
         assert (launcher.recipe.start_timeout, launcher.recipe.timeout_name) == (600, "start_timeout")
+
+
+def test_a_process_forked_from_the_pools_own_is_refused_a_reload(files):
+    with make_pool({"m": files.loader()}, nb_workers=1) as pool:
+        pid = os.fork()
+        if pid == 0:  # the child: its copy of the pool has no manager thread to roll anything
+            try:
+                pool.reload_models()
+            except MLPoolError as exc:
+                os._exit(0 if "forked" in str(exc) else 2)
+            os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert pool.stats().models["m"].version == 1

@@ -350,6 +350,7 @@ class ProcessEngine:
         """Roll a new version of the models out (see ``_processes.rollout``):
         a future, done when every affected worker serves it. The loaders are
         pickled here, in the caller's thread (a SerializationError names the model)."""
+        self._check_process()  # the workers and the manager thread are the parent's
         pickled = None
         if loaders is not None:
             pickled = {name: dumps_by_value(fn, f"the loader of model {name!r}") for name, fn in loaders.items()}
