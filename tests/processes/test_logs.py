@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
 from helpers import workloads
+from helpers.log_events import captured
 from helpers.pools import make_pool
 
 from mlpool import WorkerCrashedError
@@ -14,38 +14,10 @@ from mlpool import WorkerCrashedError
 pytestmark = pytest.mark.usefixtures("worker_mode")
 
 
-class Events(logging.Handler):
-    """The ``mlpool`` records with an ``event`` field; wait for one without sleeping."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.changed = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self.changed:
-            self.records.append(record)
-            self.changed.notify_all()
-
-    def of(self, event: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if getattr(r, "event", None) == event]
-
-    def wait_for(self, event: str, timeout: float = 30.0) -> logging.LogRecord:
-        with self.changed:
-            assert self.changed.wait_for(lambda: self.of(event), timeout), f"no {event} logged"
-            return self.of(event)[0]
-
-
 @pytest.fixture
 def events():
-    handler = Events()
-    logger = logging.getLogger("mlpool")
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+    with captured() as handler:
+        yield handler
 
 
 def test_worker_life_and_pool_states_are_logged_with_fields(events, worker_mode):

@@ -8,7 +8,6 @@ on, never with time.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import threading
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 from conftest import worker_children
+from helpers.log_events import captured
 from helpers.pools import make_pool
 from helpers.versions import ModelFiles, load_constant, version_of, which
 from helpers.workloads import wait_for_release
@@ -42,45 +42,13 @@ def files(tmp_path):
 @pytest.fixture
 def rolls():
     """The ``mlpool`` log records of reloads and worker lives, in order."""
-    class Records(list):
-        changed = threading.Condition()
-
-    records = Records()
-
-    class Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            with records.changed:
-                records.append(record)
-                records.changed.notify_all()
-
-    handler, logger = Handler(logging.INFO), logging.getLogger("mlpool")
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old)
-
-
-def wait_for(records, event, after=None, timeout=30.0):
-    """The first record of ``event`` (after the record ``after``), waiting on the handler's condition."""
-
-    def found():
-        start = records.index(after) + 1 if after is not None else 0
-        return events(records[start:], event)
-
-    with records.changed:
-        assert records.changed.wait_for(found, timeout), f"no {event} logged"
-        return found()[0]
+    with captured() as handler:
+        yield handler
 
 
 def served(pool, model="m", jobs=40):
     """The versions (and pids) that ``jobs`` jobs made now ran on."""
     return {pool.score(model, which) for _ in range(jobs)}
-
-
-def events(records, *names):
-    return [r for r in records if getattr(r, "event", None) in names]
 
 
 def test_a_reload_reruns_the_loaders_on_every_worker_and_leaves_no_old_process(files, rolls):
@@ -98,7 +66,7 @@ def test_a_reload_reruns_the_loaders_on_every_worker_and_leaves_no_old_process(f
         assert not left
         after = {p.pid for p in worker_children()}
         assert len(after) == len(before) and not (after & before)  # every process is new, none is left
-        assert [r.event for r in events(rolls, "reload_started", "worker_rolled", "reload_finished")] == [
+        assert [r.event for r in rolls.of("reload_started", "worker_rolled", "reload_finished")] == [
             "reload_started", "worker_rolled", "worker_rolled", "reload_finished"]  # fmt: skip
 
 
@@ -107,14 +75,14 @@ def test_surge_1_never_has_fewer_ready_workers_and_surge_0_never_more_processes(
         files.set(2)
         pool.reload_models(surge=1)
         ready = 2
-        for record in events(rolls, "worker_rolled", "worker_exited"):
+        for record in rolls.of("worker_rolled", "worker_exited"):
             ready += 1 if record.event == "worker_rolled" else -1
             assert ready >= 2  # an old worker leaves only after its replacement is ready
-        del rolls[:]
+        rolls.records.clear()
         files.set(3)
         pool.reload_models(surge=0)
         alive = 2
-        for record in events(rolls, "worker_rolled", "worker_exited"):
+        for record in rolls.of("worker_rolled", "worker_exited"):
             alive += 1 if record.event == "worker_rolled" else -1
             assert alive <= 2  # each old worker has gone before its replacement loads
         assert {v for v, _ in served(pool)} == {"m:3"}
@@ -203,7 +171,7 @@ def test_a_reload_shows_per_version_counts_while_an_old_worker_finishes_its_job(
         gates, jobs = hold_every_worker(pool, fifo, 2)
         files.set(2)
         reload = executor.submit(pool.reload_models)
-        wait_for(rolls, "worker_rolled")  # a new worker is ready; its old one holds a running job
+        rolls.wait_for("worker_rolled")  # a new worker is ready; its old one holds a running job
         stats = pool.stats().models["m"]
         assert (stats.version, stats.workers_by_version) == (2, {1: 2, 2: 1})
         assert pool.score("m", version_of) == "m:2"  # the retiring worker takes no new job
@@ -220,14 +188,14 @@ def test_workers_that_die_after_the_commit_are_replaced_with_the_new_version(fil
         gates, jobs = hold_every_worker(pool, fifo, 3)
         files.set(2)
         reload = executor.submit(pool.reload_models)
-        first = wait_for(rolls, "worker_rolled")  # committed: version 2 is the current one
+        first = rolls.wait_for("worker_rolled")  # committed: version 2 is the current one
         for gate in gates:
             os.kill(gate.pid, signal.SIGKILL)  # the one being rolled, and two waiting their turn
         for job in jobs:
             with pytest.raises(WorkerCrashedError):
                 job.result(30)
         reload.result(60)  # the two replacements may still load: of the new version
-        wait_for(rolls, "worker_replaced", after=wait_for(rolls, "worker_replaced", after=first))  # both ready
+        rolls.wait_for("worker_replaced", after=rolls.wait_for("worker_replaced", after=first))  # both ready
         stats = pool.stats().models["m"]
         assert (stats.version, stats.workers_by_version, stats.workers) == (2, {2: 3}, 3)
         assert {v for v, _ in served(pool)} == {"m:2"}
