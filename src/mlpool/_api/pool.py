@@ -26,6 +26,7 @@ from mlpool._engine.inline import InlineEngine
 from mlpool._engine.state import PoolState, PoolStats
 from mlpool._processes.stacks import STACKS_TIMEOUT
 from mlpool._processes.supervisor import TERMINATE_GRACE
+from mlpool._shared.client import SharedEngine, check_share
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 # A shutdown's timeout: a day is more than any drain needs, and waits past it overflow.
@@ -164,39 +165,44 @@ class MLPool(JobAPI):
         worker_env: WorkerEnv | None = None,
         stream_buffer: int = 16,
         stream_buffer_bytes: int = 8 * 2**20,
+        share_across_processes: bool | str = False,
     ) -> None:
         loaders = check_loaders(models_to_load)
-        self._config = PoolConfig.resolve(
-            nb_workers=nb_workers,
-            threads_per_worker=threads_per_worker,
-            share_models=share_models,
-            fork_with_threads=fork_with_threads,
-            result_ttl=result_ttl,
-            max_queue_size=max_queue_size,
-            job_timeout=job_timeout,
-            max_retries=max_retries,
-            max_jobs_per_worker=max_jobs_per_worker,
-            max_memory_per_worker=max_memory_per_worker,
-            start_method=start_method,
-            start_timeout=start_timeout,
-            worker_nice=worker_nice,
-            shared_memory_threshold=shared_memory_threshold,
-            shared_memory_limit=shared_memory_limit,
-            shared_memory_cache=shared_memory_cache,
-            backend=backend,
-            ray_address=ray_address,
-            ray_options=ray_options,
-            models_to_load=models_to_load,
-            worker_env=worker_env,
-            stream_buffer=stream_buffer,
-            stream_buffer_bytes=stream_buffer_bytes,
-        )
-        if not self._config.inline and self._config.backend == "local":
-            check_main_guard()
-        engine: InlineEngine | ProcessEngine
-        if self._config.inline:
+        options: dict[str, Any] = {
+            "nb_workers": nb_workers,
+            "threads_per_worker": threads_per_worker,
+            "share_models": share_models,
+            "fork_with_threads": fork_with_threads,
+            "result_ttl": result_ttl,
+            "max_queue_size": max_queue_size,
+            "job_timeout": job_timeout,
+            "max_retries": max_retries,
+            "max_jobs_per_worker": max_jobs_per_worker,
+            "max_memory_per_worker": max_memory_per_worker,
+            "start_method": start_method,
+            "start_timeout": start_timeout,
+            "worker_nice": worker_nice,
+            "shared_memory_threshold": shared_memory_threshold,
+            "shared_memory_limit": shared_memory_limit,
+            "shared_memory_cache": shared_memory_cache,
+            "backend": backend,
+            "ray_address": ray_address,
+            "ray_options": ray_options,
+            "models_to_load": models_to_load,
+            "worker_env": worker_env,
+            "stream_buffer": stream_buffer,
+            "stream_buffer_bytes": stream_buffer_bytes,
+        }
+        self._config = PoolConfig.resolve(**options)
+        share = check_share(share_across_processes, self._config)
+        engine: _Engine
+        if share:
+            engine = SharedEngine(self._config, loaders, share, options)
+        elif self._config.inline:
             engine = InlineEngine(self._config, loaders)
         else:
+            if self._config.backend == "local":
+                check_main_guard()
             engine = ProcessEngine(self._config, loaders)
         super().__init__(engine)
         self._manager = engine  # the same engine as self._engine, with its lifecycle methods
@@ -419,7 +425,7 @@ def _in_event_loop() -> bool:
     return True
 
 
-_Engine = ProcessEngine | InlineEngine
+_Engine = ProcessEngine | InlineEngine | SharedEngine
 _live: weakref.WeakSet[_Engine] = weakref.WeakSet()
 _atexit_lock = threading.Lock()
 _atexit_registered = False

@@ -48,6 +48,12 @@ class SessionJobs:
         self._closed = False
 
     @property
+    def interrupt(self) -> bool:
+        """Whether closing the session interrupts its running jobs (a pool host
+        applies it too when the API process dies)."""
+        return self._interrupt
+
+    @property
     def unfinished(self) -> int:
         with self._lock:
             return len(self._waiting) + len(self._jobs)

@@ -200,10 +200,12 @@ class Dispatcher:
                 first.trace.sent(worker.pid)
         elif first.batch_policy is None:
             p = first.payload
-            offer = self._scheduler.result_size(first.fn_id)
-            if offer is not None:  # its results came in shared memory: offer room for the next
-                first.result_offer = self._regions.take(offer)
-                fds.append(first.result_offer.fd)
+            offer = first.result_offer  # a forwarded job's comes from the API process that made it
+            if offer is None and not first.forwarded and (size := self._scheduler.result_size(first.fn_id)) is not None:
+                # Its results came in shared memory: offer room for the next.
+                offer = first.result_offer = self._regions.take(size)
+            if offer is not None:
+                fds.append(offer.fd)
             frame = encode_run(first.id, first.fn_id, first.model, fn, p.data, p.spans, offer is not None)
             if first.trace is not None:
                 first.trace.sent(worker.pid)

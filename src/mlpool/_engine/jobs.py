@@ -33,14 +33,14 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED as _CANCELLED
 from functools import partial
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from mlpool._engine.results import PickledResult
 from mlpool.errors import MLPoolError, SerializationError
 
 if TYPE_CHECKING:
     from mlpool._engine.batching import BatchPolicy
-    from mlpool._engine.regions import Payload, Region
+    from mlpool._engine.regions import ForeignRegion, Payload, Region
     from mlpool._engine.streams import StreamChannel
     from mlpool._engine.tracing import JobTrace
     from mlpool._processes.workers import WorkerHandle
@@ -178,6 +178,9 @@ class Job:
         "submitted_at", "fn_name", "batch_policy", "batch_id", "result_offer", "priority", "lane", "fetcher",
         "stream", "trace",
     )  # fmt: skip
+    # A pool host's job (``_shared.relay.RelayJob``): its outcome goes to the API
+    # process that made it as the worker sent it, neither mapped nor unpickled here.
+    forwarded: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -214,7 +217,7 @@ class Job:
         self.submitted_at = time.monotonic()
         self.batch_policy = batch_policy  # set for a batched function's job
         self.batch_id: int | None = None  # while running: the id shared by its batch
-        self.result_offer: Region | None = None  # shared memory offered for its result
+        self.result_offer: Region | ForeignRegion | None = None  # shared memory offered for its result
         self.priority = priority  # higher runs first (see _scheduler)
         self.lane = lane  # its session's token (None: outside any session); lanes take turns
         self.stream: StreamChannel | None = None  # a stream's items (pool.stream, see _streams)

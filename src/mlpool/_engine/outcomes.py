@@ -179,6 +179,11 @@ class Outcomes:
         """Turn a worker's raw Done/Failed into a PickledResult or the exception (outside the lock)."""
         job, _, value = outcome[:3]
         kind = type(value)
+        if job.forwarded:  # a pool host's job: its API process decodes it, in the room it offered
+            if kind is Done and job.result_offer is not None:
+                self._regions.give(job.result_offer)  # our descriptor of the offer, closed
+                job.result_offer = None
+            return outcome if kind is not Failed else new_outcome((job, False, ForwardedFailure(value), False))
         if kind is Done:
             offer, job.result_offer = job.result_offer, None
             if value.where == NOWHERE and offer is None and job.loop is not None and job.loop is running_loop():
@@ -193,7 +198,7 @@ class Outcomes:
                 try:
                     buffers = (
                         None if value.where == NOWHERE and offer is None
-                        else result_buffers(value.spans, value.where, value.fd, offer, self._regions)
+                        else result_buffers(value.spans, value.where, value.fd, offer, self._regions)  # type: ignore[arg-type]  # a forwarded job's (foreign) offer left above
                     )  # fmt: skip
                 except Exception as exc:  # out of memory or descriptors to map it
                     self._count_undecodable(job.model)
@@ -209,6 +214,15 @@ class Outcomes:
             kind_name = "cancelled" if decoded.cancelled else _kind(decoded.ok, decoded.value)
             end_trace(job, value, decoded.ok, decoded.value, kind_name)
         return decoded
+
+
+class ForwardedFailure(Exception):
+    """A pool host's job failed in its worker: the worker's Failed, as sent,
+    for the API process that made the job to unpickle."""
+
+    def __init__(self, failed: Failed) -> None:
+        super().__init__(failed.job_id)
+        self.failed = failed
 
 
 def _result_of(job: Job) -> str:

@@ -120,6 +120,20 @@ class Region:
         return [view[offset : offset + length] for offset, length in spans]
 
 
+class ForeignRegion:
+    """A region of another process (a pool host's job: the API process that
+    made it owns the file): passed on by descriptor, never mapped here.
+    Giving it to a :class:`RegionPool` closes this process's descriptor."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class RegionPool:
     """The parent's idle regions, kept for reuse. Thread-safe.
 
@@ -167,9 +181,12 @@ class RegionPool:
             self._lock.release()
             self._reclaim()
 
-    def give(self, region: Region) -> None:
-        """Take back a region nobody reads or writes any more."""
-        self._give(region)
+    def give(self, region: Region | ForeignRegion) -> None:
+        """Take back a region nobody reads or writes any more (a foreign one is closed)."""
+        if type(region) is ForeignRegion:
+            region.close()
+            return
+        self._give(region)  # type: ignore[arg-type]
         self._reclaim()
 
     def _reclaim(self) -> None:
@@ -225,11 +242,25 @@ class Payload:
     def __init__(self, data: bytes, buffers: list[pickle.PickleBuffer] | None = None) -> None:
         self.data = data
         self.buffers = buffers or []
-        self.region: Region | None = None
+        self.region: Region | ForeignRegion | None = None
         self.spans: Spans = ()
         self.nbytes = sum(nbytes(b) for b in self.buffers) if self.buffers else 0
         self.size = len(data) + self.nbytes  # bytes in all: the pickle and its buffers
         self._return: weakref.finalize | None = None
+
+    @classmethod
+    def foreign(cls, data: bytes, spans: Spans, fd: int) -> Payload:
+        """A payload whose buffers another process already placed in the
+        shared-memory file ``fd`` (a pool host's job): this payload owns the
+        descriptor, closed when released or when it is garbage."""
+        payload = cls(data)
+        payload.region = ForeignRegion(fd)
+        payload.spans = spans
+        payload.nbytes = sum(length for _, length in spans) or 1  # shared: dispatch sends its descriptor
+        payload.size = len(data) + payload.nbytes
+        payload._return = weakref.finalize(payload, os.close, fd)
+        payload._return.atexit = False
+        return payload
 
     @property
     def shared(self) -> bool:
@@ -268,6 +299,17 @@ class Payload:
             self._return.detach()  # type: ignore[union-attr]
             pool.give(self.region)
             self.region = None
+
+
+    def abandon(self) -> None:
+        """Close the region without giving it back: another process may still
+        write or read it (a pool host's job cancelled while it ran)."""
+        self.buffers = []
+        self.nbytes = 0
+        region, self.region = self.region, None
+        if region is not None:
+            self._return.detach()  # type: ignore[union-attr]
+            region.close()
 
 
 def pickle_call(

@@ -74,6 +74,8 @@ class PoolStats:
     # busy and nothing waits; above 1, jobs wait. The autoscaling signal (see
     # docs/reference.md "Autoscaling"). 0.0 with nb_workers=0 (no workers).
     saturation: float = 0.0
+    # With share_across_processes: this API process's own part (the rest is the whole pool's).
+    process: ProcessStats | None = None
 
     @property
     def estimated_wait(self) -> float:
@@ -104,3 +106,18 @@ class ModelStats:
     version: int = 1
     # version -> workers alive that serve it: one entry, except while a reload rolls.
     workers_by_version: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStats:
+    """One API process's own jobs in a pool it shares (``stats().process``)."""
+
+    pid: int  # this API process
+    host_pid: int  # the pool host (0 while none is attached)
+    processes: int  # API processes attached to the host now
+    jobs_in_flight: int  # sent to the host, not answered yet
+    jobs_submitted: int
+    jobs_completed: int
+    jobs_failed: int
+    jobs_cancelled: int
+    results_unfetched: int  # this process's job-id results waiting for get_result

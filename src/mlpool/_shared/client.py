@@ -1,0 +1,718 @@
+"""The engine of an API process that shares a pool host (``share_across_processes``).
+
+::
+
+    caller ── make_job: pickled here, large buffers in this process's shared memory
+           ── enqueue: within this process's share ─► SUBMIT (the arguments' file,
+              room offered for the result) ─► the host (``_shared.relay``)
+    reader thread ◄─ DONE / FAILED / ERROR / GONE / END / ITEM / ANSWER
+           ─► the job's handle, as the process engine settles it; the result is
+              unpickled by the caller who asks, from the room this process offered
+              (or the worker's own file, passed on): no copy on the way
+
+Job ids, result expiry, sessions and futures live here, as in any pool: a job
+id is this process's. The host holds the queue, the workers and their
+fairness (each API process is a lane).
+
+Back-pressure: this process has at most ``max_queue_size // processes`` jobs
+waiting plus one per worker slot at the host (``processes``: the API
+processes attached now, which the host keeps us told of); past that,
+callers wait for room, or get :class:`PoolFullError`.
+
+A host that dies: the jobs in flight fail with :class:`PoolBrokenError`
+saying so, and the next call attaches again, which starts a new host (the
+first process to ask starts it; the others find it). Calls made meanwhile
+wait for it as they would for room.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
+from typing import Any
+
+import cloudpickle
+
+from mlpool._api.config import PoolConfig
+from mlpool._engine.jobmaker import JobMaker, forked_error
+from mlpool._engine.jobs import CallbackRunner, Job, JobState, Outcome, settle, shared_future
+from mlpool._engine.metrics import LatencyRecorder
+from mlpool._engine.regions import NOWHERE, RegionPool, read_result, result_buffers
+from mlpool._engine.registry import Registry, Settled
+from mlpool._engine.results import PickledResult
+from mlpool._engine.state import PoolState, PoolStats, ProcessStats, refusal
+from mlpool._engine.tracing import end as end_trace
+from mlpool._shared.channel import Channel, close_all, frame
+from mlpool._shared.host import DEFAULT_GRACE, HostSpec
+from mlpool._shared.protocol import (
+    ANSWER,
+    CALL,
+    CANCEL,
+    CREDIT,
+    DONE,
+    END,
+    ERROR,
+    FAILED,
+    GONE,
+    ITEM,
+    PROTOCOL_VERSION,
+    SHARE,
+    SUBMIT,
+)  # fmt: skip
+from mlpool._shared.rendezvous import Attached, address, attach
+from mlpool._wire.protocol import Item
+from mlpool._wire.serialization import FUNCTION_TABLE_SIZE, dumps_by_value, unpack_exception
+from mlpool.errors import PoolBrokenError, PoolClosedError, PoolFullError
+
+logger = logging.getLogger("mlpool.shared")
+
+CALL_TIMEOUT = 30.0  # seconds a stats() call waits for the host before answering without it
+_RESULT_SIZES = 1024  # functions whose last result size is kept (the room offered for the next)
+
+
+class SharedEngine:
+    """Answers the facade's calls through a pool host (see the module docstring)."""
+
+    def __init__(
+        self, config: PoolConfig, loaders: dict[str, Callable[[], Any]], share: bool | str, options: dict[str, Any]
+    ) -> None:
+        self.config = config
+        self.models = frozenset(loaders)
+        self._pid = os.getpid()
+        self._regions = RegionPool(config.shared_memory_cache)
+        self._maker = JobMaker(config, loaders, owner=self, pid=self._pid, regions=self._regions)
+        self.make_job = self._maker.make
+        self._address = address(share, list(loaders))
+        self._options = options
+        self._fingerprint = fingerprint(options)
+        self._spec = self._host_spec()  # pickled now: an unpicklable loader fails the constructor
+        self._lock = threading.Lock()
+        self._callbacks = CallbackRunner()
+        # --- under the lock ---
+        self._state = PoolState.STARTING
+        self._channel: Channel | None = None
+        self._attaching: Future[None] | None = None
+        self._lost_reason: BaseException | None = None
+        self._host_pid = 0
+        self._processes = 1
+        self._slots = 1
+        self._jobs: dict[int, Job] = {}  # sent, not answered
+        self._cancelled: dict[int, Job] = {}  # cancelled after they were sent: their memory waits for the answer
+        self._rooms: list[Future] = []  # callers waiting for room or for the host
+        self._waited: dict[int, Future] = {}  # job id -> the attach it waits for (its failure is the job's)
+        self._registry: Registry[Job] = Registry(config.result_ttl)
+        self._counts = dict.fromkeys(("submitted", "completed", "failed", "cancelled"), 0)
+        self._latency = LatencyRecorder()
+        self._result_sizes: OrderedDict[int, int] = OrderedDict()
+        self._sent_functions: OrderedDict[int, None] = OrderedDict()  # under the channel's send lock
+        self._calls: dict[int, Future] = {}
+        self._call_ids = itertools.count(1)
+        self._started_host: Any = None
+        self.started: Future[None] = Future()
+        self.finished: Future[None] = Future()
+
+    def _host_spec(self) -> bytes:
+        options = dumps_by_value(self._options, "the pool's loaders and options")
+        import sys
+
+        grace = float(os.environ.get("MLPOOL_SHARE_GRACE", DEFAULT_GRACE))
+        spec = HostSpec(self._address.key, self._address.socket_path, options, self._fingerprint, list(sys.path), grace)
+        return pickle.dumps(spec)
+
+    @property
+    def state(self) -> PoolState:
+        return self._state
+
+    # ---------------------------------------------------------- attaching
+
+    def start(self) -> None:
+        """Attach in a thread of its own; ``started`` tells how it went."""
+        with self._lock:
+            self._attach_soon()
+
+    def _attach_soon(self) -> Future[None]:
+        """(Under the lock.) The attach under way, or a new one."""
+        if self._attaching is None:
+            self._attaching = Future()
+            threading.Thread(target=self._attach, args=(self._attaching,), name="mlpool-attach", daemon=True).start()
+        return self._attaching
+
+    def _attach(self, done: Future[None]) -> None:
+        hello = {"version": PROTOCOL_VERSION, "fingerprint": self._fingerprint, "pid": os.getpid()}
+        try:
+            attached = attach(self._address, hello, self._spec)
+        except BaseException as exc:
+            self._attach_failed(done, exc)
+            return
+        self._attached(done, attached)
+
+    def _attached(self, done: Future[None], attached: Attached) -> None:
+        welcome = attached.welcome
+        with self._lock:
+            self._attaching = None
+            if self._state in (PoolState.CLOSING, PoolState.CLOSED):
+                attached.channel.close()
+                rooms = self._take_rooms()
+            else:
+                self._channel = attached.channel
+                self._host_pid = welcome["host_pid"]
+                self._processes = welcome["processes"]
+                self._slots = welcome["slots"]
+                self._started_host = attached.started or self._started_host
+                self._sent_functions.clear()
+                self._state = PoolState.RUNNING
+                self._lost_reason = None
+                self._waited.clear()
+                rooms = self._take_rooms()
+                threading.Thread(
+                    target=self._read, args=(attached.channel,), name="mlpool-shared-reader", daemon=True
+                ).start()
+        done.set_result(None)
+        if not self.started.done():
+            self.started.set_result(None)
+        _wake(rooms)
+
+    def _attach_failed(self, done: Future[None], exc: BaseException) -> None:
+        first = not self.started.done()
+        with self._lock:
+            self._attaching = None
+            self._lost_reason = exc
+            if first:
+                self._state = PoolState.BROKEN
+            rooms = self._take_rooms()
+        done.set_exception(exc)
+        if first:
+            self.started.set_exception(exc)
+            self.finished.set_result(None)
+        _wake(rooms)
+
+    # ---------------------------------------------------------- jobs
+
+    def enqueue(self, job: Job, *, wait: bool, register: bool = False) -> Future | None:
+        """Send ``job`` to the host: None, or a future that resolves when this
+        process may send it (room in its share, or the host back): call again then."""
+        with self._lock:
+            self._registry.expire(time.monotonic())
+            if job.state is not JobState.NEW:  # cancelled while it waited
+                return None
+            if (refused := self._refusal()) is not None:
+                raise refused
+            attempt = self._waited.pop(job.id, None)
+            if attempt is not None and attempt.done() and attempt.exception() is not None:
+                raise PoolBrokenError(
+                    f"the pool host died and a new one could not be started: {attempt.exception()}"
+                ) from attempt.exception()
+            channel = self._channel
+            if channel is None:  # attaching (first, or after the host died)
+                self._waited[job.id] = self._attach_soon()
+                return self._room()
+            if len(self._jobs) + len(self._cancelled) >= self._share():
+                if not wait:
+                    raise PoolFullError(
+                        f"this API process's share of the shared pool's queue is full ({self._share()} jobs in "
+                        f"flight, {self._processes} processes share max_queue_size={self.config.max_queue_size}); "
+                        "retry later or create the job with block_until_scheduled=True"
+                    )
+                return self._room()
+            if register:
+                self._registry.add(job)
+            self._jobs[job.id] = job
+            self._counts["submitted"] += 1
+            job.to(JobState.QUEUED)
+        self._send_job(channel, job)
+        return None
+
+    def _refusal(self) -> BaseException | None:
+        if self._state is PoolState.BROKEN:
+            return PoolBrokenError(f"the shared pool could not start: {self._lost_reason}")
+        if self._state in (PoolState.CLOSING, PoolState.CLOSED):
+            return refusal(self._state)
+        return None
+
+    def _share(self) -> int:
+        return max(1, self.config.max_queue_size // max(1, self._processes)) + self._slots
+
+    def _room(self) -> Future:
+        """(Under the lock.) A future for a caller to wait on: resolved when an
+        answer frees room, or the host is attached (or could not be)."""
+        room: Future = Future()
+        self._rooms.append(room)
+        return room
+
+    def _take_rooms(self) -> list[Future]:
+        rooms, self._rooms = self._rooms, []
+        return rooms
+
+    def _send_job(self, channel: Channel, job: Job) -> None:
+        p = job.payload
+        fds = [p.place(self._regions)] if p.shared else []
+        has_args = bool(fds)
+        if job.stream is None and job.batch_policy is None:
+            size = self._result_sizes.get(job.fn_id)
+            if size is not None:
+                job.result_offer = self._regions.take(size)
+                fds.append(job.result_offer.fd)
+        timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
+        policy = job.batch_policy
+        batch = None if policy is None else (policy.max_batch_size, policy.max_wait)
+        stream = None if job.stream is None else (job.stream.window_items, job.stream.window_bytes)
+        interrupt = bool(getattr(job.lane, "interrupt", False))
+        try:
+            with channel.locked():
+                sent = self._sent_functions
+                if job.fn_id in sent:
+                    sent.move_to_end(job.fn_id)
+                    fn_pickle = None
+                else:
+                    sent[job.fn_id] = None
+                    if len(sent) > FUNCTION_TABLE_SIZE:
+                        sent.popitem(last=False)
+                    fn_pickle = job.fn_pickle
+                data = frame((SUBMIT, len(fds), job.id, job.model, job.fn_id, fn_pickle, job.fn_name, p.data,
+                              p.spans, has_args, len(fds) > has_args, timeout, job.retries_left, job.priority,
+                              batch, stream, interrupt))  # fmt: skip
+                channel.send_frame_locked(data, fds)
+        except OSError:
+            pass  # the host is gone: the reader fails every job in flight, this one too
+
+    def discard(self, job: Job) -> None:
+        with self._lock:
+            self._waited.pop(job.id, None)
+            if job.state is JobState.NEW:
+                job.payload.release(self._regions)
+
+    def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
+        """True if ``job`` will never report an outcome; a sent one is cancelled at the host."""
+        with self._lock:
+            if job.state is JobState.FINISHED:
+                return False
+            sent = self._jobs.pop(job.id, None) is not None
+            if sent:
+                self._cancelled[job.id] = job
+            job.to(JobState.FINISHED)
+            self._counts["cancelled"] += 1
+            self._registry.finished(job, time.monotonic(), keep_result=False)
+            channel = self._channel if sent else None
+        if channel is not None:
+            try:
+                channel.send((CANCEL, 0, job.id, interrupt))
+            except OSError:
+                pass
+        settle([Outcome(job, False, None, cancelled=True)], self._callbacks)
+        return True
+
+    def run_direct(self, job: Job) -> bool:
+        return False  # no worker pipe here: jobs go through the host
+
+    def send_control(self, job: Job, msg: Any) -> None:
+        """A stream's Credit, on to the host."""
+        channel = self._channel
+        if channel is not None and job.state is JobState.QUEUED:
+            try:
+                channel.send((CREDIT, 0, job.id, msg.items, msg.nbytes))
+            except OSError:
+                pass
+
+    def read_item(self, job: Job, item: Item) -> Any:
+        what = f"an item of job {job.id} ({job.fn_name})"
+        return read_result(item.data, item.spans, item.where, item.fd, None, self._regions, what)
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        self._callbacks.run(None, [lambda _: fn()])  # type: ignore[arg-type]
+
+    def before_blocking(self) -> None:
+        pass  # no pipe is lent to an event loop here
+
+    def share(self, job: Job) -> Future:
+        with self._lock:
+            return shared_future(job)
+
+    def reclaim_stopped_loans(self) -> None:
+        pass  # the reader thread reads every answer
+
+    def lookup(self, key: str) -> Job | Settled | None:
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)
+        with self._lock:
+            self._registry.expire(time.monotonic())
+            return self._registry.lookup(key)
+
+    def forget(self, key: str, job: Job | Settled) -> bool:
+        with self._lock:
+            return self._registry.forget(key, job)
+
+    # ---------------------------------------------------------- answers
+
+    def _read(self, channel: Channel) -> None:
+        """The reader thread of one connection to the host."""
+        reason: BaseException | None = None
+        try:
+            while (messages := channel.receive()) is not None:
+                for msg, fds in messages:
+                    self._take(msg, fds)
+        except Exception as exc:  # a broken connection (OSError), or bad data from the host
+            reason = exc
+        self._lost(channel, reason)
+
+    def _take(self, msg: tuple, fds: list[int]) -> None:
+        kind = msg[0]
+        if kind == DONE:
+            self._done(msg[2], msg[3], msg[4], msg[5], fds[0] if fds else -1)
+        elif kind == ITEM:
+            job = self._jobs.get(msg[2])
+            item = Item(msg[2], msg[3], msg[4], msg[5], fds[0] if fds else -1)
+            if job is not None and job.stream is not None and job.state is JobState.QUEUED:
+                job.stream.push(item)
+            else:
+                close_all(fds)
+        elif kind in (FAILED, ERROR, END, GONE):
+            job = self._answered(msg[2], kind)
+            if job is not None:
+                if kind == END:
+                    self._finish(job, True, None)
+                elif kind == FAILED:
+                    self._finish(job, False, unpack_exception(msg[3], msg[4]))
+                elif kind == ERROR:
+                    self._finish(job, False, _unpickled_error(msg[3]))
+                else:  # GONE without our cancel: the host shut down with it queued
+                    self._finish(job, False, PoolClosedError("the pool host shut down before the job ran"))
+        elif kind == SHARE:
+            with self._lock:
+                self._processes = msg[2]
+                rooms = self._take_rooms()
+            _wake(rooms)
+        elif kind == ANSWER:
+            with self._lock:
+                future = self._calls.pop(msg[2], None)
+            if future is not None:
+                value = pickle.loads(msg[4])
+                if msg[3]:
+                    _set(future, value)
+                else:
+                    future.set_exception(value)
+        else:
+            close_all(fds)
+            raise ValueError(f"unexpected message kind {kind} from the pool host")
+
+    def _answered(self, cid: int, kind: int) -> Job | None:
+        """The host's last word on job ``cid``: the job if it waits for it
+        (None if it was cancelled here); its shared memory is released (the
+        room offered for a DONE's result is the result's: see ``_done``)."""
+        with self._lock:
+            job = self._jobs.pop(cid, None)
+            cancelled = None if job is not None else self._cancelled.pop(cid, None)
+            rooms = self._take_rooms()
+        _wake(rooms)
+        for held in (job, cancelled):
+            if held is None:
+                continue
+            if kind != GONE:  # the host and its worker are done with it
+                held.payload.release(self._regions)
+                if held.result_offer is not None and (held is cancelled or kind != DONE):
+                    self._regions.give(held.result_offer)
+                    held.result_offer = None
+            else:
+                _abandon(held)
+        return job
+
+    def _done(self, cid: int, data: bytes, spans: Any, where: int, fd: int) -> None:
+        job = self._answered(cid, DONE)
+        if job is None:  # cancelled here: nobody reads it
+            if fd >= 0:
+                os.close(fd)
+            return
+        offer, job.result_offer = job.result_offer, None
+        try:
+            buffers = (
+                None if where == NOWHERE and offer is None
+                else result_buffers(spans, where, fd, offer, self._regions)  # type: ignore[arg-type]  # ours: a Region
+            )  # fmt: skip
+        except Exception as exc:  # out of memory or descriptors to map it
+            self._finish(job, False, exc)
+            return
+        if where != NOWHERE and spans:
+            sizes = self._result_sizes
+            sizes[job.fn_id] = spans[-1][0] + spans[-1][1]
+            sizes.move_to_end(job.fn_id)
+            if len(sizes) > _RESULT_SIZES:
+                sizes.popitem(last=False)
+        self._finish(job, True, PickledResult(data, buffers, job.id, job.fn_name, job.model, self._undecodable))
+
+    def _finish(self, job: Job, ok: bool, value: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if job.state is JobState.FINISHED:
+                return
+            job.to(JobState.FINISHED)
+            self._counts["completed" if ok else "failed"] += 1
+            self._latency.observe(now - job.submitted_at, None)
+            self._registry.finished(job, now, keep_result=True)
+        if job.trace is not None:
+            end_trace(job, None, ok, value, "completed" if ok else "failed")
+        settle([Outcome(job, ok, value)], self._callbacks)
+        with self._lock:
+            self._registry.settled(job, ok, value)
+
+    def _undecodable(self, model: str) -> None:
+        with self._lock:
+            self._counts["completed"] -= 1
+            self._counts["failed"] += 1
+
+    def _lost(self, channel: Channel, reason: BaseException | None) -> None:
+        """The connection ended: its jobs and calls fail; the next call attaches again."""
+        with self._lock:
+            if self._channel is channel:
+                self._channel = None
+            closing = self._state in (PoolState.CLOSING, PoolState.CLOSED)
+            if not closing:
+                self._state = PoolState.STARTING
+            jobs = list(self._jobs.values()) + list(self._cancelled.values())
+            self._jobs.clear()
+            self._cancelled.clear()
+            calls = list(self._calls.values())
+            self._calls.clear()
+            rooms = self._take_rooms()
+            host_pid = self._host_pid
+        channel.close()
+        if closing:
+            error: BaseException = PoolClosedError("the pool was shut down while the job ran")
+        else:
+            why = f": {reason!r}" if reason is not None else ""
+            error = PoolBrokenError(
+                f"the pool host (pid {host_pid}) died{why}; the jobs in flight failed, and the next call "
+                "starts a new host"
+            )
+            logger.warning("mlpool: the pool host (pid %d) died; %d jobs in flight failed", host_pid, len(jobs))
+            if self._started_host is not None:
+                self._started_host.poll()  # reaped, if it was our child
+        for job in jobs:
+            _abandon(job)
+            self._finish(job, False, error)
+        for future in calls:
+            if not future.done():
+                future.set_exception(error)
+        _wake(rooms)
+        if closing and not self.finished.done():
+            self.finished.set_result(None)
+
+    # ---------------------------------------------------------- calls
+
+    def _call(self, operation: str, *arguments: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if (refused := self._refusal()) is not None:
+                future.set_exception(refused)
+                return future
+            channel = self._channel
+            if channel is None:
+                future.set_exception(PoolBrokenError("the pool host is not attached (it died, or is starting)"))
+                return future
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
+        try:
+            channel.send((CALL, 0, call_id, operation, arguments))
+        except OSError as exc:
+            with self._lock:
+                self._calls.pop(call_id, None)
+            future.set_exception(PoolBrokenError(f"the pool host is gone: {exc!r}"))
+        return future
+
+    def stats(self) -> PoolStats:
+        """The whole pool's figures (from the host), with this process's own."""
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)
+        try:
+            pool: PoolStats = self._call("stats").result(CALL_TIMEOUT)
+        except Exception:
+            pool = _empty_stats(self._state)
+        with self._lock:
+            self._registry.expire(time.monotonic())
+            mine = ProcessStats(
+                pid=self._pid, host_pid=self._host_pid, processes=self._processes,
+                jobs_in_flight=len(self._jobs), results_unfetched=self._registry.unfetched, **{
+                    f"jobs_{name}": count for name, count in self._counts.items()},
+            )  # fmt: skip
+            state = self._state.value if self._state is not PoolState.RUNNING else pool.state
+        return _replace(pool, state=state, process=mine)
+
+    def worker_stacks(self, timeout: float) -> dict[int, str]:
+        stacks: dict[int, str] = self._call("worker_stacks", timeout).result(timeout + CALL_TIMEOUT)
+        return stacks
+
+    def reload(self, loaders: dict[str, Callable[[], Any]] | None, *, timeout: float | None, surge: int) -> Future:
+        """Ask the host to roll the new version out (its ``reload_models``)."""
+        pickled = None
+        if loaders is not None:
+            for name, loader in loaders.items():
+                dumps_by_value(loader, f"the loader of model {name!r}")  # names the model that fails
+            pickled = cloudpickle.dumps(loaders)
+            self._adopt_loaders(loaders)
+        future = self._call("reload", pickled, timeout, surge)
+        done: Future = Future()
+        future.add_done_callback(partial(_chain, done))
+        return done
+
+    def _adopt_loaders(self, loaders: dict[str, Callable[[], Any]]) -> None:
+        """A host started from now on loads the new version too."""
+        from dataclasses import replace
+
+        from mlpool._api.config import Model
+
+        models = dict(self._options["models_to_load"])
+        for name, loader in loaders.items():
+            current = models[name]
+            models[name] = replace(current, loader=loader) if isinstance(current, Model) else loader
+        self._options = {**self._options, "models_to_load": models}
+        self._spec = self._host_spec()
+
+    # ---------------------------------------------------------- the end
+
+    def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
+        """Stop taking jobs; once this process's jobs are answered (or
+        cancelled: ``cancel_pending``, or ``timeout`` passed), leave the host."""
+        with self._lock:
+            if self._state in (PoolState.CLOSING, PoolState.CLOSED):
+                return
+            self._state = PoolState.CLOSING
+            rooms = self._take_rooms()
+            jobs = list(self._jobs.values())
+        _wake(rooms)
+        if cancel_pending:
+            for job in jobs:
+                self.cancel(job)
+        threading.Thread(target=self._leave, args=(timeout,), name="mlpool-shared-close", daemon=True).start()
+
+    def _leave(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for job in list(self._jobs.values()):
+            handle = self.share(job)
+            try:
+                handle.exception(max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                break
+        with self._lock:
+            self._state = PoolState.CLOSED
+            channel = self._channel
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            self.cancel(job)
+        if channel is not None:
+            try:
+                channel.sock.shutdown(2)
+            except OSError:
+                pass  # the reader ends, and with it this pool
+        else:
+            self.finished.set_result(None) if not self.finished.done() else None
+        self._callbacks.stop()
+        self._regions.close()
+
+    def join(self, timeout: float | None) -> bool:
+        try:
+            self.finished.result(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def check_share(share: object, config: PoolConfig) -> bool | str:
+    """``share_across_processes`` checked against the pool's other settings."""
+    if share is False:
+        return False
+    if share is not True and not (isinstance(share, str) and share):
+        raise TypeError(f"share_across_processes must be True, False or a non-empty name, got {share!r}")
+    if config.backend == "ray":
+        raise ValueError(
+            "share_across_processes does not apply to backend='ray': the API processes share the Ray "
+            "cluster already; give each its own pool of actors"
+        )
+    if config.inline:
+        raise ValueError("share_across_processes needs worker processes; nb_workers=0 runs jobs in the calling process")
+    if not hasattr(socket, "SO_PEERCRED"):
+        raise NotImplementedError("share_across_processes needs Linux (SO_PEERCRED on Unix sockets)")
+    return share
+
+
+def fingerprint(options: dict[str, Any]) -> dict[str, str]:
+    """What every process sharing a pool must agree on, by setting: the
+    models by name (a loader's code may differ between versions of the app;
+    its name and settings may not) and every pool option."""
+    result = {}
+    for name, value in options.items():
+        if name == "models_to_load":
+            for model, loader in value.items():
+                result[f"model {model!r}"] = _describe(loader)
+        else:
+            result[name] = _describe(value)
+    return result
+
+
+def _describe(value: Any) -> str:
+    from dataclasses import fields, is_dataclass
+
+    if is_dataclass(value) and not isinstance(value, type):
+        parts = [f"{f.name}={_describe(getattr(value, f.name))}" for f in fields(value) if f.name != "loader"]
+        return f"{type(value).__name__}({', '.join(parts)})"
+    if callable(value):
+        return "a loader" if not hasattr(value, "__qualname__") else f"<{value.__qualname__}>"
+    return repr(value)
+
+
+def _abandon(job: Job) -> None:
+    """Close the job's shared memory without reusing it: the host may still hold it."""
+    job.payload.abandon()
+    offer, job.result_offer = job.result_offer, None
+    if offer is not None:
+        offer.close()
+
+
+def _unpickled_error(data: bytes) -> BaseException:
+    try:
+        error = pickle.loads(data)
+    except Exception as exc:
+        return PoolBrokenError(f"the pool host sent an error that cannot be unpickled: {exc!r}")
+    return error if isinstance(error, BaseException) else PoolBrokenError(f"the pool host sent {error!r}")
+
+
+def _set(future: Future, value: Any = None) -> None:
+    if not future.done():
+        try:
+            future.set_result(value)
+        except Exception:  # resolved meanwhile (InvalidStateError)
+            pass
+
+
+def _chain(to: Future, future: Future) -> None:
+    error = future.exception()
+    if error is not None:
+        to.set_exception(error)
+    else:
+        _set(to)
+
+
+def _wake(rooms: list[Future]) -> None:
+    for room in rooms:
+        _set(room)
+
+
+def _replace(stats: PoolStats, **changes: Any) -> PoolStats:
+    from dataclasses import replace
+
+    return replace(stats, **changes)
+
+
+def _empty_stats(state: PoolState) -> PoolStats:
+    return PoolStats(
+        state=state.value, workers_alive=0, workers_busy=0, queue_depth=0, jobs_running=0, jobs_completed=0,
+        jobs_failed=0, jobs_crashed=0, jobs_timed_out=0, jobs_cancelled=0, jobs_retried=0, worker_restarts=0,
+        workers_recycled=0, results_unfetched=0, latency_p50=None, latency_p95=None, latency_p99=None,
+        run_seconds_mean=None, latency_buckets=(), latency_sum=0.0, latency_count=0,
+    )  # fmt: skip
