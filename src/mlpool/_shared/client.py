@@ -501,7 +501,14 @@ class SharedEngine:
             if not future.done():
                 future.set_exception(error)
         _wake(rooms)
-        if closing and not self.finished.done():
+        if closing:
+            self._closed()
+
+    def _closed(self) -> None:
+        """The last step of a shutdown: nothing of this pool is left in this process."""
+        self._callbacks.stop()
+        self._regions.close()
+        if not self.finished.done():
             self.finished.set_result(None)
 
     # ---------------------------------------------------------- calls
@@ -605,15 +612,13 @@ class SharedEngine:
             jobs = list(self._jobs.values())
         for job in jobs:
             self.cancel(job)
-        if channel is not None:
-            try:
-                channel.sock.shutdown(2)
-            except OSError:
-                pass  # the reader ends, and with it this pool
-        else:
-            self.finished.set_result(None) if not self.finished.done() else None
-        self._callbacks.stop()
-        self._regions.close()
+        if channel is None:
+            self._closed()
+            return
+        try:
+            channel.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end, and closes the rest (_lost)
+        except OSError:
+            pass
 
     def join(self, timeout: float | None) -> bool:
         try:
