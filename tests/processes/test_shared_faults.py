@@ -1,0 +1,164 @@
+"""A shared pool under real faults: API processes SIGKILLed, the host SIGKILLed, races to start it.
+
+Every wait is on a process handle, a FIFO or a job's answer, with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import shared_models
+from helpers.shared_processes import GRACE, ApiProcess, host_and_workers, unique_name, wait_gone, workers_of
+
+from mlpool import MLPool
+from mlpool.errors import PoolBrokenError
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def name(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLPOOL_SHARE_GRACE", GRACE)
+    monkeypatch.setenv("MLPOOL_TEST_LOADS", str(tmp_path))
+    return unique_name()
+
+
+def _pool(name: str, nb_workers: int = 2) -> MLPool:
+    return MLPool(shared_models.MODELS, nb_workers, share_across_processes=name)
+
+
+def test_a_process_killed_while_it_floods_leaves_nothing_behind_and_nobody_notices(name, fifo, tmp_path):
+    pool = _pool(name, nb_workers=1)
+    procs = host_and_workers(pool.stats().process.host_pid)
+    log = tmp_path / "tags.log"
+    held = fifo()
+    flooder = ApiProcess(name, nb_workers=1)
+    try:
+        assert flooder.ask("hold", fifo=str(held), n=1) == "held"
+        held.wait_running()
+        worker = held.pid
+        assert flooder.ask("tag", log=str(log), tag="flood", n=30) == "queued"
+        assert pool.stats().queue_depth == 30
+        flooder.kill()
+        mine = pool.submit("m", shared_models.append_tag, str(log), "mine")
+        held.release_opened()  # the dead process's running job finishes, its result discarded
+        assert mine.result(30) == "mine"
+        stats = pool.stats()
+        assert stats.queue_depth == 0 and stats.process.processes == 1
+        assert stats.worker_restarts == 0 and workers_of(stats.process.host_pid) == {worker}
+        assert log.read_text().split().count("flood") <= 1  # dropped (one may have gone before us in turn)
+        assert stats.jobs_cancelled >= 29
+    finally:
+        pool.shutdown()
+    wait_gone(procs)
+
+
+def test_an_interrupting_session_s_running_job_is_interrupted_when_its_process_dies(name, fifo):
+    pool = _pool(name, nb_workers=1)
+    procs = host_and_workers(pool.stats().process.host_pid)
+    held = fifo()
+    child = ApiProcess(name, nb_workers=1)
+    try:
+        child.ask("hold", fifo=str(held), n=1, interrupt=True)
+        held.wait_running()
+        victim = psutil.Process(held.pid)
+        child.kill()
+        victim.wait(30)  # killed by the host: nobody wants its result
+        assert pool.score("m", shared_models.pid) != held.pid
+        assert pool.stats().worker_restarts == 1
+    finally:
+        pool.shutdown()
+    wait_gone(procs)
+
+
+def test_every_api_process_killed_the_host_and_its_workers_end(name):
+    children = [ApiProcess(name), ApiProcess(name)]
+    host_pid = children[0].ask("info")["host_pid"]
+    assert children[1].ask("info")["host_pid"] == host_pid
+    procs = host_and_workers(host_pid)
+    assert len(workers_of(host_pid)) == 2
+    for child in children:
+        child.kill()
+    wait_gone(procs)  # grace, then shutdown: no orphan
+    assert not Path(f"/proc/{host_pid}").exists() or psutil.Process(host_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_host_fails_the_jobs_in_flight_and_the_next_call_starts_a_new_one(name, fifo):
+    pool = _pool(name)
+    other = ApiProcess(name)
+    try:
+        old = pool.stats().process.host_pid
+        old_procs = host_and_workers(old)
+        held = fifo()
+        future = pool.submit("m", shared_models.wait_on, str(held))
+        held.wait_running()
+        os.kill(old, signal.SIGKILL)
+        with pytest.raises(PoolBrokenError, match=rf"the pool host \(pid {old}\) died"):
+            future.result(30)
+        wait_gone(old_procs)  # its workers saw their parent go
+        assert pool.score("m", shared_models.double, 2) == 4  # starts (or finds) a new host
+        new = pool.stats().process.host_pid
+        assert new != old
+        assert other.ask("info")["host_pid"] == new  # the other process found it at its next call
+        assert other.ask("pids", n=2)
+        assert pool.stats().process.processes == 2
+    finally:
+        other.leave()
+        new_procs = host_and_workers(pool.stats().process.host_pid)
+        pool.shutdown()
+    wait_gone(new_procs)
+
+
+def test_processes_arriving_at_once_end_with_one_host(name, tmp_path):
+    children = [ApiProcess(name) for _ in range(3)]
+    try:
+        hosts = {child.ask("info")["host_pid"] for child in children}
+        assert len(hosts) == 1
+        assert shared_models.loads(tmp_path) == 2  # one host, its two workers
+        procs = host_and_workers(hosts.pop())
+    finally:
+        for child in children:
+            child.leave()
+    wait_gone(procs)
+
+
+def test_a_flooding_process_does_not_starve_another(name, fifo, tmp_path):
+    pool = _pool(name, nb_workers=1)
+    procs = host_and_workers(pool.stats().process.host_pid)
+    log = tmp_path / "tags.log"
+    flooder = ApiProcess(name, nb_workers=1)
+    try:
+        held = fifo()
+        first = pool.submit("m", shared_models.wait_on, str(held))
+        held.wait_running()
+        assert flooder.ask("tag", log=str(log), tag="flood", n=40) == "queued"
+        mine = [pool.submit("m", shared_models.append_tag, str(log), "mine") for _ in range(3)]
+        held.release_opened()
+        first.result(30)
+        assert [future.result(60) for future in mine] == ["mine"] * 3
+        order = log.read_text().split()
+        assert order.index("mine") <= 1 and len(order[: order.index("mine")]) <= 1
+        last = max(i for i, tag in enumerate(order) if tag == "mine")
+        assert last <= 6, order[:10]  # the two processes took turns; FIFO would put ours after 40
+    finally:
+        flooder.leave()
+        pool.shutdown()
+    wait_gone(procs)
+
+
+def test_a_process_that_rejoins_within_the_grace_finds_the_same_host(monkeypatch, name):
+    monkeypatch.setenv("MLPOOL_SHARE_GRACE", "3")
+    first = ApiProcess(name, MLPOOL_SHARE_GRACE="3")
+    host = first.ask("info")["host_pid"]
+    procs = host_and_workers(host)
+    first.leave()
+    second = ApiProcess(name, MLPOOL_SHARE_GRACE="3")  # a recycled API worker coming back
+    try:
+        assert second.ask("info")["host_pid"] == host
+    finally:
+        second.leave()
+    wait_gone(procs)
