@@ -3,6 +3,7 @@
     uvicorn app.main:app --app-dir examples          # scoring on an mlpool, in worker groups
     MLPOOL_DEMO_MODE=shared uvicorn ...              # one shared pool: every worker loads every model
     MLPOOL_DEMO_MODE=inprocess uvicorn ...           # scoring in the API process (the baseline)
+    MLPOOL_DEMO_SHARE=1 uvicorn ... --workers 2      # two API processes, one pool host for both
 
 Worker groups (the default, "groups"): the CPU-heavy image CNN has
 ``MLPOOL_DEMO_IMAGE_WORKERS`` workers of its own (1) that load only it, and
@@ -88,6 +89,9 @@ MAX_STREAM_BYTES = 4 * 2**20
 
 # POST /admin/reload answers 404 unless this holds the token it asks for ("Authorization: Bearer <token>").
 ADMIN_TOKEN = os.environ.get("MLPOOL_DEMO_ADMIN_TOKEN", "")
+# Several API processes (uvicorn --workers N, gunicorn): "1" shares one pool among the
+# processes of this server (share_across_processes=True), another value names the pool.
+SHARE = os.environ.get("MLPOOL_DEMO_SHARE", "")
 SCORERS = {"iris": models.score_iris, "diabetes": models.score_diabetes}
 LOADERS = {"iris": models.load_iris, "diabetes": models.load_diabetes, "image": models.load_cnn}
 FEATURE_COUNTS = {"iris": 4, "diabetes": 10}
@@ -136,6 +140,8 @@ async def lifespan(app: FastAPI):
     if BACKEND == "ray":  # the actors import app.models from this checkout
         runtime_env = {"env_vars": {"PYTHONPATH": str(APP_PARENT)}}
         backend = {"backend": "ray", "ray_options": {"runtime_env": runtime_env}}
+    elif SHARE:
+        backend = {"share_across_processes": True if SHARE == "1" else SHARE}
     async with MLPool(
         models_to_load, nb_workers=nb_workers, max_retries=1, job_timeout=JOB_TIMEOUT,
         max_memory_per_worker=MAX_WORKER_MEMORY, start_timeout=120.0, **backend,

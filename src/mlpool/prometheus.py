@@ -68,6 +68,13 @@ class PoolCollector:
     next ones (stable as long as the app registers its pools in the same
     order; name them to be sure). Two pools with the same name in one
     registry raise ``ValueError``.
+
+    A pool shared by several API processes (``share_across_processes``) adds
+    ``_shared_processes`` and this process's own ``_process_jobs_total`` by
+    ``outcome``, ``_process_jobs_in_flight`` and ``_process_results_unfetched``,
+    labelled ``process`` (its pid). Its other series are the whole pool's,
+    identical in every API process: aggregate them across processes with
+    ``max by (pool)``, never ``sum`` (which would count the pool once per process).
     """
 
     def __init__(self, pool: MLPool, *, prefix: str = "mlpool", pool_name: str | None = None) -> None:
@@ -192,6 +199,35 @@ def _families(p: str, pools: list[tuple[str, MLPool]]) -> Iterator[Any]:
         histogram.add_metric([name], buckets=buckets, sum_value=stats.latency_sum)
     yield histogram
     yield from _model_families(p, snapshots)
+    yield from _process_families(p, [(name, stats.process) for name, stats, _ in snapshots if stats.process])
+
+
+def _process_families(p: str, processes: list[tuple[str, Any]]) -> Iterator[Any]:
+    """A shared pool's (``share_across_processes``): this API process's own
+    series, labelled ``process`` (its pid), and how many processes share the
+    pool. The pool's other series are the whole pool's, the same in every
+    process: aggregate those with ``max by (pool)``, these with ``sum``."""
+    if not processes:
+        return
+    labels = ["pool", "process"]
+    shared = GaugeMetricFamily(f"{p}_shared_processes", "API processes attached to the shared pool.", labels=["pool"])
+    in_flight = GaugeMetricFamily(
+        f"{p}_process_jobs_in_flight", "This API process's jobs sent to the pool host, not answered.", labels=labels
+    )
+    unfetched = GaugeMetricFamily(
+        f"{p}_process_results_unfetched", "This API process's job-id results waiting for get_result.", labels=labels
+    )
+    jobs = CounterMetricFamily(
+        f"{p}_process_jobs", "This API process's jobs, by outcome (submitted: every one).", labels=[*labels, "outcome"]
+    )
+    for name, process in processes:
+        pid = str(process.pid)
+        shared.add_metric([name], process.processes)
+        in_flight.add_metric([name, pid], process.jobs_in_flight)
+        unfetched.add_metric([name, pid], process.results_unfetched)
+        for outcome in ("submitted", "completed", "failed", "cancelled"):
+            jobs.add_metric([name, pid, outcome], getattr(process, f"jobs_{outcome}"))
+    yield from (shared, in_flight, unfetched, jobs)
 
 
 def _model_families(p: str, snapshots: list[tuple[str, Any, bool]]) -> Iterator[Any]:

@@ -26,14 +26,17 @@ class UvicornServer:
     """``uvicorn module:app`` in its own process; ready when it says so on stderr
     (the constructor waits for that unless ``wait_ready=False``)."""
 
-    def __init__(self, app: str, app_dir: Path, env: dict[str, str] | None = None, *, wait_ready: bool = True) -> None:
+    def __init__(
+        self, app: str, app_dir: Path, env: dict[str, str] | None = None, *, wait_ready: bool = True,
+        args: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", app, "--app-dir", str(app_dir), "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "info", "--no-access-log"],
+             "--port", str(self.port), "--log-level", "info", "--no-access-log", *args],
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(app_dir), *_python_path()]),
                  **(env or {})},
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

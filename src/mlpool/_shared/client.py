@@ -549,7 +549,7 @@ class SharedEngine:
                     f"jobs_{name}": count for name, count in self._counts.items()},
             )  # fmt: skip
             state = self._state.value if self._state is not PoolState.RUNNING else pool.state
-        return _replace(pool, state=state, process=mine)
+        return _replace(pool, state=state, process=mine, results_unfetched=mine.results_unfetched)
 
     def worker_stacks(self, timeout: float) -> dict[int, str]:
         stacks: dict[int, str] = self._call("worker_stacks", timeout).result(timeout + CALL_TIMEOUT)
