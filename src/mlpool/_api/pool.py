@@ -26,7 +26,8 @@ from mlpool._engine.inline import InlineEngine
 from mlpool._engine.state import PoolState, PoolStats
 from mlpool._processes.stacks import STACKS_TIMEOUT
 from mlpool._processes.supervisor import TERMINATE_GRACE
-from mlpool._shared.client import SharedEngine, check_share
+from mlpool._shared.client import SharedEngine
+from mlpool._shared.spec import check_share
 
 _JOIN_MARGIN = 10.0  # beyond a shutdown's own timeout and grace, for reaping
 # A shutdown's timeout: a day is more than any drain needs, and waits past it overflow.

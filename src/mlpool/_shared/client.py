@@ -2,45 +2,30 @@
 
 ::
 
-    caller ── make_job: pickled here, large buffers in this process's shared memory
-           ── enqueue: within this process's share ─► SUBMIT (the arguments' file,
-              room offered for the result) ─► the host (``_shared.relay``)
-    reader thread ◄─ DONE / FAILED / ERROR / GONE / END / ITEM / ANSWER
-           ─► the job's handle, as the process engine settles it; the result is
-              unpickled by the caller who asks, from the room this process offered
-              (or the worker's own file, passed on): no copy on the way
+    caller ── make_job (pickled here, large buffers in this process's shared memory)
+           ── enqueue: within this process's share ─► SUBMIT ─► the host (``_shared.relay``)
+    reader thread ◄─ DONE / FAILED / ERROR / GONE / END / ITEM / ANSWER ─► the job's handle;
+           a result is unpickled by its caller, in place, from the room this process offered
 
-Job ids, result expiry, sessions and futures live here, as in any pool: a job
-id is this process's. The host holds the queue, the workers and their
-fairness (each API process is a lane).
-
-Back-pressure: this process has at most ``max_queue_size // processes`` jobs
-waiting plus one per worker slot at the host (``processes``: the API
-processes attached now, which the host keeps us told of); past that,
-callers wait for room, or get :class:`PoolFullError`.
-
-A host that dies: the jobs in flight fail with :class:`PoolBrokenError`
-saying so, and the next call attaches again, which starts a new host (the
-first process to ask starts it; the others find it). Calls made meanwhile
-wait for it as they would for room.
+Job ids, result expiry, sessions and futures live here, as in any pool. The
+host holds the queue, the workers and the fairness between processes (a
+lane each). This process's share: ``max_queue_size // processes`` waiting
+plus one per worker slot; past it, callers wait, or get PoolFullError. A
+host that dies fails the jobs in flight (PoolBrokenError says so); the next
+call attaches again, starting a new host; calls meanwhile wait for it.
 """
-
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import pickle
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
-from functools import partial
+from contextlib import suppress
+from dataclasses import replace
 from typing import Any
-
-import cloudpickle
 
 from mlpool._api.config import PoolConfig
 from mlpool._engine.jobmaker import JobMaker, forked_error
@@ -51,32 +36,19 @@ from mlpool._engine.registry import Registry, Settled
 from mlpool._engine.results import PickledResult
 from mlpool._engine.state import PoolState, PoolStats, ProcessStats, refusal
 from mlpool._engine.tracing import end as end_trace
-from mlpool._shared.channel import Channel, close_all, frame
-from mlpool._shared.host import DEFAULT_GRACE, HostSpec
-from mlpool._shared.protocol import (
-    ANSWER,
-    CALL,
-    CANCEL,
-    CREDIT,
-    DONE,
-    END,
-    ERROR,
-    FAILED,
-    GONE,
-    ITEM,
-    PROTOCOL_VERSION,
-    SHARE,
-    SUBMIT,
-)  # fmt: skip
+from mlpool._shared.calls import HostCalls, empty_stats, unpickled_error, wake
+from mlpool._shared.channel import Channel, close_all
+from mlpool._shared.protocol import ANSWER, CANCEL, CREDIT, DONE, END, ERROR, FAILED, GONE, ITEM, SHARE
 from mlpool._shared.rendezvous import Attached, address, attach
+from mlpool._shared.spec import fingerprint, hello, host_spec, pickled_loaders, with_loaders
+from mlpool._shared.submissions import Submissions, abandon
 from mlpool._wire.protocol import Item
-from mlpool._wire.serialization import FUNCTION_TABLE_SIZE, dumps_by_value, unpack_exception
+from mlpool._wire.serialization import unpack_exception
 from mlpool.errors import PoolBrokenError, PoolClosedError, PoolFullError
 
 logger = logging.getLogger("mlpool.shared")
 
 CALL_TIMEOUT = 30.0  # seconds a stats() call waits for the host before answering without it
-_RESULT_SIZES = 1024  # functions whose last result size is kept (the room offered for the next)
 
 
 class SharedEngine:
@@ -94,13 +66,14 @@ class SharedEngine:
         self._address = address(share, list(loaders))
         self._options = options
         self._fingerprint = fingerprint(options)
-        self._spec = self._host_spec()  # pickled now: an unpicklable loader fails the constructor
+        self._spec = host_spec(self._address, options, self._fingerprint)  # an unpicklable loader fails here
         self._lock = threading.Lock()
         self._callbacks = CallbackRunner()
         # --- under the lock ---
         self._state = PoolState.STARTING
         self._channel: Channel | None = None
         self._attaching: Future[None] | None = None
+        self._submissions = Submissions(self._regions)
         self._lost_reason: BaseException | None = None
         self._host_pid = 0
         self._processes = 1
@@ -112,21 +85,10 @@ class SharedEngine:
         self._registry: Registry[Job] = Registry(config.result_ttl)
         self._counts = dict.fromkeys(("submitted", "completed", "failed", "cancelled"), 0)
         self._latency = LatencyRecorder()
-        self._result_sizes: OrderedDict[int, int] = OrderedDict()
-        self._sent_functions: OrderedDict[int, None] = OrderedDict()  # under the channel's send lock
-        self._calls: dict[int, Future] = {}
-        self._call_ids = itertools.count(1)
+        self._calls = HostCalls()
         self._started_host: Any = None
         self.started: Future[None] = Future()
         self.finished: Future[None] = Future()
-
-    def _host_spec(self) -> bytes:
-        options = dumps_by_value(self._options, "the pool's loaders and options")
-        import sys
-
-        grace = float(os.environ.get("MLPOOL_SHARE_GRACE", DEFAULT_GRACE))
-        spec = HostSpec(self._address.key, self._address.socket_path, options, self._fingerprint, list(sys.path), grace)
-        return pickle.dumps(spec)
 
     @property
     def state(self) -> PoolState:
@@ -147,9 +109,8 @@ class SharedEngine:
         return self._attaching
 
     def _attach(self, done: Future[None]) -> None:
-        hello = {"version": PROTOCOL_VERSION, "fingerprint": self._fingerprint, "pid": os.getpid()}
         try:
-            attached = attach(self._address, hello, self._spec)
+            attached = attach(self._address, hello(self._fingerprint), self._spec)
         except BaseException as exc:
             self._attach_failed(done, exc)
             return
@@ -163,14 +124,11 @@ class SharedEngine:
                 attached.channel.close()
                 rooms = self._take_rooms()
             else:
-                self._channel = attached.channel
-                self._host_pid = welcome["host_pid"]
-                self._processes = welcome["processes"]
+                self._channel, self._state, self._lost_reason = attached.channel, PoolState.RUNNING, None
+                self._host_pid, self._processes = welcome["host_pid"], welcome["processes"]
                 self._slots = welcome["slots"]
                 self._started_host = attached.started or self._started_host
-                self._sent_functions.clear()
-                self._state = PoolState.RUNNING
-                self._lost_reason = None
+                self._submissions.reset()
                 self._waited.clear()
                 rooms = self._take_rooms()
                 threading.Thread(
@@ -179,7 +137,7 @@ class SharedEngine:
         done.set_result(None)
         if not self.started.done():
             self.started.set_result(None)
-        _wake(rooms)
+        wake(rooms)
 
     def _attach_failed(self, done: Future[None], exc: BaseException) -> None:
         first = not self.started.done()
@@ -193,7 +151,7 @@ class SharedEngine:
         if first:
             self.started.set_exception(exc)
             self.finished.set_result(None)
-        _wake(rooms)
+        wake(rooms)
 
     # ---------------------------------------------------------- jobs
 
@@ -228,7 +186,7 @@ class SharedEngine:
             self._jobs[job.id] = job
             self._counts["submitted"] += 1
             job.to(JobState.QUEUED)
-        self._send_job(channel, job)
+        self._submissions.send(channel, job)
         return None
 
     def _refusal(self) -> BaseException | None:
@@ -252,38 +210,6 @@ class SharedEngine:
         rooms, self._rooms = self._rooms, []
         return rooms
 
-    def _send_job(self, channel: Channel, job: Job) -> None:
-        p = job.payload
-        fds = [p.place(self._regions)] if p.shared else []
-        has_args = bool(fds)
-        if job.stream is None and job.batch_policy is None:
-            size = self._result_sizes.get(job.fn_id)
-            if size is not None:
-                job.result_offer = self._regions.take(size)
-                fds.append(job.result_offer.fd)
-        timeout = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
-        policy = job.batch_policy
-        batch = None if policy is None else (policy.max_batch_size, policy.max_wait)
-        stream = None if job.stream is None else (job.stream.window_items, job.stream.window_bytes)
-        interrupt = bool(getattr(job.lane, "interrupt", False))
-        try:
-            with channel.locked():
-                sent = self._sent_functions
-                if job.fn_id in sent:
-                    sent.move_to_end(job.fn_id)
-                    fn_pickle = None
-                else:
-                    sent[job.fn_id] = None
-                    if len(sent) > FUNCTION_TABLE_SIZE:
-                        sent.popitem(last=False)
-                    fn_pickle = job.fn_pickle
-                data = frame((SUBMIT, len(fds), job.id, job.model, job.fn_id, fn_pickle, job.fn_name, p.data,
-                              p.spans, has_args, len(fds) > has_args, timeout, job.retries_left, job.priority,
-                              batch, stream, interrupt))  # fmt: skip
-                channel.send_frame_locked(data, fds)
-        except OSError:
-            pass  # the host is gone: the reader fails every job in flight, this one too
-
     def discard(self, job: Job) -> None:
         with self._lock:
             self._waited.pop(job.id, None)
@@ -303,10 +229,8 @@ class SharedEngine:
             self._registry.finished(job, time.monotonic(), keep_result=False)
             channel = self._channel if sent else None
         if channel is not None:
-            try:
+            with suppress(OSError):  # the host is gone: nothing of the job runs on
                 channel.send((CANCEL, 0, job.id, interrupt))
-            except OSError:
-                pass
         settle([Outcome(job, False, None, cancelled=True)], self._callbacks)
         return True
 
@@ -317,10 +241,8 @@ class SharedEngine:
         """A stream's Credit, on to the host."""
         channel = self._channel
         if channel is not None and job.state is JobState.QUEUED:
-            try:
+            with suppress(OSError):  # the host is gone: the reader ends the stream
                 channel.send((CREDIT, 0, job.id, msg.items, msg.nbytes))
-            except OSError:
-                pass
 
     def read_item(self, job: Job, item: Item) -> Any:
         what = f"an item of job {job.id} ({job.fn_name})"
@@ -382,23 +304,16 @@ class SharedEngine:
                 elif kind == FAILED:
                     self._finish(job, False, unpack_exception(msg[3], msg[4]))
                 elif kind == ERROR:
-                    self._finish(job, False, _unpickled_error(msg[3]))
+                    self._finish(job, False, unpickled_error(msg[3]))
                 else:  # GONE without our cancel: the host shut down with it queued
                     self._finish(job, False, PoolClosedError("the pool host shut down before the job ran"))
         elif kind == SHARE:
             with self._lock:
                 self._processes = msg[2]
                 rooms = self._take_rooms()
-            _wake(rooms)
+            wake(rooms)
         elif kind == ANSWER:
-            with self._lock:
-                future = self._calls.pop(msg[2], None)
-            if future is not None:
-                value = pickle.loads(msg[4])
-                if msg[3]:
-                    _set(future, value)
-                else:
-                    future.set_exception(value)
+            self._calls.answered(msg[2], msg[3], msg[4])
         else:
             close_all(fds)
             raise ValueError(f"unexpected message kind {kind} from the pool host")
@@ -411,7 +326,7 @@ class SharedEngine:
             job = self._jobs.pop(cid, None)
             cancelled = None if job is not None else self._cancelled.pop(cid, None)
             rooms = self._take_rooms()
-        _wake(rooms)
+        wake(rooms)
         for held in (job, cancelled):
             if held is None:
                 continue
@@ -421,7 +336,7 @@ class SharedEngine:
                     self._regions.give(held.result_offer)
                     held.result_offer = None
             else:
-                _abandon(held)
+                abandon(held)
         return job
 
     def _done(self, cid: int, data: bytes, spans: Any, where: int, fd: int) -> None:
@@ -440,11 +355,7 @@ class SharedEngine:
             self._finish(job, False, exc)
             return
         if where != NOWHERE and spans:
-            sizes = self._result_sizes
-            sizes[job.fn_id] = spans[-1][0] + spans[-1][1]
-            sizes.move_to_end(job.fn_id)
-            if len(sizes) > _RESULT_SIZES:
-                sizes.popitem(last=False)
+            self._submissions.result_size(job.fn_id, spans[-1][0] + spans[-1][1])
         self._finish(job, True, PickledResult(data, buffers, job.id, job.fn_name, job.model, self._undecodable))
 
     def _finish(self, job: Job, ok: bool, value: Any) -> None:
@@ -478,8 +389,6 @@ class SharedEngine:
             jobs = list(self._jobs.values()) + list(self._cancelled.values())
             self._jobs.clear()
             self._cancelled.clear()
-            calls = list(self._calls.values())
-            self._calls.clear()
             rooms = self._take_rooms()
             host_pid = self._host_pid
         channel.close()
@@ -487,20 +396,16 @@ class SharedEngine:
             error: BaseException = PoolClosedError("the pool was shut down while the job ran")
         else:
             why = f": {reason!r}" if reason is not None else ""
-            error = PoolBrokenError(
-                f"the pool host (pid {host_pid}) died{why}; the jobs in flight failed, and the next call "
-                "starts a new host"
-            )
+            error = PoolBrokenError(f"the pool host (pid {host_pid}) died{why}; the jobs in flight failed, and "
+                                    "the next call starts a new host")  # fmt: skip
             logger.warning("mlpool: the pool host (pid %d) died; %d jobs in flight failed", host_pid, len(jobs))
             if self._started_host is not None:
                 self._started_host.poll()  # reaped, if it was our child
         for job in jobs:
-            _abandon(job)
+            abandon(job)
             self._finish(job, False, error)
-        for future in calls:
-            if not future.done():
-                future.set_exception(error)
-        _wake(rooms)
+        self._calls.fail_all(error)
+        wake(rooms)
         if closing:
             self._closed()
 
@@ -514,24 +419,10 @@ class SharedEngine:
     # ---------------------------------------------------------- calls
 
     def _call(self, operation: str, *arguments: Any) -> Future:
-        future: Future = Future()
+        """Ask the host; a future of its answer."""
         with self._lock:
-            if (refused := self._refusal()) is not None:
-                future.set_exception(refused)
-                return future
-            channel = self._channel
-            if channel is None:
-                future.set_exception(PoolBrokenError("the pool host is not attached (it died, or is starting)"))
-                return future
-            call_id = next(self._call_ids)
-            self._calls[call_id] = future
-        try:
-            channel.send((CALL, 0, call_id, operation, arguments))
-        except OSError as exc:
-            with self._lock:
-                self._calls.pop(call_id, None)
-            future.set_exception(PoolBrokenError(f"the pool host is gone: {exc!r}"))
-        return future
+            refused, channel = self._refusal(), self._channel
+        return self._calls.call(channel, refused, operation, arguments)
 
     def stats(self) -> PoolStats:
         """The whole pool's figures (from the host), with this process's own."""
@@ -540,46 +431,27 @@ class SharedEngine:
         try:
             pool: PoolStats = self._call("stats").result(CALL_TIMEOUT)
         except Exception:
-            pool = _empty_stats(self._state)
+            pool = empty_stats(self._state)
         with self._lock:
             self._registry.expire(time.monotonic())
-            mine = ProcessStats(
-                pid=self._pid, host_pid=self._host_pid, processes=self._processes,
-                jobs_in_flight=len(self._jobs), results_unfetched=self._registry.unfetched, **{
-                    f"jobs_{name}": count for name, count in self._counts.items()},
-            )  # fmt: skip
+            counts = {f"jobs_{name}": count for name, count in self._counts.items()}
+            mine = ProcessStats(self._pid, self._host_pid, self._processes, len(self._jobs), **counts,
+                                results_unfetched=self._registry.unfetched)  # fmt: skip
             state = self._state.value if self._state is not PoolState.RUNNING else pool.state
-        return _replace(pool, state=state, process=mine, results_unfetched=mine.results_unfetched)
+        return replace(pool, state=state, process=mine, results_unfetched=mine.results_unfetched)
 
     def worker_stacks(self, timeout: float) -> dict[int, str]:
         stacks: dict[int, str] = self._call("worker_stacks", timeout).result(timeout + CALL_TIMEOUT)
         return stacks
 
     def reload(self, loaders: dict[str, Callable[[], Any]] | None, *, timeout: float | None, surge: int) -> Future:
-        """Ask the host to roll the new version out (its ``reload_models``)."""
-        pickled = None
+        """Ask the host to roll the new version out (its ``reload_models``); a
+        host started from now on (the next after this one dies) loads it too."""
+        pickled = None if loaders is None else pickled_loaders(loaders)
         if loaders is not None:
-            for name, loader in loaders.items():
-                dumps_by_value(loader, f"the loader of model {name!r}")  # names the model that fails
-            pickled = cloudpickle.dumps(loaders)
-            self._adopt_loaders(loaders)
-        future = self._call("reload", pickled, timeout, surge)
-        done: Future = Future()
-        future.add_done_callback(partial(_chain, done))
-        return done
-
-    def _adopt_loaders(self, loaders: dict[str, Callable[[], Any]]) -> None:
-        """A host started from now on loads the new version too."""
-        from dataclasses import replace
-
-        from mlpool._api.config import Model
-
-        models = dict(self._options["models_to_load"])
-        for name, loader in loaders.items():
-            current = models[name]
-            models[name] = replace(current, loader=loader) if isinstance(current, Model) else loader
-        self._options = {**self._options, "models_to_load": models}
-        self._spec = self._host_spec()
+            self._options = with_loaders(self._options, loaders)
+            self._spec = host_spec(self._address, self._options, self._fingerprint)
+        return self._call("reload", pickled, timeout, surge)
 
     # ---------------------------------------------------------- the end
 
@@ -592,7 +464,7 @@ class SharedEngine:
             self._state = PoolState.CLOSING
             rooms = self._take_rooms()
             jobs = list(self._jobs.values())
-        _wake(rooms)
+        wake(rooms)
         if cancel_pending:
             for job in jobs:
                 self.cancel(job)
@@ -626,98 +498,3 @@ class SharedEngine:
         except TimeoutError:
             return False
         return True
-
-
-def check_share(share: object, config: PoolConfig) -> bool | str:
-    """``share_across_processes`` checked against the pool's other settings."""
-    if share is False:
-        return False
-    if share is not True and not (isinstance(share, str) and share):
-        raise TypeError(f"share_across_processes must be True, False or a non-empty name, got {share!r}")
-    if config.backend == "ray":
-        raise ValueError(
-            "share_across_processes does not apply to backend='ray': the API processes share the Ray "
-            "cluster already; give each its own pool of actors"
-        )
-    if config.inline:
-        raise ValueError("share_across_processes needs worker processes; nb_workers=0 runs jobs in the calling process")
-    if not hasattr(socket, "SO_PEERCRED"):
-        raise NotImplementedError("share_across_processes needs Linux (SO_PEERCRED on Unix sockets)")
-    return share
-
-
-def fingerprint(options: dict[str, Any]) -> dict[str, str]:
-    """What every process sharing a pool must agree on, by setting: the
-    models by name (a loader's code may differ between versions of the app;
-    its name and settings may not) and every pool option."""
-    result = {}
-    for name, value in options.items():
-        if name == "models_to_load":
-            for model, loader in value.items():
-                result[f"model {model!r}"] = _describe(loader)
-        else:
-            result[name] = _describe(value)
-    return result
-
-
-def _describe(value: Any) -> str:
-    from dataclasses import fields, is_dataclass
-
-    if is_dataclass(value) and not isinstance(value, type):
-        parts = [f"{f.name}={_describe(getattr(value, f.name))}" for f in fields(value) if f.name != "loader"]
-        return f"{type(value).__name__}({', '.join(parts)})"
-    if callable(value):
-        return "a loader" if not hasattr(value, "__qualname__") else f"<{value.__qualname__}>"
-    return repr(value)
-
-
-def _abandon(job: Job) -> None:
-    """Close the job's shared memory without reusing it: the host may still hold it."""
-    job.payload.abandon()
-    offer, job.result_offer = job.result_offer, None
-    if offer is not None:
-        offer.close()
-
-
-def _unpickled_error(data: bytes) -> BaseException:
-    try:
-        error = pickle.loads(data)
-    except Exception as exc:
-        return PoolBrokenError(f"the pool host sent an error that cannot be unpickled: {exc!r}")
-    return error if isinstance(error, BaseException) else PoolBrokenError(f"the pool host sent {error!r}")
-
-
-def _set(future: Future, value: Any = None) -> None:
-    if not future.done():
-        try:
-            future.set_result(value)
-        except Exception:  # resolved meanwhile (InvalidStateError)
-            pass
-
-
-def _chain(to: Future, future: Future) -> None:
-    error = future.exception()
-    if error is not None:
-        to.set_exception(error)
-    else:
-        _set(to)
-
-
-def _wake(rooms: list[Future]) -> None:
-    for room in rooms:
-        _set(room)
-
-
-def _replace(stats: PoolStats, **changes: Any) -> PoolStats:
-    from dataclasses import replace
-
-    return replace(stats, **changes)
-
-
-def _empty_stats(state: PoolState) -> PoolStats:
-    return PoolStats(
-        state=state.value, workers_alive=0, workers_busy=0, queue_depth=0, jobs_running=0, jobs_completed=0,
-        jobs_failed=0, jobs_crashed=0, jobs_timed_out=0, jobs_cancelled=0, jobs_retried=0, worker_restarts=0,
-        workers_recycled=0, results_unfetched=0, latency_p50=None, latency_p95=None, latency_p99=None,
-        run_seconds_mean=None, latency_buckets=(), latency_sum=0.0, latency_count=0,
-    )  # fmt: skip

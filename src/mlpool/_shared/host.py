@@ -30,7 +30,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -39,23 +38,9 @@ from mlpool._shared.channel import Channel
 from mlpool._shared.protocol import HELLO, PROTOCOL_VERSION, REFUSED, SHARE, WELCOME
 from mlpool._shared.relay import Relay
 from mlpool._shared.rendezvous import peer_uid
+from mlpool._shared.spec import HostSpec, PickledLoader
 
 logger = logging.getLogger("mlpool.shared")
-
-DEFAULT_GRACE = 5.0  # seconds the host outlives its last API process (a recycled one rejoins)
-
-
-@dataclass
-class HostSpec:
-    """What a new host needs, from the API process that starts it."""
-
-    key: str  # the pool's name, for messages
-    socket_path: str
-    options: bytes  # MLPool's arguments, pickled by value (loaders included)
-    fingerprint: dict[str, str]  # what the API processes must agree on
-    sys_path: list[str]
-    grace: float
-
 
 def fingerprint_difference(ours: dict[str, str], theirs: dict[str, str]) -> str | None:
     """A sentence naming what differs between two pools' fingerprints, or None."""
@@ -190,7 +175,7 @@ class Host:
             return self.pool.worker_stacks(timeout=arguments[0])
         if operation == "reload":
             loaders, timeout, surge = arguments
-            models = None if loaders is None else cloudpickle.loads(loaders)
+            models = None if loaders is None else {name: PickledLoader(data) for name, data in loaders.items()}
             self.pool.reload_models(models, timeout=timeout, surge=surge)
             return self.pool.stats()
         raise ValueError(f"unknown operation {operation!r}")
@@ -244,8 +229,7 @@ def main() -> None:
     try:
         from mlpool._api.pool import MLPool
 
-        options = cloudpickle.loads(spec.options)
-        pool = MLPool(**options)
+        pool = MLPool(**spec.pool_options())
     except BaseException as exc:
         _report(status_fd, exc)
         raise SystemExit(1) from None

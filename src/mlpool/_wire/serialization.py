@@ -139,6 +139,12 @@ def by_value(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | N
         return file.getvalue()
 
 
+def loads_pickled(data: bytes) -> Any:
+    """The object pickled in ``data``: what a loader a pool host passed on
+    unopened becomes in its worker (``_shared.host.PickledLoader``)."""
+    return pickle.loads(data)
+
+
 def loads(data: bytes, what: str, buffers: Any = None) -> Any:
     """Unpickle what came from another process; whatever goes wrong,
     including a BaseException raised by a ``__setstate__`` or ``__reduce__``
