@@ -91,11 +91,12 @@ def test_the_cycle_check_sees_a_cycle(tmp_path):
 
 def test_the_package_is_split_by_side():
     packages = {name.split(".")[1] for name in _modules() if name.count(".") >= 1}
-    assert {"_api", "_engine", "_processes", "_wire", "_worker"} <= packages
+    assert {"_api", "_engine", "_processes", "_shared", "_wire", "_worker"} <= packages
     public = sorted(name for name in _modules() if name.count(".") == 1 and not name.split(".")[1].startswith("_"))
     assert public == ["mlpool.errors", "mlpool.fastapi", "mlpool.prometheus"]
     flat = sorted(name for name in _modules() if name.count(".") == 1 and name.split(".")[1].startswith("_"))
-    assert flat == ["mlpool._api", "mlpool._engine", "mlpool._processes", "mlpool._wire", "mlpool._worker"]
+    sides = ["_api", "_engine", "_processes", "_shared", "_wire", "_worker"]
+    assert flat == [f"mlpool.{side}" for side in sides]
 
 
 def test_a_worker_s_side_imports_nothing_of_the_api_process_s_side():

@@ -29,9 +29,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mlpool._engine.batching import BatchPolicy
 from mlpool._engine.jobs import Job
@@ -45,7 +46,21 @@ from mlpool._wire.serialization import FUNCTION_TABLE_SIZE, dumps_by_value
 
 if TYPE_CHECKING:
     from mlpool._engine.engine import ProcessEngine
-    from mlpool._shared.host import Host
+
+
+class Host(Protocol):
+    """What a relay asks of its host (``_shared.host.Host``)."""
+
+    engine: ProcessEngine
+    now: Callable[[], float]
+
+    def next_id(self) -> int: ...
+
+    def next_function_id(self) -> int: ...
+
+    def call(self, operation: str, arguments: tuple) -> Any: ...
+
+    def ended(self, relay: Relay) -> None: ...
 
 logger = logging.getLogger("mlpool.shared")
 
