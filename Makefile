@@ -9,7 +9,7 @@ DEMO_STAMP := $(VENV)/.mlpool-demo-installed
 BENCH_STAMP := $(VENV)/.mlpool-bench-installed
 PEERS := bench/.peers
 
-.PHONY: demo quickstart test soak dist bench bench-overhead bench-instructions bench-batching bench-payload bench-arrays bench-memory bench-reload bench-fairness bench-streaming chaos clean
+.PHONY: demo quickstart test soak dist bench bench-overhead bench-instructions bench-batching bench-payload bench-arrays bench-memory bench-reload bench-fairness bench-streaming bench-shared chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +104,12 @@ bench-fairness: $(DEV_STAMP)
 bench-streaming: $(DEV_STAMP)
 	[ -d $(PEERS)/gunicorn/gunicorn/dirty ] || $(BIN)/python -m pip install --quiet --no-deps --target $(PEERS)/gunicorn 'gunicorn>=25'
 	$(BIN)/python bench/streaming.py
+
+## Several API processes: uvicorn --workers 2/4 sharing one pool, against a pool per process and
+## Gunicorn's dirty workers (installed next to the bench): req/s, /healthz p99, PSS (about 3 minutes).
+bench-shared: $(DEV_STAMP)
+	[ -d $(PEERS)/gunicorn/gunicorn/dirty ] || $(BIN)/python -m pip install --quiet --no-deps --target $(PEERS)/gunicorn 'gunicorn>=25'
+	$(BIN)/python bench/shared_serving.py
 
 ## Sustained load while workers are SIGKILLed at random (20 s).
 chaos: $(DEV_STAMP)
