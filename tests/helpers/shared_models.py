@@ -47,3 +47,7 @@ def append_tag(model: dict[str, Any], log: str, tag: str) -> str:
 def loads(directory: Path) -> int:
     """How many times the models were loaded (files written by :func:`load`)."""
     return len(list(directory.glob("load-*")))
+
+
+def load_fails() -> None:
+    raise RuntimeError("the model file is corrupt")

@@ -15,7 +15,7 @@ from helpers import shared_models
 from helpers.shared_processes import GRACE, ApiProcess, host_and_workers, unique_name, wait_gone, workers_of
 
 from mlpool import MLPool
-from mlpool.errors import PoolBrokenError
+from mlpool.errors import ModelLoadError, PoolBrokenError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -161,4 +161,20 @@ def test_a_process_that_rejoins_within_the_grace_finds_the_same_host(monkeypatch
         assert second.ask("info")["host_pid"] == host
     finally:
         second.leave()
+    wait_gone(procs)
+
+
+def test_a_loader_that_fails_fails_the_constructor_and_leaves_no_host(name):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ModelLoadError, match="the model file is corrupt"):
+        MLPool({"m": shared_models.load_fails}, 1, share_across_processes=name)
+    left = [
+        p for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+    ]  # fmt: skip
+    wait_gone(left)  # the host exited once it had reported the error; its workers with it
+    again = _pool(name)  # the name is free: a good pool starts under it
+    procs = host_and_workers(again.stats().process.host_pid)
+    assert again.score("m", shared_models.double, 2) == 4
+    again.shutdown()
     wait_gone(procs)

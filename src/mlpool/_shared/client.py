@@ -36,7 +36,7 @@ from mlpool._engine.registry import Registry, Settled
 from mlpool._engine.results import PickledResult
 from mlpool._engine.state import PoolState, PoolStats, ProcessStats, refusal
 from mlpool._engine.tracing import end as end_trace
-from mlpool._shared.calls import HostCalls, empty_stats, unpickled_error, wake
+from mlpool._shared.calls import HostCalls, empty_stats, set_quietly, unpickled_error, wake
 from mlpool._shared.channel import Channel, close_all
 from mlpool._shared.protocol import ANSWER, CANCEL, CREDIT, DONE, END, ERROR, FAILED, GONE, ITEM, SHARE
 from mlpool._shared.rendezvous import Attached, address, attach
@@ -144,13 +144,13 @@ class SharedEngine:
         with self._lock:
             self._attaching = None
             self._lost_reason = exc
-            if first:
+            if first and self._state is PoolState.STARTING:  # never attached: broken (a shutdown stays)
                 self._state = PoolState.BROKEN
             rooms = self._take_rooms()
         done.set_exception(exc)
         if first:
             self.started.set_exception(exc)
-            self.finished.set_result(None)
+            set_quietly(self.finished)
         wake(rooms)
 
     # ---------------------------------------------------------- jobs
@@ -413,8 +413,7 @@ class SharedEngine:
         """The last step of a shutdown: nothing of this pool is left in this process."""
         self._callbacks.stop()
         self._regions.close()
-        if not self.finished.done():
-            self.finished.set_result(None)
+        set_quietly(self.finished)
 
     # ---------------------------------------------------------- calls
 
