@@ -15,8 +15,8 @@ Setups, each with 2 model workers (the same model: 64 MiB loaded per worker,
 
 Load: ``CONNECTIONS`` client threads, each with one keep-alive connection,
 sending requests back to back for ``seconds``; small JSON bodies, then 8 MB
-arrays (raw float64 in the body). Meanwhile one more connection asks
-``/healthz`` back to back: its p99 is how responsive the API stays. Then
+arrays (raw float64 in the body). Meanwhile a probe in a process of its own
+asks ``/healthz`` back to back: its p99 is how responsive the API stays. Then
 the PSS of every process of the setup (servers, pool host, workers).
 
 Last, a tiny job through the pool host against the same job in a pool of
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -39,6 +40,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -128,7 +130,6 @@ def load(server: Server, path: str, body: bytes, seconds: float) -> dict[str, fl
     stop = threading.Event()
     counts = [0] * CONNECTIONS
     errors = [0]
-    health: list[float] = []
 
     def client(i: int) -> None:
         conn = server.connect()
@@ -140,28 +141,36 @@ def load(server: Server, path: str, body: bytes, seconds: float) -> dict[str, fl
                 errors[0] += 1
         conn.close()
 
-    def healthz() -> None:
-        conn = server.connect()
-        while not stop.is_set():
-            started = time.perf_counter()
-            request(conn, "GET", "/healthz")
-            health.append(time.perf_counter() - started)
-        conn.close()
-
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CONNECTIONS)]
-    threads.append(threading.Thread(target=healthz))
     for thread in threads:
         thread.start()
     time.sleep(seconds * 0.2)  # warm-up, not counted
+    # The probe runs in a process of its own: the load's threads do not delay it (GIL).
+    receiver, sender = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    probe = multiprocessing.get_context("spawn").Process(target=probe_healthz, args=(server.port, seconds, sender))
+    probe.start()
     start_counts, started = sum(counts), time.perf_counter()
-    health.clear()
-    time.sleep(seconds)
+    health = receiver.recv()  # the probe's latencies, once its seconds are over
     done, elapsed = sum(counts) - start_counts, time.perf_counter() - started
+    probe.join()
     p99 = statistics.quantiles(health, n=100)[98] * 1e3 if len(health) > 100 else float("nan")
     stop.set()
     for thread in threads:
         thread.join()
     return {"rps": done / elapsed, "healthz_p99_ms": p99, "errors": errors[0]}
+
+
+def probe_healthz(port: int, seconds: float, results: Any) -> None:
+    """Ask /healthz back to back for ``seconds``; send the latencies."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    latencies = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        request(conn, "GET", "/healthz")
+        latencies.append(time.perf_counter() - started)
+    conn.close()
+    results.send(latencies)
 
 
 def uvicorn(workers: int, share: str) -> tuple[list[str], dict[str, str], int]:

@@ -229,7 +229,14 @@ def main() -> None:
     try:
         from mlpool._api.pool import MLPool
 
-        pool = MLPool(**spec.pool_options())
+        options = spec.pool_options()
+        # Between the API processes and the workers: an API process gets the CPU at once
+        # when it wants it, the host before any worker (whose niceness stays the pool's).
+        nice = options.get("worker_nice", 5) // 2
+        if nice and hasattr(os, "nice"):
+            os.nice(nice)
+            options["worker_nice"] -= nice
+        pool = MLPool(**options)
     except BaseException as exc:
         _report(status_fd, exc)
         raise SystemExit(1) from None
