@@ -218,6 +218,8 @@ class SharedEngine:
 
     def cancel(self, job: Job, *, interrupt: bool = False) -> bool:
         """True if ``job`` will never report an outcome; a sent one is cancelled at the host."""
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)
         with self._lock:
             if job.state is JobState.FINISHED:
                 return False
@@ -419,14 +421,14 @@ class SharedEngine:
 
     def _call(self, operation: str, *arguments: Any) -> Future:
         """Ask the host; a future of its answer."""
+        if os.getpid() != self._pid:
+            raise forked_error(self._pid)
         with self._lock:
             refused, channel = self._refusal(), self._channel
         return self._calls.call(channel, refused, operation, arguments)
 
     def stats(self) -> PoolStats:
         """The whole pool's figures (from the host), with this process's own."""
-        if os.getpid() != self._pid:
-            raise forked_error(self._pid)
         try:
             pool: PoolStats = self._call("stats").result(CALL_TIMEOUT)
         except Exception:
@@ -456,7 +458,10 @@ class SharedEngine:
 
     def shutdown(self, *, cancel_pending: bool, timeout: float) -> None:
         """Stop taking jobs; once this process's jobs are answered (or
-        cancelled: ``cancel_pending``, or ``timeout`` passed), leave the host."""
+        cancelled: ``cancel_pending``, or ``timeout`` passed), leave the host.
+        Nothing in a process forked from this one: the connection is the parent's."""
+        if os.getpid() != self._pid:
+            return
         with self._lock:
             if self._state in (PoolState.CLOSING, PoolState.CLOSED):
                 return
@@ -492,6 +497,8 @@ class SharedEngine:
             pass
 
     def join(self, timeout: float | None) -> bool:
+        if os.getpid() != self._pid:
+            return True
         try:
             self.finished.result(timeout)
         except TimeoutError:

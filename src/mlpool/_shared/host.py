@@ -42,6 +42,8 @@ from mlpool._shared.spec import HostSpec, PickledLoader
 
 logger = logging.getLogger("mlpool.shared")
 
+FIRST_ATTACH = 30.0  # seconds a new host waits for its first API process (HANDSHAKE_TIMEOUT)
+
 def fingerprint_difference(ours: dict[str, str], theirs: dict[str, str]) -> str | None:
     """A sentence naming what differs between two pools' fingerprints, or None."""
     names = sorted(set(ours) | set(theirs))
@@ -63,7 +65,9 @@ class Host:
         self._spec = spec
         self._cond = threading.Condition()
         self._relays: set[Relay] = set()
-        self._idle_since: float | None = time.monotonic()
+        # Until the first API process attaches, at least FIRST_ATTACH seconds (its starter
+        # connects once we listen; if it died, the next one may take a moment).
+        self._idle_since: float | None = time.monotonic() + max(0.0, FIRST_ATTACH - spec.grace)
         self._ending = False
         self._stop = False
         self._ids = itertools.count(1)
@@ -220,8 +224,10 @@ class Host:
 
 def main() -> None:
     """The host process's entry point (see the module docstring)."""
-    status_fd = int(sys.argv[1])
+    status_fd, lock_fd = int(sys.argv[1]), int(sys.argv[2])
     os.set_inheritable(status_fd, False)
+    os.set_inheritable(lock_fd, False)  # our share of the starter's lock, released once we listen
+    _more_descriptors()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # its API processes' Ctrl-C ends them, and so the host
     spec: HostSpec = pickle.loads(sys.stdin.buffer.read())  # from the API process that started us
     sys.path[:] = spec.sys_path
@@ -249,12 +255,29 @@ def main() -> None:
     host = Host(pool, listener, spec)
     signal.signal(signal.SIGTERM, host.stop)
     threading.Thread(target=host.accept_forever, name="mlpool-host-accept", daemon=True).start()
-    os.write(status_fd, b"ok")
+    os.close(lock_fd)
+    try:
+        os.write(status_fd, b"ok")
+    except BrokenPipeError:  # the starter died: the next process to arrive attaches, else the grace ends us
+        pass
     os.close(status_fd)
     try:
         host.run_until_idle()
     finally:
         pool.shutdown(wait=True, cancel_pending=True)
+
+
+def _more_descriptors() -> None:
+    """Raise our soft limit of open files to the hard one: the host holds one
+    or two descriptors (shared memory) for each queued job of every API process."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _listen(path: str) -> socket.socket:

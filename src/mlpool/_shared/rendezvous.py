@@ -58,8 +58,9 @@ class Address:
 
 def address(share: bool | str, models: list[str]) -> Address:
     """Where the pool named by ``share_across_processes`` lives, for this process."""
-    if share is True:
-        key = f"parent {os.getppid()}, models {','.join(sorted(models))}"
+    if share is True:  # the program too: two programs one shell started share nothing
+        program = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+        key = f"parent {os.getppid()}, program {program}, models {','.join(sorted(models))}"
     else:
         key = f"name {share}"
     directory = runtime_dir()
@@ -108,11 +109,11 @@ def attach(where: Address, hello: dict[str, Any], spec: bytes) -> Attached:
     mismatch), ModelLoadError and the like (a new host failed to start),
     PoolBrokenError (a host that never answered)."""
     for _ in range(ATTEMPTS):
-        with _locked(where.lock_path):
+        with _locked(where.lock_path) as lock_fd:
             started = None
             sock = _connect(where.socket_path)
             if sock is None:
-                started = _start_host(where, spec)
+                started = _start_host(where, spec, lock_fd)
                 sock = _connect(where.socket_path)
                 if sock is None:
                     raise PoolBrokenError(f"the pool host ({where.key}) started but does not listen")
@@ -131,12 +132,13 @@ class _locked:
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> int:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             os.close(self._fd)
             raise
+        return self._fd
 
     def __exit__(self, *exc: object) -> None:
         os.close(self._fd)  # releases the lock
@@ -193,13 +195,18 @@ def _handshake(sock: socket.socket, hello: dict[str, Any]) -> dict[str, Any] | N
     return welcome
 
 
-def _start_host(where: Address, spec: bytes) -> subprocess.Popen:
-    """Start a pool host and wait until its pool started (or failed: its error is raised here)."""
+def _start_host(where: Address, spec: bytes, lock_fd: int) -> subprocess.Popen:
+    """Start a pool host and wait until its pool started (or failed: its error is raised here).
+
+    The host shares our hold of the lock (``lock_fd``) until it listens: if
+    this process dies meanwhile, the next one waits for this host instead of
+    starting another."""
     read_fd, write_fd = os.pipe()
     try:
         host = subprocess.Popen(
-            [sys.executable, "-c", "from mlpool._shared.host import main; main()", str(write_fd)],
-            stdin=subprocess.PIPE, pass_fds=(write_fd,), start_new_session=True, close_fds=True,
+            [sys.executable, "-c", "from mlpool._shared.host import main; main()", str(write_fd), str(lock_fd)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(write_fd, lock_fd), start_new_session=True,
+            close_fds=True,
         )  # fmt: skip
     except BaseException:
         os.close(read_fd)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import pickle
 import socket
@@ -103,9 +105,28 @@ def _describe(value: Any) -> str:
     if is_dataclass(value) and not isinstance(value, type):
         parts = [f"{f.name}={_describe(getattr(value, f.name))}" for f in fields(value) if f.name != "loader"]
         return f"{type(value).__name__}({', '.join(parts)})"
+    if isinstance(value, functools.partial):
+        return f"partial({_describe(value.func)}, ...)"
     if callable(value):
-        return "a loader" if not hasattr(value, "__qualname__") else f"<{value.__qualname__}>"
+        name = getattr(value, "__qualname__", None) or type(value).__qualname__
+        return f"<{getattr(value, '__module__', None) or '?'}.{name}>"
     return repr(value)
+
+
+def share_grace() -> float:
+    """``$MLPOOL_SHARE_GRACE``: seconds a host outlives its last API process (5 by default)."""
+    text = os.environ.get("MLPOOL_SHARE_GRACE", "")
+    if not text:
+        return DEFAULT_GRACE
+    try:
+        grace = float(text)
+    except ValueError:
+        grace = math.nan
+    if not 0 <= grace <= 86400:
+        raise ValueError(
+            f"MLPOOL_SHARE_GRACE={text!r}: give the seconds a pool host outlives its last API process (0-86400)"
+        )
+    return grace
 
 
 def hello(fingerprint: dict[str, str]) -> dict[str, Any]:
@@ -128,7 +149,7 @@ def host_spec(where: Address, options: dict[str, Any], fingerprint: dict[str, st
         loaders[name] = value if model is None else model.loader
         settings[name] = None if model is None else replace(model, loader=dict)  # the loader goes apart
     pickled = dumps_by_value({**options, "models_to_load": settings}, "the pool's options")
-    grace = float(os.environ.get("MLPOOL_SHARE_GRACE", DEFAULT_GRACE))
+    grace = share_grace()
     spec = HostSpec(where.key, where.socket_path, pickled, pickled_loaders(loaders), fingerprint, list(sys.path), grace)
     return pickle.dumps(spec)
 
