@@ -180,7 +180,8 @@ def test_cancel_and_interrupt_reach_the_host(shared, fifo):
         session.submit("m", shared_models.wait_on, str(interrupted))
         interrupted.wait_running()
         victim = interrupted.pid
-    psutil.Process(victim).wait(30)  # the session's close killed its worker
+        process = psutil.Process(victim)
+    process.wait(30)  # the session's close killed its worker
     assert pool.score("m", shared_models.pid) != victim  # served by its replacement
     assert pool.stats().worker_restarts == restarts + 1
     assert worker > 0

@@ -10,7 +10,6 @@ from functools import partial
 from typing import Any
 
 from mlpool._engine.state import PoolState, PoolStats
-from mlpool._shared.channel import Channel
 from mlpool._shared.protocol import CALL
 from mlpool.errors import PoolBrokenError
 
@@ -23,25 +22,19 @@ class HostCalls:
         self._waiting: dict[int, Future] = {}
         self._ids = itertools.count(1)
 
-    def call(self, channel: Channel | None, refused: BaseException | None, operation: str, arguments: tuple) -> Future:
-        """Send a CALL on ``channel``; a future of the answer (the value only,
-        not None, for a reload), or of the error that stops it."""
+    def call(self, connection: Any, refused: BaseException | None, operation: str, arguments: tuple) -> Future:
+        """Send a CALL on ``connection`` (a ``_shared.connection.Connection``); a
+        future of the answer (None for a reload), or of the error that stops it."""
         future: Future = Future()
-        if refused is None and channel is None:
-            refused = PoolBrokenError("the pool host is not attached (it died, or is starting)")
+        if refused is None and connection is None:
+            refused = PoolBrokenError("the pool host is not attached (it died and no new one could be started)")
         if refused is not None:
             future.set_exception(refused)
             return future
-        assert channel is not None
         call_id = next(self._ids)
         with self._lock:
             self._waiting[call_id] = future
-        try:
-            channel.send((CALL, 0, call_id, operation, arguments))
-        except OSError as exc:
-            with self._lock:
-                self._waiting.pop(call_id, None)
-            future.set_exception(PoolBrokenError(f"the pool host is gone: {exc!r}"))
+        connection.send((CALL, 0, call_id, operation, arguments))  # a lost connection fails it (fail_all)
         if operation != "reload":
             return future
         done: Future = Future()  # reload_models returns None, not the host's stats

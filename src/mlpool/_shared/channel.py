@@ -27,6 +27,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Iterable
+from contextlib import suppress
 
 from mlpool._wire.transport import MAX_FDS_PER_SEND
 
@@ -132,22 +133,29 @@ class Channel:
 
 
 class Outbox:
-    """The host's sends to one API process: from any thread, never blocking.
+    """Sends on one connection, from any thread, never blocking the caller
+    (a peer that stops reading, stopped or hung, stalls only the writer).
 
     A message goes out at once when nothing waits before it and the socket
     has room; otherwise a writer thread sends it, in order. Descriptors
     given with a message are closed once sent (or once the connection is
-    gone): the outbox owns them."""
+    gone): the outbox owns them. An exception in the middle of a send (a
+    Ctrl-C in the calling thread) may have sent part of a frame: the
+    connection is shut down then, never left corrupt."""
 
     def __init__(self, channel: Channel, name: str) -> None:
         self._channel = channel
         self._queue: deque[tuple[bytes, list[int]]] = deque()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._busy = False  # the writer is sending one, outside the lock
         self._closed = False
         self._thread = threading.Thread(target=self._write, name=name, daemon=True)
         self._thread.start()
+
+    def locked(self) -> threading.RLock:
+        """Hold it to keep a decision and its message in order (puts inside are fine)."""
+        return self._lock
 
     def put(self, msg: tuple, fds: list[int] | None = None) -> None:
         data = frame(msg)
@@ -156,24 +164,36 @@ class Outbox:
             if self._closed:
                 close_all(fds)
                 return
-            if not self._queue and not self._busy:
+            if self._queue or self._busy:
+                self._queue.append((data, fds))
+                self._cond.notify()
+                return
+            sock = self._channel.sock
+            sending = True
+            try:
                 try:
-                    sock = self._channel.sock
                     sent = sock.sendmsg([data], _rights(fds), _DONTWAIT) if fds else sock.send(data, _DONTWAIT)
                 except BlockingIOError:
                     sent = 0
-                except OSError:  # the API process is gone: its reader ends the relay
-                    close_all(fds)
-                    self._closed = True
-                    return
                 if sent:
                     close_all(fds)
-                    fds = []
-                    if sent == len(data):
-                        return
-                    data = data[sent:]
-            self._queue.append((data, fds))
-            self._cond.notify()
+                    fds, data = [], data[sent:]
+                if data:
+                    self._queue.append((data, fds))
+                    self._cond.notify()
+                sending = False
+            except OSError:  # the peer is gone: its reader sees the end
+                sending = False
+                close_all(fds)
+                self._closed = True
+            finally:
+                if sending:  # interrupted: part of a frame may be out
+                    self._break()
+
+    def _break(self) -> None:
+        self._closed = True
+        with suppress(OSError):
+            self._channel.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Stop sending; what is queued is dropped (its descriptors closed)."""

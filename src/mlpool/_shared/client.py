@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import replace
@@ -37,7 +37,8 @@ from mlpool._engine.results import PickledResult
 from mlpool._engine.state import PoolState, PoolStats, ProcessStats, refusal
 from mlpool._engine.tracing import end as end_trace
 from mlpool._shared.calls import HostCalls, empty_stats, set_quietly, unpickled_error, wake
-from mlpool._shared.channel import Channel, close_all
+from mlpool._shared.channel import close_all
+from mlpool._shared.connection import Connection
 from mlpool._shared.protocol import ANSWER, CANCEL, CREDIT, DONE, END, ERROR, FAILED, GONE, ITEM, SHARE
 from mlpool._shared.rendezvous import Attached, address, attach
 from mlpool._shared.spec import fingerprint, hello, host_spec, pickled_loaders, with_loaders
@@ -71,7 +72,7 @@ class SharedEngine:
         self._callbacks = CallbackRunner()
         # --- under the lock ---
         self._state = PoolState.STARTING
-        self._channel: Channel | None = None
+        self._connection: Connection | None = None
         self._attaching: Future[None] | None = None
         self._submissions = Submissions(self._regions)
         self._lost_reason: BaseException | None = None
@@ -86,7 +87,6 @@ class SharedEngine:
         self._counts = dict.fromkeys(("submitted", "completed", "failed", "cancelled"), 0)
         self._latency = LatencyRecorder()
         self._calls = HostCalls()
-        self._started_host: Any = None
         self.started: Future[None] = Future()
         self.finished: Future[None] = Future()
 
@@ -117,23 +117,18 @@ class SharedEngine:
         self._attached(done, attached)
 
     def _attached(self, done: Future[None], attached: Attached) -> None:
-        welcome = attached.welcome
         with self._lock:
             self._attaching = None
             if self._state in (PoolState.CLOSING, PoolState.CLOSED):
                 attached.channel.close()
-                rooms = self._take_rooms()
             else:
-                self._channel, self._state, self._lost_reason = attached.channel, PoolState.RUNNING, None
-                self._host_pid, self._processes = welcome["host_pid"], welcome["processes"]
-                self._slots = welcome["slots"]
-                self._started_host = attached.started or self._started_host
+                connection = self._connection = Connection(attached, self._take, self._lost)
+                self._state, self._lost_reason = PoolState.RUNNING, None
+                self._host_pid, self._processes = connection.host_pid, connection.processes
+                self._slots = connection.slots
                 self._submissions.reset()
                 self._waited.clear()
-                rooms = self._take_rooms()
-                threading.Thread(
-                    target=self._read, args=(attached.channel,), name="mlpool-shared-reader", daemon=True
-                ).start()
+            rooms = self._take_rooms()
         done.set_result(None)
         if not self.started.done():
             self.started.set_result(None)
@@ -169,8 +164,8 @@ class SharedEngine:
                 raise PoolBrokenError(
                     f"the pool host died and a new one could not be started: {attempt.exception()}"
                 ) from attempt.exception()
-            channel = self._channel
-            if channel is None:  # attaching (first, or after the host died)
+            connection = self._connection
+            if connection is None:  # attaching (first, or after the host died)
                 self._waited[job.id] = self._attach_soon()
                 return self._room()
             if len(self._jobs) + len(self._cancelled) >= self._share():
@@ -186,7 +181,7 @@ class SharedEngine:
             self._jobs[job.id] = job
             self._counts["submitted"] += 1
             job.to(JobState.QUEUED)
-        self._submissions.send(channel, job)
+        self._submissions.send(connection, job)
         return None
 
     def _refusal(self) -> BaseException | None:
@@ -229,10 +224,9 @@ class SharedEngine:
             job.to(JobState.FINISHED)
             self._counts["cancelled"] += 1
             self._registry.finished(job, time.monotonic(), keep_result=False)
-            channel = self._channel if sent else None
-        if channel is not None:
-            with suppress(OSError):  # the host is gone: nothing of the job runs on
-                channel.send((CANCEL, 0, job.id, interrupt))
+            connection = self._connection if sent else None
+        if connection is not None:
+            connection.send((CANCEL, 0, job.id, interrupt))
         settle([Outcome(job, False, None, cancelled=True)], self._callbacks)
         return True
 
@@ -241,10 +235,9 @@ class SharedEngine:
 
     def send_control(self, job: Job, msg: Any) -> None:
         """A stream's Credit, on to the host."""
-        channel = self._channel
-        if channel is not None and job.state is JobState.QUEUED:
-            with suppress(OSError):  # the host is gone: the reader ends the stream
-                channel.send((CREDIT, 0, job.id, msg.items, msg.nbytes))
+        connection = self._connection
+        if connection is not None and job.state is JobState.QUEUED:
+            connection.send((CREDIT, 0, job.id, msg.items, msg.nbytes))
 
     def read_item(self, job: Job, item: Item) -> Any:
         what = f"an item of job {job.id} ({job.fn_name})"
@@ -275,17 +268,6 @@ class SharedEngine:
             return self._registry.forget(key, job)
 
     # ---------------------------------------------------------- answers
-
-    def _read(self, channel: Channel) -> None:
-        """The reader thread of one connection to the host."""
-        reason: BaseException | None = None
-        try:
-            while (messages := channel.receive()) is not None:
-                for msg, fds in messages:
-                    self._take(msg, fds)
-        except Exception as exc:  # a broken connection (OSError), or bad data from the host
-            reason = exc
-        self._lost(channel, reason)
 
     def _take(self, msg: tuple, fds: list[int]) -> None:
         kind = msg[0]
@@ -380,11 +362,11 @@ class SharedEngine:
             self._counts["completed"] -= 1
             self._counts["failed"] += 1
 
-    def _lost(self, channel: Channel, reason: BaseException | None) -> None:
+    def _lost(self, connection: Connection, reason: BaseException | None) -> None:
         """The connection ended: its jobs and calls fail; the next call attaches again."""
         with self._lock:
-            if self._channel is channel:
-                self._channel = None
+            if self._connection is connection:
+                self._connection = None
             closing = self._state in (PoolState.CLOSING, PoolState.CLOSED)
             if not closing:
                 self._state = PoolState.STARTING
@@ -393,7 +375,6 @@ class SharedEngine:
             self._cancelled.clear()
             rooms = self._take_rooms()
             host_pid = self._host_pid
-        channel.close()
         if closing:
             error: BaseException = PoolClosedError("the pool was shut down while the job ran")
         else:
@@ -401,8 +382,8 @@ class SharedEngine:
             error = PoolBrokenError(f"the pool host (pid {host_pid}) died{why}; the jobs in flight failed, and "
                                     "the next call starts a new host")  # fmt: skip
             logger.warning("mlpool: the pool host (pid %d) died; %d jobs in flight failed", host_pid, len(jobs))
-            if self._started_host is not None:
-                self._started_host.poll()  # reaped, if it was our child
+            if connection.started is not None:
+                connection.started.poll()  # reaped, if it was our child
         for job in jobs:
             abandon(job)
             self._finish(job, False, error)
@@ -424,8 +405,14 @@ class SharedEngine:
         if os.getpid() != self._pid:
             raise forked_error(self._pid)
         with self._lock:
-            refused, channel = self._refusal(), self._channel
-        return self._calls.call(channel, refused, operation, arguments)
+            refused, connection = self._refusal(), self._connection
+            attempt = self._attach_soon() if connection is None and refused is None else None
+        if attempt is not None:  # the host died: a call starts a new one too (a stats-only process)
+            with suppress(Exception):
+                attempt.result(CALL_TIMEOUT)
+            with self._lock:
+                refused, connection = self._refusal(), self._connection
+        return self._calls.call(connection, refused, operation, arguments)
 
     def stats(self) -> PoolStats:
         """The whole pool's figures (from the host), with this process's own."""
@@ -475,26 +462,17 @@ class SharedEngine:
         threading.Thread(target=self._leave, args=(timeout,), name="mlpool-shared-close", daemon=True).start()
 
     def _leave(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for job in list(self._jobs.values()):
-            handle = self.share(job)
-            try:
-                handle.exception(max(0.0, deadline - time.monotonic()))
-            except BaseException:
-                break
+        futures.wait([self.share(job) for job in list(self._jobs.values())], timeout)  # this process's own jobs
         with self._lock:
             self._state = PoolState.CLOSED
-            channel = self._channel
+            connection = self._connection
             jobs = list(self._jobs.values())
         for job in jobs:
             self.cancel(job)
-        if channel is None:
+        if connection is None:
             self._closed()
-            return
-        try:
-            channel.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end, and closes the rest (_lost)
-        except OSError:
-            pass
+        else:
+            connection.close()  # the reader sees the end, and closes the rest (_lost)
 
     def join(self, timeout: float | None) -> bool:
         if os.getpid() != self._pid:

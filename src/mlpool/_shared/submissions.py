@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 from mlpool._engine.jobs import Job
 from mlpool._engine.regions import RegionPool
-from mlpool._shared.channel import Channel, frame
+from mlpool._shared.connection import Connection
 from mlpool._shared.protocol import SUBMIT
 from mlpool._wire.serialization import FUNCTION_TABLE_SIZE
 
@@ -46,8 +46,8 @@ class Submissions:
         if len(sizes) > RESULT_SIZES:
             sizes.popitem(last=False)
 
-    def send(self, channel: Channel, job: Job) -> None:
-        """Send ``job`` (an OSError means the host is gone: the reader fails the jobs in flight)."""
+    def send(self, connection: Connection, job: Job) -> None:
+        """Queue ``job``'s SUBMIT (never blocks; a host that is gone fails it through the reader)."""
         p = job.payload
         fds = [p.place(self._regions)] if p.shared else []
         has_args = bool(fds)
@@ -61,23 +61,19 @@ class Submissions:
         batch = None if policy is None else (policy.max_batch_size, policy.max_wait)
         stream = None if job.stream is None else (job.stream.window_items, job.stream.window_bytes)
         interrupt = bool(getattr(job.lane, "interrupt", False))
-        try:
-            with channel.locked():
-                sent = self._sent
-                if job.fn_id in sent:
-                    sent.move_to_end(job.fn_id)
-                    fn_pickle = None
-                else:
-                    sent[job.fn_id] = None
-                    if len(sent) > FUNCTION_TABLE_SIZE:
-                        sent.popitem(last=False)
-                    fn_pickle = job.fn_pickle
-                data = frame((SUBMIT, len(fds), job.id, job.model, job.fn_id, fn_pickle, job.fn_name, p.data,
-                              p.spans, has_args, len(fds) > has_args, timeout, job.retries_left, job.priority,
-                              batch, stream, interrupt))  # fmt: skip
-                channel.send_frame_locked(data, fds)
-        except OSError:
-            pass  # the host is gone: the reader fails every job in flight, this one too
+        with connection.outbox.locked():  # the host's LRU of functions follows the messages' order
+            sent = self._sent
+            if job.fn_id in sent:
+                sent.move_to_end(job.fn_id)
+                fn_pickle = None
+            else:
+                sent[job.fn_id] = None
+                if len(sent) > FUNCTION_TABLE_SIZE:
+                    sent.popitem(last=False)
+                fn_pickle = job.fn_pickle
+            connection.send((SUBMIT, len(fds), job.id, job.model, job.fn_id, fn_pickle, job.fn_name, p.data, p.spans,
+                             has_args, len(fds) > has_args, timeout, job.retries_left, job.priority, batch, stream,
+                             interrupt), fds)  # fmt: skip
 
 
 def abandon(job: Job) -> None:
