@@ -10,6 +10,8 @@
      ├── PoolFullError             the queue is full and the caller asked not to wait
      ├── PoolClosedError           the pool was shut down (or is shutting down)
      ├── PoolBrokenError           workers cannot be kept alive; the pool refuses work
+     ├── PoolMismatchError         (also ValueError) share_across_processes: another pool with
+     │                             other settings is shared under this name
      ├── WorkerCrashedError        the worker running the job died
      ├── JobTimeoutError           (also TimeoutError) the job passed its deadline
      ├── SerializationError        arguments, a function or a result could not be pickled
@@ -32,6 +34,7 @@ __all__ = [
     "PoolBrokenError",
     "PoolClosedError",
     "PoolFullError",
+    "PoolMismatchError",
     "RemoteError",
     "RemoteTraceback",
     "ResultNotReadyError",
@@ -60,6 +63,12 @@ class ModelLoadError(MLPoolError):
 
     def __reduce__(self):  # keyword-only fields survive pickling
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class PoolMismatchError(MLPoolError, ValueError):
+    """Raised by ``MLPool(..., share_across_processes=...)`` when the pool
+    shared under that name has other models or other settings; the message
+    names each setting that differs."""
 
 
 class UnknownModelError(MLPoolError, ValueError):

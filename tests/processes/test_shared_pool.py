@@ -21,6 +21,7 @@ from mlpool import MLPool
 from mlpool.errors import (
     MLPoolError,
     PoolFullError,
+    PoolMismatchError,
     SerializationError,
     UnknownJobError,
     WorkerCrashedError,
@@ -274,9 +275,9 @@ def test_a_bad_share_value_is_a_type_error(value):
 
 def test_another_pool_under_the_same_name_is_refused_naming_the_difference(shared):
     shared(nb_workers=2)
-    with pytest.raises(MLPoolError, match="nb_workers: the pool host has 2, this process asks for 1"):
+    with pytest.raises(PoolMismatchError, match="nb_workers: the pool host has 2, this process asks for 1"):
         MLPool(shared_models.MODELS, 1, share_across_processes=shared.name)
-    with pytest.raises(MLPoolError, match="model 'other'"):
+    with pytest.raises(PoolMismatchError, match="model 'other'"):
         MLPool({**shared_models.MODELS, "other": shared_models.load}, 2, share_across_processes=shared.name)
 
 

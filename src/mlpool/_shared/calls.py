@@ -11,7 +11,7 @@ from typing import Any
 
 from mlpool._engine.state import PoolState, PoolStats
 from mlpool._shared.protocol import CALL
-from mlpool.errors import PoolBrokenError
+from mlpool.errors import PoolBrokenError, PoolFullError
 
 
 class HostCalls:
@@ -101,3 +101,12 @@ def unpickled_error(data: bytes) -> BaseException:
     except Exception as exc:
         return PoolBrokenError(f"the pool host sent an error that cannot be unpickled: {exc!r}")
     return error if isinstance(error, BaseException) else PoolBrokenError(f"the pool host sent {error!r}")
+
+
+def share_full(share: int, processes: int, max_queue_size: int) -> PoolFullError:
+    """The error for a job beyond this API process's share of the queue."""
+    return PoolFullError(
+        f"this API process's share of the shared pool's queue is full ({share} jobs in flight, {processes} "
+        f"processes share max_queue_size={max_queue_size}); retry later or create the job with "
+        "block_until_scheduled=True"
+    )

@@ -58,8 +58,9 @@ def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
 class Channel:
     """One end of a connection: blocking sends from any thread, reads from one."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int | None = None) -> None:
         self.sock = sock
+        self.max_frame = max_frame  # a longer frame is refused (ValueError) before it is read
         self._send_lock = threading.Lock()
         self._buf = bytearray()
         self._fds: deque[int] = deque()
@@ -107,6 +108,8 @@ class Channel:
         start = 0
         while len(buf) - start >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(buf, start)
+            if self.max_frame is not None and length > self.max_frame:
+                raise ValueError(f"a message of {length} bytes, more than the {self.max_frame} expected")
             end = start + _LENGTH.size + length
             if len(buf) < end:
                 break

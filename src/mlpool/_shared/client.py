@@ -36,16 +36,17 @@ from mlpool._engine.registry import Registry, Settled
 from mlpool._engine.results import PickledResult
 from mlpool._engine.state import PoolState, PoolStats, ProcessStats, refusal
 from mlpool._engine.tracing import end as end_trace
-from mlpool._shared.calls import HostCalls, empty_stats, set_quietly, unpickled_error, wake
+from mlpool._shared.calls import HostCalls, empty_stats, set_quietly, share_full, unpickled_error, wake
 from mlpool._shared.channel import close_all
 from mlpool._shared.connection import Connection
-from mlpool._shared.protocol import ANSWER, CANCEL, CREDIT, DONE, END, ERROR, FAILED, GONE, ITEM, SHARE
+from mlpool._shared.deadlines import MARGIN, Watchdog
+from mlpool._shared.protocol import ANSWER, CANCEL, CREDIT, DONE, END, ERROR, FAILED, GONE, ITEM, RELOADED, SHARE
 from mlpool._shared.rendezvous import Attached, address, attach
-from mlpool._shared.spec import fingerprint, hello, host_spec, pickled_loaders, with_loaders
+from mlpool._shared.spec import fingerprint, hello, host_spec, pickled_loaders
 from mlpool._shared.submissions import Submissions, abandon
 from mlpool._wire.protocol import Item
 from mlpool._wire.serialization import unpack_exception
-from mlpool.errors import PoolBrokenError, PoolClosedError, PoolFullError
+from mlpool.errors import JobTimeoutError, PoolBrokenError, PoolClosedError
 
 logger = logging.getLogger("mlpool.shared")
 
@@ -68,6 +69,7 @@ class SharedEngine:
         self._options = options
         self._fingerprint = fingerprint(options)
         self._spec = host_spec(self._address, options, self._fingerprint)  # an unpicklable loader fails here
+        self._reloaded: dict[str, bytes] = {}  # loaders reload_models put in place since (a new host loads them)
         self._lock = threading.Lock()
         self._callbacks = CallbackRunner()
         # --- under the lock ---
@@ -87,6 +89,7 @@ class SharedEngine:
         self._counts = dict.fromkeys(("submitted", "completed", "failed", "cancelled"), 0)
         self._latency = LatencyRecorder()
         self._calls = HostCalls()
+        self._watchdog = Watchdog(self._overdue)
         self.started: Future[None] = Future()
         self.finished: Future[None] = Future()
 
@@ -160,27 +163,23 @@ class SharedEngine:
             if (refused := self._refusal()) is not None:
                 raise refused
             attempt = self._waited.pop(job.id, None)
-            if attempt is not None and attempt.done() and attempt.exception() is not None:
-                raise PoolBrokenError(
-                    f"the pool host died and a new one could not be started: {attempt.exception()}"
-                ) from attempt.exception()
+            if attempt is not None and attempt.done() and (error := attempt.exception()) is not None:
+                raise PoolBrokenError(f"the pool host died and a new one could not be started: {error}") from error
             connection = self._connection
             if connection is None:  # attaching (first, or after the host died)
                 self._waited[job.id] = self._attach_soon()
                 return self._room()
             if len(self._jobs) + len(self._cancelled) >= self._share():
                 if not wait:
-                    raise PoolFullError(
-                        f"this API process's share of the shared pool's queue is full ({self._share()} jobs in "
-                        f"flight, {self._processes} processes share max_queue_size={self.config.max_queue_size}); "
-                        "retry later or create the job with block_until_scheduled=True"
-                    )
+                    raise share_full(self._share(), self._processes, self.config.max_queue_size)
                 return self._room()
             if register:
                 self._registry.add(job)
             self._jobs[job.id] = job
             self._counts["submitted"] += 1
             job.to(JobState.QUEUED)
+            if job.deadline is not None:  # kept by the host; by us if it stops answering
+                self._watchdog.watch(job.deadline, job.id)
         self._submissions.send(connection, job)
         return None
 
@@ -298,6 +297,9 @@ class SharedEngine:
             wake(rooms)
         elif kind == ANSWER:
             self._calls.answered(msg[2], msg[3], msg[4])
+        elif kind == RELOADED:
+            self._reloaded.update(msg[2])
+            self._spec = host_spec(self._address, self._options, self._fingerprint, self._reloaded)
         else:
             close_all(fds)
             raise ValueError(f"unexpected message kind {kind} from the pool host")
@@ -357,6 +359,20 @@ class SharedEngine:
         with self._lock:
             self._registry.settled(job, ok, value)
 
+    def _overdue(self, job_id: int) -> None:
+        """A job's deadline passed, and the host did not say so (stopped or hung)."""
+        with self._lock:
+            job = self._jobs.pop(job_id, None)
+            if job is None:  # answered meanwhile
+                return
+            self._cancelled[job_id] = job  # its memory waits for the host's last word
+            connection, host_pid = self._connection, self._host_pid
+        if connection is not None:
+            connection.send((CANCEL, 0, job_id, True))
+        error = JobTimeoutError(f"job {job_id} ({job.fn_name}) passed its timeout and the pool host (pid {host_pid}) "
+                                f"did not answer within {MARGIN:g} s more: it may be stopped or hung")  # fmt: skip
+        self._finish(job, False, error)
+
     def _undecodable(self, model: str) -> None:
         with self._lock:
             self._counts["completed"] -= 1
@@ -394,6 +410,7 @@ class SharedEngine:
 
     def _closed(self) -> None:
         """The last step of a shutdown: nothing of this pool is left in this process."""
+        self._watchdog.stop()
         self._callbacks.stop()
         self._regions.close()
         set_quietly(self.finished)
@@ -433,13 +450,10 @@ class SharedEngine:
         return stacks
 
     def reload(self, loaders: dict[str, Callable[[], Any]] | None, *, timeout: float | None, surge: int) -> Future:
-        """Ask the host to roll the new version out (its ``reload_models``); a
-        host started from now on (the next after this one dies) loads it too."""
-        pickled = None if loaders is None else pickled_loaders(loaders)
-        if loaders is not None:
-            self._options = with_loaders(self._options, loaders)
-            self._spec = host_spec(self._address, self._options, self._fingerprint)
-        return self._call("reload", pickled, timeout, surge)
+        """Ask the host to roll the new version out (its ``reload_models``);
+        once it succeeded, every API process hears of it (RELOADED), so a
+        host started later (this one died) loads the new version."""
+        return self._call("reload", None if loaders is None else pickled_loaders(loaders), timeout, surge)
 
     # ---------------------------------------------------------- the end
 

@@ -35,7 +35,7 @@ from typing import Any
 import cloudpickle
 
 from mlpool._shared.channel import Channel
-from mlpool._shared.protocol import HELLO, PROTOCOL_VERSION, REFUSED, SHARE, WELCOME
+from mlpool._shared.protocol import HELLO, MAX_HELLO, PROTOCOL_VERSION, REFUSED, RELOADED, SHARE, WELCOME
 from mlpool._shared.relay import Relay
 from mlpool._shared.rendezvous import peer_uid
 from mlpool._shared.spec import HostSpec, PickledLoader
@@ -100,14 +100,16 @@ class Host:
             threading.Thread(target=self._serve, args=(conn, pid), name=f"mlpool-host-{pid}", daemon=True).start()
 
     def _serve(self, conn: socket.socket, pid: int) -> None:
-        channel = Channel(conn)
+        channel = Channel(conn, max_frame=MAX_HELLO)
         try:
             conn.settimeout(30.0)  # a peer that connects and says nothing does not hold a thread forever
             messages = channel.receive()
             conn.settimeout(None)
-        except (OSError, ValueError):
+        except Exception as exc:  # garbage, a timeout, a broken connection: this peer only
+            logger.warning("mlpool pool host: dropped a connection of pid %d before its hello: %r", pid, exc)
             channel.close()
             return
+        channel.max_frame = None
         if not messages or messages[0][0][0] != HELLO:
             channel.close()
             return
@@ -181,7 +183,12 @@ class Host:
             loaders, timeout, surge = arguments
             models = None if loaders is None else {name: PickledLoader(data) for name, data in loaders.items()}
             self.pool.reload_models(models, timeout=timeout, surge=surge)
-            return self.pool.stats()
+            if loaders:  # every API process starts a later host with these
+                with self._cond:
+                    relays = list(self._relays)
+                for relay in relays:
+                    relay.outbox.put((RELOADED, 0, loaders))
+            return None
         raise ValueError(f"unknown operation {operation!r}")
 
     # ------------------------------------------------------------ the end

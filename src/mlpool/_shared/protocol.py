@@ -23,6 +23,8 @@ host -> API process::
     END     id                                       a stream's generator ended
     ITEM    id, data, spans, where                   fds: [file] (where=NEW_FILE)
     ANSWER  call id, ok, pickled value or exception
+    RELOADED {model: loader pickled}                 a reload_models succeeded: a host started
+                                                     later (this one died) loads these
 
 Every SUBMIT gets exactly one of DONE, FAILED, ERROR, GONE or END: the API
 process gives the job's shared memory back to its own pool when a DONE,
@@ -35,5 +37,7 @@ from __future__ import annotations
 
 HELLO, SUBMIT, CANCEL, CREDIT, CALL = 1, 2, 3, 4, 5
 WELCOME, REFUSED, SHARE, DONE, FAILED, ERROR, GONE, END, ITEM, ANSWER = 11, 12, 13, 14, 15, 16, 17, 18, 19, 20
+RELOADED = 21
 
 PROTOCOL_VERSION = 1
+MAX_HELLO = 1 << 20  # bytes of a hello, at most: a peer's first message is read before anything is known of it

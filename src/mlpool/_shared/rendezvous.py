@@ -38,15 +38,11 @@ from typing import Any
 
 from mlpool._shared.channel import Channel
 from mlpool._shared.protocol import HELLO, REFUSED, WELCOME
-from mlpool.errors import MLPoolError, PoolBrokenError
+from mlpool.errors import PoolBrokenError, PoolMismatchError
 
 _CREDENTIALS = struct.Struct("3i")  # pid, uid, gid
 HANDSHAKE_TIMEOUT = 30.0  # seconds a live host has to answer a hello
 ATTEMPTS = 5  # hosts found ending in a row before giving up
-
-
-class HostRefused(MLPoolError):
-    """The host refused this process: another pool under the same name (the message says how)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +101,7 @@ class Attached:
 def attach(where: Address, hello: dict[str, Any], spec: bytes) -> Attached:
     """Connect to the host of ``where``, starting it if none lives. ``hello``:
     what this process asks for (its fingerprint); ``spec``: what a new host
-    needs (``_shared.host.HostSpec``, pickled). Raises HostRefused (a
+    needs (``_shared.host.HostSpec``, pickled). Raises PoolMismatchError (a
     mismatch), ModelLoadError and the like (a new host failed to start),
     PoolBrokenError (a host that never answered)."""
     for _ in range(ATTEMPTS):
@@ -188,7 +184,7 @@ def _handshake(sock: socket.socket, hello: dict[str, Any]) -> dict[str, Any] | N
     if msg[0] == REFUSED:
         if msg[2] is None:
             return None
-        raise HostRefused(msg[2])
+        raise PoolMismatchError(msg[2])
     if msg[0] != WELCOME or rest:
         raise PoolBrokenError(f"the pool host answered a hello with message kind {msg[0]}")
     welcome: dict[str, Any] = msg[2]

@@ -139,9 +139,12 @@ def pickled_loaders(loaders: dict[str, Any]) -> dict[str, bytes]:
     return {name: dumps_by_value(loader, f"the loader of model {name!r}") for name, loader in loaders.items()}
 
 
-def host_spec(where: Address, options: dict[str, Any], fingerprint: dict[str, str]) -> bytes:
+def host_spec(
+    where: Address, options: dict[str, Any], fingerprint: dict[str, str], reloaded: dict[str, bytes] | None = None
+) -> bytes:
     """The :class:`HostSpec` of a host this process would start, pickled (a
-    loader that cannot be pickled raises SerializationError naming its model)."""
+    loader that cannot be pickled raises SerializationError naming its model).
+    ``reloaded``: loaders a reload_models put in place since, as pickled."""
     models = options["models_to_load"]
     loaders, settings = {}, {}
     for name, value in models.items():
@@ -150,14 +153,6 @@ def host_spec(where: Address, options: dict[str, Any], fingerprint: dict[str, st
         settings[name] = None if model is None else replace(model, loader=dict)  # the loader goes apart
     pickled = dumps_by_value({**options, "models_to_load": settings}, "the pool's options")
     grace = share_grace()
-    spec = HostSpec(where.key, where.socket_path, pickled, pickled_loaders(loaders), fingerprint, list(sys.path), grace)
+    loader_pickles = {**pickled_loaders(loaders), **(reloaded or {})}
+    spec = HostSpec(where.key, where.socket_path, pickled, loader_pickles, fingerprint, list(sys.path), grace)
     return pickle.dumps(spec)
-
-
-def with_loaders(options: dict[str, Any], loaders: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with these models' loaders replaced (a reload: a host started later loads the new version)."""
-    models = dict(options["models_to_load"])
-    for name, loader in loaders.items():
-        current = models[name]
-        models[name] = replace(current, loader=loader) if isinstance(current, Model) else loader
-    return {**options, "models_to_load": models}
