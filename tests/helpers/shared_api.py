@@ -5,6 +5,7 @@ one JSON command per line on stdin and answers one JSON line on stdout:
 
     {"op": "info"}                      -> {"pid", "host_pid", "processes"}
     {"op": "pids", "n": N}              -> worker pids of N jobs
+    {"op": "version"}                   -> the model's version (shared_models.version)
     {"op": "job"}                       -> a job id (create_job) of a tagged job
     {"op": "get", "id": ID}             -> its result, or the error's class name
     {"op": "hold", "fifo": P, "n": N, "interrupt": bool}
@@ -31,9 +32,8 @@ from mlpool import MLPool
 def main() -> None:
     name, nb_workers = sys.argv[1], int(sys.argv[2])
     max_queue_size = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    pool = MLPool(
-        shared_models.MODELS, nb_workers, share_across_processes=name, max_queue_size=max_queue_size,
-    )  # fmt: skip
+    models = {"m": shared_models.load_gated} if os.environ.get("MLPOOL_TEST_GATE") else shared_models.MODELS
+    pool = MLPool(models, nb_workers, share_across_processes=name, max_queue_size=max_queue_size)
     held = []
     sessions = []
     for line in sys.stdin:
@@ -46,6 +46,8 @@ def main() -> None:
             answer: object = {"pid": os.getpid(), "host_pid": process.host_pid, "processes": process.processes}
         elif op == "pids":
             answer = [pool.score("m", shared_models.pid) for _ in range(command["n"])]
+        elif op == "version":
+            answer = pool.score("m", shared_models.version)
         elif op == "job":
             answer = pool.create_job(shared_models.pid, "m")
         elif op == "get":

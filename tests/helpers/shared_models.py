@@ -51,3 +51,20 @@ def loads(directory: Path) -> int:
 
 def load_fails() -> None:
     raise RuntimeError("the model file is corrupt")
+
+
+def load_gated() -> dict[str, Any]:
+    """Waits until the test writes to the FIFO ``$MLPOOL_TEST_GATE`` (see conftest.Fifo)."""
+    gate = os.environ["MLPOOL_TEST_GATE"]
+    Path(gate + ".pid").write_text(str(os.getpid()))
+    with open(gate) as f:
+        f.read()
+    return load()
+
+
+def load_v2() -> dict[str, Any]:
+    return {**load(), "version": 2}
+
+
+def version(model: dict[str, Any]) -> int:
+    return model.get("version", 1)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -15,7 +18,8 @@ from helpers import shared_models
 from helpers.shared_processes import GRACE, ApiProcess, host_and_workers, unique_name, wait_gone, workers_of
 
 from mlpool import MLPool
-from mlpool.errors import ModelLoadError, PoolBrokenError
+from mlpool._shared.rendezvous import address
+from mlpool.errors import JobTimeoutError, ModelLoadError, PoolBrokenError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -178,3 +182,124 @@ def test_a_loader_that_fails_fails_the_constructor_and_leaves_no_host(name):
     assert again.score("m", shared_models.double, 2) == 4
     again.shutdown()
     wait_gone(procs)
+
+
+def test_a_starter_killed_while_its_host_loads_leaves_that_host_to_the_next_process(name, fifo):
+    gate = fifo()
+    starter = ApiProcess(name, nb_workers=1, MLPOOL_TEST_GATE=str(gate))
+    gate.wait_running()  # its host runs, its worker loads (and waits on the gate)
+    host = psutil.Process(gate.pid).parent()
+    starter.kill()
+    attached: list[MLPool] = []
+    errors: list[BaseException] = []
+
+    def arrive() -> None:  # blocks on the lock the host still holds
+        try:
+            attached.append(MLPool({"m": shared_models.load_gated}, 1, share_across_processes=name))
+        except BaseException as exc:
+            errors.append(exc)
+
+    os.environ["MLPOOL_TEST_GATE"] = str(gate)
+    try:
+        thread = threading.Thread(target=arrive)
+        thread.start()
+        gate.release_opened()
+        thread.join(60)
+    finally:
+        del os.environ["MLPOOL_TEST_GATE"]
+    assert not errors and attached, errors
+    pool = attached[0]
+    assert pool.stats().process.host_pid == host.pid  # the same host: no second one started
+    procs = host_and_workers(host.pid)
+    pool.shutdown()
+    wait_gone(procs)
+
+
+def test_a_stopped_host_ends_every_wait_that_has_a_timeout(name):
+    pool = _pool(name, nb_workers=1)
+    host = psutil.Process(pool.stats().process.host_pid)
+    procs = host_and_workers(host.pid)
+    host.suspend()
+    try:
+        with pytest.raises(JobTimeoutError, match="did not answer"):
+            pool.options(timeout=0.5).score("m", shared_models.double, 1)
+        pool.shutdown(wait=True, timeout=1.0)  # returns: nothing waits on the stopped host
+    finally:
+        host.resume()
+    wait_gone(procs)
+
+
+def test_a_forked_child_s_shutdown_leaves_its_parent_s_pool_alone(name, fifo):
+    pool = _pool(name, nb_workers=1)
+    procs = host_and_workers(pool.stats().process.host_pid)
+    held = fifo()
+    future = pool.submit("m", shared_models.wait_on, str(held))
+    held.wait_running()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        pool.shutdown(cancel_pending=True)
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    held.release_opened()
+    assert future.result(30) > 0  # not cancelled by the child
+    assert pool.score("m", shared_models.double, 2) == 4
+    pool.shutdown()
+    wait_gone(procs)
+
+
+def test_a_new_host_loads_the_version_a_reload_put_in_place(name):
+    pool = _pool(name)
+    other = ApiProcess(name)
+    try:
+        assert other.ask("version") == 1
+        pool.reload_models({"m": shared_models.load_v2})
+        assert other.ask("version") == 2
+        old = pool.stats().process.host_pid
+        old_procs = host_and_workers(old)
+        os.kill(old, signal.SIGKILL)
+        wait_gone(old_procs)
+        assert other.ask("version") == 2  # the other process starts the new host: with the new loader
+        assert pool.score("m", shared_models.version) == 2
+    finally:
+        other.leave()
+        procs = host_and_workers(pool.stats().process.host_pid)
+        pool.shutdown()
+    wait_gone(procs)
+
+
+def test_stats_alone_reattach_after_the_host_died(name):
+    pool = _pool(name, nb_workers=1)
+    old = pool.stats().process.host_pid
+    old_procs = host_and_workers(old)
+    os.kill(old, signal.SIGKILL)
+    wait_gone(old_procs)
+    stats = pool.stats()  # the first call after the death may still see the old connection end
+    stats = pool.stats() if stats.process.host_pid in (old, 0) else stats
+    assert stats.process.host_pid not in (old, 0) and stats.state == "running" and stats.workers_alive == 1
+    procs = host_and_workers(stats.process.host_pid)
+    pool.shutdown()
+    wait_gone(procs)
+
+
+def test_garbage_on_the_socket_drops_only_that_connection(name):
+    pool = _pool(name, nb_workers=1)
+    procs = host_and_workers(pool.stats().process.host_pid)
+    where = address(name, ["m"])
+    for garbage in (b"\x00\x00\x00\x10" + b"x" * 16, b"\xff\xff\xff\xff" + b"y" * 1000):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(where.socket_path)
+            sock.sendall(garbage)
+            sock.settimeout(30)
+            assert sock.recv(1) == b""  # the host closed it
+    assert pool.score("m", shared_models.double, 3) == 6
+    pool.shutdown()
+    wait_gone(procs)
+
+
+def test_the_key_of_true_names_the_program(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/srv/app_a.py"])
+    first = address(True, ["m"])
+    monkeypatch.setattr(sys, "argv", ["/srv/app_b.py"])
+    assert address(True, ["m"]).socket_path != first.socket_path
+    monkeypatch.setattr(sys, "argv", ["/srv/app_a.py", "--other-args"])
+    assert address(True, ["m"]).socket_path == first.socket_path

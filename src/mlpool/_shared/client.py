@@ -398,8 +398,6 @@ class SharedEngine:
             error = PoolBrokenError(f"the pool host (pid {host_pid}) died{why}; the jobs in flight failed, and "
                                     "the next call starts a new host")  # fmt: skip
             logger.warning("mlpool: the pool host (pid %d) died; %d jobs in flight failed", host_pid, len(jobs))
-            if connection.started is not None:
-                connection.started.poll()  # reaped, if it was our child
         for job in jobs:
             abandon(job)
             self._finish(job, False, error)

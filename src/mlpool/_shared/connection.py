@@ -15,7 +15,6 @@ import socket
 import threading
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any
 
 from mlpool._shared.channel import Outbox
 from mlpool._shared.rendezvous import Attached
@@ -35,7 +34,6 @@ class Connection:
         self.host_pid: int = welcome["host_pid"]
         self.processes: int = welcome["processes"]
         self.slots: int = welcome["slots"]
-        self.started: Any = attached.started  # the host, if this process started it (to reap)
         self.outbox = Outbox(self.channel, "mlpool-shared-send")
         self._take = take
         self._lost = lost

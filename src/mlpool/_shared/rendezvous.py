@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,7 +223,8 @@ def _start_host(where: Address, spec: bytes, lock_fd: int) -> subprocess.Popen:
         host.kill()
         host.wait()
         raise
-    if report == b"ok":
+    if report == b"ok":  # reaped when it ends (it may outlive our use of it: no zombie meanwhile)
+        threading.Thread(target=host.wait, name="mlpool-host-reaper", daemon=True).start()
         return host
     code = host.wait()
     if report:
