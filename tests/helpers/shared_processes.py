@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -92,3 +93,12 @@ def wait_gone(processes: list[psutil.Process], timeout: float = 30.0) -> None:
     """Every process in ``processes`` has ended (an AssertionError naming those alive)."""
     _, alive = psutil.wait_procs(processes, timeout=timeout)
     assert not alive, f"still alive after {timeout}s: {alive}"
+
+
+def forget_lock(name: str) -> None:
+    """Remove the lock file of a test's pool once its host is gone (mlpool keeps
+    them: a lock file removed under a waiting process would let two in)."""
+    from mlpool._shared.rendezvous import address
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address(name, []).lock_path)

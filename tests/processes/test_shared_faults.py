@@ -15,7 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import shared_models
-from helpers.shared_processes import GRACE, ApiProcess, host_and_workers, unique_name, wait_gone, workers_of
+from helpers.shared_processes import (
+    GRACE,
+    ApiProcess,
+    forget_lock,
+    host_and_workers,
+    unique_name,
+    wait_gone,
+    workers_of,
+)
 
 from mlpool import MLPool
 from mlpool._shared.rendezvous import address
@@ -28,7 +36,9 @@ pytestmark = pytest.mark.timeout(180)
 def name(monkeypatch, tmp_path):
     monkeypatch.setenv("MLPOOL_SHARE_GRACE", GRACE)
     monkeypatch.setenv("MLPOOL_TEST_LOADS", str(tmp_path))
-    return unique_name()
+    name = unique_name()
+    yield name
+    forget_lock(name)
 
 
 def _pool(name: str, nb_workers: int = 2) -> MLPool:

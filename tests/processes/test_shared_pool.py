@@ -15,7 +15,15 @@ import numpy as np
 import psutil
 import pytest
 from helpers import shared_models
-from helpers.shared_processes import GRACE, ApiProcess, host_and_workers, unique_name, wait_gone, workers_of
+from helpers.shared_processes import (
+    GRACE,
+    ApiProcess,
+    forget_lock,
+    host_and_workers,
+    unique_name,
+    wait_gone,
+    workers_of,
+)
 
 from mlpool import MLPool
 from mlpool.errors import (
@@ -52,6 +60,7 @@ def shared(monkeypatch, tmp_path):
     for pool in pools:
         pool.shutdown()
     wait_gone(hosts)
+    forget_lock(name)
 
 
 def _fds() -> int:
