@@ -68,3 +68,8 @@ def load_v2() -> dict[str, Any]:
 
 def version(model: dict[str, Any]) -> int:
     return model.get("version", 1)
+
+
+def quick_or_wait(model: dict[str, Any], fifo: str | None) -> int:
+    """Returns at once, or (given a FIFO) waits on it as :func:`wait_on` does."""
+    return os.getpid() if fifo is None else wait_on(model, fifo)

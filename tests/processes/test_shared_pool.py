@@ -303,3 +303,18 @@ def test_a_forked_child_cannot_use_its_parent_s_shared_pool(shared):
     assert os.waitstatus_to_exitcode(status) == 0
     assert pool.score("m", shared_models.double, 1) == 2
 
+
+
+def test_a_quick_function_that_turns_slow_does_not_hold_up_its_process(shared, fifo):
+    """The host's relay reads a quick job's worker itself, but only so long: a
+    call that turns slow is left to the host's manager thread, and the same
+    process's next jobs go to the other worker meanwhile."""
+    pool = shared(nb_workers=2)
+    for _ in range(30):  # learned as quick (under a millisecond)
+        pool.score("m", shared_models.quick_or_wait, None)
+    held = fifo()
+    slow = pool.submit("m", shared_models.quick_or_wait, str(held))
+    held.wait_running()
+    assert pool.score("m", shared_models.quick_or_wait, None) != held.pid  # served while the first waits
+    held.release_opened()
+    assert slow.result(30) == held.pid

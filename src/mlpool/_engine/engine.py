@@ -44,7 +44,7 @@ from mlpool._api.config import PoolConfig
 from mlpool._engine.admission import ModelBounds
 from mlpool._engine.dispatch import Dispatcher
 from mlpool._engine.jobmaker import JobMaker, forked_error
-from mlpool._engine.jobs import Job, JobState, running_loop, running_unit, shared_future
+from mlpool._engine.jobs import PIPELINE_BUDGET, Job, JobState, running_loop, running_unit, shared_future
 from mlpool._engine.lock import EngineLock
 from mlpool._engine.manager_thread import ManagerThread
 from mlpool._engine.outcomes import ManagerAlarm, Outcomes
@@ -56,7 +56,7 @@ from mlpool._engine.scheduler import Scheduler
 from mlpool._engine.state import PoolState, PoolStats, refusal
 from mlpool._engine.streams import close_stream, holder, send_to_worker
 from mlpool._processes.groups import build_groups
-from mlpool._processes.readers import PipeReaders
+from mlpool._processes.readers import OUT_OF_PATIENCE, PipeReaders
 from mlpool._processes.rollout import ReloadPlan
 from mlpool._processes.stacks import collect_stacks
 from mlpool._processes.supervisor import Supervisor
@@ -383,14 +383,20 @@ class ProcessEngine:
 
     # ------------------------------------------------------ a caller's loan
 
-    def run_direct(self, job: Job) -> bool:
+    def is_quick(self, fn_id: int) -> bool:
+        """Whether calls of ``fn_id`` took less than the pipelining budget (a
+        millisecond) lately: short enough to wait for in the submitting thread."""
+        return self._scheduler.estimate(fn_id) < PIPELINE_BUDGET
+
+    def run_direct(self, job: Job, patience: float | None = None) -> bool:
         """Run ``job`` on an idle worker, reading its pipe in this thread.
 
         False, with nothing done, when no worker is free or jobs are queued
         (then enqueue it). True when the job's future is settled, or the
         manager took the pipe back (a crash, a timeout) and will settle it.
         Every loan ends: from the moment this thread holds the pipe, whatever
-        exception arrives (Ctrl-C) hands it back to the manager.
+        exception arrives (Ctrl-C) hands it back to the manager, and so does
+        a worker that has not answered within ``patience`` seconds.
         """
         if job.batch_policy is not None:
             return False
@@ -412,12 +418,12 @@ class ProcessEngine:
             if sent is not None:
                 return sent
             worker = lent[0]
-            while (read := self._readers.wait_lent(worker, token)) is not None:
+            while (read := self._readers.wait_lent(worker, token, patience)) is not None:
                 messages, died = read
                 try:
                     with self._lock:
                         self._replies.take(worker, messages)
-                        if died or job not in worker.inflight:
+                        if died or job not in worker.inflight or read is OUT_OF_PATIENCE:
                             self._end_loan(worker, token)
                             break
                 finally:

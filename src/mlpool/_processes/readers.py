@@ -46,6 +46,9 @@ from mlpool._processes.workers import WorkerHandle, WorkerState
 LOAN_CHECK = 0.25
 
 
+OUT_OF_PATIENCE: tuple[list, bool] = ([], False)  # wait_lent's answer when its patience ran out
+
+
 @dataclass(frozen=True, slots=True)
 class ProtocolBroken:
     """Not a message: what a reader hands the engine when a worker's bytes
@@ -96,15 +99,20 @@ class PipeReaders:
             worker.pipe.watchers.add(token)  # until it stops polling: no one closes the fds
             self.watch(worker)
 
-    def wait_lent(self, worker: WorkerHandle, token: object) -> tuple[list, bool] | None:
+    def wait_lent(
+        self, worker: WorkerHandle, token: object, patience: float | None = None
+    ) -> tuple[list, bool] | None:
         """Wait for ``worker``'s pipe or its death, then read: (messages,
         died), or None if the manager took the pipe back meanwhile.
 
-        No timeout: a job's deadline kills the worker, which wakes this."""
+        No timeout (a job's deadline kills the worker, which wakes this),
+        unless ``patience``: then, with nothing to read by then, ``OUT_OF_PATIENCE``."""
         poller = select.poll()
         poller.register(worker.pipe.fd, select.POLLIN)
         poller.register(worker.sentinel, select.POLLIN)
-        events = poller.poll()
+        events = poller.poll(None if patience is None else max(1, int(patience * 1000)))
+        if not events:
+            return OUT_OF_PATIENCE
         with worker.pipe.read_lock:
             if worker.pipe.read_by is not token:
                 return None

@@ -64,6 +64,8 @@ class Host(Protocol):
 
 logger = logging.getLogger("mlpool.shared")
 
+DIRECT_PATIENCE = 0.002  # seconds the relay's thread reads a quick job's worker before leaving it to the manager
+
 
 class RelayJob(Job):
     """A job of an API process: its id there, and whether its session interrupts."""
@@ -189,10 +191,22 @@ class Relay:
     # ------------------------------------------------------------ admission
 
     def _admit(self, job: RelayJob) -> None:
-        """Into the engine's queue, else held (in order) until there is room."""
+        """Into the engine's queue, else held (in order) until there is room. A
+        quick job (under a millisecond lately) that finds an idle worker and
+        nothing queued is sent by this thread, which reads the answer itself
+        (one thread hop fewer); a worker that takes longer than
+        ``DIRECT_PATIENCE`` is left to the manager thread, and this thread
+        reads this process's next messages."""
         with self._lock:
             if self._held:
                 self._held.append(job)
+                return
+        if job.stream is None and self._engine.is_quick(job.fn_id):
+            try:
+                if self._engine.run_direct(job, DIRECT_PATIENCE):
+                    return
+            except Exception as exc:  # closed, broken: the job's answer is the error
+                self._refused(job, exc)
                 return
         self._admit_held(job)
 
