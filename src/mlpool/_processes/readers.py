@@ -110,8 +110,9 @@ class PipeReaders:
         poller = select.poll()
         poller.register(worker.pipe.fd, select.POLLIN)
         poller.register(worker.sentinel, select.POLLIN)
-        events = poller.poll(None if patience is None else max(1, int(patience * 1000)))
-        if not events:
+        if patience is None:
+            events = poller.poll()
+        elif not (events := poller.poll(max(1, int(patience * 1000)))):
             return OUT_OF_PATIENCE
         with worker.pipe.read_lock:
             if worker.pipe.read_by is not token:
