@@ -313,3 +313,73 @@ def test_the_key_of_true_names_the_program(monkeypatch):
     assert address(True, ["m"]).socket_path != first.socket_path
     monkeypatch.setattr(sys, "argv", ["/srv/app_a.py", "--other-args"])
     assert address(True, ["m"]).socket_path == first.socket_path
+
+
+def test_a_process_that_attaches_after_a_reload_starts_later_hosts_with_the_new_version(name):
+    pool = _pool(name)
+    try:
+        pool.reload_models({"m": shared_models.load_v2})
+        late = ApiProcess(name)  # attaches after the reload
+        try:
+            assert late.ask("version") == 2
+            old = pool.stats().process.host_pid
+            old_procs = host_and_workers(old)
+            os.kill(old, signal.SIGKILL)
+            wait_gone(old_procs)
+            assert late.ask("version") == 2  # it starts the new host: with the version it never reloaded
+        finally:
+            late.leave()
+    finally:
+        procs = host_and_workers(pool.stats().process.host_pid)
+        pool.shutdown()
+    wait_gone(procs)
+
+
+def test_a_ctrl_c_while_a_job_is_sent_leaks_nothing(name, monkeypatch):
+    from mlpool._shared import submissions
+
+    pool = MLPool(shared_models.MODELS, 1, share_across_processes=name, max_queue_size=1)
+    procs = host_and_workers(pool.stats().process.host_pid)
+    real_send = submissions.Submissions.send
+    calls = {"n": 0}
+
+    def interrupted(self, connection, job):
+        calls["n"] += 1
+        if calls["n"] <= 3:  # before the message is queued, then after it is
+            if calls["n"] == 3:
+                real_send(self, connection, job)
+            raise KeyboardInterrupt
+        real_send(self, connection, job)
+
+    monkeypatch.setattr(submissions.Submissions, "send", interrupted)
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            pool.submit("m", shared_models.double, 1)
+    assert pool.stats().process.jobs_in_flight == 0  # nothing counts against the share (1 + 1 slot)
+    assert [pool.submit("m", shared_models.double, i).result(30) for i in range(4)] == [0, 2, 4, 6]
+    pool.shutdown()
+    wait_gone(procs)
+
+
+def test_a_ctrl_c_that_loses_a_function_s_first_pickle_costs_nothing_but_its_job(name, monkeypatch):
+    from mlpool._shared import connection as connections
+
+    pool = _pool(name, nb_workers=1)
+    procs = host_and_workers(pool.stats().process.host_pid)
+    real_send = connections.Connection.send
+    dropped = []
+
+    def lossy(self, msg, fds=()):
+        if msg[0] == 2 and msg[5] is not None and not dropped:  # a SUBMIT with a function's pickle
+            dropped.append(msg[2])
+            raise KeyboardInterrupt
+        real_send(self, msg, fds)
+
+    monkeypatch.setattr(connections.Connection, "send", lossy)
+    with pytest.raises(KeyboardInterrupt):
+        pool.score("m", shared_models.double, 1)
+    assert pool.score("m", shared_models.double, 2) == 4  # the pickle goes again: the host has it
+    host = pool.stats().process.host_pid
+    assert host in {p.pid for p in procs}  # the same host: no connection was lost
+    pool.shutdown()
+    wait_gone(procs)

@@ -153,6 +153,7 @@ class Outbox:
         self._cond = threading.Condition(self._lock)
         self._busy = False  # the writer is sending one, outside the lock
         self._closed = False
+        self.interrupted = False  # shut down after a send was cut in the middle of a frame
         self._thread = threading.Thread(target=self._write, name=name, daemon=True)
         self._thread.start()
 
@@ -171,27 +172,41 @@ class Outbox:
                 self._queue.append((data, fds))
                 self._cond.notify()
                 return
+            # The count sent lands in ``done`` inside C (list.extend over map), so an
+            # exception raised right after the call (a Ctrl-C) cannot lose it.
+            done: list[int] = []
             sock = self._channel.sock
-            sending = True
             try:
-                try:
-                    sent = sock.sendmsg([data], _rights(fds), _DONTWAIT) if fds else sock.send(data, _DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                if sent:
-                    close_all(fds)
-                    fds, data = [], data[sent:]
-                if data:
-                    self._queue.append((data, fds))
-                    self._cond.notify()
-                sending = False
+                if fds:
+                    done.extend(map(sock.sendmsg, ([data],), (_rights(fds),), (_DONTWAIT,)))
+                else:
+                    done.extend(map(sock.send, (data,), (_DONTWAIT,)))
+            except BlockingIOError:
+                pass
             except OSError:  # the peer is gone: its reader sees the end
-                sending = False
                 close_all(fds)
                 self._closed = True
+                return
             finally:
-                if sending:  # interrupted: part of a frame may be out
-                    self._break()
+                self._rest(data, fds, done[0] if done else 0)
+
+    def _rest(self, data: bytes, fds: list[int], sent: int) -> None:
+        """(Under the lock.) Queue what ``put`` did not send; a frame that cannot
+        be completed in order shuts the connection down."""
+        if self._closed:
+            return
+        try:
+            if sent:
+                close_all(fds)
+                fds, data = [], data[sent:]
+            if data:
+                self._queue.append((data, fds))
+                self._cond.notify()
+        except BaseException:
+            if sent:  # part of a frame is out and the rest is lost
+                self.interrupted = True
+                self._break()
+            raise
 
     def _break(self) -> None:
         self._closed = True

@@ -31,22 +31,21 @@ from mlpool._api.config import PoolConfig
 from mlpool._engine.jobmaker import JobMaker, forked_error
 from mlpool._engine.jobs import CallbackRunner, Job, JobState, Outcome, settle, shared_future
 from mlpool._engine.metrics import LatencyRecorder
-from mlpool._engine.regions import NOWHERE, RegionPool, read_result, result_buffers
+from mlpool._engine.regions import RegionPool, read_result
 from mlpool._engine.registry import Registry, Settled
-from mlpool._engine.results import PickledResult
 from mlpool._engine.state import PoolState, PoolStats, ProcessStats, refusal
 from mlpool._engine.tracing import end as end_trace
 from mlpool._shared.calls import HostCalls, empty_stats, set_quietly, share_full, unpickled_error, wake
 from mlpool._shared.channel import close_all
 from mlpool._shared.connection import Connection
-from mlpool._shared.deadlines import MARGIN, Watchdog
+from mlpool._shared.deadlines import Watchdog, overdue_error
 from mlpool._shared.protocol import ANSWER, CANCEL, CREDIT, DONE, END, ERROR, FAILED, GONE, ITEM, RELOADED, SHARE
 from mlpool._shared.rendezvous import Attached, address, attach
 from mlpool._shared.spec import fingerprint, hello, host_spec, pickled_loaders
 from mlpool._shared.submissions import Submissions, abandon
 from mlpool._wire.protocol import Item
 from mlpool._wire.serialization import unpack_exception
-from mlpool.errors import JobTimeoutError, PoolBrokenError, PoolClosedError
+from mlpool.errors import PoolBrokenError, PoolClosedError
 
 logger = logging.getLogger("mlpool.shared")
 
@@ -131,6 +130,8 @@ class SharedEngine:
                 self._slots = connection.slots
                 self._submissions.reset()
                 self._waited.clear()
+                if attached.welcome.get("reloaded"):  # reloads done before we came: a later host loads them
+                    self._on_reloaded(attached.welcome["reloaded"])
             rooms = self._take_rooms()
         done.set_result(None)
         if not self.started.done():
@@ -180,8 +181,23 @@ class SharedEngine:
             job.to(JobState.QUEUED)
             if job.deadline is not None:  # kept by the host; by us if it stops answering
                 self._watchdog.watch(job.deadline, job.id)
-        self._submissions.send(connection, job)
+        try:
+            self._submissions.send(connection, job)
+        except BaseException:  # a Ctrl-C before it went out (or just after): the job is no more
+            self._unsent(job, connection)
+            raise
         return None
+
+    def _unsent(self, job: Job, connection: Connection) -> None:
+        with self._lock:
+            if self._jobs.pop(job.id, None) is None:
+                return
+            job.to(JobState.FINISHED)
+            self._counts["cancelled"] += 1
+            self._registry.finished(job, time.monotonic(), keep_result=False)
+        connection.send((CANCEL, 0, job.id, False))  # if it went out after all: its answer is dropped
+        abandon(job)
+        settle([Outcome(job, False, None, cancelled=True)], self._callbacks)
 
     def _refusal(self) -> BaseException | None:
         if self._state is PoolState.BROKEN:
@@ -201,7 +217,7 @@ class SharedEngine:
         return room
 
     def _take_rooms(self) -> list[Future]:
-        rooms, self._rooms = self._rooms, []
+        rooms, self._rooms = self._rooms, []  # woken by the caller, after the lock
         return rooms
 
     def discard(self, job: Job) -> None:
@@ -230,7 +246,7 @@ class SharedEngine:
         return True
 
     def run_direct(self, job: Job) -> bool:
-        return False  # no worker pipe here: jobs go through the host
+        return False  # no worker pipe here: jobs go through the host (whose relay may run it directly)
 
     def send_control(self, job: Job, msg: Any) -> None:
         """A stream's Credit, on to the host."""
@@ -298,8 +314,7 @@ class SharedEngine:
         elif kind == ANSWER:
             self._calls.answered(msg[2], msg[3], msg[4])
         elif kind == RELOADED:
-            self._reloaded.update(msg[2])
-            self._spec = host_spec(self._address, self._options, self._fingerprint, self._reloaded)
+            self._on_reloaded(msg[2])
         else:
             close_all(fds)
             raise ValueError(f"unexpected message kind {kind} from the pool host")
@@ -313,16 +328,8 @@ class SharedEngine:
             cancelled = None if job is not None else self._cancelled.pop(cid, None)
             rooms = self._take_rooms()
         wake(rooms)
-        for held in (job, cancelled):
-            if held is None:
-                continue
-            if kind != GONE:  # the host and its worker are done with it
-                held.payload.release(self._regions)
-                if held.result_offer is not None and (held is cancelled or kind != DONE):
-                    self._regions.give(held.result_offer)
-                    held.result_offer = None
-            else:
-                abandon(held)
+        if job is not None or cancelled is not None:
+            self._submissions.answered(job or cancelled, kind, cancelled is not None)  # type: ignore[arg-type]
         return job
 
     def _done(self, cid: int, data: bytes, spans: Any, where: int, fd: int) -> None:
@@ -331,18 +338,12 @@ class SharedEngine:
             if fd >= 0:
                 os.close(fd)
             return
-        offer, job.result_offer = job.result_offer, None
         try:
-            buffers = (
-                None if where == NOWHERE and offer is None
-                else result_buffers(spans, where, fd, offer, self._regions)  # type: ignore[arg-type]  # ours: a Region
-            )  # fmt: skip
+            result = self._submissions.result(job, data, spans, where, fd, self._undecodable)
         except Exception as exc:  # out of memory or descriptors to map it
             self._finish(job, False, exc)
             return
-        if where != NOWHERE and spans:
-            self._submissions.result_size(job.fn_id, spans[-1][0] + spans[-1][1])
-        self._finish(job, True, PickledResult(data, buffers, job.id, job.fn_name, job.model, self._undecodable))
+        self._finish(job, True, result)
 
     def _finish(self, job: Job, ok: bool, value: Any) -> None:
         now = time.monotonic()
@@ -359,6 +360,10 @@ class SharedEngine:
         with self._lock:
             self._registry.settled(job, ok, value)
 
+    def _on_reloaded(self, loaders: dict[str, bytes]) -> None:
+        self._reloaded.update(loaders)
+        self._spec = host_spec(self._address, self._options, self._fingerprint, self._reloaded)
+
     def _overdue(self, job_id: int) -> None:
         """A job's deadline passed, and the host did not say so (stopped or hung)."""
         with self._lock:
@@ -369,9 +374,7 @@ class SharedEngine:
             connection, host_pid = self._connection, self._host_pid
         if connection is not None:
             connection.send((CANCEL, 0, job_id, True))
-        error = JobTimeoutError(f"job {job_id} ({job.fn_name}) passed its timeout and the pool host (pid {host_pid}) "
-                                f"did not answer within {MARGIN:g} s more: it may be stopped or hung")  # fmt: skip
-        self._finish(job, False, error)
+        self._finish(job, False, overdue_error(job_id, job.fn_name, host_pid))
 
     def _undecodable(self, model: str) -> None:
         with self._lock:
@@ -390,14 +393,9 @@ class SharedEngine:
             self._jobs.clear()
             self._cancelled.clear()
             rooms = self._take_rooms()
-            host_pid = self._host_pid
-        if closing:
-            error: BaseException = PoolClosedError("the pool was shut down while the job ran")
-        else:
-            why = f": {reason!r}" if reason is not None else ""
-            error = PoolBrokenError(f"the pool host (pid {host_pid}) died{why}; the jobs in flight failed, and "
-                                    "the next call starts a new host")  # fmt: skip
-            logger.warning("mlpool: the pool host (pid %d) died; %d jobs in flight failed", host_pid, len(jobs))
+        error = PoolClosedError("the pool was shut down while the job ran") if closing else connection.lost(reason)
+        if not closing:
+            logger.warning("mlpool: %s (%d jobs)", error, len(jobs))
         for job in jobs:
             abandon(job)
             self._finish(job, False, error)

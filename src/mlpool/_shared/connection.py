@@ -18,6 +18,7 @@ from contextlib import suppress
 
 from mlpool._shared.channel import Outbox
 from mlpool._shared.rendezvous import Attached
+from mlpool.errors import PoolBrokenError
 
 
 class Connection:
@@ -42,6 +43,15 @@ class Connection:
     def send(self, msg: tuple, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Queue ``msg``; ``fds`` stay the caller's (the outbox sends copies)."""
         self.outbox.put(msg, [os.dup(fd) for fd in fds])
+
+    def lost(self, reason: BaseException | None) -> PoolBrokenError:
+        """The error of the jobs in flight when this connection ended unasked."""
+        if self.outbox.interrupted:
+            what = "the connection to the pool host was reset: a send was interrupted (Ctrl-C) in mid-message"
+        else:
+            why = f": {reason!r}" if reason is not None else ""
+            what = f"the pool host (pid {self.host_pid}) died{why}"
+        return PoolBrokenError(f"{what}; the jobs in flight failed, and the next call attaches again")
 
     def close(self) -> None:
         """End the connection: the reader sees it and reports the end."""

@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from mlpool.errors import JobTimeoutError
+
 MARGIN = 2.0  # seconds past a deadline the host has to say so itself
 
 
@@ -63,3 +65,10 @@ class Watchdog:
                     self._overdue(job_id)
                 finally:
                     self._cond.acquire()
+
+
+def overdue_error(job_id: int, fn_name: str, host_pid: int) -> JobTimeoutError:
+    return JobTimeoutError(
+        f"job {job_id} ({fn_name}) passed its timeout and the pool host (pid {host_pid}) did not answer within "
+        f"{MARGIN:g} s more: it may be stopped or hung"
+    )

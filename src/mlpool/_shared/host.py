@@ -70,6 +70,7 @@ class Host:
         self._idle_since: float | None = time.monotonic() + max(0.0, FIRST_ATTACH - spec.grace)
         self._ending = False
         self._stop = False
+        self._reloaded: dict[str, bytes] = {}  # loaders reload_models put in place (WELCOME carries them)
         self._ids = itertools.count(1)
         self._function_ids = itertools.count(1)
         self.now = time.monotonic
@@ -130,7 +131,7 @@ class Host:
             others = [r for r in self._relays if r is not relay]
         welcome = {
             "host_pid": os.getpid(), "processes": count, "slots": self._slots(),
-            "max_queue_size": self.pool._config.max_queue_size,
+            "max_queue_size": self.pool._config.max_queue_size, "reloaded": dict(self._reloaded),
         }  # fmt: skip
         relay.outbox.put((WELCOME, 0, welcome))
         for other in others:
@@ -183,8 +184,9 @@ class Host:
             loaders, timeout, surge = arguments
             models = None if loaders is None else {name: PickledLoader(data) for name, data in loaders.items()}
             self.pool.reload_models(models, timeout=timeout, surge=surge)
-            if loaders:  # every API process starts a later host with these
+            if loaders:  # every API process starts a later host with these, and so will newcomers
                 with self._cond:
+                    self._reloaded.update(loaders)
                     relays = list(self._relays)
                 for relay in relays:
                     relay.outbox.put((RELOADED, 0, loaders))

@@ -41,8 +41,9 @@ from mlpool._engine.regions import ForeignRegion, Payload
 from mlpool._engine.streams import StreamChannel
 from mlpool._shared.channel import Channel, Outbox, close_all
 from mlpool._shared.protocol import ANSWER, CALL, CANCEL, CREDIT, DONE, END, ERROR, FAILED, GONE, ITEM, SUBMIT
+from mlpool._shared.submissions import HOST_FUNCTIONS
 from mlpool._wire.protocol import NEW_FILE, Credit, Done, Item, StreamEnd
-from mlpool._wire.serialization import FUNCTION_TABLE_SIZE, dumps_by_value
+from mlpool._wire.serialization import dumps_by_value
 
 if TYPE_CHECKING:
     from mlpool._engine.engine import ProcessEngine
@@ -152,8 +153,14 @@ class Relay:
          timeout, retries, priority, batch, stream, interrupt) = msg  # fmt: skip
         args_fd = fds.pop(0) if has_args else -1
         offer_fd = fds.pop(0) if has_offer else -1
-        function = self._function(fn_id, fn_pickle)
         payload = Payload.foreign(data, spans, args_fd) if args_fd >= 0 else Payload(data)
+        function = self._function(fn_id, fn_pickle)
+        if function is None:  # never sent, or forgotten: this job fails, the connection serves on
+            close_all([offer_fd] if offer_fd >= 0 else [])
+            payload.abandon()
+            error = RuntimeError(f"mlpool internal error: the pool host does not know function {fn_id} of {fn_name}")
+            self.outbox.put((ERROR, 0, cid, _pickled_error(error)))
+            return
         deadline = None if timeout is None else self._host.now() + timeout
         job = RelayJob(
             self._host.next_id(), model, function[0], function[1], payload, fn_name,
@@ -169,23 +176,25 @@ class Relay:
         future = job.future
         assert future is not None
         with self._lock:
-            if self._ended:
+            if self._ended:  # its descriptors are closed with it
+                job.payload.abandon()
+                if job.result_offer is not None:
+                    job.result_offer.close()
                 return
             self._jobs[cid] = job
         future.add_done_callback(partial(self._answered, job))
         self._admit(job)
 
-    def _function(self, fn_id: int, fn_pickle: bytes | None) -> tuple[int, bytes]:
+    def _function(self, fn_id: int, fn_pickle: bytes | None) -> tuple[int, bytes] | None:
+        """The host's id and the pickle of the API process's function ``fn_id`` (None: unknown)."""
         functions = self._functions
-        if fn_pickle is None:
-            entry = functions.get(fn_id)
-            if entry is None:
-                raise ValueError(f"function {fn_id} was never sent (or was forgotten)")
+        entry = functions.get(fn_id)
+        if fn_pickle is not None and entry is None:
+            entry = functions[fn_id] = (self._host.next_function_id(), fn_pickle)
+        if entry is not None:
             functions.move_to_end(fn_id)
-            return entry
-        entry = functions[fn_id] = (self._host.next_function_id(), fn_pickle)
-        if len(functions) > FUNCTION_TABLE_SIZE:
-            functions.popitem(last=False)
+            if len(functions) > HOST_FUNCTIONS:
+                functions.popitem(last=False)
         return entry
 
     # ------------------------------------------------------------ admission

@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from mlpool._engine.jobs import Job
-from mlpool._engine.regions import RegionPool
+from mlpool._engine.regions import NOWHERE, RegionPool, result_buffers
+from mlpool._engine.results import PickledResult
 from mlpool._shared.connection import Connection
-from mlpool._shared.protocol import SUBMIT
+from mlpool._shared.protocol import DONE, GONE, SUBMIT
 from mlpool._wire.serialization import FUNCTION_TABLE_SIZE
+from mlpool._wire.shm import Spans
 
 RESULT_SIZES = 1024  # functions whose last result size is kept (the room offered for the next)
+HOST_FUNCTIONS = 2 * FUNCTION_TABLE_SIZE  # the functions a host's relay keeps (see Submissions.send)
 
 
 class Submissions:
@@ -46,6 +50,32 @@ class Submissions:
         if len(sizes) > RESULT_SIZES:
             sizes.popitem(last=False)
 
+    def answered(self, job: Job, kind: int, cancelled: bool) -> None:
+        """The host's last word on ``job`` came (``kind``): its memory is ours
+        again, but the room offered for a DONE's result, which is the result's
+        (:meth:`result`); after GONE a worker may still hold it: closed."""
+        if kind == GONE:
+            abandon(job)
+            return
+        job.payload.release(self._regions)
+        if job.result_offer is not None and (cancelled or kind != DONE):
+            self._regions.give(job.result_offer)
+            job.result_offer = None
+
+    def result(
+        self, job: Job, data: bytes, spans: Spans, where: int, fd: int, undecodable: Callable[[str], None]
+    ) -> PickledResult:
+        """A DONE's result: mapped in place (the room offered, or the worker's
+        own file ``fd``), unpickled later by its caller. OSError if it cannot be mapped."""
+        offer, job.result_offer = job.result_offer, None
+        buffers = (
+            None if where == NOWHERE and offer is None
+            else result_buffers(spans, where, fd, offer, self._regions)  # type: ignore[arg-type]  # ours: a Region
+        )  # fmt: skip
+        if where != NOWHERE and spans:
+            self.result_size(job.fn_id, spans[-1][0] + spans[-1][1])
+        return PickledResult(data, buffers, job.id, job.fn_name, job.model, undecodable)
+
     def send(self, connection: Connection, job: Job) -> None:
         """Queue ``job``'s SUBMIT (never blocks; a host that is gone fails it through the reader)."""
         p = job.payload
@@ -61,19 +91,19 @@ class Submissions:
         batch = None if policy is None else (policy.max_batch_size, policy.max_wait)
         stream = None if job.stream is None else (job.stream.window_items, job.stream.window_bytes)
         interrupt = bool(getattr(job.lane, "interrupt", False))
-        with connection.outbox.locked():  # the host's LRU of functions follows the messages' order
+        # The host keeps the functions it got, twice as many as we count as sent
+        # (HOST_FUNCTIONS): a function counted here once its message is queued, in
+        # the messages' order, is always there.
+        with connection.outbox.locked():
             sent = self._sent
-            if job.fn_id in sent:
-                sent.move_to_end(job.fn_id)
-                fn_pickle = None
-            else:
-                sent[job.fn_id] = None
-                if len(sent) > FUNCTION_TABLE_SIZE:
-                    sent.popitem(last=False)
-                fn_pickle = job.fn_pickle
-            connection.send((SUBMIT, len(fds), job.id, job.model, job.fn_id, fn_pickle, job.fn_name, p.data, p.spans,
-                             has_args, len(fds) > has_args, timeout, job.retries_left, job.priority, batch, stream,
-                             interrupt), fds)  # fmt: skip
+            known = job.fn_id in sent
+            connection.send((SUBMIT, len(fds), job.id, job.model, job.fn_id, None if known else job.fn_pickle,
+                             job.fn_name, p.data, p.spans, has_args, len(fds) > has_args, timeout, job.retries_left,
+                             job.priority, batch, stream, interrupt), fds)  # fmt: skip
+            sent[job.fn_id] = None
+            sent.move_to_end(job.fn_id)
+            if len(sent) > FUNCTION_TABLE_SIZE:
+                sent.popitem(last=False)
 
 
 def abandon(job: Job) -> None:
