@@ -177,3 +177,15 @@ def descriptor_limit():
     return _descriptor_limit
 
 
+@pytest.fixture
+def share_name(monkeypatch, tmp_path):
+    """A fresh ``share_across_processes`` name, with a short grace and the
+    loads counted in ``tmp_path`` (``helpers.shared_models``); its lock file
+    goes at the end."""
+    from helpers.shared_processes import GRACE, forget_lock, unique_name
+
+    monkeypatch.setenv("MLPOOL_SHARE_GRACE", GRACE)
+    monkeypatch.setenv("MLPOOL_TEST_LOADS", str(tmp_path))
+    name = unique_name()
+    yield name
+    forget_lock(name)

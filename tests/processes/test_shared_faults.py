@@ -16,11 +16,8 @@ import psutil
 import pytest
 from helpers import shared_models
 from helpers.shared_processes import (
-    GRACE,
     ApiProcess,
-    forget_lock,
     host_and_workers,
-    unique_name,
     wait_gone,
     workers_of,
 )
@@ -33,12 +30,8 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def name(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLPOOL_SHARE_GRACE", GRACE)
-    monkeypatch.setenv("MLPOOL_TEST_LOADS", str(tmp_path))
-    name = unique_name()
-    yield name
-    forget_lock(name)
+def name(share_name):
+    return share_name
 
 
 def _pool(name: str, nb_workers: int = 2) -> MLPool:

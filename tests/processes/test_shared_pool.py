@@ -16,11 +16,8 @@ import psutil
 import pytest
 from helpers import shared_models
 from helpers.shared_processes import (
-    GRACE,
     ApiProcess,
-    forget_lock,
     host_and_workers,
-    unique_name,
     wait_gone,
     workers_of,
 )
@@ -39,12 +36,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def shared(monkeypatch, tmp_path):
+def shared(share_name, tmp_path):
     """``make(**options)``: a pool of this process attached to a fresh name;
     at the end every pool made is shut down and its host and workers are gone."""
-    monkeypatch.setenv("MLPOOL_SHARE_GRACE", GRACE)
-    monkeypatch.setenv("MLPOOL_TEST_LOADS", str(tmp_path))
-    name = unique_name()
+    name = share_name
     pools: list[MLPool] = []
     hosts: list[psutil.Process] = []
 
@@ -60,7 +55,6 @@ def shared(monkeypatch, tmp_path):
     for pool in pools:
         pool.shutdown()
     wait_gone(hosts)
-    forget_lock(name)
 
 
 def _fds() -> int:
