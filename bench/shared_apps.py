@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 from fastapi import FastAPI, Request  # at module level: FastAPI reads the endpoints' annotations here
+from streaming_apps import DirtyApp, serve_lifespan  # Gunicorn's base class (object without the peer)
 
 WORK = float(os.environ.get("BENCH_WORK", "0.020"))
 MODEL_BYTES = 64 * 2**20
@@ -69,11 +70,6 @@ def mlpool_app() -> FastAPI:  # uvicorn --factory shared_apps:mlpool_app
 
 # --------------------------------------------------------------- gunicorn
 
-try:
-    from gunicorn.dirty import DirtyApp
-except ImportError:  # the peer is not installed: only mlpool_app is served
-    DirtyApp = object  # type: ignore[assignment,misc]
-
 
 class ModelApp(DirtyApp):  # type: ignore[misc,valid-type]
     """The dirty app: the model loaded once per dirty worker."""
@@ -101,13 +97,8 @@ async def gunicorn_app(scope: dict, receive, send) -> None:
     """A bare ASGI app for Gunicorn's asgi worker, calling the dirty app as its docs show
     (the client closed after each request: a context-local one is made per request)."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return
     from gunicorn.dirty import close_dirty_client_async, get_dirty_client_async
 
     path = scope["path"]

@@ -79,16 +79,22 @@ class TicksApp(DirtyApp):  # type: ignore[misc,valid-type]
         return os.getpid()
 
 
+async def serve_lifespan(receive, send) -> None:
+    """A bare ASGI app's lifespan: nothing to start or stop."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def gunicorn_app(scope: dict, receive, send) -> None:
     """A bare ASGI app for Gunicorn's asgi worker: NDJSON of the dirty stream."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return
     from gunicorn.dirty import get_dirty_client_async
 
     client = await get_dirty_client_async(timeout=300)

@@ -9,6 +9,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,12 @@ def forget_lock(name: str) -> None:
 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address(name, []).lock_path)
+
+
+def wait_attached(pool: Any, count: int, timeout: float = 30.0) -> None:
+    """Return once ``pool``'s host counts ``count`` API processes (it tells each
+    process when one comes or goes, after it dropped what the leaving one left).
+    Each check is a round trip to the host, so its news came first."""
+    deadline = time.monotonic() + timeout
+    while (seen := pool.stats().process.processes) != count:
+        assert time.monotonic() < deadline, f"the host counts {seen} API processes after {timeout}s, not {count}"

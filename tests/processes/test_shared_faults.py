@@ -18,6 +18,7 @@ from helpers import shared_models
 from helpers.shared_processes import (
     ApiProcess,
     host_and_workers,
+    wait_attached,
     wait_gone,
     workers_of,
 )
@@ -51,6 +52,7 @@ def test_a_process_killed_while_it_floods_leaves_nothing_behind_and_nobody_notic
         assert flooder.ask("tag", log=str(log), tag="flood", n=30) == "queued"
         assert pool.stats().queue_depth == 30
         flooder.kill()
+        wait_attached(pool, 1)  # the host saw it go (and dropped its queue) before we go on
         mine = pool.submit("m", shared_models.append_tag, str(log), "mine")
         held.release_opened()  # the dead process's running job finishes, its result discarded
         assert mine.result(30) == "mine"
@@ -158,16 +160,17 @@ def test_a_flooding_process_does_not_starve_another(name, fifo, tmp_path):
 
 
 def test_a_process_that_rejoins_within_the_grace_finds_the_same_host(monkeypatch, name):
-    monkeypatch.setenv("MLPOOL_SHARE_GRACE", "3")
-    first = ApiProcess(name, MLPOOL_SHARE_GRACE="3")
+    # A grace longer than any machine takes to start Python; the host is ended by SIGTERM after.
+    first = ApiProcess(name, MLPOOL_SHARE_GRACE="120")
     host = first.ask("info")["host_pid"]
     procs = host_and_workers(host)
     first.leave()
-    second = ApiProcess(name, MLPOOL_SHARE_GRACE="3")  # a recycled API worker coming back
+    second = ApiProcess(name, MLPOOL_SHARE_GRACE="120")  # a recycled API worker coming back
     try:
         assert second.ask("info")["host_pid"] == host
     finally:
         second.leave()
+        os.kill(host, signal.SIGTERM)
     wait_gone(procs)
 
 
